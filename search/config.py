@@ -1,0 +1,250 @@
+"""Search configuration: one YAML file per search, read into dataclasses, every key overridable with --set."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key, the value and what is allowed."""
+
+
+def _choice(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits_cnn"  # registry name or package.module:function
+    checkpoint: str | None = None  # state dict of the trained model; none: train one (cached)
+    kwargs: dict = field(default_factory=dict)
+    pretrain_epochs: int = field(default=30, metadata=_range(1))  # when no checkpoint is given
+    ignored_layers: list = field(default_factory=list)  # layers never pruned (the classifier always is)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | imagefolder | synthetic | package.module:function
+    path: str | None = None
+    image_size: int | None = field(default=None, metadata=_range(4))
+    num_classes: int | None = field(default=None, metadata=_range(2))
+    train_size: int = field(default=2048, metadata=_range(2))  # synthetic only
+    test_size: int = field(default=512, metadata=_range(1))  # synthetic only
+    seed: int = 0  # synthetic data
+    num_workers: int = field(default=0, metadata=_range(0))
+    kwargs: dict = field(default_factory=dict)  # factory only
+
+
+@dataclass
+class SearchConfig:
+    flops_target: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))
+    tolerance: float = field(default=0.02, metadata=_range(0, 1, lo_open=True))
+    max_ratio: float = field(default=0.7, metadata=_range(0, 1, lo_open=True, hi_open=True))
+    num_candidates: int = field(default=32, metadata=_range(1))
+    seed: int = 0
+    criterion: str = field(default="l1", metadata=_choice("l1", "l2", "bn_scale", "random"))
+    round_to: int = field(default=1, metadata=_range(1))
+    top_k: int = field(default=3, metadata=_range(1))
+    max_concurrent_trials: int = field(default=2, metadata=_range(1))
+    time_budget_s: float | None = field(default=None, metadata=_range(0, lo_open=True))
+    max_failures: int = field(default=1, metadata=_range(0))
+    max_failed_fraction: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
+
+
+@dataclass
+class EvaluationConfig:
+    heldout_size: int = field(default=300, metadata=_range(1))  # seeded subset of the training split
+    seed: int = 0  # held-out and calibration draws
+    bn_mode: str = field(default="cumulative", metadata=_choice("cumulative", "ema", "none"))
+    calibration_batches: int = field(default=50, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=_range(1))
+    score_batch_size: int = field(default=500, metadata=_range(1))
+    metric: str = field(default="accuracy", metadata=_choice("accuracy", "loss"))
+    amp: str = field(default="auto", metadata=_choice("auto", "bf16", "off"))
+    channels_last: str = field(default="auto", metadata=_choice("auto", "on", "off"))
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = field(default=5, metadata=_range(0))
+    batch_size: int = field(default=64, metadata=_range(1))
+    lr: float = field(default=0.05, metadata=_range(0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
+    nesterov: bool = True
+    weight_decay: float = field(default=1e-4, metadata=_range(0))
+    warmup_epochs: float = field(default=1.0, metadata=_range(0))
+    label_smoothing: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
+    distill_weight: float = field(default=0.0, metadata=_range(0, 1))
+    distill_temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
+    scheduler: str = field(default="asha", metadata=_choice("asha", "fifo"))
+    grace_epochs: int = field(default=1, metadata=_range(1))
+    seed: int = 0
+
+
+@dataclass
+class ResourcesConfig:
+    cpus_per_trial: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    gpus_per_trial: float = field(default=0.0, metadata=_range(0))
+    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # none: start an embedded local Ray for the run
+    num_cpus: int | None = field(default=None, metadata=_range(1))
+    num_gpus: int | None = field(default=None, metadata=_range(0))
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    cache_dir: str = "~/.cache/prunetune"  # trained base models and decoded image caches
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON-safe)."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _convert(key: str, value: Any, annotation: str) -> Any:
+    """Coerce a YAML value to the field's declared type, or raise ConfigError."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed; expected {annotation}")
+    base = annotation.replace(" | None", "").strip()
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "dict": lambda v: isinstance(v, dict),
+        "list": lambda v: isinstance(v, list),
+    }[base]
+    if not ok(value):
+        raise ConfigError(f"{key}: {value!r} is not a valid {base}")
+    return float(value) if base == "float" else value
+
+
+def _check(key: str, value: Any, meta: typing.Mapping) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(meta['choices'])}")
+    if "range" in meta:
+        lo, hi, lo_open, hi_open = meta["range"]
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
+              (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+            raise ConfigError(f"{key}: {value!r} is outside the allowed range {span}")
+
+
+def from_dict(raw: dict) -> Config:
+    """Build a validated Config from a nested dict; unknown keys and bad values raise ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the file must hold a mapping of sections")
+    unknown = [k for k in raw if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; allowed: {', '.join(SECTIONS)}")
+    cfg = Config()
+    for section in SECTIONS:
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: must be a mapping of keys, got {values!r}")
+        obj = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{section}.{key}: unknown key; allowed: {', '.join(fields)}")
+            f = fields[key]
+            value = _convert(f"{section}.{key}", value, str(f.type))
+            _check(f"{section}.{key}", value, f.metadata)
+            setattr(obj, key, value)
+    _cross_check(cfg)
+    return cfg
+
+
+def _cross_check(cfg: Config) -> None:
+    if cfg.search.tolerance >= cfg.search.flops_target:
+        raise ConfigError(f"search.tolerance: {cfg.search.tolerance} must be below search.flops_target "
+                          f"({cfg.search.flops_target})")
+    if cfg.search.top_k > cfg.search.num_candidates:
+        raise ConfigError(f"search.top_k: {cfg.search.top_k} is more than search.num_candidates "
+                          f"({cfg.search.num_candidates})")
+    if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.path:
+        raise ConfigError(f"data.path: data set '{cfg.data.name}' needs a path")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `section.key=value` into the dotted key and its YAML-parsed value."""
+    key, sep, value = text.partition("=")
+    if not sep or key.count(".") != 1:
+        raise ConfigError(f"--set {text}: expected section.key=value (e.g. search.flops_target=0.4)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML config (none: the built-in digits default) and apply `section.key=value` overrides."""
+    raw: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config: file not found: {path}")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of sections")
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        section, name = key.split(".", 1)
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"{section}: must be a mapping of keys")
+        raw[section][name] = value
+    return from_dict(raw)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the config as YAML (atomically)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def expand(path: str) -> str:
+    """A config path with ~ and environment variables expanded."""
+    return os.path.expandvars(os.path.expanduser(path))

@@ -1,0 +1,358 @@
+"""Data sources (digits, cifar10, imagefolder, synthetic, factory), the held-out split, and batching."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+SOURCES = ("digits", "cifar10", "imagefolder", "synthetic")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A data source that cannot be read, with the config field to blame."""
+
+
+class TensorImages(Dataset):
+    """Images held in memory as uint8 [N, C, H, W]; normalised (and optionally augmented) per batch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, scale: float = 1 / 255,
+                 pad: int = 0, flip: bool = False, augment: bool = False):
+        self.images, self.labels = images, labels.long()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale, self.pad, self.flip, self.augment = scale, pad, flip, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x, y = self.get_batch(torch.tensor([i]))
+        return x[0], int(y[0])
+
+    def augmented(self) -> "TensorImages":
+        """The same samples with training augmentation (random crop after padding, optional flip)."""
+        return TensorImages(self.images, self.labels, self.mean.flatten().tolist(), self.std.flatten().tolist(),
+                            self.scale, self.pad, self.flip, augment=True)
+
+    def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float batch for the given indices."""
+        x = self.images[idx].float() * self.scale
+        if self.augment:
+            x = _random_crop_flip(x, self.pad, self.flip)
+        return (x - self.mean) / self.std, self.labels[idx]
+
+
+def _random_crop_flip(x: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
+    n, _, h, w = x.shape
+    if pad:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,))
+        dx = torch.randint(0, 2 * pad + 1, (n,))
+        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
+        cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
+        x = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(x.shape[1]).view(1, -1, 1, 1), rows, cols]
+    if flip:
+        mask = torch.rand(n) < 0.5
+        x[mask] = x[mask].flip(-1)
+    return x
+
+
+class LazyImageFolder(Dataset):
+    """Large images decoded with Pillow per item: resize + centre crop for eval, random-resized crop for training."""
+
+    def __init__(self, files: list[str], labels: list[int], size: int, augment: bool = False):
+        self.files, self.labels, self.size, self.augment = files, labels, size, augment
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def augmented(self) -> "LazyImageFolder":
+        """The same samples with random-resized-crop and flip."""
+        return LazyImageFolder(self.files, self.labels, self.size, augment=True)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+            im = _random_resized_crop(im, self.size) if self.augment else _center_crop(im, self.size)
+        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        if self.augment and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return (x - mean) / std, self.labels[i]
+
+
+def _center_crop(im, size: int):
+    from PIL import Image
+
+    short = int(round(size / 0.875))
+    w, h = im.size
+    scale = short / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _random_resized_crop(im, size: int):
+    from PIL import Image
+
+    w, h = im.size
+    for _ in range(10):
+        area = w * h * float(torch.empty(()).uniform_(0.08, 1.0))
+        logr = torch.empty(()).uniform_(np.log(3 / 4), np.log(4 / 3))
+        ratio = float(torch.exp(logr))
+        cw, ch = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            left = int(torch.randint(0, w - cw + 1, ()))
+            top = int(torch.randint(0, h - ch + 1, ()))
+            return im.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    return _center_crop(im, size)
+
+
+class SyntheticImages(Dataset):
+    """Random images and labels, generated per index from a seed (throughput work; nothing to learn)."""
+
+    def __init__(self, n: int, shape: tuple[int, int, int], num_classes: int, seed: int):
+        self.n, self.shape, self.num_classes, self.seed = n, tuple(shape), num_classes, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        return torch.randn(self.shape, generator=g), int(torch.randint(0, self.num_classes, (), generator=g))
+
+    def augmented(self) -> "SyntheticImages":
+        """Synthetic data has no augmentation."""
+        return self
+
+    def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch of the given indices."""
+        items = [self[int(i)] for i in idx]
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+@dataclass
+class DataBundle:
+    """A data set as the workers use it: eval-preprocessed train and test splits plus an augmented train view."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    train_augmented: Dataset
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """A zero batch of the input shape (for tracing and FLOPs counting)."""
+        return torch.zeros(batch, *self.input_shape)
+
+
+def load_data(name: str, path: str | None = None, image_size: int | None = None, num_classes: int | None = None,
+              train_size: int = 2048, test_size: int = 512, seed: int = 0, cache_dir: str | None = None,
+              kwargs: dict | None = None) -> DataBundle:
+    """Load a data source by name (or `package.module:function`) into a DataBundle."""
+    if ":" in name:
+        return _from_factory(name, kwargs or {})
+    if name == "digits":
+        return _digits()
+    if name == "cifar10":
+        return _cifar10(_existing_dir(path, "data.path"))
+    if name == "imagefolder":
+        return _imagefolder(_existing_dir(path, "data.path"), image_size, cache_dir)
+    if name == "synthetic":
+        if not num_classes or num_classes < 2:
+            raise DataError("data.num_classes: synthetic data needs num_classes >= 2")
+        size = image_size or 32
+        shape = (3, size, size)
+        return DataBundle(SyntheticImages(train_size, shape, num_classes, seed),
+                          SyntheticImages(test_size, shape, num_classes, seed + 1), num_classes, shape,
+                          SyntheticImages(train_size, shape, num_classes, seed))
+    raise DataError(f"data.name: unknown data set '{name}'; allowed: {', '.join(SOURCES)} or package.module:function")
+
+
+def _existing_dir(path: str | None, field: str) -> str:
+    if not path:
+        raise DataError(f"{field}: this data set needs a path")
+    if not os.path.isdir(path):
+        raise DataError(f"{field}: directory not found: {path}")
+    return path
+
+
+def _digits() -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))
+    n_test = len(labels) // 5
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    scaled = images[train_idx].float() / 16
+    mean, std = [float(scaled.mean())], [float(scaled.std())]
+    train = TensorImages(images[train_idx], labels[train_idx], mean, std, scale=1 / 16, pad=1)
+    test = TensorImages(images[test_idx], labels[test_idx], mean, std, scale=1 / 16)
+    return DataBundle(train, test, 10, (1, 8, 8), train.augmented())
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickler for the CIFAR batch files that refuses anything but numpy arrays (no code execution)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _ArraysOnly(f, encoding="bytes").load()
+        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+        raise DataError(f"data.path: {path} is not a CIFAR-10 batch file ({e})") from None
+    return data, labels
+
+
+def _cifar10(root: str) -> DataBundle:
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not os.path.isfile(os.path.join(root, n))]
+    if missing:
+        raise DataError(f"data.path: {root} is not a cifar-10-batches-py directory (missing {', '.join(missing)})")
+    parts = [_read_cifar_batch(os.path.join(root, n)) for n in names]
+    train_x = torch.from_numpy(np.concatenate([p[0] for p in parts[:5]]))
+    train_y = torch.from_numpy(np.concatenate([p[1] for p in parts[:5]]))
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    train = TensorImages(train_x, train_y, mean, std, pad=4, flip=True)
+    test = TensorImages(torch.from_numpy(parts[5][0]), torch.from_numpy(parts[5][1]), mean, std)
+    return DataBundle(train, test, 10, (3, 32, 32), train.augmented())
+
+
+def _list_images(root: str, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    classes = classes or sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        folder = os.path.join(root, cls)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                files.append(os.path.join(folder, name))
+                labels.append(label)
+    return files, labels, classes
+
+
+def _imagefolder(root: str, image_size: int | None, cache_dir: str | None) -> DataBundle:
+    train_root = os.path.join(root, "train")
+    test_root = next((os.path.join(root, s) for s in ("test", "val") if os.path.isdir(os.path.join(root, s))), None)
+    if not os.path.isdir(train_root):
+        train_root = root
+    files, labels, classes = _list_images(train_root)
+    if len(classes) < 2 or not files:
+        raise DataError(f"data.path: no images found in {train_root} (expected <class>/*.jpg|png, two classes or more)")
+    if test_root:
+        test_files, test_labels, _ = _list_images(test_root, classes)
+    else:  # no test split on disk: hold out a seeded 10%
+        perm = np.random.default_rng(0).permutation(len(files))
+        cut = max(1, len(files) // 10)
+        test_files, test_labels = [files[i] for i in perm[:cut]], [labels[i] for i in perm[:cut]]
+        files, labels = [files[i] for i in perm[cut:]], [labels[i] for i in perm[cut:]]
+    if not test_files:
+        raise DataError(f"data.path: no test images in {test_root}")
+    from PIL import Image
+
+    with Image.open(files[0]) as im:
+        native = min(im.size)
+    size = image_size or (native if native <= 64 else 224)
+    if size > 64:
+        shape = (3, size, size)
+        train = LazyImageFolder(files, labels, size)
+        return DataBundle(train, LazyImageFolder(test_files, test_labels, size), len(classes), shape,
+                          train.augmented())
+    train_x = _decode_small(files, size, cache_dir)
+    test_x = _decode_small(test_files, size, cache_dir)
+    scaled = train_x[: min(len(train_x), 10000)].float() / 255
+    mean = scaled.mean(dim=(0, 2, 3)).tolist()
+    std = scaled.std(dim=(0, 2, 3)).tolist()
+    train = TensorImages(train_x, torch.tensor(labels), mean, std, pad=size // 8, flip=True)
+    test = TensorImages(test_x, torch.tensor(test_labels), mean, std)
+    return DataBundle(train, test, len(classes), (3, size, size), train.augmented())
+
+
+def _decode_small(files: list[str], size: int, cache_dir: str | None) -> torch.Tensor:
+    """Decode small images once into uint8 [N, 3, size, size]; cached as .npy keyed by the file list."""
+    from PIL import Image
+
+    key = hashlib.sha1(("\n".join(files) + f"|{size}").encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"imagefolder-{key}.npy") if cache_dir else None
+    if cache and os.path.isfile(cache):
+        arr = np.load(cache, allow_pickle=False)
+        if arr.shape == (len(files), 3, size, size):
+            return torch.from_numpy(arr)
+    arr = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = _center_crop(im, size) if min(im.size) > size else im.resize((size, size), Image.BILINEAR)
+            arr[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, cache)
+    return torch.from_numpy(arr)
+
+
+def _from_factory(spec: str, kwargs: dict) -> DataBundle:
+    from .models import ModelError, resolve_factory
+
+    try:
+        fn = resolve_factory(spec, "data.name")
+    except ModelError as e:
+        raise DataError(str(e)) from None
+    out = fn(**kwargs)
+    if isinstance(out, DataBundle):
+        return out
+    try:
+        train, test, num_classes = out
+    except (TypeError, ValueError):
+        raise DataError(f"data.name: {spec} must return a DataBundle or (train, test, num_classes)") from None
+    x0, _ = train[0]
+    return DataBundle(train, test, int(num_classes), tuple(x0.shape), train)
+
+
+def heldout_split(n_train: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded held-out subset of the training indices and the disjoint rest (for calibration and training)."""
+    if not 0 < size < n_train:
+        raise DataError(f"data.heldout_size: must be in [1, {n_train - 1}] for this training set, got {size}")
+    perm = np.random.default_rng([seed, 7]).permutation(n_train)
+    return np.sort(perm[:size]), perm[size:]
+
+
+def iterate_batches(dataset: Dataset, indices, batch_size: int, num_workers: int = 0
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) batches of `dataset` over `indices` in the given order."""
+    indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    if hasattr(dataset, "get_batch"):
+        for start in range(0, len(indices), batch_size):
+            yield dataset.get_batch(indices[start:start + batch_size])
+        return
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    for x, y in loader:
+        yield x, torch.as_tensor(y)
