@@ -75,7 +75,7 @@ class EvaluationConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = field(default=5, metadata=_range(0))
+    epochs: int = field(default=5, metadata=_range(1))
     batch_size: int = field(default=64, metadata=_range(1))
     lr: float = field(default=0.05, metadata=_range(0, lo_open=True))
     momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
@@ -94,7 +94,7 @@ class FinetuneConfig:
 class ResourcesConfig:
     cpus_per_trial: float = field(default=1.0, metadata=_range(0, lo_open=True))
     gpus_per_trial: float = field(default=0.0, metadata=_range(0))
-    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    wait_for_gpus: bool = False  # the cluster autoscales GPU workers from zero: do not refuse a GPU-less cluster
 
 
 @dataclass
@@ -185,9 +185,9 @@ def from_dict(raw: dict) -> Config:
             if key not in fields:
                 raise ConfigError(f"{section}.{key}: unknown key; allowed: {', '.join(fields)}")
             f = fields[key]
-            value = _convert(f"{section}.{key}", value, str(f.type))
+            converted = _convert(f"{section}.{key}", value, str(f.type))
             _check(f"{section}.{key}", value, f.metadata)
-            setattr(obj, key, value)
+            setattr(obj, key, converted)
     _cross_check(cfg)
     return cfg
 

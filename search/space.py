@@ -25,13 +25,14 @@ class PruningSpace:
 
     def __init__(self, groups: list[ChannelGroup], base_flops: int, base_params: int, dim_const: np.ndarray,
                  dim_matrix: np.ndarray, flops_terms: tuple, params_terms: tuple, round_to: int = 1,
-                 classifier: str = "", input_shape: tuple[int, ...] = ()):
+                 ignored_layers: list[str] = (), input_shape: tuple[int, ...] = ()):
         self.groups = groups
         self.input_shape = tuple(input_shape)
         self.base_flops = int(base_flops)
         self.base_params = int(base_params)
         self.round_to = int(round_to)
-        self.classifier = classifier
+        self.ignored_layers = list(ignored_layers)  # the classifier first
+        self.classifier = self.ignored_layers[0] if self.ignored_layers else ""
         self._channels = np.array([g.channels for g in groups], dtype=np.float64)
         self._dim_const, self._dim_matrix = dim_const, dim_matrix
         self._flops_terms, self._params_terms = flops_terms, params_terms
@@ -51,7 +52,11 @@ class PruningSpace:
         was_training = model.training
         model.eval()
         modules = dict(model.named_modules())
-        ignored = ignored_layers or [find_classifier(model, example_inputs)]
+        classifier = find_classifier(model, example_inputs)
+        ignored = [classifier] + [n for n in ignored_layers or [] if n != classifier]
+        unknown = [n for n in ignored if n not in modules]
+        if unknown:
+            raise SpaceError(f"model.ignored_layers: the model has no layer named '{unknown[0]}'")
         groups, op_channels = discover_groups(model, example_inputs, ignored)
         with torch.no_grad():
             fca = FlopCountAnalysis(model, example_inputs)
@@ -98,8 +103,7 @@ class PruningSpace:
 
         # Ops run directly in a non-leaf forward (and parameters held by non-leaf modules) are fixed.
         return cls(groups, total, base_params, const, matrix_arr, pack(total - leaf_flops, flops),
-                   pack(base_params - leaf_params, params), round_to, ignored[-1],
-                   tuple(example_inputs.shape[1:]))
+                   pack(base_params - leaf_params, params), round_to, ignored, tuple(example_inputs.shape[1:]))
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A zero input batch of the shape the space was traced with."""
@@ -157,7 +161,7 @@ class PruningSpace:
         for g in self.groups:
             layers = len({m.module for m in g.members if m.kind != "op"})
             lines.append(f"{g.name:<{width}}  {g.channels:>8}  {layers:>6}  {100 * g.flops_share:>10.2f}%")
-        lines.append(f"{len(self.groups)} groups; the classifier '{self.classifier}' is not pruned")
+        lines.append(f"{len(self.groups)} groups; not pruned: {', '.join(self.ignored_layers)} (classifier first)")
         lines.append(f"FLOPs {self.base_flops:,} ({self.base_flops / 1e6:.2f} M, fvcore); "
                      f"params {self.base_params:,} ({self.base_params / 1e6:.3f} M)")
         return "\n".join(lines)

@@ -339,7 +339,7 @@ def _from_factory(spec: str, kwargs: dict) -> DataBundle:
 def heldout_split(n_train: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded held-out subset of the training indices and the disjoint rest (for calibration and training)."""
     if not 0 < size < n_train:
-        raise DataError(f"data.heldout_size: must be in [1, {n_train - 1}] for this training set, got {size}")
+        raise DataError(f"evaluation.heldout_size: must be in [1, {n_train - 1}] for this training set, got {size}")
     perm = np.random.default_rng([seed, 7]).permutation(n_train)
     return np.sort(perm[:size]), perm[size:]
 

@@ -45,10 +45,12 @@ class CandidateEvaluator:
         self.base = model.to(self.device).eval()
         self.plan = PrunePlan(self.base, space, criterion, seed=cfg.seed)
         heldout, rest = heldout_split(len(data.train), cfg.heldout_size, cfg.seed)
+        self.heldout_indices, self.rest_indices = heldout, rest
         needed = cfg.calibration_batches * cfg.batch_size
         order = np.random.default_rng([cfg.seed, 11]).permutation(rest)
-        calibration = np.resize(order, needed)  # wraps around when the training split is smaller than needed
-        self.calibration = self._stage(torch.cat([x for x, _ in iterate_batches(data.train, calibration, 512)]))
+        self.calibration_indices = np.resize(order, needed)  # wraps around when the training split is small
+        self.calibration = self._stage(torch.cat([x for x, _ in
+                                                  iterate_batches(data.train, self.calibration_indices, 512)]))
         xs, ys = zip(*iterate_batches(data.train, heldout, 512))
         self.heldout_x, self.heldout_y = self._stage(torch.cat(xs)), torch.cat(ys).to(self.device)
         self.node = socket.gethostname()
@@ -81,6 +83,11 @@ class CandidateEvaluator:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    def recalibrate(self, model: nn.Module) -> bool:
+        """Adaptive BN on the calibration batches (the configured mode); False if nothing was recalibrated."""
+        return recalibrate_bn(model, self._batches(self.calibration, self.cfg.batch_size), self.cfg.bn_mode,
+                              self.autocast)
+
     def evaluate(self, ratios) -> dict:
         """Prune, recalibrate and score one strategy; a result record (raises CandidateError on NaN loss)."""
         ratios = self.space.check(ratios)
@@ -89,8 +96,7 @@ class CandidateEvaluator:
         t1 = self._sync()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            recalibrated = recalibrate_bn(model, self._batches(self.calibration, self.cfg.batch_size),
-                                          self.cfg.bn_mode, self.autocast)
+            recalibrated = self.recalibrate(model)
         t2 = self._sync()
         heldout = zip(self._batches(self.heldout_x, self.cfg.score_batch_size),
                       self.heldout_y.split(self.cfg.score_batch_size))

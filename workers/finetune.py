@@ -39,18 +39,21 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 
 def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device = "cpu",
              checkpoint_path: str | None = None, teacher: nn.Module | None = None,
-             on_epoch: EpochCallback | None = None, epochs: int | None = None, log=sys.stderr) -> dict:
+             on_epoch: EpochCallback | None = None, epochs: int | None = None,
+             train_indices=None, val_indices=None, log=sys.stderr) -> dict:
     """Train `model` on the training split, test every epoch, checkpoint every epoch; resumes from the checkpoint.
 
     cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
-    label_smoothing, distill_weight, distill_temperature, seed). `on_epoch(epoch, metrics, checkpoint_path)`
-    runs after each epoch's checkpoint is written (Tune reports from there; raising stops the run).
-    Returns the last epoch's metrics plus the per-epoch history.
+    label_smoothing, distill_weight, distill_temperature, seed). `train_indices` limits training to part of
+    the training split; `val_indices` (e.g. the held-out split) adds val_accuracy/val_loss to each epoch.
+    `on_epoch(epoch, metrics, checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports
+    from there; raising stops the run). Returns the last epoch's metrics plus the per-epoch history.
     """
     device = torch.device(device)
     epochs = cfg.epochs if epochs is None else epochs
     model.to(device)
-    n = len(data.train_augmented)
+    pool = torch.arange(len(data.train_augmented)) if train_indices is None else torch.as_tensor(train_indices)
+    n = len(pool)
     steps_per_epoch = max(1, n // cfg.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
@@ -75,7 +78,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
-        order = order[: steps_per_epoch * cfg.batch_size]
+        order = pool[order[: steps_per_epoch * cfg.batch_size]]
         loss_sum, seen = 0.0, 0
         for x, y in iterate_batches(data.train_augmented, order, cfg.batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -90,12 +93,10 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
-        test = score(model, ((x.to(device), y.to(device)) for x, y in
-                             iterate_batches(data.test, range(len(data.test)), 500)))
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_accuracy": test["accuracy"],
-                   "test_loss": test["loss"], "lr": scheduler.get_last_lr()[0],
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                   **_evaluate(model, data, val_indices, device), "lr": scheduler.get_last_lr()[0],
                    "epoch_seconds": time.perf_counter() - t0}
         history.append(metrics)
         print(f"fine-tune: epoch {epoch + 1}/{epochs} train_loss {metrics['train_loss']:.4f} "
@@ -110,7 +111,18 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
         if on_epoch is not None:
             on_epoch(epoch, metrics, checkpoint_path)
     if not history:
-        test = score(model, ((x.to(device), y.to(device)) for x, y in
-                             iterate_batches(data.test, range(len(data.test)), 500)))
-        history.append({"epoch": 0, "test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+        history.append({"epoch": 0, **_evaluate(model, data, val_indices, device)})
     return {**history[-1], "history": history}
+
+
+def _evaluate(model: nn.Module, data: DataBundle, val_indices, device: torch.device) -> dict:
+    """Test-split metrics, plus validation metrics on `val_indices` of the training split if given."""
+    def on(dataset, indices):
+        return score(model, ((x.to(device), y.to(device)) for x, y in iterate_batches(dataset, indices, 500)))
+
+    test = on(data.test, range(len(data.test)))
+    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+    if val_indices is not None:
+        val = on(data.train, val_indices)
+        metrics.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+    return metrics

@@ -25,11 +25,16 @@ class Member:
 
 @dataclass
 class ChannelGroup:
-    """A set of coupled channels pruned together with one ratio; named after its root layer."""
+    """A set of coupled channels pruned together with one ratio.
+
+    Named after its producer (the first conv/linear, in model order, whose filters it prunes); `root` is the
+    layer Torch-Pruning enumerates it by (for MobileNet that is a depthwise conv following the producer).
+    """
 
     name: str
     channels: int
     members: list[Member] = field(repr=False)
+    root: str = ""
     flops_share: float = 0.0
 
 
@@ -127,7 +132,11 @@ def discover_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: lis
     names = {m: n for n, m in model.named_modules()}
     dg, tp_groups, grad_fn_owner, op_channels = trace_groups(model, example_inputs, ignored)
     position = {name: i for i, name in enumerate(names.values())}
-    tp_groups = sorted(tp_groups, key=lambda rg: position[names[rg[0]]])  # model order, input to output
-    groups = [ChannelGroup(names[root], len(g[0].idxs), _members(dg, g, names, grad_fn_owner))
-              for root, g in tp_groups]
+    groups = []
+    for root, g in tp_groups:
+        members = _members(dg, g, names, grad_fn_owner)
+        producers = [m.module for m in members if m.role == "out" and m.kind in ("conv", "linear")]
+        name = min(producers, key=position.__getitem__) if producers else names[root]
+        groups.append(ChannelGroup(name, len(g[0].idxs), members, root=names[root]))
+    groups.sort(key=lambda g: position[g.name])  # model order, input to output
     return groups, op_channels

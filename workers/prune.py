@@ -24,31 +24,53 @@ SLICEABLE = ("conv", "dwconv", "linear", "bn", "op")
 class Importance:
     """Per-filter importance of a Torch-Pruning group for one criterion (higher = keep).
 
-    l1/l2: Torch-Pruning's MagnitudeImportance(p, group_reduction="first", normalizer=None), i.e. the norm of
-    each filter of the group's first layer (EagleEye's L1); bn_scale: |gamma| of the group's first BatchNorm
-    (Network Slimming), L1 for a group without one; random: a seeded random ranking (a control).
+    l1/l2: the L1 (sum |w|) or squared L2 norm of each filter of the group's producer, i.e. its first
+    conv/linear layer in model order whose output channels the group prunes (EagleEye's L1); bn_scale: |gamma|
+    of the group's first BatchNorm in model order (Network Slimming), L1 for a group without one; random: a
+    seeded random ranking (a control). The same object ranks filters for the fast path and for the
+    Torch-Pruning reference, so both remove the same filters.
     """
 
     def __init__(self, criterion: str, seed: int = 0):
-        import torch_pruning as tp
-
         if criterion not in CRITERIA:
             raise ValueError(f"search.criterion: unknown criterion '{criterion}'; allowed: {', '.join(CRITERIA)}")
         self.criterion, self.seed = criterion, seed
-        self.l1 = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None)
-        self.primary = {
-            "l2": tp.importance.MagnitudeImportance(p=2, group_reduction="first", normalizer=None),
-            "bn_scale": tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None,
-                                                          target_types=[nn.modules.batchnorm._BatchNorm]),
-        }.get(criterion, self.l1)
+        self._positions: dict[int, dict] = {}
 
+    def _ordered_items(self, group) -> list:
+        dg = group._DG
+        if id(dg) not in self._positions:
+            self._positions[id(dg)] = {m: i for i, m in enumerate(dg.model.modules())}
+        position = self._positions[id(dg)]
+        items = [item for item in group if item.dep.target.module in position]
+        return sorted(items, key=lambda item: position[item.dep.target.module])
+
+    @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
+        import torch_pruning as tp
+
+        n = len(group[0].idxs)
         if self.criterion == "random":
             root = group._DG._module2name[group[0].dep.target.module]
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(root.encode()))
-            return torch.rand(len(group[0].idxs), generator=g)
-        imp = self.primary(group)
-        return self.l1(group) if imp is None else imp
+            return torch.rand(n, generator=g)
+        items = self._ordered_items(group)
+        values = None
+        if self.criterion == "bn_scale":
+            bns = [it for it in items if isinstance(it.dep.target.module, nn.modules.batchnorm._BatchNorm)
+                   and it.dep.target.module.affine]
+            if bns:
+                item = bns[0]
+                values = item.dep.target.module.weight.detach()[item.idxs].abs().float()
+        if values is None:
+            producers = [it for it in items if it.dep.handler in (tp.prune_conv_out_channels,
+                                                                   tp.prune_linear_out_channels)]
+            item = producers[0]
+            p = 2 if self.criterion == "l2" else 1
+            values = item.dep.target.module.weight.detach()[item.idxs].flatten(1).abs().pow(p).sum(1).float()
+        imp = torch.zeros(n)
+        imp[torch.as_tensor(item.root_idxs)] = values.cpu()
+        return imp
 
 
 @dataclass
@@ -80,11 +102,10 @@ class PrunePlan:
         """Root channels of each group, least important first (Torch-Pruning's importance on the base model)."""
         importance = Importance(criterion, seed)
         reference = copy.deepcopy(model).cpu().eval()  # tracing puts hooks on and must not touch the caller's model
-        _, tp_groups, _, _ = trace_groups(reference, space.example_input(), [space.classifier])
-        by_root = {g[0].dep.target.module: g for _, g in tp_groups}
+        _, tp_groups, _, _ = trace_groups(reference, space.example_input(), space.ignored_layers)
         names = {m: n for n, m in reference.named_modules()}
-        groups = {names[root]: g for root, g in by_root.items()}
-        return [np.argsort(importance(groups[g.name]).cpu().numpy(), kind="stable") for g in space.groups]
+        groups = {names[root]: g for root, g in tp_groups}
+        return [np.argsort(importance(groups[g.root]).numpy(), kind="stable") for g in space.groups]
 
     def keep_indices(self, ratios) -> dict[tuple[str, str], np.ndarray]:
         """Indices each sliced (layer, out|in) dimension keeps under the strategy, in ascending order."""
@@ -174,8 +195,8 @@ def prune_with_torch_pruning(model: nn.Module, space, ratios, criterion: str = "
     device = next(pruned.parameters()).device
     pruner = tp.pruner.MetaPruner(
         pruned, space.example_input().to(device), importance=Importance(criterion, seed),
-        pruning_ratio=0.0, pruning_ratio_dict={modules[g.name]: float(r) for g, r in zip(space.groups, ratios)},
-        ignored_layers=[modules[space.classifier]], round_to=space.round_to if space.round_to > 1 else None)
+        pruning_ratio=0.0, pruning_ratio_dict={modules[g.root]: float(r) for g, r in zip(space.groups, ratios)},
+        ignored_layers=[modules[n] for n in space.ignored_layers], round_to=space.round_to if space.round_to > 1 else None)
     pruner.step()
     return pruned
 

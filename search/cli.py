@@ -1,0 +1,269 @@
+"""The `prunetune` command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from .config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _bad_input_errors() -> tuple:
+    from workers.data import DataError
+    from workers.groups import SpaceError
+    from workers.models import ModelError
+
+    from .rundir import RunLockedError
+
+    return ConfigError, DataError, ModelError, SpaceError, RunLockedError
+
+
+def _cmd_run(args) -> int:
+    from . import driver
+    from .rundir import RunDir
+
+    cfg = load_config(args.config, args.set)
+    run = RunDir(cfg.output.dir)
+    run.check_new(cfg, args.overwrite)
+    prep = driver.prepare(cfg)
+    run.acquire()
+    started = False
+    try:
+        run.create(cfg, args.overwrite)
+        started = driver.connect(cfg, args.address)
+        driver.check_resources(cfg)
+        summary = driver.execute(prep, run, restore=False)
+    finally:
+        run.release()
+        if started:
+            import ray
+
+            ray.shutdown()
+    _print_done(run, summary)
+    return 0
+
+
+def _cmd_resume(args) -> int:
+    from . import driver
+    from .rundir import RunDir, config_hash
+
+    run = RunDir(args.output)
+    if not run.exists():
+        raise ConfigError(f"output: {run.path} holds no prunetune run to resume (no manifest.json)")
+    cfg = run.load_config()
+    if args.config:
+        given = load_config(args.config, args.set)
+        if config_hash(given) != config_hash(cfg):
+            raise ConfigError(f"--config: {args.config} does not match the run in {run.path}; "
+                              "resume it without --config, or start a new run")
+    for override in args.set or []:
+        key = override.partition("=")[0]
+        if key.split(".")[0] not in ("ray", "resources") and key not in (
+                "search.time_budget_s", "search.max_concurrent_trials", "search.max_failures"):
+            raise ConfigError(f"--set {key}: a resumed run keeps its config; only ray.*, resources.*, "
+                              "search.time_budget_s, search.max_concurrent_trials and search.max_failures may change")
+    if args.set:
+        from .config import from_dict, parse_override
+
+        raw = cfg.to_dict()
+        for key, value in map(parse_override, args.set):
+            section, name = key.split(".", 1)
+            raw[section][name] = value
+        cfg = from_dict(raw)
+    manifest = run.manifest()
+    from .store import CandidateStore
+
+    problems = CandidateStore(run.path).verify(manifest.get("candidates", {}))
+    for p in problems:
+        print(f"prunetune: warning: {p}; its candidates will be evaluated again", file=sys.stderr)
+    prep = driver.prepare(cfg)
+    run.acquire()
+    started = False
+    try:
+        print(f"resuming {run.path} at stage '{manifest.get('stage')}'", flush=True)
+        if manifest.get("stage") == "done":
+            print("the run is already complete")
+            return 0
+        started = driver.connect(cfg, args.address)
+        driver.check_resources(cfg)
+        summary = driver.execute(prep, run, restore=True)
+    finally:
+        run.release()
+        if started:
+            import ray
+
+            ray.shutdown()
+    _print_done(run, summary)
+    return 0
+
+
+def _print_done(run, summary: dict) -> None:
+    best = summary["final"][0]
+    print(f"\nbest model: {best['path']} (candidate {best['candidate']}): test accuracy "
+          f"{100 * best['test_accuracy']:.2f}% at {100 * best['flops_ratio']:.1f}% of base FLOPs "
+          f"(base {100 * summary['base']['test_accuracy']:.2f}%)")
+    print(f"report: {os.path.join(run.path, 'report.md')}")
+
+
+_NATURAL_SHAPES = {"digits_cnn": (1, 8, 8), "mobilenet_v1_224": (3, 224, 224)}
+
+
+def _cmd_inspect(args) -> int:
+    import torch
+
+    from workers.models import build_model
+
+    from .space import PruningSpace
+
+    if args.model:
+        shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else \
+            _NATURAL_SHAPES.get(args.model, (3, 224, 224) if ":" in args.model else (3, 32, 32))
+        model = build_model(args.model, args.num_classes, shape[0])
+        space = PruningSpace.from_model(model, torch.zeros(1, *shape), args.round_to)
+    else:
+        from .driver import data_kwargs
+        from workers import load_data
+
+        cfg = load_config(args.config, args.set)
+        data = load_data(**data_kwargs(cfg))
+        model = build_model(cfg.model.name, data.num_classes, data.input_shape[0], cfg.model.kwargs)
+        space = PruningSpace.from_model(model, data.example_input(), cfg.search.round_to, cfg.model.ignored_layers)
+    print(space.describe())
+    return 0
+
+
+def _cmd_submit(args) -> int:
+    from . import jobs
+
+    job_id = jobs.submit(args.config, args.address, args.set, args.python, args.working_dir)
+    print(job_id)
+    print(f"follow it with: prunetune status {job_id} --address {args.address or '$RAY_ADDRESS'}; "
+          f"prunetune logs {job_id} --follow")
+    return 0
+
+
+def _cmd_status(args) -> int:
+    if os.path.isdir(args.target):
+        from .report import print_report
+
+        print(print_report(args.target).split("\n\n")[0])
+        return 0
+    from . import jobs
+
+    print(jobs.status(args.target, args.address))
+    return 0
+
+
+def _cmd_logs(args) -> int:
+    from . import jobs
+
+    jobs.logs(args.job_id, args.address, args.follow)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import print_report
+    from .rundir import RunDir
+
+    if not os.path.isdir(args.output) or not RunDir(args.output).exists():
+        raise ConfigError(f"output: {args.output} holds no prunetune run")
+    print(print_report(args.output))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export
+
+    path = export(args.output, args.rank, args.format, args.to)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all subcommands."""
+    p = argparse.ArgumentParser(prog="prunetune", description="Search the best way to prune a CNN (EagleEye on Ray Tune).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp, positional=True):
+        if positional:
+            sp.add_argument("config", nargs="?", help="YAML config (default: the built-in digits search)")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), e.g. --set search.flops_target=0.4")
+
+    r = sub.add_parser("run", help="run a search end to end (embedded Ray unless --address)")
+    with_config(r)
+    r.add_argument("--address", help="Ray cluster address (default: ray.address, else an embedded Ray)")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
+    r.set_defaults(fn=_cmd_run)
+
+    rs = sub.add_parser("resume", help="continue an interrupted run (search or fine-tuning stage)")
+    rs.add_argument("output", help="the run's output directory")
+    rs.add_argument("--config", help="check that this config matches the run's")
+    rs.add_argument("--address")
+    with_config(rs, positional=False)
+    rs.set_defaults(fn=_cmd_resume)
+
+    i = sub.add_parser("inspect", help="print the prunable channel groups and FLOPs of a model")
+    with_config(i)
+    i.add_argument("--model", help="model name or package.module:function (instead of a config)")
+    i.add_argument("--input-shape", help="C,H,W of the input (default: the model's natural size)")
+    i.add_argument("--num-classes", type=int, default=10)
+    i.add_argument("--round-to", type=int, default=1)
+    i.set_defaults(fn=_cmd_inspect)
+
+    s = sub.add_parser("submit", help="submit a search to a Ray cluster as a Ray Job")
+    with_config(s)
+    s.add_argument("--address", help="dashboard address, e.g. http://HEAD:8265 (default $RAY_ADDRESS)")
+    s.add_argument("--python", default="python", help="interpreter on the cluster that has prunetune installed")
+    s.add_argument("--working-dir", help="also ship this directory (e.g. your model code) with the job")
+    s.set_defaults(fn=_cmd_submit)
+
+    st = sub.add_parser("status", help="status of a submitted job, or of a run directory")
+    st.add_argument("target", help="job id or output directory")
+    st.add_argument("--address")
+    st.set_defaults(fn=_cmd_status)
+
+    lg = sub.add_parser("logs", help="logs of a submitted job")
+    lg.add_argument("job_id")
+    lg.add_argument("--address")
+    lg.add_argument("--follow", action="store_true")
+    lg.set_defaults(fn=_cmd_logs)
+
+    rp = sub.add_parser("report", help="table of the top candidates and the final models of a run")
+    rp.add_argument("output")
+    rp.set_defaults(fn=_cmd_report)
+
+    ex = sub.add_parser("export", help="export a final model as pt, torchscript or onnx")
+    ex.add_argument("output")
+    ex.add_argument("--rank", type=int, default=1)
+    ex.add_argument("--format", choices=("pt", "torchscript", "onnx"), default="pt")
+    ex.add_argument("--to", help="destination file (default: next to the model)")
+    ex.set_defaults(fn=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the prunetune command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _bad_input_errors() as e:
+        print(f"prunetune: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("prunetune: interrupted; continue with `prunetune resume OUTPUT`", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .driver import SearchFailed
+
+        if isinstance(e, SearchFailed):
+            print(f"prunetune: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

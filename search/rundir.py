@@ -1,0 +1,134 @@
+"""A run's output directory: its manifest (config hash, stage, stored rows) and the lock that guards it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+
+from .config import Config, ConfigError, from_dict, save_config
+
+# Sections that decide what a run computes; ray/resources/output may differ between run and resume.
+RESULT_SECTIONS = ("model", "data", "search", "evaluation", "finetune")
+VOLATILE = {("search", "time_budget_s"), ("search", "max_concurrent_trials"), ("search", "max_failures")}
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of the result-deciding parts of a config."""
+    d = cfg.to_dict()
+    picked = {s: {k: v for k, v in d[s].items() if (s, k) not in VOLATILE} for s in RESULT_SECTIONS}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run's lock."""
+
+
+class RunDir:
+    """Paths and bookkeeping of one run's output directory."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.manifest_path = os.path.join(self.path, "manifest.json")
+        self.config_path = os.path.join(self.path, "config.yaml")
+        self.lock_path = os.path.join(self.path, "run.lock")
+        self.tune_path = os.path.join(self.path, "tune")
+        self.final_path = os.path.join(self.path, "final")
+
+    def exists(self) -> bool:
+        """True if the directory already holds a run."""
+        return os.path.isfile(self.manifest_path)
+
+    def manifest(self) -> dict:
+        """The run manifest (empty if none)."""
+        if not self.exists():
+            return {}
+        with open(self.manifest_path) as f:
+            return json.load(f)
+
+    def update(self, **fields) -> dict:
+        """Merge fields into the manifest (atomic write)."""
+        manifest = {**self.manifest(), **fields, "updated": time.time()}
+        tmp = f"{self.manifest_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1, default=str)
+        os.replace(tmp, self.manifest_path)
+        return manifest
+
+    def load_config(self) -> Config:
+        """The config the run was started with."""
+        import yaml
+
+        if not os.path.isfile(self.config_path):
+            raise ConfigError(f"output.dir: {self.path} holds no prunetune run (no config.yaml)")
+        with open(self.config_path) as f:
+            return from_dict(yaml.safe_load(f))
+
+    def check_new(self, cfg: Config, overwrite: bool) -> None:
+        """Refuse to start over an existing run unless overwrite (nothing is touched here)."""
+        if not self.exists() or overwrite:
+            return
+        same = self.manifest().get("config_hash") == config_hash(cfg)
+        hint = f"continue it with `prunetune resume {self.path}`" if same else "it holds a different run"
+        raise ConfigError(f"output.dir: {self.path} already holds a run ({hint}); pass --overwrite to start over")
+
+    def create(self, cfg: Config, overwrite: bool) -> None:
+        """Start a fresh run directory (clearing an old run only when overwrite)."""
+        if self.exists() and overwrite:
+            for name in os.listdir(self.path):
+                if name != os.path.basename(self.lock_path):
+                    target = os.path.join(self.path, name)
+                    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        os.makedirs(self.path, exist_ok=True)
+        save_config(cfg, self.config_path)
+        self.update(config_hash=config_hash(cfg), created=time.time(), stage="search", run_id=uuid.uuid4().hex[:12])
+
+    def acquire(self) -> None:
+        """Take the run lock (pid and host inside); a stale lock of a dead local process is cleared."""
+        os.makedirs(self.path, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+                    return
+                if holder is None or (holder.get("host") == me["host"] and not _alive(holder.get("pid"))):
+                    os.remove(self.lock_path)  # stale: its process is gone
+                    continue
+                raise RunLockedError(
+                    f"output.dir: {self.path} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+                    f"(lock {self.lock_path}); wait for it, or remove the lock if that process is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return
+        raise RunLockedError(f"output.dir: could not take the lock {self.lock_path}")
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.lock_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        """Drop the lock if this process holds it."""
+        holder = self._holder()
+        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            os.remove(self.lock_path)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

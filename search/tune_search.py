@@ -1,0 +1,209 @@
+"""The Ray Tune pieces of the search: strategy Searcher, top-k scheduler, results callback, failure stopper."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import time
+
+from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.stopper import Stopper
+
+from .sampler import StrategySampler
+from .store import CandidateStore
+
+
+class StrategySearcher(Searcher):
+    """Hands out strategies from the FLOPs-constrained sampler by index: candidate i is sampler.sample(i).
+
+    save/restore keep the seed and the next index. After a restore, indices below the next index that never
+    reached the results store (in flight when the driver died) are handed out again, and indices already in
+    the store are never handed out, so every candidate is evaluated once.
+    """
+
+    def __init__(self, sampler: StrategySampler, num_candidates: int, output_dir: str, metric: str = "score",
+                 mode: str = "max"):
+        super().__init__(metric=metric, mode=mode)
+        self.sampler, self.num_candidates, self.output_dir = sampler, num_candidates, output_dir
+        self.next_index = 0
+        self.retry: list[int] = []
+        self.pending: dict[str, int] = {}
+        self._stored: set[int] | None = None
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the strategy space is ours; Tune's param_space stays empty
+
+    def _done(self) -> set[int]:
+        if self._stored is None:
+            self._stored = CandidateStore(self.output_dir).indices()
+        return self._stored
+
+    def suggest(self, trial_id: str):
+        done = self._done()
+        while self.retry and self.retry[0] in done:
+            self.retry.pop(0)
+        if self.retry:
+            index = self.retry.pop(0)
+        else:
+            while self.next_index < self.num_candidates and self.next_index in done:
+                self.next_index += 1
+            if self.next_index >= self.num_candidates:
+                return Searcher.FINISHED
+            index = self.next_index
+            self.next_index += 1
+        self.pending[trial_id] = index
+        return {"index": index, "ratios": self.sampler.sample(index)}
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        self.pending.pop(trial_id, None)
+
+    def get_state(self) -> dict:
+        return {"seed": self.sampler.seed, "next_index": self.next_index, "retry": list(self.retry),
+                "pending": dict(self.pending), "num_candidates": self.num_candidates}
+
+    def set_state(self, state: dict) -> None:
+        if state["seed"] != self.sampler.seed:
+            raise ValueError(f"search.seed: the saved search used seed {state['seed']}, not {self.sampler.seed}")
+        self.next_index = state["next_index"]
+        self._stored = None  # re-read the store: it is the record of what finished
+        done = self._done()
+        self.retry = sorted(set(range(self.next_index)) - done)
+        self.pending = {}
+
+    def save(self, checkpoint_path: str) -> None:
+        tmp = f"{checkpoint_path}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(self.get_state(), f)
+        os.replace(tmp, checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+
+def leaderboard_path(output_dir: str) -> str:
+    """Where the top-k scheduler persists its leaderboard."""
+    return os.path.join(output_dir, "leaderboard.json")
+
+
+def rank_key(row: dict) -> tuple:
+    """Sort key for candidates: best score first, then lower FLOPs, then index (a total order)."""
+    return (-row["score"], row.get("flops") or 0, row["index"])
+
+
+class TopKScheduler(FIFOScheduler):
+    """Runs trials first-in first-out, sees every result, and keeps the k best candidates by score.
+
+    The leaderboard is written to OUTPUT/leaderboard.json whenever it changes (atomically) and read back
+    when a restored experiment first uses the scheduler, so it survives the driver.
+    """
+
+    def __init__(self, k: int, output_dir: str, metric: str = "score"):
+        super().__init__()
+        self.k, self.output_dir, self._metric_name = k, output_dir, metric
+        self.board: list[dict] | None = None
+
+    def _load(self) -> list[dict]:
+        if self.board is None:
+            path = leaderboard_path(self.output_dir)
+            self.board = json.load(open(path)) if os.path.isfile(path) else []
+        return self.board
+
+    def offer(self, result: dict) -> bool:
+        """Consider one candidate result; True if it entered the top k."""
+        if result.get("status") != "ok" or result.get(self._metric_name) is None or "index" not in result:
+            return False
+        board = [row for row in self._load() if row["index"] != result["index"]]
+        entry = {key: result.get(key) for key in ("index", "score", "accuracy", "loss", "flops", "flops_ratio",
+                                                  "params", "ratios")}
+        entry["score"] = result[self._metric_name]
+        board = sorted(board + [entry], key=rank_key)[: self.k]
+        changed = [r["index"] for r in board] != [r["index"] for r in self._load()]
+        self.board = board
+        if changed:
+            path = leaderboard_path(self.output_dir)
+            with open(f"{path}.tmp", "w") as f:
+                json.dump(board, f, indent=1)
+            os.replace(f"{path}.tmp", path)
+        return changed
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self.offer(result)
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if result:
+            self.offer(result)
+
+    def debug_string(self) -> str:
+        return f"TopKScheduler: {len(self._load())}/{self.k} kept"
+
+
+class StoreCallback(Callback):
+    """Writes every finished candidate (and every errored trial) to the Parquet store; prints progress."""
+
+    def __init__(self, output_dir: str, total: int):
+        self.output_dir, self.total = output_dir, total
+        self.setup()
+
+    def setup(self, **info) -> None:
+        """Called by Tune when the experiment (or its restore) starts."""
+        self.store: CandidateStore | None = None
+        self.started = time.time()
+        self.new = 0
+        self.best: float | None = None
+
+    def _store(self) -> CandidateStore:
+        if self.store is None:
+            self.store = CandidateStore(self.output_dir)
+        return self.store
+
+    def _record(self, row: dict) -> None:
+        store = self._store()
+        if store.append([{**row, "finished_at": time.time()}]):
+            self.new += 1
+        if row.get("status") == "ok" and row.get("score") is not None:
+            self.best = row["score"] if self.best is None else max(self.best, row["score"])
+        rate = self.new / max(time.time() - self.started, 1e-9) * 60
+        best = "n/a" if self.best is None else f"{self.best:.4f}"
+        print(f"[search] candidates {len(store.indices())}/{self.total} | best score {best} | "
+              f"{rate:.1f} candidates/min", file=sys.stdout, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "index" in result and "status" in result:
+            self._record({**result, "trial_id": trial.trial_id})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        index = trial.config.get("index")
+        if index is None:
+            return
+        message = "trial errored"
+        if trial.error_file and os.path.isfile(trial.error_file):
+            lines = [ln for ln in open(trial.error_file).read().strip().splitlines() if ln.strip()]
+            message = lines[-1] if lines else message
+        self._record({"index": index, "trial_id": trial.trial_id, "status": "failed", "error": message,
+                      "ratios": trial.config.get("ratios")})
+
+
+class FailureStopper(Stopper):
+    """Stops the whole search when too many candidates fail (after a minimum number of results)."""
+
+    def __init__(self, max_failed_fraction: float, minimum: int):
+        self.max_failed_fraction, self.minimum = max_failed_fraction, minimum
+        self.ok = self.failed = 0
+        self.last_error = ""
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get("status") == "failed":
+            self.failed += 1
+            self.last_error = result.get("error") or ""
+        elif result.get("status") == "ok":
+            self.ok += 1
+        return False
+
+    def stop_all(self) -> bool:
+        seen = self.ok + self.failed
+        return seen >= self.minimum and self.failed / seen > self.max_failed_fraction

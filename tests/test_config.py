@@ -1,0 +1,77 @@
+import subprocess
+import sys
+
+import pytest
+
+from search.config import ConfigError, load_config
+from search.cli import main
+
+
+def test_default_config_is_the_digits_search():
+    cfg = load_config()
+    assert cfg.model.name == "digits_cnn" and cfg.data.name == "digits"
+    assert cfg.search.flops_target == 0.5
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("search:\n  flops_target: 0.6\nmodel:\n  name: resnet20\n")
+    cfg = load_config(str(path), ["search.flops_target=0.4", "finetune.nesterov=false", "search.time_budget_s=60"])
+    assert cfg.search.flops_target == 0.4 and cfg.model.name == "resnet20"
+    assert cfg.finetune.nesterov is False and cfg.search.time_budget_s == 60.0
+
+
+@pytest.mark.parametrize("overrides, key, fragment", [
+    (["search.flops_target=1.5"], "search.flops_target", "outside the allowed range"),
+    (["search.tolerance=0"], "search.tolerance", "outside the allowed range"),
+    (["search.max_ratio=1"], "search.max_ratio", "outside the allowed range"),
+    (["search.criterion=l3"], "search.criterion", "allowed: l1, l2, bn_scale, random"),
+    (["search.num_candidates=many"], "search.num_candidates", "not a valid int"),
+    (["search.colour=blue"], "search.colour", "unknown key"),
+    (["evaluation.bn_mode=magic"], "evaluation.bn_mode", "allowed: cumulative, ema, none"),
+    (["search.tolerance=0.6"], "search.tolerance", "below search.flops_target"),
+    (["data.name=cifar10"], "data.path", "needs a path"),
+])
+def test_bad_values_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value).startswith(key) and fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config: file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    bad.write_text("serach:\n  flops_target: 0.5\n")
+    with pytest.raises(ConfigError, match="serach: unknown section"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["flops_target=0.3"])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["search.flops_target=2"], "search.flops_target: 2 is outside"),
+    (["model.name=resnet99"], "model.name: unknown model 'resnet99'"),
+    (["model.name=nosuchpkg.mod:fn"], "model.name: cannot import module 'nosuchpkg.mod'"),
+    (["data.name=imagenet"], "data.name: unknown data set 'imagenet'"),
+    (["search.flops_target=0.05", "search.tolerance=0.01"], "reachable FLOPs range is ["),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, overrides, fragment):
+    out = tmp_path / "run"
+    code = main(["run", "--set", f"output.dir={out}", "--set", f"output.cache_dir={tmp_path / 'cache'}",
+                 *sum((["--set", o] for o in overrides), [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert fragment in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_entry_point_reports_errors_as_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "search.cli", "run", "--set", "search.max_ratio=1.2",
+                           "--set", f"output.dir={tmp_path / 'x'}"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "prunetune: error: search.max_ratio: 1.2 is outside the allowed range (0, 1)"

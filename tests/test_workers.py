@@ -1,0 +1,222 @@
+"""The worker pipeline: prune, adaptive BN, score, evaluator, fine-tune (plain torch, no Ray)."""
+import copy
+import io
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from search import PruningSpace, StrategySampler, load_config
+from tests.archs import NoBatchNorm, randomize_batchnorm
+from workers import CandidateEvaluator, PrunePlan, build_model, finetune, load_data, prune, recalibrate_bn, score
+from workers.evaluator import CandidateError
+
+
+class TwoLayer(nn.Module):
+    """conv(2->4) -> BN -> conv(4->2): hand-set filters to check what each criterion keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            # filter L1 norms 4, 3, 3.6, 0.1 keep {0, 2}; squared L2 norms 8, 9, 7.46, 0.01 keep {0, 1}
+            self.conv.weight.copy_(torch.tensor([[2.0, 2.0], [3.0, 0.0], [2.5, -1.1], [0.1, 0.0]]).view(4, 2, 1, 1))
+            self.bn.weight.copy_(torch.tensor([0.1, 0.9, 0.5, 0.3]))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x)))).mean((2, 3))
+
+
+@pytest.mark.parametrize("criterion, kept", [("l1", [0, 2]), ("l2", [0, 1]), ("bn_scale", [1, 2])])
+def test_criteria_keep_the_right_filters(criterion, kept):
+    model = TwoLayer()
+    space = PruningSpace.from_model(model, torch.zeros(1, 2, 3, 3))
+    assert [g.channels for g in space.groups] == [4]
+    pruned = prune(model, space, [0.5], criterion)
+    assert torch.equal(pruned.conv.weight, model.conv.weight[kept])
+    assert torch.equal(pruned.bn.weight, model.bn.weight[kept])
+    assert torch.equal(pruned.head.weight[:, :, 0, 0], model.head.weight[:, kept, 0, 0])
+
+
+def test_random_criterion_is_seeded():
+    model = build_model("resnet20", 10)
+    space = PruningSpace.from_model(model, torch.zeros(1, 3, 32, 32))
+    ratios = [0.5] * len(space.groups)
+    a, b = PrunePlan(model, space, "random", seed=1), PrunePlan(model, space, "random", seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a.order, b.order))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.order, PrunePlan(model, space, "l1").order))
+    assert a.apply(ratios).conv1.weight.shape[0] == 8
+
+
+def test_zero_ratios_give_the_base_network():
+    model = randomize_batchnorm(build_model("mobilenet_v1", 10)).eval()
+    space = PruningSpace.from_model(model, torch.zeros(1, 3, 32, 32))
+    pruned = prune(model, space, [0.0] * len(space.groups))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pruned.eval()(x), model(x))
+
+
+def test_pruned_model_is_a_real_smaller_network_that_saves_and_loads():
+    model = build_model("resnet20", 10)
+    space = PruningSpace.from_model(model, torch.zeros(1, 3, 32, 32))
+    ratios = StrategySampler(space, 0.5, 0.02, 0.7).sample(0)
+    pruned = prune(model, space, ratios)
+    assert sum(p.numel() for p in pruned.parameters()) == space.params(ratios) < space.base_params
+    clone = pickle.loads(pickle.dumps(pruned))
+    buffer = io.BytesIO()
+    torch.save(pruned.state_dict(), buffer)
+    buffer.seek(0)
+    clone.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(clone.eval()(x), pruned.eval()(x))
+    assert model.conv1.weight.shape[0] == 16  # the base model is untouched
+
+
+def _stats_hooks(model):
+    seen = {}
+
+    def hook(module, inputs, output):
+        x = inputs[0].transpose(0, 1).flatten(1).double()
+        seen.setdefault(module, []).append((x.mean(1), x.var(1, unbiased=True)))
+
+    return seen, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_cumulative_adaptive_bn_equals_the_statistics_of_the_batches():
+    model = randomize_batchnorm(build_model("resnet20", 10))
+    batches = [torch.randn(16, 3, 32, 32) * 2 + 1 for _ in range(5)]
+    seen, hooks = _stats_hooks(model)
+    assert recalibrate_bn(model, batches, "cumulative")
+    for h in hooks:
+        h.remove()
+    for bn, stats in seen.items():
+        mean = torch.stack([m for m, _ in stats]).mean(0)
+        var = torch.stack([v for _, v in stats]).mean(0)
+        assert torch.allclose(bn.running_mean.double(), mean, atol=1e-5)
+        assert torch.allclose(bn.running_var.double(), var, rtol=1e-4, atol=1e-5)
+        assert bn.momentum == 0.1 and not bn.training
+
+
+def test_ema_adaptive_bn_keeps_the_momentum():
+    model = randomize_batchnorm(build_model("digits_cnn", 10, 1))
+    before = model.features[1].running_mean.clone()
+    batch = torch.randn(32, 1, 8, 8)
+    seen, hooks = _stats_hooks(model)
+    recalibrate_bn(model, [batch], "ema")
+    for h in hooks:
+        h.remove()
+    bn = model.features[1]
+    expected = 0.9 * before.double() + 0.1 * seen[bn][0][0]
+    assert torch.allclose(bn.running_mean.double(), expected, atol=1e-5)
+
+
+def test_model_without_batchnorm_is_scored_with_a_warning():
+    model = NoBatchNorm()
+    with pytest.warns(UserWarning, match="no BatchNorm"):
+        assert recalibrate_bn(model, [torch.randn(4, 1, 8, 8)], "cumulative") is False
+    data = load_data("digits")
+    cfg = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=32"]).evaluation
+    space = PruningSpace.from_model(model, data.example_input())
+    evaluator = CandidateEvaluator(model, space, data, cfg, "cpu")
+    result = evaluator.evaluate([0.3] * len(space.groups))
+    assert result["bn_recalibrated"] is False and "no BatchNorm" in result["warning"]
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+    torch.manual_seed(0)
+    data = load_data("digits")
+    cfg = load_config(None, ["evaluation.calibration_batches=5", "evaluation.batch_size=64",
+                             "finetune.epochs=2", "finetune.batch_size=64"])
+    model = build_model("digits_cnn", 10, 1)
+    finetune(model, data, cfg.finetune, epochs=4)
+    space = PruningSpace.from_model(model, data.example_input())
+    return data, cfg, model, space
+
+
+def test_evaluator_is_deterministic_and_complete(digits_setup):
+    data, cfg, model, space = digits_setup
+    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
+    ratios = StrategySampler(space, 0.5, 0.02, 0.7).sample(1)
+    a, b = evaluator.evaluate(ratios), evaluator.evaluate(ratios)
+    for key in ("score", "accuracy", "loss", "flops", "params"):
+        assert a[key] == b[key]
+    assert a["flops"] == space.flops(ratios) and abs(a["flops_ratio"] - 0.5) <= 0.02
+    assert a["bn_recalibrated"] and a["device"] == "cpu" and min(a["t_prune"], a["t_calibrate"], a["t_score"]) > 0
+    # the held-out split and the calibration batches never share a sample
+    assert not set(evaluator.heldout_indices) & set(evaluator.calibration_indices)
+    assert len(evaluator.heldout_x) == cfg.evaluation.heldout_size
+    assert len(evaluator.calibration) == 5 * 64
+
+
+def test_adaptive_bn_beats_inherited_statistics(digits_setup):
+    data, cfg, model, space = digits_setup
+    vanilla_cfg = copy.deepcopy(cfg.evaluation)
+    vanilla_cfg.bn_mode = "none"
+    adaptive, vanilla = (CandidateEvaluator(model, space, data, c, "cpu") for c in (cfg.evaluation, vanilla_cfg))
+    sampler = StrategySampler(space, 0.4, 0.02, 0.7)
+    gains = [adaptive.evaluate(sampler.sample(i))["accuracy"] - vanilla.evaluate(sampler.sample(i))["accuracy"]
+             for i in range(6)]
+    assert np.mean(gains) > 0.05
+
+
+def test_nan_loss_is_a_candidate_error(digits_setup):
+    data, cfg, model, space = digits_setup
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.fc.bias.fill_(float("nan"))
+    evaluator = CandidateEvaluator(broken, space, data, cfg.evaluation, "cpu")
+    with pytest.raises(CandidateError, match="held-out loss is nan"):
+        evaluator.evaluate([0.2] * len(space.groups))
+
+
+def test_score_is_deterministic(digits_setup):
+    data, _, model, _ = digits_setup
+    batches = lambda: [(x, y) for x, y in  # noqa: E731
+                       __import__("workers.data", fromlist=["iterate_batches"]).iterate_batches(data.test, range(200), 50)]
+    assert score(model, batches()) == score(model, batches())
+
+
+def test_finetune_resumes_to_the_same_result(digits_setup, tmp_path):
+    data, cfg, model, space = digits_setup
+    ratios = StrategySampler(space, 0.5, 0.02, 0.7).sample(2)
+    ckpt = str(tmp_path / "ft.pt")
+
+    def fresh():
+        torch.manual_seed(123)  # the caller's RNG state must not matter: finetune seeds itself
+        return prune(model, space, ratios)
+
+    full = fresh()
+    finetune(full, data, cfg.finetune, checkpoint_path=str(tmp_path / "full.pt"))
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(epoch, metrics, path):
+        if epoch == 0:
+            raise Stop()
+
+    first = fresh()
+    with pytest.raises(Stop):
+        finetune(first, data, cfg.finetune, checkpoint_path=ckpt, on_epoch=interrupt)
+    resumed = fresh()
+    result = finetune(resumed, data, cfg.finetune, checkpoint_path=ckpt)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_distillation_option_trains(digits_setup):
+    data, cfg, model, space = digits_setup
+    ft = copy.deepcopy(cfg.finetune)
+    ft.distill_weight, ft.epochs = 0.5, 1
+    student = prune(model, space, [0.5] * len(space.groups))
+    result = finetune(student, data, ft, teacher=model, val_indices=np.arange(50))
+    assert 0 <= result["val_accuracy"] <= 1 and result["test_accuracy"] > 0.5
