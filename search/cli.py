@@ -61,10 +61,9 @@ def _cmd_resume(args) -> int:
                               "resume it without --config, or start a new run")
     for override in args.set or []:
         key = override.partition("=")[0]
-        if key.split(".")[0] not in ("ray", "resources") and key not in (
-                "search.time_budget_s", "search.max_concurrent_trials", "search.max_failures"):
+        if key.split(".")[0] not in ("ray", "resources") and key not in ("search.time_budget_s", "search.max_failures"):
             raise ConfigError(f"--set {key}: a resumed run keeps its config; only ray.*, resources.*, "
-                              "search.time_budget_s, search.max_concurrent_trials and search.max_failures may change")
+                              "search.time_budget_s and search.max_failures may change")
     if args.set:
         from .config import from_dict, parse_override
 

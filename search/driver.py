@@ -143,7 +143,7 @@ def run_search(prep: Prepared, run: RunDir, restore: bool) -> list[dict]:
     from ray import tune
 
     from .trials import evaluate_candidate
-    from .tune_search import FailureStopper, StoreCallback, StrategySearcher, TopKScheduler
+    from .tune_search import FailureStopper, ResumableLimiter, StoreCallback, StrategySearcher, TopKScheduler
 
     cfg = prep.cfg
     s = cfg.search
@@ -159,9 +159,9 @@ def run_search(prep: Prepared, run: RunDir, restore: bool) -> list[dict]:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=StrategySearcher(prep.sampler, s.num_candidates, run.path),
-                scheduler=TopKScheduler(s.top_k, run.path), num_samples=-1,
-                max_concurrent_trials=s.max_concurrent_trials, reuse_actors=True,
+                search_alg=ResumableLimiter(StrategySearcher(prep.sampler, s.num_candidates, run.path),
+                                            s.max_concurrent_trials),
+                scheduler=TopKScheduler(s.top_k, run.path), num_samples=-1, reuse_actors=True,
                 trial_dirname_creator=_candidate_dirname, time_budget_s=s.time_budget_s),
             run_config=tune.RunConfig(
                 name="search", storage_path=run.tune_path, verbose=0,

@@ -50,12 +50,21 @@ def evaluator_for(payload: dict) -> CandidateEvaluator:
     return _CACHE[key]
 
 
-def _fault_hook(index: int) -> None:
-    """Test-only faults: PRUNETUNE_FAULT_DELAY_S slows every candidate; with PRUNETUNE_FAULT_CRASH_AT=k and
-    PRUNETUNE_FAULT_DIR, candidate k kills its worker process once (os._exit)."""
+def _fault_delay() -> None:
+    """Test-only: PRUNETUNE_FAULT_DELAY_S slows every candidate and every fine-tuning epoch."""
     delay = os.environ.get("PRUNETUNE_FAULT_DELAY_S")
     if delay:
         time.sleep(float(delay))
+
+
+def _fault_hook(index: int) -> None:
+    """Test-only faults: PRUNETUNE_FAULT_LOG gets a line per evaluation started; with PRUNETUNE_FAULT_CRASH_AT=k
+    and PRUNETUNE_FAULT_DIR, candidate k kills its worker process once (os._exit)."""
+    log = os.environ.get("PRUNETUNE_FAULT_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{index}\n")
+    _fault_delay()
     crash_at, marker_dir = os.environ.get("PRUNETUNE_FAULT_CRASH_AT"), os.environ.get("PRUNETUNE_FAULT_DIR")
     if crash_at is None or marker_dir is None or int(crash_at) != index:
         return
@@ -100,6 +109,7 @@ def finetune_candidate(config: dict, payload: dict) -> None:
             shutil.copy(os.path.join(d, "finetune.pt"), ckpt)
 
     def report(epoch: int, metrics: dict, path: str | None) -> None:
+        _fault_delay()
         metrics = {**metrics, "index": candidate["index"], "rank": config["rank"]}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(workdir))
 

@@ -9,7 +9,7 @@ import time
 
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.stopper import Stopper
 
 from .sampler import StrategySampler
@@ -82,6 +82,19 @@ class StrategySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.set_state(pickle.load(f))
+
+
+class ResumableLimiter(ConcurrencyLimiter):
+    """Tune's ConcurrencyLimiter, except that a restore forgets the trials that were in flight.
+
+    A restored search skips those trials (resume_unfinished=False) without telling the limiter, which would
+    then wait for them forever; the StrategySearcher hands their candidates out again instead.
+    """
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self.live_trials = set()
+        self.num_unfinished_live_trials = 0
 
 
 def leaderboard_path(output_dir: str) -> str:

@@ -1,0 +1,97 @@
+"""The search on an embedded Ray: end to end, top-k, report, export, refusing to clobber a run."""
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from search.artifacts import load_pruned
+from search.cli import main
+from search.store import CandidateStore
+from search.tune_search import rank_key
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    overrides = [f"output.dir={tmp / 'run'}", f"output.cache_dir={tmp / 'cache'}", "model.pretrain_epochs=3",
+                 "search.num_candidates=6", "search.top_k=2", "evaluation.calibration_batches=4",
+                 "evaluation.batch_size=64", "evaluation.heldout_size=200", "finetune.epochs=2",
+                 "finetune.scheduler=fifo", "search.max_concurrent_trials=2"]
+    code = main(["run", *sum((["--set", o] for o in overrides), [])])
+    assert code == 0
+    return tmp / "run", overrides
+
+
+def test_every_candidate_lands_once_in_the_store(finished_run):
+    run, _ = finished_run
+    raw = pq.read_table(run / "candidates.parquet")
+    assert sorted(raw.column("index").to_pylist()) == list(range(6))
+    rows = raw.to_pylist()
+    assert all(r["status"] == "ok" and r["error"] is None for r in rows)
+    assert all(abs(r["flops_ratio"] - 0.5) <= 0.02 and len(r["ratios"]) == 4 for r in rows)
+    assert all(r["node"] and r["device"] == "cpu" and r["t_calibrate"] > 0 for r in rows)
+
+
+def test_the_scheduler_top_k_is_the_best_rows_of_the_store(finished_run):
+    run, _ = finished_run
+    board = json.load(open(run / "leaderboard.json"))
+    rows = sorted((r for r in CandidateStore(str(run)).rows() if r["status"] == "ok"), key=rank_key)
+    assert [b["index"] for b in board] == [r["index"] for r in rows[:2]]
+    assert [b["score"] for b in board] == [r["score"] for r in rows[:2]]
+
+
+def test_final_models_summary_and_report(finished_run):
+    run, _ = finished_run
+    summary = json.load(open(run / "final" / "summary.json"))
+    finals = summary["final"]
+    assert [f["rank"] for f in finals] == [1, 2]
+    assert {f["candidate"] for f in finals} == {b["index"] for b in json.load(open(run / "leaderboard.json"))}
+    assert finals[0]["val_accuracy"] >= finals[1]["val_accuracy"]
+    assert all(f["epochs"] == 2 and f["latency_ms_batch1"] > 0 for f in finals)
+    model, record, metrics = load_pruned(str(run / "final" / "rank1.pt"))
+    assert sum(p.numel() for p in model.parameters()) == record["params"] == finals[0]["params"]
+    assert metrics["test_accuracy"] == finals[0]["test_accuracy"]
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    report = (run / "report.md").read_text()
+    assert "rank1.pt" in report and (run / "report.png").stat().st_size > 1000
+
+
+def test_report_and_export(finished_run, capsys, tmp_path):
+    run, _ = finished_run
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "Best candidates by adaptive-BN score" in out and "rank2.pt" in out
+    target = tmp_path / "m.ts"
+    assert main(["export", str(run), "--rank", "2", "--format", "torchscript", "--to", str(target)]) == 0
+    scripted = torch.jit.load(str(target))
+    assert scripted(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    assert main(["export", str(run), "--rank", "7"]) == 2
+    assert "--rank:" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_directory_is_refused(finished_run, capsys):
+    run, overrides = finished_run
+    before = sorted(os.listdir(run))
+    assert main(["run", *sum((["--set", o] for o in overrides), [])]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "prunetune resume" in err
+    assert main(["run", *sum((["--set", o] for o in overrides + ["search.flops_target=0.4"]), [])]) == 2
+    assert "holds a different run" in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == before
+
+
+def test_resume_of_a_finished_run_does_nothing(finished_run, capsys):
+    run, _ = finished_run
+    assert main(["resume", str(run)]) == 0
+    assert "already complete" in capsys.readouterr().out
