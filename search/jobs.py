@@ -9,17 +9,42 @@ import tempfile
 from .config import ConfigError, load_config
 
 
+def auth_headers() -> dict:
+    """Bearer-token header for Ray's token authentication, when RAY_AUTH_MODE=token opts in.
+
+    The token comes from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (Ray's own
+    lookup order). Without the opt-in no token is sent, so it never leaks to an address you did not mean.
+    """
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"))
+    if not token and os.path.isfile(path):
+        with open(path) as f:
+            token = f.read().strip()
+    if not token:
+        raise ConfigError("RAY_AUTH_MODE: token authentication is on but no token was found "
+                          f"(set RAY_AUTH_TOKEN or create {path} with `ray get-auth-token --generate`)")
+    return {"Authorization": f"Bearer {token}"}
+
+
 def client(address: str | None):
-    """A JobSubmissionClient for the dashboard address (or $RAY_ADDRESS)."""
+    """A JobSubmissionClient for the dashboard address (or $RAY_ADDRESS), authenticated when configured."""
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ConfigError("--address: give the cluster's dashboard address, e.g. http://HEAD:8265 (or set RAY_ADDRESS)")
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=auth_headers())
+    except ConfigError:
+        raise
     except Exception as e:
-        raise ConfigError(f"--address: cannot reach the Ray job API at {address} ({str(e).splitlines()[0]})") from None
+        reason = str(e).splitlines()[0]
+        if "Unauthorized" in reason or "Authentication" in reason:
+            raise ConfigError(f"--address: the Ray job API at {address} requires token authentication; set "
+                              "RAY_AUTH_MODE=token (token from RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+        raise ConfigError(f"--address: cannot reach the Ray job API at {address} ({reason})") from None
 
 
 def submit(config_path: str | None, address: str | None, overrides: list[str], python: str = "python",

@@ -1,0 +1,121 @@
+"""Multi-node scheduling on a ray.cluster_utils.Cluster with fake GPUs, and Ray Jobs against a local head."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from search.cli import main  # noqa: E402
+from search.store import CandidateStore  # noqa: E402
+
+
+def _small(tmp_path, *extra):
+    overrides = [f"output.dir={tmp_path / 'run'}", f"output.cache_dir={tmp_path / 'cache'}", "model.pretrain_epochs=2",
+                 "search.num_candidates=8", "search.top_k=1", "evaluation.calibration_batches=3",
+                 "evaluation.batch_size=64", "evaluation.heldout_size=150", "finetune.epochs=1",
+                 "finetune.scheduler=fifo", *extra]
+    return sum((["--set", o] for o in overrides), [])
+
+
+def test_candidates_spread_over_gpu_nodes(tmp_path):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1")
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+        code = main(["run", *_small(tmp_path, "resources.gpus_per_trial=0.5", "resources.cpus_per_trial=0.5",
+                                    "search.max_concurrent_trials=4")])
+        assert code == 0
+        rows = CandidateStore(str(tmp_path / "run")).rows()
+        assert sorted(r["index"] for r in rows) == list(range(8))
+        head = ray.get_runtime_context().get_node_id()[:12]
+        nodes = {r["node"] for r in rows}
+        assert len(nodes) == 2 and head not in nodes  # only the GPU nodes run trials, both of them do
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_gpu_trials_on_a_cluster_without_gpus_are_refused(tmp_path, capsys):
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        code = main(["run", *_small(tmp_path, "resources.gpus_per_trial=1")])
+        assert code == 2
+        assert "resources.gpus_per_trial: 1.0 GPU per trial, but the Ray cluster has 0 GPU" in capsys.readouterr().err
+    finally:
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_head(tmp_path):
+    """A Ray head started by the test on 127.0.0.1 with token authentication; stopped by its process group."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    token = os.path.expanduser("~/.ray/auth_token")
+    if not os.path.isfile(token):
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "get-auth-token", "--generate"],
+                       env=env, check=True, capture_output=True)
+    port, dash = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--disable-usage-stats", f"--temp-dir={tempfile.mkdtemp(prefix='rh', dir='/tmp')}"],  # short: socket paths
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_submit_status_logs_against_a_local_head(local_head, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    deadline = time.time() + 60
+    while True:  # the dashboard (job API) comes up a few seconds after the head
+        try:
+            from search.jobs import client
+
+            client(local_head).list_jobs()
+            break
+        except Exception:
+            assert time.time() < deadline, "the local head's job API did not come up"
+            time.sleep(1)
+    code = main(["submit", *_small(tmp_path), "--address", local_head, "--python", sys.executable])
+    assert code == 0
+    job_id = capsys.readouterr().out.split()[0]
+    deadline = time.time() + 300
+    while True:
+        assert main(["status", job_id, "--address", local_head]) == 0
+        line = capsys.readouterr().out
+        if "SUCCEEDED" in line or "FAILED" in line or "STOPPED" in line:
+            break
+        assert time.time() < deadline, line
+        time.sleep(2)
+    assert main(["logs", job_id, "--address", local_head]) == 0
+    logs = capsys.readouterr().out
+    assert "SUCCEEDED" in line, logs[-3000:]
+    assert "best model:" in logs
+    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
+    assert len(summary["final"]) == 1
+    assert main(["status", str(tmp_path / "run")]) == 0
+    assert "stage done" in capsys.readouterr().out
