@@ -39,8 +39,9 @@ def model_spec(cfg: Config, num_classes: int, in_channels: int) -> dict:
             "kwargs": dict(cfg.model.kwargs)}
 
 
-def base_model(cfg: Config, data, log=sys.stderr) -> tuple[nn.Module, str]:
+def base_model(cfg: Config, data, log=None) -> tuple[nn.Module, str]:
     """The trained base model and its checkpoint path: the configured one, or one trained here and cached."""
+    log = log or sys.stderr
     spec = model_spec(cfg, data.num_classes, data.input_shape[0])
     model = build_model(**spec, checkpoint=cfg.model.checkpoint)
     if cfg.model.checkpoint:

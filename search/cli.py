@@ -53,6 +53,7 @@ def _cmd_resume(args) -> int:
     run = RunDir(args.output)
     if not run.exists():
         raise ConfigError(f"output: {run.path} holds no prunetune run to resume (no manifest.json)")
+    run.check_free()
     cfg = run.load_config()
     if args.config:
         given = load_config(args.config, args.set)

@@ -67,8 +67,20 @@ class RunDir:
         with open(self.config_path) as f:
             return from_dict(yaml.safe_load(f))
 
+    def check_free(self) -> None:
+        """Raise RunLockedError if a live process holds the run's lock (read-only check)."""
+        holder = self._holder()
+        if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
+            return
+        if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+            return  # stale: acquire() clears it
+        raise RunLockedError(
+            f"output.dir: {self.path} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+            f"(lock {self.lock_path}); wait for it, or remove the lock if that process is gone")
+
     def check_new(self, cfg: Config, overwrite: bool) -> None:
-        """Refuse to start over an existing run unless overwrite (nothing is touched here)."""
+        """Refuse a directory in use, or one holding a run unless overwrite (nothing is touched here)."""
+        self.check_free()
         if not self.exists() or overwrite:
             return
         same = self.manifest().get("config_hash") == config_hash(cfg)
@@ -87,26 +99,31 @@ class RunDir:
         self.update(config_hash=config_hash(cfg), created=time.time(), stage="search", run_id=uuid.uuid4().hex[:12])
 
     def acquire(self) -> None:
-        """Take the run lock (pid and host inside); a stale lock of a dead local process is cleared."""
+        """Take the run lock (pid and host inside); a stale lock of a dead local process is cleared.
+
+        The lock is written to a temporary file and hard-linked into place, so it never exists half-written.
+        """
         os.makedirs(self.path, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+        tmp = f"{self.lock_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.lock_path)
                     return
-                if holder is None or (holder.get("host") == me["host"] and not _alive(holder.get("pid"))):
-                    os.remove(self.lock_path)  # stale: its process is gone
-                    continue
-                raise RunLockedError(
-                    f"output.dir: {self.path} is in use by pid {holder.get('pid')} on {holder.get('host')} "
-                    f"(lock {self.lock_path}); wait for it, or remove the lock if that process is gone") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return
-        raise RunLockedError(f"output.dir: could not take the lock {self.lock_path}")
+                except FileExistsError:
+                    holder = self._holder()
+                    if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                        return
+                    if holder is None or (holder.get("host") == me["host"] and not _alive(holder.get("pid"))):
+                        os.remove(self.lock_path)  # stale (or unreadable): its process is gone
+                        continue
+                    self.check_free()
+            raise RunLockedError(f"output.dir: could not take the lock {self.lock_path}")
+        finally:
+            os.remove(tmp)
 
     def _holder(self) -> dict | None:
         try:

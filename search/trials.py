@@ -83,6 +83,8 @@ def evaluate_candidate(config: dict, payload: dict) -> None:
     index = config["index"]
     _fault_hook(index)
     try:
+        if os.environ.get("PRUNETUNE_FAULT_FAIL_AT") == str(index):  # test-only: an evaluation that raises
+            raise RuntimeError("injected failure")
         record = evaluator_for(payload).evaluate(config["ratios"])
         record.update(status="ok", error=None)
     except Exception as e:  # recorded as a failed candidate; the search goes on

@@ -206,17 +206,13 @@ class FailureStopper(Stopper):
 
     def __init__(self, max_failed_fraction: float, minimum: int):
         self.max_failed_fraction, self.minimum = max_failed_fraction, minimum
-        self.ok = self.failed = 0
-        self.last_error = ""
+        self.status: dict[str, str] = {}  # trial id -> ok | failed (Tune may show a result more than once)
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        if result.get("status") == "failed":
-            self.failed += 1
-            self.last_error = result.get("error") or ""
-        elif result.get("status") == "ok":
-            self.ok += 1
+        if result.get("status") in ("ok", "failed"):
+            self.status[trial_id] = result["status"]
         return False
 
     def stop_all(self) -> bool:
-        seen = self.ok + self.failed
-        return seen >= self.minimum and self.failed / seen > self.max_failed_fraction
+        failed = sum(s == "failed" for s in self.status.values())
+        return len(self.status) >= self.minimum and failed / len(self.status) > self.max_failed_fraction

@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 import sys
 
+# Multi-node clusters on one machine (ray.cluster_utils.Cluster) need this before ray is first imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 import pytest
 import torch
 

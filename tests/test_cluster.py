@@ -10,8 +10,6 @@ import time
 
 import pytest
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 

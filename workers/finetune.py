@@ -40,7 +40,7 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device = "cpu",
              checkpoint_path: str | None = None, teacher: nn.Module | None = None,
              on_epoch: EpochCallback | None = None, epochs: int | None = None,
-             train_indices=None, val_indices=None, log=sys.stderr) -> dict:
+             train_indices=None, val_indices=None, log=None) -> dict:
     """Train `model` on the training split, test every epoch, checkpoint every epoch; resumes from the checkpoint.
 
     cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
@@ -49,6 +49,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     `on_epoch(epoch, metrics, checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports
     from there; raising stops the run). Returns the last epoch's metrics plus the per-epoch history.
     """
+    log = log or sys.stderr
     device = torch.device(device)
     epochs = cfg.epochs if epochs is None else epochs
     model.to(device)

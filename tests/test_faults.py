@@ -1,0 +1,93 @@
+"""Faults survived: a worker process that dies, a node that goes away, candidates that fail."""
+import contextlib
+import os
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from search.cli import main
+from search.store import CandidateStore
+
+
+def _args(tmp_path, n=8, *extra):
+    overrides = [f"output.dir={tmp_path / 'run'}", f"output.cache_dir={tmp_path / 'cache'}", "model.pretrain_epochs=2",
+                 f"search.num_candidates={n}", "search.top_k=1", "evaluation.calibration_batches=3",
+                 "evaluation.batch_size=64", "evaluation.heldout_size=150", "finetune.epochs=1",
+                 "finetune.scheduler=fifo", *extra]
+    return ["run", *sum((["--set", o] for o in overrides), [])]
+
+
+@contextlib.contextmanager
+def embedded_ray(**env):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_a_worker_process_that_dies_is_retried(tmp_path):
+    with embedded_ray(PRUNETUNE_FAULT_CRASH_AT="3", PRUNETUNE_FAULT_DIR=str(tmp_path)):
+        assert main(_args(tmp_path, 8, "search.max_failures=2")) == 0
+    assert (tmp_path / "crashed-3").exists()  # the worker did die on candidate 3
+    rows = CandidateStore(str(tmp_path / "run")).rows()
+    assert [r["index"] for r in rows] == list(range(8))
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path):
+    with embedded_ray(PRUNETUNE_FAULT_FAIL_AT="2"):
+        assert main(_args(tmp_path, 8)) == 0
+    rows = {r["index"]: r for r in CandidateStore(str(tmp_path / "run")).rows()}
+    assert sorted(rows) == list(range(8))
+    assert rows[2]["status"] == "failed" and rows[2]["error"] == "RuntimeError: injected failure"
+    assert rows[2]["ratios"] and rows[2]["score"] is None
+    assert all(rows[i]["status"] == "ok" for i in rows if i != 2)
+
+
+def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
+    from workers.models import build_model
+
+    model = build_model("digits_cnn", 10, 1)
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))  # every pruned network then has a NaN loss
+    torch.save(model.state_dict(), tmp_path / "nan.pt")
+    with embedded_ray():
+        code = main(_args(tmp_path, 40, f"model.checkpoint={tmp_path / 'nan.pt'}"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "search stopped:" in err and "candidates failed" in err and "held-out loss is nan" in err
+    rows = CandidateStore(str(tmp_path / "run")).rows()
+    assert 4 <= len(rows) < 40 and all(r["status"] == "failed" for r in rows)
+
+
+def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
+    try:
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 runtime_env={"env_vars": {"PRUNETUNE_FAULT_DELAY_S": "1.0"}})
+        result = {}
+        args = _args(tmp_path, 12, "search.max_failures=3", "search.max_concurrent_trials=4",
+                     "resources.cpus_per_trial=1")
+        driver = threading.Thread(target=lambda: result.setdefault("code", main(args)))
+        driver.start()
+        store = CandidateStore(str(tmp_path / "run"))
+        deadline = time.time() + 180
+        while not (os.path.isdir(store.path) and len(store.parts()) >= 3):
+            assert time.time() < deadline and driver.is_alive()
+            time.sleep(0.2)
+        cluster.remove_node(nodes[0])
+        driver.join(timeout=400)
+        assert result.get("code") == 0
+        rows = CandidateStore(str(tmp_path / "run")).rows()
+        assert [r["index"] for r in rows] == list(range(12)) and all(r["status"] == "ok" for r in rows)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,134 @@
+"""Bad input refused with one clear line and nothing written; locks; storage integrity; safe loading."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from search.cli import main
+from search.rundir import RunDir, RunLockedError
+from search.store import CandidateStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tmp_path, *overrides):
+    return main(["run", "--set", f"output.dir={tmp_path / 'run'}", "--set", f"output.cache_dir={tmp_path / 'cache'}",
+                 *sum((["--set", o] for o in overrides), [])])
+
+
+class _Code:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    from workers.models import build_model
+
+    good = build_model("digits_cnn", 10, 1).state_dict()
+    paths = {"corrupt": tmp_path / "corrupt.pt", "mismatch": tmp_path / "mismatch.pt", "code": tmp_path / "code.pt"}
+    torch.save(good, paths["corrupt"])
+    paths["corrupt"].write_bytes(paths["corrupt"].read_bytes()[:200])  # cut short
+    torch.save(build_model("resnet20", 10).state_dict(), paths["mismatch"])
+    torch.save({"weights": _Code()}, paths["code"])
+    return paths
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing", "model.checkpoint: file not found"),
+    ("corrupt", "model.checkpoint: cannot read"),
+    ("mismatch", "model.checkpoint:"),
+    ("code", "model.checkpoint: cannot read"),
+])
+def test_bad_checkpoints(tmp_path, capsys, checkpoints, case, fragment):
+    path = checkpoints.get(case, tmp_path / "nope.pt")
+    assert _run(tmp_path, f"model.checkpoint={path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    if case == "mismatch":
+        assert "does not match the model" in err
+    if case == "code":
+        assert "weights-only" in err and "pwned" not in err
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.name=imagefolder", "data.path=/no/such/dir"], "data.path: directory not found: /no/such/dir"),
+    (["data.name=imagefolder", "data.path={empty}"], "data.path: no images found"),
+    (["data.name=nosuchpkg:load"], "data.name: cannot import module 'nosuchpkg'"),
+    (["search.criterion=taylor"], "search.criterion: 'taylor' is not allowed"),
+    (["search.tolerance=-0.1"], "search.tolerance: -0.1 is outside the allowed range"),
+    (["search.max_ratio=0"], "search.max_ratio: 0 is outside the allowed range (0, 1)"),
+    (["model.ignored_layers=[nothere]"], "model.ignored_layers: the model has no layer named 'nothere'"),
+    (["evaluation.heldout_size=5000"], "evaluation.heldout_size: must be in [1, "),
+])
+def test_bad_input_table(tmp_path, capsys, overrides, fragment):
+    os.makedirs(tmp_path / "empty" / "cls")
+    overrides = [o.replace("{empty}", str(tmp_path / "empty")) for o in overrides]
+    assert _run(tmp_path, *overrides) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_live_lock_refuses_a_second_run(tmp_path, capsys):
+    run = RunDir(str(tmp_path / "run"))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.makedirs(run.path)
+        with open(run.lock_path, "w") as f:
+            json.dump({"pid": sleeper.pid, "host": socket.gethostname()}, f)
+        assert _run(tmp_path, "search.num_candidates=4", "search.top_k=1") == 2
+        err = capsys.readouterr().err
+        assert f"is in use by pid {sleeper.pid} on {socket.gethostname()}" in err
+        with pytest.raises(RunLockedError):
+            run.acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run.acquire()  # its process is gone: the stale lock is cleared and taken
+    assert json.load(open(run.lock_path))["pid"] == os.getpid()
+    run.release()
+    assert not os.path.exists(run.lock_path)
+
+
+def test_report_skips_a_damaged_part_and_resume_sees_the_checksum(tmp_path, capsys):
+    run = RunDir(str(tmp_path / "run"))
+    from search.config import load_config
+
+    run.create(load_config(), overwrite=False)
+    store = CandidateStore(run.path)
+    row = {"status": "ok", "error": None, "ratios": [0.1, 0.2, 0.3, 0.4], "kept_channels": [1, 2, 3, 4],
+           "flops": 700000, "flops_ratio": 0.49, "params": 30000, "score": 0.9, "accuracy": 0.9, "loss": 0.3,
+           "bn_recalibrated": True, "device": "cpu", "node": "n"}
+    first = store.append([{**row, "index": 0}])
+    second = store.append([{**row, "index": 1, "score": 0.8}])
+    manifest = run.update(candidates=store.manifest())
+    with open(second, "r+b") as f:
+        f.truncate(os.path.getsize(second) // 2)  # cut short, as a kill in a non-atomic writer would
+    assert main(["report", run.path]) == 0
+    out = capsys.readouterr().out
+    assert "skipped damaged part" in out and "1 candidates evaluated" in out
+    problems = CandidateStore(run.path).verify(manifest["candidates"])
+    assert problems == [f"{os.path.basename(second)}: checksum differs from the manifest"]
+    assert os.path.basename(first) not in " ".join(problems)
+
+
+def test_every_torch_load_is_weights_only():
+    offenders = []
+    for folder in ("search", "workers", "bench", "tests"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                text = open(os.path.join(dirpath, name)).read()
+                for call in re.findall(r"torch\.load\((?:[^()]|\([^()]*\))*\)", text):
+                    if "weights_only=True" not in call:
+                        offenders.append(f"{name}: {call}")
+    assert offenders == []
+
