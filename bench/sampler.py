@@ -85,7 +85,7 @@ def main() -> None:
     print(f"sampler: target {args.target} +- {args.tolerance}, max_ratio {args.max_ratio}, {args.samples} samples, 1 thread")
     print(table(rows, ["model", "groups", "valid_per_s", "flops_model_us", "band_misses", "max_rel_err_vs_fvcore",
                        "eagleeye_acceptance", "eagleeye_valid_per_s", "per_group_std", "within_strategy_std"]))
-    print("saved", save("sampler", {"args": vars(args), "rows": rows}))
+    print("saved", save(f"sampler-target{args.target}", {"args": vars(args), "rows": rows}))
 
 
 if __name__ == "__main__":

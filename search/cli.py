@@ -29,74 +29,41 @@ def _cmd_run(args) -> int:
     run = RunDir(cfg.output.dir)
     run.check_new(cfg, args.overwrite)
     prep = driver.prepare(cfg)
-    run.acquire()
-    started = False
-    try:
-        run.create(cfg, args.overwrite)
-        started = driver.connect(cfg, args.address)
-        driver.check_resources(cfg)
-        summary = driver.execute(prep, run, restore=False)
-    finally:
-        run.release()
-        if started:
-            import ray
-
-            ray.shutdown()
-    _print_done(run, summary)
+    _print_done(run, driver.launch(prep, run, args.address, restore=False, overwrite=args.overwrite))
     return 0
+
+
+RESUMABLE_KEYS = ("search.time_budget_s", "search.max_failures")
 
 
 def _cmd_resume(args) -> int:
     from . import driver
     from .rundir import RunDir, config_hash
+    from .store import CandidateStore
 
     run = RunDir(args.output)
     if not run.exists():
         raise ConfigError(f"output: {run.path} holds no prunetune run to resume (no manifest.json)")
     run.check_free()
-    cfg = run.load_config()
-    if args.config:
-        given = load_config(args.config, args.set)
-        if config_hash(given) != config_hash(cfg):
-            raise ConfigError(f"--config: {args.config} does not match the run in {run.path}; "
-                              "resume it without --config, or start a new run")
-    for override in args.set or []:
+    for override in args.set:
         key = override.partition("=")[0]
-        if key.split(".")[0] not in ("ray", "resources") and key not in ("search.time_budget_s", "search.max_failures"):
+        if key.split(".")[0] not in ("ray", "resources") and key not in RESUMABLE_KEYS:
             raise ConfigError(f"--set {key}: a resumed run keeps its config; only ray.*, resources.*, "
-                              "search.time_budget_s and search.max_failures may change")
-    if args.set:
-        from .config import from_dict, parse_override
-
-        raw = cfg.to_dict()
-        for key, value in map(parse_override, args.set):
-            section, name = key.split(".", 1)
-            raw[section][name] = value
-        cfg = from_dict(raw)
+                              f"{' and '.join(RESUMABLE_KEYS)} may change")
+    cfg = load_config(run.config_path, args.set)
+    if args.config and config_hash(load_config(args.config)) != config_hash(cfg):
+        raise ConfigError(f"--config: {args.config} does not match the run in {run.path}; "
+                          "resume it without --config, or start a new run")
     manifest = run.manifest()
-    from .store import CandidateStore
-
-    problems = CandidateStore(run.path).verify(manifest.get("candidates", {}))
-    for p in problems:
-        print(f"prunetune: warning: {p}; its candidates will be evaluated again", file=sys.stderr)
+    if manifest.get("stage") == "done":
+        print(f"{run.path}: the run is already complete")
+        return 0
+    consequence = "its candidates are evaluated again" if manifest.get("stage") == "search" else "its rows are skipped"
+    for problem in CandidateStore(run.path).verify(manifest.get("candidates", {})):
+        print(f"prunetune: warning: {problem}; {consequence}", file=sys.stderr)
     prep = driver.prepare(cfg)
-    run.acquire()
-    started = False
-    try:
-        print(f"resuming {run.path} at stage '{manifest.get('stage')}'", flush=True)
-        if manifest.get("stage") == "done":
-            print("the run is already complete")
-            return 0
-        started = driver.connect(cfg, args.address)
-        driver.check_resources(cfg)
-        summary = driver.execute(prep, run, restore=True)
-    finally:
-        run.release()
-        if started:
-            import ray
-
-            ray.shutdown()
-    _print_done(run, summary)
+    print(f"resuming {run.path} at stage '{manifest.get('stage')}'", flush=True)
+    _print_done(run, driver.launch(prep, run, args.address, restore=True))
     return 0
 
 

@@ -138,6 +138,11 @@ def _convert(key: str, value: Any, annotation: str) -> Any:
             return None
         raise ConfigError(f"{key}: null is not allowed; expected {annotation}")
     base = annotation.replace(" | None", "").strip()
+    if base == "float" and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         "str": lambda v: isinstance(v, str),
         "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -151,11 +156,12 @@ def _convert(key: str, value: Any, annotation: str) -> Any:
     return float(value) if base == "float" else value
 
 
-def _check(key: str, value: Any, meta: typing.Mapping) -> None:
+def _check(key: str, value: Any, meta: typing.Mapping, shown: Any) -> None:
+    """Raise ConfigError if `value` breaks the field's choices or range (`shown` is what the user wrote)."""
     if value is None:
         return
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(meta['choices'])}")
+        raise ConfigError(f"{key}: {shown!r} is not allowed; allowed: {', '.join(meta['choices'])}")
     if "range" in meta:
         lo, hi, lo_open, hi_open = meta["range"]
         bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
@@ -164,7 +170,7 @@ def _check(key: str, value: Any, meta: typing.Mapping) -> None:
             left = "(" if lo_open else "["
             right = ")" if hi_open else "]"
             span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-            raise ConfigError(f"{key}: {value!r} is outside the allowed range {span}")
+            raise ConfigError(f"{key}: {shown!r} is outside the allowed range {span}")
 
 
 def from_dict(raw: dict) -> Config:
@@ -186,7 +192,7 @@ def from_dict(raw: dict) -> Config:
                 raise ConfigError(f"{section}.{key}: unknown key; allowed: {', '.join(fields)}")
             f = fields[key]
             converted = _convert(f"{section}.{key}", value, str(f.type))
-            _check(f"{section}.{key}", value, f.metadata)
+            _check(f"{section}.{key}", converted, f.metadata, value)
             setattr(obj, key, converted)
     _cross_check(cfg)
     return cfg

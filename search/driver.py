@@ -193,6 +193,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[dict], restore: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .trials import finetune_candidate
+    from .tune_search import FinetuneProgress
 
     cfg = prep.cfg
     f = cfg.finetune
@@ -213,7 +214,8 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[dict], restore: bool):
                                         reuse_actors=True, trial_dirname_creator=_finalist_dirname),
             run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      callbacks=[FinetuneProgress()]))
     print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler})", flush=True)
     return tuner.fit()
 
@@ -283,6 +285,24 @@ def finalize(prep: Prepared, run: RunDir, top: list[dict], grid, rows: list[dict
                "final": finals}
     write_report(run, summary, rows, top)
     return summary
+
+
+def launch(prep: Prepared, run: RunDir, address: str | None, restore: bool, overwrite: bool = False) -> dict:
+    """Take the run lock, connect to Ray (or start it), run or continue both stages, and let go of both."""
+    run.acquire()
+    started = False
+    try:
+        if not restore:
+            run.create(prep.cfg, overwrite)
+        started = connect(prep.cfg, address)
+        check_resources(prep.cfg)
+        return execute(prep, run, restore)
+    finally:
+        run.release()
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def execute(prep: Prepared, run: RunDir, restore: bool) -> dict:

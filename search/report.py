@@ -93,7 +93,9 @@ def print_report(output_dir: str) -> str:
     notes: list[str] = []
     rows = sorted(CandidateStore(run.path).read(report=notes.append).to_pylist(), key=lambda r: r["index"])
     manifest = run.manifest()
-    out = [f"run {run.path}: stage {manifest.get('stage', 'unknown')}"] + [f"warning: {n}" for n in notes]
+    total = run.load_config().search.num_candidates if os.path.isfile(run.config_path) else "?"
+    out = [f"run {run.path}: stage {manifest.get('stage', 'unknown')}, {len(rows)} of {total} candidates stored"]
+    out += [f"warning: {n}" for n in notes]
     out += ["", "Best candidates by adaptive-BN score:", candidates_table(rows)]
     summary_path = os.path.join(run.final_path, "summary.json")
     if os.path.isfile(summary_path):

@@ -29,6 +29,7 @@ SCHEMA = pa.schema([
     ("accuracy", pa.float64()),
     ("loss", pa.float64()),
     ("bn_recalibrated", pa.bool_()),
+    ("warning", pa.string()),
     ("t_prune", pa.float64()),
     ("t_calibrate", pa.float64()),
     ("t_score", pa.float64()),
@@ -47,7 +48,7 @@ def _row(record: dict) -> dict:
     return {name: record.get(name) for name in SCHEMA.names}
 
 
-def _checksum(path: str) -> str:
+def checksum(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -129,13 +130,15 @@ class CandidateStore:
     def manifest(self) -> dict:
         """Row count and per-part checksums, for the run manifest."""
         return {"rows": len(self.indices()),
-                "parts": {os.path.basename(p): _checksum(p) for p in self.parts()}}
+                "parts": {os.path.basename(p): checksum(p) for p in self.parts()}}
 
     def verify(self, manifest: dict) -> list[str]:
         """Problems found comparing the parts on disk with a manifest written earlier."""
         problems = []
         for name, digest in manifest.get("parts", {}).items():
             path = os.path.join(self.path, name)
-            if os.path.isfile(path) and _checksum(path) != digest:
+            if not os.path.isfile(path):
+                problems.append(f"{name}: listed in the manifest but missing")
+            elif checksum(path) != digest:
                 problems.append(f"{name}: checksum differs from the manifest")
         return problems

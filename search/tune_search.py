@@ -13,7 +13,8 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.stopper import Stopper
 
 from .sampler import StrategySampler
-from .store import CandidateStore
+from .rundir import RunDir
+from .store import CandidateStore, checksum
 
 
 class StrategySearcher(Searcher):
@@ -176,8 +177,13 @@ class StoreCallback(Callback):
 
     def _record(self, row: dict) -> None:
         store = self._store()
-        if store.append([{**row, "finished_at": time.time()}]):
+        part = store.append([{**row, "finished_at": time.time()}])
+        if part:
             self.new += 1
+            run = RunDir(self.output_dir)  # the manifest keeps a checksum per part for resume to verify
+            known = run.manifest().get("candidates", {"parts": {}})
+            known["parts"][os.path.basename(part)] = checksum(part)
+            run.update(candidates={"rows": len(store.indices()), "parts": known["parts"]})
         if row.get("status") == "ok" and row.get("score") is not None:
             self.best = row["score"] if self.best is None else max(self.best, row["score"])
         rate = self.new / max(time.time() - self.started, 1e-9) * 60
@@ -216,3 +222,13 @@ class FailureStopper(Stopper):
     def stop_all(self) -> bool:
         failed = sum(s == "failed" for s in self.status.values())
         return len(self.status) >= self.minimum and failed / len(self.status) > self.max_failed_fraction
+
+
+class FinetuneProgress(Callback):
+    """Prints one line per fine-tuning epoch of every finalist."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "epoch" in result and "rank" in result:
+            print(f"[finetune] rank {result['rank']} (candidate {result['index']}) epoch {result['epoch']}: "
+                  f"val acc {result.get('val_accuracy', float('nan')):.4f}, "
+                  f"test acc {result.get('test_accuracy', float('nan')):.4f}", file=sys.stdout, flush=True)

@@ -16,7 +16,9 @@ def test_default_config_is_the_digits_search():
 def test_overrides_are_typed(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("search:\n  flops_target: 0.6\nmodel:\n  name: resnet20\n")
-    cfg = load_config(str(path), ["search.flops_target=0.4", "finetune.nesterov=false", "search.time_budget_s=60"])
+    cfg = load_config(str(path), ["search.flops_target=0.4", "finetune.nesterov=false", "search.time_budget_s=60",
+                                  "finetune.weight_decay=5e-4"])
+    assert cfg.finetune.weight_decay == 0.0005
     assert cfg.search.flops_target == 0.4 and cfg.model.name == "resnet20"
     assert cfg.finetune.nesterov is False and cfg.search.time_budget_s == 60.0
 

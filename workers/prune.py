@@ -96,6 +96,8 @@ class PrunePlan:
                 d.parts.append((gi, mem.idxs, mem.root_idxs))
         self.dims = {key: d for key, d in dims.items() if d.kind != "op"}
         self.fast = all(d.kind in SLICEABLE for d in self.dims.values())
+        self.modules = dict(model.named_modules())
+        self.sizes = {key: _dim_size(self.modules[key[0]], key[1]) for key in self.dims}
 
     @staticmethod
     def _rankings(model: nn.Module, space, criterion: str, seed: int) -> list[np.ndarray]:
@@ -115,12 +117,10 @@ class PrunePlan:
             mask = np.zeros(g.channels, dtype=bool)
             mask[order[: g.channels - k]] = True
             pruned_root.append(mask)
-        modules = dict(self.model.named_modules())
         keep = {}
-        for d in self.dims.values():
-            size = _dim_size(modules[d.module], d.role)
+        for key, d in self.dims.items():
             pruned = np.concatenate([idxs[pruned_root[gi][roots]] for gi, idxs, roots in d.parts])
-            keep[(d.module, d.role)] = np.setdiff1d(np.arange(size), pruned)
+            keep[key] = np.setdiff1d(np.arange(self.sizes[key]), pruned)
         return keep
 
     def apply(self, ratios) -> nn.Module:
@@ -128,7 +128,7 @@ class PrunePlan:
         if not self.fast:
             return prune_with_torch_pruning(self.model, self.space, ratios, self.criterion)
         keep = self.keep_indices(ratios)
-        modules = dict(self.model.named_modules())
+        modules = self.modules
         device = next(self.model.parameters()).device
         new_tensors: dict[tuple[str, str], torch.Tensor] = {}
         for (name, role), idx in keep.items():

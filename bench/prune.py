@@ -1,0 +1,58 @@
+"""The pruning fast path (PrunePlan.apply) against a full Torch-Pruning pass, one core, same strategies.
+
+python bench/prune.py [--model resnet50] [--candidates 10]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import median, save, table  # noqa: E402
+from search import PruningSpace, StrategySampler  # noqa: E402
+from tests.archs import randomize_batchnorm, resnet50  # noqa: E402
+from workers import PrunePlan, build_model  # noqa: E402
+from workers.prune import prune_with_torch_pruning  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--candidates", type=int, default=10)
+    args = p.parse_args()
+    rows = []
+    for name, model, shape in [("resnet50", resnet50(1000), (3, 224, 224)),
+                               ("resnet56", build_model("resnet56", 10), (3, 32, 32)),
+                               ("mobilenet_v1_224", build_model("mobilenet_v1_224", 1000), (3, 224, 224))]:
+        model = randomize_batchnorm(model).eval()
+        space = PruningSpace.from_model(model, torch.zeros(1, *shape))
+        start = time.perf_counter()
+        plan = PrunePlan(model, space, "l1")
+        plan_s = time.perf_counter() - start
+        sampler = StrategySampler(space, 0.5, 0.01, 0.7)
+        fast, full = [], []
+        for i in range(args.candidates + 1):
+            r = sampler.sample(i)
+            t = time.perf_counter()
+            plan.apply(r)
+            t_fast = time.perf_counter() - t
+            t = time.perf_counter()
+            prune_with_torch_pruning(model, space, r)
+            t_full = time.perf_counter() - t
+            if i:  # the first is a warm-up
+                fast.append(t_fast)
+                full.append(t_full)
+        rows.append({"model": name, "plan_once_s": plan_s, "fast_median_ms": 1000 * median(fast),
+                     "torch_pruning_median_ms": 1000 * median(full), "speedup": median(full) / median(fast)})
+    print(f"pruning one candidate, 1 thread, {args.candidates} strategies at 50% FLOPs (+1 warm-up)")
+    print(table(rows, ["model", "plan_once_s", "fast_median_ms", "torch_pruning_median_ms", "speedup"]))
+    print("saved", save("prune", {"args": vars(args), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
