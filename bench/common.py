@@ -45,4 +45,6 @@ def table(rows: list[dict], columns: list[str]) -> str:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return "" if v is None else str(v)

@@ -9,6 +9,7 @@ Per-candidate results are appended to a JSON-lines file as they finish, so an in
 Data: an imagefolder with train/ and test/ (the shared CIFAR-10 JPEGs extracted, e.g. to /tmp/cifar10).
 python bench/correlation.py --data /tmp/cifar10            # GPU-sized: the reference protocol
 python bench/correlation.py --data /tmp/cifar10 --small    # CPU-sized: fewer epochs, batches and samples
+python bench/correlation.py --from-results bench/results/correlation-small-inner-s0.json   # recompute the verdict
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def uniform_ratio(space: PruningSpace, target: float, max_ratio: float) -> float
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True)
+    p.add_argument("--data")
+    p.add_argument("--from-results", metavar="JSON", help="recompute the verdict of a saved study and stop")
     p.add_argument("--small", action="store_true")
     p.add_argument("--candidates", type=int, default=30)
     p.add_argument("--target", type=float, default=0.5)
@@ -88,6 +90,10 @@ def main() -> None:
     p.add_argument("--workdir", default=os.path.expanduser("~/.cache/prunetune/correlation"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.from_results:
+        return reverdict(args.from_results)
+    if not args.data:
+        p.error("--data is required (an imagefolder with train/ and test/)")
     proto = PROTOCOLS["small" if args.small else "full"]
     device = resolve_device("auto")
     os.makedirs(args.workdir, exist_ok=True)
@@ -161,29 +167,58 @@ def main() -> None:
 
     # 3. the verdict
     cands = [done[i] for i in range(args.candidates)]
-    finetuned = np.array([c["finetuned"] for c in cands])
-    rows = []
-    for name in evaluators:
-        s = np.array([c[name] for c in cands])
-        rho, tau = spearman_kendall(s, finetuned)
-        order = np.argsort(-s, kind="stable")
-        rows.append({"score": name, "spearman": rho, "kendall": tau, "top1_finetuned": float(finetuned[order[0]]),
-                     "best_of_top5": float(finetuned[order[:5]].max()), "heldout_acc_min": float(s.min()),
-                     "heldout_acc_max": float(s.max())})
-    summary = {"median_finetuned": float(np.median(finetuned)), "best_finetuned": float(finetuned.max()),
-               "uniform_l1_finetuned": done[-1]["finetuned"], "uniform_ratio": uniform,
-               "groups": len(space.groups), "candidates": args.candidates}
-    if "cumulative_bf16" in evaluators:
-        summary["spearman_fp32_vs_bf16_scores"] = spearman_kendall([c["cumulative"] for c in cands],
-                                                                   [c["cumulative_bf16"] for c in cands])[0]
+    rows, summary = verdict(cands, done[-1], list(evaluators))
+    summary.update({"uniform_ratio": uniform, "groups": len(space.groups)})
     print(f"\nResNet-20 CIFAR-10, {args.candidates} candidates at {args.target} +- {args.tolerance} FLOPs, "
           f"{'all' if args.all_groups else 'inner-channel'} groups ({len(space.groups)}), max ratio {args.max_ratio}, "
           f"protocol {tag}: {proto}")
-    print(table(rows, ["score", "spearman", "kendall", "top1_finetuned", "best_of_top5", "heldout_acc_min",
-                       "heldout_acc_max"]))
-    print(json.dumps(summary, indent=1))
+    report(rows, summary)
     print("saved", save(f"correlation-{tag}", {"args": vars(args), "protocol": proto.__dict__, "rows": rows,
                                                "summary": summary, "candidates": [done[-1]] + cands}))
+
+
+def verdict(cands: list[dict], uniform: dict, scores: list[str], seed: int = 0) -> tuple[list[dict], dict]:
+    """Correlation of each score with fine-tuned accuracy (with a bootstrap 95% interval and a p-value)."""
+    from scipy.stats import spearmanr
+
+    finetuned = np.array([c["finetuned"] for c in cands])
+    rng = np.random.default_rng(seed)
+    resamples = [rng.integers(0, len(cands), len(cands)) for _ in range(2000)]
+    rows = []
+    for name in scores:
+        s = np.array([c[name] for c in cands])
+        rho, tau = spearman_kendall(s, finetuned)
+        boot = [spearmanr(s[i], finetuned[i]).statistic for i in resamples]
+        order = np.argsort(-s, kind="stable")
+        rows.append({"score": name, "spearman": rho, "spearman_ci95": [float(v) for v in np.nanpercentile(boot, [2.5, 97.5])],
+                     "spearman_p": float(spearmanr(s, finetuned).pvalue), "kendall": tau,
+                     "top1_finetuned": float(finetuned[order[0]]), "best_of_top5": float(finetuned[order[:5]].max()),
+                     "heldout_acc_min": float(s.min()), "heldout_acc_max": float(s.max())})
+    summary = {"median_finetuned": float(np.median(finetuned)), "best_finetuned": float(finetuned.max()),
+               "uniform_l1_finetuned": uniform["finetuned"], "candidates": len(cands)}
+    if "cumulative_bf16" in scores:
+        summary["spearman_fp32_vs_bf16_scores"] = spearman_kendall([c["cumulative"] for c in cands],
+                                                                   [c["cumulative_bf16"] for c in cands])[0]
+    return rows, summary
+
+
+def report(rows: list[dict], summary: dict) -> None:
+    """Print the verdict table and summary."""
+    print(table(rows, ["score", "spearman", "spearman_ci95", "spearman_p", "kendall", "top1_finetuned",
+                       "best_of_top5", "heldout_acc_min", "heldout_acc_max"]))
+    print(json.dumps(summary, indent=1))
+
+
+def reverdict(path: str) -> None:
+    """Recompute the verdict of a saved study (results/correlation-*.json) in place."""
+    saved = json.load(open(path))
+    uniform, cands = saved["candidates"][0], saved["candidates"][1:]
+    rows, summary = verdict(cands, uniform, [r["score"] for r in saved["rows"]])
+    saved["rows"], saved["summary"] = rows, {**saved["summary"], **summary}
+    report(rows, saved["summary"])
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1)
+    print("updated", path)
 
 
 if __name__ == "__main__":

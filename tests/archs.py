@@ -98,3 +98,17 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
+
+
+class GroupNormCNN(nn.Module):
+    """A CNN with a GroupNorm layer: the fast slicer does not handle it and defers to Torch-Pruning."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))

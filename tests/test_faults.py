@@ -91,3 +91,14 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_time_budget_ends_the_search_and_the_best_so_far_are_fine_tuned(tmp_path):
+    with embedded_ray(PRUNETUNE_FAULT_DELAY_S="1.0"):
+        assert main(_args(tmp_path, 40, "search.time_budget_s=10")) == 0
+    rows = CandidateStore(str(tmp_path / "run")).rows()
+    assert 2 <= len(rows) < 40
+    import json
+
+    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
+    assert summary["search"]["candidates"] == len(rows) and len(summary["final"]) == 1

@@ -143,3 +143,17 @@ def test_l1_is_torch_prunings_first_layer_magnitude_where_the_root_is_the_produc
     for root, group in groups:
         if names[root] in same_root:
             assert torch.allclose(ours(group), theirs(group))
+
+
+def test_layers_the_fast_path_does_not_know_fall_back_to_torch_pruning():
+    from tests.archs import GroupNormCNN
+
+    model = GroupNormCNN()
+    space = PruningSpace.from_model(model, torch.zeros(1, 3, 16, 16))
+    plan = PrunePlan(model, space)
+    assert not plan.fast
+    ratios = [0.5, 0.25]
+    pruned = plan.apply(ratios)
+    assert pruned.body[1].num_channels == 8 and pruned.body[3].out_channels == 24
+    assert space.flops(ratios) == fvcore_flops(pruned, (3, 16, 16))
+    assert space.params(ratios) == sum(p.numel() for p in pruned.parameters())

@@ -79,6 +79,24 @@ def test_pruned_model_is_a_real_smaller_network_that_saves_and_loads():
     assert model.conv1.weight.shape[0] == 16  # the base model is untouched
 
 
+def test_pruned_copy_shares_no_tensor_or_hook_with_the_base_model():
+    model = randomize_batchnorm(build_model("resnet20", 10))
+    # prune the inner channels only: the residual-stream BNs and convs keep their shapes but must still be copies
+    ignored = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not n.endswith(".conv1")]
+    space = PruningSpace.from_model(model, torch.zeros(1, 3, 32, 32), ignored_layers=ignored)
+    before = copy.deepcopy(model.state_dict())
+    pruned = prune(model, space, [0.5] * len(space.groups))
+    base_storage = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not base_storage & {t.untyped_storage().data_ptr() for t in pruned.state_dict().values()}
+    pruned.layer1[0].bn2.register_forward_hook(lambda *a: None)
+    assert not model.layer1[0].bn2._forward_hooks
+    recalibrate_bn(pruned.train(), [torch.randn(8, 3, 32, 32)], mode="cumulative")
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def _stats_hooks(model):
     seen = {}
 

@@ -97,7 +97,7 @@ class PrunePlan:
         self.dims = {key: d for key, d in dims.items() if d.kind != "op"}
         self.fast = all(d.kind in SLICEABLE for d in self.dims.values())
         self.modules = dict(model.named_modules())
-        self.sizes = {key: _dim_size(self.modules[key[0]], key[1]) for key in self.dims}
+        self.sizes = {key: _dim_size(self.modules[key[0]], key[1]) for key in self.dims} if self.fast else {}
 
     @staticmethod
     def _rankings(model: nn.Module, space, criterion: str, seed: int) -> list[np.ndarray]:
@@ -119,8 +119,10 @@ class PrunePlan:
             pruned_root.append(mask)
         keep = {}
         for key, d in self.dims.items():
-            pruned = np.concatenate([idxs[pruned_root[gi][roots]] for gi, idxs, roots in d.parts])
-            keep[key] = np.setdiff1d(np.arange(self.sizes[key]), pruned)
+            mask = np.ones(self.sizes[key], dtype=bool)
+            for gi, idxs, roots in d.parts:
+                mask[idxs[pruned_root[gi][roots]]] = False
+            keep[key] = np.flatnonzero(mask)
         return keep
 
     def apply(self, ratios) -> nn.Module:
@@ -137,15 +139,32 @@ class PrunePlan:
             for attr, dim in _slices(module, self.dims[(name, role)].kind, role):
                 source = new_tensors.get((name, attr), getattr(module, attr))
                 new_tensors[(name, attr)] = source.index_select(dim, index)
-        memo = {}
-        for (name, attr), t in new_tensors.items():
-            old = getattr(modules[name], attr)
-            memo[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
-        pruned = copy.deepcopy(self.model, memo)
+        replaced = {id(getattr(modules[name], attr)): t for (name, attr), t in new_tensors.items()}
+        pruned = _clone_module(self.model, replaced)
         new_modules = dict(pruned.named_modules())
         for (name, role), idx in keep.items():
             _set_sizes(new_modules[name], role, len(idx))
         return pruned
+
+
+def _clone_module(module: nn.Module, replaced: dict[int, torch.Tensor]) -> nn.Module:
+    """A copy of the module tree with fresh tensors (`replaced[id(old)]` or a clone of the old one).
+
+    Much cheaper than copy.deepcopy for a large tree: module attributes are copied one level deep (dicts,
+    lists and sets get new containers; numbers, strings and functions are shared), tensors are cloned.
+    """
+    new = module.__class__.__new__(module.__class__)
+    state = {k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
+    for key in ("_parameters", "_buffers"):
+        for name, old in state[key].items():
+            if old is None:
+                continue
+            t = replaced.get(id(old))
+            t = old.detach().clone() if t is None else t
+            state[key][name] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+    state["_modules"] = {k: None if m is None else _clone_module(m, replaced) for k, m in module._modules.items()}
+    new.__dict__ = state
+    return new
 
 
 def _dim_size(module: nn.Module, role: str) -> int:
