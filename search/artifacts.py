@@ -14,15 +14,7 @@ from workers.models import read_state_dict
 
 from .config import Config, expand
 from .space import PruningSpace
-
-
-def sha256(path: str) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from .store import sha256
 
 
 def save_state(obj: dict, path: str) -> None:

@@ -48,7 +48,8 @@ def _row(record: dict) -> dict:
     return {name: record.get(name) for name in SCHEMA.names}
 
 
-def checksum(path: str) -> str:
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -130,7 +131,7 @@ class CandidateStore:
     def manifest(self) -> dict:
         """Row count and per-part checksums, for the run manifest."""
         return {"rows": len(self.indices()),
-                "parts": {os.path.basename(p): checksum(p) for p in self.parts()}}
+                "parts": {os.path.basename(p): sha256(p) for p in self.parts()}}
 
     def verify(self, manifest: dict) -> list[str]:
         """Problems found comparing the parts on disk with a manifest written earlier."""
@@ -139,6 +140,6 @@ class CandidateStore:
             path = os.path.join(self.path, name)
             if not os.path.isfile(path):
                 problems.append(f"{name}: listed in the manifest but missing")
-            elif checksum(path) != digest:
+            elif sha256(path) != digest:
                 problems.append(f"{name}: checksum differs from the manifest")
         return problems

@@ -14,7 +14,7 @@ from ray.tune.stopper import Stopper
 
 from .sampler import StrategySampler
 from .rundir import RunDir
-from .store import CandidateStore, checksum
+from .store import CandidateStore, sha256
 
 
 class StrategySearcher(Searcher):
@@ -182,7 +182,7 @@ class StoreCallback(Callback):
             self.new += 1
             run = RunDir(self.output_dir)  # the manifest keeps a checksum per part for resume to verify
             known = run.manifest().get("candidates", {"parts": {}})
-            known["parts"][os.path.basename(part)] = checksum(part)
+            known["parts"][os.path.basename(part)] = sha256(part)
             run.update(candidates={"rows": len(store.indices()), "parts": known["parts"]})
         if row.get("status") == "ok" and row.get("score") is not None:
             self.best = row["score"] if self.best is None else max(self.best, row["score"])
