@@ -196,6 +196,10 @@ def verdict(cands: list[dict], uniform: dict, scores: list[str], seed: int = 0) 
                      "heldout_acc_min": float(s.min()), "heldout_acc_max": float(s.max())})
     summary = {"median_finetuned": float(np.median(finetuned)), "best_finetuned": float(finetuned.max()),
                "uniform_l1_finetuned": uniform["finetuned"], "candidates": len(cands)}
+    ratios = np.array([c["ratios"] for c in cands])
+    summary["per_group_spearman"] = {  # what each score prefers, group by group, against what fine-tuning rewards
+        key: [float(spearmanr(ratios[:, g], values).statistic) for g in range(ratios.shape[1])]
+        for key, values in [("finetuned", finetuned)] + [(n, np.array([c[n] for c in cands])) for n in scores]}
     if "cumulative_bf16" in scores:
         summary["spearman_fp32_vs_bf16_scores"] = spearman_kendall([c["cumulative"] for c in cands],
                                                                    [c["cumulative_bf16"] for c in cands])[0]
@@ -206,7 +210,11 @@ def report(rows: list[dict], summary: dict) -> None:
     """Print the verdict table and summary."""
     print(table(rows, ["score", "spearman", "spearman_ci95", "spearman_p", "kendall", "top1_finetuned",
                        "best_of_top5", "heldout_acc_min", "heldout_acc_max"]))
-    print(json.dumps(summary, indent=1))
+    per_group = summary["per_group_spearman"]
+    print("Spearman of each group's ratio with fine-tuned accuracy and with each score:")
+    print(table([{"group": g, **{k: v[g] for k, v in per_group.items()}} for g in range(len(per_group["finetuned"]))],
+                ["group", *per_group]))
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_group_spearman"}, indent=1))
 
 
 def reverdict(path: str) -> None:

@@ -35,6 +35,7 @@ def base_model(cfg: Config, data, log=None) -> tuple[nn.Module, str]:
     """The trained base model and its checkpoint path: the configured one, or one trained here and cached."""
     log = log or sys.stderr
     spec = model_spec(cfg, data.num_classes, data.input_shape[0])
+    torch.manual_seed(cfg.finetune.seed)  # the initial weights of a base model trained here: same seed, same model
     model = build_model(**spec, checkpoint=cfg.model.checkpoint)
     if cfg.model.checkpoint:
         return model.eval(), os.path.abspath(cfg.model.checkpoint)
@@ -48,7 +49,6 @@ def base_model(cfg: Config, data, log=None) -> tuple[nn.Module, str]:
         return model.eval(), path
     print(f"base model: no model.checkpoint given; training {cfg.model.name} for {cfg.model.pretrain_epochs} "
           f"epochs (cached at {path})", file=log)
-    torch.manual_seed(cfg.finetune.seed)
     result = finetune(model, data, cfg.finetune, "cuda" if torch.cuda.is_available() else "cpu",
                       epochs=cfg.model.pretrain_epochs, log=log)
     print(f"base model: test accuracy {result['test_accuracy']:.4f}", file=log)

@@ -95,3 +95,18 @@ def test_resume_of_a_finished_run_does_nothing(finished_run, capsys):
     run, _ = finished_run
     assert main(["resume", str(run)]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+def test_a_base_model_trained_here_is_the_same_in_every_process(tmp_path):
+    from search import load_config
+    from search.artifacts import base_model
+    from workers import load_data
+
+    data = load_data("digits")
+    states = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # whatever the process did before must not change the base model
+        cfg = load_config(None, ["model.pretrain_epochs=1", f"output.cache_dir={tmp_path / str(i)}"])
+        model, _ = base_model(cfg, data, log=open(os.devnull, "w"))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
