@@ -89,6 +89,8 @@ def main() -> None:
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--workdir", default=os.path.expanduser("~/.cache/prunetune/correlation"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scores-only", action="store_true",
+                   help="no fine-tuning: only what each score prefers, group by group (minutes, not hours)")
     args = p.parse_args()
     if args.from_results:
         return reverdict(args.from_results)
@@ -98,6 +100,7 @@ def main() -> None:
     device = resolve_device("auto")
     os.makedirs(args.workdir, exist_ok=True)
     tag = f"{'small' if args.small else 'full'}-{'all' if args.all_groups else 'inner'}-s{args.seed}"
+    tag += "-scores" if args.scores_only else ""
     data = load_data("imagefolder", path=args.data, cache_dir=args.workdir)
     heldout, rest = heldout_split(len(data.train), proto.heldout, args.seed)
     cfg = load_config(None, [f"evaluation.heldout_size={proto.heldout}", f"evaluation.batch_size={proto.batch}",
@@ -152,21 +155,30 @@ def main() -> None:
             r = ev.evaluate(ratios)
             rec[name] = r["accuracy"]
             rec[f"{name}_loss"] = r["loss"]
-        pruned = evaluators["cumulative"].prune(ratios)
-        evaluators["cumulative"].recalibrate(pruned)
-        torch.manual_seed(args.seed)
-        out = finetune(pruned.float(), data, ft_cfg, device, train_indices=subset, log=open(os.devnull, "w"))
-        rec["finetuned"] = out["test_accuracy"]
+        rec["finetuned"] = None
+        if not args.scores_only:
+            pruned = evaluators["cumulative"].prune(ratios)
+            evaluators["cumulative"].recalibrate(pruned)
+            torch.manual_seed(args.seed)
+            out = finetune(pruned.float(), data, ft_cfg, device, train_indices=subset, log=open(os.devnull, "w"))
+            rec["finetuned"] = out["test_accuracy"]
         rec["seconds"] = time.time() - start
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         done[index] = rec
         print(f"candidate {index:3d}: FLOPs {rec['flops_ratio']:.3f} vanilla {rec['vanilla']:.3f} ema {rec['ema']:.3f} "
-              f"cumulative {rec['cumulative']:.3f} -> fine-tuned {rec['finetuned']:.4f} ({rec['seconds']:.0f}s)",
+              f"cumulative {rec['cumulative']:.3f} -> fine-tuned {rec['finetuned']} ({rec['seconds']:.0f}s)",
               flush=True)
 
     # 3. the verdict
     cands = [done[i] for i in range(args.candidates)]
+    if args.scores_only:
+        per_group = preferences(cands, list(evaluators))
+        print(table([{"group": g, **{k: v[g] for k, v in per_group.items()}} for g in range(len(space.groups))],
+                    ["group", *per_group]))
+        print("saved", save(f"correlation-{tag}", {"args": vars(args), "protocol": proto.__dict__,
+                                                   "per_group_spearman": per_group, "candidates": cands}))
+        return
     rows, summary = verdict(cands, done[-1], list(evaluators))
     summary.update({"uniform_ratio": uniform, "groups": len(space.groups)})
     print(f"\nResNet-20 CIFAR-10, {args.candidates} candidates at {args.target} +- {args.tolerance} FLOPs, "
@@ -196,14 +208,20 @@ def verdict(cands: list[dict], uniform: dict, scores: list[str], seed: int = 0) 
                      "heldout_acc_min": float(s.min()), "heldout_acc_max": float(s.max())})
     summary = {"median_finetuned": float(np.median(finetuned)), "best_finetuned": float(finetuned.max()),
                "uniform_l1_finetuned": uniform["finetuned"], "candidates": len(cands)}
-    ratios = np.array([c["ratios"] for c in cands])
-    summary["per_group_spearman"] = {  # what each score prefers, group by group, against what fine-tuning rewards
-        key: [float(spearmanr(ratios[:, g], values).statistic) for g in range(ratios.shape[1])]
-        for key, values in [("finetuned", finetuned)] + [(n, np.array([c[n] for c in cands])) for n in scores]}
+    summary["per_group_spearman"] = preferences(cands, ["finetuned", *scores])
     if "cumulative_bf16" in scores:
         summary["spearman_fp32_vs_bf16_scores"] = spearman_kendall([c["cumulative"] for c in cands],
                                                                    [c["cumulative_bf16"] for c in cands])[0]
     return rows, summary
+
+
+def preferences(cands: list[dict], keys: list[str]) -> dict[str, list[float]]:
+    """Spearman of each group's pruning ratio with each key (a score, or fine-tuned accuracy): what it prefers."""
+    from scipy.stats import spearmanr
+
+    ratios = np.array([c["ratios"] for c in cands])
+    return {key: [float(spearmanr(ratios[:, g], [c[key] for c in cands]).statistic) for g in range(ratios.shape[1])]
+            for key in keys}
 
 
 def report(rows: list[dict], summary: dict) -> None:
