@@ -174,8 +174,7 @@ def main() -> None:
     cands = [done[i] for i in range(args.candidates)]
     if args.scores_only:
         per_group = preferences(cands, list(evaluators))
-        print(table([{"group": g, **{k: v[g] for k, v in per_group.items()}} for g in range(len(space.groups))],
-                    ["group", *per_group]))
+        print(preference_table(per_group))
         print("saved", save(f"correlation-{tag}", {"args": vars(args), "protocol": proto.__dict__,
                                                    "per_group_spearman": per_group, "candidates": cands}))
         return
@@ -224,20 +223,26 @@ def preferences(cands: list[dict], keys: list[str]) -> dict[str, list[float]]:
             for key in keys}
 
 
+def preference_table(per_group: dict[str, list[float]]) -> str:
+    """One row per group, one column per key of `preferences`."""
+    groups = len(next(iter(per_group.values())))
+    return table([{"group": g, **{k: v[g] for k, v in per_group.items()}} for g in range(groups)], ["group", *per_group])
+
+
 def report(rows: list[dict], summary: dict) -> None:
     """Print the verdict table and summary."""
     print(table(rows, ["score", "spearman", "spearman_ci95", "spearman_p", "kendall", "top1_finetuned",
                        "best_of_top5", "heldout_acc_min", "heldout_acc_max"]))
-    per_group = summary["per_group_spearman"]
     print("Spearman of each group's ratio with fine-tuned accuracy and with each score:")
-    print(table([{"group": g, **{k: v[g] for k, v in per_group.items()}} for g in range(len(per_group["finetuned"]))],
-                ["group", *per_group]))
+    print(preference_table(summary["per_group_spearman"]))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_group_spearman"}, indent=1))
 
 
 def reverdict(path: str) -> None:
     """Recompute the verdict of a saved study (results/correlation-*.json) in place."""
     saved = json.load(open(path))
+    if "rows" not in saved:
+        raise SystemExit(f"--from-results: {path} holds no fine-tuned accuracy (a --scores-only study)")
     uniform, cands = saved["candidates"][0], saved["candidates"][1:]
     rows, summary = verdict(cands, uniform, [r["score"] for r in saved["rows"]])
     saved["rows"], saved["summary"] = rows, {**saved["summary"], **summary}

@@ -1,5 +1,6 @@
 """Faults survived: a worker process that dies, a node that goes away, candidates that fail."""
 import contextlib
+import json
 import os
 import threading
 import time
@@ -98,7 +99,5 @@ def test_a_time_budget_ends_the_search_and_the_best_so_far_are_fine_tuned(tmp_pa
         assert main(_args(tmp_path, 40, "search.time_budget_s=10")) == 0
     rows = CandidateStore(str(tmp_path / "run")).rows()
     assert 2 <= len(rows) < 40
-    import json
-
     summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
     assert summary["search"]["candidates"] == len(rows) and len(summary["final"]) == 1

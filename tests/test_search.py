@@ -7,10 +7,12 @@ import pytest
 import ray
 import torch
 
-from search.artifacts import load_pruned
+from search import load_config
+from search.artifacts import base_model, load_pruned
 from search.cli import main
 from search.store import CandidateStore
 from search.tune_search import rank_key
+from workers import load_data
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +100,6 @@ def test_resume_of_a_finished_run_does_nothing(finished_run, capsys):
 
 
 def test_a_base_model_trained_here_is_the_same_in_every_process(tmp_path):
-    from search import load_config
-    from search.artifacts import base_model
-    from workers import load_data
-
     data = load_data("digits")
     states = []
     for i in range(2):

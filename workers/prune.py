@@ -139,30 +139,36 @@ class PrunePlan:
             for attr, dim in _slices(module, self.dims[(name, role)].kind, role):
                 source = new_tensors.get((name, attr), getattr(module, attr))
                 new_tensors[(name, attr)] = source.index_select(dim, index)
-        replaced = {id(getattr(modules[name], attr)): t for (name, attr), t in new_tensors.items()}
-        pruned = _clone_module(self.model, replaced)
+        memo = {}
+        for (name, attr), t in new_tensors.items():
+            old = getattr(modules[name], attr)
+            memo[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+        pruned = _clone_module(self.model, memo)
         new_modules = dict(pruned.named_modules())
         for (name, role), idx in keep.items():
             _set_sizes(new_modules[name], role, len(idx))
         return pruned
 
 
-def _clone_module(module: nn.Module, replaced: dict[int, torch.Tensor]) -> nn.Module:
-    """A copy of the module tree with fresh tensors (`replaced[id(old)]` or a clone of the old one).
+def _clone_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+    """A copy of the module tree, like copy.deepcopy(module, memo) but much cheaper for a large tree.
 
-    Much cheaper than copy.deepcopy for a large tree: module attributes are copied one level deep (dicts,
-    lists and sets get new containers; numbers, strings and functions are shared), tensors are cloned.
+    Parameters and buffers not in `memo` are cloned; a module or tensor used twice is copied once (as deepcopy
+    does). Other module attributes are copied one level deep: dicts, lists and sets (hooks, for one) get new
+    containers; numbers, strings, functions and other objects are shared with the original.
     """
+    if id(module) in memo:
+        return memo[id(module)]
     new = module.__class__.__new__(module.__class__)
+    memo[id(module)] = new
     state = {k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
     for key in ("_parameters", "_buffers"):
         for name, old in state[key].items():
-            if old is None:
-                continue
-            t = replaced.get(id(old))
-            t = old.detach().clone() if t is None else t
-            state[key][name] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
-    state["_modules"] = {k: None if m is None else _clone_module(m, replaced) for k, m in module._modules.items()}
+            if old is not None and id(old) not in memo:
+                t = old.detach().clone()
+                memo[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+            state[key][name] = None if old is None else memo[id(old)]
+    state["_modules"] = {k: None if m is None else _clone_module(m, memo) for k, m in module._modules.items()}
     new.__dict__ = state
     return new
 
