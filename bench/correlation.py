@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import save, table  # noqa: E402
-from search import PruningSpace, StrategySampler, load_config  # noqa: E402
-from workers import CandidateEvaluator, build_model, finetune, load_data  # noqa: E402
-from workers.data import heldout_split  # noqa: E402
-from workers.evaluator import resolve_device  # noqa: E402
-from workers.models import read_state_dict  # noqa: E402
+from prunetune import (CandidateEvaluator, PruningSpace, StrategySampler, build_model, finetune, load_config,  # noqa: E402
+                       load_data)
+from prunetune.workers.data import heldout_split  # noqa: E402
+from prunetune.workers.evaluator import resolve_device  # noqa: E402
+from prunetune.workers.models import read_state_dict  # noqa: E402
 
 
 @dataclass
@@ -153,8 +153,8 @@ def main() -> None:
         rec = {"index": index, "ratios": ratios, "flops_ratio": space.flops(ratios) / space.base_flops}
         for name, ev in evaluators.items():
             r = ev.evaluate(ratios)
-            rec[name] = r["accuracy"]
-            rec[f"{name}_loss"] = r["loss"]
+            rec[name] = r.accuracy
+            rec[f"{name}_loss"] = r.loss
         rec["finetuned"] = None
         if not args.scores_only:
             pruned = evaluators["cumulative"].prune(ratios)

@@ -22,13 +22,12 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import median, save, table  # noqa: E402
-from search import PruningSpace, StrategySampler, load_config  # noqa: E402
+from prunetune import (CandidateEvaluator, PrunePlan, PruningSpace, StrategySampler, build_model, load_config,  # noqa: E402
+                       load_data, score)
+from prunetune.workers.data import heldout_split  # noqa: E402
+from prunetune.workers.evaluator import resolve_device  # noqa: E402
 from tests.archs import resnet50  # noqa: E402
-from workers import CandidateEvaluator, build_model, load_data  # noqa: E402
-from workers.data import heldout_split  # noqa: E402
-from workers.evaluator import resolve_device  # noqa: E402
-from workers.prune import prune_with_torch_pruning  # noqa: E402
-from workers.scoring import score  # noqa: E402
+from tests.reference import metapruner  # noqa: E402
 
 
 def make_model(name: str, classes: int) -> torch.nn.Module:
@@ -41,7 +40,8 @@ def naive_candidate(name, classes, ckpt, space, ratios, data, calib_idx, heldout
     t0 = time.perf_counter()
     model = make_model(name, classes)
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    model = prune_with_torch_pruning(model.to(device), space, ratios, "l1")
+    model = model.to(device)
+    model = metapruner(model, space, PrunePlan(model, space, "l1"), ratios)
     sync()
     t1 = time.perf_counter()
     loader = DataLoader(Subset(data.train, list(calib_idx)), batch_size=batch, shuffle=False)
@@ -99,7 +99,7 @@ def main() -> None:
         measured = {"naive": naive}
         for key, ev in evaluators.items():
             r = ev.evaluate(ratios)
-            measured[key] = (r["t_prune"], r["t_calibrate"], r["t_score"])
+            measured[key] = (r.t_prune, r.t_calibrate, r.t_score)
         if i == 0:
             continue  # warm-up candidate
         for key, parts in measured.items():

@@ -13,10 +13,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import median, save, table  # noqa: E402
-from search import PruningSpace, StrategySampler  # noqa: E402
+from prunetune import PrunePlan, PruningSpace, StrategySampler, build_model  # noqa: E402
 from tests.archs import randomize_batchnorm, resnet50  # noqa: E402
-from workers import PrunePlan, build_model  # noqa: E402
-from workers.prune import prune_with_torch_pruning  # noqa: E402
+from tests.reference import metapruner  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -42,7 +41,7 @@ def main() -> None:
             plan.apply(r)
             t_fast = time.perf_counter() - t
             t = time.perf_counter()
-            prune_with_torch_pruning(model, space, r)
+            metapruner(model, space, plan, r)
             t_full = time.perf_counter() - t
             if i:  # the first is a warm-up
                 fast.append(t_fast)

@@ -16,22 +16,18 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import save, table  # noqa: E402
-from search import PruningSpace, StrategySampler  # noqa: E402
+from prunetune import PrunePlan, PruningSpace, StrategySampler, build_model  # noqa: E402
+from prunetune.workers.space import count_flops  # noqa: E402
 from tests.archs import resnet50  # noqa: E402
-from workers import PrunePlan, build_model  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 def fvcore_flops(model, shape) -> int:
-    with torch.no_grad():
-        fca = FlopCountAnalysis(model.eval(), torch.zeros(1, *shape))
-        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return int(fca.total())
+    return int(count_flops(model, torch.zeros(1, *shape)).total())
 
 
 def rejection_rate(space, target, tol, max_ratio, draws, seed=0) -> tuple[float, float]:

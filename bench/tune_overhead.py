@@ -15,9 +15,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import save, table  # noqa: E402
-from search import driver, load_config  # noqa: E402
-from search.rundir import RunDir  # noqa: E402
-from workers import CandidateEvaluator  # noqa: E402
+from prunetune import CandidateEvaluator, load_config  # noqa: E402
+from prunetune.search.prepare import prepare  # noqa: E402
+from prunetune.search.stages import run_search  # noqa: E402
+from prunetune.search.rundir import RunDir  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
                  "evaluation.batch_size=64", "evaluation.heldout_size=300", "resources.cpus_per_trial=0.5",
                  f"output.cache_dir={tmp}/cache", "model.pretrain_epochs=5"]
     cfg = load_config(None, overrides)
-    prep = driver.prepare(cfg)
+    prep = prepare(cfg)
     torch.set_num_threads(1)  # a trial with cpus_per_trial=0.5 gets one thread too
     evaluator = CandidateEvaluator(prep.model, prep.space, prep.data, cfg.evaluation, "cpu", cfg.search.criterion)
     strategies = [prep.sampler.sample(i) for i in range(args.candidates)]
@@ -52,7 +53,7 @@ def main() -> None:
             run = RunDir(os.path.join(tmp, f"run-{workers}"))
             run.create(cfg, overwrite=False)
             start = time.perf_counter()
-            rows_stored = driver.run_search(prep, run, restore=False)
+            rows_stored = run_search(prep, run, restore=False)
             wall = time.perf_counter() - start
             assert len(rows_stored) == args.candidates
             per = wall / args.candidates

@@ -1,6 +1,1 @@
-"""prunetune driver side: config, strategy space, sampler, and the Ray Tune search."""
-from .config import load_config
-from .sampler import StrategySampler
-from .space import PruningSpace
-
-__all__ = ["load_config", "PruningSpace", "StrategySampler"]
+"""prunetune driver side: config, sampler, the Ray Tune search, run directories, reports and the command line."""

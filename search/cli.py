@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 from .config import ConfigError, load_config
@@ -12,9 +11,9 @@ EXIT_BAD_INPUT = 2
 
 
 def _bad_input_errors() -> tuple:
-    from workers.data import DataError
-    from workers.groups import SpaceError
-    from workers.models import ModelError
+    from prunetune.workers.data import DataError
+    from prunetune.workers.groups import SpaceError
+    from prunetune.workers.models import ModelError
 
     from .rundir import RunLockedError
 
@@ -22,14 +21,15 @@ def _bad_input_errors() -> tuple:
 
 
 def _cmd_run(args) -> int:
-    from . import driver
+    from .driver import launch
+    from .prepare import prepare
     from .rundir import RunDir
 
     cfg = load_config(args.config, args.set)
     run = RunDir(cfg.output.dir)
     run.check_new(cfg, args.overwrite)
-    prep = driver.prepare(cfg)
-    _print_done(run, driver.launch(prep, run, args.address, restore=False, overwrite=args.overwrite))
+    prep = prepare(cfg)
+    _print_done(run, launch(prep, run, args.address, restore=False, overwrite=args.overwrite))
     return 0
 
 
@@ -37,7 +37,8 @@ RESUMABLE_KEYS = ("search.time_budget_s", "search.max_failures")
 
 
 def _cmd_resume(args) -> int:
-    from . import driver
+    from .driver import launch
+    from .prepare import prepare
     from .rundir import RunDir, config_hash
     from .store import CandidateStore
 
@@ -61,9 +62,9 @@ def _cmd_resume(args) -> int:
     consequence = "its candidates are evaluated again" if manifest.get("stage") == "search" else "its rows are skipped"
     for problem in CandidateStore(run.path).verify(manifest.get("candidates", {})):
         print(f"prunetune: warning: {problem}; {consequence}", file=sys.stderr)
-    prep = driver.prepare(cfg)
+    prep = prepare(cfg)
     print(f"resuming {run.path} at stage '{manifest.get('stage')}'", flush=True)
-    _print_done(run, driver.launch(prep, run, args.address, restore=True))
+    _print_done(run, launch(prep, run, args.address, restore=True))
     return 0
 
 
@@ -78,27 +79,41 @@ def _print_done(run, summary: dict) -> None:
 _NATURAL_SHAPES = {"digits_cnn": (1, 8, 8), "mobilenet_v1_224": (3, 224, 224)}
 
 
+def _input_shape(text: str | None, model: str) -> tuple[int, ...]:
+    """--input-shape C,H,W (three positive integers), or the model's natural input size."""
+    if text is None:
+        return _NATURAL_SHAPES.get(model, (3, 224, 224) if ":" in model else (3, 32, 32))
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--input-shape: expected C,H,W (three positive integers, e.g. 3,224,224), got '{text}'")
+    return tuple(int(p) for p in parts)
+
+
 def _cmd_inspect(args) -> int:
     import torch
 
-    from workers.models import build_model
+    from prunetune.workers.data import load_data
+    from prunetune.workers.models import build_model
 
-    from .space import PruningSpace
+    from .prepare import data_kwargs, prove_space
 
     if args.model:
-        shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else \
-            _NATURAL_SHAPES.get(args.model, (3, 224, 224) if ":" in args.model else (3, 32, 32))
-        model = build_model(args.model, args.num_classes, shape[0])
-        space = PruningSpace.from_model(model, torch.zeros(1, *shape), args.round_to)
+        if args.num_classes < 2:
+            raise ConfigError(f"--num-classes: {args.num_classes} is not allowed; a classifier has 2 classes or more")
+        if args.round_to < 1:
+            raise ConfigError(f"--round-to: {args.round_to} is not allowed; use 1 (no rounding) or more")
+        cfg = load_config(args.config, [*args.set, f"search.round_to={args.round_to}"])
+        shape = _input_shape(args.input_shape, args.model)
+        model = build_model(args.model, args.num_classes, shape[0], cfg.model.kwargs)
+        example, num_classes = torch.zeros(1, *shape), args.num_classes
     else:
-        from .driver import data_kwargs
-        from workers import load_data
-
         cfg = load_config(args.config, args.set)
         data = load_data(**data_kwargs(cfg))
         model = build_model(cfg.model.name, data.num_classes, data.input_shape[0], cfg.model.kwargs)
-        space = PruningSpace.from_model(model, data.example_input(), cfg.search.round_to, cfg.model.ignored_layers)
-    print(space.describe())
+        example, num_classes = data.example_input(), data.num_classes
+    verdict = prove_space(cfg, model, example, num_classes)
+    print(verdict.space.describe())
+    print(verdict.describe())
     return 0
 
 
@@ -158,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         if positional:
             sp.add_argument("config", nargs="?", help="YAML config (default: the built-in digits search)")
         sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (repeatable), e.g. --set search.flops_target=0.4")
+                        help="override a config value (repeatable), e.g. --set search.target=0.4")
 
     r = sub.add_parser("run", help="run a search end to end (embedded Ray unless --address)")
     with_config(r)
@@ -224,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         print("prunetune: interrupted; continue with `prunetune resume OUTPUT`", file=sys.stderr)
         return 130
     except Exception as e:
-        from .driver import SearchFailed
+        from .finalize import NoFinalModel
+        from .stages import SearchFailed
 
-        if isinstance(e, SearchFailed):
+        if isinstance(e, (SearchFailed, NoFinalModel)):
             print(f"prunetune: {e}", file=sys.stderr)
             return 1
         raise

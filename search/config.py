@@ -9,6 +9,12 @@ from typing import Any
 
 import yaml
 
+from prunetune.workers.constraints import CONSTRAINTS
+from prunetune.workers.files import write_text
+from prunetune.workers.granularity import GRANULARITIES
+
+from .algorithms import ALGORITHMS
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key, the value and what is allowed."""
@@ -46,8 +52,11 @@ class DataConfig:
 
 @dataclass
 class SearchConfig:
-    flops_target: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))
+    constraint: str = field(default="flops", metadata=_choice(*CONSTRAINTS))  # what the budget limits
+    target: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))  # fraction of the base
     tolerance: float = field(default=0.02, metadata=_range(0, 1, lo_open=True))
+    algorithm: str = field(default="random", metadata=_choice(*ALGORITHMS))  # how strategies are proposed
+    granularity: str = field(default="channel", metadata=_choice(*GRANULARITIES))  # what a ratio prunes
     max_ratio: float = field(default=0.7, metadata=_range(0, 1, lo_open=True, hi_open=True))
     num_candidates: int = field(default=32, metadata=_range(1))
     seed: int = 0
@@ -128,6 +137,7 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+RENAMED = {"search.flops_target": "search.target (with search.constraint: flops, the default)"}
 
 
 def _convert(key: str, value: Any, annotation: str) -> Any:
@@ -188,6 +198,8 @@ def from_dict(raw: dict) -> Config:
         obj = getattr(cfg, section)
         fields = {f.name: f for f in dataclasses.fields(obj)}
         for key, value in values.items():
+            if f"{section}.{key}" in RENAMED:
+                raise ConfigError(f"{section}.{key}: renamed to {RENAMED[f'{section}.{key}']}")
             if key not in fields:
                 raise ConfigError(f"{section}.{key}: unknown key; allowed: {', '.join(fields)}")
             f = fields[key]
@@ -199,9 +211,9 @@ def from_dict(raw: dict) -> Config:
 
 
 def _cross_check(cfg: Config) -> None:
-    if cfg.search.tolerance >= cfg.search.flops_target:
-        raise ConfigError(f"search.tolerance: {cfg.search.tolerance} must be below search.flops_target "
-                          f"({cfg.search.flops_target})")
+    if cfg.search.tolerance >= cfg.search.target:
+        raise ConfigError(f"search.tolerance: {cfg.search.tolerance} must be below search.target "
+                          f"({cfg.search.target})")
     if cfg.search.top_k > cfg.search.num_candidates:
         raise ConfigError(f"search.top_k: {cfg.search.top_k} is more than search.num_candidates "
                           f"({cfg.search.num_candidates})")
@@ -213,7 +225,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Split `section.key=value` into the dotted key and its YAML-parsed value."""
     key, sep, value = text.partition("=")
     if not sep or key.count(".") != 1:
-        raise ConfigError(f"--set {text}: expected section.key=value (e.g. search.flops_target=0.4)")
+        raise ConfigError(f"--set {text}: expected section.key=value (e.g. search.target=0.4)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -244,11 +256,8 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write the config as YAML (atomically)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    """Write the config as YAML (atomically, durably: it identifies the run)."""
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), durable=True)
 
 
 def expand(path: str) -> str:

@@ -62,7 +62,7 @@ def submit(config_path: str | None, address: str | None, overrides: list[str], p
         if not os.path.isabs(cfg.output.dir) and not cfg.output.dir.startswith("~"):
             cfg.output.dir = os.path.join("~/prunetune-runs", os.path.basename(os.path.normpath(cfg.output.dir)))
         save_config(cfg, staged_config)
-        entrypoint = f"{shlex.quote(python)} -m search.cli run prunetune-job.yaml --address auto"
+        entrypoint = f"{shlex.quote(python)} -m prunetune run prunetune-job.yaml --address auto"
         return client(address).submit_job(entrypoint=entrypoint, runtime_env={"working_dir": staging},
                                           submission_id=job_id)
     finally:

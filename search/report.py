@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import os
 
+from prunetune.workers.files import write_json, write_text
+from prunetune.workers.record import CandidateRecord, best
+
 from .rundir import RunDir
 from .store import CandidateStore
 
@@ -12,17 +15,17 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def candidates_table(rows: list[dict], limit: int = 10) -> str:
+def candidates_table(records: list[CandidateRecord], limit: int = 10) -> str:
     """Markdown table of the best candidates by adaptive-BN score (failed ones counted below it)."""
-    from .tune_search import rank_key
-
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=rank_key)
+    top = best(records, limit)
     lines = ["| rank | candidate | score | held-out acc | FLOPs | params |", "|---:|---:|---:|---:|---:|---:|"]
-    for i, r in enumerate(ok[:limit], 1):
-        lines.append(f"| {i} | {r['index']} | {r['score']:.4f} | {_pct(r['accuracy'])} | "
-                     f"{_pct(r['flops_ratio'])} ({r['flops'] / 1e6:.2f} M) | {r['params'] / 1e6:.3f} M |")
-    failed = len(rows) - len(ok)
-    lines.append(f"\n{len(rows)} candidates evaluated, {len(ok)} ok, {failed} failed.")
+    for i, r in enumerate(top, 1):
+        lines.append(f"| {i} | {r.index} | {r.score:.4f} | {_pct(r.accuracy)} | "
+                     f"{_pct(r.flops_ratio)} ({r.flops / 1e6:.2f} M) | {r.params / 1e6:.3f} M |")
+    ok = sum(r.ok for r in records)
+    lines.append(f"\n{len(records)} candidates evaluated, {ok} ok, {len(records) - ok} failed.")
+    if any(r.ok and r.bn_recalibrated is False for r in records):
+        lines.append("The model has no BatchNorm layer: candidates were scored without recalibration.")
     return "\n".join(lines)
 
 
@@ -40,19 +43,18 @@ def finals_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: str, rows: list[dict], summary: dict) -> None:
+def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in records if r.ok]
     finals = summary["final"]
-    chosen = {f["candidate"] for f in finals}
+    chosen = [r for r in ok if r.index in {f["candidate"] for f in finals}]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.scatter([r["flops_ratio"] for r in ok], [r["score"] for r in ok], s=12, c="tab:gray", label="candidates")
-    a.scatter([r["flops_ratio"] for r in ok if r["index"] in chosen], [r["score"] for r in ok if r["index"] in chosen],
-              s=30, c="tab:red", label="top-k")
+    a.scatter([r.flops_ratio for r in ok], [r.score for r in ok], s=12, c="tab:gray", label="candidates")
+    a.scatter([r.flops_ratio for r in chosen], [r.score for r in chosen], s=30, c="tab:red", label="top-k")
     a.set_xlabel("FLOPs (fraction of base)")
     a.set_ylabel("adaptive-BN score (held-out)")
     a.legend()
@@ -66,24 +68,19 @@ def _plot(path: str, rows: list[dict], summary: dict) -> None:
     plt.close(fig)
 
 
-def write_report(run: RunDir, summary: dict, rows: list[dict], top: list[dict]) -> str:
+def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> str:
     """Write final/summary.json, report.md and report.png; return the report path."""
-    os.makedirs(run.final_path, exist_ok=True)
-    with open(os.path.join(run.final_path, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(run.final_path, "summary.json.tmp"), os.path.join(run.final_path, "summary.json"))
-    _plot(os.path.join(run.path, "report.png"), rows, summary)
+    write_json(os.path.join(run.final_path, "summary.json"), summary, durable=True)
+    _plot(os.path.join(run.path, "report.png"), records, summary)
     s = summary["search"]
     text = [f"# prunetune report: {run.path}", "",
-            f"Target {_pct(s['flops_target'])} of base FLOPs (+- {_pct(s['tolerance'])}); "
+            f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); "
             f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}.", "",
             "## Fine-tuned models (best validation accuracy first)", "", finals_table(summary), "",
-            "## Best candidates by adaptive-BN score", "", candidates_table(rows), "",
+            "## Best candidates by adaptive-BN score", "", candidates_table(records), "",
             "![score vs FLOPs, and adaptive-BN score vs fine-tuned accuracy](report.png)", ""]
     path = os.path.join(run.path, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(text))
-    os.replace(path + ".tmp", path)
+    write_text(path, "\n".join(text))
     return path
 
 
@@ -91,12 +88,13 @@ def print_report(output_dir: str) -> str:
     """Text report of a run directory (works on unfinished runs and skips damaged result parts)."""
     run = RunDir(output_dir)
     notes: list[str] = []
-    rows = sorted(CandidateStore(run.path).read(report=notes.append).to_pylist(), key=lambda r: r["index"])
+    rows = CandidateStore(run.path).read(report=notes.append).to_pylist()
+    records = sorted((CandidateRecord.from_dict(row) for row in rows), key=lambda r: r.index)
     manifest = run.manifest()
     total = run.load_config().search.num_candidates if os.path.isfile(run.config_path) else "?"
-    out = [f"run {run.path}: stage {manifest.get('stage', 'unknown')}, {len(rows)} of {total} candidates stored"]
+    out = [f"run {run.path}: stage {manifest.get('stage', 'unknown')}, {len(records)} of {total} candidates stored"]
     out += [f"warning: {n}" for n in notes]
-    out += ["", "Best candidates by adaptive-BN score:", candidates_table(rows)]
+    out += ["", "Best candidates by adaptive-BN score:", candidates_table(records)]
     summary_path = os.path.join(run.final_path, "summary.json")
     if os.path.isfile(summary_path):
         with open(summary_path) as f:

@@ -9,6 +9,8 @@ import socket
 import time
 import uuid
 
+from prunetune.workers.files import write_json
+
 from .config import Config, ConfigError, from_dict, save_config
 
 # Sections that decide what a run computes; ray/resources/output may differ between run and resume.
@@ -50,12 +52,9 @@ class RunDir:
             return json.load(f)
 
     def update(self, **fields) -> dict:
-        """Merge fields into the manifest (atomic write)."""
+        """Merge fields into the manifest (atomic, durable write)."""
         manifest = {**self.manifest(), **fields, "updated": time.time()}
-        tmp = f"{self.manifest_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, default=str)
-        os.replace(tmp, self.manifest_path)
+        write_json(self.manifest_path, manifest, durable=True)
         return manifest
 
     def load_config(self) -> Config:

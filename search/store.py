@@ -6,6 +6,7 @@ appears exactly once however often the driver was interrupted. `compact()` folds
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -15,37 +16,17 @@ import warnings
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([
-    ("index", pa.int64()),  # seed index of the strategy: candidate i of the sampler's seed
-    ("trial_id", pa.string()),
-    ("status", pa.string()),  # ok | failed
-    ("error", pa.string()),
-    ("ratios", pa.list_(pa.float64())),
-    ("kept_channels", pa.list_(pa.int64())),
-    ("flops", pa.int64()),
-    ("flops_ratio", pa.float64()),
-    ("params", pa.int64()),
-    ("score", pa.float64()),
-    ("accuracy", pa.float64()),
-    ("loss", pa.float64()),
-    ("bn_recalibrated", pa.bool_()),
-    ("warning", pa.string()),
-    ("t_prune", pa.float64()),
-    ("t_calibrate", pa.float64()),
-    ("t_score", pa.float64()),
-    ("device", pa.string()),
-    ("node", pa.string()),
-    ("finished_at", pa.float64()),
-])
+from prunetune.workers.files import atomic_write
+from prunetune.workers.record import CandidateRecord
+
+_ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_(),
+          "list[float]": pa.list_(pa.float64()), "list[int]": pa.list_(pa.int64())}
+SCHEMA = pa.schema([(f.name, _ARROW[str(f.type).replace(" | None", "")]) for f in dataclasses.fields(CandidateRecord)])
 
 
 def store_dir(output_dir: str) -> str:
     """Where the candidates dataset lives inside a run's output directory."""
     return os.path.join(output_dir, "candidates.parquet")
-
-
-def _row(record: dict) -> dict:
-    return {name: record.get(name) for name in SCHEMA.names}
 
 
 def sha256(path: str) -> str:
@@ -61,30 +42,24 @@ class CandidateStore:
     """Append-only Parquet store of candidate results, deduplicated by candidate index."""
 
     def __init__(self, output_dir: str):
-        self.path = store_dir(output_dir)
-        os.makedirs(self.path, exist_ok=True)
+        self.path = store_dir(output_dir)  # created by the first append: reading a run never writes
         self._known: set[int] | None = None
 
     def parts(self) -> list[str]:
         """Part files in write order."""
         return sorted(glob.glob(os.path.join(self.path, "part-*.parquet")))
 
-    def append(self, records: list[dict]) -> str | None:
-        """Write records not already stored as one new part file (atomic); return its path."""
+    def append(self, records: list[CandidateRecord]) -> str | None:
+        """Write records not already stored as one new part file (atomic, durable); return its path."""
         known = self.indices()
-        fresh = [r for r in records if r["index"] not in known]
+        fresh = [r for r in records if r.index not in known]
         if not fresh:
             return None
-        table = pa.Table.from_pylist([_row(r) for r in fresh], schema=SCHEMA)
-        name = f"part-{len(self.parts()):06d}-{uuid.uuid4().hex[:8]}.parquet"
-        final = os.path.join(self.path, name)
-        tmp = os.path.join(self.path, f".{name}.tmp")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        known.update(r["index"] for r in fresh)
-        return final
+        table = pa.Table.from_pylist([r.to_dict() for r in fresh], schema=SCHEMA)
+        path = os.path.join(self.path, f"part-{len(self.parts()):06d}-{uuid.uuid4().hex[:8]}.parquet")
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp), durable=True)
+        known.update(r.index for r in fresh)
+        return path
 
     def read(self, report=None) -> pa.Table:
         """All intact rows, first row per candidate index kept; damaged parts are skipped and reported."""
@@ -111,9 +86,9 @@ class CandidateStore:
             self._known = set(self.read(report=lambda m: None).column("index").to_pylist())
         return self._known
 
-    def rows(self) -> list[dict]:
-        """All stored rows as dicts, in index order."""
-        return sorted(self.read().to_pylist(), key=lambda r: r["index"])
+    def records(self) -> list[CandidateRecord]:
+        """All stored candidates, in index order."""
+        return sorted((CandidateRecord.from_dict(row) for row in self.read().to_pylist()), key=lambda r: r.index)
 
     def compact(self) -> None:
         """Fold all parts into one file (written before the old parts are removed)."""
@@ -121,10 +96,8 @@ class CandidateStore:
         if len(parts) <= 1:
             return
         table = self.read().sort_by("index")
-        name = f"part-{0:06d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = os.path.join(self.path, f".{name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, os.path.join(self.path, name))
+        path = os.path.join(self.path, f"part-{0:06d}-{uuid.uuid4().hex[:8]}.parquet")
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp), durable=True)
         for part in parts:
             os.remove(part)
 

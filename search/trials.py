@@ -8,116 +8,104 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
+from dataclasses import dataclass, field
 
 import torch
 
-from workers import CandidateEvaluator, build_model, finetune, load_data
+from prunetune.workers.data import load_data
+from prunetune.workers.evaluator import CandidateEvaluator
+from prunetune.workers.finetune import CHECKPOINT_NAME, finetune
+from prunetune.workers.models import build_model
+from prunetune.workers.record import CandidateRecord
+from prunetune.workers.space import PruningSpace
+
+from .config import EvaluationConfig, FinetuneConfig
 
 _CACHE: dict = {}
 
 
-def _setup_threads(payload: dict) -> None:
-    torch.set_num_threads(max(1, int(payload["cpus_per_trial"])))
+@dataclass
+class TrialPayload:
+    """What every trial of a run receives through the object store (the base weights as a nested reference)."""
+
+    run_id: str
+    model: dict  # build_model arguments of the base architecture
+    base_state: list  # [ObjectRef of the base state dict]: nested, so a worker fetches it once
+    space: PruningSpace
+    data: dict  # load_data arguments
+    evaluation: EvaluationConfig
+    finetune: FinetuneConfig
+    criterion: str
+    granularity: str
+    cpus_per_trial: float
+    gpus_per_trial: float
+    finalists: list[CandidateRecord] = field(default_factory=list)  # the fine-tuning stage's candidates, best first
+
+    @property
+    def device(self) -> str:
+        """cuda when the trial holds a GPU, else cpu."""
+        return "cuda" if self.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _device(payload: dict) -> str:
-    return "cuda" if payload["gpus_per_trial"] > 0 and torch.cuda.is_available() else "cpu"
+def _data(payload: TrialPayload):
+    key = ("data", repr(sorted(payload.data.items())))
+    if key not in _CACHE:
+        _CACHE[key] = load_data(**payload.data)
+    return _CACHE[key]
 
 
-def _base_model(payload: dict) -> torch.nn.Module:
+def evaluator_for(payload: TrialPayload) -> CandidateEvaluator:
+    """The process-wide evaluator of this run (built on the first candidate this process sees)."""
     import ray
 
-    spec = payload["model"]
-    model = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["kwargs"])
-    model.load_state_dict(ray.get(payload["base_state"][0]))  # nested ref: fetched once per process
-    return model.eval()
-
-
-def _data(payload: dict):
-    key = ("data", repr(sorted(payload["data"].items())))
+    key = ("evaluator", payload.run_id)
     if key not in _CACHE:
-        _CACHE[key] = load_data(**payload["data"])
+        model = build_model(**payload.model)
+        model.load_state_dict(ray.get(payload.base_state[0]))
+        _CACHE[key] = CandidateEvaluator(model.eval(), payload.space, _data(payload), payload.evaluation,
+                                         payload.device, payload.criterion, payload.granularity)
     return _CACHE[key]
 
 
-def evaluator_for(payload: dict) -> CandidateEvaluator:
-    """The process-wide evaluator of this run (built on the first candidate this process sees)."""
-    key = ("evaluator", payload["run_id"])
-    if key not in _CACHE:
-        _CACHE[key] = CandidateEvaluator(_base_model(payload), payload["space"], _data(payload),
-                                         payload["evaluation"], _device(payload), payload["criterion"])
-    return _CACHE[key]
-
-
-def _fault_delay() -> None:
-    """Test-only: PRUNETUNE_FAULT_DELAY_S slows every candidate and every fine-tuning epoch."""
-    delay = os.environ.get("PRUNETUNE_FAULT_DELAY_S")
-    if delay:
-        time.sleep(float(delay))
-
-
-def _fault_hook(index: int) -> None:
-    """Test-only faults: PRUNETUNE_FAULT_LOG gets a line per evaluation started; with PRUNETUNE_FAULT_CRASH_AT=k
-    and PRUNETUNE_FAULT_DIR, candidate k kills its worker process once (os._exit)."""
-    log = os.environ.get("PRUNETUNE_FAULT_LOG")
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{index}\n")
-    _fault_delay()
-    crash_at, marker_dir = os.environ.get("PRUNETUNE_FAULT_CRASH_AT"), os.environ.get("PRUNETUNE_FAULT_DIR")
-    if crash_at is None or marker_dir is None or int(crash_at) != index:
-        return
-    marker = os.path.join(marker_dir, f"crashed-{index}")
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
-
-
-def evaluate_candidate(config: dict, payload: dict) -> None:
+def evaluate_candidate(config: dict, payload: TrialPayload) -> None:
     """Tune trainable of the search stage: evaluate one strategy and report its record."""
     import ray
     from ray import tune
 
-    _setup_threads(payload)
-    index = config["index"]
-    _fault_hook(index)
+    torch.set_num_threads(max(1, int(payload.cpus_per_trial)))
+    index, ratios = config["index"], config["ratios"]
     try:
-        if os.environ.get("PRUNETUNE_FAULT_FAIL_AT") == str(index):  # test-only: an evaluation that raises
-            raise RuntimeError("injected failure")
-        record = evaluator_for(payload).evaluate(config["ratios"])
-        record.update(status="ok", error=None)
+        record = evaluator_for(payload).evaluate(ratios, index)
     except Exception as e:  # recorded as a failed candidate; the search goes on
-        record = {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0][:500], "score": None}
-    node = ray.get_runtime_context().get_node_id()[:12]
-    tune.report({**record, "index": index, "ratios": list(config["ratios"]), "node": node})
+        record = CandidateRecord.failed(index, ratios, f"{type(e).__name__}: {e}")
+    record.node = ray.get_runtime_context().get_node_id()[:12]
+    tune.report(record.to_dict())
 
 
-def finetune_candidate(config: dict, payload: dict) -> None:
+def finetune_candidate(config: dict, payload: TrialPayload) -> None:
     """Tune trainable of the fine-tuning stage: prune, recalibrate, fine-tune; report and checkpoint each epoch."""
     from ray import tune
 
-    _setup_threads(payload)
-    candidate = payload["finalists"][config["rank"] - 1]
+    torch.set_num_threads(max(1, int(payload.cpus_per_trial)))
+    candidate = payload.finalists[config["rank"] - 1]
     evaluator = evaluator_for(payload)
-    model = evaluator.prune(candidate["ratios"])
+    model = evaluator.prune(candidate.ratios)
     evaluator.recalibrate(model)
     model = model.float().to(memory_format=torch.contiguous_format)
     workdir = tempfile.mkdtemp(prefix="prunetune-ft-")
-    ckpt = os.path.join(workdir, "finetune.pt")
+    ckpt = os.path.join(workdir, CHECKPOINT_NAME)
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            shutil.copy(os.path.join(d, "finetune.pt"), ckpt)
+            shutil.copy(os.path.join(d, CHECKPOINT_NAME), ckpt)
 
     def report(epoch: int, metrics: dict, path: str | None) -> None:
-        _fault_delay()
-        metrics = {**metrics, "index": candidate["index"], "rank": config["rank"]}
+        metrics = {**metrics, "index": candidate.index, "rank": config["rank"]}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(workdir))
 
-    teacher = evaluator.base if payload["finetune"].distill_weight > 0 else None
+    teacher = evaluator.base if payload.finetune.distill_weight > 0 else None
     try:
-        finetune(model, _data(payload), payload["finetune"], evaluator.device, ckpt, teacher=teacher,
+        finetune(model, _data(payload), payload.finetune, evaluator.device, ckpt, teacher=teacher,
                  on_epoch=report, train_indices=evaluator.rest_indices, val_indices=evaluator.heldout_indices)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

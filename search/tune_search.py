@@ -12,23 +12,27 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.stopper import Stopper
 
-from .sampler import StrategySampler
+from prunetune.workers.files import atomic_write, write_json
+from prunetune.workers.record import CandidateRecord, best
+
+from .algorithms import SearchAlgorithm
 from .rundir import RunDir
 from .store import CandidateStore, sha256
 
 
 class StrategySearcher(Searcher):
-    """Hands out strategies from the FLOPs-constrained sampler by index: candidate i is sampler.sample(i).
+    """Numbers the candidates and asks a search algorithm for each one's strategy (Tune's side of `algorithms`).
 
-    save/restore keep the seed and the next index. After a restore, indices below the next index that never
-    reached the results store (in flight when the driver died) are handed out again, and indices already in
-    the store are never handed out, so every candidate is evaluated once.
+    save/restore keep the seed and the next candidate number. After a restore, numbers below it that never
+    reached the results store (in flight when the driver died) are handed out again, numbers already in the store
+    never are, and every stored record is replayed through the algorithm's `observe`, so every candidate is
+    evaluated once and the algorithm continues from what the store holds.
     """
 
-    def __init__(self, sampler: StrategySampler, num_candidates: int, output_dir: str, metric: str = "score",
-                 mode: str = "max"):
+    def __init__(self, algorithm: SearchAlgorithm, seed: int, num_candidates: int, output_dir: str,
+                 metric: str = "score", mode: str = "max"):
         super().__init__(metric=metric, mode=mode)
-        self.sampler, self.num_candidates, self.output_dir = sampler, num_candidates, output_dir
+        self.algorithm, self.seed, self.num_candidates, self.output_dir = algorithm, seed, num_candidates, output_dir
         self.next_index = 0
         self.retry: list[int] = []
         self.pending: dict[str, int] = {}
@@ -56,29 +60,35 @@ class StrategySearcher(Searcher):
             index = self.next_index
             self.next_index += 1
         self.pending[trial_id] = index
-        return {"index": index, "ratios": self.sampler.sample(index)}
+        return {"index": index, "ratios": self.algorithm.propose(index)}
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         self.pending.pop(trial_id, None)
+        if result and "index" in result and "status" in result:
+            self.algorithm.observe(CandidateRecord.from_dict(result))
 
     def get_state(self) -> dict:
-        return {"seed": self.sampler.seed, "next_index": self.next_index, "retry": list(self.retry),
-                "pending": dict(self.pending), "num_candidates": self.num_candidates}
+        return {"seed": self.seed, "next_index": self.next_index, "num_candidates": self.num_candidates}
 
     def set_state(self, state: dict) -> None:
-        if state["seed"] != self.sampler.seed:
-            raise ValueError(f"search.seed: the saved search used seed {state['seed']}, not {self.sampler.seed}")
+        if state["seed"] != self.seed:
+            raise ValueError(f"search.seed: the saved search used seed {state['seed']}, not {self.seed}")
         self.next_index = state["next_index"]
         self._stored = None  # re-read the store: it is the record of what finished
-        done = self._done()
-        self.retry = sorted(set(range(self.next_index)) - done)
+        stored = CandidateStore(self.output_dir).records()
+        for record in stored:
+            self.algorithm.observe(record)
+        self.retry = sorted(set(range(self.next_index)) - self._done())
         self.pending = {}
 
     def save(self, checkpoint_path: str) -> None:
-        tmp = f"{checkpoint_path}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(self.get_state(), f)
-        os.replace(tmp, checkpoint_path)
+        state = self.get_state()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                pickle.dump(state, f)
+
+        atomic_write(checkpoint_path, write)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
@@ -103,11 +113,6 @@ def leaderboard_path(output_dir: str) -> str:
     return os.path.join(output_dir, "leaderboard.json")
 
 
-def rank_key(row: dict) -> tuple:
-    """Sort key for candidates: best score first, then lower FLOPs, then index (a total order)."""
-    return (-row["score"], row.get("flops") or 0, row["index"])
-
-
 class TopKScheduler(FIFOScheduler):
     """Runs trials first-in first-out, sees every result, and keeps the k best candidates by score.
 
@@ -115,33 +120,30 @@ class TopKScheduler(FIFOScheduler):
     when a restored experiment first uses the scheduler, so it survives the driver.
     """
 
-    def __init__(self, k: int, output_dir: str, metric: str = "score"):
+    def __init__(self, k: int, output_dir: str):
         super().__init__()
-        self.k, self.output_dir, self._metric_name = k, output_dir, metric
-        self.board: list[dict] | None = None
+        self.k, self.output_dir = k, output_dir
+        self.board: list[CandidateRecord] | None = None
 
-    def _load(self) -> list[dict]:
+    def _load(self) -> list[CandidateRecord]:
         if self.board is None:
             path = leaderboard_path(self.output_dir)
-            self.board = json.load(open(path)) if os.path.isfile(path) else []
+            rows = json.load(open(path)) if os.path.isfile(path) else []
+            self.board = [CandidateRecord.from_dict(row) for row in rows]
         return self.board
 
     def offer(self, result: dict) -> bool:
         """Consider one candidate result; True if it entered the top k."""
-        if result.get("status") != "ok" or result.get(self._metric_name) is None or "index" not in result:
+        if "index" not in result or "status" not in result:
             return False
-        board = [row for row in self._load() if row["index"] != result["index"]]
-        entry = {key: result.get(key) for key in ("index", "score", "accuracy", "loss", "flops", "flops_ratio",
-                                                  "params", "ratios")}
-        entry["score"] = result[self._metric_name]
-        board = sorted(board + [entry], key=rank_key)[: self.k]
-        changed = [r["index"] for r in board] != [r["index"] for r in self._load()]
+        record = CandidateRecord.from_dict(result)
+        if not record.ok:
+            return False
+        board = best([r for r in self._load() if r.index != record.index] + [record], self.k)
+        changed = [r.index for r in board] != [r.index for r in self._load()]
         self.board = board
         if changed:
-            path = leaderboard_path(self.output_dir)
-            with open(f"{path}.tmp", "w") as f:
-                json.dump(board, f, indent=1)
-            os.replace(f"{path}.tmp", path)
+            write_json(leaderboard_path(self.output_dir), [r.to_dict() for r in board])
         return changed
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -173,27 +175,32 @@ class StoreCallback(Callback):
     def _store(self) -> CandidateStore:
         if self.store is None:
             self.store = CandidateStore(self.output_dir)
+            scores = [r.score for r in self.store.records() if r.ok]  # what a resumed run already holds
+            self.best = max(scores) if scores else None
         return self.store
 
-    def _record(self, row: dict) -> None:
+    def _record(self, record: CandidateRecord) -> None:
         store = self._store()
-        part = store.append([{**row, "finished_at": time.time()}])
+        record.finished_at = time.time()
+        part = store.append([record])
         if part:
             self.new += 1
             run = RunDir(self.output_dir)  # the manifest keeps a checksum per part for resume to verify
             known = run.manifest().get("candidates", {"parts": {}})
             known["parts"][os.path.basename(part)] = sha256(part)
             run.update(candidates={"rows": len(store.indices()), "parts": known["parts"]})
-        if row.get("status") == "ok" and row.get("score") is not None:
-            self.best = row["score"] if self.best is None else max(self.best, row["score"])
+        if record.ok:
+            self.best = record.score if self.best is None else max(self.best, record.score)
         rate = self.new / max(time.time() - self.started, 1e-9) * 60
-        best = "n/a" if self.best is None else f"{self.best:.4f}"
-        print(f"[search] candidates {len(store.indices())}/{self.total} | best score {best} | "
+        shown = "n/a" if self.best is None else f"{self.best:.4f}"
+        print(f"[search] candidates {len(store.indices())}/{self.total} | best score {shown} | "
               f"{rate:.1f} candidates/min", file=sys.stdout, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "index" in result and "status" in result:
-            self._record({**result, "trial_id": trial.trial_id})
+            record = CandidateRecord.from_dict(result)
+            record.trial_id = trial.trial_id
+            self._record(record)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         index = trial.config.get("index")
@@ -203,8 +210,9 @@ class StoreCallback(Callback):
         if trial.error_file and os.path.isfile(trial.error_file):
             lines = [ln for ln in open(trial.error_file).read().strip().splitlines() if ln.strip()]
             message = lines[-1] if lines else message
-        self._record({"index": index, "trial_id": trial.trial_id, "status": "failed", "error": message,
-                      "ratios": trial.config.get("ratios")})
+        record = CandidateRecord.failed(index, trial.config.get("ratios"), message)
+        record.trial_id = trial.trial_id
+        self._record(record)
 
 
 class FailureStopper(Stopper):
@@ -229,6 +237,6 @@ class FinetuneProgress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "epoch" in result and "rank" in result:
-            print(f"[finetune] rank {result['rank']} (candidate {result['index']}) epoch {result['epoch']}: "
+            print(f"[finetune] finalist {result['rank']} (candidate {result['index']}) epoch {result['epoch']}: "
                   f"val acc {result.get('val_accuracy', float('nan')):.4f}, "
                   f"test acc {result.get('test_accuracy', float('nan')):.4f}", file=sys.stdout, flush=True)

@@ -112,3 +112,209 @@ class GroupNormCNN(nn.Module):
 
     def forward(self, x):
         return self.fc(self.body(x))
+
+
+# One small architecture per structure real models have that the channel-pruning model must get exactly right
+# (or refuse): each mirrors what a torchvision or timm model does, at CIFAR size.
+
+class GroupedSE(nn.Module):
+    """ResNeXt/RegNet style: a grouped 3x3 conv (4 groups) between 1x1 convs, a squeeze-excitation, a residual."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.reduce = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32),
+                                     nn.ReLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(32, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1),
+                                nn.Sigmoid())
+        self.expand = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.grouped(self.reduce(x))
+        y = self.expand(y * self.se(y))
+        return self.fc(torch.relu(x + y).mean((2, 3)))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm subclass that holds its activation as a child module."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class BNActNet(nn.Module):
+    """Convs followed by BatchNormAct layers, and a global pool called functionally in forward (MobileNetV2)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), BatchNormAct(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), BatchNormAct(32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Ghost(nn.Module):
+    """GhostNet's module: half the channels from a 1x1 conv, the other half a depthwise copy of them, concatenated."""
+
+    def __init__(self, cin: int, cout: int, relu: bool = True):
+        super().__init__()
+        act = nn.ReLU() if relu else nn.Identity()
+        self.primary = nn.Sequential(nn.Conv2d(cin, cout // 2, 1, bias=False), nn.BatchNorm2d(cout // 2), act)
+        self.cheap = nn.Sequential(nn.Conv2d(cout // 2, cout // 2, 3, padding=1, groups=cout // 2, bias=False),
+                                   nn.BatchNorm2d(cout // 2), act)
+
+    def forward(self, x):
+        y = self.primary(x)
+        return torch.cat([y, self.cheap(y)], 1)
+
+
+class GhostNetLike(nn.Module):
+    """A ghost bottleneck: ghost (with ReLU) -> ghost (without) + a residual, as in GhostNet's blocks."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.ghost1, self.ghost2 = Ghost(16, 32), Ghost(32, 16, relu=False)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.ghost2(self.ghost1(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: permute to channels-last, normalise, permute back."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtLike(nn.Module):
+    """A ConvNeXt block: depthwise 7x7, channels-last LayerNorm and MLP, a layer-scale parameter, a residual."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, stride=4), LayerNorm2d(dim))
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+        self.head_norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.gamma * self.mlp(self.norm(self.dw(x).permute(0, 2, 3, 1)))
+        x = x + y.permute(0, 3, 1, 2)
+        return self.fc(self.head_norm(x.mean((2, 3))))
+
+
+class TokenNet(nn.Module):
+    """ViT style: patch embedding, a class token and a position embedding (bare parameters), an MLP block."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, patches: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, stride=8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, patches + 1, dim) * 0.02)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        x = x + self.mlp(self.norm1(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+class ShuffleNetLike(nn.Module):
+    """ShuffleNet's channel shuffle: a reshape of the channel dimension between two grouped convs."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.shuffle_block = ShuffleUnit(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.shuffle_block(self.conv1(x)).mean((2, 3)))
+
+
+class ShuffleUnit(nn.Module):
+    """Grouped 1x1 conv, channel shuffle, grouped 1x1 conv."""
+
+    def __init__(self, channels: int, groups: int = 4):
+        super().__init__()
+        self.groups = groups
+        self.a = nn.Conv2d(channels, channels, 1, groups=groups, bias=False)
+        self.b = nn.Conv2d(channels, channels, 1, groups=groups, bias=False)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return torch.relu(self.b(x))
+
+
+class MixConv(nn.Module):
+    """MixNet's mixed depthwise conv: the channels split into fixed sizes, one kernel size per part."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.splits = [channels // 2, channels - channels // 2]
+        self.convs = nn.ModuleList([nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=False)
+                                    for c, k in zip(self.splits, (3, 5))])
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, torch.split(x, self.splits, 1))], 1)
+
+
+class MixNetLike(nn.Module):
+    """`mixes` blocks of conv -> BN -> MixConv -> BN: each block's conv output is split with fixed sizes."""
+
+    def __init__(self, num_classes: int = 10, mixes: int = 1):
+        super().__init__()
+        layers, cin = [], 3
+        for _ in range(mixes):
+            layers += [nn.Conv2d(cin, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), MixConv(16), nn.BatchNorm2d(16),
+                       nn.ReLU()]
+            cin = 16
+        self.features = nn.Sequential(*layers, nn.Conv2d(cin, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def thousand_way(num_classes: int = 1000) -> nn.Module:
+    """A factory that takes num_classes (as torchvision's do)."""
+    return GroupedSE(num_classes)
+
+
+def fixed_head() -> nn.Module:
+    """A factory without num_classes: always a 1000-way classifier."""
+    return GroupedSE(1000)
+
+
+def shufflenet_like(num_classes: int = 10) -> nn.Module:
+    """Factory for `prunetune run` tests: a model with a channel shuffle."""
+    return ShuffleNetLike(num_classes)
+
+
+def mixnet_like(num_classes: int = 10) -> nn.Module:
+    """Factory for `prunetune run` tests: fixed-size channel splits in two layers."""
+    return MixNetLike(num_classes, mixes=2)

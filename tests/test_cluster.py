@@ -13,8 +13,8 @@ import pytest
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from search.cli import main  # noqa: E402
-from search.store import CandidateStore  # noqa: E402
+from prunetune.search.cli import main  # noqa: E402
+from prunetune.search.store import CandidateStore  # noqa: E402
 
 
 def _small(tmp_path, *extra):
@@ -35,10 +35,10 @@ def test_candidates_spread_over_gpu_nodes(tmp_path):
         code = main(["run", *_small(tmp_path, "resources.gpus_per_trial=0.5", "resources.cpus_per_trial=0.5",
                                     "search.max_concurrent_trials=4")])
         assert code == 0
-        rows = CandidateStore(str(tmp_path / "run")).rows()
-        assert sorted(r["index"] for r in rows) == list(range(8))
+        records = CandidateStore(str(tmp_path / "run")).records()
+        assert sorted(r.index for r in records) == list(range(8))
         head = ray.get_runtime_context().get_node_id()[:12]
-        nodes = {r["node"] for r in rows}
+        nodes = {r.node for r in records}
         assert len(nodes) == 2 and head not in nodes  # only the GPU nodes run trials, both of them do
     finally:
         ray.shutdown()
@@ -53,6 +53,27 @@ def test_gpu_trials_on_a_cluster_without_gpus_are_refused(tmp_path, capsys):
         assert "resources.gpus_per_trial: 1.0 GPU per trial, but the Ray cluster has 0 GPU" in capsys.readouterr().err
     finally:
         ray.shutdown()
+
+
+def _decoys(tmp_path):
+    """A directory with a `search.py` and a `workers/` package that fail loudly if anything imports them."""
+    decoys = tmp_path / "decoys"
+    (decoys / "workers").mkdir(parents=True)
+    (decoys / "search.py").write_text("raise SystemExit('the decoy search.py was imported')\n")
+    (decoys / "workers" / "__init__.py").write_text("raise SystemExit('the decoy workers/ was imported')\n")
+    return decoys
+
+
+def test_a_users_search_py_and_workers_package_do_not_shadow_prunetune(tmp_path):
+    decoys = _decoys(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(decoys)}
+    proc = subprocess.run([sys.executable, "-m", "prunetune", "run", *_small(tmp_path, "ray.num_cpus=2")], cwd=decoys,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "decoy" not in proc.stdout + proc.stderr and "best model:" in proc.stdout
+    proc = subprocess.run([sys.executable, "-c", "import search, sys"], cwd=decoys, env=env, capture_output=True,
+                          text=True)
+    assert "the decoy search.py was imported" in proc.stderr  # the decoys would be found if anything asked
 
 
 def _free_port() -> int:
@@ -91,14 +112,16 @@ def test_submit_status_logs_against_a_local_head(local_head, tmp_path, capsys, m
     deadline = time.time() + 60
     while True:  # the dashboard (job API) comes up a few seconds after the head
         try:
-            from search.jobs import client
+            from prunetune.search.jobs import client
 
             client(local_head).list_jobs()
             break
         except Exception:
             assert time.time() < deadline, "the local head's job API did not come up"
             time.sleep(1)
-    code = main(["submit", *_small(tmp_path), "--address", local_head, "--python", sys.executable])
+    decoys = _decoys(tmp_path)  # the job's working dir holds a search.py and a workers/ package of the user's
+    code = main(["submit", *_small(tmp_path), "--address", local_head, "--python", sys.executable,
+                 "--working-dir", str(decoys)])
     assert code == 0
     job_id = capsys.readouterr().out.split()[0]
     deadline = time.time() + 300

@@ -5,7 +5,7 @@ import jsonschema
 import pytest
 import yaml
 
-from search.cluster import validate_cluster_config
+from prunetune.search.cluster import validate_cluster_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,35 +3,38 @@ import sys
 
 import pytest
 
-from search.config import ConfigError, load_config
-from search.cli import main
+from prunetune.search.config import ConfigError, load_config
+from prunetune.search.cli import main
 
 
 def test_default_config_is_the_digits_search():
     cfg = load_config()
     assert cfg.model.name == "digits_cnn" and cfg.data.name == "digits"
-    assert cfg.search.flops_target == 0.5
+    assert cfg.search.target == 0.5 and cfg.search.constraint == "flops" and cfg.search.algorithm == "random"
 
 
 def test_overrides_are_typed(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("search:\n  flops_target: 0.6\nmodel:\n  name: resnet20\n")
-    cfg = load_config(str(path), ["search.flops_target=0.4", "finetune.nesterov=false", "search.time_budget_s=60",
+    path.write_text("search:\n  target: 0.6\nmodel:\n  name: resnet20\n")
+    cfg = load_config(str(path), ["search.target=0.4", "finetune.nesterov=false", "search.time_budget_s=60",
                                   "finetune.weight_decay=5e-4"])
     assert cfg.finetune.weight_decay == 0.0005
-    assert cfg.search.flops_target == 0.4 and cfg.model.name == "resnet20"
+    assert cfg.search.target == 0.4 and cfg.model.name == "resnet20"
     assert cfg.finetune.nesterov is False and cfg.search.time_budget_s == 60.0
 
 
 @pytest.mark.parametrize("overrides, key, fragment", [
-    (["search.flops_target=1.5"], "search.flops_target", "outside the allowed range"),
+    (["search.target=1.5"], "search.target", "outside the allowed range"),
+    (["search.flops_target=0.4"], "search.flops_target", "renamed to search.target"),
+    (["search.constraint=latency"], "search.constraint", "allowed: flops, params"),
+    (["search.algorithm=magic"], "search.algorithm", "allowed: random"),
     (["search.tolerance=0"], "search.tolerance", "outside the allowed range"),
     (["search.max_ratio=1"], "search.max_ratio", "outside the allowed range"),
     (["search.criterion=l3"], "search.criterion", "allowed: l1, l2, bn_scale, random"),
     (["search.num_candidates=many"], "search.num_candidates", "not a valid int"),
     (["search.colour=blue"], "search.colour", "unknown key"),
     (["evaluation.bn_mode=magic"], "evaluation.bn_mode", "allowed: cumulative, ema, none"),
-    (["search.tolerance=0.6"], "search.tolerance", "below search.flops_target"),
+    (["search.tolerance=0.6"], "search.tolerance", "below search.target"),
     (["data.name=cifar10"], "data.path", "needs a path"),
 ])
 def test_bad_values_name_the_key(overrides, key, fragment):
@@ -52,15 +55,15 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="serach: unknown section"):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="expected section.key=value"):
-        load_config(None, ["flops_target=0.3"])
+        load_config(None, ["target=0.3"])
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["search.flops_target=2"], "search.flops_target: 2 is outside"),
+    (["search.target=2"], "search.target: 2 is outside"),
     (["model.name=resnet99"], "model.name: unknown model 'resnet99'"),
     (["model.name=nosuchpkg.mod:fn"], "model.name: cannot import module 'nosuchpkg.mod'"),
     (["data.name=imagenet"], "data.name: unknown data set 'imagenet'"),
-    (["search.flops_target=0.05", "search.tolerance=0.01"], "reachable FLOPs range is ["),
+    (["search.target=0.05", "search.tolerance=0.01"], "reachable flops range is ["),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, overrides, fragment):
     out = tmp_path / "run"
@@ -73,7 +76,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, overrides, f
 
 
 def test_cli_entry_point_reports_errors_as_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "search.cli", "run", "--set", "search.max_ratio=1.2",
+    proc = subprocess.run([sys.executable, "-m", "prunetune", "run", "--set", "search.max_ratio=1.2",
                            "--set", f"output.dir={tmp_path / 'x'}"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "prunetune: error: search.max_ratio: 1.2 is outside the allowed range (0, 1)"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.data import DataError, heldout_split, iterate_batches, load_data
+from prunetune.workers.data import DataError, heldout_split, iterate_batches, load_data
 
 
 def test_digits_ships_with_sklearn():

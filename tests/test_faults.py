@@ -5,12 +5,12 @@ import os
 import threading
 import time
 
-import pytest
 import ray
 import torch
 
-from search.cli import main
-from search.store import CandidateStore
+from prunetune.search.cli import main
+from prunetune.search.store import CandidateStore
+from tests.faults import worker_faults
 
 
 def _args(tmp_path, n=8, *extra):
@@ -22,8 +22,8 @@ def _args(tmp_path, n=8, *extra):
 
 
 @contextlib.contextmanager
-def embedded_ray(**env):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+def embedded_ray(**faults):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_faults(**faults))
     try:
         yield
     finally:
@@ -31,26 +31,26 @@ def embedded_ray(**env):
 
 
 def test_a_worker_process_that_dies_is_retried(tmp_path):
-    with embedded_ray(PRUNETUNE_FAULT_CRASH_AT="3", PRUNETUNE_FAULT_DIR=str(tmp_path)):
+    with embedded_ray(crash_at=3, markers=tmp_path):
         assert main(_args(tmp_path, 8, "search.max_failures=2")) == 0
     assert (tmp_path / "crashed-3").exists()  # the worker did die on candidate 3
-    rows = CandidateStore(str(tmp_path / "run")).rows()
-    assert [r["index"] for r in rows] == list(range(8))
-    assert all(r["status"] == "ok" for r in rows)
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert [r.index for r in records] == list(range(8))
+    assert all(r.ok for r in records)
 
 
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path):
-    with embedded_ray(PRUNETUNE_FAULT_FAIL_AT="2"):
+    with embedded_ray(fail_at=2):
         assert main(_args(tmp_path, 8)) == 0
-    rows = {r["index"]: r for r in CandidateStore(str(tmp_path / "run")).rows()}
-    assert sorted(rows) == list(range(8))
-    assert rows[2]["status"] == "failed" and rows[2]["error"] == "RuntimeError: injected failure"
-    assert rows[2]["ratios"] and rows[2]["score"] is None
-    assert all(rows[i]["status"] == "ok" for i in rows if i != 2)
+    records = {r.index: r for r in CandidateStore(str(tmp_path / "run")).records()}
+    assert sorted(records) == list(range(8))
+    assert records[2].status == "failed" and records[2].error == "RuntimeError: injected failure"
+    assert records[2].ratios and records[2].score is None
+    assert all(records[i].ok for i in records if i != 2)
 
 
 def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
-    from workers.models import build_model
+    from prunetune import build_model
 
     model = build_model("digits_cnn", 10, 1)
     with torch.no_grad():
@@ -61,8 +61,8 @@ def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "search stopped:" in err and "candidates failed" in err and "held-out loss is nan" in err
-    rows = CandidateStore(str(tmp_path / "run")).rows()
-    assert 4 <= len(rows) < 40 and all(r["status"] == "failed" for r in rows)
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert 4 <= len(records) < 40 and all(r.status == "failed" for r in records)
 
 
 def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
@@ -73,7 +73,7 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
     nodes = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
     try:
         ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": {"PRUNETUNE_FAULT_DELAY_S": "1.0"}})
+                 runtime_env=worker_faults(delay_s=1.0))
         result = {}
         args = _args(tmp_path, 12, "search.max_failures=3", "search.max_concurrent_trials=4",
                      "resources.cpus_per_trial=1")
@@ -87,17 +87,18 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
         cluster.remove_node(nodes[0])
         driver.join(timeout=400)
         assert result.get("code") == 0
-        rows = CandidateStore(str(tmp_path / "run")).rows()
-        assert [r["index"] for r in rows] == list(range(12)) and all(r["status"] == "ok" for r in rows)
+        records = CandidateStore(str(tmp_path / "run")).records()
+        assert [r.index for r in records] == list(range(12)) and all(r.ok for r in records)
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 def test_a_time_budget_ends_the_search_and_the_best_so_far_are_fine_tuned(tmp_path):
-    with embedded_ray(PRUNETUNE_FAULT_DELAY_S="1.0"):
-        assert main(_args(tmp_path, 40, "search.time_budget_s=10")) == 0
-    rows = CandidateStore(str(tmp_path / "run")).rows()
-    assert 2 <= len(rows) < 40
+    # 40 candidates of at least 5 s each on 2 trials need 100 s or more: a 30 s budget must end the search early
+    with embedded_ray(delay_s=5.0):
+        assert main(_args(tmp_path, 40, "search.time_budget_s=30")) == 0
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert 1 <= len(records) < 40
     summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
-    assert summary["search"]["candidates"] == len(rows) and len(summary["final"]) == 1
+    assert summary["search"]["candidates"] == len(records) and len(summary["final"]) == 1

@@ -1,4 +1,8 @@
-"""Resume after the driver is killed with SIGKILL, in the search stage and in the fine-tuning stage."""
+"""Resume after the driver is killed with SIGKILL: in the search, between the stages, and while fine-tuning.
+
+Each resumed run must equal an uninterrupted run with the same seed: the same candidates, each stored once, the
+same scores and the same final models.
+"""
 import json
 import os
 import signal
@@ -8,13 +12,29 @@ import time
 from collections import Counter
 
 import pyarrow.parquet as pq
+import pytest
 
-from search.store import CandidateStore
+from prunetune.search.store import CandidateStore
+from tests.faults import ROOT
+
+N = 8
 
 
-def _start(args, env, log):
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # own process group: the kill takes its embedded Ray too
+def _overrides(run, cache):
+    return [f"output.dir={run}", f"output.cache_dir={cache}", "model.pretrain_epochs=2", f"search.num_candidates={N}",
+            "search.top_k=2", "evaluation.calibration_batches=3", "evaluation.batch_size=64",
+            "evaluation.heldout_size=150", "finetune.epochs=3", "finetune.scheduler=fifo", "ray.num_cpus=2"]
+
+
+def _start(args, output, pause_between_stages=0.0, **faults):
+    """The driver in its own process group (the kill takes its Ray too), with worker faults from tests.faults."""
+    env = {**os.environ, **{f"PRUNETUNE_TEST_{k.upper()}": str(v) for k, v in faults.items()}}
+    return subprocess.Popen([sys.executable, "-m", "tests.faults", str(pause_between_stages), *args], env=env,
+                            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _run_args(run, cache):
+    return ["run", *sum((["--set", o] for o in _overrides(run, cache)), [])]
 
 
 def _kill(proc):
@@ -32,69 +52,79 @@ def _wait_for(predicate, proc, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _overrides(run, cache):
-    return [f"output.dir={run}", f"output.cache_dir={cache}", "model.pretrain_epochs=2", "search.num_candidates=10",
-            "search.top_k=2", "evaluation.calibration_batches=3", "evaluation.batch_size=64",
-            "evaluation.heldout_size=150", "finetune.epochs=3", "finetune.scheduler=fifo", "ray.num_cpus=2"]
+def _finish(run, log_path, **faults):
+    with open(log_path, "ab") as log:
+        proc = _start(["resume", str(run)], log, **faults)
+        assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
 
 
-def _run_args(run, cache):
-    return ["run", *sum((["--set", o] for o in _overrides(run, cache)), [])]
-
-
-def test_driver_killed_in_search_between_stages_and_in_finetuning(tmp_path):
-    """SIGKILL the driver three times; the resumed result equals an uninterrupted run with the same seed."""
-    run, reference = tmp_path / "run", tmp_path / "reference"
-    evaluations = tmp_path / "evaluations.log"
-    env = {**os.environ, "PRUNETUNE_FAULT_DELAY_S": "1.0", "PRUNETUNE_FAULT_LOG": str(evaluations)}
-    store = CandidateStore(str(run))
-    manifest = run / "manifest.json"
-    with open(tmp_path / "driver.log", "ab") as log:
-        proc = _start(_run_args(reference, tmp_path / "cache"), dict(os.environ), log)
-        assert proc.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
-
-        proc = _start(_run_args(run, tmp_path / "cache"), env, log)  # 1. killed during the search
-        _wait_for(lambda: os.path.isdir(store.path) and len(store.parts()) >= 3, proc, 180, "3 stored candidates")
-        _kill(proc)
-        stored_before = set(CandidateStore(str(run)).indices())
-        assert 3 <= len(stored_before) < 10
-
-        between = {**env, "PRUNETUNE_FAULT_PAUSE_BETWEEN_STAGES_S": "60"}
-        proc = _start(["resume", str(run)], between, log)  # 2. killed between the stages
-        _wait_for(lambda: json.load(open(manifest))["stage"] == "finetune", proc, 240, "the end of the search")
-        _kill(proc)
-        assert not (run / "tune" / "finetune").exists()
-
-        proc = _start(["resume", str(run)], env, log)  # 3. killed while fine-tuning
-        ckpt_root = run / "tune" / "finetune"
-        _wait_for(lambda: ckpt_root.is_dir() and any(ckpt_root.glob("rank*/checkpoint_*")), proc, 240,
-                  "a fine-tuning checkpoint")
-        _kill(proc)
-        assert json.load(open(manifest))["stage"] == "finetune"
-
-        proc = _start(["resume", str(run)], {**env, "PRUNETUNE_FAULT_DELAY_S": "0"}, log)
-        assert proc.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
-    output = (tmp_path / "driver.log").read_text()
-    assert "[finetune] restoring the Tune experiment" in output
-    assert "View the dashboard at \x1b[1m\x1b[32mhttp://127.0.0.1:" in output or \
-        "View the dashboard at http://127.0.0.1:" in output  # the embedded Ray binds it to localhost
-
+def _assert_same_result(run, reference):
     raw = pq.read_table(run / "candidates.parquet").column("index").to_pylist()
-    assert sorted(raw) == list(range(10))  # each candidate exactly once
-    counts = Counter(int(line) for line in evaluations.read_text().split())
-    assert all(counts[i] == 1 for i in stored_before)  # nothing already stored was evaluated again
-    assert set(counts) == set(range(10))
-    assert not (run / "run.lock").exists()
-
-    ours = {r["index"]: r for r in CandidateStore(str(run)).rows()}
-    theirs = {r["index"]: r for r in CandidateStore(str(reference)).rows()}
+    assert sorted(raw) == list(range(N))  # each candidate exactly once
+    ours = {r.index: r for r in CandidateStore(str(run)).records()}
+    theirs = {r.index: r for r in CandidateStore(str(reference)).records()}
     assert sorted(ours) == sorted(theirs)
     for i in ours:
-        assert ours[i]["ratios"] == theirs[i]["ratios"] and ours[i]["flops"] == theirs[i]["flops"]
-        assert abs(ours[i]["score"] - theirs[i]["score"]) < 1e-9 and abs(ours[i]["loss"] - theirs[i]["loss"]) < 1e-6
+        assert ours[i].ratios == theirs[i].ratios and ours[i].flops == theirs[i].flops
+        assert abs(ours[i].score - theirs[i].score) < 1e-9 and abs(ours[i].loss - theirs[i].loss) < 1e-6
     final = json.load(open(run / "final" / "summary.json"))["final"]
     expected = json.load(open(reference / "final" / "summary.json"))["final"]
     assert [f["candidate"] for f in final] == [f["candidate"] for f in expected]
     assert all(f["epochs"] == 3 for f in final)
     for a, b in zip(final, expected):
         assert abs(a["val_accuracy"] - b["val_accuracy"]) < 1e-9 and abs(a["test_accuracy"] - b["test_accuracy"]) < 1e-9
+    assert not (run / "run.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    with open(tmp / "driver.log", "ab") as log:
+        proc = _start(_run_args(tmp / "run", tmp_path_factory.getbasetemp() / "cache"), log)
+        assert proc.wait(timeout=300) == 0, (tmp / "driver.log").read_text()[-3000:]
+    return tmp / "run", tmp_path_factory.getbasetemp() / "cache"
+
+
+def test_driver_killed_during_the_search(reference, tmp_path):
+    reference_run, cache = reference
+    run, evaluations, log_path = tmp_path / "run", tmp_path / "evaluations.log", tmp_path / "driver.log"
+    store = CandidateStore(str(run))
+    with open(log_path, "ab") as log:
+        proc = _start(_run_args(run, cache), log, log=evaluations, delay_s=1.0)
+        _wait_for(lambda: len(store.parts()) >= 3, proc, 180, "3 stored candidates")
+        _kill(proc)
+    stored_before = set(CandidateStore(str(run)).indices())
+    assert 3 <= len(stored_before) < N
+    _finish(run, log_path, log=evaluations)
+    counts = Counter(int(line) for line in evaluations.read_text().split())
+    assert all(counts[i] == 1 for i in stored_before)  # nothing already stored was evaluated again
+    assert set(counts) == set(range(N))
+    _assert_same_result(run, reference_run)
+
+
+def test_driver_killed_between_the_stages(reference, tmp_path):
+    reference_run, cache = reference
+    run, log_path = tmp_path / "run", tmp_path / "driver.log"
+    with open(log_path, "ab") as log:
+        proc = _start(_run_args(run, cache), log, pause_between_stages=60)
+        _wait_for(lambda: (run / "manifest.json").exists() and
+                  json.load(open(run / "manifest.json"))["stage"] == "finetune", proc, 240, "the end of the search")
+        _kill(proc)
+    assert not (run / "tune" / "finetune").exists()
+    _finish(run, log_path)
+    _assert_same_result(run, reference_run)
+
+
+def test_driver_killed_while_fine_tuning(reference, tmp_path):
+    reference_run, cache = reference
+    run, log_path = tmp_path / "run", tmp_path / "driver.log"
+    checkpoints = run / "tune" / "finetune"
+    with open(log_path, "ab") as log:
+        proc = _start(_run_args(run, cache), log, delay_s=1.0)
+        _wait_for(lambda: checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*")), proc, 240,
+                  "a fine-tuning checkpoint")
+        _kill(proc)
+    assert json.load(open(run / "manifest.json"))["stage"] == "finetune"
+    _finish(run, log_path)
+    assert "[finetune] restoring the Tune experiment" in log_path.read_text()
+    _assert_same_result(run, reference_run)

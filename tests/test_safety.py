@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from search.cli import main
-from search.rundir import RunDir, RunLockedError
-from search.store import CandidateStore
+from prunetune.search.cli import main
+from prunetune.search.rundir import RunDir, RunLockedError
+from prunetune.search.store import CandidateStore
+from prunetune.workers.record import CandidateRecord
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ class _Code:
 
 @pytest.fixture
 def checkpoints(tmp_path):
-    from workers.models import build_model
+    from prunetune import build_model
 
     good = build_model("digits_cnn", 10, 1).state_dict()
     paths = {"corrupt": tmp_path / "corrupt.pt", "mismatch": tmp_path / "mismatch.pt", "code": tmp_path / "code.pt"}
@@ -99,15 +100,14 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, capsys):
 
 def test_report_skips_a_damaged_part_and_resume_sees_the_checksum(tmp_path, capsys):
     run = RunDir(str(tmp_path / "run"))
-    from search.config import load_config
+    from prunetune.search.config import load_config
 
     run.create(load_config(), overwrite=False)
     store = CandidateStore(run.path)
-    row = {"status": "ok", "error": None, "ratios": [0.1, 0.2, 0.3, 0.4], "kept_channels": [1, 2, 3, 4],
-           "flops": 700000, "flops_ratio": 0.49, "params": 30000, "score": 0.9, "accuracy": 0.9, "loss": 0.3,
-           "bn_recalibrated": True, "device": "cpu", "node": "n"}
-    first = store.append([{**row, "index": 0}])
-    second = store.append([{**row, "index": 1, "score": 0.8}])
+    row = dict(ratios=[0.1, 0.2, 0.3, 0.4], kept_channels=[1, 2, 3, 4], flops=700000, flops_ratio=0.49, params=30000,
+               score=0.9, accuracy=0.9, loss=0.3, bn_recalibrated=True, device="cpu", node="n")
+    first = store.append([CandidateRecord(0, **row)])
+    second = store.append([CandidateRecord(1, **{**row, "score": 0.8})])
     manifest = run.update(candidates=store.manifest())
     with open(second, "r+b") as f:
         f.truncate(os.path.getsize(second) // 2)  # cut short, as a kill in a non-atomic writer would
@@ -121,7 +121,7 @@ def test_report_skips_a_damaged_part_and_resume_sees_the_checksum(tmp_path, caps
 
 def test_every_torch_load_is_weights_only():
     offenders = []
-    for folder in ("search", "workers", "bench", "tests"):
+    for folder in ("prunetune", "search", "workers", "bench", "tests"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
             for name in files:
                 if not name.endswith(".py"):

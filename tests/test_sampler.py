@@ -3,10 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from search import PruningSpace, StrategySampler
-from search.space import SpaceError
+from prunetune import CONSTRAINTS, PruningSpace, StrategySampler, build_model
+from prunetune.workers.groups import SpaceError
 from tests.archs import resnet50
-from workers.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,6 @@ def test_indexable_and_seeded(space):
     assert [a.sample(i) for i in (5, 2, 9)] == [b.sample(i) for i in (5, 2, 9)]  # order does not matter
     assert a.sample(17) != a.sample(18)
     assert a.sample(17) != StrategySampler(space, 0.5, 0.01, 0.7, seed=4).sample(17)
-    assert a.sample_many(10, 3) == [a.sample(10), a.sample(11), a.sample(12)]
 
 
 def test_ratios_spread_across_their_range_not_uniform_pruning(space):
@@ -53,11 +51,19 @@ def test_many_groups_tight_band():
     assert len(space.groups) > 30
 
 
+def test_a_params_budget_keeps_every_sample_inside_the_params_band(space):
+    sampler = StrategySampler(space, 0.4, 0.01, 0.7, seed=0, constraint=CONSTRAINTS["params"])
+    fractions = [space.params(sampler.sample(i)) / space.base_params for i in range(50)]
+    assert all(abs(f - 0.4) <= 0.01 for f in fractions)
+    flops = [space.flops(sampler.sample(i)) / space.base_flops for i in range(50)]
+    assert max(flops) - min(flops) > 0.05  # FLOPs are free to vary: the budget is on params
+
+
 def test_infeasible_target_says_the_reachable_range(space):
-    lowest, _ = space.flops_range(0.3)
+    lowest = space.flops(np.full(len(space.groups), 0.3)) / space.base_flops
     with pytest.raises(SpaceError) as e:
         StrategySampler(space, 0.2, 0.01, 0.3)
-    assert "search.flops_target" in str(e.value) and f"reachable FLOPs range is [{lowest:.4f}, 1.0000]" in str(e.value)
+    assert "search.target" in str(e.value) and f"reachable flops range is [{lowest:.4f}, 1.0000]" in str(e.value)
     with pytest.raises(SpaceError, match="search.max_ratio"):
         StrategySampler(space, 0.5, 0.01, 1.0)
     with pytest.raises(SpaceError, match="search.tolerance"):

@@ -7,12 +7,11 @@ import pytest
 import ray
 import torch
 
-from search import load_config
-from search.artifacts import base_model, load_pruned
-from search.cli import main
-from search.store import CandidateStore
-from search.tune_search import rank_key
-from workers import load_data
+from prunetune import build_model, load_config, load_data, load_pruned
+from prunetune.search.cli import main
+from prunetune.search.prepare import trained_base
+from prunetune.search.store import CandidateStore
+from prunetune.workers.record import best
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +37,18 @@ def test_every_candidate_lands_once_in_the_store(finished_run):
     run, _ = finished_run
     raw = pq.read_table(run / "candidates.parquet")
     assert sorted(raw.column("index").to_pylist()) == list(range(6))
-    rows = raw.to_pylist()
-    assert all(r["status"] == "ok" and r["error"] is None for r in rows)
-    assert all(abs(r["flops_ratio"] - 0.5) <= 0.02 and len(r["ratios"]) == 4 for r in rows)
-    assert all(r["node"] and r["device"] == "cpu" and r["t_calibrate"] > 0 for r in rows)
+    records = CandidateStore(str(run)).records()
+    assert all(r.ok and r.error is None for r in records)
+    assert all(abs(r.flops_ratio - 0.5) <= 0.02 and len(r.ratios) == 4 for r in records)
+    assert all(r.node and r.device == "cpu" and r.t_calibrate > 0 and r.trial_id for r in records)
 
 
 def test_the_scheduler_top_k_is_the_best_rows_of_the_store(finished_run):
     run, _ = finished_run
     board = json.load(open(run / "leaderboard.json"))
-    rows = sorted((r for r in CandidateStore(str(run)).rows() if r["status"] == "ok"), key=rank_key)
-    assert [b["index"] for b in board] == [r["index"] for r in rows[:2]]
-    assert [b["score"] for b in board] == [r["score"] for r in rows[:2]]
+    top = best(CandidateStore(str(run)).records(), 2)
+    assert [b["index"] for b in board] == [r.index for r in top]
+    assert [b["score"] for b in board] == [r.score for r in top]
 
 
 def test_final_models_summary_and_report(finished_run):
@@ -88,7 +87,7 @@ def test_a_second_run_into_the_same_directory_is_refused(finished_run, capsys):
     assert main(["run", *sum((["--set", o] for o in overrides), [])]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "prunetune resume" in err
-    assert main(["run", *sum((["--set", o] for o in overrides + ["search.flops_target=0.4"]), [])]) == 2
+    assert main(["run", *sum((["--set", o] for o in overrides + ["search.target=0.4"]), [])]) == 2
     assert "holds a different run" in capsys.readouterr().err
     assert sorted(os.listdir(run)) == before
 
@@ -105,6 +104,8 @@ def test_a_base_model_trained_here_is_the_same_in_every_process(tmp_path):
     for i in range(2):
         torch.manual_seed(100 + i)  # whatever the process did before must not change the base model
         cfg = load_config(None, ["model.pretrain_epochs=1", f"output.cache_dir={tmp_path / str(i)}"])
-        model, _ = base_model(cfg, data, log=open(os.devnull, "w"))
+        torch.manual_seed(cfg.finetune.seed)  # as prepare() does before building the base architecture
+        model = build_model("digits_cnn", data.num_classes, 1)
+        trained_base(cfg, model, data, log=open(os.devnull, "w"))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

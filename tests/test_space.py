@@ -2,13 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from fvcore.nn import FlopCountAnalysis
 
-from search import PruningSpace
-from search.space import SpaceError
+from prunetune import PrunePlan, PruningSpace, build_model
+from prunetune.workers.groups import SpaceError
+from prunetune.workers.space import count_flops
 from tests.archs import FlattenCNN, randomize_batchnorm, resnet50
-from workers.models import build_model
-from workers.prune import PrunePlan, prune_with_torch_pruning
+from tests.reference import metapruner, torch_pruning_surgery
 
 ARCHS = {
     "resnet20": (lambda: build_model("resnet20", 10), (3, 32, 32)),
@@ -21,11 +20,7 @@ ARCHS = {
 
 
 def fvcore_flops(model, shape):
-    model.eval()
-    with torch.no_grad():
-        fca = FlopCountAnalysis(model, torch.zeros(1, *shape))
-        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return int(fca.total())
+    return int(count_flops(model, torch.zeros(1, *shape)).total())
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -55,13 +50,14 @@ def test_flops_and_params_equal_fvcore_on_the_pruned_network(arch):
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random"])
-def test_fast_pruner_equals_torch_pruning_tensor_for_tensor(arch, criterion):
+@pytest.mark.parametrize("reference", [torch_pruning_surgery, metapruner])
+def test_fast_pruner_equals_torch_pruning_tensor_for_tensor(arch, criterion, reference):
     name, model, shape, space = arch
     if name == "resnet56" and criterion != "l1":
         pytest.skip("resnet56 is covered with l1; the other criteria on the smaller nets")
     plan = PrunePlan(model, space, criterion)
     ratios = np.random.default_rng(5).uniform(0, 0.7, len(space.groups))
-    fast, reference = plan.apply(ratios), prune_with_torch_pruning(model, space, ratios, criterion)
+    fast, reference = plan.apply(ratios), reference(model, space, plan, ratios)
     a, b = fast.state_dict(), reference.state_dict()
     assert list(a) == list(b)
     for key in a:
@@ -130,30 +126,33 @@ def test_ignored_layers_are_not_pruned():
 def test_l1_is_torch_prunings_first_layer_magnitude_where_the_root_is_the_producer():
     import torch_pruning as tp
 
-    from workers.groups import trace_groups
-    from workers.prune import Importance
+    from prunetune.workers.groups import trace_groups
+    from prunetune.workers.prune import rank_units
 
     model = randomize_batchnorm(build_model("resnet20", 10))
     space = PruningSpace.from_model(model, torch.zeros(1, 3, 32, 32))
     same_root = {g.root for g in space.groups if g.root == g.name}
     assert len(same_root) >= 10  # all but the two residual streams enumerated by their downsample conv
-    _, groups, _, _ = trace_groups(model, torch.zeros(1, 3, 32, 32), ["fc"])
-    names = {m: n for n, m in model.named_modules()}
-    ours, theirs = Importance("l1"), tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None)
-    for root, group in groups:
-        if names[root] in same_root:
-            assert torch.allclose(ours(group), theirs(group))
+    groups = dict((trace.names[root], g) for trace in [trace_groups(model, torch.zeros(1, 3, 32, 32), ["fc"])]
+                  for root, g in trace.groups)
+    theirs = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None)
+    for g, order in zip(space.groups, rank_units(model, space, "l1")):
+        if g.root in same_root:
+            assert np.array_equal(order, np.argsort(theirs(groups[g.root]).numpy(), kind="stable"))
 
 
-def test_layers_the_fast_path_does_not_know_fall_back_to_torch_pruning():
+def test_a_groupnorm_group_keeps_whole_blocks_and_counts_exactly():
     from tests.archs import GroupNormCNN
 
     model = GroupNormCNN()
     space = PruningSpace.from_model(model, torch.zeros(1, 3, 16, 16))
+    assert space.groups[0].blocks == 4
     plan = PrunePlan(model, space)
-    assert not plan.fast
-    ratios = [0.5, 0.25]
-    pruned = plan.apply(ratios)
-    assert pruned.body[1].num_channels == 8 and pruned.body[3].out_channels == 24
-    assert space.flops(ratios) == fvcore_flops(pruned, (3, 16, 16))
-    assert space.params(ratios) == sum(p.numel() for p in pruned.parameters())
+    for ratios in ([0.5, 0.25], [0.3, 0.6]):
+        pruned = plan.apply(ratios)
+        assert pruned.body[1].num_channels == pruned.body[0].out_channels == space.kept_channels(ratios)[0]
+        assert space.kept_channels(ratios)[0] % 4 == 0
+        assert space.flops(ratios) == fvcore_flops(pruned, (3, 16, 16))
+        assert space.params(ratios) == sum(p.numel() for p in pruned.parameters())
+        reference = torch_pruning_surgery(model, space, plan, ratios)
+        assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), reference.state_dict().values()))

@@ -1,18 +1,19 @@
 """The worker pipeline: prune, adaptive BN, score, evaluator, fine-tune (plain torch, no Ray)."""
 import copy
+import dataclasses
 import io
 import pickle
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from search import PruningSpace, StrategySampler, load_config
+from prunetune import (CandidateEvaluator, PrunePlan, PruningSpace, StrategySampler, build_model, finetune, load_config,
+                       load_data, prune, recalibrate_bn, score)
+from prunetune.workers.data import TensorImages, iterate_batches
+from prunetune.workers.evaluator import CandidateError
 from tests.archs import NoBatchNorm, randomize_batchnorm
-from workers import CandidateEvaluator, PrunePlan, build_model, finetune, load_data, prune, recalibrate_bn, score
-from workers.evaluator import CandidateError
 
 
 class TwoLayer(nn.Module):
@@ -98,7 +99,7 @@ def test_pruned_copy_shares_no_tensor_or_hook_with_the_base_model():
 
 
 def test_the_pruning_copy_keeps_shared_modules_and_tied_weights_shared():
-    from workers.prune import _clone_module
+    from prunetune.workers.prune import _clone_module
 
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 4))
@@ -156,7 +157,7 @@ def test_model_without_batchnorm_is_scored_with_a_warning():
     space = PruningSpace.from_model(model, data.example_input())
     evaluator = CandidateEvaluator(model, space, data, cfg, "cpu")
     result = evaluator.evaluate([0.3] * len(space.groups))
-    assert result["bn_recalibrated"] is False and "no BatchNorm" in result["warning"]
+    assert result.bn_recalibrated is False and "no BatchNorm" in result.warning
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +176,12 @@ def test_evaluator_is_deterministic_and_complete(digits_setup):
     data, cfg, model, space = digits_setup
     evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
     ratios = StrategySampler(space, 0.5, 0.02, 0.7).sample(1)
-    a, b = evaluator.evaluate(ratios), evaluator.evaluate(ratios)
+    a, b = evaluator.evaluate(ratios, index=1), evaluator.evaluate(ratios, index=1)
     for key in ("score", "accuracy", "loss", "flops", "params"):
-        assert a[key] == b[key]
-    assert a["flops"] == space.flops(ratios) and abs(a["flops_ratio"] - 0.5) <= 0.02
-    assert a["bn_recalibrated"] and a["device"] == "cpu" and min(a["t_prune"], a["t_calibrate"], a["t_score"]) > 0
+        assert getattr(a, key) == getattr(b, key)
+    assert a.index == 1 and a.ok and a.ratios == list(ratios)
+    assert a.flops == space.flops(ratios) and abs(a.flops_ratio - 0.5) <= 0.02
+    assert a.bn_recalibrated and a.device == "cpu" and min(a.t_prune, a.t_calibrate, a.t_score) > 0
     # the held-out split and the calibration batches never share a sample
     assert not set(evaluator.heldout_indices) & set(evaluator.calibration_indices)
     assert len(evaluator.heldout_x) == cfg.evaluation.heldout_size
@@ -192,7 +194,7 @@ def test_adaptive_bn_beats_inherited_statistics(digits_setup):
     vanilla_cfg.bn_mode = "none"
     adaptive, vanilla = (CandidateEvaluator(model, space, data, c, "cpu") for c in (cfg.evaluation, vanilla_cfg))
     sampler = StrategySampler(space, 0.4, 0.02, 0.7)
-    gains = [adaptive.evaluate(sampler.sample(i))["accuracy"] - vanilla.evaluate(sampler.sample(i))["accuracy"]
+    gains = [adaptive.evaluate(sampler.sample(i)).accuracy - vanilla.evaluate(sampler.sample(i)).accuracy
              for i in range(6)]
     assert np.mean(gains) > 0.05
 
@@ -209,9 +211,8 @@ def test_nan_loss_is_a_candidate_error(digits_setup):
 
 def test_score_is_deterministic(digits_setup):
     data, _, model, _ = digits_setup
-    batches = lambda: [(x, y) for x, y in  # noqa: E731
-                       __import__("workers.data", fromlist=["iterate_batches"]).iterate_batches(data.test, range(200), 50)]
-    assert score(model, batches()) == score(model, batches())
+    assert score(model, iterate_batches(data.test, range(200), 50)) == \
+        score(model, iterate_batches(data.test, range(200), 50))
 
 
 def test_finetune_resumes_to_the_same_result(digits_setup, tmp_path):
@@ -243,10 +244,17 @@ def test_finetune_resumes_to_the_same_result(digits_setup, tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_distillation_option_trains(digits_setup):
+def test_distillation_learns_from_the_teacher_not_the_labels(digits_setup):
     data, cfg, model, space = digits_setup
-    ft = copy.deepcopy(cfg.finetune)
-    ft.distill_weight, ft.epochs = 0.5, 1
-    student = prune(model, space, [0.5] * len(space.groups))
-    result = finetune(student, data, ft, teacher=model, val_indices=np.arange(50))
-    assert 0 <= result["val_accuracy"] <= 1 and result["test_accuracy"] > 0.5
+    train = data.train_augmented  # the same images with shuffled labels: only the teacher knows the classes
+    shuffled = torch.from_numpy(np.random.default_rng(0).permutation(train.labels.numpy()))
+    scrambled = dataclasses.replace(data, train_augmented=TensorImages(
+        train.images, shuffled, train.mean.flatten().tolist(), train.std.flatten().tolist(), train.scale, train.pad,
+        train.flip, augment=True))
+    accuracy = {}
+    for weight in (0.0, 1.0):
+        ft = copy.deepcopy(cfg.finetune)
+        ft.distill_weight, ft.epochs = weight, 2
+        student = prune(model, space, [0.5] * len(space.groups))
+        accuracy[weight] = finetune(student, scrambled, ft, teacher=model)["test_accuracy"]
+    assert accuracy[1.0] > 0.6 and accuracy[0.0] < 0.4, accuracy

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .files import atomic_write
+
 SOURCES = ("digits", "cifar10", "imagefolder", "synthetic")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -311,10 +313,11 @@ def _decode_small(files: list[str], size: int, cache_dir: str | None) -> torch.T
                 im = _center_crop(im, size) if min(im.size) > size else im.resize((size, size), Image.BILINEAR)
             arr[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, cache)
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+
+        atomic_write(cache, save)
     return torch.from_numpy(arr)
 
 

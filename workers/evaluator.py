@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import time
 import warnings
 
@@ -12,8 +11,10 @@ import torch.nn as nn
 
 from .adaptive_bn import recalibrate_bn
 from .data import DataBundle, heldout_split, iterate_batches
-from .prune import PrunePlan
+from .granularity import GRANULARITIES
+from .record import CandidateRecord
 from .scoring import score
+from .space import PruningSpace
 
 
 class CandidateError(RuntimeError):
@@ -34,8 +35,8 @@ class CandidateEvaluator:
     already on the device (in the compute dtype, channels_last on CUDA). Nothing is reloaded per candidate.
     """
 
-    def __init__(self, model: nn.Module, space, data: DataBundle, evaluation_config, device: str = "auto",
-                 criterion: str = "l1"):
+    def __init__(self, model: nn.Module, space: PruningSpace, data: DataBundle, evaluation_config,
+                 device: str = "auto", criterion: str = "l1", granularity: str = "channel"):
         cfg = evaluation_config
         self.cfg, self.space = cfg, space
         self.device = resolve_device(device)
@@ -43,7 +44,7 @@ class CandidateEvaluator:
         self.autocast = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
         self.base = model.to(self.device).eval()
-        self.plan = PrunePlan(self.base, space, criterion, seed=cfg.seed)
+        self.plan = GRANULARITIES[granularity].pruner(self.base, space, criterion, cfg.seed)
         heldout, rest = heldout_split(len(data.train), cfg.heldout_size, cfg.seed)
         self.heldout_indices, self.rest_indices = heldout, rest
         needed = cfg.calibration_batches * cfg.batch_size
@@ -53,7 +54,6 @@ class CandidateEvaluator:
                                                   iterate_batches(data.train, self.calibration_indices, 512)]))
         xs, ys = zip(*iterate_batches(data.train, heldout, 512))
         self.heldout_x, self.heldout_y = self._stage(torch.cat(xs)), torch.cat(ys).to(self.device)
-        self.node = socket.gethostname()
 
     def _stage(self, x: torch.Tensor) -> torch.Tensor:
         """Move preprocessed inputs to the device once (pinned host memory if they do not fit)."""
@@ -88,8 +88,8 @@ class CandidateEvaluator:
         return recalibrate_bn(model, self._batches(self.calibration, self.cfg.batch_size), self.cfg.bn_mode,
                               self.autocast)
 
-    def evaluate(self, ratios) -> dict:
-        """Prune, recalibrate and score one strategy; a result record (raises CandidateError on NaN loss)."""
+    def evaluate(self, ratios, index: int = 0) -> CandidateRecord:
+        """Prune, recalibrate and score one strategy (candidate `index`); raises CandidateError on a NaN loss."""
         ratios = self.space.check(ratios)
         t0 = self._sync()
         model = self.prune(ratios)
@@ -105,19 +105,10 @@ class CandidateEvaluator:
         if not math.isfinite(result["loss"]):
             raise CandidateError(f"held-out loss is {result['loss']} (diverged network)")
         flops = self.space.flops(ratios)
-        return {
-            "score": result["accuracy"] if self.cfg.metric == "accuracy" else -result["loss"],
-            "accuracy": result["accuracy"],
-            "loss": result["loss"],
-            "flops": flops,
-            "flops_ratio": flops / self.space.base_flops,
-            "params": self.space.params(ratios),
-            "kept_channels": self.space.kept_channels(ratios),
-            "bn_recalibrated": recalibrated,
-            "warning": "; ".join(str(w.message) for w in caught),
-            "t_prune": t1 - t0,
-            "t_calibrate": t2 - t1,
-            "t_score": t3 - t2,
-            "device": str(self.device),
-            "node": self.node,
-        }
+        return CandidateRecord(
+            index, [float(r) for r in ratios], kept_channels=self.space.kept_channels(ratios), flops=flops,
+            flops_ratio=flops / self.space.base_flops, params=self.space.params(ratios),
+            score=result["accuracy"] if self.cfg.metric == "accuracy" else -result["loss"],
+            accuracy=result["accuracy"], loss=result["loss"], bn_recalibrated=recalibrated,
+            warning="; ".join(str(w.message) for w in caught) or None, t_prune=t1 - t0, t_calibrate=t2 - t1,
+            t_score=t3 - t2, device=str(self.device))

@@ -12,9 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import DataBundle, iterate_batches
+from .files import atomic_write
 from .scoring import score
 
 EpochCallback = Callable[[int, dict, str | None], None]
+CHECKPOINT_NAME = "finetune.pt"  # the checkpoint file finetune() writes (inside a Tune checkpoint directory too)
 
 
 def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -26,10 +28,11 @@ def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _save(state: dict, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def load_finetuned(path: str) -> dict:
+    """The model state dict from a fine-tuning checkpoint file (or a directory holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -108,7 +111,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                      "rng": torch.get_rng_state()}
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            _save(state, checkpoint_path)
+            atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp), durable=True)
         if on_epoch is not None:
             on_epoch(epoch, metrics, checkpoint_path)
     if not history:

@@ -1,26 +1,52 @@
-"""Channel groups of a model, found with Torch-Pruning's DependencyGraph, as plain picklable data."""
+"""Channel groups of a model, found with Torch-Pruning's DependencyGraph, as plain picklable data.
+
+A group is a set of coupled channels pruned together with one ratio. Its channels ("units") are the classes
+of Torch-Pruning root channels that always go together: usually one root channel each, two for a GhostNet
+module whose depthwise half copies the primary half. Every layer dimension in a group (a `Member`) follows
+the units, the same number of its channels per unit, so the channels a layer keeps are linear in the units a
+group keeps, whatever the ranking. A group where that does not hold (a channel split or a slice that only part
+of the group reaches) is not a valid group and is reported instead.
+"""
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .layers import OUT, IN, is_stateless, kind_of
+
+OP, PARAMETER = "op", "parameter"  # member kinds beside the layer kinds: stateless leaf module, bare nn.Parameter
+
+
+class SpaceError(ValueError):
+    """A model or strategy that does not fit the pruning space."""
+
 
 @dataclass(frozen=True)
 class Member:
-    """One layer dimension a group prunes: module name, kind, `out` or `in`, and its index map to the root.
+    """One layer dimension a group prunes.
 
-    kind is `conv`, `dwconv` (depthwise), `linear`, `bn`, `op` (a parameter-free leaf such as pooling) or
-    `unsupported:<type>` (the fast slicer then defers to Torch-Pruning).
+    `module` is the layer's name (for a bare parameter, the parameter's name); `kind` is a layer kind, `op` or
+    `parameter`; `role` is `out` or `in`; `idxs` are the dimension's indices governed by this group and `units`
+    the group unit each of them follows; `axis` is the pruned axis of a bare parameter.
     """
 
     module: str
     kind: str
     role: str
-    idxs: np.ndarray  # indices of the module's dimension governed by this group
-    root_idxs: np.ndarray  # the root channel each of those indices follows
+    idxs: np.ndarray
+    units: np.ndarray
+    axis: int = 0
+
+    @property
+    def per_unit(self) -> int:
+        """Channels of this dimension per group unit (1 for most layers, 2 after a GhostNet concat)."""
+        return len(self.idxs) // (int(self.units.max()) + 1)
 
 
 @dataclass
@@ -28,35 +54,57 @@ class ChannelGroup:
     """A set of coupled channels pruned together with one ratio.
 
     Named after its producer (the first conv/linear, in model order, whose filters it prunes); `root` is the
-    layer Torch-Pruning enumerates it by (for MobileNet that is a depthwise conv following the producer).
+    layer Torch-Pruning enumerates it by. `blocks` > 1 when a grouped conv or GroupNorm splits the channels into
+    blocks that must keep the same units (unit u is position u % (channels / blocks) of block u // (channels /
+    blocks)).
     """
 
     name: str
     channels: int
     members: list[Member] = field(repr=False)
     root: str = ""
+    blocks: int = 1
     flops_share: float = 0.0
 
 
-class SpaceError(ValueError):
-    """A model or strategy that does not fit the pruning space."""
+@dataclass
+class Trace:
+    """Torch-Pruning's dependency graph of a model plus what prunetune needs to name its nodes."""
+
+    graph: object  # torch_pruning.DependencyGraph
+    groups: list  # (root module, Torch-Pruning group)
+    names: dict  # module -> name
+    param_names: dict  # parameter -> name
+    param_axes: dict  # parameter -> the axis Torch-Pruning prunes
+    owners: dict  # grad_fn -> the stateless leaf module call that produced it (name, then name#2, ...)
+    channels: dict  # stateless leaf call -> channels of its output
+    channel_ops: dict  # grad_fn -> what a channel shuffle or fixed-size split does where (pruning cannot follow)
 
 
-def layer_kind(module: nn.Module) -> str:
-    """The kind of a layer as the pruning code sees it (see Member)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.transposed:
-            return "unsupported:ConvTranspose"
-        if module.groups == module.out_channels and module.out_channels > 1:
-            return "dwconv"
-        return "conv" if module.groups == 1 else "unsupported:grouped-conv"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return "bn"
-    if not list(module.parameters(recurse=False)):
-        return "op"
-    return f"unsupported:{type(module).__name__}"
+@contextlib.contextmanager
+def module_stack(model: nn.Module) -> Iterator[list[str]]:
+    """Track which modules' forwards are running (innermost last), e.g. to name where a forward failed."""
+    stack: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def enter(m, args):
+        stack.append(names[m])
+
+    def leave(m, args, out):
+        if stack and stack[-1] == names[m]:
+            stack.pop()
+
+    hooks = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield stack
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def describe_module(model: nn.Module, name: str) -> str:
+    """`name (Type)` for messages; the model itself is `model (Type)`."""
+    return f"{name or 'model'} ({type(model.get_submodule(name)).__name__})"
 
 
 def find_classifier(model: nn.Module, example_inputs: torch.Tensor) -> str:
@@ -75,68 +123,245 @@ def find_classifier(model: nn.Module, example_inputs: torch.Tensor) -> str:
     return order[-1]
 
 
-def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[str]):
-    """Build Torch-Pruning's graph; return (DG, [(root, TP group)], {grad_fn: leaf name}, {leaf name: channels})."""
+class _ChannelOps:
+    """Records the modules whose forward splits a feature map's channels in a way pruning cannot follow: into groups
+    (a channel shuffle) or into parts of fixed size (their sizes are numbers in the module, not the tensor's)."""
+
+    RESHAPES = {"view", "reshape", "unflatten"}
+    SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split"}
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.found: dict = {}  # grad_fn of the op's output -> "module (Type) does what"
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Record during the forward passes run inside this context."""
+        from torch.overrides import TorchFunctionMode
+
+        found, model = self.found, self.model
+
+        class Watch(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                x, name = (args[0] if args else None), getattr(func, "__name__", "")
+                if not (isinstance(x, torch.Tensor) and x.dim() == 4 and stack):
+                    return out
+                what = None
+                if name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and out.dim() > 4 \
+                        and out.shape[1] * out.shape[2] == x.shape[1]:
+                    what = "reshapes the channels into groups (a channel shuffle)"
+                elif name in _ChannelOps.SPLITS and kwargs.get("dim", args[2] if len(args) > 2 else 0) in (1, -3):
+                    what = "splits the channels into parts of fixed size"
+                for t in (out if isinstance(out, (tuple, list)) else [out]) if what else []:
+                    if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                        found.setdefault(t.grad_fn, f"{describe_module(model, stack[-1])} {what}")
+                return out
+
+        with module_stack(model) as stack, Watch():
+            yield
+
+
+def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[str]) -> Trace:
+    """Build Torch-Pruning's dependency graph of `model` and its groups (1-channel groups left out)."""
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
-    ignored_modules = [model.get_submodule(n) for n in ignored]
-    grad_fn_owner: dict = {}
+    owners: dict = {}
     channels: dict[str, int] = {}
+    calls: dict[str, int] = {}
 
     def record(module, inputs, output):
-        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
-            grad_fn_owner[output.grad_fn] = names[module]
-            channels[names[module]] = output.shape[1] if output.dim() > 1 else output.shape[0]
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None and output.grad_fn not in owners:
+            name = names[module]  # an Identity passes its input's grad_fn on: the module that made it owns it
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1:  # a module used twice (one ReLU for a whole block) is one op per call
+                name = f"{name}#{calls[name]}"
+            owners[output.grad_fn] = name
+            channels[name] = output.shape[1] if output.dim() > 1 else output.shape[0]
 
-    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(record) for m in model.modules() if is_stateless(m)]
+    channel_ops = _ChannelOps(model)
     try:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        with torch.enable_grad(), channel_ops.watching():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except Exception as e:
+        hint = f"; {next(iter(channel_ops.found.values()))}" if channel_ops.found else ""
+        raise SpaceError(f"model: Torch-Pruning cannot trace the channel dependencies of this model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}") from None
     finally:
         for h in hooks:
             h.remove()
-    groups = [(g[0].dep.target.module, g) for g in dg.get_all_groups(ignored_layers=ignored_modules)]
+    ignored_modules = [model.get_submodule(n) for n in ignored]
+    groups = [(g[0].dep.target.module, g) for g in graph.get_all_groups(ignored_layers=ignored_modules)]
     groups = [(root, g) for root, g in groups if len(g[0].idxs) > 1]  # Torch-Pruning skips 1-channel groups
-    return dg, groups, grad_fn_owner, channels
+    axes = {u.parameters: u.pruning_dim for u in graph.unwrapped_parameters}
+    return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, channel_ops.found)
 
 
-def _members(dg, group, names: dict, grad_fn_owner: dict) -> list[Member]:
-    """The group's layer dimensions, in Torch-Pruning's item order, merged per (module, role)."""
-    members: dict[tuple[str, str], Member] = {}
-    for item in group:
+class _Item(NamedTuple):
+    """A Torch-Pruning group item: dependency, indices of its target, and the root channel of each index."""
+
+    dep: object
+    idxs: list
+    root_idxs: list
+
+
+class _Irregular(Exception):
+    """A Torch-Pruning group prunetune cannot model exactly; the message says why."""
+
+
+# Functional ops fvcore counts, by the name of their autograd node (a global average pool runs as a mean):
+# outside a layer their FLOPs still scale with the channels.
+COUNTED_FUNCTIONAL = ("AdaptiveAvgPool2D", "MeanBackward", "BatchNorm", "GroupNorm", "LayerNorm", "Upsample", "Convolution",
+                      "Addmm", "MmBackward", "Bmm")
+
+
+def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool]:
+    """(name, kind, role, axis) -> [(index, root index)] for every layer dimension the Torch-Pruning group items
+    reach, and whether they reach a functional op that fvcore counts."""
+    raw: dict[tuple, list] = {}
+    counted = False
+    for item in items:
         node = item.dep.target
-        module = node.module
-        if isinstance(module, nn.Parameter):
-            raise SpaceError("model: a bare nn.Parameter is coupled to a prunable group; not supported")
-        if module in names:
-            name, kind = names[module], layer_kind(module)
-        elif node.grad_fn in grad_fn_owner:  # output of a parameter-free leaf module (pooling, activation)
-            name, kind = grad_fn_owner[node.grad_fn], "op"
-        else:
-            continue  # functional op (add, cat, view...): nothing to slice; its FLOPs count as fixed
-        role = "out" if kind in ("bn", "dwconv", "op") or dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-        idxs = np.asarray(item.idxs, dtype=np.int64)
-        roots = np.asarray(item.root_idxs, dtype=np.int64)
-        old = members.get((name, role))
-        if old is not None:  # the same dimension reached twice: merge
-            idxs, where = np.unique(np.concatenate([old.idxs, idxs]), return_index=True)
-            roots = np.concatenate([old.root_idxs, roots])[where]
-        members[(name, role)] = Member(name, kind, role, idxs, roots)
-    return list(members.values())
+        target = node.module
+        if isinstance(target, nn.Parameter):
+            key = (trace.param_names[target], PARAMETER, OUT, trace.param_axes.get(target, 0))
+        elif target in trace.names:
+            kind = kind_of(target)
+            name = trace.names[target]
+            if kind is None:
+                if is_stateless(target):
+                    continue  # a stateless module Torch-Pruning tracks directly: its output is covered as `op`
+                raise _Irregular(f"layer {name} ({type(target).__name__}) has no pruning rule in prunetune")
+            out = kind.coupled or trace.graph.is_out_channel_pruning_fn(item.dep.handler)
+            key = (name, kind.name, OUT if out else IN, 0)
+        elif node.grad_fn in trace.owners:  # output of a stateless leaf module (pooling, activation)
+            key = (trace.owners[node.grad_fn], OP, OUT, 0)
+        elif node.grad_fn in trace.channel_ops:
+            raise _Irregular(trace.channel_ops[node.grad_fn])
+        else:  # functional op (add, cat, view...): nothing to slice
+            counted = counted or any(op in type(node.grad_fn).__name__ for op in COUNTED_FUNCTIONAL)
+            continue
+        raw.setdefault(key, []).extend(zip(item.idxs, item.root_idxs))
+    return raw, counted
 
 
-def discover_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[str]
-                    ) -> tuple[list[ChannelGroup], dict[str, int]]:
-    """The prunable channel groups of `model` (classifier and `ignored` excluded) and op channel counts."""
-    names = {m: n for n, m in model.named_modules()}
-    dg, tp_groups, grad_fn_owner, op_channels = trace_groups(model, example_inputs, ignored)
-    position = {name: i for i, name in enumerate(names.values())}
-    groups = []
-    for root, g in tp_groups:
-        members = _members(dg, g, names, grad_fn_owner)
-        producers = [m.module for m in members if m.role == "out" and m.kind in ("conv", "linear")]
-        name = min(producers, key=position.__getitem__) if producers else names[root]
-        groups.append(ChannelGroup(name, len(g[0].idxs), members, root=names[root]))
-    groups.sort(key=lambda g: position[g.name])  # model order, input to output
-    return groups, op_channels
+def _items_per_root(trace: Trace, root: nn.Module, group) -> list:
+    """The group's items one root channel at a time. Torch-Pruning merges the items of a whole group by index,
+    keeping one root per index, which hides that two root channels reach the same layer channel."""
+    handler = group[0].dep.handler
+    items = []
+    for r in range(len(group[0].idxs)):
+        for item in trace.graph.get_pruning_group(root, handler, [r]):
+            items.append(_Item(item.dep, item.idxs, [r] * len(item.idxs)))
+    return items
+
+
+def _units(items: dict[tuple, list], n_roots: int) -> np.ndarray:
+    """Unit of every root channel: roots that reach the same channel of some layer are one unit."""
+    parent = list(range(n_roots))
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for pairs in items.values():
+        first: dict[int, int] = {}
+        for idx, root in pairs:
+            if idx in first:
+                a, b = find(first[idx]), find(root)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first[idx] = root
+    classes = np.array([find(r) for r in range(n_roots)])
+    _, unit = np.unique(classes, return_inverse=True)  # ordered by each class's smallest root
+    return unit
+
+
+def _check_blocks(members: list[Member], blocks: dict[str, int], units: int, lcm: int) -> None:
+    """Raise _Irregular unless pruning the same units in every block prunes the same channels in every layer block."""
+    size = units // lcm
+    for m in members:
+        b = blocks.get(m.module, 1)
+        if b == 1:
+            continue
+        width = len(m.idxs) // b
+        patterns = {}
+        for idx, unit in zip(m.idxs, m.units):
+            patterns.setdefault(idx // width, set()).add((unit % size, idx % width))
+        if len({frozenset(p) for p in patterns.values()}) > 1:
+            raise _Irregular(f"the channel blocks of {m.module} do not line up with the group's blocks")
+
+
+def _members(items: dict[tuple, list], n_roots: int) -> tuple[list[Member], int]:
+    """The group's members and its unit count; _Irregular if a member does not see every unit equally often."""
+    unit_of_root = _units(items, n_roots)
+    n_units = int(unit_of_root.max()) + 1
+    members = []
+    for (name, kind, role, axis), pairs in items.items():
+        idx_of = {}
+        for idx, root_idx in pairs:
+            idx_of.setdefault(int(idx), int(unit_of_root[root_idx]))
+        idxs = np.array(sorted(idx_of), dtype=np.int64)
+        units = np.array([idx_of[i] for i in idxs], dtype=np.int64)
+        counts = np.bincount(units, minlength=n_units)
+        if counts.min() != counts.max():
+            raise _Irregular(f"{name} sees only part of the group's channels (a channel split or slice)")
+        members.append(Member(name, kind, role, idxs, units, axis))
+    return members, n_units
+
+
+def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tuple[ChannelGroup, bool]:
+    items, counted = _raw_items(trace, group)
+    try:
+        members, n_units = _members(items, len(group[0].idxs))
+    except _Irregular:  # maybe only Torch-Pruning's merge hid which root channels go together: look per root
+        members, n_units = _members(_raw_items(trace, _items_per_root(trace, root, group))[0], len(group[0].idxs))
+    blocks = {}
+    for m in members:
+        if m.kind not in (OP, PARAMETER):
+            module = model.get_submodule(m.module)
+            b = kind_of(module).blocks(module)
+            if b > 1:
+                blocks[m.module] = b
+    lcm = math.lcm(*blocks.values()) if blocks else 1
+    if n_units % lcm:
+        raise _Irregular(f"its {n_units} channels do not split into the {lcm} blocks of {', '.join(blocks)}")
+    _check_blocks(members, blocks, n_units, lcm)
+    position = {n: i for i, n in enumerate(trace.names.values())}
+    producers = [m.module for m in members if m.role == OUT and m.kind in ("conv", "grouped_conv", "linear")]
+    name = min(producers, key=position.__getitem__) if producers else trace.names[root]
+    return ChannelGroup(name, n_units, members, root=trace.names[root], blocks=lcm), counted
+
+
+@dataclass
+class Discovery:
+    """What group discovery found: the groups, and what the FLOPs model and the preflight need beside them."""
+
+    groups: list[ChannelGroup]
+    op_channels: dict[str, int]  # stateless leaf -> channels of its output
+    rejected: list[tuple[str, str]]  # (group root, reason) of groups that cannot be modelled exactly
+    functional: set[str]  # groups that reach a functional op fvcore counts
+
+
+def discover_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[str]) -> Discovery:
+    """The prunable channel groups of `model` (the classifier and `ignored` layers left out), in model order."""
+    trace = trace_groups(model, example_inputs, ignored)
+    position = {name: i for i, name in enumerate(trace.names.values())}
+    groups, rejected, functional = [], [], set()
+    for root, group in trace.groups:
+        try:
+            g, counted = _channel_group(model, trace, root, group)
+        except _Irregular as e:
+            rejected.append((trace.names[root], str(e)))
+            continue
+        groups.append(g)
+        if counted:
+            functional.add(g.name)
+    groups.sort(key=lambda g: position.get(g.name, 0))  # model order, input to output
+    return Discovery(groups, trace.channels, rejected, functional)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from typing import Callable
 
@@ -148,6 +149,16 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def _install_hint(module_name: str) -> str:
+    """What to install when torchvision does not import (PyPI's wheel is built for the CUDA torch)."""
+    if module_name.split(".")[0] != "torchvision":
+        return ""
+    minor = int(torch.__version__.split(".")[1])
+    index = " --index-url https://download.pytorch.org/whl/cpu" if "+cpu" in torch.__version__ else ""
+    return (f"; torchvision must be the build that matches torch {torch.__version__}: "
+            f"pip install 'torchvision==0.{minor + 15}.*'{index}")
+
+
 def resolve_factory(spec: str, field: str) -> Callable:
     """Import `package.module:function`; a clear ModelError naming `field` if it does not import."""
     module_name, _, attr = spec.partition(":")
@@ -155,12 +166,23 @@ def resolve_factory(spec: str, field: str) -> Callable:
         raise ModelError(f"{field}: '{spec}' is not of the form package.module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ModelError(f"{field}: cannot import module '{module_name}' ({e})") from None
+    except Exception as e:  # ImportError, or whatever a broken package raises while importing
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{field}: cannot import module '{module_name}' ({reason}){_install_hint(module_name)}") \
+            from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ModelError(f"{field}: '{module_name}' has no callable '{attr}'")
     return fn
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    """True if `fn` takes a keyword argument `name` (by name or through **kwargs)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def check_model_name(name: str) -> None:
@@ -173,15 +195,25 @@ def check_model_name(name: str) -> None:
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, kwargs: dict | None = None,
                 checkpoint: str | None = None) -> nn.Module:
-    """Build a registered model (or factory) and load an optional state-dict checkpoint."""
+    """Build a registered model (or factory, given num_classes when it takes it) and load an optional checkpoint."""
     kwargs = dict(kwargs or {})
     if ":" in name:
-        model = resolve_factory(name, "model.name")(**kwargs)
+        factory = resolve_factory(name, "model.name")
+        if _accepts(factory, "num_classes"):
+            kwargs.setdefault("num_classes", num_classes)
     else:
         check_model_name(name)
+        factory = REGISTRY[name]
         kwargs.setdefault("num_classes", num_classes)
         kwargs.setdefault("in_channels", in_channels)
-        model = REGISTRY[name](**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model.kwargs: building {name} with {kwargs} failed ({type(e).__name__}: {reason})") \
+            from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model
@@ -189,6 +221,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, kwargs: dict 
 
 def read_state_dict(path: str, field: str = "model.checkpoint") -> dict:
     """Read a state dict with weights_only=True; ModelError for missing, corrupt or code-carrying files."""
+    if os.path.isdir(path):
+        raise ModelError(f"{field}: {path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise ModelError(f"{field}: file not found: {path}")
     try:

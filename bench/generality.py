@@ -1,0 +1,127 @@
+"""Every torchvision (and a spread of timm) classification model through the preflight and one evaluation.
+
+    python bench/generality.py [--timm all|NAMES] [--models NAMES] [--max-params-m 150]
+
+Random weights, 224 px, 10 classes. For each model: the preflight (space, most-pruned and first sampled strategy
+checked against fvcore on the pruned network), one more random strategy checked the same way, the fast pruner's
+time, and one CandidateEvaluator.evaluate on synthetic data. Prints
+model | groups | left out | FLOPs error | params error | prune ms | evaluates | refusal, and saves JSON.
+Needs torchvision (and timm) that import beside the installed torch: the CPU wheel of torch does not take
+PyPI's torchvision (see the README); a torch 2.14.1 + torchvision 0.29.1 virtualenv runs it on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import median, save, table  # noqa: E402
+from prunetune import CandidateEvaluator, PrunePlan, StrategySampler, load_config, load_data, preflight  # noqa: E402
+from prunetune.workers.space import count_flops  # noqa: E402
+
+# One or two of each timm family the issue tracker names (ResNeXt/SE, EfficientNet-lite, GhostNet, MixNet, ViT...).
+TIMM_DEFAULT = ["resnet26d", "seresnext26d_32x4d", "efficientnet_lite0", "ghostnet_100", "mixnet_s",
+                "vit_tiny_patch16_224", "convnext_atto", "regnetx_002", "mobilenetv3_small_100", "rexnet_100",
+                "dla34", "hrnet_w18_small", "cspresnet50", "densenet121", "res2net50_14w_8s", "resnest14d",
+                "tf_efficientnetv2_b0", "dpn68", "levit_128s", "mobilevit_xxs"]
+
+
+def build(name: str):
+    """A model with random weights and 10 classes from `tv:NAME` or `timm:NAME`."""
+    if name.startswith("tv:"):
+        import torchvision.models as tvm
+
+        return tvm.get_model(name[3:], weights=None, num_classes=10)
+    import timm
+
+    return timm.create_model(name[5:], pretrained=False, num_classes=10)
+
+
+def relative_error(space, pruned, ratios, x) -> tuple[float, float]:
+    """|space - fvcore| / fvcore for FLOPs and params on the pruned network."""
+    flops = count_flops(pruned, x).total()
+    params = sum(p.numel() for p in pruned.parameters())
+    return abs(space.flops(ratios) - flops) / flops, abs(space.params(ratios) - params) / params
+
+
+def one(name: str, data, evaluation, max_params_m: float) -> dict:
+    """The whole check of one model; a refusal or failure is a row too."""
+    row = {"model": name}
+    try:
+        model = build(name).eval()
+    except Exception as e:
+        return {**row, "refusal": f"does not build here: {type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    if size > max_params_m:
+        return {**row, "refusal": f"skipped: {size:.0f} M params (--max-params-m {max_params_m:g})"}
+    x = torch.zeros(1, 3, 224, 224)
+    t = time.perf_counter()
+    try:
+        verdict = preflight(model, x, 10, 0.7, lambda space: StrategySampler(space, 0.5, 0.02, 0.7).sample(0))
+    except Exception as e:
+        return {**row, "refusal": str(e).splitlines()[0], "preflight_s": time.perf_counter() - t}
+    space = verdict.space
+    row.update(groups=len(space.groups), left_out=len(verdict.left_out), preflight_s=time.perf_counter() - t)
+    plan = PrunePlan(model, space, "l1")
+    strategies = [np.full(len(space.groups), 0.7), StrategySampler(space, 0.5, 0.02, 0.7).sample(0),
+                  np.random.default_rng(0).uniform(0, 0.7, len(space.groups))]
+    errors, times = [], []
+    for ratios in strategies:
+        t = time.perf_counter()
+        pruned = plan.apply(ratios)
+        times.append(time.perf_counter() - t)
+        errors.append(relative_error(space, pruned, ratios, x))
+    row.update(flops_error=max(e[0] for e in errors), params_error=max(e[1] for e in errors),
+               prune_ms=1000 * median(times))
+    try:
+        record = CandidateEvaluator(model, space, data, evaluation, "cpu").evaluate(strategies[1])
+        row["evaluates"] = f"yes ({record.t_prune + record.t_calibrate + record.t_score:.1f} s)"
+    except Exception as e:
+        row["evaluates"] = f"no: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated tv:NAME / timm:NAME (default: all torchvision + timm)")
+    parser.add_argument("--timm", default="default", help="'all', 'none', 'default' or comma-separated names")
+    parser.add_argument("--max-params-m", type=float, default=150.0)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.models:
+        names = args.models.split(",")
+    else:
+        import torchvision.models as tvm
+
+        names = [f"tv:{n}" for n in tvm.list_models(module=tvm)]
+        if args.timm != "none":
+            import timm
+
+            chosen = timm.list_models() if args.timm == "all" else \
+                TIMM_DEFAULT if args.timm == "default" else args.timm.split(",")
+            names += [f"timm:{n}" for n in chosen]
+    data = load_data("synthetic", image_size=224, num_classes=10, train_size=48, test_size=8)
+    evaluation = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=8",
+                                    "evaluation.heldout_size=16", "evaluation.score_batch_size=16"]).evaluation
+    rows = []
+    for name in names:
+        rows.append(one(name, data, evaluation, args.max_params_m))
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+    columns = ["model", "groups", "left_out", "flops_error", "params_error", "prune_ms", "evaluates", "refusal"]
+    print(table(rows, columns))
+    exact = [r for r in rows if "flops_error" in r]
+    print(f"\n{len(rows)} models: {len(exact)} accepted, {sum(r['flops_error'] <= 1e-4 and r['params_error'] <= 1e-4 for r in exact)} "
+          f"of them exact to 1e-4; {len(rows) - len(exact)} refused or skipped")
+    print("saved", save("generality", {"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

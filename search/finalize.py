@@ -1,0 +1,86 @@
+"""The end of a run: final models (best validation accuracy first), their summary, and the report."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+from prunetune.workers.data import iterate_batches
+from prunetune.workers.finetune import load_finetuned
+from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.record import CandidateRecord
+from prunetune.workers.scoring import score
+
+from .artifacts import pruned_record, save_pruned
+from .prepare import Prepared
+from .report import write_report
+from .rundir import RunDir
+
+
+class NoFinalModel(RuntimeError):
+    """Fine-tuning produced no model."""
+
+
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20) -> float:
+    """Median forward latency in milliseconds on the example batch (after warm-up)."""
+    model.eval()
+    device = next(model.parameters()).device
+    example = example.to(device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(example)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, records: list[CandidateRecord]) -> dict:
+    """Write final/rankN.pt (best validation accuracy first), final/summary.json and report.md; the summary."""
+    cfg = prep.cfg
+    outcomes = []
+    for result in grid:
+        rank = result.config.get("rank")
+        if not rank or rank > len(top) or result.checkpoint is None:
+            continue
+        with result.checkpoint.as_directory() as d:
+            outcomes.append((top[rank - 1], rank, result.metrics, load_finetuned(d)))
+    if not outcomes:
+        raise NoFinalModel("fine-tuning produced no model (every fine-tuning trial failed)")
+    outcomes.sort(key=lambda o: (-o[2].get("val_accuracy", 0.0), -o[0].score))
+    os.makedirs(run.final_path, exist_ok=True)
+    pruner = GRANULARITIES[cfg.search.granularity].pruner(prep.model, prep.space, cfg.search.criterion,
+                                                          cfg.evaluation.seed)
+    example = prep.data.example_input()
+    base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))
+    finals = []
+    for place, (cand, search_rank, metrics, state) in enumerate(outcomes, 1):
+        model = pruner.apply(cand.ratios)
+        model.load_state_dict(state)
+        record = pruned_record(prep.spec, prep.space, cand.ratios, cfg.search.criterion, cfg.search.granularity,
+                               prep.base_checkpoint)
+        entry = {"rank": place, "candidate": cand.index, "search_rank": search_rank,
+                 "adaptive_bn_score": cand.score, "val_accuracy": metrics.get("val_accuracy"),
+                 "test_accuracy": metrics.get("test_accuracy"), "epochs": metrics.get("epoch"),
+                 "flops": record["flops"], "flops_ratio": record["flops"] / prep.space.base_flops,
+                 "params": record["params"], "latency_ms_batch1": latency_ms(model, example),
+                 "path": os.path.join(run.final_path, f"rank{place}.pt")}
+        save_pruned(entry["path"], model, record, entry)
+        finals.append(entry)
+    summary = {"base": {"flops": prep.space.base_flops, "params": prep.space.base_params,
+                        "test_accuracy": base_test["accuracy"], "checkpoint": prep.base_checkpoint,
+                        "latency_ms_batch1": latency_ms(prep.model, example)},
+               "device": "cuda" if next(prep.model.parameters()).is_cuda else "cpu",
+               "search": {"candidates": len(records), "ok": sum(r.ok for r in records),
+                          "failed": sum(not r.ok for r in records), "constraint": cfg.search.constraint,
+                          "target": cfg.search.target, "tolerance": cfg.search.tolerance},
+               "final": finals}
+    write_report(run, summary, records)
+    return summary

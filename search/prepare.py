@@ -1,0 +1,120 @@
+"""Everything the driver does before Ray starts: check every input, prove the space exact, get the base model.
+
+Cheap checks come before expensive ones: config, model name, data, held-out split, then the preflight on the
+untrained architecture (seconds), and only then training (or loading) the base model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from prunetune.workers.constraints import CONSTRAINTS
+from prunetune.workers.data import DataBundle, heldout_split, load_data
+from prunetune.workers.files import atomic_write
+from prunetune.workers.finetune import finetune
+from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.models import build_model, check_model_name, load_checkpoint, read_state_dict
+from prunetune.workers.preflight import Verdict
+from prunetune.workers.space import PruningSpace
+
+from .config import Config, expand
+from .sampler import StrategySampler
+
+# The fine-tuning keys that shape a base model trained here (epochs come from model.pretrain_epochs).
+BASE_RECIPE_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "label_smoothing",
+                    "seed")
+
+
+@dataclass
+class Prepared:
+    """Everything the driver builds once before Ray: data, base model, proven space, sampler."""
+
+    cfg: Config
+    data: DataBundle
+    model: nn.Module
+    base_checkpoint: str
+    space: PruningSpace
+    sampler: StrategySampler
+    spec: dict
+    verdict: Verdict
+
+
+def data_kwargs(cfg: Config) -> dict:
+    """load_data arguments for this config, with absolute paths (trials may run elsewhere)."""
+    d = cfg.data
+    return {"name": d.name, "path": os.path.abspath(expand(d.path)) if d.path else None,
+            "image_size": d.image_size, "num_classes": d.num_classes, "train_size": d.train_size,
+            "test_size": d.test_size, "seed": d.seed, "cache_dir": expand(cfg.output.cache_dir),
+            "kwargs": dict(d.kwargs)}
+
+
+def model_spec(cfg: Config, num_classes: int, in_channels: int) -> dict:
+    """What build_model needs to rebuild the base architecture."""
+    return {"name": cfg.model.name, "num_classes": num_classes, "in_channels": in_channels,
+            "kwargs": dict(cfg.model.kwargs)}
+
+
+def make_sampler(cfg: Config, space: PruningSpace) -> StrategySampler:
+    """The search's sampler in `space` (SpaceError if the budget cannot be met)."""
+    s = cfg.search
+    return StrategySampler(space, s.target, s.tolerance, s.max_ratio, s.seed, CONSTRAINTS[s.constraint])
+
+
+def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num_classes: int) -> Verdict:
+    """The preflight of the configured granularity on `model` (its architecture), for the configured search."""
+    s = cfg.search
+    return GRANULARITIES[s.granularity].prepare(model, example_inputs, num_classes, s.max_ratio,
+                                                lambda space: make_sampler(cfg, space).sample(0), s.round_to,
+                                                cfg.model.ignored_layers)
+
+
+def prepare(cfg: Config, log=None) -> Prepared:
+    """Validate every input against the real model and data; train or load the base model."""
+    log = log or sys.stderr
+    check_model_name(cfg.model.name)
+    data = load_data(**data_kwargs(cfg))
+    heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
+    spec = model_spec(cfg, data.num_classes, data.input_shape[0])
+    torch.manual_seed(cfg.finetune.seed)  # the initial weights of a base model trained here: same seed, same model
+    model = build_model(**spec)
+    if cfg.model.checkpoint:
+        load_checkpoint(model, cfg.model.checkpoint)  # a bad file is refused before anything else
+    verdict = prove_space(cfg, model, data.example_input(), data.num_classes)
+    for name, reason in verdict.left_out:
+        print(f"prunetune: warning: the group of {name} is not pruned ({reason})", file=log)
+    checkpoint = os.path.abspath(cfg.model.checkpoint) if cfg.model.checkpoint else trained_base(cfg, model, data, log)
+    return Prepared(cfg, data, model.eval(), checkpoint, verdict.space, make_sampler(cfg, verdict.space), spec,
+                    verdict)
+
+
+def base_cache_path(cfg: Config, spec: dict) -> str:
+    """Where a base model trained for this recipe is cached (keyed by what shapes it, nothing else)."""
+    recipe = {"model": spec, "data": {k: v for k, v in data_kwargs(cfg).items() if k != "cache_dir"},
+              "epochs": cfg.model.pretrain_epochs, "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(expand(cfg.output.cache_dir), f"base-{cfg.model.name.replace(':', '_')}-{key}.pt")
+
+
+def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None) -> str:
+    """Load a cached base model for this recipe into `model`, or train one and cache it; its path."""
+    log = log or sys.stderr
+    path = base_cache_path(cfg, model_spec(cfg, data.num_classes, data.input_shape[0]))
+    if os.path.isfile(path):
+        model.load_state_dict(read_state_dict(path, "output.cache_dir"))
+        print(f"base model: loaded {path} (cached: same model, data and training recipe)", file=log)
+        return path
+    print(f"base model: no model.checkpoint given and none cached for this recipe; training {cfg.model.name} for "
+          f"{cfg.model.pretrain_epochs} epochs (cached at {path})", file=log)
+    result = finetune(model, data, cfg.finetune, "cuda" if torch.cuda.is_available() else "cpu",
+                      epochs=cfg.model.pretrain_epochs, log=log)
+    print(f"base model: test accuracy {result['test_accuracy']:.4f}", file=log)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
+    model.cpu()
+    return path

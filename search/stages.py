@@ -1,0 +1,135 @@
+"""The two Tune stages of a run: the search (one trial per candidate) and the fine-tuning of the best few."""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable
+
+from prunetune.workers.record import CandidateRecord
+
+from .algorithms import ALGORITHMS
+from .cluster import quiet_tune
+from .config import Config
+from .prepare import Prepared, data_kwargs
+from .rundir import RunDir
+from .store import CandidateStore
+from .trials import TrialPayload, evaluate_candidate, finetune_candidate
+
+
+class SearchFailed(RuntimeError):
+    """The search stopped without a usable result (e.g. too many failed candidates)."""
+
+
+def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None = None) -> TrialPayload:
+    """What every trial of this run receives (the base weights go to the object store once)."""
+    import ray
+
+    cfg = prep.cfg
+    state = {k: v.detach().cpu() for k, v in prep.model.state_dict().items()}
+    return TrialPayload(run.manifest().get("run_id", "run"), prep.spec, [ray.put(state)], prep.space,
+                        data_kwargs(cfg), cfg.evaluation, cfg.finetune, cfg.search.criterion, cfg.search.granularity,
+                        cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial, finalists or [])
+
+
+def _trainable(fn, trial_payload: TrialPayload, cfg: Config):
+    from ray import tune
+
+    r = cfg.resources
+    return tune.with_resources(tune.with_parameters(fn, payload=trial_payload),
+                               {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+
+
+def _candidate_dirname(trial) -> str:
+    return f"cand-{trial.config.get('index', 0):06d}-{trial.trial_id}"
+
+
+def _finalist_dirname(trial) -> str:
+    return f"finalist{trial.config.get('rank', 0)}-{trial.trial_id}"
+
+
+def _tuner(stage: str, run: RunDir, trainable, restore: bool, make: Callable, **restore_args):
+    """Continue the stage's Tune experiment when resuming and Tune can, else start it afresh with make()."""
+    from ray import tune
+
+    path = os.path.join(run.tune_path, stage)
+    if restore and tune.Tuner.can_restore(path):
+        print(f"[{stage}] restoring the Tune experiment in {path}", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, **restore_args)
+    shutil.rmtree(path, ignore_errors=True)
+    return make()
+
+
+def failure_verdict(records: list[CandidateRecord], cfg: Config) -> str | None:
+    """A message if no candidate succeeded or the failed fraction exceeds search.max_failed_fraction."""
+    failed = [r for r in records if not r.ok]
+    if records and len(failed) / len(records) > cfg.search.max_failed_fraction or len(failed) == len(records):
+        last = failed[-1].error if failed else "no candidate was evaluated"
+        return (f"search stopped: {len(failed)} of {len(records)} candidates failed (search.max_failed_fraction="
+                f"{cfg.search.max_failed_fraction}); last error: {last}")
+    return None
+
+
+def run_search(prep: Prepared, run: RunDir, restore: bool) -> list[CandidateRecord]:
+    """Stage 1: evaluate candidates as Tune trials; return the stored records."""
+    from ray import tune
+
+    from .tune_search import FailureStopper, ResumableLimiter, StoreCallback, StrategySearcher, TopKScheduler
+
+    cfg = prep.cfg
+    s = cfg.search
+    quiet_tune()
+    trainable = _trainable(evaluate_candidate, payload(prep, run), cfg)
+
+    def make():
+        searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler), s.seed, s.num_candidates, run.path)
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=ResumableLimiter(searcher, s.max_concurrent_trials),
+                scheduler=TopKScheduler(s.top_k, run.path), num_samples=-1, reuse_actors=True,
+                trial_dirname_creator=_candidate_dirname,
+                time_budget_s=s.time_budget_s),
+            run_config=tune.RunConfig(
+                name="search", storage_path=run.tune_path, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                callbacks=[StoreCallback(run.path, s.num_candidates)],
+                stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))))
+
+    _tuner("search", run, trainable, restore, make, resume_unfinished=False, resume_errored=False).fit()
+    store = CandidateStore(run.path)
+    store.compact()
+    records = store.records()
+    verdict = failure_verdict(records, cfg)
+    if verdict:
+        raise SearchFailed(verdict)
+    return records
+
+
+def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restore: bool):
+    """Stage 2: fine-tune the finalists in parallel (ASHA or FIFO); return Tune's ResultGrid."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .tune_search import FinetuneProgress
+
+    cfg = prep.cfg
+    f = cfg.finetune
+    quiet_tune()
+    trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg)
+
+    def make():
+        scheduler = (ASHAScheduler(time_attr="epoch", metric="val_accuracy", mode="max", max_t=f.epochs,
+                                   grace_period=min(f.grace_epochs, f.epochs), reduction_factor=3)
+                     if f.scheduler == "asha" else FIFOScheduler())
+        return tune.Tuner(
+            trainable, param_space={"rank": tune.grid_search(list(range(1, len(top) + 1)))},
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials,
+                                        reuse_actors=True, trial_dirname_creator=_finalist_dirname),
+            run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      callbacks=[FinetuneProgress()]))
+
+    tuner = _tuner("finetune", run, trainable, restore, make, resume_unfinished=True, resume_errored=True)
+    print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler})", flush=True)
+    return tuner.fit()

@@ -1,0 +1,82 @@
+"""Faults injected from the tests (the shipped code has none): Ray runs `install` in every worker process.
+
+`ray.init(runtime_env=worker_faults(...))` makes each worker wrap the evaluator and the fine-tuning loop:
+log every evaluation started, slow them down, make candidate k raise, or make candidate k kill its worker
+process once. `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune` command with such a Ray
+(configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two stages of the run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import tests.faults from here
+LOG, DELAY, FAIL_AT, CRASH_AT, MARKERS = (f"PRUNETUNE_TEST_{k}" for k in ("LOG", "DELAY_S", "FAIL_AT", "CRASH_AT",
+                                                                           "MARKERS"))
+
+
+def worker_faults(log=None, delay_s=None, fail_at=None, crash_at=None, markers=None) -> dict:
+    """A Ray runtime_env whose workers misbehave as asked (every argument optional)."""
+    env = {LOG: log, DELAY: delay_s, FAIL_AT: fail_at, CRASH_AT: crash_at, MARKERS: markers, "PYTHONPATH": ROOT}
+    return {"env_vars": {k: str(v) for k, v in env.items() if v is not None},
+            "worker_process_setup_hook": "tests.faults.install"}
+
+
+def _delay() -> None:
+    time.sleep(float(os.environ.get(DELAY, "0")))
+
+
+def install() -> None:
+    """Wrap CandidateEvaluator.evaluate and the trials' finetune in this worker process."""
+    from prunetune.search import trials
+    from prunetune.workers.evaluator import CandidateEvaluator
+
+    evaluate, finetune = CandidateEvaluator.evaluate, trials.finetune
+
+    def faulty_evaluate(self, ratios, index=0):
+        if os.environ.get(LOG):
+            with open(os.environ[LOG], "a") as f:
+                f.write(f"{index}\n")
+        _delay()
+        if os.environ.get(FAIL_AT) == str(index):
+            raise RuntimeError("injected failure")
+        marker = os.path.join(os.environ.get(MARKERS, ""), f"crashed-{index}")
+        if os.environ.get(CRASH_AT) == str(index) and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return evaluate(self, ratios, index)
+
+    def slow_finetune(*args, on_epoch=None, **kwargs):
+        def epoch_done(*a):
+            _delay()
+            on_epoch(*a)
+
+        return finetune(*args, on_epoch=epoch_done, **kwargs)
+
+    CandidateEvaluator.evaluate = faulty_evaluate
+    trials.finetune = slow_finetune
+
+
+def main(argv: list[str]) -> int:
+    """Start Ray with the worker faults of the environment, optionally pause between stages, run the command."""
+    import ray
+
+    from prunetune.search import driver
+    from prunetune.search.cli import main as prunetune
+
+    pause = float(argv[0])
+    run_finetune = driver.run_finetune
+
+    def paused(*args, **kwargs):
+        time.sleep(pause)
+        return run_finetune(*args, **kwargs)
+
+    driver.run_finetune = paused
+    faults = {k[len("PRUNETUNE_TEST_"):].lower(): v for k, v in os.environ.items() if k.startswith("PRUNETUNE_TEST_")}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_faults(**faults))
+    return prunetune(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,66 @@
+"""The candidate record: one evaluated strategy, the single shape every part of a search shares.
+
+The evaluator fills it, the trial adds where it ran, Tune carries it as the trial's result, the store writes it
+as a Parquet row (the schema is derived from these fields), and the leaderboard, the fine-tuning stage and the
+report read it back.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CandidateRecord:
+    """One candidate: its strategy, what it costs, how it scored, and where and how long it ran."""
+
+    index: int  # candidate number within the search (candidate i of the sampler's seed for random search)
+    ratios: list[float] = field(default_factory=list)  # the strategy: one pruning ratio per channel group
+    status: str = "ok"  # ok | failed
+    error: str | None = None
+    kept_channels: list[int] | None = None
+    flops: int | None = None
+    flops_ratio: float | None = None
+    params: int | None = None
+    score: float | None = None  # what the search maximises (held-out accuracy, or minus the loss)
+    accuracy: float | None = None  # held-out accuracy after adaptive BN
+    loss: float | None = None
+    bn_recalibrated: bool | None = None
+    warning: str | None = None
+    t_prune: float | None = None
+    t_calibrate: float | None = None
+    t_score: float | None = None
+    device: str | None = None
+    node: str | None = None  # the Ray node that evaluated it
+    trial_id: str | None = None
+    finished_at: float | None = None
+
+    @classmethod
+    def failed(cls, index: int, ratios, error: str) -> "CandidateRecord":
+        """The record of a candidate whose evaluation failed (the error's first line, shortened)."""
+        line = error.strip().splitlines()[0] if error.strip() else "failed"
+        return cls(index, [float(r) for r in ratios or []], status="failed", error=line[:500])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CandidateRecord":
+        """A record from a dict that holds its fields (a Tune result, a Parquet row); other keys are ignored."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def to_dict(self) -> dict:
+        """The record as a plain dict (Tune's result, a Parquet row, a leaderboard entry)."""
+        return dataclasses.asdict(self)
+
+    @property
+    def ok(self) -> bool:
+        """True if the candidate was evaluated and scored."""
+        return self.status == "ok" and self.score is not None
+
+
+def rank_key(record: CandidateRecord) -> tuple:
+    """Sort key for candidates: best score first, then lower FLOPs, then index (a total order)."""
+    return (-record.score, record.flops or 0, record.index)
+
+
+def best(records: list[CandidateRecord], k: int) -> list[CandidateRecord]:
+    """The k best successful candidates, best first."""
+    return sorted((r for r in records if r.ok), key=rank_key)[:k]
