@@ -20,51 +20,79 @@ def _bad_input_errors() -> tuple:
     return ConfigError, DataError, ModelError, SpaceError, RunLockedError
 
 
+class Interrupted(Exception):
+    """Ctrl-C stopped a run where it was; the message says what is kept and how to continue."""
+
+
+def _launch(run, fn):
+    """Run `fn`, turning Ctrl-C into Interrupted: a run that has started stays resumable, never marked done."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        if run.exists():
+            raise Interrupted(f"interrupted; the run is kept as it was: continue it with `prunetune resume {run.path}`")
+        raise Interrupted("interrupted before the run started; nothing was written") from None
+
+
+def _config(path: str | None, overrides: list[str]):
+    """The config, with a warning line for each setting that is probably not what the user meant."""
+    from .config import config_warnings
+    from .prepare import warn
+
+    cfg = load_config(path, overrides)
+    for message in config_warnings(cfg):
+        warn(message)
+    return cfg
+
+
 def _cmd_run(args) -> int:
+    from .cluster import check_address
     from .driver import launch
     from .prepare import prepare
     from .rundir import RunDir
 
-    cfg = load_config(args.config, args.set)
+    cfg = _config(args.config, args.set)
     run = RunDir(cfg.output.dir)
     run.check_new(cfg, args.overwrite)
-    prep = prepare(cfg)
-    _print_done(run, launch(prep, run, args.address, restore=False, overwrite=args.overwrite))
+    check_address(args.address or cfg.ray.address)  # seconds, before the base model is trained
+    summary = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=False, overwrite=args.overwrite))
+    _print_done(run, summary)
     return 0
 
 
-RESUMABLE_KEYS = ("search.time_budget_s", "search.max_failures")
+RESUMABLE_KEYS = ("search.time_budget_s", "search.max_failures", "search.max_concurrent_trials")
 
 
 def _cmd_resume(args) -> int:
+    from .cluster import check_address
     from .driver import launch
-    from .prepare import prepare
+    from .prepare import prepare, warn
     from .rundir import RunDir, config_hash
     from .store import CandidateStore
 
     run = RunDir(args.output)
     if not run.exists():
         raise ConfigError(f"output: {run.path} holds no prunetune run to resume (no manifest.json)")
+    manifest = run.manifest()
     run.check_free()
     for override in args.set:
         key = override.partition("=")[0]
         if key.split(".")[0] not in ("ray", "resources") and key not in RESUMABLE_KEYS:
             raise ConfigError(f"--set {key}: a resumed run keeps its config; only ray.*, resources.*, "
-                              f"{' and '.join(RESUMABLE_KEYS)} may change")
-    cfg = load_config(run.config_path, args.set)
+                              f"{', '.join(RESUMABLE_KEYS)} may change")
+    cfg = _config(run.config_path, args.set)
     if args.config and config_hash(load_config(args.config)) != config_hash(cfg):
         raise ConfigError(f"--config: {args.config} does not match the run in {run.path}; "
                           "resume it without --config, or start a new run")
-    manifest = run.manifest()
-    if manifest.get("stage") == "done":
+    check_address(args.address or cfg.ray.address)
+    lost = CandidateStore(run.path).verify(manifest.get("candidates", {}))
+    for problem in lost:
+        warn(f"{problem}; its candidates are evaluated again (and the finalists chosen anew)")
+    if manifest.get("stage") == "done" and not lost:
         print(f"{run.path}: the run is already complete")
         return 0
-    consequence = "its candidates are evaluated again" if manifest.get("stage") == "search" else "its rows are skipped"
-    for problem in CandidateStore(run.path).verify(manifest.get("candidates", {})):
-        print(f"prunetune: warning: {problem}; {consequence}", file=sys.stderr)
-    prep = prepare(cfg)
-    print(f"resuming {run.path} at stage '{manifest.get('stage')}'", flush=True)
-    _print_done(run, launch(prep, run, args.address, restore=True))
+    print(f"resuming {run.path} at stage '{'search' if lost else manifest.get('stage')}'", flush=True)
+    _print_done(run, _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=True)))
     return 0
 
 
@@ -102,12 +130,12 @@ def _cmd_inspect(args) -> int:
             raise ConfigError(f"--num-classes: {args.num_classes} is not allowed; a classifier has 2 classes or more")
         if args.round_to < 1:
             raise ConfigError(f"--round-to: {args.round_to} is not allowed; use 1 (no rounding) or more")
-        cfg = load_config(args.config, [*args.set, f"search.round_to={args.round_to}"])
+        cfg = _config(args.config, [*args.set, f"search.round_to={args.round_to}"])
         shape = _input_shape(args.input_shape, args.model)
         model = build_model(args.model, args.num_classes, shape[0], cfg.model.kwargs)
         example, num_classes = torch.zeros(1, *shape), args.num_classes
     else:
-        cfg = load_config(args.config, args.set)
+        cfg = _config(args.config, args.set)
         data = load_data(**data_kwargs(cfg))
         model = build_model(cfg.model.name, data.num_classes, data.input_shape[0], cfg.model.kwargs)
         example, num_classes = data.example_input(), data.num_classes
@@ -127,11 +155,21 @@ def _cmd_submit(args) -> int:
     return 0
 
 
+def _run_dir(target: str):
+    """The RunDir at `target`, or ConfigError if no prunetune run is there (a read-only check)."""
+    from .rundir import RunDir
+
+    run = RunDir(target)
+    if not run.exists():
+        raise ConfigError(f"output: {target} holds no prunetune run")
+    return run
+
+
 def _cmd_status(args) -> int:
-    if os.path.isdir(args.target):
+    if os.path.exists(args.target) or os.sep in args.target:  # a run directory, not a job id
         from .report import print_report
 
-        print(print_report(args.target).split("\n\n")[0])
+        print(print_report(_run_dir(args.target).path).split("\n\n")[0])
         return 0
     from . import jobs
 
@@ -148,11 +186,8 @@ def _cmd_logs(args) -> int:
 
 def _cmd_report(args) -> int:
     from .report import print_report
-    from .rundir import RunDir
 
-    if not os.path.isdir(args.output) or not RunDir(args.output).exists():
-        raise ConfigError(f"output: {args.output} holds no prunetune run")
-    print(print_report(args.output))
+    print(print_report(_run_dir(args.output).path))
     return 0
 
 
@@ -235,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     except _bad_input_errors() as e:
         print(f"prunetune: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("prunetune: interrupted; continue with `prunetune resume OUTPUT`", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"prunetune: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`prunetune report RUN | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         from .finalize import NoFinalModel
         from .stages import SearchFailed
@@ -246,7 +284,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prunetune: {e}", file=sys.stderr)
             return 1
         raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

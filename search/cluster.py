@@ -4,14 +4,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import socket
 
 import yaml
 
 from .config import Config, ConfigError
 
 
-def quiet_tune() -> None:
-    """Tune settings for many short trials: no per-trial result files, no snapshot-rate warnings."""
+def tune_settings() -> None:
+    """Tune settings for many short trials (no per-trial result files, no snapshot-rate warnings), and Ctrl-C as
+    an interrupt: Tune's own SIGINT handler would end the stage as if it had finished."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -19,31 +22,68 @@ def quiet_tune() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse, in one line, a HOST:PORT address where nothing answers (ray.init would retry for minutes)."""
+    if not address:
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form only Ray understands
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"--address: no Ray cluster answers at {address} ({e.strerror or e}); check the address, or "
+                          "leave it out to run on an embedded Ray") from None
+
+
 def connect(cfg: Config, address: str | None = None) -> bool:
-    """Connect to the configured Ray cluster, or start an embedded one; True if this call started Ray."""
+    """Connect to the configured Ray cluster, or start an embedded one; True if this call started Ray.
+
+    Without an address the embedded Ray is always a new local instance: a RAY_ADDRESS variable or a stale
+    ray_current_cluster file never makes a plain `prunetune run` join someone else's cluster.
+    """
     import ray
 
-    quiet_tune()
+    tune_settings()
     if ray.is_initialized():
         return False
     address = address or cfg.ray.address
     if address:
+        check_address(address)
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, dashboard_host=cfg.ray.dashboard_host,
-                 log_to_driver=False)
+        return True
+    gpus = cfg.ray.num_gpus or 0
+    if gpus > _cuda_devices():
+        raise ConfigError(f"ray.num_gpus: {gpus} GPU declared, but torch sees {_cuda_devices()} CUDA device on this "
+                          "machine; trials would run on the CPU")
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+             dashboard_host=cfg.ray.dashboard_host, log_to_driver=False)
     return True
 
 
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def check_resources(cfg: Config) -> None:
-    """Refuse GPU trials on a cluster without GPUs (instead of pending forever)."""
+    """Refuse trials that no node of the cluster can ever run (instead of pending forever), unless it autoscales."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    want = cfg.resources.gpus_per_trial
-    if want > 0 and gpus < want and not cfg.resources.wait_for_gpus:
-        raise ConfigError(f"resources.gpus_per_trial: {want} GPU per trial, but the Ray cluster has {gpus:g} GPU; "
-                          "set it to 0 for CPU trials (or resources.wait_for_gpus: true if GPU nodes autoscale)")
+    if cfg.resources.autoscaling:
+        return
+    r = cfg.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for key, want, unit in (("GPU", r.gpus_per_trial, "gpus_per_trial"), ("CPU", r.cpus_per_trial, "cpus_per_trial")):
+        largest = max((n.get(key, 0) for n in nodes), default=0)
+        if want > largest:
+            where = f"the Ray cluster has {ray.cluster_resources().get(key, 0):g} {key}" if largest == 0 else \
+                f"the largest node of the Ray cluster has {largest:g} {key}"
+            zero = "; set it to 0 for CPU trials" if key == "GPU" else ""
+            raise ConfigError(f"resources.{unit}: {want:g} {key} per trial, but {where}{zero} (or "
+                              "resources.autoscaling: true if the cluster adds nodes on demand)")
 
 
 def validate_cluster_config(path: str) -> dict:

@@ -45,7 +45,7 @@ class DataConfig:
     num_classes: int | None = field(default=None, metadata=_range(2))
     train_size: int = field(default=2048, metadata=_range(2))  # synthetic only
     test_size: int = field(default=512, metadata=_range(1))  # synthetic only
-    seed: int = 0  # synthetic data
+    seed: int = field(default=0, metadata=_range(0))  # synthetic data
     num_workers: int = field(default=0, metadata=_range(0))
     kwargs: dict = field(default_factory=dict)  # factory only
 
@@ -59,7 +59,7 @@ class SearchConfig:
     granularity: str = field(default="channel", metadata=_choice(*GRANULARITIES))  # what a ratio prunes
     max_ratio: float = field(default=0.7, metadata=_range(0, 1, lo_open=True, hi_open=True))
     num_candidates: int = field(default=32, metadata=_range(1))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
     criterion: str = field(default="l1", metadata=_choice("l1", "l2", "bn_scale", "random"))
     round_to: int = field(default=1, metadata=_range(1))
     top_k: int = field(default=3, metadata=_range(1))
@@ -72,7 +72,7 @@ class SearchConfig:
 @dataclass
 class EvaluationConfig:
     heldout_size: int = field(default=300, metadata=_range(1))  # seeded subset of the training split
-    seed: int = 0  # held-out and calibration draws
+    seed: int = field(default=0, metadata=_range(0))  # held-out and calibration draws
     bn_mode: str = field(default="cumulative", metadata=_choice("cumulative", "ema", "none"))
     calibration_batches: int = field(default=50, metadata=_range(1))
     batch_size: int = field(default=128, metadata=_range(1))
@@ -96,14 +96,14 @@ class FinetuneConfig:
     distill_temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
     scheduler: str = field(default="asha", metadata=_choice("asha", "fifo"))
     grace_epochs: int = field(default=1, metadata=_range(1))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
 
 
 @dataclass
 class ResourcesConfig:
     cpus_per_trial: float = field(default=1.0, metadata=_range(0, lo_open=True))
     gpus_per_trial: float = field(default=0.0, metadata=_range(0))
-    wait_for_gpus: bool = False  # the cluster autoscales GPU workers from zero: do not refuse a GPU-less cluster
+    autoscaling: bool = False  # the cluster adds nodes on demand: do not refuse trials no current node can run
 
 
 @dataclass
@@ -137,7 +137,8 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-RENAMED = {"search.flops_target": "search.target (with search.constraint: flops, the default)"}
+RENAMED = {"search.flops_target": "search.target (with search.constraint: flops, the default)",
+           "resources.wait_for_gpus": "resources.autoscaling"}
 
 
 def _convert(key: str, value: Any, annotation: str) -> Any:
@@ -219,6 +220,28 @@ def _cross_check(cfg: Config) -> None:
                           f"({cfg.search.num_candidates})")
     if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.path:
         raise ConfigError(f"data.path: data set '{cfg.data.name}' needs a path")
+    if cfg.finetune.nesterov and cfg.finetune.momentum == 0:
+        raise ConfigError("finetune.momentum: 0 does not go with finetune.nesterov: true; set a momentum > 0 or "
+                          "finetune.nesterov: false")
+
+
+# The data keys each data source reads (a factory reads kwargs; every source reads num_workers).
+_DATA_KEYS = {"digits": set(), "cifar10": {"path"}, "imagefolder": {"path", "image_size"},
+              "synthetic": {"image_size", "num_classes", "train_size", "test_size", "seed"}}
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are allowed but probably not what the user meant, one line each."""
+    found = []
+    used = _DATA_KEYS.get(cfg.data.name, {"kwargs"}) | {"name", "num_workers"}
+    default = DataConfig()
+    for f in dataclasses.fields(DataConfig):
+        if f.name not in used and getattr(cfg.data, f.name) != getattr(default, f.name):
+            found.append(f"data.{f.name} is ignored for data set '{cfg.data.name}'")
+    if cfg.ray.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        found.append(f"ray.dashboard_host: {cfg.ray.dashboard_host} opens Ray's dashboard and job API to the network; "
+                     "anyone who reaches it can run code on this machine")
+    return found
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -233,17 +256,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicate = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if duplicate is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{duplicate}'", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Load a YAML config (none: the built-in digits default) and apply `section.key=value` overrides."""
     raw: dict = {}
     if path:
+        if os.path.isdir(path):
+            raise ConfigError(f"config: {path} is a directory, not a YAML file")
         if not os.path.isfile(path):
             raise ConfigError(f"config: file not found: {path}")
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config: {path} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"config: {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {path} must hold a mapping of sections")
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]

@@ -15,17 +15,19 @@ from .store import CandidateStore
 
 
 def launch(prep: Prepared, run: RunDir, address: str | None, restore: bool, overwrite: bool = False) -> dict:
-    """Take the run lock, connect to Ray (or start it), run or continue both stages, and let go of both."""
-    run.acquire()
-    started = False
+    """Connect to Ray (or start it) and check that it can run the trials, then take the run lock, run or continue
+    both stages, and let go of both. Nothing is written before the cluster has answered."""
+    started = connect(prep.cfg, address)
     try:
-        if not restore:
-            run.create(prep.cfg, overwrite)
-        started = connect(prep.cfg, address)
         check_resources(prep.cfg)
-        return execute(prep, run, restore)
+        run.acquire()
+        try:
+            if not restore:
+                run.create(prep.cfg, overwrite)
+            return execute(prep, run, restore)
+        finally:
+            run.release()
     finally:
-        run.release()
         if started:
             import ray
 
@@ -33,12 +35,18 @@ def launch(prep: Prepared, run: RunDir, address: str | None, restore: bool, over
 
 
 def execute(prep: Prepared, run: RunDir, restore: bool) -> dict:
-    """Run (or continue) both stages as the manifest says, then write the final models and report."""
+    """Run (or continue) both stages as the manifest says, then write the final models and report.
+
+    When resuming, a stored result part the manifest lists but the disk no longer holds intact sends the run
+    back to the search stage: its candidates are evaluated again and the finalists are chosen anew.
+    """
     store = CandidateStore(run.path)
-    if run.manifest().get("stage", "search") == "search":
-        run_search(prep, run, restore)
+    manifest = run.manifest()
+    lost = store.verify(manifest.get("candidates", {})) if restore else []
+    if manifest.get("stage", "search") == "search" or lost:
+        run_search(prep, run)
         run.update(stage="finetune", candidates=store.manifest())
-        restore = False  # the fine-tuning stage has not started yet
+        restore = False  # the fine-tuning stage starts afresh
     records = store.records()
     top = best(records, prep.cfg.search.top_k)
     summary = finalize(prep, run, top, run_finetune(prep, run, top, restore), records)

@@ -7,9 +7,25 @@ import shutil
 
 import torch
 
+from prunetune.workers.files import atomic_write
+
 from .artifacts import load_pruned
 from .config import ConfigError
 from .rundir import RunDir
+
+
+def _destination(source: str, rank: int, suffix: str, to: str | None) -> str:
+    """Where the export goes: next to the model by default; into `to` if it is a directory; else `to` itself,
+    which must not exist yet (an export never overwrites a file it did not write)."""
+    if to is None:
+        return os.path.join(os.path.dirname(source), f"rank{rank}{suffix}")
+    path = os.path.join(to, f"rank{rank}{suffix}") if os.path.isdir(to) else to
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--to: directory {parent} does not exist")
+    if os.path.exists(path):
+        raise ConfigError(f"--to: {path} already exists; prunetune does not overwrite it (choose another name)")
+    return path
 
 
 def export(output_dir: str, rank: int, fmt: str, destination: str | None = None) -> str:
@@ -18,19 +34,21 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
     if not os.path.isfile(source):
         raise ConfigError(f"--rank: {source} does not exist (has the run finished? see `prunetune report`)")
     suffix = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}[fmt]
-    destination = destination or os.path.join(os.path.dirname(source), f"rank{rank}{suffix}")
+    path = _destination(source, rank, suffix, destination)
     if fmt == "pt":
-        if os.path.abspath(destination) != os.path.abspath(source):
-            shutil.copyfile(source, destination)
-        return destination
+        if os.path.abspath(path) != os.path.abspath(source):
+            atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+        return path
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
     model, record, _ = load_pruned(source)
     example = torch.zeros(1, *record["input_shape"])
     if fmt == "torchscript":
         with torch.no_grad():
-            torch.jit.trace(model, example).save(destination)
-        return destination
-    if importlib.util.find_spec("onnx") is None:
-        raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
-    torch.onnx.export(model, (example,), destination, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    return destination
+            scripted = torch.jit.trace(model, example)
+        atomic_write(path, scripted.save)
+        return path
+    atomic_write(path, lambda tmp: torch.onnx.export(
+        model, (example,), tmp, input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
+    return path

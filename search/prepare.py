@@ -16,14 +16,14 @@ import torch.nn as nn
 
 from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.data import DataBundle, heldout_split, load_data
-from prunetune.workers.files import atomic_write
+from prunetune.workers.files import atomic_write, unwritable
 from prunetune.workers.finetune import finetune
 from prunetune.workers.granularity import GRANULARITIES
 from prunetune.workers.models import build_model, check_model_name, load_checkpoint, read_state_dict
 from prunetune.workers.preflight import Verdict
 from prunetune.workers.space import PruningSpace
 
-from .config import Config, expand
+from .config import Config, ConfigError, expand
 from .sampler import StrategySampler
 
 # The fine-tuning keys that shape a base model trained here (epochs come from model.pretrain_epochs).
@@ -43,6 +43,11 @@ class Prepared:
     sampler: StrategySampler
     spec: dict
     verdict: Verdict
+
+
+def warn(message: str, log=None) -> None:
+    """A warning for the user, one line on stderr (or `log`)."""
+    print(f"prunetune: warning: {message}", file=log or sys.stderr, flush=True)
 
 
 def data_kwargs(cfg: Config) -> dict:
@@ -77,9 +82,15 @@ def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num
 def prepare(cfg: Config, log=None) -> Prepared:
     """Validate every input against the real model and data; train or load the base model."""
     log = log or sys.stderr
+    for field, path in (("output.dir", cfg.output.dir), ("output.cache_dir", cfg.output.cache_dir)):
+        reason = unwritable(expand(path))
+        if reason:
+            raise ConfigError(f"{field}: cannot write to {expand(path)} ({reason})")
     check_model_name(cfg.model.name)
     data = load_data(**data_kwargs(cfg))
-    heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
+    for note in data.notes:
+        warn(note, log)
+    heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed, cfg.evaluation.batch_size)
     spec = model_spec(cfg, data.num_classes, data.input_shape[0])
     torch.manual_seed(cfg.finetune.seed)  # the initial weights of a base model trained here: same seed, same model
     model = build_model(**spec)
@@ -87,7 +98,7 @@ def prepare(cfg: Config, log=None) -> Prepared:
         load_checkpoint(model, cfg.model.checkpoint)  # a bad file is refused before anything else
     verdict = prove_space(cfg, model, data.example_input(), data.num_classes)
     for name, reason in verdict.left_out:
-        print(f"prunetune: warning: the group of {name} is not pruned ({reason})", file=log)
+        warn(f"the group of {name} is not pruned ({reason})", log)
     checkpoint = os.path.abspath(cfg.model.checkpoint) if cfg.model.checkpoint else trained_base(cfg, model, data, log)
     return Prepared(cfg, data, model.eval(), checkpoint, verdict.space, make_sampler(cfg, verdict.space), spec,
                     verdict)

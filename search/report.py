@@ -85,15 +85,19 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
 
 
 def print_report(output_dir: str) -> str:
-    """Text report of a run directory (works on unfinished runs and skips damaged result parts)."""
+    """Text report of a run directory (works on unfinished runs; says what the manifest lists but is missing)."""
     run = RunDir(output_dir)
-    notes: list[str] = []
-    rows = CandidateStore(run.path).read(report=notes.append).to_pylist()
-    records = sorted((CandidateRecord.from_dict(row) for row in rows), key=lambda r: r.index)
     manifest = run.manifest()
-    total = run.load_config().search.num_candidates if os.path.isfile(run.config_path) else "?"
+    store = CandidateStore(run.path)
+    notes: list[str] = [f"{problem}; `prunetune resume {run.path}` evaluates its candidates again"
+                        for problem in store.verify(manifest.get("candidates", {}))]
+    records = store.records(report=notes.append)
+    stored = manifest.get("candidates", {}).get("rows", len(records))
+    if stored > len(records):
+        notes.append(f"the manifest records {stored} stored candidates, {stored - len(records)} of them are missing")
+    total = run.load_config().search.num_candidates
     out = [f"run {run.path}: stage {manifest.get('stage', 'unknown')}, {len(records)} of {total} candidates stored"]
-    out += [f"warning: {n}" for n in notes]
+    out += [f"warning: {n}" for n in dict.fromkeys(notes)]
     out += ["", "Best candidates by adaptive-BN score:", candidates_table(records)]
     summary_path = os.path.join(run.final_path, "summary.json")
     if os.path.isfile(summary_path):

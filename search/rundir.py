@@ -1,6 +1,7 @@
 """A run's output directory: its manifest (config hash, stage, stored rows) and the lock that guards it."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ import uuid
 
 from prunetune.workers.files import write_json
 
-from .config import Config, ConfigError, from_dict, save_config
+from .config import Config, ConfigError, load_config, save_config
 
 # Sections that decide what a run computes; ray/resources/output may differ between run and resume.
 RESULT_SECTIONS = ("model", "data", "search", "evaluation", "finetune")
@@ -41,15 +42,23 @@ class RunDir:
         self.final_path = os.path.join(self.path, "final")
 
     def exists(self) -> bool:
-        """True if the directory already holds a run."""
+        """True if the directory holds a run manifest (manifest() refuses one prunetune did not write)."""
         return os.path.isfile(self.manifest_path)
 
     def manifest(self) -> dict:
-        """The run manifest (empty if none)."""
+        """The run manifest (empty if none); ConfigError for a manifest.json that is not a prunetune one."""
         if not self.exists():
             return {}
-        with open(self.manifest_path) as f:
-            return json.load(f)
+        try:
+            with open(self.manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"output.dir: {self.manifest_path} is not a prunetune run manifest "
+                              f"({str(e).splitlines()[0]})") from None
+        if not isinstance(manifest, dict) or not {"run_id", "config_hash"} <= set(manifest):
+            raise ConfigError(f"output.dir: {self.manifest_path} was not written by prunetune; choose another "
+                              "directory for the run")
+        return manifest
 
     def update(self, **fields) -> dict:
         """Merge fields into the manifest (atomic, durable write)."""
@@ -59,12 +68,9 @@ class RunDir:
 
     def load_config(self) -> Config:
         """The config the run was started with."""
-        import yaml
-
         if not os.path.isfile(self.config_path):
             raise ConfigError(f"output.dir: {self.path} holds no prunetune run (no config.yaml)")
-        with open(self.config_path) as f:
-            return from_dict(yaml.safe_load(f))
+        return load_config(self.config_path)
 
     def check_free(self) -> None:
         """Raise RunLockedError if a live process holds the run's lock (read-only check)."""
@@ -78,24 +84,43 @@ class RunDir:
             f"(lock {self.lock_path}); wait for it, or remove the lock if that process is gone")
 
     def check_new(self, cfg: Config, overwrite: bool) -> None:
-        """Refuse a directory in use, or one holding a run unless overwrite (nothing is touched here)."""
+        """Refuse a file, a directory in use, one holding something else, or a run unless overwrite (read-only)."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"output.dir: {self.path} is a file, not a directory")
         self.check_free()
-        if not self.exists() or overwrite:
+        if not self.exists():
+            if os.path.isdir(self.path) and set(os.listdir(self.path)) - {os.path.basename(self.lock_path)}:
+                raise ConfigError(f"output.dir: {self.path} is not empty and holds no prunetune run; choose a new or "
+                                  "empty directory")
             return
         same = self.manifest().get("config_hash") == config_hash(cfg)
+        if overwrite:
+            return
         hint = f"continue it with `prunetune resume {self.path}`" if same else "it holds a different run"
         raise ConfigError(f"output.dir: {self.path} already holds a run ({hint}); pass --overwrite to start over")
 
     def create(self, cfg: Config, overwrite: bool) -> None:
-        """Start a fresh run directory (clearing an old run only when overwrite)."""
+        """Start a fresh run directory; with overwrite, first remove what an earlier run wrote (nothing else)."""
         if self.exists() and overwrite:
-            for name in os.listdir(self.path):
-                if name != os.path.basename(self.lock_path):
-                    target = os.path.join(self.path, name)
-                    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            self._remove_run_files()
         os.makedirs(self.path, exist_ok=True)
         save_config(cfg, self.config_path)
         self.update(config_hash=config_hash(cfg), created=time.time(), stage="search", run_id=uuid.uuid4().hex[:12])
+
+    def _remove_run_files(self) -> None:
+        """Delete the files and directories a run writes; a user's own files in the directory stay."""
+        for name in ("config.yaml", "manifest.json", "leaderboard.json", "report.md", "report.png"):
+            if os.path.isfile(os.path.join(self.path, name)):
+                os.remove(os.path.join(self.path, name))
+        for stage in ("search", "finetune"):
+            shutil.rmtree(os.path.join(self.tune_path, stage), ignore_errors=True)
+        for folder, pattern in ((os.path.join(self.path, "candidates.parquet"), "part-*.parquet"),
+                                (self.final_path, "rank*"), (self.final_path, "summary.json")):
+            for path in glob.glob(os.path.join(folder, pattern)):
+                os.remove(path)
+        for folder in (self.tune_path, os.path.join(self.path, "candidates.parquet"), self.final_path):
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
 
     def acquire(self) -> None:
         """Take the run lock (pid and host inside); a stale lock of a dead local process is cleared.

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable
 
 from prunetune.workers.record import CandidateRecord
 
 from .algorithms import ALGORITHMS
-from .cluster import quiet_tune
+from .cluster import tune_settings
 from .config import Config
 from .prepare import Prepared, data_kwargs
 from .rundir import RunDir
@@ -47,18 +46,6 @@ def _finalist_dirname(trial) -> str:
     return f"finalist{trial.config.get('rank', 0)}-{trial.trial_id}"
 
 
-def _tuner(stage: str, run: RunDir, trainable, restore: bool, make: Callable, **restore_args):
-    """Continue the stage's Tune experiment when resuming and Tune can, else start it afresh with make()."""
-    from ray import tune
-
-    path = os.path.join(run.tune_path, stage)
-    if restore and tune.Tuner.can_restore(path):
-        print(f"[{stage}] restoring the Tune experiment in {path}", flush=True)
-        return tune.Tuner.restore(path, trainable=trainable, **restore_args)
-    shutil.rmtree(path, ignore_errors=True)
-    return make()
-
-
 def failure_verdict(records: list[CandidateRecord], cfg: Config) -> str | None:
     """A message if no candidate succeeded or the failed fraction exceeds search.max_failed_fraction."""
     failed = [r for r in records if not r.ok]
@@ -69,33 +56,32 @@ def failure_verdict(records: list[CandidateRecord], cfg: Config) -> str | None:
     return None
 
 
-def run_search(prep: Prepared, run: RunDir, restore: bool) -> list[CandidateRecord]:
-    """Stage 1: evaluate candidates as Tune trials; return the stored records."""
-    from ray import tune
+def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
+    """Stage 1: evaluate the candidates the store does not hold yet, as Tune trials; return all stored records.
 
-    from .tune_search import FailureStopper, ResumableLimiter, StoreCallback, StrategySearcher, TopKScheduler
+    The store is the search's state, so a resumed search is a new Tune experiment over the missing candidates
+    (a changed time budget or concurrency applies, and lost or damaged result parts are evaluated again).
+    """
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .tune_search import FailureStopper, StoreCallback, StrategySearcher, TopKScheduler
 
     cfg = prep.cfg
     s = cfg.search
-    quiet_tune()
-    trainable = _trainable(evaluate_candidate, payload(prep, run), cfg)
-
-    def make():
-        searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler), s.seed, s.num_candidates, run.path)
-        return tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=ResumableLimiter(searcher, s.max_concurrent_trials),
-                scheduler=TopKScheduler(s.top_k, run.path), num_samples=-1, reuse_actors=True,
-                trial_dirname_creator=_candidate_dirname,
-                time_budget_s=s.time_budget_s),
-            run_config=tune.RunConfig(
-                name="search", storage_path=run.tune_path, verbose=0,
-                failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                callbacks=[StoreCallback(run.path, s.num_candidates)],
-                stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))))
-
-    _tuner("search", run, trainable, restore, make, resume_unfinished=False, resume_errored=False).fit()
+    tune_settings()
+    shutil.rmtree(os.path.join(run.tune_path, "search"), ignore_errors=True)
+    searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler), s.num_candidates, run.path)
+    tune.Tuner(
+        _trainable(evaluate_candidate, payload(prep, run), cfg),
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, s.max_concurrent_trials), scheduler=TopKScheduler(s.top_k, run.path),
+            num_samples=-1, reuse_actors=True, trial_dirname_creator=_candidate_dirname, time_budget_s=s.time_budget_s),
+        run_config=tune.RunConfig(
+            name="search", storage_path=run.tune_path, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            callbacks=[StoreCallback(run.path, s.num_candidates)],
+            stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10))))).fit()
     store = CandidateStore(run.path)
     store.compact()
     records = store.records()
@@ -106,7 +92,10 @@ def run_search(prep: Prepared, run: RunDir, restore: bool) -> list[CandidateReco
 
 
 def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restore: bool):
-    """Stage 2: fine-tune the finalists in parallel (ASHA or FIFO); return Tune's ResultGrid."""
+    """Stage 2: fine-tune the finalists in parallel (ASHA or FIFO); return Tune's ResultGrid.
+
+    When resuming, Tune's experiment is restored: every finalist continues from its last epoch checkpoint.
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -114,14 +103,18 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
 
     cfg = prep.cfg
     f = cfg.finetune
-    quiet_tune()
+    tune_settings()
     trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg)
-
-    def make():
+    path = os.path.join(run.tune_path, "finetune")
+    if restore and tune.Tuner.can_restore(path):
+        print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
         scheduler = (ASHAScheduler(time_attr="epoch", metric="val_accuracy", mode="max", max_t=f.epochs,
                                    grace_period=min(f.grace_epochs, f.epochs), reduction_factor=3)
                      if f.scheduler == "asha" else FIFOScheduler())
-        return tune.Tuner(
+        tuner = tune.Tuner(
             trainable, param_space={"rank": tune.grid_search(list(range(1, len(top) + 1)))},
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials,
                                         reuse_actors=True, trial_dirname_creator=_finalist_dirname),
@@ -129,7 +122,5 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[FinetuneProgress()]))
-
-    tuner = _tuner("finetune", run, trainable, restore, make, resume_unfinished=True, resume_errored=True)
     print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler})", flush=True)
     return tuner.fit()

@@ -86,9 +86,10 @@ class CandidateStore:
             self._known = set(self.read(report=lambda m: None).column("index").to_pylist())
         return self._known
 
-    def records(self) -> list[CandidateRecord]:
-        """All stored candidates, in index order."""
-        return sorted((CandidateRecord.from_dict(row) for row in self.read().to_pylist()), key=lambda r: r.index)
+    def records(self, report=None) -> list[CandidateRecord]:
+        """All stored candidates, in index order (damaged parts skipped and reported, as by read())."""
+        rows = self.read(report).to_pylist()
+        return sorted((CandidateRecord.from_dict(row) for row in rows), key=lambda r: r.index)
 
     def compact(self) -> None:
         """Fold all parts into one file (written before the old parts are removed)."""

@@ -43,7 +43,7 @@ class TrialPayload:
 
     @property
     def device(self) -> str:
-        """cuda when the trial holds a GPU, else cpu."""
+        """cuda when the trial holds a GPU and this node has one, else cpu (the record's warning says so)."""
         return "cuda" if self.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
 
 
@@ -79,6 +79,9 @@ def evaluate_candidate(config: dict, payload: TrialPayload) -> None:
     except Exception as e:  # recorded as a failed candidate; the search goes on
         record = CandidateRecord.failed(index, ratios, f"{type(e).__name__}: {e}")
     record.node = ray.get_runtime_context().get_node_id()[:12]
+    if payload.gpus_per_trial > 0 and record.device == "cpu":
+        record.warning = "; ".join(filter(None, [record.warning, "the trial holds a Ray GPU but this node has no CUDA "
+                                                                  "device: evaluated on the CPU"]))
     tune.report(record.to_dict())
 
 

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 import time
 
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
-from prunetune.workers.files import atomic_write, write_json
+from prunetune.workers.files import write_json
 from prunetune.workers.record import CandidateRecord, best
 
 from .algorithms import SearchAlgorithm
@@ -23,19 +22,16 @@ from .store import CandidateStore, sha256
 class StrategySearcher(Searcher):
     """Numbers the candidates and asks a search algorithm for each one's strategy (Tune's side of `algorithms`).
 
-    save/restore keep the seed and the next candidate number. After a restore, numbers below it that never
-    reached the results store (in flight when the driver died) are handed out again, numbers already in the store
-    never are, and every stored record is replayed through the algorithm's `observe`, so every candidate is
-    evaluated once and the algorithm continues from what the store holds.
+    The results store is the search's state: before the first suggestion every stored record is replayed
+    through the algorithm's `observe`, and candidates already stored are never handed out again, so a resumed
+    search evaluates exactly the candidates that are missing and each candidate is stored once.
     """
 
-    def __init__(self, algorithm: SearchAlgorithm, seed: int, num_candidates: int, output_dir: str,
-                 metric: str = "score", mode: str = "max"):
+    def __init__(self, algorithm: SearchAlgorithm, num_candidates: int, output_dir: str, metric: str = "score",
+                 mode: str = "max"):
         super().__init__(metric=metric, mode=mode)
-        self.algorithm, self.seed, self.num_candidates, self.output_dir = algorithm, seed, num_candidates, output_dir
+        self.algorithm, self.num_candidates, self.output_dir = algorithm, num_candidates, output_dir
         self.next_index = 0
-        self.retry: list[int] = []
-        self.pending: dict[str, int] = {}
         self._stored: set[int] | None = None
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -43,69 +39,28 @@ class StrategySearcher(Searcher):
 
     def _done(self) -> set[int]:
         if self._stored is None:
-            self._stored = CandidateStore(self.output_dir).indices()
+            records = CandidateStore(self.output_dir).records()
+            for record in records:
+                self.algorithm.observe(record)
+            self._stored = {r.index for r in records}
         return self._stored
 
     def suggest(self, trial_id: str):
         done = self._done()
-        while self.retry and self.retry[0] in done:
-            self.retry.pop(0)
-        if self.retry:
-            index = self.retry.pop(0)
-        else:
-            while self.next_index < self.num_candidates and self.next_index in done:
-                self.next_index += 1
-            if self.next_index >= self.num_candidates:
-                return Searcher.FINISHED
-            index = self.next_index
+        while self.next_index < self.num_candidates and self.next_index in done:
             self.next_index += 1
-        self.pending[trial_id] = index
+        if self.next_index >= self.num_candidates:
+            return Searcher.FINISHED
+        index = self.next_index
+        self.next_index += 1
         return {"index": index, "ratios": self.algorithm.propose(index)}
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-        self.pending.pop(trial_id, None)
         if result and "index" in result and "status" in result:
             self.algorithm.observe(CandidateRecord.from_dict(result))
 
-    def get_state(self) -> dict:
-        return {"seed": self.seed, "next_index": self.next_index, "num_candidates": self.num_candidates}
-
-    def set_state(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"search.seed: the saved search used seed {state['seed']}, not {self.seed}")
-        self.next_index = state["next_index"]
-        self._stored = None  # re-read the store: it is the record of what finished
-        stored = CandidateStore(self.output_dir).records()
-        for record in stored:
-            self.algorithm.observe(record)
-        self.retry = sorted(set(range(self.next_index)) - self._done())
-        self.pending = {}
-
     def save(self, checkpoint_path: str) -> None:
-        state = self.get_state()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                pickle.dump(state, f)
-
-        atomic_write(checkpoint_path, write)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
-
-
-class ResumableLimiter(ConcurrencyLimiter):
-    """Tune's ConcurrencyLimiter, except that a restore forgets the trials that were in flight.
-
-    A restored search skips those trials (resume_unfinished=False) without telling the limiter, which would
-    then wait for them forever; the StrategySearcher hands their candidates out again instead.
-    """
-
-    def set_state(self, state: dict) -> None:
-        super().set_state(state)
-        self.live_trials = set()
-        self.num_unfinished_live_trials = 0
+        """Nothing to save: the results store is the search's state (Tune's search experiment is never restored)."""
 
 
 def leaderboard_path(output_dir: str) -> str:

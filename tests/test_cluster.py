@@ -15,14 +15,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from prunetune.search.cli import main  # noqa: E402
 from prunetune.search.store import CandidateStore  # noqa: E402
-
-
-def _small(tmp_path, *extra):
-    overrides = [f"output.dir={tmp_path / 'run'}", f"output.cache_dir={tmp_path / 'cache'}", "model.pretrain_epochs=2",
-                 "search.num_candidates=8", "search.top_k=1", "evaluation.calibration_batches=3",
-                 "evaluation.batch_size=64", "evaluation.heldout_size=150", "finetune.epochs=1",
-                 "finetune.scheduler=fifo", *extra]
-    return sum((["--set", o] for o in overrides), [])
+from tests.runs import run_args  # noqa: E402
 
 
 def test_candidates_spread_over_gpu_nodes(tmp_path):
@@ -32,8 +25,8 @@ def test_candidates_spread_over_gpu_nodes(tmp_path):
         for _ in range(2):
             cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1")
         ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
-        code = main(["run", *_small(tmp_path, "resources.gpus_per_trial=0.5", "resources.cpus_per_trial=0.5",
-                                    "search.max_concurrent_trials=4")])
+        code = main(run_args(tmp_path, "resources.gpus_per_trial=0.5", "resources.cpus_per_trial=0.5",
+                             "search.max_concurrent_trials=4"))
         assert code == 0
         records = CandidateStore(str(tmp_path / "run")).records()
         assert sorted(r.index for r in records) == list(range(8))
@@ -48,9 +41,10 @@ def test_candidates_spread_over_gpu_nodes(tmp_path):
 def test_gpu_trials_on_a_cluster_without_gpus_are_refused(tmp_path, capsys):
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        code = main(["run", *_small(tmp_path, "resources.gpus_per_trial=1")])
+        code = main(run_args(tmp_path, "resources.gpus_per_trial=1"))
         assert code == 2
-        assert "resources.gpus_per_trial: 1.0 GPU per trial, but the Ray cluster has 0 GPU" in capsys.readouterr().err
+        assert "resources.gpus_per_trial: 1 GPU per trial, but the Ray cluster has 0 GPU" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()  # refused before anything was written
     finally:
         ray.shutdown()
 
@@ -67,7 +61,7 @@ def _decoys(tmp_path):
 def test_a_users_search_py_and_workers_package_do_not_shadow_prunetune(tmp_path):
     decoys = _decoys(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(decoys)}
-    proc = subprocess.run([sys.executable, "-m", "prunetune", "run", *_small(tmp_path, "ray.num_cpus=2")], cwd=decoys,
+    proc = subprocess.run([sys.executable, "-m", "prunetune", *run_args(tmp_path, "ray.num_cpus=2")], cwd=decoys,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "decoy" not in proc.stdout + proc.stderr and "best model:" in proc.stdout
@@ -120,7 +114,7 @@ def test_submit_status_logs_against_a_local_head(local_head, tmp_path, capsys, m
             assert time.time() < deadline, "the local head's job API did not come up"
             time.sleep(1)
     decoys = _decoys(tmp_path)  # the job's working dir holds a search.py and a workers/ package of the user's
-    code = main(["submit", *_small(tmp_path), "--address", local_head, "--python", sys.executable,
+    code = main(["submit", *run_args(tmp_path)[1:], "--address", local_head, "--python", sys.executable,
                  "--working-dir", str(decoys)])
     assert code == 0
     job_id = capsys.readouterr().out.split()[0]

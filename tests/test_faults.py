@@ -11,14 +11,7 @@ import torch
 from prunetune.search.cli import main
 from prunetune.search.store import CandidateStore
 from tests.faults import worker_faults
-
-
-def _args(tmp_path, n=8, *extra):
-    overrides = [f"output.dir={tmp_path / 'run'}", f"output.cache_dir={tmp_path / 'cache'}", "model.pretrain_epochs=2",
-                 f"search.num_candidates={n}", "search.top_k=1", "evaluation.calibration_batches=3",
-                 "evaluation.batch_size=64", "evaluation.heldout_size=150", "finetune.epochs=1",
-                 "finetune.scheduler=fifo", *extra]
-    return ["run", *sum((["--set", o] for o in overrides), [])]
+from tests.runs import run_args
 
 
 @contextlib.contextmanager
@@ -32,7 +25,7 @@ def embedded_ray(**faults):
 
 def test_a_worker_process_that_dies_is_retried(tmp_path):
     with embedded_ray(crash_at=3, markers=tmp_path):
-        assert main(_args(tmp_path, 8, "search.max_failures=2")) == 0
+        assert main(run_args(tmp_path, "search.max_failures=2")) == 0
     assert (tmp_path / "crashed-3").exists()  # the worker did die on candidate 3
     records = CandidateStore(str(tmp_path / "run")).records()
     assert [r.index for r in records] == list(range(8))
@@ -41,7 +34,7 @@ def test_a_worker_process_that_dies_is_retried(tmp_path):
 
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path):
     with embedded_ray(fail_at=2):
-        assert main(_args(tmp_path, 8)) == 0
+        assert main(run_args(tmp_path)) == 0
     records = {r.index: r for r in CandidateStore(str(tmp_path / "run")).records()}
     assert sorted(records) == list(range(8))
     assert records[2].status == "failed" and records[2].error == "RuntimeError: injected failure"
@@ -57,7 +50,7 @@ def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
         model.fc.bias.fill_(float("nan"))  # every pruned network then has a NaN loss
     torch.save(model.state_dict(), tmp_path / "nan.pt")
     with embedded_ray():
-        code = main(_args(tmp_path, 40, f"model.checkpoint={tmp_path / 'nan.pt'}"))
+        code = main(run_args(tmp_path, f"model.checkpoint={tmp_path / 'nan.pt'}", candidates=40))
     err = capsys.readouterr().err
     assert code == 1
     assert "search stopped:" in err and "candidates failed" in err and "held-out loss is nan" in err
@@ -75,8 +68,8 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
         ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False,
                  runtime_env=worker_faults(delay_s=1.0))
         result = {}
-        args = _args(tmp_path, 12, "search.max_failures=3", "search.max_concurrent_trials=4",
-                     "resources.cpus_per_trial=1")
+        args = run_args(tmp_path, "search.max_failures=3", "search.max_concurrent_trials=4",
+                        "resources.cpus_per_trial=1", candidates=12)
         driver = threading.Thread(target=lambda: result.setdefault("code", main(args)))
         driver.start()
         store = CandidateStore(str(tmp_path / "run"))
@@ -97,7 +90,7 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
 def test_a_time_budget_ends_the_search_and_the_best_so_far_are_fine_tuned(tmp_path):
     # 40 candidates of at least 5 s each on 2 trials need 100 s or more: a 30 s budget must end the search early
     with embedded_ray(delay_s=5.0):
-        assert main(_args(tmp_path, 40, "search.time_budget_s=30")) == 0
+        assert main(run_args(tmp_path, "search.time_budget_s=30", candidates=40)) == 0
     records = CandidateStore(str(tmp_path / "run")).records()
     assert 1 <= len(records) < 40
     summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))

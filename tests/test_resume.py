@@ -16,14 +16,9 @@ import pytest
 
 from prunetune.search.store import CandidateStore
 from tests.faults import ROOT
+from tests.runs import as_args, small
 
 N = 8
-
-
-def _overrides(run, cache):
-    return [f"output.dir={run}", f"output.cache_dir={cache}", "model.pretrain_epochs=2", f"search.num_candidates={N}",
-            "search.top_k=2", "evaluation.calibration_batches=3", "evaluation.batch_size=64",
-            "evaluation.heldout_size=150", "finetune.epochs=3", "finetune.scheduler=fifo", "ray.num_cpus=2"]
 
 
 def _start(args, output, pause_between_stages=0.0, **faults):
@@ -34,7 +29,7 @@ def _start(args, output, pause_between_stages=0.0, **faults):
 
 
 def _run_args(run, cache):
-    return ["run", *sum((["--set", o] for o in _overrides(run, cache)), [])]
+    return ["run", *as_args(small(run, cache, "ray.num_cpus=2", candidates=N, top_k=2, epochs=3))]
 
 
 def _kill(proc):

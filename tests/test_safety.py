@@ -13,13 +13,13 @@ from prunetune.search.cli import main
 from prunetune.search.rundir import RunDir, RunLockedError
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import CandidateRecord
+from tests.runs import run_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(tmp_path, *overrides):
-    return main(["run", "--set", f"output.dir={tmp_path / 'run'}", "--set", f"output.cache_dir={tmp_path / 'cache'}",
-                 *sum((["--set", o] for o in overrides), [])])
+    return main(run_args(tmp_path, *overrides))
 
 
 class _Code:

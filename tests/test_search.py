@@ -12,6 +12,7 @@ from prunetune.search.cli import main
 from prunetune.search.prepare import trained_base
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
+from tests.runs import as_args, small
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +25,8 @@ def ray_session():
 @pytest.fixture(scope="module")
 def finished_run(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
-    overrides = [f"output.dir={tmp / 'run'}", f"output.cache_dir={tmp / 'cache'}", "model.pretrain_epochs=3",
-                 "search.num_candidates=6", "search.top_k=2", "evaluation.calibration_batches=4",
-                 "evaluation.batch_size=64", "evaluation.heldout_size=200", "finetune.epochs=2",
-                 "finetune.scheduler=fifo", "search.max_concurrent_trials=2"]
-    code = main(["run", *sum((["--set", o] for o in overrides), [])])
+    overrides = small(tmp / "run", tmp / "cache", candidates=6, top_k=2, epochs=2)
+    code = main(["run", *as_args(overrides)])
     assert code == 0
     return tmp / "run", overrides
 
@@ -84,10 +82,10 @@ def test_report_and_export(finished_run, capsys, tmp_path):
 def test_a_second_run_into_the_same_directory_is_refused(finished_run, capsys):
     run, overrides = finished_run
     before = sorted(os.listdir(run))
-    assert main(["run", *sum((["--set", o] for o in overrides), [])]) == 2
+    assert main(["run", *as_args(overrides)]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "prunetune resume" in err
-    assert main(["run", *sum((["--set", o] for o in overrides + ["search.target=0.4"]), [])]) == 2
+    assert main(["run", *as_args(overrides + ["search.target=0.4"])]) == 2
     assert "holds a different run" in capsys.readouterr().err
     assert sorted(os.listdir(run)) == before
 

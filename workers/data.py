@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -81,9 +81,7 @@ class LazyImageFolder(Dataset):
         return LazyImageFolder(self.files, self.labels, self.size, augment=True)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
+        with _open_image(self.files[i]) as im:
             im = im.convert("RGB")
             im = _random_resized_crop(im, self.size) if self.augment else _center_crop(im, self.size)
         x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
@@ -154,6 +152,7 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, int, int]
     train_augmented: Dataset
+    notes: list[str] = field(default_factory=list)  # what the loader noticed and the user should hear about
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A zero batch of the input shape (for tracing and FLOPs counting)."""
@@ -266,8 +265,13 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None) -> Da
     files, labels, classes = _list_images(train_root)
     if len(classes) < 2 or not files:
         raise DataError(f"data.path: no images found in {train_root} (expected <class>/*.jpg|png, two classes or more)")
+    notes = []
     if test_root:
         test_files, test_labels, _ = _list_images(test_root, classes)
+        extra = sorted(set(d for d in os.listdir(test_root) if os.path.isdir(os.path.join(test_root, d))) - set(classes))
+        if extra:
+            notes.append(f"data.path: test class{'es' if len(extra) > 1 else ''} {', '.join(extra)} of {test_root} "
+                         f"{'have' if len(extra) > 1 else 'has'} no training images and {'are' if len(extra) > 1 else 'is'} left out")
     else:  # no test split on disk: hold out a seeded 10%
         perm = np.random.default_rng(0).permutation(len(files))
         cut = max(1, len(files) // 10)
@@ -277,48 +281,64 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None) -> Da
         raise DataError(f"data.path: no test images in {test_root}")
     from PIL import Image
 
-    with Image.open(files[0]) as im:
+    with _open_image(files[0]) as im:
         native = min(im.size)
     size = image_size or (native if native <= 64 else 224)
     if size > 64:
         shape = (3, size, size)
         train = LazyImageFolder(files, labels, size)
         return DataBundle(train, LazyImageFolder(test_files, test_labels, size), len(classes), shape,
-                          train.augmented())
-    train_x = _decode_small(files, size, cache_dir)
-    test_x = _decode_small(test_files, size, cache_dir)
+                          train.augmented(), notes)
+    train_x, test_x = _decode_small([files, test_files], size, cache_dir)
     scaled = train_x[: min(len(train_x), 10000)].float() / 255
     mean = scaled.mean(dim=(0, 2, 3)).tolist()
     std = scaled.std(dim=(0, 2, 3)).tolist()
     train = TensorImages(train_x, torch.tensor(labels), mean, std, pad=size // 8, flip=True)
     test = TensorImages(test_x, torch.tensor(test_labels), mean, std)
-    return DataBundle(train, test, len(classes), (3, size, size), train.augmented())
+    return DataBundle(train, test, len(classes), (3, size, size), train.augmented(), notes)
 
 
-def _decode_small(files: list[str], size: int, cache_dir: str | None) -> torch.Tensor:
-    """Decode small images once into uint8 [N, 3, size, size]; cached as .npy keyed by the file list."""
+def _open_image(path: str):
+    """Pillow's image of a file, or a DataError naming the file that is not an image Pillow can read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"data.path: cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None) -> list[torch.Tensor]:
+    """Decode small images once into uint8 [N, 3, size, size] per list; cached as .npy keyed by each file list,
+    written only once every list has decoded (a bad image leaves no cache behind)."""
     from PIL import Image
 
-    key = hashlib.sha1(("\n".join(files) + f"|{size}").encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"imagefolder-{key}.npy") if cache_dir else None
-    if cache and os.path.isfile(cache):
-        arr = np.load(cache, allow_pickle=False)
-        if arr.shape == (len(files), 3, size, size):
-            return torch.from_numpy(arr)
-    arr = np.empty((len(files), 3, size, size), dtype=np.uint8)
-    for i, f in enumerate(files):
-        with Image.open(f) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = _center_crop(im, size) if min(im.size) > size else im.resize((size, size), Image.BILINEAR)
-            arr[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    if cache:
-        def save(tmp: str) -> None:
+    arrays, missing = [], []
+    for files in file_lists:
+        key = hashlib.sha1(("\n".join(files) + f"|{size}").encode()).hexdigest()[:16]
+        cache = os.path.join(cache_dir, f"imagefolder-{key}.npy") if cache_dir else None
+        arr = np.load(cache, allow_pickle=False) if cache and os.path.isfile(cache) else None
+        if arr is None or arr.shape != (len(files), 3, size, size):
+            arr = np.empty((len(files), 3, size, size), dtype=np.uint8)
+            for i, f in enumerate(files):
+                with _open_image(f) as im:
+                    im = im.convert("RGB")
+                    if im.size != (size, size):
+                        im = _center_crop(im, size) if min(im.size) > size else im.resize((size, size), Image.BILINEAR)
+                    arr[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+            if cache:
+                missing.append((cache, arr))
+        arrays.append(arr)
+    for cache, arr in missing:
+        def save(tmp: str, arr=arr) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, arr)
 
         atomic_write(cache, save)
-    return torch.from_numpy(arr)
+    return [torch.from_numpy(a) for a in arrays]
 
 
 def _from_factory(spec: str, kwargs: dict) -> DataBundle:
@@ -328,21 +348,33 @@ def _from_factory(spec: str, kwargs: dict) -> DataBundle:
         fn = resolve_factory(spec, "data.name")
     except ModelError as e:
         raise DataError(str(e)) from None
-    out = fn(**kwargs)
+    try:
+        out = fn(**kwargs)
+    except Exception as e:
+        raise DataError(f"data.kwargs: {spec}(**{kwargs}) failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+            from None
     if isinstance(out, DataBundle):
         return out
+    expected = f"data.name: {spec} must return a DataBundle or (train, test, num_classes): two datasets and an int"
+    if not (isinstance(out, (tuple, list)) and len(out) == 3):
+        raise DataError(f"{expected}; it returned {type(out).__name__}")
+    train, test, num_classes = out
+    if not all(hasattr(d, "__len__") and hasattr(d, "__getitem__") for d in (train, test)) or \
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise DataError(f"{expected}; it returned ({', '.join(type(v).__name__ for v in out)})")
     try:
-        train, test, num_classes = out
-    except (TypeError, ValueError):
-        raise DataError(f"data.name: {spec} must return a DataBundle or (train, test, num_classes)") from None
-    x0, _ = train[0]
+        x0, _ = train[0]
+    except Exception as e:
+        raise DataError(f"{expected}; its training set's first item is not an (image, label) pair ({e})") from None
     return DataBundle(train, test, int(num_classes), tuple(x0.shape), train)
 
 
-def heldout_split(n_train: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded held-out subset of the training indices and the disjoint rest (for calibration and training)."""
-    if not 0 < size < n_train:
-        raise DataError(f"evaluation.heldout_size: must be in [1, {n_train - 1}] for this training set, got {size}")
+def heldout_split(n_train: int, size: int, seed: int, keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded held-out subset of the training indices and the disjoint rest, which keeps at least `keep` images
+    (one calibration batch) for BN calibration and fine-tuning."""
+    if not 0 < size <= n_train - keep:
+        raise DataError(f"evaluation.heldout_size: must be in [1, {n_train - keep}] for this training set of {n_train} "
+                        f"images (at least {keep} stay for calibration and fine-tuning), got {size}")
     perm = np.random.default_rng([seed, 7]).permutation(n_train)
     return np.sort(perm[:size]), perm[size:]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Callable
 
 
@@ -44,3 +45,20 @@ def write_text(path: str, text: str, durable: bool = False) -> None:
 def write_json(path: str, obj, durable: bool = False) -> None:
     """Write JSON atomically (indented, non-JSON values as strings)."""
     write_text(path, json.dumps(obj, indent=1, default=str), durable)
+
+
+def unwritable(path: str) -> str | None:
+    """Why directory `path` cannot be created or written, or None; the probe leaves nothing behind."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "it is a file, not a directory"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".prunetune-probe-"))
+    except OSError as e:
+        return f"{e.strerror or e} in {existing}"
+    return None

@@ -45,6 +45,9 @@ def output_width(model: nn.Module, example_inputs: torch.Tensor) -> int:
     try:
         with torch.no_grad():
             out = model.eval()(example_inputs)
+    except Exception as e:
+        raise SpaceError(f"model: the forward pass fails on an input of shape {tuple(example_inputs.shape)} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

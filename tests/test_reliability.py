@@ -1,0 +1,188 @@
+"""Reliability without Ray: bad input refused in one line (never a traceback), nothing of the user's deleted or
+overwritten, read-only commands write nothing, and the cheap checks before anything expensive."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from prunetune import load_config
+from prunetune.search.cli import main
+from prunetune.search.rundir import RunDir
+from prunetune.search.store import CandidateStore
+from prunetune.workers.record import CandidateRecord
+from tests.faults import ROOT
+from tests.runs import as_args, run_args
+
+
+def _one_line_exit_2(capsys, argv, fragment):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("prunetune: error: ") and fragment in err and len(err.splitlines()) == 1, err
+
+
+def _imagefolder(root, bad_name, bad_bytes):
+    for cls in ("a", "b"):
+        os.makedirs(root / "train" / cls)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / "train" / cls / f"{i}.png")
+    (root / "train" / "a" / bad_name).write_bytes(bad_bytes)
+    return root
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["search.seed=-1"], "search.seed: -1 is outside the allowed range [0, inf]"),
+    (["evaluation.seed=-3"], "evaluation.seed: -3 is outside the allowed range [0, inf]"),
+    (["finetune.momentum=0"], "finetune.momentum: 0 does not go with finetune.nesterov: true"),
+    (["model.kwargs={foo: 1}"], "model.kwargs: building digits_cnn with"),
+    (["model.kwargs={width: 0}"], "model: the forward pass fails on an input of shape (1, 1, 8, 8)"),
+    (["model.name=os:getcwd"], "model.name: os:getcwd returned a str, not a torch.nn.Module"),
+    (["data.name=os:getloadavg"], "data.name: os:getloadavg must return a DataBundle or (train, test, num_classes)"),
+    (["data.name=imagefolder", "data.path={folder:broken.jpg}"], "data.path: cannot read image"),
+    (["data.name=imagefolder", "data.path={folder:notes.png}"], "data.path: cannot read image"),
+    (["output.dir={file}"], "is a file, not a directory"),
+    (["output.dir=/proc/prunetune-test/run"], "output.dir: cannot write to /proc/prunetune-test/run"),
+    (["output.cache_dir=/proc/prunetune-test"], "output.cache_dir: cannot write to /proc/prunetune-test"),
+    (["model.checkpoint={dir}"], "model.checkpoint: {dir} is a directory, not a checkpoint file"),
+    (["evaluation.heldout_size=1400"], "evaluation.heldout_size: must be in [1, 1374]"),  # 64 stay (batch_size)
+    (["search.flops_target=0.4"], "search.flops_target: renamed to search.target"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, overrides, fragment):
+    (tmp_path / "file").write_text("a file\n")
+    (tmp_path / "dir").mkdir()
+    folders = {"broken.jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "notes.png": b"meeting notes\n"}
+    values = {"{file}": str(tmp_path / "file"), "{dir}": str(tmp_path / "dir")}
+    for name, content in folders.items():
+        values[f"{{folder:{name}}}"] = str(_imagefolder(tmp_path / name, name, content))
+    overrides = [o for o in overrides]
+    for key, value in values.items():
+        overrides = [o.replace(key, value) for o in overrides]
+        fragment = fragment.replace(key, value)
+    before = sorted(os.listdir(tmp_path))
+    _one_line_exit_2(capsys, run_args(tmp_path, *overrides), fragment)
+    assert sorted(os.listdir(tmp_path)) == before  # no run directory, no cache
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"search:\n  target: 0.4\n  target: 0.5\n", "duplicate key 'target'"),
+    (b"search:\n  target: 0.4 \xff\n", "is not UTF-8 text"),
+])
+def test_bad_config_files_are_one_line(tmp_path, capsys, content, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    _one_line_exit_2(capsys, ["run", str(path), *as_args([f"output.dir={tmp_path / 'run'}"])], fragment)
+    _one_line_exit_2(capsys, ["run", str(tmp_path), *as_args([f"output.dir={tmp_path / 'run'}"])],
+                     f"config: {tmp_path} is a directory, not a YAML file")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["inspect", "--model", "resnet20", "--input-shape", "a,b,c"], "--input-shape: expected C,H,W"),
+    (["inspect", "--model", "resnet20", "--input-shape", "1,2"], "--input-shape: expected C,H,W"),
+    (["inspect", "--model", "resnet20", "--num-classes", "0"], "--num-classes: 0 is not allowed"),
+    (["inspect", "--model", "resnet20", "--round-to", "0"], "--round-to: 0 is not allowed"),
+])
+def test_bad_inspect_arguments_are_one_line(capsys, argv, fragment):
+    _one_line_exit_2(capsys, argv, fragment)
+
+
+def test_settings_that_mean_nothing_or_open_the_dashboard_are_warned_about():
+    from prunetune.search.config import config_warnings
+
+    warned = config_warnings(load_config(None, ["data.path=/data", "ray.dashboard_host=0.0.0.0"]))
+    assert warned == ["data.path is ignored for data set 'digits'",
+                      "ray.dashboard_host: 0.0.0.0 opens Ray's dashboard and job API to the network; anyone who "
+                      "reaches it can run code on this machine"]
+    assert config_warnings(load_config()) == []
+
+
+def _finished_looking_run(tmp_path) -> RunDir:
+    """A run directory with every kind of file a run writes (no search needed to test what removes them)."""
+    run = RunDir(str(tmp_path / "run"))
+    run.create(load_config(None, [f"output.dir={run.path}"]), overwrite=False)
+    part = CandidateStore(run.path).append([CandidateRecord(0, [0.1] * 4, score=0.5, flops=1, params=1)])
+    run.update(candidates={"rows": 1, "parts": {os.path.basename(part): "x"}}, stage="done")
+    for name in ("leaderboard.json", "report.md", "report.png"):
+        (tmp_path / "run" / name).write_text("written by the run")
+    os.makedirs(os.path.join(run.final_path))
+    for name in ("rank1.pt", "rank1.onnx"):
+        (tmp_path / "run" / "final" / name).write_text("written by the run")
+    base = {"test_accuracy": 0.9, "flops": 1, "params": 1, "latency_ms_batch1": 1.0}
+    (tmp_path / "run" / "final" / "summary.json").write_text(json.dumps({"base": base, "final": []}))
+    os.makedirs(os.path.join(run.tune_path, "search", "cand-000000"))
+    return run
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path, capsys):
+    run = _finished_looking_run(tmp_path)
+    (tmp_path / "run" / "NOTES.txt").write_text("mine")
+    (tmp_path / "run" / "my_data").mkdir()
+    (tmp_path / "run" / "my_data" / "x.csv").write_text("mine")
+    (tmp_path / "run" / "final" / "my_export.onnx").write_text("mine")
+    run.create(load_config(None, [f"output.dir={run.path}"]), overwrite=True)
+    left = sorted(os.path.relpath(os.path.join(d, f), run.path) for d, _, files in os.walk(run.path) for f in files)
+    assert left == ["NOTES.txt", "config.yaml", "final/my_export.onnx", "manifest.json", "my_data/x.csv"]
+
+
+@pytest.mark.parametrize("files, fragment", [
+    ({"manifest.json": '{"tool": "webpack", "version": 5}', "src/app.js": "x", "index.html": "x"},
+     "manifest.json was not written by prunetune"),
+    ({"manifest.json": "not json at all", "index.html": "x"}, "manifest.json is not a prunetune run manifest"),
+    ({"src/app.js": "x", "index.html": "x"}, "is not empty and holds no prunetune run"),
+])
+def test_overwrite_never_touches_a_directory_that_is_not_a_run(tmp_path, capsys, files, fragment):
+    out = tmp_path / "site"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    _one_line_exit_2(capsys, ["run", *as_args([f"output.dir={out}", f"output.cache_dir={tmp_path / 'cache'}"]),
+                              "--overwrite"], fragment)
+    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == set(files)
+
+
+@pytest.mark.parametrize("command", ["report", "status", "resume"])
+def test_a_manifest_that_is_not_ours_is_one_line_for_every_command(tmp_path, capsys, command):
+    (tmp_path / "manifest.json").write_text("{ not json")
+    _one_line_exit_2(capsys, [command, str(tmp_path)], "manifest.json is not a prunetune run manifest")
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json"]
+
+
+def test_read_only_commands_write_nothing_and_name_a_missing_run(tmp_path, capsys):
+    _one_line_exit_2(capsys, ["status", str(tmp_path)], "holds no prunetune run")
+    _one_line_exit_2(capsys, ["report", str(tmp_path)], "holds no prunetune run")
+    _one_line_exit_2(capsys, ["status", str(tmp_path / "runs" / "defualt")], "holds no prunetune run")
+    assert os.listdir(tmp_path) == []
+    run = _finished_looking_run(tmp_path)
+    before = {p: os.path.getmtime(os.path.join(d, p)) for d, _, files in os.walk(run.path) for p in files}
+    assert main(["status", run.path]) == 0 and main(["report", run.path]) == 0
+    assert {p: os.path.getmtime(os.path.join(d, p)) for d, _, files in os.walk(run.path) for p in files} == before
+
+
+def test_report_says_which_stored_candidates_are_missing(tmp_path, capsys):
+    run = _finished_looking_run(tmp_path)
+    for part in CandidateStore(run.path).parts():
+        os.remove(part)
+    assert main(["report", run.path]) == 0
+    out = capsys.readouterr().out
+    assert "listed in the manifest but missing" in out and "evaluates its candidates again" in out
+    assert "the manifest records 1 stored candidates, 1 of them are missing" in out
+
+
+def test_ctrl_c_while_the_base_model_trains_says_nothing_was_written(tmp_path):
+    args = run_args(tmp_path, "model.pretrain_epochs=500")
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stderr:  # the interrupt must land while the base model trains
+        if "fine-tune: epoch 1/500" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert "prunetune: interrupted before the run started; nothing was written" in err
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("base-*.pt"))
