@@ -12,7 +12,9 @@ PyPI's torchvision (see the README); a torch 2.14.1 + torchvision 0.29.1 virtual
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -93,9 +95,17 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated tv:NAME / timm:NAME (default: all torchvision + timm)")
     parser.add_argument("--timm", default="default", help="'all', 'none', 'default' or comma-separated names")
     parser.add_argument("--max-params-m", type=float, default=150.0)
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per model")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one model, print its row as JSON
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.one:
+        torch.set_num_threads(os.cpu_count() or 1)
+        data = load_data("synthetic", image_size=224, num_classes=10, train_size=48, test_size=8)
+        evaluation = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=8",
+                                        "evaluation.heldout_size=16", "evaluation.score_batch_size=16"]).evaluation
+        print(json.dumps(one(args.one, data, evaluation, args.max_params_m)))
+        return
     if args.models:
         names = args.models.split(",")
     else:
@@ -108,18 +118,23 @@ def main() -> None:
             chosen = timm.list_models() if args.timm == "all" else \
                 TIMM_DEFAULT if args.timm == "default" else args.timm.split(",")
             names += [f"timm:{n}" for n in chosen]
-    data = load_data("synthetic", image_size=224, num_classes=10, train_size=48, test_size=8)
-    evaluation = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=8",
-                                    "evaluation.heldout_size=16", "evaluation.score_batch_size=16"]).evaluation
     rows = []
-    for name in names:
-        rows.append(one(name, data, evaluation, args.max_params_m))
+    for name in names:  # one process per model: memory comes back, and a crash is one row
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--one", name, "--max-params-m", str(args.max_params_m)],
+                                  capture_output=True, text=True, timeout=args.timeout_s)
+            last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            rows.append(json.loads(last) if last.startswith("{") else
+                        {"model": name, "refusal": f"crashed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:100]}"})
+        except subprocess.TimeoutExpired:
+            rows.append({"model": name, "refusal": f"timed out after {args.timeout_s:g} s"})
         print(table(rows[-1:], list(rows[-1])), flush=True)
     columns = ["model", "groups", "left_out", "flops_error", "params_error", "prune_ms", "evaluates", "refusal"]
     print(table(rows, columns))
     exact = [r for r in rows if "flops_error" in r]
-    print(f"\n{len(rows)} models: {len(exact)} accepted, {sum(r['flops_error'] <= 1e-4 and r['params_error'] <= 1e-4 for r in exact)} "
-          f"of them exact to 1e-4; {len(rows) - len(exact)} refused or skipped")
+    print(f"\n{len(rows)} models: {len(exact)} accepted, "
+          f"{sum(r['flops_error'] <= 1e-4 and r['params_error'] <= 1e-4 for r in exact)} of them exact to 1e-4; "
+          f"{len(rows) - len(exact)} refused or skipped")
     print("saved", save("generality", {"rows": rows}))
 
 

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import save, table  # noqa: E402
 from prunetune import CandidateEvaluator, load_config  # noqa: E402
-from prunetune.search.prepare import prepare  # noqa: E402
+from prunetune.search.prepare import ensure_base, prepare  # noqa: E402
 from prunetune.search.stages import run_search  # noqa: E402
 from prunetune.search.rundir import RunDir  # noqa: E402
 
@@ -33,6 +33,7 @@ def main() -> None:
                  f"output.cache_dir={tmp}/cache", "model.pretrain_epochs=5"]
     cfg = load_config(None, overrides)
     prep = prepare(cfg)
+    ensure_base(prep)
     torch.set_num_threads(1)  # a trial with cpus_per_trial=0.5 gets one thread too
     evaluator = CandidateEvaluator(prep.model, prep.space, prep.data, cfg.evaluation, "cpu", cfg.search.criterion)
     strategies = [prep.sampler.sample(i) for i in range(args.candidates)]

@@ -1,6 +1,7 @@
 """The run, start to end: lock the run directory, start or join Ray, run (or continue) both stages, finalize.
 
-The flow: prepare.prepare() (before Ray) -> stages.run_search() -> stages.run_finetune() -> finalize.finalize().
+The flow: prepare.prepare() (checks, before Ray) -> cluster.connect() -> prepare.ensure_base() ->
+stages.run_search() -> stages.run_finetune() -> finalize.finalize().
 """
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ from prunetune.workers.record import best
 
 from .cluster import check_resources, connect
 from .finalize import finalize
-from .prepare import Prepared
+from .prepare import Prepared, ensure_base
 from .rundir import RunDir
 from .stages import run_finetune, run_search
 from .store import CandidateStore
 
 
 def launch(prep: Prepared, run: RunDir, address: str | None, restore: bool, overwrite: bool = False) -> dict:
-    """Connect to Ray (or start it) and check that it can run the trials, then take the run lock, run or continue
-    both stages, and let go of both. Nothing is written before the cluster has answered."""
+    """Connect to Ray (or start it) and check that it can run the trials, get the trained base model, then take
+    the run lock, run or continue both stages, and let go of both. Nothing is written before the cluster has
+    answered, and no base model is trained for trials that could never run."""
     started = connect(prep.cfg, address)
     try:
         check_resources(prep.cfg)
+        ensure_base(prep)
         run.acquire()
         try:
             if not restore:

@@ -1,7 +1,8 @@
-"""Everything the driver does before Ray starts: check every input, prove the space exact, get the base model.
+"""Everything the driver checks before Ray starts, and the base model it trains after.
 
-Cheap checks come before expensive ones: config, model name, data, held-out split, then the preflight on the
-untrained architecture (seconds), and only then training (or loading) the base model.
+Cheap checks come before expensive ones: writable output and cache, model name, data, held-out split, then
+the preflight on the untrained architecture (seconds). Only after Ray has started and can run the trials is
+the base model trained (or loaded from the cache): `ensure_base`.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ class Prepared:
 
     cfg: Config
     data: DataBundle
-    model: nn.Module
-    base_checkpoint: str
+    model: nn.Module  # the base architecture; trained weights once base_checkpoint is set
+    base_checkpoint: str | None
     space: PruningSpace
     sampler: StrategySampler
     spec: dict
@@ -80,7 +81,8 @@ def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num
 
 
 def prepare(cfg: Config, log=None) -> Prepared:
-    """Validate every input against the real model and data; train or load the base model."""
+    """Validate every input against the real model and data, in seconds and before Ray starts; the base model's
+    trained weights come later (ensure_base), unless a checkpoint was given."""
     log = log or sys.stderr
     for field, path in (("output.dir", cfg.output.dir), ("output.cache_dir", cfg.output.cache_dir)):
         reason = unwritable(expand(path))
@@ -99,9 +101,17 @@ def prepare(cfg: Config, log=None) -> Prepared:
     verdict = prove_space(cfg, model, data.example_input(), data.num_classes)
     for name, reason in verdict.left_out:
         warn(f"the group of {name} is not pruned ({reason})", log)
-    checkpoint = os.path.abspath(cfg.model.checkpoint) if cfg.model.checkpoint else trained_base(cfg, model, data, log)
+    checkpoint = os.path.abspath(cfg.model.checkpoint) if cfg.model.checkpoint else None
     return Prepared(cfg, data, model.eval(), checkpoint, verdict.space, make_sampler(cfg, verdict.space), spec,
                     verdict)
+
+
+def ensure_base(prep: Prepared, log=None) -> None:
+    """Give the prepared model its trained weights: the configured checkpoint (already loaded), a cached base
+    model for this recipe, or one trained now (the expensive step, after every check)."""
+    if prep.base_checkpoint is None:
+        prep.base_checkpoint = trained_base(prep.cfg, prep.model, prep.data, log)
+        prep.model.eval()
 
 
 def base_cache_path(cfg: Config, spec: dict) -> str:

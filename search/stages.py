@@ -48,11 +48,13 @@ def _finalist_dirname(trial) -> str:
 
 def failure_verdict(records: list[CandidateRecord], cfg: Config) -> str | None:
     """A message if no candidate succeeded or the failed fraction exceeds search.max_failed_fraction."""
+    if not records:
+        budget = f" within search.time_budget_s={cfg.search.time_budget_s:g}" if cfg.search.time_budget_s else ""
+        return f"search stopped: no candidate was evaluated{budget}; `prunetune resume` continues it"
     failed = [r for r in records if not r.ok]
-    if records and len(failed) / len(records) > cfg.search.max_failed_fraction or len(failed) == len(records):
-        last = failed[-1].error if failed else "no candidate was evaluated"
+    if len(failed) / len(records) > cfg.search.max_failed_fraction or len(failed) == len(records):
         return (f"search stopped: {len(failed)} of {len(records)} candidates failed (search.max_failed_fraction="
-                f"{cfg.search.max_failed_fraction}); last error: {last}")
+                f"{cfg.search.max_failed_fraction}); last error: {failed[-1].error}")
     return None
 
 

@@ -70,6 +70,14 @@ def test_a_users_search_py_and_workers_package_do_not_shadow_prunetune(tmp_path)
     assert "the decoy search.py was imported" in proc.stderr  # the decoys would be found if anything asked
 
 
+def test_a_plain_run_starts_its_own_ray_whatever_ray_address_says(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # a stale address of someone else's cluster
+    proc = subprocess.run([sys.executable, "-m", "prunetune", *run_args(tmp_path, "ray.num_cpus=2", candidates=2)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Connecting to existing Ray cluster" not in proc.stderr and "best model:" in proc.stdout
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -186,3 +186,11 @@ def test_ctrl_c_while_the_base_model_trains_says_nothing_was_written(tmp_path):
     assert proc.wait(timeout=60) == 130
     assert "prunetune: interrupted before the run started; nothing was written" in err
     assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("base-*.pt"))
+
+
+def test_an_address_where_no_cluster_answers_is_refused_in_seconds(tmp_path, capsys):
+    started = time.monotonic()
+    _one_line_exit_2(capsys, [*run_args(tmp_path), "--address", "127.0.0.1:1"],
+                     "--address: no Ray cluster answers at 127.0.0.1:1")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    assert time.monotonic() - started < 60  # refused before the base model is trained

@@ -123,3 +123,35 @@ def test_driver_killed_while_fine_tuning(reference, tmp_path):
     _finish(run, log_path)
     assert "[finetune] restoring the Tune experiment" in log_path.read_text()
     _assert_same_result(run, reference_run)
+
+
+def test_ctrl_c_during_the_search_stops_it_resumably(reference, tmp_path):
+    reference_run, cache = reference
+    run, log_path = tmp_path / "run", tmp_path / "driver.log"
+    store = CandidateStore(str(run))
+    with open(log_path, "ab") as log:
+        proc = _start(_run_args(run, cache), log, delay_s=1.0)
+        _wait_for(lambda: len(store.parts()) >= 3, proc, 180, "3 stored candidates")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+        assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+    assert f"interrupted; the run is kept as it was: continue it with `prunetune resume {run}`" in log_path.read_text()
+    assert json.load(open(run / "manifest.json"))["stage"] == "search"
+    assert 3 <= len(CandidateStore(str(run)).indices()) < N and not (run / "final").exists()
+    _finish(run, log_path)
+    _assert_same_result(run, reference_run)
+
+
+def test_ctrl_c_while_fine_tuning_stops_it_resumably(reference, tmp_path):
+    reference_run, cache = reference
+    run, log_path = tmp_path / "run", tmp_path / "driver.log"
+    checkpoints = run / "tune" / "finetune"
+    with open(log_path, "ab") as log:
+        proc = _start(_run_args(run, cache), log, delay_s=1.0)
+        _wait_for(lambda: checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*")), proc, 240,
+                  "a fine-tuning checkpoint")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+    assert json.load(open(run / "manifest.json"))["stage"] == "finetune"
+    assert not (run / "final" / "summary.json").exists()
+    _finish(run, log_path)
+    _assert_same_result(run, reference_run)

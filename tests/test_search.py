@@ -1,6 +1,7 @@
 """The search on an embedded Ray: end to end, top-k, report, export, refusing to clobber a run."""
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +13,7 @@ from prunetune.search.cli import main
 from prunetune.search.prepare import trained_base
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
-from tests.runs import as_args, small
+from tests.runs import as_args, run_args, small
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,54 @@ def test_a_base_model_trained_here_is_the_same_in_every_process(tmp_path):
         trained_base(cfg, model, data, log=open(os.devnull, "w"))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_export_never_overwrites_and_names_a_bad_destination(finished_run, capsys, tmp_path):
+    run, _ = finished_run
+    own = run / "final" / "rank1.pt"
+    before = own.read_bytes()
+    for target, fragment in ((own, "already exists; prunetune does not overwrite it"),
+                             (tmp_path / "no" / "such" / "m.pt", "--to: directory"),
+                             (tmp_path / "taken.ts", "already exists")):
+        if target.name == "taken.ts":
+            target.write_text("someone's file")
+        assert main(["export", str(run), "--format", "torchscript", "--to", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1
+    assert own.read_bytes() == before and (tmp_path / "taken.ts").read_text() == "someone's file"
+    assert main(["export", str(run), "--format", "torchscript", "--to", str(tmp_path)]) == 0
+    assert torch.jit.load(str(tmp_path / "rank1.torchscript.pt"))(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("stage, damage", [("done", "delete"), ("finetune", "truncate")])
+def test_resume_evaluates_again_what_the_manifest_has_but_the_disk_lost(finished_run, capsys, tmp_path, stage, damage):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run[0], run)
+    manifest = json.load(open(run / "manifest.json"))
+    json.dump({**manifest, "stage": stage}, open(run / "manifest.json", "w"))
+    part = next((run / "candidates.parquet").glob("part-*.parquet"))  # the run compacted its rows into one part
+    part.unlink() if damage == "delete" else part.write_bytes(part.read_bytes()[:100])
+    assert main(["resume", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "its candidates are evaluated again" in err and "best model:" in out
+    raw = pq.read_table(run / "candidates.parquet").column("index").to_pylist()
+    assert sorted(raw) == list(range(6))
+    summary = json.load(open(run / "final" / "summary.json"))
+    assert summary["search"]["candidates"] == 6 and len(summary["final"]) == 2
+    assert json.load(open(run / "manifest.json"))["stage"] == "done"
+
+
+def test_a_search_ended_by_its_time_budget_continues_with_a_new_budget(ray_session, tmp_path, capsys):
+    args = run_args(tmp_path, "search.time_budget_s=0.001", candidates=4)
+    assert main(args) == 1
+    assert "search stopped: no candidate was evaluated within search.time_budget_s=0.001" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "run"), "--set", "search.time_budget_s=600"]) == 0
+    assert sorted(r.index for r in CandidateStore(str(tmp_path / "run")).records()) == list(range(4))
+
+
+def test_trials_no_node_can_run_are_refused_before_anything_is_written(ray_session, tmp_path, capsys):
+    assert main(run_args(tmp_path, "resources.cpus_per_trial=4")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("prunetune: error: resources.cpus_per_trial: 4 CPU per trial, but the largest node of the Ray "
+                   "cluster has 2 CPU (or resources.autoscaling: true if the cluster adds nodes on demand)")
+    assert not (tmp_path / "run").exists()

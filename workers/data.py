@@ -279,8 +279,6 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None) -> Da
         files, labels = [files[i] for i in perm[cut:]], [labels[i] for i in perm[cut:]]
     if not test_files:
         raise DataError(f"data.path: no test images in {test_root}")
-    from PIL import Image
-
     with _open_image(files[0]) as im:
         native = min(im.size)
     size = image_size or (native if native <= 64 else 224)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .groups import OP, PARAMETER, ChannelGroup
-from .layers import kind_of
+from .layers import LayerKind, kind_of
 
 if TYPE_CHECKING:
     from .space import PruningSpace
@@ -72,7 +72,7 @@ class _Dim:
     """One sliced dimension of one layer (or bare parameter), with the groups that govern parts of it."""
 
     target: str
-    kind: str
+    layer: LayerKind | None  # None for a bare parameter
     role: str
     axis: int
     size: int
@@ -94,9 +94,10 @@ class PrunePlan:
                     continue
                 key = (mem.module, mem.role)
                 if key not in self.dims:
-                    size = (model.get_parameter(mem.module).shape[mem.axis] if mem.kind == PARAMETER else
-                            kind_of(self.modules[mem.module]).size(self.modules[mem.module], mem.role))
-                    self.dims[key] = _Dim(mem.module, mem.kind, mem.role, mem.axis, size, [])
+                    layer = None if mem.kind == PARAMETER else kind_of(self.modules[mem.module])
+                    size = (model.get_parameter(mem.module).shape[mem.axis] if layer is None else
+                            layer.size(self.modules[mem.module], mem.role))
+                    self.dims[key] = _Dim(mem.module, layer, mem.role, mem.axis, size, [])
                 self.dims[key].parts.append((gi, mem.idxs, mem.units))
 
     def pruned_units(self, ratios) -> list[np.ndarray]:
@@ -122,13 +123,12 @@ class PrunePlan:
 
     def _slices(self, d: _Dim, keep: np.ndarray) -> list[tuple[str, str, int, np.ndarray]]:
         """(owner module, tensor attribute, axis, indices) to index_select for one pruned dimension."""
-        if d.kind == PARAMETER:
+        if d.layer is None:
             owner, _, attr = d.target.rpartition(".")
             return [(owner, attr, d.axis, keep)]
         module = self.modules[d.target]
-        kind = kind_of(module)
-        local = kind.local_index(module, d.role, keep)
-        return [(d.target, attr, axis, local) for attr, axis in kind.tensors(module, d.role)]
+        local = d.layer.local_index(module, d.role, keep)
+        return [(d.target, attr, axis, local) for attr, axis in d.layer.tensors(module, d.role)]
 
     def apply(self, ratios) -> nn.Module:
         """A new, smaller dense copy of the base model pruned by `ratios`."""
@@ -146,9 +146,9 @@ class PrunePlan:
         pruned = _clone_module(self.model, memo)
         new_modules = dict(pruned.named_modules())
         for (target, role), idx in keep.items():
-            if self.dims[(target, role)].kind != PARAMETER:
-                module = new_modules[target]
-                kind_of(module).resize(module, role, len(idx))
+            layer = self.dims[(target, role)].layer
+            if layer is not None:
+                layer.resize(new_modules[target], role, len(idx))
         return pruned
 
 
