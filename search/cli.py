@@ -150,8 +150,8 @@ def _cmd_submit(args) -> int:
 
     job_id = jobs.submit(args.config, args.address, args.set, args.python, args.working_dir)
     print(job_id)
-    print(f"follow it with: prunetune status {job_id} --address {args.address or '$RAY_ADDRESS'}; "
-          f"prunetune logs {job_id} --follow")
+    address = f" --address {args.address}" if args.address else ""
+    print(f"follow it with: prunetune status {job_id}{address}; prunetune logs {job_id}{address} --follow")
     return 0
 
 

@@ -70,8 +70,13 @@ def submit(config_path: str | None, address: str | None, overrides: list[str], p
 
 
 def status(job_id: str, address: str | None) -> str:
-    """One line: the job's status and message."""
-    info = client(address).get_job_info(job_id)
+    """One line: the job's status and message (ConfigError if the cluster has no such job)."""
+    c = client(address)
+    try:
+        info = c.get_job_info(job_id)
+    except RuntimeError as e:
+        raise ConfigError(f"status: the cluster at {address or os.environ.get('RAY_ADDRESS')} has no job '{job_id}' "
+                          f"({str(e).splitlines()[0][:120]})") from None
     return f"{job_id}: {info.status} {info.message or ''}".rstrip()
 
 

@@ -125,7 +125,9 @@ def test_submit_status_logs_against_a_local_head(local_head, tmp_path, capsys, m
     code = main(["submit", *run_args(tmp_path)[1:], "--address", local_head, "--python", sys.executable,
                  "--working-dir", str(decoys)])
     assert code == 0
-    job_id = capsys.readouterr().out.split()[0]
+    out = capsys.readouterr().out
+    job_id = out.split()[0]
+    assert f"prunetune logs {job_id} --address {local_head} --follow" in out  # the hint works as printed
     deadline = time.time() + 300
     while True:
         assert main(["status", job_id, "--address", local_head]) == 0
@@ -134,6 +136,10 @@ def test_submit_status_logs_against_a_local_head(local_head, tmp_path, capsys, m
             break
         assert time.time() < deadline, line
         time.sleep(2)
+    assert main(["logs", job_id, "--address", local_head]) == 0
+    logs = capsys.readouterr().out
+    assert main(["status", "nosuchjob", "--address", local_head]) == 2
+    assert capsys.readouterr().err.startswith(f"prunetune: error: status: the cluster at {local_head} has no job")
     assert main(["logs", job_id, "--address", local_head]) == 0
     logs = capsys.readouterr().out
     assert "SUCCEEDED" in line, logs[-3000:]

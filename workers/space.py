@@ -186,6 +186,8 @@ class PruningSpace:
             blocks = f"  ({g.blocks} blocks)" if g.blocks > 1 else ""
             lines.append(f"{g.name:<{width}}  {g.channels:>8}  {layers:>6}  {100 * g.flops_share:>10.2f}%{blocks}")
         lines.append(f"{len(self.groups)} groups; not pruned: {', '.join(self.ignored_layers)} (classifier first)")
+        lines.append("FLOPs share: the FLOPs that scale with the group's channels; a layer scales with the group of its "
+                     "input and of its output, so the column sums to more than 100%")
         lines += [f"left out: the group of {root}: {reason}" for root, reason in self.rejected]
         lines.append(f"FLOPs {self.base_flops:,} ({self.base_flops / 1e6:.2f} M, fvcore); "
                      f"params {self.base_params:,} ({self.base_params / 1e6:.3f} M)")

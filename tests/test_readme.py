@@ -1,0 +1,19 @@
+"""The README's Python API example runs as written (so it cannot drift from the code)."""
+import os
+import re
+import subprocess
+import sys
+
+from tests.faults import ROOT
+
+
+def test_the_python_api_example_runs(tmp_path):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"candidate (\d): ([\d.]+)% of the FLOPs, held-out accuracy ([\d.]+)", proc.stdout)
+    assert [int(i) for i, _, _ in lines] == [0, 1, 2]
+    assert all(38.0 <= float(flops) <= 42.0 and 0.3 < float(acc) <= 1.0 for _, flops, acc in lines)
+    assert "4 groups; not pruned: fc (classifier first)" in proc.stdout
