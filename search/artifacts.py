@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from prunetune.workers.files import atomic_write
 from prunetune.workers.granularity import GRANULARITIES
-from prunetune.workers.models import ModelError, build_model
+from prunetune.workers.models import ModelError, build_model, read_weights
 from prunetune.workers.space import PruningSpace
 
 from .store import sha256
@@ -44,13 +44,11 @@ def rebuild_pruned(record: dict) -> nn.Module:
 
 def load_pruned(path: str) -> tuple[nn.Module, dict, dict]:
     """Load a model saved by save_pruned (weights_only): (model, record, metrics)."""
-    if not os.path.isfile(path):
-        raise ModelError(f"model file not found: {path}")
+    obj = read_weights(path, "model file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
         record, metrics = json.loads(obj["record_json"]), json.loads(obj["metrics_json"])
-    except Exception as e:
-        raise ModelError(f"{path} is not a prunetune model file ({str(e).splitlines()[0]})") from None
+    except (TypeError, KeyError, ValueError) as e:
+        raise ModelError(f"model file: {path} is not a prunetune model file (no {e})") from None
     model = rebuild_pruned(record)
     model.load_state_dict(obj["state_dict"])
     return model.eval(), record, metrics

@@ -124,3 +124,13 @@ def test_empty_imagefolder(tmp_path):
     os.makedirs(tmp_path / "empty" / "a")
     with pytest.raises(DataError, match="no images found"):
         load_data("imagefolder", path=str(tmp_path / "empty"))
+
+
+def test_a_test_class_without_training_images_is_left_out_and_said(tmp_path):
+    root = tmp_path / "folder"
+    _write_images(str(root), 16)
+    (root / "test" / "zebra").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "test" / "zebra" / "0.png")
+    data = load_data("imagefolder", path=str(root))
+    assert data.num_classes == 3 and len(data.test) == 18
+    assert data.notes == [f"data.path: test class zebra of {root / 'test'} has no training images and is left out"]

@@ -194,3 +194,46 @@ def test_an_address_where_no_cluster_answers_is_refused_in_seconds(tmp_path, cap
                      "--address: no Ray cluster answers at 127.0.0.1:1")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
     assert time.monotonic() - started < 60  # refused before the base model is trained
+
+
+def test_report_and_status_do_not_import_ray_tune(tmp_path):
+    run = _finished_looking_run(tmp_path)
+    code = ("import sys; from prunetune.search.cli import main; "
+            f"assert main(['report', {run.path!r}]) == 0 and main(['status', {run.path!r}]) == 0; "
+            "print(sorted(m for m in sys.modules if m.startswith('ray')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_gpus_declared_for_an_embedded_ray_must_exist(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    checkpoint = _digits_checkpoint(tmp_path)  # no base model to train: the refusal comes in seconds
+    _one_line_exit_2(capsys, run_args(tmp_path, "ray.num_gpus=2", f"model.checkpoint={checkpoint}"),
+                     "ray.num_gpus: 2 GPU declared, but torch sees 0 CUDA device on this machine")
+    assert not (tmp_path / "run").exists()
+
+
+def _digits_checkpoint(tmp_path):
+    from prunetune import build_model
+
+    path = tmp_path / "digits.pt"
+    torch.save(build_model("digits_cnn", 10, 1).state_dict(), path)
+    return path
+
+
+def test_a_torchvision_that_does_not_import_gets_the_line_that_installs_the_right_one(tmp_path):
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    proc = subprocess.run([sys.executable, "-m", "prunetune", "inspect", "--model", "torchvision.models:resnet18"],
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True,
+                          timeout=120)
+    minor = int(torch.__version__.split(".")[1])
+    index = " --index-url https://download.pytorch.org/whl/cpu" if "+cpu" in torch.__version__ else ""
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "prunetune: error: model.name: cannot import module 'torchvision.models' (operator torchvision::nms does not "
+        f"exist); torchvision must be the build that matches torch {torch.__version__}: pip install "
+        f"'torchvision==0.{minor + 15}.*'{index}")

@@ -102,6 +102,16 @@ def module_stack(model: nn.Module) -> Iterator[list[str]]:
             h.remove()
 
 
+def dim_size(model: nn.Module, member: Member, op_channels: dict[str, int] | None = None) -> int:
+    """Channels of the layer dimension a member is (a stateless op's from the channels seen when tracing)."""
+    if member.kind == OP:
+        return op_channels[member.module]
+    if member.kind == PARAMETER:
+        return model.get_parameter(member.module).shape[member.axis]
+    module = model.get_submodule(member.module)
+    return kind_of(module).size(module, member.role)
+
+
 def describe_module(model: nn.Module, name: str) -> str:
     """`name (Type)` for messages; the model itself is `model (Type)`."""
     return f"{name or 'model'} ({type(model.get_submodule(name)).__name__})"

@@ -219,17 +219,23 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, kwargs: dict 
     return model
 
 
-def read_state_dict(path: str, field: str = "model.checkpoint") -> dict:
-    """Read a state dict with weights_only=True; ModelError for missing, corrupt or code-carrying files."""
+def read_weights(path: str, field: str):
+    """torch.load(path, weights_only=True), or a one-line ModelError naming `field` (missing, a directory, corrupt,
+    or carrying pickled code)."""
     if os.path.isdir(path):
         raise ModelError(f"{field}: {path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise ModelError(f"{field}: file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, refused globals
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{field}: cannot read {path} as a weights-only state dict ({first})") from None
+
+
+def read_state_dict(path: str, field: str = "model.checkpoint") -> dict:
+    """The state dict in a checkpoint file (also inside {"state_dict": ...} or {"model": ...})."""
+    obj = read_weights(path, field)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .groups import OP, PARAMETER, ChannelGroup
+from .groups import OP, PARAMETER, ChannelGroup, dim_size
 from .layers import LayerKind, kind_of
 
 if TYPE_CHECKING:
@@ -95,9 +95,7 @@ class PrunePlan:
                 key = (mem.module, mem.role)
                 if key not in self.dims:
                     layer = None if mem.kind == PARAMETER else kind_of(self.modules[mem.module])
-                    size = (model.get_parameter(mem.module).shape[mem.axis] if layer is None else
-                            layer.size(self.modules[mem.module], mem.role))
-                    self.dims[key] = _Dim(mem.module, layer, mem.role, mem.axis, size, [])
+                    self.dims[key] = _Dim(mem.module, layer, mem.role, mem.axis, dim_size(model, mem), [])
                 self.dims[key].parts.append((gi, mem.idxs, mem.units))
 
     def pruned_units(self, ratios) -> list[np.ndarray]:

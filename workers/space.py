@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .groups import OP, PARAMETER, ChannelGroup, Discovery, SpaceError, discover_groups, find_classifier
+from .groups import OP, PARAMETER, ChannelGroup, Discovery, SpaceError, dim_size, discover_groups, find_classifier
 from .layers import OUT, is_stateless, kind_of
 
 
@@ -194,15 +194,6 @@ class PruningSpace:
         return "\n".join(lines)
 
 
-def _dim_size(model: nn.Module, member, op_channels: dict[str, int]) -> int:
-    if member.kind == OP:
-        return op_channels[member.module]
-    if member.kind == PARAMETER:
-        return model.get_parameter(member.module).shape[member.axis]
-    module = model.get_submodule(member.module)
-    return kind_of(module).size(module, member.role)
-
-
 def _build(cls, model: nn.Module, example_inputs: torch.Tensor, found: Discovery, fca, round_to: int,
            ignored: list[str]) -> PruningSpace:
     """The space of the discovered groups, with FLOPs and params terms from fvcore's per-module counts."""
@@ -218,7 +209,7 @@ def _build(cls, model: nn.Module, example_inputs: torch.Tensor, found: Discovery
             key = (mem.module, mem.role)
             if key not in rows:
                 rows[key] = len(full_size)
-                full_size.append(float(_dim_size(model, mem, found.op_channels)))
+                full_size.append(float(dim_size(model, mem, found.op_channels)))
                 matrix.append(np.zeros(len(groups)))
             matrix[rows[key]][gi] += mem.per_unit
     matrix_arr = np.array(matrix)
