@@ -80,78 +80,80 @@ def reference(tmp_path_factory):
     return tmp / "run", tmp_path_factory.getbasetemp() / "cache"
 
 
-def test_driver_killed_during_the_search(reference, tmp_path):
-    reference_run, cache = reference
-    run, evaluations, log_path = tmp_path / "run", tmp_path / "evaluations.log", tmp_path / "driver.log"
+def _stored(run, n):
     store = CandidateStore(str(run))
+    return lambda: len(store.parts()) >= n
+
+
+def _stage_is(run, stage):
+    return lambda: (run / "manifest.json").exists() and json.load(open(run / "manifest.json"))["stage"] == stage
+
+
+def _checkpointed(run):
+    checkpoints = run / "tune" / "finetune"
+    return lambda: checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*"))
+
+
+def _ctrl_c(proc, group: bool = False):
+    """SIGINT as Ctrl-C sends it (a terminal sends it to the whole process group); the driver must exit 130."""
+    os.killpg(proc.pid, signal.SIGINT) if group else proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+
+
+def _interrupted_run(reference, tmp_path, until, what, stop, pause_between_stages=0.0, **faults):
+    """Start the reference's run in a new directory, wait until `until(run)()`, stop the driver with `stop`."""
+    run, log_path = tmp_path / "run", tmp_path / "driver.log"
     with open(log_path, "ab") as log:
-        proc = _start(_run_args(run, cache), log, log=evaluations, delay_s=1.0)
-        _wait_for(lambda: len(store.parts()) >= 3, proc, 180, "3 stored candidates")
-        _kill(proc)
+        proc = _start(_run_args(run, reference[1]), log, pause_between_stages, **faults)
+        _wait_for(until(run), proc, 240, what)
+        stop(proc)
+    return run, log_path
+
+
+def test_driver_killed_during_the_search(reference, tmp_path):
+    evaluations = tmp_path / "evaluations.log"
+    run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates", _kill,
+                                     log=evaluations, delay_s=1.0)
     stored_before = set(CandidateStore(str(run)).indices())
     assert 3 <= len(stored_before) < N
     _finish(run, log_path, log=evaluations)
     counts = Counter(int(line) for line in evaluations.read_text().split())
     assert all(counts[i] == 1 for i in stored_before)  # nothing already stored was evaluated again
     assert set(counts) == set(range(N))
-    _assert_same_result(run, reference_run)
+    _assert_same_result(run, reference[0])
 
 
 def test_driver_killed_between_the_stages(reference, tmp_path):
-    reference_run, cache = reference
-    run, log_path = tmp_path / "run", tmp_path / "driver.log"
-    with open(log_path, "ab") as log:
-        proc = _start(_run_args(run, cache), log, pause_between_stages=60)
-        _wait_for(lambda: (run / "manifest.json").exists() and
-                  json.load(open(run / "manifest.json"))["stage"] == "finetune", proc, 240, "the end of the search")
-        _kill(proc)
+    run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stage_is(run, "finetune"),
+                                     "the end of the search", _kill, pause_between_stages=60)
     assert not (run / "tune" / "finetune").exists()
     _finish(run, log_path)
-    _assert_same_result(run, reference_run)
+    _assert_same_result(run, reference[0])
 
 
 def test_driver_killed_while_fine_tuning(reference, tmp_path):
-    reference_run, cache = reference
-    run, log_path = tmp_path / "run", tmp_path / "driver.log"
-    checkpoints = run / "tune" / "finetune"
-    with open(log_path, "ab") as log:
-        proc = _start(_run_args(run, cache), log, delay_s=1.0)
-        _wait_for(lambda: checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*")), proc, 240,
-                  "a fine-tuning checkpoint")
-        _kill(proc)
+    run, log_path = _interrupted_run(reference, tmp_path, _checkpointed, "a fine-tuning checkpoint", _kill,
+                                     delay_s=1.0)
     assert json.load(open(run / "manifest.json"))["stage"] == "finetune"
     _finish(run, log_path)
     assert "[finetune] restoring the Tune experiment" in log_path.read_text()
-    _assert_same_result(run, reference_run)
+    _assert_same_result(run, reference[0])
 
 
 def test_ctrl_c_during_the_search_stops_it_resumably(reference, tmp_path):
-    reference_run, cache = reference
-    run, log_path = tmp_path / "run", tmp_path / "driver.log"
-    store = CandidateStore(str(run))
-    with open(log_path, "ab") as log:
-        proc = _start(_run_args(run, cache), log, delay_s=1.0)
-        _wait_for(lambda: len(store.parts()) >= 3, proc, 180, "3 stored candidates")
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
-        assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+    run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates",
+                                     lambda proc: _ctrl_c(proc, group=True), delay_s=1.0)
     assert f"interrupted; the run is kept as it was: continue it with `prunetune resume {run}`" in log_path.read_text()
     assert json.load(open(run / "manifest.json"))["stage"] == "search"
     assert 3 <= len(CandidateStore(str(run)).indices()) < N and not (run / "final").exists()
     _finish(run, log_path)
-    _assert_same_result(run, reference_run)
+    _assert_same_result(run, reference[0])
 
 
 def test_ctrl_c_while_fine_tuning_stops_it_resumably(reference, tmp_path):
-    reference_run, cache = reference
-    run, log_path = tmp_path / "run", tmp_path / "driver.log"
-    checkpoints = run / "tune" / "finetune"
-    with open(log_path, "ab") as log:
-        proc = _start(_run_args(run, cache), log, delay_s=1.0)
-        _wait_for(lambda: checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*")), proc, 240,
-                  "a fine-tuning checkpoint")
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+    run, log_path = _interrupted_run(reference, tmp_path, _checkpointed, "a fine-tuning checkpoint", _ctrl_c,
+                                     delay_s=1.0)
     assert json.load(open(run / "manifest.json"))["stage"] == "finetune"
     assert not (run / "final" / "summary.json").exists()
     _finish(run, log_path)
-    _assert_same_result(run, reference_run)
+    _assert_same_result(run, reference[0])
