@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--timm", default="default", help="'all', 'none', 'default' or comma-separated names")
     parser.add_argument("--max-params-m", type=float, default=150.0)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per model")
+    parser.add_argument("--max-memory-gb", type=float, default=10.0, help="address space per model")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one model, print its row as JSON
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -118,11 +120,13 @@ def main() -> None:
             chosen = timm.list_models() if args.timm == "all" else \
                 TIMM_DEFAULT if args.timm == "default" else args.timm.split(",")
             names += [f"timm:{n}" for n in chosen]
+    limit = int(args.max_memory_gb * 2 ** 30)
     rows = []
     for name in names:  # one process per model: memory comes back, and a crash is one row
         try:
             proc = subprocess.run([sys.executable, __file__, "--one", name, "--max-params-m", str(args.max_params_m)],
-                                  capture_output=True, text=True, timeout=args.timeout_s)
+                                  capture_output=True, text=True, timeout=args.timeout_s,
+                                  preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
             last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
             rows.append(json.loads(last) if last.startswith("{") else
                         {"model": name, "refusal": f"crashed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:100]}"})

@@ -7,6 +7,7 @@ import os
 import torch
 import torch.nn as nn
 
+from prunetune.workers.data import InputContract, Preprocess
 from prunetune.workers.files import atomic_write
 from prunetune.workers.granularity import GRANULARITIES
 from prunetune.workers.models import ModelError, build_model, read_weights
@@ -16,9 +17,11 @@ from .store import sha256
 
 
 def pruned_record(spec: dict, space: PruningSpace, ratios, criterion: str, granularity: str,
-                  base_checkpoint: str) -> dict:
-    """Everything needed to rebuild a pruned network: architecture, input shape, strategy, base reference."""
+                  base_checkpoint: str, contract: InputContract | None) -> dict:
+    """Everything needed to rebuild and use a pruned network: architecture, input shape and contract, strategy,
+    base reference."""
     return {"model": spec, "input_shape": list(space.input_shape), "round_to": space.round_to,
+            "input": contract.to_dict() if contract else None,
             "ignored_layers": space.ignored_layers, "granularity": granularity, "ratios": [float(r) for r in ratios],
             "criterion": criterion, "kept_channels": space.kept_channels(ratios), "flops": space.flops(ratios),
             "params": space.params(ratios), "base_flops": space.base_flops,
@@ -42,8 +45,12 @@ def rebuild_pruned(record: dict) -> nn.Module:
     return GRANULARITIES[record.get("granularity", "channel")].pruner(base, space, "l1", 0).apply(record["ratios"])
 
 
-def load_pruned(path: str) -> tuple[nn.Module, dict, dict]:
-    """Load a model saved by save_pruned (weights_only): (model, record, metrics)."""
+def load_pruned(path: str, raw_input: bool = True) -> tuple[nn.Module, dict, dict]:
+    """Load a model saved by save_pruned (weights_only): (model, record, metrics).
+
+    raw_input: the model starts with its input contract's preprocessing (record["input"]), so it takes raw pixel
+    values, as the exported models do; False gives the bare network, which takes normalised input.
+    """
     obj = read_weights(path, "model file")
     try:
         record, metrics = json.loads(obj["record_json"]), json.loads(obj["metrics_json"])
@@ -51,4 +58,6 @@ def load_pruned(path: str) -> tuple[nn.Module, dict, dict]:
         raise ModelError(f"model file: {path} is not a prunetune model file (no {e})") from None
     model = rebuild_pruned(record)
     model.load_state_dict(obj["state_dict"])
+    if raw_input and record.get("input"):
+        model = nn.Sequential(Preprocess(record["input"]), model)
     return model.eval(), record, metrics

@@ -57,8 +57,14 @@ def connect(cfg: Config, address: str | None = None) -> bool:
     if gpus > _cuda_devices():
         raise ConfigError(f"ray.num_gpus: {gpus} GPU declared, but torch sees {_cuda_devices()} CUDA device on this "
                           "machine; trials would run on the CPU")
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-             dashboard_host=cfg.ray.dashboard_host, log_to_driver=False)
+    context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+                       dashboard_host=cfg.ray.dashboard_host, log_to_driver=False, logging_level=logging.ERROR)
+    dashboard = f" (dashboard http://{context.dashboard_url})" if context.dashboard_url else ""
+    token = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"))
+    shared = os.path.isfile(token) and os.stat(token).st_mode & 0o044
+    print(f"[ray] started an embedded Ray for this run{dashboard}; Ray's token authentication is on: only processes "
+          f"that read {token} can send it work" + (f" (other users can read it: chmod 600 {token})" if shared else ""),
+          flush=True)
     return True
 
 

@@ -1,7 +1,13 @@
-"""Export a final model of a run as a state dict + record (pt), TorchScript, or ONNX."""
+"""Export a final model of a run as a state dict + record (pt), TorchScript, or ONNX.
+
+TorchScript and ONNX models start with the input contract's preprocessing: they take raw pixel values
+(0..255, or 0..16 for digits) as floats, and carry the contract (shape, scale, mean, std, class names) as
+metadata: `prunetune.json` in the TorchScript file's extra files, the `prunetune` property of the ONNX model.
+"""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 
@@ -41,14 +47,23 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
         return path
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
-    model, record, _ = load_pruned(source)
+    model, record, _ = load_pruned(source)  # with the input contract's preprocessing: raw pixel values in
     example = torch.zeros(1, *record["input_shape"])
+    metadata = json.dumps(record)  # with record["input"], the input contract
     if fmt == "torchscript":
         with torch.no_grad():
             scripted = torch.jit.trace(model, example)
-        atomic_write(path, scripted.save)
+        atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files={"prunetune.json": metadata}))
         return path
-    atomic_write(path, lambda tmp: torch.onnx.export(
-        model, (example,), tmp, input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
+
+    def write_onnx(tmp: str) -> None:
+        import onnx
+
+        torch.onnx.export(model, (example,), tmp, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        proto = onnx.load(tmp)
+        onnx.helper.set_model_props(proto, {"prunetune": metadata})
+        onnx.save(proto, tmp)
+
+    atomic_write(path, write_onnx)
     return path

@@ -1,4 +1,4 @@
-"""The run report: summary.json, report.md with tables, and a PNG with the two scatter plots."""
+"""The run report: summary.json, report.md (a recommendation, then tables), and a PNG with two scatter plots."""
 from __future__ import annotations
 
 import json
@@ -15,10 +15,50 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _latency(entry: dict) -> str:
+    """Median latency with its spread; marked when the spread says the machine was too busy to trust it."""
+    median, iqr = entry["latency_ms_batch1"], entry.get("latency_iqr_ms", 0.0)
+    shaky = " (unstable)" if iqr > 0.25 * median else ""
+    return f"{median:.3g} ms ± {iqr / 2:.2g}{shaky}"
+
+
+def recommendation(summary: dict) -> str:
+    """One line: the model to take, its accuracy and what it loses against the base, and what it saves."""
+    base, top = summary["base"], summary["final"][0]
+    change = 100 * (top["test_accuracy"] - base["test_accuracy"])
+    versus = f"{abs(change):.2f} points {'below' if change < 0 else 'above'} the base's {_pct(base['test_accuracy'])}"
+    speed = base["latency_ms_batch1"] / top["latency_ms_batch1"]
+    return (f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}): test accuracy "
+            f"{_pct(top['test_accuracy'])}, {versus}; {_pct(top['flops_ratio'])} of the base's FLOPs and "
+            f"{_pct(top['params'] / base['params'])} of its params; batch-1 latency {speed:.2f}x faster than the "
+            "base's on this machine")
+
+
+def _planned_epochs(summary: dict) -> int:
+    """The fine-tuning epochs every finalist would have had (a summary written before 0.2 does not say)."""
+    return summary.get("finetune", {}).get("epochs") or max(f["epochs"] for f in summary["final"])
+
+
+def finals_table(summary: dict) -> str:
+    """Markdown table of the fine-tuned models against the base model (early-stopped finalists marked)."""
+    base, planned = summary["base"], _planned_epochs(summary)
+    lines = ["| model | val acc | test acc | test acc vs base | epochs | FLOPs | params | latency (batch 1) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|",
+             f"| base | {_pct(base.get('val_accuracy'))} | {_pct(base['test_accuracy'])} | | | 100.00% "
+             f"({base['flops'] / 1e6:.2f} M) | {base['params'] / 1e6:.3f} M | {_latency(base)} |"]
+    for f in summary["final"]:
+        epochs = f"{f['epochs']}" if f["epochs"] == planned else f"{f['epochs']} of {planned} (stopped early)"
+        lines.append(f"| rank{f['rank']}.pt (candidate {f['candidate']}) | {_pct(f['val_accuracy'])} | "
+                     f"{_pct(f['test_accuracy'])} | {100 * (f['test_accuracy'] - base['test_accuracy']):+.2f} pts | "
+                     f"{epochs} | {_pct(f['flops_ratio'])} ({f['flops'] / 1e6:.2f} M) | {f['params'] / 1e6:.3f} M | "
+                     f"{_latency(f)} |")
+    return "\n".join(lines)
+
+
 def candidates_table(records: list[CandidateRecord], limit: int = 10) -> str:
     """Markdown table of the best candidates by adaptive-BN score (failed ones counted below it)."""
     top = best(records, limit)
-    lines = ["| rank | candidate | score | held-out acc | FLOPs | params |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| search rank | candidate | score | held-out acc | FLOPs | params |", "|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(top, 1):
         lines.append(f"| {i} | {r.index} | {r.score:.4f} | {_pct(r.accuracy)} | "
                      f"{_pct(r.flops_ratio)} ({r.flops / 1e6:.2f} M) | {r.params / 1e6:.3f} M |")
@@ -29,20 +69,6 @@ def candidates_table(records: list[CandidateRecord], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def finals_table(summary: dict) -> str:
-    """Markdown table of the fine-tuned models against the base model."""
-    base = summary["base"]
-    lines = ["| model | val acc | test acc | epochs | FLOPs | params | latency (batch 1) |",
-             "|---|---:|---:|---:|---:|---:|---:|",
-             f"| base | | {_pct(base['test_accuracy'])} | | 100.00% ({base['flops'] / 1e6:.2f} M) | "
-             f"{base['params'] / 1e6:.3f} M | {base['latency_ms_batch1']:.2f} ms |"]
-    for f in summary["final"]:
-        lines.append(f"| rank{f['rank']}.pt (candidate {f['candidate']}) | {_pct(f['val_accuracy'])} | "
-                     f"{_pct(f['test_accuracy'])} | {f['epochs']} | {_pct(f['flops_ratio'])} "
-                     f"({f['flops'] / 1e6:.2f} M) | {f['params'] / 1e6:.3f} M | {f['latency_ms_batch1']:.2f} ms |")
-    return "\n".join(lines)
-
-
 def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
     import matplotlib
 
@@ -50,19 +76,25 @@ def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r.ok]
-    finals = summary["final"]
+    finals, base, planned = summary["final"], summary["base"], _planned_epochs(summary)
     chosen = [r for r in ok if r.index in {f["candidate"] for f in finals}]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.scatter([r.flops_ratio for r in ok], [r.score for r in ok], s=12, c="tab:gray", label="candidates")
-    a.scatter([r.flops_ratio for r in chosen], [r.score for r in chosen], s=30, c="tab:red", label="top-k")
+    a.scatter([r.flops_ratio for r in chosen], [r.score for r in chosen], s=30, c="tab:red", label="fine-tuned")
+    a.scatter([1.0], [base["score"]], marker="*", s=120, c="black", label="base")
     a.set_xlabel("FLOPs (fraction of base)")
-    a.set_ylabel("adaptive-BN score (held-out)")
+    a.set_ylabel("score on the held-out split")
     a.legend()
-    b.scatter([f["adaptive_bn_score"] for f in finals], [f["test_accuracy"] for f in finals], c="tab:red")
+    for stopped in (False, True):
+        shown = [f for f in finals if (f["epochs"] < planned) == stopped]
+        b.scatter([f["adaptive_bn_score"] for f in shown], [f["val_accuracy"] for f in shown], c="tab:red",
+                  marker="x" if stopped else "o", label="stopped early" if stopped else f"{planned} epochs")
     for f in finals:
-        b.annotate(f"#{f['candidate']}", (f["adaptive_bn_score"], f["test_accuracy"]), fontsize=8)
-    b.set_xlabel("adaptive-BN score")
-    b.set_ylabel("fine-tuned test accuracy")
+        b.annotate(f"#{f['candidate']}", (f["adaptive_bn_score"], f["val_accuracy"]), fontsize=8)
+    b.axhline(base["val_accuracy"], ls="--", c="black", label="base")
+    b.set_xlabel("adaptive-BN score (before fine-tuning)")
+    b.set_ylabel("val accuracy after fine-tuning")
+    b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -73,12 +105,13 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
     write_json(os.path.join(run.final_path, "summary.json"), summary, durable=True)
     _plot(os.path.join(run.path, "report.png"), records, summary)
     s = summary["search"]
-    text = [f"# prunetune report: {run.path}", "",
+    text = [f"# prunetune report: {run.path}", "", recommendation(summary), "",
             f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); "
             f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}.", "",
             "## Fine-tuned models (best validation accuracy first)", "", finals_table(summary), "",
+            "Latency: median of repeated batch-1 forward passes on this machine, ± half the interquartile range.", "",
             "## Best candidates by adaptive-BN score", "", candidates_table(records), "",
-            "![score vs FLOPs, and adaptive-BN score vs fine-tuned accuracy](report.png)", ""]
+            "![score vs FLOPs, and adaptive-BN score vs fine-tuned validation accuracy](report.png)", ""]
     path = os.path.join(run.path, "report.md")
     write_text(path, "\n".join(text))
     return path
@@ -102,5 +135,7 @@ def print_report(output_dir: str) -> str:
     summary_path = os.path.join(run.final_path, "summary.json")
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
-            out += ["", "Fine-tuned models:", finals_table(json.load(f))]
+            summary = json.load(f)
+        out += ["", recommendation(summary).replace("**", "").replace("`", ""), "", "Fine-tuned models:",
+                finals_table(summary)]
     return "\n".join(out)

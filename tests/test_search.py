@@ -159,3 +159,43 @@ def test_trials_no_node_can_run_are_refused_before_anything_is_written(ray_sessi
     assert err == ("prunetune: error: resources.cpus_per_trial: 4 CPU per trial, but the largest node of the Ray "
                    "cluster has 2 CPU (or resources.autoscaling: true if the cluster adds nodes on demand)")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
+def test_an_exported_model_takes_raw_test_images_and_scores_the_runs_test_accuracy(finished_run, tmp_path, fmt):
+    run, _ = finished_run
+    path = tmp_path / f"best.{fmt}"
+    assert main(["export", str(run), "--format", fmt, "--to", str(path)]) == 0
+    test = load_data("digits").test
+    raw, labels = test.images.float(), test.labels  # pixel values 0..16, as sklearn ships them
+    if fmt == "pt":
+        model, record, _ = load_pruned(str(path))
+        contract = record["input"]
+        logits = model(raw)
+    elif fmt == "torchscript":
+        files = {"prunetune.json": ""}
+        model = torch.jit.load(str(path), _extra_files=files)
+        contract = json.loads(files["prunetune.json"])["input"]
+        logits = model(raw)
+    else:
+        import onnx
+        import onnxruntime
+
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        contract = json.loads(props["prunetune"])["input"]
+        session = onnxruntime.InferenceSession(str(path))
+        logits = torch.from_numpy(session.run(None, {"input": raw.numpy()})[0])
+    accuracy = float((torch.as_tensor(logits).argmax(1) == labels).float().mean())
+    expected = json.load(open(run / "final" / "summary.json"))["final"][0]["test_accuracy"]
+    assert abs(accuracy - expected) < 1e-6
+    assert contract["shape"] == [1, 8, 8] and contract["scale"] == 1 / 16 and contract["classes"] == list("0123456789")
+
+
+def test_the_report_opens_with_a_recommendation(finished_run):
+    run, _ = finished_run
+    report = (run / "report.md").read_text().splitlines()
+    summary = json.load(open(run / "final" / "summary.json"))
+    assert report[2].startswith(f"**Recommended: `final/rank1.pt`** (candidate {summary['final'][0]['candidate']}): "
+                                "test accuracy")
+    assert "points below the base's" in report[2] or "points above the base's" in report[2]
+    assert "| test acc vs base |" in "\n".join(report)

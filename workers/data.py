@@ -9,11 +9,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .files import atomic_write
 
 SOURCES = ("digits", "cifar10", "imagefolder", "synthetic")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -143,6 +145,39 @@ class SyntheticImages(Dataset):
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+@dataclass(frozen=True)
+class InputContract:
+    """What a model trained on this data takes: a float batch [N, *shape] of raw pixel values (0..255, or 0..16
+    for digits), times `scale`, minus `mean`, divided by `std`, per channel; `resize` says how images of another
+    size are brought to `shape` (None: they must have it). `classes` names the output columns."""
+
+    shape: tuple[int, int, int]
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    resize: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-safe form, as model records and export metadata carry it."""
+        return {"shape": list(self.shape), "scale": self.scale, "mean": list(self.mean), "std": list(self.std),
+                "classes": list(self.classes), "resize": self.resize}
+
+
+class Preprocess(nn.Module):
+    """The input contract as a layer: raw pixel values in, normalised input out (exported models start with it)."""
+
+    def __init__(self, contract: dict):
+        super().__init__()
+        channels = len(contract["mean"])
+        self.scale = float(contract["scale"])
+        self.register_buffer("mean", torch.tensor(contract["mean"], dtype=torch.float32).view(1, channels, 1, 1))
+        self.register_buffer("std", torch.tensor(contract["std"], dtype=torch.float32).view(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.scale - self.mean) / self.std
+
+
 @dataclass
 class DataBundle:
     """A data set as the workers use it: eval-preprocessed train and test splits plus an augmented train view."""
@@ -152,6 +187,7 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, int, int]
     train_augmented: Dataset
+    contract: InputContract | None = None  # None: a factory's data, whose preprocessing prunetune does not know
     notes: list[str] = field(default_factory=list)  # what the loader noticed and the user should hear about
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
@@ -178,7 +214,8 @@ def load_data(name: str, path: str | None = None, image_size: int | None = None,
         shape = (3, size, size)
         return DataBundle(SyntheticImages(train_size, shape, num_classes, seed),
                           SyntheticImages(test_size, shape, num_classes, seed + 1), num_classes, shape,
-                          SyntheticImages(train_size, shape, num_classes, seed))
+                          SyntheticImages(train_size, shape, num_classes, seed),
+                          InputContract(shape, 1.0, (0.0,) * 3, (1.0,) * 3, tuple(map(str, range(num_classes)))))
     raise DataError(f"data.name: unknown data set '{name}'; allowed: {', '.join(SOURCES)} or package.module:function")
 
 
@@ -203,7 +240,8 @@ def _digits() -> DataBundle:
     mean, std = [float(scaled.mean())], [float(scaled.std())]
     train = TensorImages(images[train_idx], labels[train_idx], mean, std, scale=1 / 16, pad=1)
     test = TensorImages(images[test_idx], labels[test_idx], mean, std, scale=1 / 16)
-    return DataBundle(train, test, 10, (1, 8, 8), train.augmented())
+    return DataBundle(train, test, 10, (1, 8, 8), train.augmented(),
+                      InputContract((1, 8, 8), 1 / 16, tuple(mean), tuple(std), tuple(map(str, range(10)))))
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -240,7 +278,8 @@ def _cifar10(root: str) -> DataBundle:
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     train = TensorImages(train_x, train_y, mean, std, pad=4, flip=True)
     test = TensorImages(torch.from_numpy(parts[5][0]), torch.from_numpy(parts[5][1]), mean, std)
-    return DataBundle(train, test, 10, (3, 32, 32), train.augmented())
+    return DataBundle(train, test, 10, (3, 32, 32), train.augmented(),
+                      InputContract((3, 32, 32), 1 / 255, mean, std, CIFAR10_CLASSES))
 
 
 def _list_images(root: str, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
@@ -285,15 +324,19 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None) -> Da
     if size > 64:
         shape = (3, size, size)
         train = LazyImageFolder(files, labels, size)
+        contract = InputContract(shape, 1 / 255, IMAGENET_MEAN, IMAGENET_STD, tuple(classes),
+                                 f"shorter side to {round(size / 0.875)} px (bilinear), then a centre crop of {size} px")
         return DataBundle(train, LazyImageFolder(test_files, test_labels, size), len(classes), shape,
-                          train.augmented(), notes)
+                          train.augmented(), contract, notes)
     train_x, test_x = _decode_small([files, test_files], size, cache_dir)
     scaled = train_x[: min(len(train_x), 10000)].float() / 255
     mean = scaled.mean(dim=(0, 2, 3)).tolist()
     std = scaled.std(dim=(0, 2, 3)).tolist()
     train = TensorImages(train_x, torch.tensor(labels), mean, std, pad=size // 8, flip=True)
     test = TensorImages(test_x, torch.tensor(test_labels), mean, std)
-    return DataBundle(train, test, len(classes), (3, size, size), train.augmented(), notes)
+    contract = InputContract((3, size, size), 1 / 255, tuple(mean), tuple(std), tuple(classes),
+                             f"a centre crop of {size} px (a bilinear resize if smaller)")
+    return DataBundle(train, test, len(classes), (3, size, size), train.augmented(), contract, notes)
 
 
 def _open_image(path: str):
