@@ -36,7 +36,7 @@ def recommendation(summary: dict) -> str:
 
 def _planned_epochs(summary: dict) -> int:
     """The fine-tuning epochs every finalist would have had (a summary written before 0.2 does not say)."""
-    return summary.get("finetune", {}).get("epochs") or max(f["epochs"] for f in summary["final"])
+    return summary.get("finetune", {}).get("epochs") or max([f["epochs"] for f in summary["final"]], default=0)
 
 
 def finals_table(summary: dict) -> str:
@@ -136,6 +136,7 @@ def print_report(output_dir: str) -> str:
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-        out += ["", recommendation(summary).replace("**", "").replace("`", ""), "", "Fine-tuned models:",
-                finals_table(summary)]
+        if summary["final"]:
+            out += ["", recommendation(summary).replace("**", "").replace("`", "")]
+        out += ["", "Fine-tuned models:", finals_table(summary)]
     return "\n".join(out)

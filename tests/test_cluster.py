@@ -76,6 +76,8 @@ def test_a_plain_run_starts_its_own_ray_whatever_ray_address_says(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Connecting to existing Ray cluster" not in proc.stderr and "best model:" in proc.stdout
+    assert "[ray] started an embedded Ray for this run" in proc.stdout  # said once, in our words
+    assert "Token authentication is enabled" not in proc.stderr
 
 
 def _free_port() -> int:

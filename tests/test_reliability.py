@@ -237,3 +237,12 @@ def test_a_torchvision_that_does_not_import_gets_the_line_that_installs_the_righ
         "prunetune: error: model.name: cannot import module 'torchvision.models' (operator torchvision::nms does not "
         f"exist); torchvision must be the build that matches torch {torch.__version__}: pip install "
         f"'torchvision==0.{minor + 15}.*'{index}")
+
+
+def test_a_report_read_by_a_closed_pipe_ends_quietly(tmp_path):
+    run = _finished_looking_run(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune", "report", run.path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `prunetune report RUN | head -1` does once head has its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

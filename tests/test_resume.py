@@ -5,6 +5,7 @@ same scores and the same final models.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,9 +115,12 @@ def test_driver_killed_during_the_search(reference, tmp_path):
     evaluations = tmp_path / "evaluations.log"
     run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates", _kill,
                                      log=evaluations, delay_s=1.0)
-    stored_before = set(CandidateStore(str(run)).indices())
+    stored_before = {r.index: r.score for r in CandidateStore(str(run)).records()}
     assert 3 <= len(stored_before) < N
     _finish(run, log_path, log=evaluations)
+    resumed = log_path.read_text().split("resuming")[-1]
+    first = float(re.search(r"best score ([\d.]+)", resumed).group(1))
+    assert first >= max(stored_before.values())  # the progress line counts what was stored before the kill
     counts = Counter(int(line) for line in evaluations.read_text().split())
     assert all(counts[i] == 1 for i in stored_before)  # nothing already stored was evaluated again
     assert set(counts) == set(range(N))

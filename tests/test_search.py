@@ -10,7 +10,7 @@ import torch
 
 from prunetune import build_model, load_config, load_data, load_pruned
 from prunetune.search.cli import main
-from prunetune.search.prepare import trained_base
+from prunetune.search.prepare import base_cache_path, model_spec, trained_base
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
 from tests.runs import as_args, run_args, small
@@ -199,3 +199,16 @@ def test_the_report_opens_with_a_recommendation(finished_run):
                                 "test accuracy")
     assert "points below the base's" in report[2] or "points above the base's" in report[2]
     assert "| test acc vs base |" in "\n".join(report)
+
+
+def test_the_cached_base_model_is_reused_when_only_the_fine_tuning_schedule_changes(tmp_path):
+    data, log = load_data("digits"), tmp_path / "log.txt"
+    paths = []
+    for overrides in ([], ["finetune.epochs=1", "finetune.scheduler=fifo", "finetune.grace_epochs=1"]):
+        cfg = load_config(None, ["model.pretrain_epochs=1", f"output.cache_dir={tmp_path}", *overrides])
+        with open(log, "a") as f:
+            paths.append(trained_base(cfg, build_model("digits_cnn", 10, 1), data, log=f))
+    assert paths[0] == paths[1]
+    assert "loaded" in log.read_text().splitlines()[-1] and "same model, data and training recipe" in log.read_text()
+    cfg = load_config(None, ["model.pretrain_epochs=1", f"output.cache_dir={tmp_path}", "finetune.lr=0.01"])
+    assert base_cache_path(cfg, model_spec(cfg, 10, 1)) != paths[0]  # a recipe change is another base model
