@@ -120,7 +120,7 @@ def test_driver_killed_during_the_search(reference, tmp_path):
     _finish(run, log_path, log=evaluations)
     resumed = log_path.read_text().split("resuming")[-1]
     first = float(re.search(r"best score ([\d.]+)", resumed).group(1))
-    assert first >= max(stored_before.values())  # the progress line counts what was stored before the kill
+    assert first >= round(max(stored_before.values()), 4)  # the progress line counts what was stored before the kill
     counts = Counter(int(line) for line in evaluations.read_text().split())
     assert all(counts[i] == 1 for i in stored_before)  # nothing already stored was evaluated again
     assert set(counts) == set(range(N))
