@@ -26,12 +26,14 @@ def recommendation(summary: dict) -> str:
     """One line: the model to take, its accuracy and what it loses against the base, and what it saves."""
     base, top = summary["base"], summary["final"][0]
     change = 100 * (top["test_accuracy"] - base["test_accuracy"])
-    versus = f"{abs(change):.2f} points {'below' if change < 0 else 'above'} the base's {_pct(base['test_accuracy'])}"
+    versus = (f"{abs(change):.2f} points {'below' if change < 0 else 'above'} the base's "
+              if abs(change) >= 0.005 else "equal to the base's ") + _pct(base["test_accuracy"])
     speed = base["latency_ms_batch1"] / top["latency_ms_batch1"]
+    latency = f"{speed:.2f}x faster than" if speed >= 1 else f"{1 / speed:.2f}x slower than"
     return (f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}): test accuracy "
             f"{_pct(top['test_accuracy'])}, {versus}; {_pct(top['flops_ratio'])} of the base's FLOPs and "
-            f"{_pct(top['params'] / base['params'])} of its params; batch-1 latency {speed:.2f}x faster than the "
-            "base's on this machine")
+            f"{_pct(top['params'] / base['params'])} of its params; batch-1 latency {latency} the base's on this "
+            "machine")
 
 
 def _planned_epochs(summary: dict) -> int:

@@ -1,6 +1,7 @@
 """The search on an embedded Ray: end to end, top-k, report, export, refusing to clobber a run."""
 import json
 import os
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -197,7 +198,8 @@ def test_the_report_opens_with_a_recommendation(finished_run):
     summary = json.load(open(run / "final" / "summary.json"))
     assert report[2].startswith(f"**Recommended: `final/rank1.pt`** (candidate {summary['final'][0]['candidate']}): "
                                 "test accuracy")
-    assert "points below the base's" in report[2] or "points above the base's" in report[2]
+    assert re.search(r"(points below|points above|equal to) the base's [\d.]+%", report[2])
+    assert re.search(r"batch-1 latency [\d.]+x (faster|slower) than the base's", report[2])
     assert "| test acc vs base |" in "\n".join(report)
 
 
