@@ -58,7 +58,8 @@ def connect(cfg: Config, address: str | None = None) -> bool:
         raise ConfigError(f"ray.num_gpus: {gpus} GPU declared, but torch sees {_cuda_devices()} CUDA device on this "
                           "machine; trials would run on the CPU")
     context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                       dashboard_host=cfg.ray.dashboard_host, log_to_driver=False, logging_level=logging.ERROR)
+                       include_dashboard=cfg.ray.dashboard, dashboard_host=cfg.ray.dashboard_host,
+                       log_to_driver=False, logging_level=logging.ERROR)
     dashboard = f" (dashboard http://{context.dashboard_url})" if context.dashboard_url else ""
     token = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"))
     shared = os.path.isfile(token) and os.stat(token).st_mode & 0o044

@@ -111,6 +111,7 @@ class RayConfig:
     address: str | None = None  # none: start an embedded local Ray for the run
     num_cpus: int | None = field(default=None, metadata=_range(1))
     num_gpus: int | None = field(default=None, metadata=_range(0))
+    dashboard: bool = False  # the embedded Ray's dashboard (~0.9 GiB of processes); a cluster keeps its own
     dashboard_host: str = "127.0.0.1"
 
 
@@ -238,7 +239,7 @@ def config_warnings(cfg: Config) -> list[str]:
     for f in dataclasses.fields(DataConfig):
         if f.name not in used and getattr(cfg.data, f.name) != getattr(default, f.name):
             found.append(f"data.{f.name} is ignored for data set '{cfg.data.name}'")
-    if cfg.ray.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+    if cfg.ray.dashboard and cfg.ray.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         found.append(f"ray.dashboard_host: {cfg.ray.dashboard_host} opens Ray's dashboard and job API to the network; "
                      "anyone who reaches it can run code on this machine")
     return found

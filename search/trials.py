@@ -32,7 +32,8 @@ class TrialPayload:
     model: dict  # build_model arguments of the base architecture
     base_state: list  # [ObjectRef of the base state dict]: nested, so a worker fetches it once
     space: PruningSpace
-    data: dict  # load_data arguments
+    evaluation_data: list  # [ObjectRef of the EvaluationData]: one read-only copy per node
+    data: dict  # load_data arguments (the fine-tuning stage trains on the data set)
     evaluation: EvaluationConfig
     finetune: FinetuneConfig
     criterion: str
@@ -62,8 +63,8 @@ def evaluator_for(payload: TrialPayload) -> CandidateEvaluator:
     if key not in _CACHE:
         model = build_model(**payload.model)
         model.load_state_dict(ray.get(payload.base_state[0]))
-        _CACHE[key] = CandidateEvaluator(model.eval(), payload.space, _data(payload), payload.evaluation,
-                                         payload.device, payload.criterion, payload.granularity)
+        _CACHE[key] = CandidateEvaluator(model.eval(), payload.space, ray.get(payload.evaluation_data[0]),
+                                         payload.evaluation, payload.device, payload.criterion, payload.granularity)
     return _CACHE[key]
 
 

@@ -95,7 +95,7 @@ def test_bad_inspect_arguments_are_one_line(capsys, argv, fragment):
 def test_settings_that_mean_nothing_or_open_the_dashboard_are_warned_about():
     from prunetune.search.config import config_warnings
 
-    warned = config_warnings(load_config(None, ["data.path=/data", "ray.dashboard_host=0.0.0.0"]))
+    warned = config_warnings(load_config(None, ["data.path=/data", "ray.dashboard=true", "ray.dashboard_host=0.0.0.0"]))
     assert warned == ["data.path is ignored for data set 'digits'",
                       "ray.dashboard_host: 0.0.0.0 opens Ray's dashboard and job API to the network; anyone who "
                       "reaches it can run code on this machine"]

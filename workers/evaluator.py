@@ -1,20 +1,28 @@
 """CandidateEvaluator: prune, recalibrate BN and score many candidates with everything loaded once."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .adaptive_bn import recalibrate_bn
-from .data import DataBundle, heldout_split, iterate_batches
+from .data import DataBundle, TensorImages, heldout_split, iterate_batches
 from .granularity import GRANULARITIES
 from .record import CandidateRecord
 from .scoring import score
 from .space import PruningSpace
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc
+    _LIBC = None
 
 
 class CandidateError(RuntimeError):
@@ -28,14 +36,68 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class EvaluationData:
+    """The calibration batches and the held-out split of a search, compact: raw images (uint8 where the data set
+    holds them) and the normalisation each batch gets on the device. Built once, by the driver, and shared
+    read-only by the evaluators (through Ray's object store: one copy per node, not one per worker)."""
+
+    calibration: np.ndarray  # [calibration_batches * batch_size, C, H, W], in calibration order
+    heldout_x: np.ndarray
+    heldout_y: np.ndarray
+    scale: float  # a batch is (x * scale - mean) / std per channel; identity for data that is already float
+    mean: np.ndarray
+    std: np.ndarray
+    heldout_indices: np.ndarray  # indices into the training split
+    rest_indices: np.ndarray  # the training split without the held-out images (calibration, fine-tuning)
+    calibration_indices: np.ndarray  # the calibration images' indices into the training split
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the images and labels take."""
+        return self.calibration.nbytes + self.heldout_x.nbytes + self.heldout_y.nbytes
+
+
+def evaluation_data(data: DataBundle, cfg) -> EvaluationData:
+    """The EvaluationData of `data` for an evaluation config (held-out size and seed, calibration batches)."""
+    heldout, rest = heldout_split(len(data.train), cfg.heldout_size, cfg.seed)
+    order = np.random.default_rng([cfg.seed, 11]).permutation(rest)
+    calibration = np.resize(order, cfg.calibration_batches * cfg.batch_size)  # wraps round a small training split
+    train = data.train
+    if isinstance(train, TensorImages):  # raw uint8 images: normalised per batch on the device
+        labels = train.labels[torch.as_tensor(heldout)].numpy()
+        return EvaluationData(train.images[torch.as_tensor(calibration)].numpy(),
+                              train.images[torch.as_tensor(heldout)].numpy(), labels, float(train.scale),
+                              train.mean.flatten().numpy(), train.std.flatten().numpy(), heldout, rest, calibration)
+    calibration_x = torch.cat([x for x, _ in iterate_batches(train, calibration, 512)]).float().numpy()
+    xs, ys = zip(*iterate_batches(train, heldout, 512))
+    channels = calibration_x.shape[1]
+    return EvaluationData(calibration_x, torch.cat(xs).float().numpy(), torch.cat(ys).numpy(), 1.0,
+                          np.zeros(channels, np.float32), np.ones(channels, np.float32), heldout, rest, calibration)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over an array that may be read-only shared memory (Ray's object store); it is never written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def trim_memory() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise: a worker would grow with every candidate)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 class CandidateEvaluator:
     """Evaluates strategies against one base model; keep one per worker for many candidates.
 
-    Holds the base model, the prune plan (filter rankings), the calibration batches and the held-out split
-    already on the device (in the compute dtype, channels_last on CUDA). Nothing is reloaded per candidate.
+    Holds the base model, the prune plan (filter rankings), and the calibration batches and held-out split as
+    compact raw images (on the GPU when there is one), normalised batch by batch in the compute dtype
+    (channels_last on CUDA). Nothing is reloaded per candidate, and the worker's memory stays flat.
     """
 
-    def __init__(self, model: nn.Module, space: PruningSpace, data: DataBundle, evaluation_config,
+    def __init__(self, model: nn.Module, space: PruningSpace, data: DataBundle | EvaluationData, evaluation_config,
                  device: str = "auto", criterion: str = "l1", granularity: str = "channel"):
         cfg = evaluation_config
         self.cfg, self.space = cfg, space
@@ -45,31 +107,34 @@ class CandidateEvaluator:
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
         self.base = model.to(self.device).eval()
         self.plan = GRANULARITIES[granularity].pruner(self.base, space, criterion, cfg.seed)
-        heldout, rest = heldout_split(len(data.train), cfg.heldout_size, cfg.seed)
-        self.heldout_indices, self.rest_indices = heldout, rest
-        needed = cfg.calibration_batches * cfg.batch_size
-        order = np.random.default_rng([cfg.seed, 11]).permutation(rest)
-        self.calibration_indices = np.resize(order, needed)  # wraps around when the training split is small
-        self.calibration = self._stage(torch.cat([x for x, _ in
-                                                  iterate_batches(data.train, self.calibration_indices, 512)]))
-        xs, ys = zip(*iterate_batches(data.train, heldout, 512))
-        self.heldout_x, self.heldout_y = self._stage(torch.cat(xs)), torch.cat(ys).to(self.device)
+        data = data if isinstance(data, EvaluationData) else evaluation_data(data, cfg)
+        self.heldout_indices, self.rest_indices = data.heldout_indices, data.rest_indices
+        self.calibration_indices = data.calibration_indices
+        self.calibration, self.heldout_x = self._stage(data.calibration), self._stage(data.heldout_x)
+        self.heldout_y = _tensor(data.heldout_y).to(self.device)
+        shape = (1, -1) + (1,) * (data.calibration.ndim - 2)
+        self.scale = data.scale
+        self.mean = torch.as_tensor(data.mean, dtype=torch.float32).view(shape).to(self.device)
+        self.std = torch.as_tensor(data.std, dtype=torch.float32).view(shape).to(self.device)
 
-    def _stage(self, x: torch.Tensor) -> torch.Tensor:
-        """Move preprocessed inputs to the device once (pinned host memory if they do not fit)."""
-        dtype = self.autocast or torch.float32
-        x = x.to(dtype)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def _stage(self, x: np.ndarray) -> torch.Tensor:
+        """Raw inputs on the device once (pinned host memory if they do not fit); on the CPU they stay shared."""
+        x = _tensor(x)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            if x.numel() * x.element_size() > 0.4 * free:
-                return x.pin_memory()
-        return x.to(self.device)
+            return x.pin_memory() if x.numel() * x.element_size() > 0.4 * free else x.to(self.device)
+        return x
 
     def _batches(self, x: torch.Tensor, size: int):
+        """Normalised batches of staged raw inputs, in the compute dtype and memory format."""
         for start in range(0, len(x), size):
-            yield x[start:start + size].to(self.device, non_blocking=True)
+            batch = (x[start:start + size].to(self.device, non_blocking=True).float() * self.scale - self.mean) \
+                / self.std
+            if self.autocast is not None:
+                batch = batch.to(self.autocast)
+            if self.channels_last and batch.dim() == 4:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            yield batch
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -104,6 +169,8 @@ class CandidateEvaluator:
         t3 = self._sync()
         if not math.isfinite(result["loss"]):
             raise CandidateError(f"held-out loss is {result['loss']} (diverged network)")
+        del model
+        trim_memory()
         flops = self.space.flops(ratios)
         return CandidateRecord(
             index, [float(r) for r in ratios], kept_channels=self.space.kept_channels(ratios), flops=flops,
