@@ -7,6 +7,7 @@ import os
 from prunetune.workers.files import write_json, write_text
 from prunetune.workers.record import CandidateRecord, best
 
+from .baselines import BASELINES
 from .rundir import RunDir
 from .store import CandidateStore
 
@@ -58,14 +59,19 @@ def finals_table(summary: dict) -> str:
 
 
 def candidates_table(records: list[CandidateRecord], limit: int = 10) -> str:
-    """Markdown table of the best candidates by adaptive-BN score (failed ones counted below it)."""
-    top = best(records, limit)
-    lines = ["| search rank | candidate | score | held-out acc | FLOPs | params |", "|---:|---:|---:|---:|---:|---:|"]
-    for i, r in enumerate(top, 1):
-        lines.append(f"| {i} | {r.index} | {r.score:.4f} | {_pct(r.accuracy)} | "
+    """Markdown table of the best candidates by adaptive-BN score, and where the baselines rank."""
+    ranked = best(records, len(records))
+    lines = ["| search rank | candidate | proposed by | score | held-out acc | FLOPs | params |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for i, r in enumerate(ranked[:limit], 1):
+        lines.append(f"| {i} | {r.index} | {r.source or ''} | {r.score:.4f} | {_pct(r.accuracy)} | "
                      f"{_pct(r.flops_ratio)} ({r.flops / 1e6:.2f} M) | {r.params / 1e6:.3f} M |")
     ok = sum(r.ok for r in records)
     lines.append(f"\n{len(records)} candidates evaluated, {ok} ok, {len(records) - ok} failed.")
+    places = [f"{r.source} ranks {i} of {len(ranked)} (score {r.score:.4f})" for i, r in enumerate(ranked, 1)
+              if r.source in BASELINES]
+    if places:
+        lines.append("Baselines: " + "; ".join(places) + ".")
     if any(r.ok and r.bn_recalibrated is False for r in records):
         lines.append("The model has no BatchNorm layer: candidates were scored without recalibration.")
     return "\n".join(lines)

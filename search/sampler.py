@@ -37,7 +37,7 @@ class StrategySampler:
             raise SpaceError(f"search.max_ratio: {max_ratio} is outside (0, 1)")
         self.space, self.seed, self.constraint = space, int(seed), constraint
         self.target, self.tolerance, self.max_ratio = target, tolerance, max_ratio
-        lowest = float(self._fraction(np.full((1, len(space.groups)), max_ratio))[0])
+        lowest = float(self.measure(np.full((1, len(space.groups)), max_ratio))[0])
         self.band = (max(target - tolerance, lowest), min(target + tolerance, 1.0))
         if self.band[0] > self.band[1]:
             raise SpaceError(
@@ -45,29 +45,46 @@ class StrategySampler:
                 f"search.max_ratio={max_ratio}; the reachable {constraint.name} range is [{lowest:.4f}, 1.0000] "
                 f"of the unpruned network")
 
-    def _fraction(self, ratios: np.ndarray) -> np.ndarray:
+    def measure(self, ratios: np.ndarray) -> np.ndarray:
+        """The constraint's value of a [S, G] batch of ratios, as a fraction of the unpruned network."""
         return self.constraint.fraction(self.space, self.space.kept_batch(ratios))
 
     def sample(self, i: int) -> list[float]:
         """The i-th strategy (one ratio per group) of this sampler's seed."""
         rng = np.random.default_rng([self.seed, int(i)])
-        lo, hi = self.band
         for _ in range(_MAX_DRAWS):
-            u = rng.random(len(self.space.groups))
-            level = rng.uniform(lo, hi)
-            ratios = self._walk(u, level, lo, hi)
+            ratios = self.strategy(rng.random(len(self.space.groups)), rng.random())
             if ratios is not None:
                 return [float(r) for r in ratios]
         raise SpaceError(f"search.tolerance: no strategy within {self.tolerance} of the {self.constraint.name} "
                          f"target {self.target} found for candidate {i}; widen the tolerance")
 
+    def strategy(self, u: np.ndarray, v: float) -> np.ndarray | None:
+        """The strategy at point (u, v) of the unit cube [0, 1]^(G+1): ratios on the path max_ratio * u**s whose
+        measure is at level v of the band (0 its low end, 1 its high end), or None where integer channel counts
+        jump over the band. Any algorithm that proposes points of the cube proposes only valid strategies."""
+        lo, hi = self.band
+        return self._walk(np.asarray(u, dtype=np.float64), lo + float(v) * (hi - lo), lo, hi)
+
+    def position(self, ratios) -> tuple[np.ndarray, float]:
+        """A point (u, v) of the unit cube whose strategy is `ratios` (u = ratios / max_ratio, at s = 1)."""
+        r = self.space.check(ratios)
+        measure = float(self.measure(r[None, :])[0])
+        lo, hi = self.band
+        return np.clip(r / self.max_ratio, 0.0, 1.0), float(np.clip((measure - lo) / max(hi - lo, 1e-12), 0.0, 1.0))
+
+    def contains(self, ratios) -> bool:
+        """True if the strategy's measure is inside the band."""
+        measure = float(self.measure(self.space.check(ratios)[None, :])[0])
+        return self.band[0] <= measure <= self.band[1]
+
     def _walk(self, u: np.ndarray, level: float, lo: float, hi: float) -> np.ndarray | None:
         """Ratios on the path max_ratio * u**s whose measure is closest to `level`, if inside [lo, hi]."""
-        log_u = np.log(np.clip(u, 1e-12, 1.0 - 1e-12))
+        log_u = np.log(np.clip(u, 1e-12, 1.0 - 1e-12))  # u = 1 would pin a ratio at max_ratio for every s
         grid = _GRID
         for _ in range(_PASSES):
             ratios = self.max_ratio * np.exp(grid[:, None] * log_u[None, :])
-            values = self._fraction(ratios)
+            values = self.measure(ratios)
             best = int(np.argmin(np.abs(values - level)))
             if lo <= values[best] <= hi and abs(values[best] - level) <= 0.05 * (hi - lo):
                 return ratios[best]

@@ -5,9 +5,11 @@ import os
 import shutil
 
 from prunetune.workers.evaluator import evaluation_data
+from prunetune.workers.prune import position_importance
 from prunetune.workers.record import CandidateRecord
 
 from .algorithms import ALGORITHMS
+from .baselines import baselines
 from .cluster import tune_settings
 from .config import Config
 from .prepare import Prepared, data_kwargs
@@ -75,7 +77,9 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     s = cfg.search
     tune_settings()
     shutil.rmtree(os.path.join(run.tune_path, "search"), ignore_errors=True)
-    searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler), s.num_candidates, run.path)
+    importance = position_importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
+    searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
+                                baselines(prep.sampler, importance, s.criterion), s.num_candidates, run.path)
     tune.Tuner(
         _trainable(evaluate_candidate, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(

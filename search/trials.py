@@ -79,7 +79,7 @@ def evaluate_candidate(config: dict, payload: TrialPayload) -> None:
         record = evaluator_for(payload).evaluate(ratios, index)
     except Exception as e:  # recorded as a failed candidate; the search goes on
         record = CandidateRecord.failed(index, ratios, f"{type(e).__name__}: {e}")
-    record.node = ray.get_runtime_context().get_node_id()[:12]
+    record.node, record.source = ray.get_runtime_context().get_node_id()[:12], config.get("source")
     if payload.gpus_per_trial > 0 and record.device == "cpu":
         record.warning = "; ".join(filter(None, [record.warning, "the trial holds a Ray GPU but this node has no CUDA "
                                                                   "device: evaluated on the CPU"]))

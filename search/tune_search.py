@@ -22,15 +22,17 @@ from .store import CandidateStore, sha256
 class StrategySearcher(Searcher):
     """Numbers the candidates and asks a search algorithm for each one's strategy (Tune's side of `algorithms`).
 
-    The results store is the search's state: before the first suggestion every stored record is replayed
-    through the algorithm's `observe`, and candidates already stored are never handed out again, so a resumed
-    search evaluates exactly the candidates that are missing and each candidate is stored once.
+    The baselines are candidates 0, 1, ...; the algorithm proposes the rest. The results store is the search's
+    state: before the first suggestion every stored record is replayed through the algorithm's `observe`, and
+    candidates already stored are never handed out again, so a resumed search evaluates exactly the candidates
+    that are missing and each candidate is stored once.
     """
 
-    def __init__(self, algorithm: SearchAlgorithm, num_candidates: int, output_dir: str, metric: str = "score",
-                 mode: str = "max"):
+    def __init__(self, algorithm: SearchAlgorithm, name: str, baselines: list[tuple[str, list[float]]],
+                 num_candidates: int, output_dir: str, metric: str = "score", mode: str = "max"):
         super().__init__(metric=metric, mode=mode)
-        self.algorithm, self.num_candidates, self.output_dir = algorithm, num_candidates, output_dir
+        self.algorithm, self.name, self.baselines = algorithm, name, baselines
+        self.num_candidates, self.output_dir = num_candidates, output_dir
         self.next_index = 0
         self._stored: set[int] | None = None
 
@@ -53,7 +55,11 @@ class StrategySearcher(Searcher):
             return Searcher.FINISHED
         index = self.next_index
         self.next_index += 1
-        return {"index": index, "ratios": self.algorithm.propose(index)}
+        if index < len(self.baselines):
+            source, ratios = self.baselines[index]
+        else:
+            source, ratios = self.name, self.algorithm.propose(index)
+        return {"index": index, "ratios": ratios, "source": source}
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         if result and "index" in result and "status" in result:
@@ -166,7 +172,7 @@ class StoreCallback(Callback):
             lines = [ln for ln in open(trial.error_file).read().strip().splitlines() if ln.strip()]
             message = lines[-1] if lines else message
         record = CandidateRecord.failed(index, trial.config.get("ratios"), message)
-        record.trial_id = trial.trial_id
+        record.trial_id, record.source = trial.trial_id, trial.config.get("source")
         self._record(record)
 
 

@@ -29,8 +29,8 @@ def _start(args, output, pause_between_stages=0.0, **faults):
                             cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _run_args(run, cache):
-    return ["run", *as_args(small(run, cache, "ray.num_cpus=2", candidates=N, top_k=2, epochs=3))]
+def _run_args(run, cache, *extra):
+    return ["run", *as_args(small(run, cache, "ray.num_cpus=2", *extra, candidates=N, top_k=2, epochs=3))]
 
 
 def _kill(proc):
@@ -101,11 +101,11 @@ def _ctrl_c(proc, group: bool = False):
     assert proc.wait(timeout=120) == 130
 
 
-def _interrupted_run(reference, tmp_path, until, what, stop, pause_between_stages=0.0, **faults):
+def _interrupted_run(reference, tmp_path, until, what, stop, pause_between_stages=0.0, extra=(), **faults):
     """Start the reference's run in a new directory, wait until `until(run)()`, stop the driver with `stop`."""
     run, log_path = tmp_path / "run", tmp_path / "driver.log"
     with open(log_path, "ab") as log:
-        proc = _start(_run_args(run, reference[1]), log, pause_between_stages, **faults)
+        proc = _start(_run_args(run, reference[1], *extra), log, pause_between_stages, **faults)
         _wait_for(until(run), proc, 240, what)
         stop(proc)
     return run, log_path
@@ -161,3 +161,17 @@ def test_ctrl_c_while_fine_tuning_stops_it_resumably(reference, tmp_path):
     assert not (run / "final" / "summary.json").exists()
     _finish(run, log_path)
     _assert_same_result(run, reference[0])
+
+
+def test_a_learning_search_killed_and_resumed_proposes_what_it_would_have(reference, tmp_path):
+    serial = ("search.algorithm=evolution", "search.population=3", "search.max_concurrent_trials=1")
+    uninterrupted = tmp_path / "uninterrupted"
+    with open(tmp_path / "reference.log", "ab") as log:
+        assert _start(_run_args(uninterrupted, reference[1], *serial), log).wait(timeout=300) == 0
+    run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 6), "6 stored candidates", _kill,
+                                     extra=serial, delay_s=1.0)
+    assert 6 <= len(CandidateStore(str(run)).indices()) < N
+    _finish(run, log_path)
+    ours, theirs = CandidateStore(str(run)).records(), CandidateStore(str(uninterrupted)).records()
+    assert [(r.index, r.source, r.ratios) for r in ours] == [(r.index, r.source, r.ratios) for r in theirs]
+    assert {r.source for r in ours} == {"uniform", "global threshold", "evolution"}

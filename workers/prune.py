@@ -55,16 +55,18 @@ def _unit_importance(model: nn.Module, group: ChannelGroup, criterion: str, seed
     return importance
 
 
-def rank_units(model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> list[np.ndarray]:
-    """Per group, its block positions least important first (importance averaged over the group's blocks)."""
+def position_importance(model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0
+                        ) -> list[np.ndarray]:
+    """Per group, the importance of each block position (a unit's importance averaged over the group's blocks)."""
     if criterion not in CRITERIA:
         raise ValueError(f"search.criterion: unknown criterion '{criterion}'; allowed: {', '.join(CRITERIA)}")
     position = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    orders = []
-    for g in space.groups:
-        importance = _unit_importance(model, g, criterion, seed, position)
-        orders.append(np.argsort(importance.reshape(g.blocks, -1).mean(0), kind="stable"))
-    return orders
+    return [_unit_importance(model, g, criterion, seed, position).reshape(g.blocks, -1).mean(0) for g in space.groups]
+
+
+def rank_units(model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> list[np.ndarray]:
+    """Per group, its block positions least important first."""
+    return [np.argsort(imp, kind="stable") for imp in position_importance(model, space, criterion, seed)]
 
 
 @dataclass

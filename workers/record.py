@@ -18,6 +18,7 @@ class CandidateRecord:
     ratios: list[float] = field(default_factory=list)  # the strategy: one pruning ratio per channel group
     status: str = "ok"  # ok | failed
     error: str | None = None
+    source: str | None = None  # who proposed it: the search algorithm, or a baseline (uniform, global threshold)
     kept_channels: list[int] | None = None
     flops: int | None = None
     flops_ratio: float | None = None
