@@ -1,0 +1,175 @@
+"""Do the learning search algorithms find better strategies with fewer candidates? Real CIFAR-10, no Ray.
+
+    python bench/search_quality.py --data /tmp/cifar10 [--checkpoint bench/checkpoints/resnet20-cifar10.pt]
+        [--budget 200] [--seeds 0,1,2] [--algorithms random,evolution,tpe]
+
+For each algorithm and seed: the two baselines (uniform, global threshold) and then `budget - 2` candidates the
+algorithm proposes one at a time (a serial search, as with one concurrent trial), each pruned, recalibrated
+(adaptive BN) and scored on a held-out split of the training images, at 50% +- 1% of the FLOPs. Prints and
+saves the best-score-so-far curves (PNG), the candidates each algorithm needs to reach random search's best
+score at the full budget (median over seeds), and the best score at a third of the budget and at the full
+budget. Then the top-1 of random search and of the best learning algorithm (seed 0), and the two baselines, are
+fine-tuned the same way and tested on the test split, so a higher score can be seen to be a better network.
+Evaluations are cached by strategy (the algorithms share their random start). Partial results are kept in
+bench/results/search_quality.partial.json, and a rerun continues from them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import RESULTS, median, save, table  # noqa: E402
+from prunetune import (CandidateEvaluator, PruningSpace, StrategySampler, build_model, finetune,  # noqa: E402
+                       load_config, load_data)
+from prunetune.search.algorithms import ALGORITHMS  # noqa: E402
+from prunetune.search.baselines import baselines  # noqa: E402
+from prunetune.workers.models import load_checkpoint  # noqa: E402
+from prunetune.workers.prune import position_importance  # noqa: E402
+from prunetune.workers.record import CandidateRecord  # noqa: E402
+
+PARTIAL = os.path.join(RESULTS, "search_quality.partial.json")
+
+
+def curve(scores: list[float]) -> list[float]:
+    """Best score so far after each candidate."""
+    return list(np.maximum.accumulate(scores))
+
+
+def needed(scores: list[float], goal: float) -> int | None:
+    """Candidates needed to reach `goal` (None if never)."""
+    reached = np.flatnonzero(np.array(curve(scores)) >= goal - 1e-12)
+    return int(reached[0]) + 1 if len(reached) else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="CIFAR-10 image folder (train/, test/)")
+    parser.add_argument("--checkpoint", default=os.path.join(os.path.dirname(__file__), "checkpoints",
+                                                             "resnet20-cifar10.pt"))
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--budget", type=int, default=200)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--algorithms", default="random,evolution,tpe")
+    parser.add_argument("--population", type=int, default=16)
+    parser.add_argument("--calibration-batches", type=int, default=10)
+    parser.add_argument("--heldout", type=int, default=2000)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-images", type=int, default=15000)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_data("imagefolder", path=args.data, cache_dir=os.path.expanduser("~/.cache/prunetune"))
+    model = build_model(args.model, data.num_classes, 3)
+    load_checkpoint(model, args.checkpoint)
+    space = PruningSpace.from_model(model.eval(), data.example_input())
+    cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
+                             f"evaluation.heldout_size={args.heldout}", "evaluation.batch_size=128"])
+    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
+    importance = position_importance(model, space, "l1")
+    settings = {k: getattr(args, k) for k in ("checkpoint", "model", "population", "calibration_batches", "heldout")}
+    partial = json.load(open(PARTIAL)) if os.path.isfile(PARTIAL) else {}
+    if partial.get("settings") != settings:  # scores of other settings are no use
+        partial = {"settings": settings, "scores": {}, "runs": {}}
+    cache: dict[str, dict] = partial["scores"]  # strategy -> {score, accuracy, flops_ratio, seconds}
+
+    def evaluate(ratios) -> dict:
+        key = json.dumps([round(r, 10) for r in ratios])
+        if key not in cache:
+            start = time.perf_counter()
+            record = evaluator.evaluate(ratios)
+            cache[key] = {"score": record.score, "flops_ratio": record.flops_ratio,
+                          "seconds": time.perf_counter() - start}
+        return cache[key]
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed in seeds:
+        sampler = StrategySampler(space, 0.5, 0.01, 0.7, seed=seed)
+        starts = baselines(sampler, importance, "l1")
+        for name in args.algorithms.split(","):
+            run_key = f"{name}/{seed}"
+            if run_key in partial["runs"]:
+                continue
+            algorithm = ALGORITHMS[name](sampler, args.population)
+            run = []
+            for index in range(args.budget):
+                source, ratios = starts[index] if index < len(starts) else (name, algorithm.propose(index))
+                result = evaluate(ratios)
+                algorithm.observe(CandidateRecord(index, list(ratios), score=result["score"], flops=1))
+                run.append({"index": index, "source": source, "ratios": list(ratios), **result})
+            partial["runs"][run_key] = run
+            with open(PARTIAL, "w") as f:
+                json.dump(partial, f)
+            best_so_far = max(r["score"] for r in run)
+            print(f"{run_key}: best score {best_so_far:.4f} after {args.budget} candidates "
+                  f"({len(cache)} distinct evaluated)", flush=True)
+
+    algorithms = args.algorithms.split(",")
+    runs = {k: [r["score"] for r in v] for k, v in partial["runs"].items()}
+    rows = []
+    for name in algorithms:
+        reach = [needed(runs[f"{name}/{s}"], max(runs[f"random/{s}"])) for s in seeds]
+        rows.append({"algorithm": name,
+                     "best_at_third": median([max(runs[f"{name}/{s}"][: args.budget // 3]) for s in seeds]),
+                     "best_at_budget": median([max(runs[f"{name}/{s}"]) for s in seeds]),
+                     "candidates_to_random_best": median([r if r is not None else float("inf") for r in reach]),
+                     "reached_in_seeds": sum(r is not None for r in reach)})
+    learning = max((r for r in rows if r["algorithm"] != "random"), key=lambda r: r["best_at_third"], default=None)
+    print(f"{args.model} on CIFAR-10, 50% +- 1% FLOPs, {args.budget} candidates, seeds {seeds}; "
+          f"score = held-out accuracy after adaptive BN ({args.calibration_batches} batches of 128, "
+          f"{args.heldout} held-out); medians over seeds")
+    print(table(rows, list(rows[0])))
+    _plot(runs, algorithms, seeds, args.budget)
+
+    finals = []
+    chosen = [("random", max(partial["runs"]["random/0"], key=lambda r: r["score"]))]
+    if learning is not None:
+        chosen.append((learning["algorithm"], max(partial["runs"][f"{learning['algorithm']}/0"],
+                                                  key=lambda r: r["score"])))
+    chosen += [(r["source"], r) for r in partial["runs"]["random/0"][:2]]
+    rest = evaluator.rest_indices[: args.finetune_images]
+    ft = load_config(None, [f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01", "finetune.batch_size=128",
+                            "finetune.warmup_epochs=0"]).finetune
+    for label, cand in chosen:
+        pruned = evaluator.prune(cand["ratios"])
+        evaluator.recalibrate(pruned)
+        out = finetune(pruned, data, ft, "cpu", train_indices=rest, val_indices=evaluator.heldout_indices)
+        finals.append({"top-1 of": label, "score": cand["score"], "flops_ratio": cand["flops_ratio"],
+                       "val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"]})
+        print(table(finals[-1:], list(finals[-1])), flush=True)
+    print(f"fine-tuned {args.finetune_epochs} epochs on {len(rest)} training images (lr 0.01), seed 0's top-1:")
+    print(table(finals, list(finals[0])))
+    print("saved", save("search_quality", {"args": vars(args), "rows": rows, "finals": finals,
+                                           "runs": partial["runs"]}))
+
+
+def _plot(runs: dict, algorithms: list[str], seeds: list[int], budget: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in zip(algorithms, ("tab:gray", "tab:red", "tab:blue", "tab:green")):
+        curves = np.array([curve(runs[f"{name}/{s}"]) for s in seeds])
+        ax.plot(range(1, budget + 1), np.median(curves, 0), c=color, label=f"{name} (median of {len(seeds)} seeds)")
+        ax.fill_between(range(1, budget + 1), curves.min(0), curves.max(0), color=color, alpha=0.15)
+    ax.set_xlabel("candidates evaluated")
+    ax.set_ylabel("best held-out score so far")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(RESULTS, "search_quality.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print("saved", path)
+
+
+if __name__ == "__main__":
+    main()
