@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import median, save, table  # noqa: E402
+from bench.common import RESULTS, median, save, table  # noqa: E402
 from prunetune import CandidateEvaluator, PrunePlan, StrategySampler, load_config, load_data, preflight  # noqa: E402
 from prunetune.workers.space import count_flops  # noqa: E402
 
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--max-params-m", type=float, default=150.0)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per model")
     parser.add_argument("--max-memory-gb", type=float, default=10.0, help="address space per model")
+    parser.add_argument("--update", action="store_true", help="replace these models' rows in the saved results")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one model, print its row as JSON
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -133,6 +134,10 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             rows.append({"model": name, "refusal": f"timed out after {args.timeout_s:g} s"})
         print(table(rows[-1:], list(rows[-1])), flush=True)
+    if args.update:  # the rows of these models replace theirs in the saved results, in the saved order
+        fresh = {r["model"]: r for r in rows}
+        saved = json.load(open(os.path.join(RESULTS, "generality.json")))["rows"]
+        rows = [fresh.pop(r["model"], r) for r in saved] + list(fresh.values())
     columns = ["model", "groups", "left_out", "flops_error", "params_error", "prune_ms", "evaluates", "refusal"]
     print(table(rows, columns))
     exact = [r for r in rows if "flops_error" in r]

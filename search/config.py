@@ -76,6 +76,7 @@ class EvaluationConfig:
     seed: int = field(default=0, metadata=_range(0))  # held-out and calibration draws
     bn_mode: str = field(default="cumulative", metadata=_choice("cumulative", "ema", "none"))
     calibration_batches: int = field(default=50, metadata=_range(1))
+    calibration_tolerance: float | None = field(default=None, metadata=_range(0, lo_open=True))  # stop when converged
     batch_size: int = field(default=128, metadata=_range(1))
     score_batch_size: int = field(default=500, metadata=_range(1))
     metric: str = field(default="accuracy", metadata=_choice("accuracy", "loss"))
@@ -146,6 +147,8 @@ RENAMED = {"search.flops_target": "search.target (with search.constraint: flops,
 def _convert(key: str, value: Any, annotation: str) -> Any:
     """Coerce a YAML value to the field's declared type, or raise ConfigError."""
     optional = "None" in annotation
+    if optional and isinstance(value, str) and value.strip().lower() == "none":
+        value = None  # --set key=none clears an optional key (YAML's own null is `null` or `~`)
     if value is None:
         if optional:
             return None
@@ -206,6 +209,8 @@ def from_dict(raw: dict) -> Config:
             if key not in fields:
                 raise ConfigError(f"{section}.{key}: unknown key; allowed: {', '.join(fields)}")
             f = fields[key]
+            if isinstance(value, bool) and "off" in f.metadata.get("choices", ()):
+                value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
             converted = _convert(f"{section}.{key}", value, str(f.type))
             _check(f"{section}.{key}", converted, f.metadata, value)
             setattr(obj, key, converted)

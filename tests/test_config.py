@@ -21,6 +21,9 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.finetune.weight_decay == 0.0005
     assert cfg.search.target == 0.4 and cfg.model.name == "resnet20"
     assert cfg.finetune.nesterov is False and cfg.search.time_budget_s == 60.0
+    switches = load_config(None, ["evaluation.amp=off", "evaluation.channels_last=on"]).evaluation
+    assert (switches.amp, switches.channels_last) == ("off", "on")  # YAML 1.1 reads on/off as booleans
+    assert load_config(None, ["search.time_budget_s=60", "search.time_budget_s=none"]).search.time_budget_s is None
 
 
 @pytest.mark.parametrize("overrides, key, fragment", [

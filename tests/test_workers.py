@@ -124,7 +124,7 @@ def test_cumulative_adaptive_bn_equals_the_statistics_of_the_batches():
     model = randomize_batchnorm(build_model("resnet20", 10))
     batches = [torch.randn(16, 3, 32, 32) * 2 + 1 for _ in range(5)]
     seen, hooks = _stats_hooks(model)
-    assert recalibrate_bn(model, batches, "cumulative")
+    assert recalibrate_bn(model, batches, "cumulative") == 5
     for h in hooks:
         h.remove()
     for bn, stats in seen.items():
@@ -151,7 +151,7 @@ def test_ema_adaptive_bn_keeps_the_momentum():
 def test_model_without_batchnorm_is_scored_with_a_warning():
     model = NoBatchNorm()
     with pytest.warns(UserWarning, match="no BatchNorm"):
-        assert recalibrate_bn(model, [torch.randn(4, 1, 8, 8)], "cumulative") is False
+        assert recalibrate_bn(model, [torch.randn(4, 1, 8, 8)], "cumulative") == 0
     data = load_data("digits")
     cfg = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=32"]).evaluation
     space = PruningSpace.from_model(model, data.example_input())
@@ -277,3 +277,16 @@ def test_evaluation_data_stays_uint8_and_scores_as_normalised_floats_do(digits_s
     a = CandidateEvaluator(model, space, raw, cfg.evaluation, "cpu").evaluate(ratios)
     b = CandidateEvaluator(model, space, floats, cfg.evaluation, "cpu").evaluate(ratios)
     assert (a.score, a.loss) == (b.score, b.loss)
+
+
+def test_calibration_stops_once_the_statistics_have_converged():
+    model = randomize_batchnorm(build_model("resnet20", 10))
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 3, 32, 32, generator=g) for _ in range(40)]
+    used = recalibrate_bn(model, batches, "cumulative", tolerance=0.01)
+    assert 3 <= used < 40
+    assert recalibrate_bn(reference, batches, "cumulative") == 40
+    for a, b in zip(model.modules(), reference.modules()):  # close to the statistics of every batch
+        if isinstance(a, nn.BatchNorm2d):
+            assert torch.allclose(a.running_mean, b.running_mean, atol=0.05, rtol=0.05)

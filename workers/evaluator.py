@@ -148,10 +148,10 @@ class CandidateEvaluator:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def recalibrate(self, model: nn.Module) -> bool:
-        """Adaptive BN on the calibration batches (the configured mode); False if nothing was recalibrated."""
+    def recalibrate(self, model: nn.Module) -> int:
+        """Adaptive BN on the calibration batches (the configured mode); the batches used (0: nothing to do)."""
         return recalibrate_bn(model, self._batches(self.calibration, self.cfg.batch_size), self.cfg.bn_mode,
-                              self.autocast)
+                              self.autocast, self.cfg.calibration_tolerance)
 
     def evaluate(self, ratios, index: int = 0) -> CandidateRecord:
         """Prune, recalibrate and score one strategy (candidate `index`); raises CandidateError on a NaN loss."""
@@ -176,6 +176,7 @@ class CandidateEvaluator:
             index, [float(r) for r in ratios], kept_channels=self.space.kept_channels(ratios), flops=flops,
             flops_ratio=flops / self.space.base_flops, params=self.space.params(ratios),
             score=result["accuracy"] if self.cfg.metric == "accuracy" else -result["loss"],
-            accuracy=result["accuracy"], loss=result["loss"], bn_recalibrated=recalibrated,
+            accuracy=result["accuracy"], loss=result["loss"], bn_recalibrated=recalibrated > 0,
+            calibration_batches=recalibrated,
             warning="; ".join(str(w.message) for w in caught) or None, t_prune=t1 - t0, t_calibrate=t2 - t1,
             t_score=t3 - t2, device=str(self.device))

@@ -78,6 +78,7 @@ class Trace:
     param_axes: dict  # parameter -> the axis Torch-Pruning prunes
     owners: dict  # grad_fn -> the stateless leaf module call that produced it (name, then name#2, ...)
     channels: dict  # stateless leaf call -> channels of its output
+    aliases: dict  # stateless leaf that passed its input on -> the call whose output (and channels) it is
     channel_ops: dict  # grad_fn -> what a channel shuffle or fixed-size split does where (pruning cannot follow)
 
 
@@ -181,21 +182,27 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     owners: dict = {}
     channels: dict[str, int] = {}
     calls: dict[str, int] = {}
+    aliases: dict[str, str] = {}
 
     def record(module, inputs, output):
-        if isinstance(output, torch.Tensor) and output.grad_fn is not None and output.grad_fn not in owners:
-            name = names[module]  # an Identity passes its input's grad_fn on: the module that made it owns it
-            calls[name] = calls.get(name, 0) + 1
-            if calls[name] > 1:  # a module used twice (one ReLU for a whole block) is one op per call
-                name = f"{name}#{calls[name]}"
-            owners[output.grad_fn] = name
-            channels[name] = output.shape[1] if output.dim() > 1 else output.shape[0]
+        if not (isinstance(output, torch.Tensor) and output.grad_fn is not None):
+            return
+        if output.grad_fn in owners:  # it passed its input on (Identity, a pool to its input's size): same channels
+            aliases.setdefault(names[module], owners[output.grad_fn])
+            return
+        name = names[module]
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] > 1:  # a module used twice (one ReLU for a whole block) is one op per call
+            name = f"{name}#{calls[name]}"
+        owners[output.grad_fn] = name
+        channels[name] = output.shape[1] if output.dim() > 1 else output.shape[0]
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if is_stateless(m)]
     channel_ops = _ChannelOps(model)
     try:
         with torch.enable_grad(), channel_ops.watching():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            # a tuple: Torch-Pruning calls model(*example_inputs), which would split a bare batch into samples
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs,), verbose=False)
     except Exception as e:
         hint = f"; {next(iter(channel_ops.found.values()))}" if channel_ops.found else ""
         raise SpaceError(f"model: Torch-Pruning cannot trace the channel dependencies of this model "
@@ -207,7 +214,7 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     groups = [(g[0].dep.target.module, g) for g in graph.get_all_groups(ignored_layers=ignored_modules)]
     groups = [(root, g) for root, g in groups if len(g[0].idxs) > 1]  # Torch-Pruning skips 1-channel groups
     axes = {u.parameters: u.pruning_dim for u in graph.unwrapped_parameters}
-    return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, channel_ops.found)
+    return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, aliases, channel_ops.found)
 
 
 class _Item(NamedTuple):
@@ -355,6 +362,7 @@ class Discovery:
 
     groups: list[ChannelGroup]
     op_channels: dict[str, int]  # stateless leaf -> channels of its output
+    aliases: dict[str, str]  # stateless leaf that passed its input on -> the leaf whose output it is
     rejected: list[tuple[str, str]]  # (group root, reason) of groups that cannot be modelled exactly
     functional: set[str]  # groups that reach a functional op fvcore counts
 
@@ -374,4 +382,4 @@ def discover_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: lis
         if counted:
             functional.add(g.name)
     groups.sort(key=lambda g: position.get(g.name, 0))  # model order, input to output
-    return Discovery(groups, trace.channels, rejected, functional)
+    return Discovery(groups, trace.channels, trace.aliases, rejected, functional)

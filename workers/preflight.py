@@ -20,7 +20,7 @@ from .groups import SpaceError, describe_module, module_stack
 from .prune import PrunePlan
 from .space import PruningSpace, count_flops
 
-_TOLERANCE = 1e-6  # relative: the analytic count is exact up to float rounding
+_TOLERANCE = 1e-9  # relative, above one FLOP: the analytic count is exact up to float rounding
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _problem(model: nn.Module, plan: PrunePlan, ratios, example_inputs: torch.Te
     space = plan.space
     flops, params = int(count_flops(pruned, example_inputs).total()), sum(p.numel() for p in pruned.parameters())
     for what, model_value, real in (("FLOPs", space.flops(ratios), flops), ("params", space.params(ratios), params)):
-        if abs(model_value - real) > _TOLERANCE * max(real, 1):
+        if abs(model_value - real) > max(1.0, _TOLERANCE * real):
             return f"{what} {model_value:,} by the space, {real:,} by fvcore on the pruned network"
     return None
 

@@ -27,6 +27,7 @@ class CandidateRecord:
     accuracy: float | None = None  # held-out accuracy after adaptive BN
     loss: float | None = None
     bn_recalibrated: bool | None = None
+    calibration_batches: int | None = None  # batches adaptive BN used (fewer than configured: it converged)
     warning: str | None = None
     t_prune: float | None = None
     t_calibrate: float | None = None

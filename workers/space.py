@@ -202,9 +202,12 @@ def _build(cls, model: nn.Module, example_inputs: torch.Tensor, found: Discovery
     rows: dict[tuple[str, str], int] = {}
     full_size = [1.0]
     matrix = [np.zeros(len(groups))]
+    # A stateless op with FLOPs has a row; so has the op whose output one passed on (a pool to its input's size).
+    counted_ops = {name for name, amount in by_module.items() if amount} | \
+        {target for name, target in found.aliases.items() if by_module.get(name)}
     for gi, g in enumerate(groups):
         for mem in g.members:
-            if mem.kind == OP and not by_module.get(mem.module):
+            if mem.kind == OP and mem.module not in counted_ops:
                 continue  # a stateless op without FLOPs (activation, permute) counts nothing: no row
             key = (mem.module, mem.role)
             if key not in rows:
@@ -230,7 +233,7 @@ def _build(cls, model: nn.Module, example_inputs: torch.Tensor, found: Discovery
         amount = own_flops(by_module, model, name)
         if amount and (kind or is_stateless(module)):
             counted_flops += amount
-            term(name, kind.flops_roles if kind else (OUT,), amount, flops)
+            term(name if kind else found.aliases.get(name, name), kind.flops_roles if kind else (OUT,), amount, flops)
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
