@@ -318,3 +318,31 @@ def shufflenet_like(num_classes: int = 10) -> nn.Module:
 def mixnet_like(num_classes: int = 10) -> nn.Module:
     """Factory for `prunetune run` tests: fixed-size channel splits in two layers."""
     return MixNetLike(num_classes, mixes=2)
+
+
+class WindowNet(nn.Module):
+    """Swin's window partition: the feature map reshaped into non-overlapping windows (a 6-d view)."""
+
+    def __init__(self, num_classes: int = 10, window: int = 4):
+        super().__init__()
+        self.window = window
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.attend = WindowMix(16, window)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.attend(self.embed(x)).mean((2, 3)))
+
+
+class WindowMix(nn.Module):
+    """Mixes the channels of each window's pixels (a stand-in for window attention)."""
+
+    def __init__(self, channels: int, window: int):
+        super().__init__()
+        self.window, self.mix = window, nn.Linear(channels, channels)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        s = self.window
+        windows = x.permute(0, 2, 3, 1).reshape(b, h // s, s, w // s, s, c)
+        return self.mix(windows).reshape(b, h, w, c).permute(0, 3, 1, 2)

@@ -87,11 +87,14 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
         cluster.shutdown()
 
 
-def test_a_time_budget_ends_the_search_and_the_best_so_far_are_fine_tuned(tmp_path):
+def test_a_time_budget_ends_the_search_and_the_best_so_far_are_fine_tuned(tmp_path, capsys):
     # 40 candidates of at least 5 s each on 2 trials need 100 s or more: a 30 s budget must end the search early
     with embedded_ray(delay_s=5.0):
-        assert main(run_args(tmp_path, "search.time_budget_s=30", candidates=40)) == 0
+        code = main(run_args(tmp_path, "search.time_budget_s=30", candidates=40))
     records = CandidateStore(str(tmp_path / "run")).records()
-    assert 1 <= len(records) < 40
-    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
-    assert summary["search"]["candidates"] == len(records) and len(summary["final"]) == 1
+    assert len(records) < 40
+    if records:  # the usual case: the best so far are fine-tuned
+        summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
+        assert code == 0 and summary["search"]["candidates"] == len(records) and len(summary["final"]) == 1
+    else:  # a machine too busy to finish one candidate in 30 s: said so, and resumable (test_search checks that)
+        assert code == 1 and "no candidate was evaluated within search.time_budget_s=30" in capsys.readouterr().err

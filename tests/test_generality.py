@@ -69,6 +69,13 @@ def test_a_channel_shuffle_group_is_left_out_with_its_module_named():
     assert "shuffle_block.a" not in [g.name for g in verdict.space.groups]
 
 
+def test_a_window_partition_is_refused_in_one_line_naming_the_module():
+    with pytest.raises(SpaceError) as e:
+        _verdict(archs.WindowNet())
+    assert str(e.value) == ("model: attend (WindowMix) reshapes feature maps into windows or pixel blocks (as Swin, "
+                            "MaxViT, pixel unshuffle do), which channel pruning cannot follow")
+
+
 def test_fixed_size_splits_in_two_layers_are_refused_in_one_line():
     with pytest.raises(SpaceError) as e:
         _verdict(archs.MixNetLike(mixes=2))

@@ -17,3 +17,4 @@ def test_the_python_api_example_runs(tmp_path):
     assert [int(i) for i, _, _ in lines] == [0, 1, 2]
     assert all(38.0 <= float(flops) <= 42.0 and 0.3 < float(acc) <= 1.0 for _, flops, acc in lines)
     assert "4 groups; not pruned: fc (classifier first)" in proc.stdout
+    assert "so the column sums to more than 100%" in proc.stdout  # inspect's FLOPs share says what it is

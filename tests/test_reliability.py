@@ -246,3 +246,10 @@ def test_a_report_read_by_a_closed_pipe_ends_quietly(tmp_path):
     proc.stdout.close()  # as `prunetune report RUN | head -1` does once head has its line
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_latency_whose_spread_is_large_is_marked_unstable():
+    from prunetune.search.report import _latency
+
+    assert _latency({"latency_ms_batch1": 2.0, "latency_iqr_ms": 0.2}) == "2 ms ± 0.1"
+    assert _latency({"latency_ms_batch1": 2.0, "latency_iqr_ms": 1.0}) == "2 ms ± 0.5 (unstable)"

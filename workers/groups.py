@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -144,26 +146,31 @@ class _ChannelOps:
     def __init__(self, model: nn.Module):
         self.model = model
         self.found: dict = {}  # grad_fn of the op's output -> "module (Type) does what"
+        self.windows: dict = {}  # "found" -> the first module that reshapes feature maps into windows
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
         """Record during the forward passes run inside this context."""
         from torch.overrides import TorchFunctionMode
 
-        found, model = self.found, self.model
+        found, windows, model = self.found, self.windows, self.model
 
         class Watch(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 out = func(*args, **kwargs)
                 x, name = (args[0] if args else None), getattr(func, "__name__", "")
-                if not (isinstance(x, torch.Tensor) and x.dim() == 4 and stack):
+                if not (isinstance(x, torch.Tensor) and x.dim() in (3, 4) and stack):
                     return out
                 what = None
-                if name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and out.dim() > 4 \
-                        and out.shape[1] * out.shape[2] == x.shape[1]:
+                if name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and out.dim() >= 6:
+                    windows.setdefault("found", f"{describe_module(model, stack[-1])} reshapes feature maps into "
+                                                "windows or pixel blocks (as Swin, MaxViT, pixel unshuffle do)")
+                elif name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and x.dim() == 4 \
+                        and out.dim() > 4 and out.shape[1] * out.shape[2] == x.shape[1]:
                     what = "reshapes the channels into groups (a channel shuffle)"
-                elif name in _ChannelOps.SPLITS and kwargs.get("dim", args[2] if len(args) > 2 else 0) in (1, -3):
+                elif x.dim() == 4 and name in _ChannelOps.SPLITS and \
+                        kwargs.get("dim", args[2] if len(args) > 2 else 0) in (1, -3):
                     what = "splits the channels into parts of fixed size"
                 for t in (out if isinstance(out, (tuple, list)) else [out]) if what else []:
                     if isinstance(t, torch.Tensor) and t.grad_fn is not None:
@@ -172,6 +179,28 @@ class _ChannelOps:
 
         with module_stack(model) as stack, Watch():
             yield
+
+
+GROUPING_LIMIT_S = 300  # Torch-Pruning's grouping is quadratic in a group's size; some models never finish
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int, message: str) -> Iterator[None]:
+    """SpaceError(message) if the block runs longer than `seconds` (main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise SpaceError(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[str]) -> Trace:
@@ -210,8 +239,13 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     finally:
         for h in hooks:
             h.remove()
+    if channel_ops.windows:  # Torch-Pruning's index mappings grow without bound through window partitions
+        raise SpaceError(f"model: {channel_ops.windows['found']}, which channel pruning cannot follow")
     ignored_modules = [model.get_submodule(n) for n in ignored]
-    groups = [(g[0].dep.target.module, g) for g in graph.get_all_groups(ignored_layers=ignored_modules)]
+    with _time_limit(GROUPING_LIMIT_S, "model: Torch-Pruning did not finish grouping this model's channels within "
+                                       f"{GROUPING_LIMIT_S} s (its groups grow huge through slices of the channels, "
+                                       "as in RexNet); prunetune cannot prune it"):
+        groups = [(g[0].dep.target.module, g) for g in graph.get_all_groups(ignored_layers=ignored_modules)]
     groups = [(root, g) for root, g in groups if len(g[0].idxs) > 1]  # Torch-Pruning skips 1-channel groups
     axes = {u.parameters: u.pruning_dim for u in graph.unwrapped_parameters}
     return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, aliases, channel_ops.found)
