@@ -5,7 +5,7 @@
   keeps the channels whose importance (normalised by the group's mean, except |gamma| for `bn_scale`, which is
   comparable across layers as it is) reaches the threshold, at most max_ratio of them pruned; the threshold is
   the one that puts the network at the middle of the band.
-A baseline whose channel steps cannot reach the band is left out.
+A baseline whose channel steps cannot reach the band (or that breaks a further budget there) is left out.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from .sampler import StrategySampler
 
 
 def _closest(sampler: StrategySampler, candidates: np.ndarray) -> list[float] | None:
-    """The candidate strategy (rows of [S, G]) closest to the middle of the band, if it is inside the band."""
+    """The candidate strategy (rows of [S, G]) closest to the middle of the band, if one is inside the band and
+    under every further budget."""
     values = sampler.measure(candidates)
     middle = sum(sampler.band) / 2
-    inside = np.flatnonzero((values >= sampler.band[0]) & (values <= sampler.band[1]))
+    inside = np.flatnonzero(sampler.feasible(candidates))
     if not len(inside):
         return None
     return [float(r) for r in candidates[inside[np.argmin(np.abs(values[inside] - middle))]]]

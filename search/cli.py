@@ -97,10 +97,12 @@ def _cmd_resume(args) -> int:
 
 
 def _print_done(run, summary: dict) -> None:
-    best = summary["final"][0]
+    best, base = summary["final"][0], summary["base"]
+    latency = (f", {100 * best['latency_predicted_ms'] / base['latency_predicted_ms']:.1f}% of its predicted latency"
+               if best.get("latency_predicted_ms") and base.get("latency_predicted_ms") else "")
     print(f"\nbest model: {best['path']} (candidate {best['candidate']}): test accuracy "
-          f"{100 * best['test_accuracy']:.2f}% at {100 * best['flops_ratio']:.1f}% of base FLOPs "
-          f"(base {100 * summary['base']['test_accuracy']:.2f}%)")
+          f"{100 * best['test_accuracy']:.2f}% at {100 * best['flops_ratio']:.1f}% of base FLOPs{latency} "
+          f"(base {100 * base['test_accuracy']:.2f}%)")
     print(f"report: {os.path.join(run.path, 'report.md')}")
 
 
@@ -142,6 +144,11 @@ def _cmd_inspect(args) -> int:
     verdict = prove_space(cfg, model, example, num_classes)
     print(verdict.space.describe())
     print(verdict.describe())
+    if args.latency:
+        from .prepare import attach_latency
+
+        attach_latency(cfg, model, verdict.space)
+        print(verdict.space.latency.describe(verdict.space))
     return 0
 
 
@@ -192,6 +199,12 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    if args.quantize:
+        from .quantize import figures_table, quantize_int8
+
+        path, figures = quantize_int8(_run_dir(args.output).path, args.rank, args.to, args.max_accuracy_drop)
+        print(figures_table(figures))
+        return 0 if path else 1
     from .export import export
 
     path = export(args.output, args.rank, args.format, args.to)
@@ -229,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--input-shape", help="C,H,W of the input (default: the model's natural size)")
     i.add_argument("--num-classes", type=int, default=10)
     i.add_argument("--round-to", type=int, default=1)
+    i.add_argument("--latency", action="store_true", help="build (or load from the cache) the latency table on "
+                   "latency.device and show each group's share of the latency")
     i.set_defaults(fn=_cmd_inspect)
 
     s = sub.add_parser("submit", help="submit a search to a Ray cluster as a Ray Job")
@@ -253,11 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("output")
     rp.set_defaults(fn=_cmd_report)
 
-    ex = sub.add_parser("export", help="export a final model as pt, torchscript or onnx")
+    ex = sub.add_parser("export", help="export a final model as pt, torchscript or onnx, or int8 ONNX")
     ex.add_argument("output")
     ex.add_argument("--rank", type=int, default=1)
     ex.add_argument("--format", choices=("pt", "torchscript", "onnx"), default="pt")
     ex.add_argument("--to", help="destination file (default: next to the model)")
+    ex.add_argument("--quantize", choices=("int8",), help="int8 ONNX through ONNX Runtime's static quantization, "
+                    "calibrated on the run's calibration images; prints fp32 vs int8 (accuracy, size, latency)")
+    ex.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                    help="with --quantize: do not write an int8 model that loses more test accuracy (default 1.0)")
     ex.set_defaults(fn=_cmd_export)
     return p
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from prunetune.workers.constraints import CONSTRAINTS
+from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.files import write_text
 from prunetune.workers.granularity import GRANULARITIES
 
@@ -55,6 +55,7 @@ class SearchConfig:
     constraint: str = field(default="flops", metadata=_choice(*CONSTRAINTS))  # what the budget limits
     target: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))  # fraction of the base
     tolerance: float = field(default=0.02, metadata=_range(0, 1, lo_open=True))
+    limits: dict = field(default_factory=dict)  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
     algorithm: str = field(default="random", metadata=_choice(*ALGORITHMS))  # how strategies are proposed
     population: int = field(default=16, metadata=_range(2))  # evolution's population, TPE's random start
     granularity: str = field(default="channel", metadata=_choice(*GRANULARITIES))  # what a ratio prunes
@@ -102,6 +103,16 @@ class FinetuneConfig:
 
 
 @dataclass
+class LatencyConfig:
+    device: str = field(default="cpu", metadata=_choice("cpu", "cuda"))  # where latency is timed
+    batch_size: int = field(default=1, metadata=_range(1))  # the latency budget's batch
+    throughput_batch_size: int = field(default=32, metadata=_range(1))  # the report's second figure
+    threads: int | None = field(default=1, metadata=_range(1))  # CPU threads of every timing (none: torch's)
+    grid: int = field(default=6, metadata=_range(2))  # channel counts timed per layer dimension
+    repeats: int = field(default=20, metadata=_range(3))  # timed passes per figure (the median is kept)
+
+
+@dataclass
 class ResourcesConfig:
     cpus_per_trial: float = field(default=1.0, metadata=_range(0, lo_open=True))
     gpus_per_trial: float = field(default=0.0, metadata=_range(0))
@@ -130,6 +141,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -218,7 +230,24 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
+def budgets(cfg: Config) -> list[Budget]:
+    """The search's upper bounds besides its target (`search.limits`), parsed."""
+    found = []
+    for name, value in cfg.search.limits.items():
+        try:
+            found.append(parse_budget(f"search.limits.{name}", str(name), value))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return found
+
+
+def needs_latency(cfg: Config) -> bool:
+    """True when a budget of the search names latency (the latency table is built before the search)."""
+    return cfg.search.constraint == "latency" or "latency" in cfg.search.limits
+
+
 def _cross_check(cfg: Config) -> None:
+    budgets(cfg)
     if cfg.search.tolerance >= cfg.search.target:
         raise ConfigError(f"search.tolerance: {cfg.search.tolerance} must be below search.target "
                           f"({cfg.search.target})")

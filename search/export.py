@@ -48,22 +48,24 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
     model, record, _ = load_pruned(source)  # with the input contract's preprocessing: raw pixel values in
-    example = torch.zeros(1, *record["input_shape"])
-    metadata = json.dumps(record)  # with record["input"], the input contract
     if fmt == "torchscript":
         with torch.no_grad():
-            scripted = torch.jit.trace(model, example)
+            scripted = torch.jit.trace(model, torch.zeros(1, *record["input_shape"]))
+        metadata = json.dumps(record)  # with record["input"], the input contract
         atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files={"prunetune.json": metadata}))
         return path
 
-    def write_onnx(tmp: str) -> None:
-        import onnx
-
-        torch.onnx.export(model, (example,), tmp, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-        proto = onnx.load(tmp)
-        onnx.helper.set_model_props(proto, {"prunetune": metadata})
-        onnx.save(proto, tmp)
-
-    atomic_write(path, write_onnx)
+    atomic_write(path, lambda tmp: write_onnx(model, record, tmp))
     return path
+
+
+def write_onnx(model: torch.nn.Module, record: dict, path: str) -> None:
+    """Write `model` (raw pixel values in, logits out, any batch size) as ONNX carrying `record` as metadata."""
+    import onnx
+
+    example = torch.zeros(1, *record["input_shape"])
+    torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, {"prunetune": json.dumps(record)})
+    onnx.save(proto, path)

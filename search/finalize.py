@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ from prunetune.workers.finetune import load_finetuned
 from prunetune.workers.granularity import GRANULARITIES
 from prunetune.workers.record import CandidateRecord
 from prunetune.workers.scoring import score
+from prunetune.workers.timing import time_forward
 
 from .artifacts import pruned_record, save_pruned
 from .prepare import Prepared
@@ -24,24 +24,21 @@ class NoFinalModel(RuntimeError):
     """Fine-tuning produced no model."""
 
 
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 30) -> tuple[float, float]:
-    """Median and interquartile range of the forward latency in milliseconds on the example batch (after warm-up)."""
-    model.eval()
+def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
+    """Latency at batch 1 (median and spread), the throughput batch's latency, and the latency table's prediction
+    when there is one (`ratios`: the strategy; None: the base), all timed with the configured threads."""
+    lat = prep.cfg.latency
     device = next(model.parameters()).device
-    example = example.to(device)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 5):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(example)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 5:
-                times.append(1000 * (time.perf_counter() - t))
-    q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return float(median), float(q3 - q1)
+    one = time_forward(model, prep.space.example_input(1).to(device), lat.repeats, threads=lat.threads)
+    many = time_forward(model, prep.space.example_input(lat.throughput_batch_size).to(device),
+                        max(3, lat.repeats // 4), threads=lat.threads)
+    found = {"latency_ms_batch1": one.median_ms, "latency_iqr_ms": one.iqr_ms,
+             "throughput_batch": lat.throughput_batch_size, "latency_ms_throughput": many.median_ms,
+             "images_per_s": 1000.0 * lat.throughput_batch_size / many.median_ms}
+    if prep.space.latency is not None:
+        r = np.zeros(len(prep.space.groups)) if ratios is None else np.asarray(ratios)
+        found["latency_predicted_ms"] = float(prep.space.latency.predict(prep.space, prep.space.kept_batch(r[None]))[0])
+    return found
 
 
 def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, records: list[CandidateRecord]) -> dict:
@@ -60,7 +57,6 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
     os.makedirs(run.final_path, exist_ok=True)
     pruner = GRANULARITIES[cfg.search.granularity].pruner(prep.model, prep.space, cfg.search.criterion,
                                                           cfg.evaluation.seed)
-    example = prep.data.example_input()
     base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))
     heldout, _ = heldout_split(len(prep.data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
     base_val = score(prep.model, iterate_batches(prep.data.train, heldout, 500))
@@ -75,21 +71,23 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                  "test_accuracy": metrics.get("test_accuracy"), "epochs": metrics.get("epoch"),
                  "flops": record["flops"], "flops_ratio": record["flops"] / prep.space.base_flops,
                  "params": record["params"], "path": os.path.join(run.final_path, f"rank{place}.pt")}
-        entry["latency_ms_batch1"], entry["latency_iqr_ms"] = latency_ms(model, example)
+        entry.update(timings(model, prep, cand.ratios))
         save_pruned(entry["path"], model, record, entry)
         finals.append(entry)
-    base_latency, base_iqr = latency_ms(prep.model, example)
     summary = {"base": {"flops": prep.space.base_flops, "params": prep.space.base_params,
                         "test_accuracy": base_test["accuracy"], "val_accuracy": base_val["accuracy"],
                         "score": base_val["accuracy"] if cfg.evaluation.metric == "accuracy" else -base_val["loss"],
-                        "checkpoint": prep.base_checkpoint, "latency_ms_batch1": base_latency,
-                        "latency_iqr_ms": base_iqr},
+                        "checkpoint": prep.base_checkpoint, **timings(prep.model, prep)},
                "input": prep.data.contract.to_dict() if prep.data.contract else None,
                "finetune": {"epochs": cfg.finetune.epochs, "scheduler": cfg.finetune.scheduler},
                "device": "cuda" if next(prep.model.parameters()).is_cuda else "cpu",
                "search": {"candidates": len(records), "ok": sum(r.ok for r in records),
                           "failed": sum(not r.ok for r in records), "constraint": cfg.search.constraint,
-                          "target": cfg.search.target, "tolerance": cfg.search.tolerance},
+                          "target": cfg.search.target, "tolerance": cfg.search.tolerance,
+                          "limits": dict(cfg.search.limits)},
+               "latency": {"threads": cfg.latency.threads, "device": cfg.latency.device,
+                           "table": prep.space.latency.key if prep.space.latency else None,
+                           "table_worst_error": prep.space.latency.worst_error if prep.space.latency else None},
                "final": finals}
     write_report(run, summary, records)
     return summary

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,12 @@ from prunetune.workers.data import DataBundle, heldout_split, load_data
 from prunetune.workers.files import atomic_write, unwritable
 from prunetune.workers.finetune import finetune
 from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.latency import load_or_build
 from prunetune.workers.models import build_model, check_model_name, load_checkpoint, read_state_dict
 from prunetune.workers.preflight import Verdict
 from prunetune.workers.space import PruningSpace
 
-from .config import Config, ConfigError, expand
+from .config import Config, ConfigError, budgets, expand, needs_latency
 from .sampler import StrategySampler
 
 # The fine-tuning keys that shape a base model trained here (epochs come from model.pretrain_epochs).
@@ -67,17 +69,46 @@ def model_spec(cfg: Config, num_classes: int, in_channels: int) -> dict:
 
 
 def make_sampler(cfg: Config, space: PruningSpace) -> StrategySampler:
-    """The search's sampler in `space` (SpaceError if the budget cannot be met)."""
+    """The search's sampler in `space` (SpaceError if a budget cannot be met)."""
     s = cfg.search
-    return StrategySampler(space, s.target, s.tolerance, s.max_ratio, s.seed, CONSTRAINTS[s.constraint])
+    return StrategySampler(space, s.target, s.tolerance, s.max_ratio, s.seed, CONSTRAINTS[s.constraint],
+                           budgets(cfg))
 
 
-def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num_classes: int) -> Verdict:
-    """The preflight of the configured granularity on `model` (its architecture), for the configured search."""
+def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None) -> None:
+    """Give `space` the latency table of `model` on the configured device (cached, or timed now)."""
+    if space.latency is not None:
+        return
+    lat = cfg.latency
+    if lat.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("latency.device: cuda, but this machine has no CUDA device (the latency table is timed "
+                          "where the driver runs); use cpu or run the driver on a GPU node")
+    example = space.example_input(lat.batch_size).to(lat.device)
+    start = time.perf_counter()
+    space.latency, path, built = load_or_build(model, space, example, expand(cfg.output.cache_dir), lat.threads,
+                                               lat.grid, lat.repeats)
+    how = f"timed in {time.perf_counter() - start:.1f} s, cached at" if built else "loaded from"
+    print(f"latency table ({space.latency.device}, batch {lat.batch_size}, threads {lat.threads}): {how} {path}; "
+          f"base {space.latency.base_ms:.2f} ms, worst fit error {100 * space.latency.worst_error:.1f}%",
+          file=log or sys.stderr, flush=True)
+
+
+def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num_classes: int,
+                log=None) -> Verdict:
+    """The preflight of the configured granularity on `model` (its architecture), for the configured search;
+    the latency table is attached first when a budget names latency."""
     s = cfg.search
-    return GRANULARITIES[s.granularity].prepare(model, example_inputs, num_classes, s.max_ratio,
-                                                lambda space: make_sampler(cfg, space).sample(0), s.round_to,
-                                                cfg.model.ignored_layers)
+
+    def first_strategy(space: PruningSpace) -> list[float]:
+        if needs_latency(cfg):
+            attach_latency(cfg, model, space, log)
+        return make_sampler(cfg, space).sample(0)
+
+    verdict = GRANULARITIES[s.granularity].prepare(model, example_inputs, num_classes, s.max_ratio, first_strategy,
+                                                   s.round_to, cfg.model.ignored_layers)
+    if needs_latency(cfg):
+        attach_latency(cfg, model, verdict.space, log)
+    return verdict
 
 
 def prepare(cfg: Config, log=None) -> Prepared:
@@ -98,7 +129,7 @@ def prepare(cfg: Config, log=None) -> Prepared:
     model = build_model(**spec)
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)  # a bad file is refused before anything else
-    verdict = prove_space(cfg, model, data.example_input(), data.num_classes)
+    verdict = prove_space(cfg, model, data.example_input(), data.num_classes, log)
     for name, reason in verdict.left_out:
         warn(f"the group of {name} is not pruned ({reason})", log)
     checkpoint = os.path.abspath(cfg.model.checkpoint) if cfg.model.checkpoint else None

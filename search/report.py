@@ -17,10 +17,33 @@ def _pct(x) -> str:
 
 
 def _latency(entry: dict) -> str:
-    """Median latency with its spread; marked when the spread says the machine was too busy to trust it."""
+    """Median latency with its spread (and the table's prediction); marked when the spread says the machine was
+    too busy to trust it."""
     median, iqr = entry["latency_ms_batch1"], entry.get("latency_iqr_ms", 0.0)
     shaky = " (unstable)" if iqr > 0.25 * median else ""
-    return f"{median:.3g} ms ± {iqr / 2:.2g}{shaky}"
+    predicted = f" (predicted {entry['latency_predicted_ms']:.3g})" if entry.get("latency_predicted_ms") else ""
+    return f"{median:.3g} ms ± {iqr / 2:.2g}{shaky}{predicted}"
+
+
+def _throughput(entry: dict) -> str:
+    """Images per second at the throughput batch (n/a in summaries written before it was measured)."""
+    return f"{entry['images_per_s']:,.0f}/s" if entry.get("images_per_s") else "n/a"
+
+
+def int8_table(summary: dict) -> str:
+    """fp32 vs int8 ONNX of every final model exported with `--quantize int8` (empty if none was)."""
+    rows = [(f, f["int8"]) for f in summary["final"] if f.get("int8")]
+    if not rows:
+        return ""
+    lines = ["## int8 (ONNX Runtime static quantization)", "",
+             "| model | fp32 test acc | int8 test acc | fp32 size | int8 size | fp32 latency | int8 latency | written |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for f, q in rows:
+        lines.append(f"| rank{f['rank']}.pt | {_pct(q['fp32']['test_accuracy'])} | {_pct(q['test_accuracy'])} | "
+                     f"{q['fp32']['size_mb']:.2f} MB | {q['size_mb']:.2f} MB | {q['fp32']['latency_ms_batch1']:.3g} ms | "
+                     f"{q['latency_ms_batch1']:.3g} ms | {'yes' if q['written'] else 'no: over the accuracy margin'} |")
+    return "\n".join(lines + ["", "ONNX Runtime on this CPU, batch 1, the configured threads; accuracy on the test "
+                              "split given as raw pixel values.", ""])
 
 
 def recommendation(summary: dict) -> str:
@@ -45,16 +68,18 @@ def _planned_epochs(summary: dict) -> int:
 def finals_table(summary: dict) -> str:
     """Markdown table of the fine-tuned models against the base model (early-stopped finalists marked)."""
     base, planned = summary["base"], _planned_epochs(summary)
-    lines = ["| model | val acc | test acc | test acc vs base | epochs | FLOPs | params | latency (batch 1) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|",
+    batch = base.get("throughput_batch", "n/a")
+    lines = ["| model | val acc | test acc | test acc vs base | epochs | FLOPs | params | latency (batch 1) | "
+             f"throughput (batch {batch}) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|",
              f"| base | {_pct(base.get('val_accuracy'))} | {_pct(base['test_accuracy'])} | | | 100.00% "
-             f"({base['flops'] / 1e6:.2f} M) | {base['params'] / 1e6:.3f} M | {_latency(base)} |"]
+             f"({base['flops'] / 1e6:.2f} M) | {base['params'] / 1e6:.3f} M | {_latency(base)} | {_throughput(base)} |"]
     for f in summary["final"]:
         epochs = f"{f['epochs']}" if f["epochs"] == planned else f"{f['epochs']} of {planned} (stopped early)"
         lines.append(f"| rank{f['rank']}.pt (candidate {f['candidate']}) | {_pct(f['val_accuracy'])} | "
                      f"{_pct(f['test_accuracy'])} | {100 * (f['test_accuracy'] - base['test_accuracy']):+.2f} pts | "
                      f"{epochs} | {_pct(f['flops_ratio'])} ({f['flops'] / 1e6:.2f} M) | {f['params'] / 1e6:.3f} M | "
-                     f"{_latency(f)} |")
+                     f"{_latency(f)} | {_throughput(f)} |")
     return "\n".join(lines)
 
 
@@ -117,7 +142,9 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
             f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); "
             f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}.", "",
             "## Fine-tuned models (best validation accuracy first)", "", finals_table(summary), "",
-            "Latency: median of repeated batch-1 forward passes on this machine, ± half the interquartile range.", "",
+            "Latency: median of repeated batch-1 forward passes on this machine (PyTorch, the configured threads), "
+            "± half the interquartile range; throughput: images per second at the throughput batch.", "",
+            int8_table(summary),
             "## Best candidates by adaptive-BN score", "", candidates_table(records), "",
             "![score vs FLOPs, and adaptive-BN score vs fine-tuned validation accuracy](report.png)", ""]
     path = os.path.join(run.path, "report.md")
@@ -147,4 +174,6 @@ def print_report(output_dir: str) -> str:
         if summary["final"]:
             out += ["", recommendation(summary).replace("**", "").replace("`", "")]
         out += ["", "Fine-tuned models:", finals_table(summary)]
+        if int8_table(summary):
+            out += ["", int8_table(summary).replace("## ", "")]
     return "\n".join(out)

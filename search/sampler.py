@@ -8,13 +8,14 @@ u_g**s (s > 0; every ratio shrinks as s grows, so the measure rises monotonicall
 towards the unpruned one) to the point that meets that level. The per-group ordering and spread of the uniform
 draw survive; strategies the uniform draw already put in the band are reachable unchanged (s = 1). Integer
 channel counts make the measure a step function of s; a draw whose steps jump over the band is redrawn from
-the same seeded stream.
+the same seeded stream. Further budgets (`search.limits`: params and latency under 60%, say) are upper bounds
+on the same path: every measure rises with s, so they cut the path at a largest s, and the walk stays below it.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from prunetune.workers.constraints import CONSTRAINTS, Constraint
+from prunetune.workers.constraints import CONSTRAINTS, Budget, Constraint
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.space import PruningSpace
 
@@ -28,7 +29,7 @@ class StrategySampler:
     """Draws valid strategies: sample(i) is the i-th strategy of this seed, the same on every machine."""
 
     def __init__(self, space: PruningSpace, target: float, tolerance: float, max_ratio: float, seed: int = 0,
-                 constraint: Constraint = CONSTRAINTS["flops"]):
+                 constraint: Constraint = CONSTRAINTS["flops"], limits: list[Budget] = ()):
         if not 0 < target < 1:
             raise SpaceError(f"search.target: {target} is outside (0, 1)")
         if not tolerance > 0:
@@ -44,6 +45,32 @@ class StrategySampler:
                 f"search.target: {constraint.name} {target} +- {tolerance} is not reachable with "
                 f"search.max_ratio={max_ratio}; the reachable {constraint.name} range is [{lowest:.4f}, 1.0000] "
                 f"of the unpruned network")
+        self.limits = [(CONSTRAINTS[b.name], b.fraction(space)) for b in limits]
+        most_pruned = space.kept_batch(np.full((1, len(space.groups)), max_ratio))
+        for (limit, bound), budget in zip(self.limits, limits):
+            least = float(limit.fraction(space, most_pruned)[0])
+            if least > bound:
+                raise SpaceError(f"search.limits.{budget.name}: {bound:.4f} of the unpruned network is not reachable "
+                                 f"with search.max_ratio={max_ratio}; the most pruned network is at {least:.4f}")
+
+    def bound(self, name: str) -> float | None:
+        """The tightest upper bound on constraint `name` (the band's top, a limit), as a fraction; None if none."""
+        bounds = [b for c, b in self.limits if c.name == name] + ([self.band[1]] if self.constraint.name == name
+                                                                   else [])
+        return min(bounds) if bounds else None
+
+    def within_limits(self, ratios: np.ndarray) -> np.ndarray:
+        """For a [S, G] batch of ratios, True where every further budget (`search.limits`) is met."""
+        kept = self.space.kept_batch(ratios)
+        ok = np.ones(len(kept), dtype=bool)
+        for limit, bound in self.limits:
+            ok &= limit.fraction(self.space, kept) <= bound * (1 + 1e-9)
+        return ok
+
+    def feasible(self, ratios: np.ndarray) -> np.ndarray:
+        """For a [S, G] batch of ratios, True where the target's band and every further budget are met."""
+        values = self.measure(ratios)
+        return (values >= self.band[0]) & (values <= self.band[1]) & self.within_limits(ratios)
 
     def measure(self, ratios: np.ndarray) -> np.ndarray:
         """The constraint's value of a [S, G] batch of ratios, as a fraction of the unpruned network."""
@@ -74,9 +101,8 @@ class StrategySampler:
         return np.clip(r / self.max_ratio, 0.0, 1.0), float(np.clip((measure - lo) / max(hi - lo, 1e-12), 0.0, 1.0))
 
     def contains(self, ratios) -> bool:
-        """True if the strategy's measure is inside the band."""
-        measure = float(self.measure(self.space.check(ratios)[None, :])[0])
-        return self.band[0] <= measure <= self.band[1]
+        """True if the strategy's measure is inside the band and under every further budget."""
+        return bool(self.feasible(self.space.check(ratios)[None, :])[0])
 
     def _walk(self, u: np.ndarray, level: float, lo: float, hi: float) -> np.ndarray | None:
         """Ratios on the path max_ratio * u**s whose measure is closest to `level`, if inside [lo, hi]."""
@@ -84,7 +110,7 @@ class StrategySampler:
         grid = _GRID
         for _ in range(_PASSES):
             ratios = self.max_ratio * np.exp(grid[:, None] * log_u[None, :])
-            values = self.measure(ratios)
+            values = np.where(self.within_limits(ratios), self.measure(ratios), np.inf)  # over a limit: too far
             best = int(np.argmin(np.abs(values - level)))
             if lo <= values[best] <= hi and abs(values[best] - level) <= 0.05 * (hi - lo):
                 return ratios[best]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.evaluator import evaluation_data
 from prunetune.workers.prune import position_importance
 from prunetune.workers.record import CandidateRecord
@@ -28,10 +29,12 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
 
     cfg = prep.cfg
     state = {k: v.detach().cpu() for k, v in prep.model.state_dict().items()}
+    bound = prep.sampler.bound("latency")
+    latency_budget = bound * CONSTRAINTS["latency"].base(prep.space) if bound is not None else None
     return TrialPayload(run.manifest().get("run_id", "run"), prep.spec, [ray.put(state)], prep.space,
                         [ray.put(evaluation_data(prep.data, cfg.evaluation))], data_kwargs(cfg), cfg.evaluation,
                         cfg.finetune, cfg.search.criterion, cfg.search.granularity, cfg.resources.cpus_per_trial,
-                        cfg.resources.gpus_per_trial, finalists or [])
+                        cfg.resources.gpus_per_trial, finalists or [], latency_budget)
 
 
 def _trainable(fn, trial_payload: TrialPayload, cfg: Config):

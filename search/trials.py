@@ -41,6 +41,7 @@ class TrialPayload:
     cpus_per_trial: float
     gpus_per_trial: float
     finalists: list[CandidateRecord] = field(default_factory=list)  # the fine-tuning stage's candidates, best first
+    latency_budget_ms: float | None = None  # the search's latency bound, when a budget names latency
 
     @property
     def device(self) -> str:
@@ -80,10 +81,23 @@ def evaluate_candidate(config: dict, payload: TrialPayload) -> None:
     except Exception as e:  # recorded as a failed candidate; the search goes on
         record = CandidateRecord.failed(index, ratios, f"{type(e).__name__}: {e}")
     record.node, record.source = ray.get_runtime_context().get_node_id()[:12], config.get("source")
+    check_latency(record, payload)
     if payload.gpus_per_trial > 0 and record.device == "cpu":
         record.warning = "; ".join(filter(None, [record.warning, "the trial holds a Ray GPU but this node has no CUDA "
                                                                   "device: evaluated on the CPU"]))
     tune.report(record.to_dict())
+
+
+def check_latency(record: CandidateRecord, payload: TrialPayload) -> None:
+    """Mark a candidate timed over the latency budget by more than the latency table's worst fit error: it is
+    stored, but never kept for fine-tuning."""
+    if record.latency_ms is None or payload.latency_budget_ms is None:
+        return
+    allowed = payload.latency_budget_ms * (1 + payload.space.latency.worst_error)
+    record.within_budget = record.latency_ms <= allowed
+    if not record.within_budget:
+        record.warning = "; ".join(filter(None, [record.warning, f"timed at {record.latency_ms:.2f} ms, over the "
+                                                 f"latency budget ({allowed:.2f} ms with the table's error)"]))
 
 
 def finetune_candidate(config: dict, payload: TrialPayload) -> None:

@@ -192,6 +192,33 @@ def test_an_exported_model_takes_raw_test_images_and_scores_the_runs_test_accura
     assert contract["shape"] == [1, 8, 8] and contract["scale"] == 1 / 16 and contract["classes"] == list("0123456789")
 
 
+def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_side(finished_run, tmp_path, capsys):
+    import onnxruntime
+
+    run, _ = finished_run
+    path = tmp_path / "best.int8.onnx"
+    code = main(["export", str(run), "--quantize", "int8", "--to", str(path), "--max-accuracy-drop", "100"])
+    out = capsys.readouterr().out
+    assert code == 0 and path.is_file() and f"written to {path}" in out
+    test = load_data("digits").test
+    session = onnxruntime.InferenceSession(str(path))
+    logits = session.run(None, {"input": test.images.float().numpy()})[0]
+    accuracy = float((torch.from_numpy(logits).argmax(1) == test.labels).float().mean())
+    summary = json.load(open(run / "final" / "summary.json"))
+    int8 = summary["final"][0]["int8"]
+    assert abs(int8["test_accuracy"] - accuracy) < 1e-6 and int8["written"] and int8["path"] == str(path)
+    assert abs(int8["fp32"]["test_accuracy"] - summary["final"][0]["test_accuracy"]) < 1e-6  # the same model
+    assert int8["size_mb"] < int8["fp32"]["size_mb"]
+    assert re.search(rf"^int8 +{100 * accuracy:.2f}% ", out, re.M)
+    assert "## int8 (ONNX Runtime static quantization)" in (run / "report.md").read_text()
+    code = main(["export", str(run), "--quantize", "int8", "--to", str(tmp_path / "strict.onnx"),
+                 "--max-accuracy-drop", "0"])
+    drop = json.load(open(run / "final" / "summary.json"))["final"][0]["int8"]["accuracy_drop_points"]
+    assert (code == 0) == (drop <= 0) == (tmp_path / "strict.onnx").is_file()  # over the margin: reported, not written
+    assert main(["export", str(run), "--quantize", "int8", "--to", str(path)]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+
+
 def test_the_report_opens_with_a_recommendation(finished_run):
     run, _ = finished_run
     report = (run / "report.md").read_text().splitlines()

@@ -15,6 +15,7 @@ import torch.nn as nn
 from .adaptive_bn import recalibrate_bn
 from .data import DataBundle, TensorImages, heldout_split, iterate_batches
 from .granularity import GRANULARITIES
+from .latency import device_name
 from .record import CandidateRecord
 from .scoring import score
 from .space import PruningSpace
@@ -169,6 +170,7 @@ class CandidateEvaluator:
         t3 = self._sync()
         if not math.isfinite(result["loss"]):
             raise CandidateError(f"held-out loss is {result['loss']} (diverged network)")
+        latency = self.latency(model, ratios)
         del model
         trim_memory()
         flops = self.space.flops(ratios)
@@ -179,4 +181,16 @@ class CandidateEvaluator:
             accuracy=result["accuracy"], loss=result["loss"], bn_recalibrated=recalibrated > 0,
             calibration_batches=recalibrated,
             warning="; ".join(str(w.message) for w in caught) or None, t_prune=t1 - t0, t_calibrate=t2 - t1,
-            t_score=t3 - t2, device=str(self.device))
+            t_score=t3 - t2, device=str(self.device), **latency)
+
+    def latency(self, model: nn.Module, ratios: np.ndarray) -> dict:
+        """The latency table's prediction for the strategy and, on the table's device, the pruned net timed."""
+        table = self.space.latency
+        if table is None:
+            return {}
+        kept = self.space.kept_batch(ratios[None, :])
+        found = {"latency_predicted_ms": float(table.predict(self.space, kept)[0])}
+        if device_name(self.device) == table.device:
+            found["latency_ms"] = table.time(model.float().to(memory_format=torch.contiguous_format), self.device,
+                                             self.space.input_shape).median_ms
+        return found

@@ -23,6 +23,9 @@ class CandidateRecord:
     flops: int | None = None
     flops_ratio: float | None = None
     params: int | None = None
+    latency_predicted_ms: float | None = None  # the latency table's prediction (when a budget names latency)
+    latency_ms: float | None = None  # timed in the trial, as the table was (its device, batch, threads)
+    within_budget: bool | None = None  # False: timed over the latency budget by more than the table's error
     score: float | None = None  # what the search maximises (held-out accuracy, or minus the loss)
     accuracy: float | None = None  # held-out accuracy after adaptive BN
     loss: float | None = None
@@ -64,5 +67,5 @@ def rank_key(record: CandidateRecord) -> tuple:
 
 
 def best(records: list[CandidateRecord], k: int) -> list[CandidateRecord]:
-    """The k best successful candidates, best first."""
-    return sorted((r for r in records if r.ok), key=rank_key)[:k]
+    """The k best successful candidates within budget, best first."""
+    return sorted((r for r in records if r.ok and r.within_budget is not False), key=rank_key)[:k]

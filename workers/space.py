@@ -62,6 +62,8 @@ class PruningSpace:
         self.ignored_layers = list(ignored_layers)  # the classifier first
         self.classifier = self.ignored_layers[0] if self.ignored_layers else ""
         self.rejected = list(rejected)  # (group root, reason): groups left out because no exact model exists
+        self.layer_rows: dict[tuple[str, str], int] = {}  # (module, role) -> row of its pruned dimension
+        self.latency = None  # a latency.LatencyTable, attached when a budget names latency
         self._channels = np.array([g.channels for g in groups], dtype=np.float64)
         self._steps = np.array([math.lcm(g.blocks, self.round_to) for g in groups], dtype=np.float64)
         self._dim_const, self._dim_matrix = dim_const, dim_matrix
@@ -174,6 +176,13 @@ class PruningSpace:
         """Parameter count of the network pruned by `ratios`."""
         return int(round(float(self.params_of_kept(self.kept_batch(self.check(ratios)[None, :]))[0])))
 
+    def layer_sizes(self, kept: np.ndarray, name: str, role: str, full: int) -> np.ndarray:
+        """Channels of layer `name`'s `role` dimension for a [S, G] batch of kept counts (`full` if not pruned)."""
+        row = self.layer_rows.get((name, role))
+        if row is None:
+            return np.full(len(kept), float(full))
+        return self._dim_const[row] + kept @ self._dim_matrix[row]
+
     def _evaluate(self, terms: tuple, kept: np.ndarray) -> np.ndarray:
         constant, coef, a, b = terms
         d = self._dim_const[None, :] + kept @ self._dim_matrix.T
@@ -255,6 +264,8 @@ def _build(cls, model: nn.Module, example_inputs: torch.Tensor, found: Discovery
         return float(constant), arr[:, 0], arr[:, 1].astype(np.int64), arr[:, 2].astype(np.int64)
 
     # Whatever is counted elsewhere (ops of modules of no known kind, their parameters) is fixed until measured.
-    return cls(groups, total, base_params, const, matrix_arr, pack(total - counted_flops, flops),
-               pack(base_params - counted_params, params), round_to, ignored, tuple(example_inputs.shape[1:]),
-               found.rejected)
+    space = cls(groups, total, base_params, const, matrix_arr, pack(total - counted_flops, flops),
+                pack(base_params - counted_params, params), round_to, ignored, tuple(example_inputs.shape[1:]),
+                found.rejected)
+    space.layer_rows = dict(rows)  # (module, role) -> its dimension's row, for models that work per layer (latency)
+    return space

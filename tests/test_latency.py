@@ -1,0 +1,156 @@
+"""Latency budgets: the timing helper, the latency table, budgets in the sampler, the over-budget rule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prunetune.search.config import ConfigError, load_config
+from prunetune.search.sampler import StrategySampler
+from prunetune.search.trials import TrialPayload, check_latency
+from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
+from prunetune.workers.groups import SpaceError
+from prunetune.workers.latency import LatencyTable, LayerTable, build_table, load_or_build
+from prunetune.workers.models import build_model
+from prunetune.workers.record import CandidateRecord, best
+from prunetune.workers.space import PruningSpace
+from prunetune.workers.timing import Timing, time_forward
+
+from tests.archs import GroupedSE
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=3).eval()
+    space = PruningSpace.from_model(model, torch.zeros(1, 3, 32, 32))
+    return model, space
+
+
+@pytest.fixture(scope="module")
+def table(resnet20):
+    model, space = resnet20
+    return build_table(model, space, torch.zeros(1, 3, 32, 32), threads=1, grid=3, repeats=3, fit_strategies=4)
+
+
+def test_time_forward_reports_a_median_and_spread_and_restores_threads_and_mode():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).train()
+    threads = torch.get_num_threads()
+    t = time_forward(model, torch.zeros(2, 3, 16, 16), repeats=5, warmup=1, threads=1)
+    assert t.median_ms > 0 and t.iqr_ms >= 0 and t.repeats == 5
+    assert model.training and torch.get_num_threads() == threads
+    assert Timing(10.0, 2.0, 5).stable and not Timing(10.0, 3.0, 5).stable
+
+
+def test_the_table_predicts_more_latency_for_every_network_that_keeps_more_channels(resnet20, table):
+    _, space = resnet20
+    rng = np.random.default_rng(0)
+    small = space.kept_batch(rng.uniform(0, 0.7, (200, len(space.groups))))
+    larger = np.minimum(small + rng.integers(0, 8, small.shape), [g.channels for g in space.groups])
+    assert (table.predict(space, larger) >= table.predict(space, small) - 1e-12).all()
+    full = space.kept_batch(np.zeros((1, len(space.groups))))
+    assert table.predict(space, full)[0] > table.predict(space, small).min()
+    assert {t.name for t in table.layers} >= {"conv1", "layer1.0.conv1", "fc"}
+    assert len(table.fit_errors) == 5 and table.scale > 0
+
+
+def test_interpolation_reads_channel_counts_as_the_next_multiple_of_eight_and_is_bilinear():
+    space = PruningSpace.from_model(GroupedSE(), torch.zeros(1, 3, 16, 16))
+    name, role = next(key for key in space.layer_rows if key[1] == "out")
+    layer = LayerTable(name, 64, 64, [8.0, 64.0], [64.0], [[1.0, 8.0]])  # 1 ms at 8 channels, 8 ms at 64
+    t = LatencyTable("k", "cpu", 1, 1, 3, 8, [layer])
+    sizes = np.array([1.0, 8.0, 9.0, 16.0, 36.0, 64.0, 100.0])
+    row = space.layer_rows[(name, role)]
+    kept = np.zeros((len(sizes), len(space.groups)))
+    gi = int(np.flatnonzero(space._dim_matrix[row])[0])
+    kept[:, gi] = (sizes - space._dim_const[row]) / space._dim_matrix[row, gi]
+    padded = np.minimum(np.ceil(sizes / 8) * 8, 64)
+    assert np.allclose(t.predict(space, kept), 1.0 + 7.0 * (np.clip(padded, 8, 64) - 8) / 56)
+
+
+def test_the_table_survives_json_and_is_cached_by_device_threads_and_architecture(resnet20, tmp_path):
+    model, space = resnet20
+    example = torch.zeros(1, 3, 32, 32)
+    first, path, built = load_or_build(model, space, example, str(tmp_path), threads=1, grid=2, repeats=3)
+    again, path2, built2 = load_or_build(model, space, example, str(tmp_path), threads=1, grid=2, repeats=3)
+    assert built and not built2 and path == path2
+    kept = space.kept_batch(np.random.default_rng(1).uniform(0, 0.7, (20, len(space.groups))))
+    assert np.array_equal(first.predict(space, kept), again.predict(space, kept))
+    _, other, _ = load_or_build(model, space, example, str(tmp_path), threads=2, grid=2, repeats=3)
+    assert other != path
+    assert LatencyTable.from_dict(first.to_dict()) == first
+
+
+@pytest.mark.parametrize("text, expected", [
+    (0.6, Budget("latency", 0.6, False)), ("60%", Budget("latency", 0.6, False)),
+    ("12ms", Budget("latency", 12.0, True)), ("2.5 ms", Budget("latency", 2.5, True))])
+def test_latency_budgets_are_fractions_percentages_or_milliseconds(text, expected):
+    assert parse_budget("search.limits.latency", "latency", text) == expected
+
+
+def test_count_budgets_take_suffixes():
+    assert parse_budget("k", "params", "1.5M") == Budget("params", 1.5e6, True)
+    assert parse_budget("k", "flops", 2.1e9) == Budget("flops", 2.1e9, True)
+    assert parse_budget("k", "flops", "300k") == Budget("flops", 3e5, True)
+
+
+@pytest.mark.parametrize("limits, message", [
+    ("{latency: 12}", "search.limits.latency: 12 is not a budget; expected a fraction in (0, 1), a percentage "
+                      "('60%'), milliseconds ('12ms')"),
+    ("{params: 12ms}", "search.limits.params: '12ms' is not a budget"),
+    ("{memory: 0.5}", "search.limits.memory: unknown budget 'memory'; allowed: flops, params, latency"),
+    ("{flops: 0}", "search.limits.flops: 0 is not a budget")])
+def test_a_bad_budget_is_one_line_naming_the_key(limits, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"search.limits={limits}"])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_every_sampled_strategy_meets_the_target_band_and_every_limit(resnet20, table):
+    _, space = resnet20
+    space.latency = table
+    try:
+        sampler = StrategySampler(space, 0.7, 0.03, 0.7, seed=3, constraint=CONSTRAINTS["latency"],
+                                  limits=[Budget("params", 0.5, False), Budget("flops", 0.6, False)])
+        strategies = np.array([sampler.sample(i) for i in range(40)])
+        kept = space.kept_batch(strategies)
+        assert sampler.feasible(strategies).all()
+        assert (CONSTRAINTS["params"].fraction(space, kept) <= 0.5 + 1e-12).all()
+        assert (CONSTRAINTS["flops"].fraction(space, kept) <= 0.6 + 1e-12).all()
+        latency = CONSTRAINTS["latency"].fraction(space, kept)
+        assert ((latency >= 0.67 - 1e-12) & (latency <= 0.73 + 1e-12)).all()
+        assert sampler.bound("latency") == pytest.approx(0.73) and sampler.bound("params") == 0.5
+        unconstrained = StrategySampler(space, 0.7, 0.03, 0.7, seed=3, constraint=CONSTRAINTS["latency"])
+        free = np.array([unconstrained.sample(i) for i in range(40)])
+        assert (CONSTRAINTS["params"].fraction(space, space.kept_batch(free)) > 0.5).any()  # the limit did bind
+    finally:
+        space.latency = None
+
+
+def test_an_unreachable_limit_is_refused_naming_it(resnet20):
+    _, space = resnet20
+    with pytest.raises(SpaceError, match=r"^search.limits.params: 0.0100 of the unpruned network is not reachable"):
+        StrategySampler(space, 0.5, 0.02, 0.7, limits=[Budget("params", 0.01, False)])
+
+
+def test_a_latency_budget_without_a_table_says_what_is_missing(resnet20):
+    _, space = resnet20
+    with pytest.raises(SpaceError, match="latency budget needs the space's latency table"):
+        StrategySampler(space, 0.5, 0.02, 0.7, constraint=CONSTRAINTS["latency"])
+
+
+def test_a_candidate_timed_over_the_budget_is_stored_but_never_a_finalist(resnet20, table):
+    _, space = resnet20
+    space.latency = table
+    try:
+        payload = TrialPayload("r", {}, [], space, [], {}, None, None, "l1", "channel", 1, 0,
+                               latency_budget_ms=10.0)
+        slow = CandidateRecord(0, [0.1], score=0.9, flops=1, latency_ms=10.0 * (1 + table.worst_error) + 0.01)
+        fast = CandidateRecord(1, [0.1], score=0.5, flops=1, latency_ms=9.0)
+        for record in (slow, fast):
+            check_latency(record, payload)
+        assert slow.within_budget is False and "over the latency budget" in slow.warning
+        assert fast.within_budget is True and fast.warning is None
+        assert best([slow, fast], 2) == [fast]
+    finally:
+        space.latency = None

@@ -1,0 +1,290 @@
+"""A latency model measured once per device: per-layer look-up tables, interpolated, calibrated on whole nets.
+
+The NetAdapt / HALP idea: every layer of a known kind (conv, depthwise, grouped, linear, norms) is timed alone,
+at its real input size, on a grid of its channel counts (both dimensions where both can be pruned), on the
+target device with the configured batch size and CPU threads. A strategy's latency is read off the tables by
+interpolation, summed, and mapped onto whole-network latency by a least-squares fit on a few pruned networks
+timed whole (the fit absorbs what the tables do not see: activations, additions, pooling, per-call overhead).
+The tables are made non-decreasing in every channel count, so a prediction never falls when a strategy keeps
+more channels: the sampler's walk relies on that. Tables are cached by architecture, input shape, device,
+batch size, threads and library versions (`load_or_build`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .files import write_json
+from .layers import IN, OUT, kind_of
+from .space import PruningSpace
+from .timing import time_forward
+
+# Kernels run channels in vector-width blocks: on this AVX-512 CPU a 3x3 conv with 65-80 output channels takes as
+# long as one with 80 (steps of 16 for wide layers, of 8 for narrow ones); tensor cores want multiples of 8.
+# Tables are timed at multiples of 8 and a count is read as the next multiple of 8.
+CHANNEL_MULTIPLE = 8
+
+
+@dataclass
+class LayerTable:
+    """Measured latency of one layer over a grid of its channel counts."""
+
+    name: str
+    full_out: int
+    full_in: int
+    out_sizes: list[float]  # grid of out channel counts (one point when the dimension is never pruned)
+    in_sizes: list[float]  # grid of in channel counts (one point for coupled kinds: norms, depthwise)
+    ms: list[list[float]]  # [len(in_sizes)][len(out_sizes)] milliseconds, non-decreasing along both axes
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer tables plus the whole-network fit: predict(space, kept) gives milliseconds."""
+
+    key: str
+    device: str
+    batch_size: int
+    threads: int | None
+    repeats: int
+    multiple: int  # a channel count is read as the next multiple of this (the kernels' vector width)
+    layers: list[LayerTable]
+    intercept_ms: float = 0.0
+    scale: float = 1.0
+    base_ms: float = 0.0  # the unpruned network, timed whole
+    fit_errors: list[float] = field(default_factory=list)  # |predicted - timed| / timed on the fit's networks
+
+    def predict(self, space: PruningSpace, kept: np.ndarray) -> np.ndarray:
+        """Predicted latency in milliseconds for a [S, G] batch of kept counts of `space`."""
+        kept = np.atleast_2d(np.asarray(kept, dtype=np.float64))
+        return self.intercept_ms + self.scale * self.layer_sum(space, kept)
+
+    def layer_sum(self, space: PruningSpace, kept: np.ndarray) -> np.ndarray:
+        """Sum of the interpolated per-layer latencies for a [S, G] batch of kept counts."""
+        total = np.zeros(len(kept))
+        for t in self.layers:
+            out = self._padded(space.layer_sizes(kept, t.name, OUT, t.full_out), t.full_out)
+            inp = self._padded(space.layer_sizes(kept, t.name, IN, t.full_in), t.full_in) \
+                if len(t.in_sizes) > 1 else None
+            total += _interpolate(t, out, inp)
+        return total
+
+    def _padded(self, channels: np.ndarray, full: int) -> np.ndarray:
+        """Channel counts as the kernels run them: up to the next multiple of `multiple`, at most `full`."""
+        return np.minimum(np.ceil(channels / self.multiple) * self.multiple, full)
+
+    def time(self, model: nn.Module, device: torch.device, input_shape: tuple[int, ...]):
+        """Time a (pruned) network as the table was timed: its batch size, threads and repeats (a Timing)."""
+        example = torch.zeros(self.batch_size, *input_shape, device=device)
+        return time_forward(model, example, repeats=self.repeats, threads=self.threads)
+
+    def describe(self, space: PruningSpace) -> str:
+        """Per group, the share of the base's predicted latency that scales with its channels; then the fit."""
+        full = space.kept_batch(np.zeros((1, len(space.groups))))
+        base = float(self.predict(space, full)[0])
+        width = max([len(g.name) for g in space.groups] + [5])
+        lines = [f"{'group':<{width}}  {'latency share':>13}"]
+        for i, g in enumerate(space.groups):
+            fewest = full.copy()
+            fewest[0, i] = space.kept_batch(np.full((1, len(space.groups)), 0.999))[0, i]
+            lines.append(f"{g.name:<{width}}  {100 * (base - float(self.predict(space, fewest)[0])) / base:>12.2f}%")
+        lines.append(f"latency ({self.device}, batch {self.batch_size}, threads {self.threads}): base {self.base_ms:.3f} ms "
+                     f"timed, {base:.3f} ms predicted; {len(self.layers)} layers in the table; fit on "
+                     f"{len(self.fit_errors)} pruned networks, worst error {100 * self.worst_error:.1f}%")
+        lines.append("latency share: what the base's predicted latency loses when the group keeps its fewest channels")
+        return "\n".join(lines)
+
+    @property
+    def worst_error(self) -> float:
+        """The largest relative error of the fit on the networks it was fitted to (0 before fitting)."""
+        return max(self.fit_errors, default=0.0)
+
+    def to_dict(self) -> dict:
+        """The table as plain JSON-able data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyTable":
+        """A table from `to_dict`'s output."""
+        return cls(**{**d, "layers": [LayerTable(**t) for t in d["layers"]]})
+
+
+def _interpolate(t: LayerTable, out: np.ndarray, inp: np.ndarray | None) -> np.ndarray:
+    """Bilinear interpolation in a layer's grid (clamped at its ends)."""
+    ms = np.asarray(t.ms, dtype=np.float64)
+    ms = np.repeat(ms, 2, axis=1) if ms.shape[1] == 1 else ms  # a one-point grid: constant along that axis
+    ms = np.repeat(ms, 2, axis=0) if ms.shape[0] == 1 else ms
+    wo, jo = _weights(np.asarray(t.out_sizes), out)
+    if inp is None:
+        row = ms[0]
+        return row[jo] * (1 - wo) + row[jo + 1] * wo
+    wi, ji = _weights(np.asarray(t.in_sizes), inp)
+    low = ms[ji, jo] * (1 - wo) + ms[ji, jo + 1] * wo
+    high = ms[ji + 1, jo] * (1 - wo) + ms[ji + 1, jo + 1] * wo
+    return low * (1 - wi) + high * wi
+
+
+def _weights(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Interpolation weight and left index of each x in a sorted grid (a one-point grid: weight 0, index 0)."""
+    if len(grid) == 1:
+        return np.zeros(len(x)), np.zeros(len(x), dtype=np.int64)
+    j = np.clip(np.searchsorted(grid, x) - 1, 0, len(grid) - 2)
+    w = np.clip((x - grid[j]) / (grid[j + 1] - grid[j]), 0.0, 1.0)
+    return w, j
+
+
+def device_name(device: torch.device) -> str:
+    """The device as the cache key names it: the GPU's name, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table_key(model: nn.Module, space: PruningSpace, example: torch.Tensor, threads: int | None, grid: int,
+              repeats: int) -> str:
+    """The cache key of a table: architecture, pruned dimensions, input shape, device, batch size, threads,
+    library versions."""
+    parts = {"arch": str(model), "pruned": sorted(map(list, space.layer_rows)), "input": list(example.shape),
+             "device": device_name(example.device), "threads": threads, "grid": grid, "repeats": repeats,
+             "torch": torch.__version__, "format": 2}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _grid(full: int, points: int, step: int) -> list[float]:
+    """Channel counts to time a dimension at: `points` from one step to full, multiples of `step` (or full)."""
+    if points <= 1 or full <= step:
+        return [float(full)]
+    sizes = np.unique(np.minimum(full, np.maximum(step, np.ceil(np.linspace(step, full, points) / step) * step)))
+    return [float(s) for s in sizes]
+
+
+def _resized(module: nn.Module, sizes: dict[str, int]) -> nn.Module:
+    """A copy of a layer with the first `sizes[role]` channels of each dimension (the layer kinds' slicing)."""
+    kind = kind_of(module)
+    m = copy.deepcopy(module)
+    for role, n in sizes.items():
+        keep = torch.from_numpy(kind.local_index(m, role, np.arange(n)))
+        for attr, axis in kind.tensors(m, role):
+            old = getattr(m, attr)
+            new = old.detach().index_select(axis, keep.to(old.device))
+            setattr(m, attr, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
+        kind.resize(m, role, n)
+    return m
+
+
+def _layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The input shape each layer of a known kind sees in one forward pass."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:  # returns None: the inputs pass unchanged
+            shapes.setdefault(name, tuple(args[0].shape))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if kind_of(m) is not None]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _time_layer(module: nn.Module, shape: tuple[int, ...], out_sizes: list[float], in_sizes: list[float],
+                coupled: bool, channel_axis: int, device: torch.device, repeats: int, threads: int | None
+                ) -> list[list[float]]:
+    """Milliseconds of the layer at every grid point, made non-decreasing along both axes."""
+    ms = np.zeros((len(in_sizes), len(out_sizes)))
+    for i, c_in in enumerate(in_sizes):
+        for j, c_out in enumerate(out_sizes):
+            sizes = {OUT: int(c_out)} if coupled else {OUT: int(c_out), IN: int(c_in)}
+            x_shape = list(shape)
+            x_shape[channel_axis] = int(c_out if coupled else c_in)
+            x = torch.randn(x_shape, device=device)
+            ms[i, j] = time_forward(_resized(module, sizes), x, repeats=repeats, warmup=3, threads=threads).median_ms
+    ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+    return ms.tolist()
+
+
+def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, threads: int | None = None,
+                grid: int = 6, repeats: int = 20, fit_strategies: int = 16, max_ratio: float = 0.7,
+                seed: int = 0, multiple: int = CHANNEL_MULTIPLE, progress=None) -> LatencyTable:
+    """Time every layer of `model` on `example`'s device and batch size over a grid of its channel counts
+    (multiples of `multiple`), then fit the sum of the tables to `fit_strategies` pruned networks timed whole."""
+    from .prune import PrunePlan
+
+    device = example.device
+    model = copy.deepcopy(model).to(device).eval()  # the caller's model stays where it is
+    shapes = _layer_inputs(model, example)
+    measured: dict[tuple, list[list[float]]] = {}  # layers of one shape are timed once
+    layers = []
+    for name, m in model.named_modules():
+        kind = kind_of(m)
+        if kind is None or name not in shapes:
+            continue
+        full_out, full_in = kind.size(m, OUT), kind.size(m, IN)
+        step = math.lcm(kind.blocks(m), multiple)
+        out_sizes = _grid(full_out, grid if (name, OUT) in space.layer_rows else 1, step)
+        pruned_in = not kind.coupled and (name, IN) in space.layer_rows
+        in_sizes = _grid(full_in, grid if pruned_in else 1, step)
+        channel_axis = 1 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or kind.name in ("batchnorm",
+                                                                                              "groupnorm", "prelu") \
+            else len(shapes[name]) - 1
+        signature = (repr(m), shapes[name], tuple(out_sizes), tuple(in_sizes))
+        if signature not in measured:
+            measured[signature] = _time_layer(m, shapes[name], out_sizes, in_sizes, kind.coupled, channel_axis,
+                                              device, repeats, threads)
+            if progress:
+                progress(f"latency table: {len(measured)} layer shapes timed ({name})")
+        layers.append(LayerTable(name, full_out, full_in, out_sizes, in_sizes, measured[signature]))
+    table = LatencyTable(table_key(model, space, example, threads, grid, repeats), device_name(device),
+                         int(example.shape[0]), threads, repeats, multiple, layers)
+    plan = PrunePlan(model, space, order=[np.arange(g.channels // g.blocks) for g in space.groups])
+    rng = np.random.default_rng(seed)
+    strategies = [np.zeros(len(space.groups))] + [rng.uniform(0, max_ratio, len(space.groups)) * level
+                                                  for level in np.linspace(0.2, 1.0, fit_strategies)]
+    kept = space.kept_batch(np.array(strategies))
+    timed = np.array([table.time(plan.apply(r), device, tuple(example.shape[1:])).median_ms for r in strategies])
+    sums = table.layer_sum(space, kept)
+    slope, intercept = np.polyfit(sums, timed, 1)
+    if slope <= 0:  # the tables do not explain the spread: scale them onto the timings through the origin
+        slope, intercept = float(timed @ sums / (sums @ sums)), 0.0
+    table.scale, table.intercept_ms, table.base_ms = float(slope), float(intercept), float(timed[0])
+    table.fit_errors = [float(e) for e in np.abs(table.predict(space, kept) - timed) / timed]
+    return table
+
+
+def load_or_build(model: nn.Module, space: PruningSpace, example: torch.Tensor, cache_dir: str,
+                  threads: int | None = None, grid: int = 6, repeats: int = 20, progress=None
+                  ) -> tuple[LatencyTable, str, bool]:
+    """The cached table for this architecture, input and device, or one built now and cached; its path; and
+    whether it was built now."""
+    key = table_key(model, space, example, threads, grid, repeats)
+    path = os.path.join(cache_dir, "latency", f"{key}.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return LatencyTable.from_dict(json.load(f)), path, False
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # unreadable: built again below and rewritten (the cache is ours)
+    table = build_table(model, space, example, threads, grid, repeats, progress=progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, table.to_dict())
+    return table, path, True
