@@ -35,6 +35,8 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)
     pretrain_epochs: int = field(default=30, metadata=_range(1))  # when no checkpoint is given
     ignored_layers: list = field(default_factory=list)  # layers never pruned (the classifier always is)
+    sparsity: float | None = field(default=None, metadata=_range(0, lo_open=True))  # Network Slimming's lambda
+    sparsity_epochs: int = field(default=5, metadata=_range(1))  # sparsity training of the base, before the search
 
 
 @dataclass
@@ -274,6 +276,9 @@ def config_warnings(cfg: Config) -> list[str]:
     for f in dataclasses.fields(DataConfig):
         if f.name not in used and getattr(cfg.data, f.name) != getattr(default, f.name):
             found.append(f"data.{f.name} is ignored for data set '{cfg.data.name}'")
+    if cfg.model.sparsity and cfg.search.criterion != "bn_scale":
+        found.append(f"model.sparsity makes |gamma| meaningful, but search.criterion is {cfg.search.criterion}; "
+                     "Network Slimming ranks channels with search.criterion: bn_scale")
     if cfg.ray.dashboard and cfg.ray.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         found.append(f"ray.dashboard_host: {cfg.ray.dashboard_host} opens Ray's dashboard and job API to the network; "
                      "anyone who reaches it can run code on this machine")

@@ -88,6 +88,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                "latency": {"threads": cfg.latency.threads, "device": cfg.latency.device,
                            "table": prep.space.latency.key if prep.space.latency else None,
                            "table_worst_error": prep.space.latency.worst_error if prep.space.latency else None},
+               "sparsity": prep.sparsity,
                "final": finals}
     write_report(run, summary, records)
     return summary

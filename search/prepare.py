@@ -17,17 +17,20 @@ import torch
 import torch.nn as nn
 
 from prunetune.workers.constraints import CONSTRAINTS
-from prunetune.workers.data import DataBundle, heldout_split, load_data
+from prunetune.workers.data import DataBundle, heldout_split, iterate_batches, load_data
 from prunetune.workers.files import atomic_write, unwritable
 from prunetune.workers.finetune import finetune
 from prunetune.workers.granularity import GRANULARITIES
 from prunetune.workers.latency import load_or_build
 from prunetune.workers.models import build_model, check_model_name, load_checkpoint, read_state_dict
 from prunetune.workers.preflight import Verdict
+from prunetune.workers.scoring import score
+from prunetune.workers.sparsity import batchnorms, gamma_histogram
 from prunetune.workers.space import PruningSpace
 
 from .config import Config, ConfigError, budgets, expand, needs_latency
 from .sampler import StrategySampler
+from .store import sha256
 
 # The fine-tuning keys that shape a base model trained here (epochs come from model.pretrain_epochs).
 BASE_RECIPE_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "label_smoothing",
@@ -46,6 +49,7 @@ class Prepared:
     sampler: StrategySampler
     spec: dict
     verdict: Verdict
+    sparsity: dict | None = None  # Network Slimming's sparsity training: lambda, epochs, |gamma| before and after
 
 
 def warn(message: str, log=None) -> None:
@@ -129,6 +133,12 @@ def prepare(cfg: Config, log=None) -> Prepared:
     model = build_model(**spec)
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)  # a bad file is refused before anything else
+    if not batchnorms(model):
+        for key, wanted in (("model.sparsity", cfg.model.sparsity), ("search.criterion",
+                                                                     cfg.search.criterion == "bn_scale")):
+            if wanted:
+                raise ConfigError(f"{key}: {cfg.model.name} has no BatchNorm layer with a scale (gamma); Network "
+                                  "Slimming and bn_scale need one (use search.criterion: l1)")
     verdict = prove_space(cfg, model, data.example_input(), data.num_classes, log)
     for name, reason in verdict.left_out:
         warn(f"the group of {name} is not pruned ({reason})", log)
@@ -143,6 +153,39 @@ def ensure_base(prep: Prepared, log=None) -> None:
     if prep.base_checkpoint is None:
         prep.base_checkpoint = trained_base(prep.cfg, prep.model, prep.data, log)
         prep.model.eval()
+    if prep.cfg.model.sparsity:
+        sparsity_trained(prep, log)
+
+
+def sparsity_trained(prep: Prepared, log=None) -> None:
+    """Network Slimming: continue training the base with an L1 penalty on every BatchNorm scale (cached by the
+    base it starts from and its recipe; resumable), and search the result. Records |gamma| before and after."""
+    log, cfg = log or sys.stderr, prep.cfg
+    recipe = {"base": sha256(prep.base_checkpoint), "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs,
+              "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(expand(cfg.output.cache_dir), f"sparse-{cfg.model.name.replace(':', '_')}-{key}.pt")
+    before = gamma_histogram(prep.model)
+    start_accuracy = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))["accuracy"]
+    if os.path.isfile(path):
+        prep.model.load_state_dict(read_state_dict(path, "output.cache_dir"))
+        print(f"sparsity training: loaded {path} (cached: same base, lambda and epochs)", file=log)
+    else:
+        print(f"sparsity training (Network Slimming): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
+              f"{cfg.model.sparsity:g} on every BatchNorm scale (cached at {path}; resumable)", file=log)
+        resume = path + ".resume"
+        finetune(prep.model, prep.data, cfg.finetune, "cuda" if torch.cuda.is_available() else "cpu", resume,
+                 epochs=cfg.model.sparsity_epochs, log=log, bn_l1=cfg.model.sparsity)
+        state = {k: v.cpu() for k, v in prep.model.state_dict().items()}
+        atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
+        os.remove(resume)
+        prep.model.cpu()
+    prep.model.eval()
+    after = gamma_histogram(prep.model, top=before["edges"][-1])
+    prep.sparsity = {"lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs, "checkpoint": path,
+                     "base_checkpoint": prep.base_checkpoint, "test_accuracy_before": start_accuracy,
+                     "gamma_before": before, "gamma_after": after}
+    prep.base_checkpoint = path
 
 
 def base_cache_path(cfg: Config, spec: dict) -> str:

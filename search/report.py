@@ -46,6 +46,39 @@ def int8_table(summary: dict) -> str:
                               "split given as raw pixel values.", ""])
 
 
+def sparsity_section(summary: dict) -> str:
+    """Network Slimming's sparsity training: lambda, accuracy, and |gamma| before and after (empty if none)."""
+    sp = summary.get("sparsity")
+    if not sp:
+        return ""
+    before, after = sp["gamma_before"], sp["gamma_after"]
+    return "\n".join([
+        "## Sparsity training (Network Slimming)", "",
+        f"{sp['epochs']} epochs with an L1 penalty {sp['lambda']:g} on every BatchNorm scale before the search: test "
+        f"accuracy {_pct(sp['test_accuracy_before'])} before, {_pct(summary['base']['test_accuracy'])} after (the "
+        f"base the search pruned); median |gamma| {before['median']:.3g} before, {after['median']:.3g} after; "
+        f"channels with |gamma| < 0.01: {before['below_1e-2']} of {before['channels']} before, "
+        f"{after['below_1e-2']} after.", "", "![|gamma| before and after sparsity training](report-gamma.png)", ""])
+
+
+def _plot_gammas(path: str, sparsity: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("gamma_before", "before"), ("gamma_after", "after")):
+        h = sparsity[key]
+        ax.stairs(h["counts"], h["edges"], label=f"{label} sparsity training")
+    ax.set_xlabel("|gamma| of a BatchNorm channel")
+    ax.set_ylabel("channels")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def recommendation(summary: dict) -> str:
     """One line: the model to take, its accuracy and what it loses against the base, and what it saves."""
     base, top = summary["base"], summary["final"][0]
@@ -137,6 +170,8 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
     """Write final/summary.json, report.md and report.png; return the report path."""
     write_json(os.path.join(run.final_path, "summary.json"), summary, durable=True)
     _plot(os.path.join(run.path, "report.png"), records, summary)
+    if summary.get("sparsity"):
+        _plot_gammas(os.path.join(run.path, "report-gamma.png"), summary["sparsity"])
     s = summary["search"]
     text = [f"# prunetune report: {run.path}", "", recommendation(summary), "",
             f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); "
@@ -144,7 +179,7 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
             "## Fine-tuned models (best validation accuracy first)", "", finals_table(summary), "",
             "Latency: median of repeated batch-1 forward passes on this machine (PyTorch, the configured threads), "
             "± half the interquartile range; throughput: images per second at the throughput batch.", "",
-            int8_table(summary),
+            int8_table(summary), sparsity_section(summary),
             "## Best candidates by adaptive-BN score", "", candidates_table(records), "",
             "![score vs FLOPs, and adaptive-BN score vs fine-tuned validation accuracy](report.png)", ""]
     path = os.path.join(run.path, "report.md")

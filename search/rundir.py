@@ -109,7 +109,8 @@ class RunDir:
 
     def _remove_run_files(self) -> None:
         """Delete the files and directories a run writes; a user's own files in the directory stay."""
-        for name in ("config.yaml", "manifest.json", "leaderboard.json", "report.md", "report.png"):
+        for name in ("config.yaml", "manifest.json", "leaderboard.json", "report.md", "report.png",
+                     "report-gamma.png"):
             if os.path.isfile(os.path.join(self.path, name)):
                 os.remove(os.path.join(self.path, name))
         for stage in ("search", "finetune"):

@@ -346,3 +346,9 @@ class WindowMix(nn.Module):
         s = self.window
         windows = x.permute(0, 2, 3, 1).reshape(b, h // s, s, w // s, s, c)
         return self.mix(windows).reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def no_batchnorm(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Factory used by the tests as `tests.archs:no_batchnorm` (digits-sized input)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
