@@ -92,7 +92,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
         sampler = StrategySampler(space, 0.5, 0.01, 0.7, seed=seed)
-        starts = baselines(sampler, importance, "l1")
+        starts = baselines(sampler, importance, comparable=False)
         for name in args.algorithms.split(","):
             run_key = f"{name}/{seed}"
             if run_key in partial["runs"]:

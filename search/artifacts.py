@@ -12,6 +12,7 @@ from prunetune.workers.files import atomic_write
 from prunetune.workers.granularity import GRANULARITIES
 from prunetune.workers.models import ModelError, build_model, read_weights
 from prunetune.workers.space import PruningSpace
+from prunetune.workers.unstructured import dense_state, sparse_state
 
 from .store import sha256
 
@@ -30,9 +31,12 @@ def pruned_record(spec: dict, space: PruningSpace, ratios, criterion: str, granu
 
 
 def save_pruned(path: str, model: nn.Module, record: dict, metrics: dict | None = None) -> None:
-    """Save a pruned model as its own state dict plus the record that rebuilds its architecture."""
-    obj = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-           "record_json": json.dumps(record), "metrics_json": json.dumps(metrics or {})}
+    """Save a pruned model as its own state dict plus the record that rebuilds its architecture; masked weights
+    (unstructured pruning) as a bit mask plus their non-zero values, so the file's size is the sparse size."""
+    masked = any(k.endswith("weight_mask") for k in model.state_dict())
+    state = sparse_state(model)[0] if masked else {k: v.cpu() for k, v in model.state_dict().items()}
+    obj = {"state_dict": state, "sparse": masked, "record_json": json.dumps(record),
+           "metrics_json": json.dumps(metrics or {})}
     atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
@@ -40,9 +44,10 @@ def rebuild_pruned(record: dict) -> nn.Module:
     """The pruned architecture of a record, with placeholder weights (load its state dict next)."""
     spec = record["model"]
     base = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["kwargs"])
-    space = PruningSpace.from_model(base, torch.zeros(1, *record["input_shape"]), record["round_to"],
-                                    record["ignored_layers"])
-    return GRANULARITIES[record.get("granularity", "channel")].pruner(base, space, "l1", 0).apply(record["ratios"])
+    granularity = GRANULARITIES[record.get("granularity", "channel")]
+    space = granularity.space(base, torch.zeros(1, *record["input_shape"]), record["round_to"],
+                              record["ignored_layers"])
+    return granularity.pruner(base, space, "l1", 0).apply(record["ratios"])
 
 
 def load_pruned(path: str, raw_input: bool = True) -> tuple[nn.Module, dict, dict]:
@@ -57,7 +62,7 @@ def load_pruned(path: str, raw_input: bool = True) -> tuple[nn.Module, dict, dic
     except (TypeError, KeyError, ValueError) as e:
         raise ModelError(f"model file: {path} is not a prunetune model file (no {e})") from None
     model = rebuild_pruned(record)
-    model.load_state_dict(obj["state_dict"])
+    model.load_state_dict(dense_state(obj["state_dict"]) if obj.get("sparse") else obj["state_dict"])
     if raw_input and record.get("input"):
         model = nn.Sequential(Preprocess(record["input"]), model)
     return model.eval(), record, metrics

@@ -2,9 +2,10 @@
 
 - `uniform`: one ratio for every group (the same fraction of every layer pruned), at the middle of the band;
 - `global threshold`: one threshold on the criterion across all groups, as Network Slimming prunes: a group
-  keeps the channels whose importance (normalised by the group's mean, except |gamma| for `bn_scale`, which is
-  comparable across layers as it is) reaches the threshold, at most max_ratio of them pruned; the threshold is
-  the one that puts the network at the middle of the band.
+  keeps the channels whose importance (normalised by the group's mean, except |gamma| for `bn_scale` and weight
+  magnitudes for unstructured pruning, which are comparable across layers as they are: global magnitude
+  pruning, as `torch.nn.utils.prune.global_unstructured` does) reaches the threshold, at most max_ratio of them
+  pruned; the threshold is the one that puts the network at the middle of the band.
 A baseline whose channel steps cannot reach the band (or that breaks a further budget there) is left out.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from .sampler import StrategySampler
+
+_MAX_THRESHOLDS = 4001
 
 
 def _closest(sampler: StrategySampler, candidates: np.ndarray) -> list[float] | None:
@@ -31,25 +34,26 @@ def uniform(sampler: StrategySampler) -> list[float] | None:
     return _closest(sampler, np.repeat(grid[:, None], len(sampler.space.groups), axis=1))
 
 
-def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], criterion: str) -> list[float] | None:
-    """One importance threshold across all groups (importance per block position, as prune.position_importance
-    gives it), at the middle of the band (None if no threshold lands in the band)."""
-    scaled = importance if criterion == "bn_scale" else [imp / max(imp.mean(), 1e-12) for imp in importance]
-    thresholds = np.unique(np.concatenate(scaled))
-    rows = []
-    for t in thresholds:
-        ratios = []
-        for g, imp in zip(sampler.space.groups, scaled):
-            kept = max(int((imp >= t).sum()), int(np.ceil(len(imp) * (1 - sampler.max_ratio))), 1) * g.blocks
-            ratios.append(min(max(1.0 - (kept + 0.5) / g.channels, 0.0), sampler.max_ratio))
-        rows.append(ratios)
-    return _closest(sampler, np.array(rows))
+def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], comparable: bool) -> list[float] | None:
+    """One importance threshold across all groups (importance per unit, as the granularity's `importance` gives
+    it; divided by each group's mean unless `comparable`), at the middle of the band (None if no threshold lands
+    in the band). Up to _MAX_THRESHOLDS thresholds are tried: every distinct value, or evenly spaced quantiles."""
+    scaled = importance if comparable else [imp / max(imp.mean(), 1e-12) for imp in importance]
+    values = np.unique(np.concatenate(scaled))
+    thresholds = values if len(values) <= _MAX_THRESHOLDS else np.quantile(values, np.linspace(0, 1, _MAX_THRESHOLDS))
+    rows = np.empty((len(thresholds), len(scaled)))
+    for i, (g, imp) in enumerate(zip(sampler.space.groups, scaled)):
+        reaching = len(imp) - np.searchsorted(np.sort(imp), thresholds, side="left")  # units at or above t
+        kept = np.maximum(reaching, max(int(np.ceil(len(imp) * (1 - sampler.max_ratio))), 1)) * g.blocks
+        rows[:, i] = np.clip(1.0 - (kept + 0.5) / g.channels, 0.0, sampler.max_ratio)
+    return _closest(sampler, rows)
 
 
 BASELINES = ("uniform", "global threshold")
 
 
-def baselines(sampler: StrategySampler, importance: list[np.ndarray], criterion: str) -> list[tuple[str, list[float]]]:
+def baselines(sampler: StrategySampler, importance: list[np.ndarray], comparable: bool
+              ) -> list[tuple[str, list[float]]]:
     """The baselines that land in the band, as (name, strategy)."""
-    found = list(zip(BASELINES, (uniform(sampler), global_threshold(sampler, importance, criterion))))
+    found = list(zip(BASELINES, (uniform(sampler), global_threshold(sampler, importance, comparable))))
     return [(name, ratios) for name, ratios in found if ratios is not None]

@@ -250,6 +250,18 @@ def needs_latency(cfg: Config) -> bool:
 
 def _cross_check(cfg: Config) -> None:
     budgets(cfg)
+    if cfg.search.granularity == "unstructured":
+        for key, bad, why in (
+                ("search.criterion", cfg.search.criterion == "bn_scale", "bn_scale ranks channels by BatchNorm scales; "
+                 "unstructured pruning ranks single weights: use l1 (magnitude), l2 or random"),
+                ("search.constraint", needs_latency(cfg), "latency budgets need channel pruning: dense kernels do not "
+                 "run zeroed weights faster (use flops or params)"),
+                ("search.round_to", cfg.search.round_to != 1, "rounds channel counts; unstructured pruning keeps single "
+                 "weights (leave it at 1)"),
+                ("model.sparsity", cfg.model.sparsity is not None, "Network Slimming prunes channels; use it with "
+                 "search.granularity: channel")):
+            if bad:
+                raise ConfigError(f"{key}: {why}")
     if cfg.search.tolerance >= cfg.search.target:
         raise ConfigError(f"search.tolerance: {cfg.search.tolerance} must be below search.target "
                           f"({cfg.search.target})")

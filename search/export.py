@@ -1,5 +1,7 @@
 """Export a final model of a run as a state dict + record (pt), TorchScript, or ONNX.
 
+An unstructured run's masks are made permanent first (`torch.nn.utils.prune.remove`: zeros in dense
+tensors; its `rankN.pt` itself stores them compactly, as a bit mask plus the non-zero values).
 TorchScript and ONNX models start with the input contract's preprocessing: they take raw pixel values
 (0..255, or 0..16 for digits) as floats, and carry the contract (shape, scale, mean, std, class names) as
 metadata: `prunetune.json` in the TorchScript file's extra files, the `prunetune` property of the ONNX model.
@@ -14,6 +16,7 @@ import shutil
 import torch
 
 from prunetune.workers.files import atomic_write
+from prunetune.workers.unstructured import remove_masks
 
 from .artifacts import load_pruned
 from .config import ConfigError
@@ -48,6 +51,7 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
     model, record, _ = load_pruned(source)  # with the input contract's preprocessing: raw pixel values in
+    remove_masks(model)  # unstructured pruning: plain weights with zeros, no mask multiplication at run time
     if fmt == "torchscript":
         with torch.no_grad():
             scripted = torch.jit.trace(model, torch.zeros(1, *record["input_shape"]))

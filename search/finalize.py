@@ -1,6 +1,7 @@
 """The end of a run: final models (best validation accuracy first), their summary, and the report."""
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -10,9 +11,11 @@ import torch.nn as nn
 from prunetune.workers.data import heldout_split, iterate_batches
 from prunetune.workers.finetune import load_finetuned
 from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.prune import clone_module
 from prunetune.workers.record import CandidateRecord
 from prunetune.workers.scoring import score
 from prunetune.workers.timing import time_forward
+from prunetune.workers.unstructured import remove_masks
 
 from .artifacts import pruned_record, save_pruned
 from .prepare import Prepared
@@ -24,10 +27,18 @@ class NoFinalModel(RuntimeError):
     """Fine-tuning produced no model."""
 
 
+def state_dict_mb(model: nn.Module) -> float:
+    """Size of the model's state dict as torch.save writes it, in MiB."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2 ** 20
+
+
 def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
     """Latency at batch 1 (median and spread), the throughput batch's latency, and the latency table's prediction
     when there is one (`ratios`: the strategy; None: the base), all timed with the configured threads."""
     lat = prep.cfg.latency
+    model = remove_masks(clone_module(model, {}))  # unstructured: timed as deployed, zeros in dense tensors
     device = next(model.parameters()).device
     one = time_forward(model, prep.space.example_input(1).to(device), lat.repeats, threads=lat.threads)
     many = time_forward(model, prep.space.example_input(lat.throughput_batch_size).to(device),
@@ -73,14 +84,17 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                  "params": record["params"], "path": os.path.join(run.final_path, f"rank{place}.pt")}
         entry.update(timings(model, prep, cand.ratios))
         save_pruned(entry["path"], model, record, entry)
+        entry["size_mb"] = os.path.getsize(entry["path"]) / 2 ** 20
         finals.append(entry)
     summary = {"base": {"flops": prep.space.base_flops, "params": prep.space.base_params,
                         "test_accuracy": base_test["accuracy"], "val_accuracy": base_val["accuracy"],
                         "score": base_val["accuracy"] if cfg.evaluation.metric == "accuracy" else -base_val["loss"],
-                        "checkpoint": prep.base_checkpoint, **timings(prep.model, prep)},
+                        "checkpoint": prep.base_checkpoint, "size_mb": state_dict_mb(prep.model),
+                        **timings(prep.model, prep)},
                "input": prep.data.contract.to_dict() if prep.data.contract else None,
                "finetune": {"epochs": cfg.finetune.epochs, "scheduler": cfg.finetune.scheduler},
                "device": "cuda" if next(prep.model.parameters()).is_cuda else "cpu",
+               "granularity": cfg.search.granularity,
                "search": {"candidates": len(records), "ok": sum(r.ok for r in records),
                           "failed": sum(not r.ok for r in records), "constraint": cfg.search.constraint,
                           "target": cfg.search.target, "tolerance": cfg.search.tolerance,

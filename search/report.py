@@ -25,6 +25,11 @@ def _latency(entry: dict) -> str:
     return f"{median:.3g} ms ± {iqr / 2:.2g}{shaky}{predicted}"
 
 
+def _size(entry: dict) -> str:
+    """The model file's size (n/a in summaries written before it was recorded)."""
+    return f"{entry['size_mb']:.3f} MB" if entry.get("size_mb") is not None else "n/a"
+
+
 def _throughput(entry: dict) -> str:
     """Images per second at the throughput batch (n/a in summaries written before it was measured)."""
     return f"{entry['images_per_s']:,.0f}/s" if entry.get("images_per_s") else "n/a"
@@ -102,17 +107,18 @@ def finals_table(summary: dict) -> str:
     """Markdown table of the fine-tuned models against the base model (early-stopped finalists marked)."""
     base, planned = summary["base"], _planned_epochs(summary)
     batch = base.get("throughput_batch", "n/a")
-    lines = ["| model | val acc | test acc | test acc vs base | epochs | FLOPs | params | latency (batch 1) | "
-             f"throughput (batch {batch}) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    lines = ["| model | val acc | test acc | test acc vs base | epochs | FLOPs | params | size on disk | "
+             f"latency (batch 1) | throughput (batch {batch}) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
              f"| base | {_pct(base.get('val_accuracy'))} | {_pct(base['test_accuracy'])} | | | 100.00% "
-             f"({base['flops'] / 1e6:.2f} M) | {base['params'] / 1e6:.3f} M | {_latency(base)} | {_throughput(base)} |"]
+             f"({base['flops'] / 1e6:.2f} M) | {base['params'] / 1e6:.3f} M | {_size(base)} | {_latency(base)} | "
+             f"{_throughput(base)} |"]
     for f in summary["final"]:
         epochs = f"{f['epochs']}" if f["epochs"] == planned else f"{f['epochs']} of {planned} (stopped early)"
         lines.append(f"| rank{f['rank']}.pt (candidate {f['candidate']}) | {_pct(f['val_accuracy'])} | "
                      f"{_pct(f['test_accuracy'])} | {100 * (f['test_accuracy'] - base['test_accuracy']):+.2f} pts | "
                      f"{epochs} | {_pct(f['flops_ratio'])} ({f['flops'] / 1e6:.2f} M) | {f['params'] / 1e6:.3f} M | "
-                     f"{_latency(f)} | {_throughput(f)} |")
+                     f"{_size(f)} | {_latency(f)} | {_throughput(f)} |")
     return "\n".join(lines)
 
 
@@ -179,6 +185,10 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
             "## Fine-tuned models (best validation accuracy first)", "", finals_table(summary), "",
             "Latency: median of repeated batch-1 forward passes on this machine (PyTorch, the configured threads), "
             "± half the interquartile range; throughput: images per second at the throughput batch.", "",
+            *(["Unstructured pruning: the pruned weights are zeros in dense tensors, and dense kernels do not run "
+               "them faster, so latency is the dense network's; FLOPs and params count non-zero weights only. The "
+               "gain is size: `final/rankN.pt` stores each pruned weight tensor as a bit mask plus its non-zero "
+               "values.", ""] if summary.get("granularity") == "unstructured" else []),
             int8_table(summary), sparsity_section(summary),
             "## Best candidates by adaptive-BN score", "", candidates_table(records), "",
             "![score vs FLOPs, and adaptive-BN score vs fine-tuned validation accuracy](report.png)", ""]

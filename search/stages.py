@@ -6,7 +6,7 @@ import shutil
 
 from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.evaluator import evaluation_data
-from prunetune.workers.prune import position_importance
+from prunetune.workers.granularity import GRANULARITIES
 from prunetune.workers.record import CandidateRecord
 
 from .algorithms import ALGORITHMS
@@ -80,9 +80,11 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     s = cfg.search
     tune_settings()
     shutil.rmtree(os.path.join(run.tune_path, "search"), ignore_errors=True)
-    importance = position_importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
+    granularity = GRANULARITIES[s.granularity]
+    importance = granularity.importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
+    comparable = granularity.comparable or s.criterion == "bn_scale"
     searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
-                                baselines(prep.sampler, importance, s.criterion), s.num_candidates, run.path)
+                                baselines(prep.sampler, importance, comparable), s.num_candidates, run.path)
     tune.Tuner(
         _trainable(evaluate_candidate, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(

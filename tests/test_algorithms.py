@@ -71,7 +71,7 @@ def test_the_global_threshold_keeps_every_channel_above_one_threshold(criterion)
     space = PruningSpace.from_model(model, torch.zeros(1, 3, 32, 32))
     sampler = StrategySampler(space, 0.5, 0.02, 0.9)
     importance = position_importance(model, space, criterion)
-    ratios = global_threshold(sampler, importance, criterion)
+    ratios = global_threshold(sampler, importance, comparable=criterion == "bn_scale")
     assert sampler.contains(ratios)
     scaled = importance if criterion == "bn_scale" else [imp / imp.mean() for imp in importance]
     kept, pruned = [], []

@@ -1,18 +1,24 @@
-"""The other pruning methods: Network Slimming's sparsity training (and, as they land, unstructured, stripes)."""
+"""The other pruning methods: Network Slimming's sparsity training, unstructured pruning."""
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 import pytest
 import torch
 
+from prunetune.search.artifacts import load_pruned, pruned_record, save_pruned
+from prunetune.search.baselines import global_threshold
 from prunetune.search.config import ConfigError, load_config
 from prunetune.search.prepare import ensure_base, prepare, trained_base
+from prunetune.search.sampler import StrategySampler
+from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.data import load_data
 from prunetune.workers.finetune import finetune
 from prunetune.workers.models import build_model
-from prunetune.workers.sparsity import gamma_histogram
+from prunetune.workers.unstructured import (MaskPlan, direct_counts, remove_masks, unstructured_space,
+                                            weight_importance)
 from tests.runs import small
 
 
@@ -75,3 +81,95 @@ def test_batchnorm_methods_on_a_model_without_batchnorm_are_refused_in_one_line(
         prepare(cfg)
     assert str(e.value) == (f"{key}: tests.archs:no_batchnorm has no BatchNorm layer with a scale (gamma); Network "
                             "Slimming and bn_scale need one (use search.criterion: l1)")
+
+
+# Unstructured pruning (torch.nn.utils.prune masks)
+
+@pytest.fixture(scope="module")
+def unstructured():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    return model, unstructured_space(model, example), example
+
+
+def test_unstructured_flops_and_params_equal_a_direct_count_on_the_masked_network(unstructured):
+    model, space, example = unstructured
+    plan = MaskPlan(model, space)
+    rng = np.random.default_rng(0)
+    for ratios in [np.zeros(len(space.groups)), np.full(len(space.groups), 0.9)] + \
+            [rng.uniform(0, 0.9, len(space.groups)) for _ in range(3)]:
+        pruned = plan.apply(ratios)
+        flops, params = direct_counts(model, pruned, example)
+        assert params == space.params(ratios)
+        assert abs(flops - space.flops(ratios)) <= 1
+        nonzero = sum(int((m.weight != 0).sum()) for m in pruned.modules() if hasattr(m, "weight_mask"))
+        assert nonzero == sum(space.kept_channels(ratios))
+    assert space.flops(np.zeros(len(space.groups))) == space.base_flops
+
+
+def test_unstructured_candidates_meet_a_non_zero_params_budget_and_keep_the_largest_weights(unstructured):
+    model, space, _ = unstructured
+    sampler = StrategySampler(space, 0.3, 0.01, 0.9, constraint=CONSTRAINTS["params"])
+    plan = MaskPlan(model, space)
+    for i in range(5):
+        ratios = sampler.sample(i)
+        assert abs(space.params(ratios) / space.base_params - 0.3) <= 0.01
+        pruned = plan.apply(ratios)
+        for g in space.groups:
+            w, kept = model.get_submodule(g.name).weight.abs(), pruned.get_submodule(g.name).weight != 0
+            if kept.any() and (~kept).any():
+                assert w[kept].min() >= w[~kept].max()  # magnitude: every kept weight outweighs every pruned one
+
+
+def test_masks_survive_fine_tuning_saving_and_export(unstructured, tmp_path):
+    model, space, example = unstructured
+    ratios = np.full(len(space.groups), 0.6)
+    pruned = MaskPlan(model, space).apply(ratios)
+    zeros = {g.name: pruned.get_submodule(g.name).weight == 0 for g in space.groups}
+    data = load_data("synthetic", image_size=32, num_classes=10, train_size=64, test_size=16)
+    finetune(pruned, data, load_config(None, ["finetune.batch_size=32"]).finetune, epochs=1)
+    assert all(bool((pruned.get_submodule(n).weight[z] == 0).all()) for n, z in zeros.items())
+    record = pruned_record({"name": "resnet20", "num_classes": 10, "in_channels": 3, "kwargs": {}}, space, ratios,
+                           "l1", "unstructured", "", None)
+    path = str(tmp_path / "rank1.pt")
+    save_pruned(path, pruned, record)
+    loaded, _, _ = load_pruned(path)
+    x = torch.randn(4, 3, 32, 32)
+    pruned.eval()
+    assert torch.allclose(loaded(x), pruned(x), atol=1e-6)
+    dense = io.BytesIO()
+    torch.save(pruned.state_dict(), dense)
+    assert os.path.getsize(path) < 0.5 * dense.tell()  # bit mask + non-zero values, not orig + mask
+    remove_masks(loaded)
+    assert not any("mask" in k for k in loaded.state_dict()) and torch.allclose(loaded(x), pruned(x), atol=1e-6)
+
+
+def test_the_global_magnitude_baseline_keeps_every_weight_above_one_threshold(unstructured):
+    model, space, _ = unstructured
+    sampler = StrategySampler(space, 0.5, 0.02, 0.9, constraint=CONSTRAINTS["params"])
+    importance = weight_importance(model, space)
+    ratios = global_threshold(sampler, importance, comparable=True)
+    assert sampler.contains(ratios)
+    kept, pruned = [], []
+    for imp, k in zip(importance, space.kept_channels(ratios)):
+        order = np.sort(imp)[::-1]
+        if len(imp) - k < int(len(imp) * 0.9):
+            kept.append(order[k - 1])
+            pruned.append(order[k] if k < len(imp) else -np.inf)
+    assert min(kept) >= max(pruned)  # torch's global_unstructured: one magnitude threshold across layers
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("search.criterion=bn_scale", "search.criterion: bn_scale ranks channels by BatchNorm scales; unstructured "
+                                  "pruning ranks single weights: use l1 (magnitude), l2 or random"),
+    ("search.constraint=latency", "search.constraint: latency budgets need channel pruning: dense kernels do not run "
+                                  "zeroed weights faster (use flops or params)"),
+    ("search.round_to=8", "search.round_to: rounds channel counts; unstructured pruning keeps single weights (leave "
+                          "it at 1)"),
+    ("model.sparsity=1e-4", "model.sparsity: Network Slimming prunes channels; use it with search.granularity: "
+                            "channel")])
+def test_settings_that_make_no_sense_with_unstructured_pruning_are_one_line_errors(setting, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["search.granularity=unstructured", setting])
+    assert str(e.value) == message

@@ -219,6 +219,20 @@ def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_s
     assert "already exists" in capsys.readouterr().err
 
 
+def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(ray_session, tmp_path):
+    assert main(run_args(tmp_path, "search.granularity=unstructured", "search.constraint=params",
+                         "search.target=0.3", candidates=4, top_k=1)) == 0
+    records = CandidateStore(str(tmp_path / "run")).records()
+    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
+    base_params = summary["base"]["params"]
+    assert len(records) == 4 and all(r.ok and abs(r.params / base_params - 0.3) <= 0.02 for r in records)
+    assert {r.source for r in records} >= {"uniform", "global threshold"}
+    model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
+    nonzero = sum(int((m.weight != 0).sum()) for m in model.modules() if hasattr(m, "weight_mask"))
+    assert record["granularity"] == "unstructured" and nonzero == sum(record["kept_channels"])
+    assert "dense kernels do not run them faster" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_the_report_opens_with_a_recommendation(finished_run):
     run, _ = finished_run
     report = (run / "report.md").read_text().splitlines()

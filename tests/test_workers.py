@@ -99,12 +99,12 @@ def test_pruned_copy_shares_no_tensor_or_hook_with_the_base_model():
 
 
 def test_the_pruning_copy_keeps_shared_modules_and_tied_weights_shared():
-    from prunetune.workers.prune import _clone_module
+    from prunetune.workers.prune import clone_module
 
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 4))
     model[3].weight = shared.weight  # tied
-    clone = _clone_module(model, {})
+    clone = clone_module(model, {})
     assert clone[0] is clone[2] and clone[0] is not shared
     assert clone[3].weight is clone[0].weight and clone[0].weight is not shared.weight
     assert torch.equal(clone[0].weight, shared.weight)

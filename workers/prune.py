@@ -143,7 +143,7 @@ class PrunePlan:
         for (owner, attr), t in new_tensors.items():
             old = getattr(self.modules[owner], attr)
             memo[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
-        pruned = _clone_module(self.model, memo)
+        pruned = clone_module(self.model, memo)
         new_modules = dict(pruned.named_modules())
         for (target, role), idx in keep.items():
             layer = self.dims[(target, role)].layer
@@ -152,7 +152,7 @@ class PrunePlan:
         return pruned
 
 
-def _clone_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+def clone_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     """A copy of the module tree, like copy.deepcopy(module, memo) but much cheaper for a large tree.
 
     Parameters and buffers not in `memo` are cloned; a module or tensor used twice is copied once (as deepcopy
@@ -170,7 +170,7 @@ def _clone_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
                 t = old.detach().clone()
                 memo[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
             state[key][name] = None if old is None else memo[id(old)]
-    state["_modules"] = {k: None if m is None else _clone_module(m, memo) for k, m in module._modules.items()}
+    state["_modules"] = {k: None if m is None else clone_module(m, memo) for k, m in module._modules.items()}
     new.__dict__ = state
     return new
 

@@ -64,6 +64,7 @@ class PruningSpace:
         self.rejected = list(rejected)  # (group root, reason): groups left out because no exact model exists
         self.layer_rows: dict[tuple[str, str], int] = {}  # (module, role) -> row of its pruned dimension
         self.latency = None  # a latency.LatencyTable, attached when a budget names latency
+        self.unit = "channels"  # what a group's units are: channels, or single weights (unstructured)
         self._channels = np.array([g.channels for g in groups], dtype=np.float64)
         self._steps = np.array([math.lcm(g.blocks, self.round_to) for g in groups], dtype=np.float64)
         self._dim_const, self._dim_matrix = dim_const, dim_matrix
@@ -191,9 +192,9 @@ class PruningSpace:
     def describe(self) -> str:
         """A table of the groups (name, channels, layers, FLOPs share) and the totals."""
         width = max([len(g.name) for g in self.groups] + [5])
-        lines = [f"{'group':<{width}}  {'channels':>8}  {'layers':>6}  {'FLOPs share':>11}"]
+        lines = [f"{'group':<{width}}  {self.unit:>8}  {'layers':>6}  {'FLOPs share':>11}"]
         for g in self.groups:
-            layers = len({m.module for m in g.members if m.kind not in (OP, PARAMETER)})
+            layers = len({m.module for m in g.members if m.kind not in (OP, PARAMETER)}) or 1
             blocks = f"  ({g.blocks} blocks)" if g.blocks > 1 else ""
             lines.append(f"{g.name:<{width}}  {g.channels:>8}  {layers:>6}  {100 * g.flops_share:>10.2f}%{blocks}")
         lines.append(f"{len(self.groups)} groups; not pruned: {', '.join(self.ignored_layers)} (classifier first)")

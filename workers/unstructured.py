@@ -1,0 +1,194 @@
+"""Unstructured pruning with `torch.nn.utils.prune`: one sparsity per prunable weight tensor.
+
+The space has one "group" per conv/linear weight (the classifier and `model.ignored_layers` stay dense) whose
+units are single weights. A strategy keeps floor(n * (1 - r)) weights of each tensor, the largest by magnitude
+(`l1`, `l2`) or a seeded random set (`random`), as `torch.nn.utils.prune` masks; the network keeps its dense
+shapes. Params count the non-zero weights (plus every parameter that is not pruned); FLOPs count the
+multiply-adds of non-zero weights: a layer's fvcore FLOPs scale with its density. Both are linear in the kept
+counts, so the sampler, every algorithm and the baselines work unchanged; the preflight checks both against a
+direct count on masked networks. Dense kernels do not run zeros faster: the gain is size (see `sparse_state`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.utils import prune as torch_prune
+
+from .groups import ChannelGroup, SpaceError, find_classifier
+from .layers import kind_of
+from .preflight import Verdict, output_width
+from .prune import clone_module
+from .space import PruningSpace, count_flops, own_flops
+
+_PRUNABLE = ("conv", "dwconv", "grouped_conv", "linear")
+_TOLERANCE = 1e-9
+
+
+def prunable_weights(model: nn.Module, ignored: list[str]) -> list[str]:
+    """Names of the conv/linear layers whose weights an unstructured strategy prunes, in model order."""
+    return [name for name, m in model.named_modules()
+            if kind_of(m) is not None and kind_of(m).name in _PRUNABLE and name not in ignored]
+
+
+def unstructured_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
+                       ignored_layers: list[str] | None = None) -> PruningSpace:
+    """The space of per-tensor sparsities: one group per prunable weight, FLOPs and params on non-zero weights."""
+    model.eval()
+    classifier = find_classifier(model, example_inputs)
+    ignored = [classifier] + [n for n in ignored_layers or [] if n != classifier]
+    modules = dict(model.named_modules())
+    unknown = [n for n in ignored if n not in modules]
+    if unknown:
+        raise SpaceError(f"model.ignored_layers: the model has no layer named '{unknown[0]}'")
+    names = prunable_weights(model, ignored)
+    if not names:
+        raise SpaceError("model: no prunable weight (every conv/linear layer is the classifier or ignored)")
+    fca = count_flops(model, example_inputs)
+    by_module, total = fca.by_module(), int(fca.total())
+    base_params = sum(p.numel() for p in model.parameters())
+    sizes = [modules[n].weight.numel() for n in names]
+    groups = [ChannelGroup(n, size, [], root=n) for n, size in zip(names, sizes)]
+    flops = [own_flops(by_module, model, n) for n in names]
+    g = len(groups)
+    dim_const = np.zeros(g + 1)
+    dim_const[0] = 1.0  # row 0 is the constant 1; row i + 1 is group i's kept weights
+    dim_matrix = np.vstack([np.zeros(g), np.eye(g)])
+    rows = np.arange(1, g + 1, dtype=np.int64)
+    zeros = np.zeros(g, dtype=np.int64)
+    flops_terms = (float(total - sum(flops)), np.array(flops, float) / np.array(sizes, float), rows, zeros)
+    params_terms = (float(base_params - sum(sizes)), np.ones(g), rows, zeros)
+    space = PruningSpace(groups, total, base_params, dim_const, dim_matrix, flops_terms, params_terms, 1, ignored,
+                         tuple(example_inputs.shape[1:]))
+    space.unit = "weights"
+    return space
+
+
+def weight_importance(model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0
+                      ) -> list[np.ndarray]:
+    """Per prunable weight tensor, the importance of each weight (|w|, w^2, or seeded random), flattened."""
+    if criterion == "bn_scale":
+        raise SpaceError("search.criterion: bn_scale ranks channels by BatchNorm scales; unstructured pruning "
+                         "ranks single weights: use l1 (magnitude), l2 or random")
+    found = []
+    for i, g in enumerate(space.groups):
+        w = model.get_submodule(g.name).weight.detach().flatten().float().cpu()
+        if criterion == "random":
+            found.append(torch.rand(len(w), generator=torch.Generator().manual_seed(seed * 1_000_003 + i)).numpy())
+        else:
+            found.append((w.abs() if criterion == "l1" else w.pow(2)).double().numpy())
+    return found
+
+
+class MaskPlan:
+    """Turns a strategy into a masked copy of the base model (torch.nn.utils.prune masks, dense shapes)."""
+
+    def __init__(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0):
+        self.model, self.space = model, space
+        self.order = [torch.from_numpy(np.argsort(imp, kind="stable"))
+                      for imp in weight_importance(model, space, criterion, seed)]
+
+    def masks(self, ratios) -> list[torch.Tensor]:
+        """Per prunable tensor, the mask that keeps the strategy's most important weights."""
+        found = []
+        for g, kept, order in zip(self.space.groups, self.space.kept_channels(ratios), self.order):
+            weight = self.model.get_submodule(g.name).weight
+            mask = torch.ones(weight.numel(), device=weight.device)
+            mask[order[: g.channels - kept].to(weight.device)] = 0
+            found.append(mask.view_as(weight))
+        return found
+
+    def apply(self, ratios) -> nn.Module:
+        """A copy of the base model with the strategy's masks (`weight_orig` * `weight_mask`; fine-tuning keeps them)."""
+        pruned = clone_module(self.model, {})
+        for g, mask in zip(self.space.groups, self.masks(ratios)):
+            torch_prune.custom_from_mask(pruned.get_submodule(g.name), "weight", mask)
+        return pruned
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    """Make the masks permanent (`torch.nn.utils.prune.remove`): plain weights with zeros, in place."""
+    for m in model.modules():
+        if torch_prune.is_pruned(m) and hasattr(m, "weight_mask"):
+            torch_prune.remove(m, "weight")
+    return model
+
+
+def direct_counts(model: nn.Module, pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[float, int]:
+    """FLOPs on non-zero weights and non-zero params of a masked network, counted on it (not on the space)."""
+    by_module = count_flops(pruned, example_inputs).by_module()
+    flops = float(count_flops(pruned, example_inputs).total())
+    params = 0
+    for name, m in pruned.named_modules():
+        if hasattr(m, "weight_mask"):
+            density = float(m.weight_mask.sum()) / m.weight_mask.numel()
+            flops -= own_flops(by_module, pruned, name) * (1 - density)
+    for name, p in pruned.named_parameters():
+        owner = pruned.get_submodule(name.rsplit(".", 1)[0]) if "." in name else pruned
+        params += int(owner.weight_mask.sum()) if name.endswith("weight_orig") else p.numel()
+    return flops, params
+
+
+def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
+              first: Callable[[PruningSpace], list[float]], round_to: int = 1,
+              ignored_layers: list[str] | None = None) -> Verdict:
+    """Build the space and prove it on the most pruned and the first strategy: the masked networks run, have
+    the right output width, and their directly counted FLOPs and params equal the space's."""
+    width = output_width(model, example_inputs)
+    if width != num_classes:
+        raise SpaceError(f"model: the model returns {width} outputs but the data has {num_classes} classes; give "
+                         "the factory a num_classes argument (or set it in model.kwargs)")
+    space = unstructured_space(model, example_inputs, round_to, ignored_layers)
+    plan = MaskPlan(model, space)
+    checked = []
+    for name, ratios in (("most pruned", np.full(len(space.groups), max_ratio)), ("first sampled", first(space))):
+        pruned = plan.apply(ratios)
+        if output_width(pruned, example_inputs) != num_classes:
+            raise SpaceError(f"model: the {name} strategy changes the output width")
+        flops, params = direct_counts(model, pruned, example_inputs)
+        if abs(flops - space.flops(ratios)) > max(1.0, _TOLERANCE * flops) or params != space.params(ratios):
+            raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
+                             f"the space, {flops:,.0f} counted; params {space.params(ratios):,} and {params:,})")
+        checked.append((name, space.flops(ratios), space.params(ratios)))
+    return Verdict(space, [], checked)
+
+
+def sparse_state(model: nn.Module) -> tuple[dict, int]:
+    """A state dict that stores each masked weight as a packed bit mask plus its non-zero values (uint8 + float),
+    and the bytes that saves against dense storage."""
+    state, saved = {}, 0
+    for key, value in model.state_dict().items():
+        if key.endswith("weight_mask"):
+            continue
+        if key.endswith("weight_orig"):
+            prefix = key[: -len("weight_orig")]
+            mask = model.state_dict()[prefix + "weight_mask"].bool()
+            state[prefix + "weight.bits"] = torch.from_numpy(np.packbits(mask.flatten().cpu().numpy()))
+            state[prefix + "weight.values"] = value[mask].cpu()
+            state[prefix + "weight.shape"] = torch.tensor(list(value.shape))
+            saved += value.numel() * value.element_size() - math.ceil(mask.numel() / 8) - \
+                int(mask.sum()) * value.element_size()
+        else:
+            state[key] = value.cpu()
+    return state, saved
+
+
+def dense_state(state: dict) -> dict:
+    """The masked state dict (`weight_orig`, `weight_mask`) of a `sparse_state`."""
+    dense = {}
+    for key, value in state.items():
+        if key.endswith("weight.bits"):
+            prefix = key[: -len("weight.bits")]
+            shape = tuple(int(s) for s in state[prefix + "weight.shape"])
+            n = math.prod(shape)
+            mask = torch.from_numpy(np.unpackbits(value.numpy())[:n].astype(bool))
+            weight = torch.zeros(n, dtype=state[prefix + "weight.values"].dtype)
+            weight[mask] = state[prefix + "weight.values"]
+            dense[prefix + "weight_orig"] = weight.view(shape)
+            dense[prefix + "weight_mask"] = mask.view(shape).float()
+        elif not key.endswith(("weight.values", "weight.shape")):
+            dense[key] = value
+    return dense
