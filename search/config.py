@@ -35,7 +35,7 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)
     pretrain_epochs: int = field(default=30, metadata=_range(1))  # when no checkpoint is given
     ignored_layers: list = field(default_factory=list)  # layers never pruned (the classifier always is)
-    sparsity: float | None = field(default=None, metadata=_range(0, lo_open=True))  # Network Slimming's lambda
+    sparsity: float | None = field(default=None, metadata=_range(0, lo_open=True))  # L1 lambda: slimming, skeleton
     sparsity_epochs: int = field(default=5, metadata=_range(1))  # sparsity training of the base, before the search
 
 
@@ -250,6 +250,16 @@ def needs_latency(cfg: Config) -> bool:
 
 def _cross_check(cfg: Config) -> None:
     budgets(cfg)
+    if cfg.search.granularity == "stripe":
+        for key, bad, why in (
+                ("search.criterion", cfg.search.criterion == "bn_scale", "bn_scale ranks channels by BatchNorm scales; "
+                 "stripe-wise pruning ranks stripes: use l1, l2 or random"),
+                ("search.constraint", needs_latency(cfg), "the latency table times dense layers by channel counts; "
+                 "stripe-wise pruning keeps stripes (use flops or params)"),
+                ("search.round_to", cfg.search.round_to != 1, "rounds channel counts; stripe-wise pruning keeps "
+                 "stripes (leave it at 1)")):
+            if bad:
+                raise ConfigError(f"{key}: {why}")
     if cfg.search.granularity == "unstructured":
         for key, bad, why in (
                 ("search.criterion", cfg.search.criterion == "bn_scale", "bn_scale ranks channels by BatchNorm scales; "
@@ -288,7 +298,7 @@ def config_warnings(cfg: Config) -> list[str]:
     for f in dataclasses.fields(DataConfig):
         if f.name not in used and getattr(cfg.data, f.name) != getattr(default, f.name):
             found.append(f"data.{f.name} is ignored for data set '{cfg.data.name}'")
-    if cfg.model.sparsity and cfg.search.criterion != "bn_scale":
+    if cfg.model.sparsity and cfg.search.granularity == "channel" and cfg.search.criterion != "bn_scale":
         found.append(f"model.sparsity makes |gamma| meaningful, but search.criterion is {cfg.search.criterion}; "
                      "Network Slimming ranks channels with search.criterion: bn_scale")
     if cfg.ray.dashboard and cfg.ray.dashboard_host not in ("127.0.0.1", "localhost", "::1"):

@@ -5,11 +5,14 @@ stages.run_search() -> stages.run_finetune() -> finalize.finalize().
 """
 from __future__ import annotations
 
+import os
+
+from prunetune.workers.files import write_json
 from prunetune.workers.record import best
 
 from .cluster import check_resources, connect
 from .finalize import finalize
-from .prepare import Prepared, ensure_base
+from .prepare import LATENCY_TABLE, Prepared, ensure_base
 from .rundir import RunDir
 from .stages import run_finetune, run_search
 from .store import CandidateStore
@@ -27,6 +30,8 @@ def launch(prep: Prepared, run: RunDir, address: str | None, restore: bool, over
         try:
             if not restore:
                 run.create(prep.cfg, overwrite)
+                if prep.space.latency is not None:
+                    write_json(os.path.join(run.path, LATENCY_TABLE), prep.space.latency.to_dict())
             return execute(prep, run, restore)
         finally:
             run.release()

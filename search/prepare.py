@@ -25,12 +25,15 @@ from prunetune.workers.latency import load_or_build
 from prunetune.workers.models import build_model, check_model_name, load_checkpoint, read_state_dict
 from prunetune.workers.preflight import Verdict
 from prunetune.workers.scoring import score
-from prunetune.workers.sparsity import batchnorms, gamma_histogram
+from prunetune.workers.sparsity import add_l1_subgradient, batchnorms, bn_scales, histogram
+from prunetune.workers.stripes import skeleton_train, stripe_norms
 from prunetune.workers.space import PruningSpace
 
 from .config import Config, ConfigError, budgets, expand, needs_latency
 from .sampler import StrategySampler
 from .store import sha256
+
+LATENCY_TABLE = "latency-table.json"  # the run's copy of its latency table, in the run directory
 
 # The fine-tuning keys that shape a base model trained here (epochs come from model.pretrain_epochs).
 BASE_RECIPE_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "label_smoothing",
@@ -89,8 +92,9 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
                           "where the driver runs); use cpu or run the driver on a GPU node")
     example = space.example_input(lat.batch_size).to(lat.device)
     start = time.perf_counter()
+    saved = os.path.join(expand(cfg.output.dir), LATENCY_TABLE)  # a run keeps its table: resume predicts alike
     space.latency, path, built = load_or_build(model, space, example, expand(cfg.output.cache_dir), lat.threads,
-                                               lat.grid, lat.repeats)
+                                               lat.grid, lat.repeats, saved=saved)
     how = f"timed in {time.perf_counter() - start:.1f} s, cached at" if built else "loaded from"
     print(f"latency table ({space.latency.device}, batch {lat.batch_size}, threads {lat.threads}): {how} {path}; "
           f"base {space.latency.base_ms:.2f} ms, worst fit error {100 * space.latency.worst_error:.1f}%",
@@ -134,8 +138,8 @@ def prepare(cfg: Config, log=None) -> Prepared:
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)  # a bad file is refused before anything else
     if not batchnorms(model):
-        for key, wanted in (("model.sparsity", cfg.model.sparsity), ("search.criterion",
-                                                                     cfg.search.criterion == "bn_scale")):
+        for key, wanted in (("model.sparsity", cfg.model.sparsity and cfg.search.granularity == "channel"),
+                            ("search.criterion", cfg.search.criterion == "bn_scale")):
             if wanted:
                 raise ConfigError(f"{key}: {cfg.model.name} has no BatchNorm layer with a scale (gamma); Network "
                                   "Slimming and bn_scale need one (use search.criterion: l1)")
@@ -158,33 +162,41 @@ def ensure_base(prep: Prepared, log=None) -> None:
 
 
 def sparsity_trained(prep: Prepared, log=None) -> None:
-    """Network Slimming: continue training the base with an L1 penalty on every BatchNorm scale (cached by the
-    base it starts from and its recipe; resumable), and search the result. Records |gamma| before and after."""
+    """The method's sparsity training before the search: Network Slimming's L1 on every BatchNorm scale
+    (channel granularity) or stripe-wise pruning's Filter Skeleton (stripe granularity). Cached by the base it
+    starts from and its recipe, resumable; records the penalised values before and after."""
     log, cfg = log or sys.stderr, prep.cfg
+    stripe = cfg.search.granularity == "stripe"
+    method, values = ("Filter Skeleton", stripe_norms) if stripe else ("Network Slimming", bn_scales)
     recipe = {"base": sha256(prep.base_checkpoint), "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs,
-              "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
+              "method": method, "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(expand(cfg.output.cache_dir), f"sparse-{cfg.model.name.replace(':', '_')}-{key}.pt")
-    before = gamma_histogram(prep.model)
+    before = histogram(values(prep.model))
     start_accuracy = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))["accuracy"]
     if os.path.isfile(path):
         prep.model.load_state_dict(read_state_dict(path, "output.cache_dir"))
         print(f"sparsity training: loaded {path} (cached: same base, lambda and epochs)", file=log)
     else:
-        print(f"sparsity training (Network Slimming): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
-              f"{cfg.model.sparsity:g} on every BatchNorm scale (cached at {path}; resumable)", file=log)
-        resume = path + ".resume"
-        finetune(prep.model, prep.data, cfg.finetune, "cuda" if torch.cuda.is_available() else "cpu", resume,
-                 epochs=cfg.model.sparsity_epochs, log=log, bn_l1=cfg.model.sparsity)
+        print(f"sparsity training ({method}): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
+              f"{cfg.model.sparsity:g} (cached at {path}; resumable)", file=log)
+        resume, device = path + ".resume", "cuda" if torch.cuda.is_available() else "cpu"
+        if stripe:
+            skeleton_train(prep.model, prep.data, cfg.finetune, cfg.model.sparsity, cfg.model.sparsity_epochs, device,
+                           resume, log)
+        else:
+            scales = [m.weight for m in batchnorms(prep.model)]
+            finetune(prep.model, prep.data, cfg.finetune, device, resume, epochs=cfg.model.sparsity_epochs, log=log,
+                     after_backward=lambda: add_l1_subgradient(scales, cfg.model.sparsity))
         state = {k: v.cpu() for k, v in prep.model.state_dict().items()}
         atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
         os.remove(resume)
         prep.model.cpu()
     prep.model.eval()
-    after = gamma_histogram(prep.model, top=before["edges"][-1])
-    prep.sparsity = {"lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs, "checkpoint": path,
+    prep.sparsity = {"method": method, "values": "stripe L1 norm" if stripe else "|gamma|",
+                     "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs, "checkpoint": path,
                      "base_checkpoint": prep.base_checkpoint, "test_accuracy_before": start_accuracy,
-                     "gamma_before": before, "gamma_after": after}
+                     "gamma_before": before, "gamma_after": histogram(values(prep.model), top=before["edges"][-1])}
     prep.base_checkpoint = path
 
 

@@ -57,13 +57,15 @@ def sparsity_section(summary: dict) -> str:
     if not sp:
         return ""
     before, after = sp["gamma_before"], sp["gamma_after"]
+    method, values = sp.get("method", "Network Slimming"), sp.get("values", "|gamma|")
     return "\n".join([
-        "## Sparsity training (Network Slimming)", "",
-        f"{sp['epochs']} epochs with an L1 penalty {sp['lambda']:g} on every BatchNorm scale before the search: test "
-        f"accuracy {_pct(sp['test_accuracy_before'])} before, {_pct(summary['base']['test_accuracy'])} after (the "
-        f"base the search pruned); median |gamma| {before['median']:.3g} before, {after['median']:.3g} after; "
-        f"channels with |gamma| < 0.01: {before['below_1e-2']} of {before['channels']} before, "
-        f"{after['below_1e-2']} after.", "", "![|gamma| before and after sparsity training](report-gamma.png)", ""])
+        f"## Sparsity training ({method})", "",
+        f"{sp['epochs']} epochs with an L1 penalty {sp['lambda']:g} before the search: test accuracy "
+        f"{_pct(sp['test_accuracy_before'])} before, {_pct(summary['base']['test_accuracy'])} after (the base the "
+        f"search pruned); median {values} {before['median']:.3g} before, {after['median']:.3g} after; "
+        f"{'stripes' if values != '|gamma|' else 'channels'} with {values} < 0.01: {before['below_1e-2']} of "
+        f"{before['channels']} before, {after['below_1e-2']} after.", "",
+        f"![{values} before and after sparsity training](report-gamma.png)", ""])
 
 
 def _plot_gammas(path: str, sparsity: dict) -> None:
@@ -76,8 +78,8 @@ def _plot_gammas(path: str, sparsity: dict) -> None:
     for key, label in (("gamma_before", "before"), ("gamma_after", "after")):
         h = sparsity[key]
         ax.stairs(h["counts"], h["edges"], label=f"{label} sparsity training")
-    ax.set_xlabel("|gamma| of a BatchNorm channel")
-    ax.set_ylabel("channels")
+    ax.set_xlabel(sparsity.get("values", "|gamma|"))
+    ax.set_ylabel("count")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -110,7 +110,7 @@ class RunDir:
     def _remove_run_files(self) -> None:
         """Delete the files and directories a run writes; a user's own files in the directory stay."""
         for name in ("config.yaml", "manifest.json", "leaderboard.json", "report.md", "report.png",
-                     "report-gamma.png"):
+                     "report-gamma.png", "latency-table.json"):
             if os.path.isfile(os.path.join(self.path, name)):
                 os.remove(os.path.join(self.path, name))
         for stage in ("search", "finetune"):

@@ -22,8 +22,8 @@ def test_candidates_spread_over_gpu_nodes(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1")
+        for _ in range(2):  # one GPU each: the 4 concurrent half-GPU trials cannot all fit on one node
+            cluster.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1")
         ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
         code = main(run_args(tmp_path, "resources.gpus_per_trial=0.5", "resources.cpus_per_trial=0.5",
                              "search.max_concurrent_trials=4"))

@@ -1,4 +1,4 @@
-"""The other pruning methods: Network Slimming's sparsity training, unstructured pruning."""
+"""The other pruning methods: Network Slimming's sparsity training, unstructured pruning, stripe-wise pruning."""
 from __future__ import annotations
 
 import io
@@ -17,6 +17,10 @@ from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.data import load_data
 from prunetune.workers.finetune import finetune
 from prunetune.workers.models import build_model
+from prunetune.workers.sparsity import add_l1_subgradient, batchnorms
+from prunetune.workers.space import count_flops
+from prunetune.workers.stripes import (StripeConv2d, StripePlan, masked_dense, skeleton_train, stripe_norms,
+                                       stripe_space)
 from prunetune.workers.unstructured import (MaskPlan, direct_counts, remove_masks, unstructured_space,
                                             weight_importance)
 from tests.runs import small
@@ -33,7 +37,8 @@ def test_the_l1_penalty_drives_batchnorm_scales_down():
     plain, slim = (build_model("digits_cnn", 10, 1) for _ in range(2))
     slim.load_state_dict(plain.state_dict())
     finetune(plain, data, cfg, epochs=2)
-    finetune(slim, data, cfg, epochs=2, bn_l1=3e-2)
+    finetune(slim, data, cfg, epochs=2, after_backward=lambda: add_l1_subgradient(
+        [m.weight for m in batchnorms(slim)], 3e-2))
     assert np.median(_gammas(slim)) < np.median(_gammas(plain)) - 0.05
     assert _gammas(slim).max() < _gammas(plain).min()  # every scale pulled towards zero
 
@@ -59,8 +64,9 @@ def test_sparsity_training_runs_after_the_base_is_cached_and_resumes(tmp_path, c
         raise _Stop
 
     with pytest.raises(_Stop):
+        scales = [m.weight for m in batchnorms(interrupted.model)]
         finetune(interrupted.model, interrupted.data, cfg.finetune, checkpoint_path=first["checkpoint"] + ".resume",
-                 epochs=2, bn_l1=5e-3, on_epoch=stop)
+                 epochs=2, after_backward=lambda: add_l1_subgradient(scales, 5e-3), on_epoch=stop)
     capsys.readouterr()
     prep = prepare(cfg)
     ensure_base(prep)
@@ -172,4 +178,74 @@ def test_the_global_magnitude_baseline_keeps_every_weight_above_one_threshold(un
 def test_settings_that_make_no_sense_with_unstructured_pruning_are_one_line_errors(setting, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["search.granularity=unstructured", setting])
+    assert str(e.value) == message
+
+
+# Stripe-wise pruning (SP)
+
+@pytest.mark.parametrize("conv", [
+    torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+    torch.nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), torch.nn.Conv2d(4, 6, 5)])
+def test_a_stripe_layer_equals_the_dense_conv_with_its_pruned_stripes_zeroed(conv):
+    torch.manual_seed(0)
+    stripes = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    kept = torch.randperm(stripes)[: stripes // 3]
+    x = torch.randn(2, conv.in_channels, 11, 13)
+    layer = StripeConv2d(conv, kept)
+    assert torch.allclose(layer(x), masked_dense(conv, kept)(x), atol=1e-5)
+    assert layer.weight.shape == (len(kept), conv.in_channels)  # only the kept stripes are stored
+    ho, wo = masked_dense(conv, kept)(x).shape[2:]
+    assert count_flops(layer, x[:1]).total() == len(kept) * conv.in_channels * ho * wo  # kept stripes' FLOPs
+
+
+def test_stripe_flops_and_params_equal_fvcore_and_a_parameter_count_on_the_pruned_network():
+    torch.manual_seed(0)
+    model, example = build_model("resnet20", 10, 3).eval(), torch.zeros(1, 3, 32, 32)
+    space = stripe_space(model, example)
+    plan = StripePlan(model, space)
+    rng = np.random.default_rng(0)
+    for ratios in [np.full(len(space.groups), 0.9)] + [rng.uniform(0, 0.9, len(space.groups)) for _ in range(3)]:
+        pruned = plan.apply(ratios)
+        assert count_flops(pruned, example).total() == space.flops(ratios)
+        assert sum(p.numel() for p in pruned.parameters()) == space.params(ratios)
+        kept = plan.kept(ratios)[0]
+        norms = model.get_submodule(space.groups[0].name).weight.abs().sum(1).flatten()
+        dropped = torch.ones(len(norms), dtype=torch.bool)
+        dropped[kept] = False
+        if dropped.any():
+            assert norms[kept].min() >= norms[dropped].max()  # the strongest stripes are kept
+
+
+def test_filter_skeleton_training_shrinks_stripes_and_leaves_plain_convs():
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, 1)
+    before = stripe_norms(model)
+    cfg = load_config(None, ["finetune.batch_size=128"]).finetune
+    skeleton_train(model, load_data("digits"), cfg, 5e-2, 2)
+    after = stripe_norms(model)
+    assert np.median(after) < 0.9 * np.median(before)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_a_stripe_model_file_rebuilds_the_same_network(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3).eval()
+    space = stripe_space(model, torch.zeros(1, 3, 32, 32))
+    ratios = np.full(len(space.groups), 0.5)
+    pruned = StripePlan(model, space).apply(ratios).eval()
+    record = pruned_record({"name": "resnet20", "num_classes": 10, "in_channels": 3, "kwargs": {}}, space, ratios,
+                           "l1", "stripe", "", None)
+    save_pruned(str(tmp_path / "m.pt"), pruned, record)
+    loaded, _, _ = load_pruned(str(tmp_path / "m.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), pruned(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("search.criterion=bn_scale", "search.criterion: bn_scale ranks channels by BatchNorm scales; stripe-wise "
+                                  "pruning ranks stripes: use l1, l2 or random"),
+    ("search.round_to=8", "search.round_to: rounds channel counts; stripe-wise pruning keeps stripes (leave it at 1)")])
+def test_settings_that_make_no_sense_with_stripes_are_one_line_errors(setting, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["search.granularity=stripe", setting])
     assert str(e.value) == message

@@ -11,7 +11,7 @@ import torch
 
 from prunetune import build_model, load_config, load_data, load_pruned
 from prunetune.search.cli import main
-from prunetune.search.prepare import base_cache_path, model_spec, trained_base
+from prunetune.search.prepare import base_cache_path, model_spec, prepare, trained_base
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
 from tests.runs import as_args, run_args, small
@@ -231,6 +231,33 @@ def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(r
     nonzero = sum(int((m.weight != 0).sum()) for m in model.modules() if hasattr(m, "weight_mask"))
     assert record["granularity"] == "unstructured" and nonzero == sum(record["kept_channels"])
     assert "dense kernels do not run them faster" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(ray_session, tmp_path):
+    assert main(run_args(tmp_path, "search.constraint=latency", "search.target=0.85", "search.limits={params: 0.7}",
+                         "latency.grid=3", "latency.repeats=5", candidates=4, top_k=1)) == 0
+    run = tmp_path / "run"
+    records = CandidateStore(str(run)).records()
+    assert all(r.ok and r.latency_ms > 0 and r.latency_predicted_ms > 0 and r.within_budget is not None
+               for r in records)
+    summary = json.load(open(run / "final" / "summary.json"))
+    assert all(r.params / summary["base"]["params"] <= 0.7 + 1e-9 for r in records)
+    assert summary["base"]["latency_predicted_ms"] > 0 and summary["final"][0]["latency_predicted_ms"] > 0
+    shutil.rmtree(tmp_path / "cache" / "latency")  # the run's own copy is what a resume predicts with
+    prep = prepare(load_config(str(run / "config.yaml")))
+    assert prep.space.latency.to_dict() == json.load(open(run / "latency-table.json"))
+
+
+def test_a_stripe_search_with_filter_skeleton_training_runs_end_to_end(ray_session, tmp_path):
+    assert main(run_args(tmp_path, "search.granularity=stripe", "model.sparsity=1e-3", "model.sparsity_epochs=1",
+                         candidates=3, top_k=1)) == 0
+    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
+    assert summary["sparsity"]["method"] == "Filter Skeleton" and summary["granularity"] == "stripe"
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert all(r.ok and abs(r.flops_ratio - 0.5) <= 0.02 for r in records)
+    model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
+    assert record["granularity"] == "stripe" and any(type(m).__name__ == "StripeConv2d" for m in model.modules())
+    assert "## Sparsity training (Filter Skeleton)" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_the_report_opens_with_a_recommendation(finished_run):

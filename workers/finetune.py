@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from .data import DataBundle, iterate_batches
 from .files import atomic_write
 from .scoring import score
-from .sparsity import add_l1_subgradient
 
 EpochCallback = Callable[[int, dict, str | None], None]
 CHECKPOINT_NAME = "finetune.pt"  # the checkpoint file finetune() writes (inside a Tune checkpoint directory too)
@@ -44,13 +43,14 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device = "cpu",
              checkpoint_path: str | None = None, teacher: nn.Module | None = None,
              on_epoch: EpochCallback | None = None, epochs: int | None = None,
-             train_indices=None, val_indices=None, log=None, bn_l1: float = 0.0) -> dict:
+             train_indices=None, val_indices=None, log=None, after_backward: Callable[[], None] | None = None
+             ) -> dict:
     """Train `model` on the training split, test every epoch, checkpoint every epoch; resumes from the checkpoint.
 
     cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
     label_smoothing, distill_weight, distill_temperature, seed). `train_indices` limits training to part of
     the training split; `val_indices` (e.g. the held-out split) adds val_accuracy/val_loss to each epoch;
-    `bn_l1` > 0 adds Network Slimming's L1 penalty on every BatchNorm scale (sparsity training).
+    `after_backward()` runs after every backward pass (sparsity training adds its L1 subgradients there).
     `on_epoch(epoch, metrics, checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports
     from there; raising stops the run). Returns the last epoch's metrics plus the per-epoch history.
     """
@@ -97,8 +97,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                     cfg.distill_weight * _distill_loss(logits, target, cfg.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if bn_l1:
-                add_l1_subgradient(model, bn_l1)
+            if after_backward is not None:
+                after_backward()
             optimizer.step()
             scheduler.step()
             loss_sum += float(loss.detach()) * len(y)

@@ -4,14 +4,15 @@ A granularity builds the strategy space of a model and proves it exact before an
 (`prepare`: the preflight), rebuilds that space without the proof (`space`: for reloading a saved model), ranks
 the units a ratio removes (`importance`), and builds the pruner that turns a strategy into a network
 (`pruner`, with `.apply(ratios) -> nn.Module`). Each granularity is one module and one entry here:
-channels (filters: a smaller dense network) and unstructured weights (masks, dense shapes).
+channels (filters: a smaller dense network), unstructured weights (masks, dense shapes) and stripes (SP: each
+k x k conv runs only its kept 1 x 1 stripes).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from . import unstructured
+from . import stripes, unstructured
 from .preflight import preflight
 from .prune import PrunePlan, position_importance
 from .space import PruningSpace
@@ -33,4 +34,6 @@ GRANULARITIES: dict[str, Granularity] = {
     "channel": Granularity("channel", preflight, PruningSpace.from_model, position_importance, PrunePlan, False),
     "unstructured": Granularity("unstructured", unstructured.preflight, unstructured.unstructured_space,
                                 unstructured.weight_importance, unstructured.MaskPlan, True),
+    "stripe": Granularity("stripe", stripes.preflight, stripes.stripe_space, stripes.stripe_importance,
+                          stripes.StripePlan, False),
 }

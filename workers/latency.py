@@ -271,19 +271,27 @@ def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, th
     return table
 
 
+def read_table(path: str, key: str) -> LatencyTable | None:
+    """The table saved at `path` if it is readable and has this key, else None."""
+    try:
+        with open(path) as f:
+            table = LatencyTable.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return table if table.key == key else None
+
+
 def load_or_build(model: nn.Module, space: PruningSpace, example: torch.Tensor, cache_dir: str,
-                  threads: int | None = None, grid: int = 6, repeats: int = 20, progress=None
-                  ) -> tuple[LatencyTable, str, bool]:
-    """The cached table for this architecture, input and device, or one built now and cached; its path; and
-    whether it was built now."""
+                  threads: int | None = None, grid: int = 6, repeats: int = 20, progress=None,
+                  saved: str | None = None) -> tuple[LatencyTable, str, bool]:
+    """The table a run saved (`saved`, if it has this key), or the cached one for this architecture, input and
+    device, or one built now and cached; its path; and whether it was built now."""
     key = table_key(model, space, example, threads, grid, repeats)
     path = os.path.join(cache_dir, "latency", f"{key}.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                return LatencyTable.from_dict(json.load(f)), path, False
-        except (OSError, ValueError, TypeError, KeyError):
-            pass  # unreadable: built again below and rewritten (the cache is ours)
+    for candidate in filter(None, (saved, path)):
+        table = read_table(candidate, key)
+        if table is not None:
+            return table, candidate, False
     table = build_table(model, space, example, threads, grid, repeats, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, table.to_dict())

@@ -30,10 +30,11 @@ class Verdict:
     space: PruningSpace
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (group, reason), left out with a warning
     checked: list[tuple[str, int, int]] = field(default_factory=list)  # (strategy, FLOPs, params), all exact
+    counted_by: str = "fvcore's count"  # what the space's figures were checked against
 
     def describe(self) -> str:
         """Lines for `prunetune inspect`: what was checked, and what was left out."""
-        lines = [f"preflight: {name}: FLOPs {flops:,} and params {params:,} equal fvcore's count on the pruned "
+        lines = [f"preflight: {name}: FLOPs {flops:,} and params {params:,} equal {self.counted_by} on the pruned "
                  "network; it runs and has the right output width" for name, flops, params in self.checked]
         lines += [f"preflight: warning: left the group of {name} out ({reason})" for name, reason in self.left_out]
         return "\n".join(lines)

@@ -1,8 +1,9 @@
-"""Network Slimming's sparsity training (Liu et al., ICCV 2017): an L1 penalty on every BatchNorm scale.
+"""Sparsity training: an L1 penalty that drives the scales of unimportant units towards zero.
 
-Training with lambda * sum |gamma| (its subgradient lambda * sign(gamma) added to each BatchNorm weight's
-gradient, as the paper's code does) drives the scales of unimportant channels towards zero, which makes |gamma|
+Network Slimming (Liu et al., ICCV 2017) penalises every BatchNorm scale: lambda * sum |gamma|, its subgradient
+lambda * sign(gamma) added to each scale's gradient as the paper's code does, which makes |gamma|
 (`search.criterion: bn_scale`) and one global threshold on it (the global-threshold baseline) meaningful.
+Stripe-wise pruning's Filter Skeleton (`stripes.skeleton_train`) penalises one scale per stripe the same way.
 """
 from __future__ import annotations
 
@@ -19,16 +20,20 @@ def batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
 
 
-def add_l1_subgradient(model: nn.Module, strength: float) -> None:
-    """Add strength * sign(gamma) to the gradient of every BatchNorm scale (call after backward)."""
-    for m in batchnorms(model):
-        if m.weight.grad is not None:
-            m.weight.grad.add_(strength * torch.sign(m.weight.detach()))
+def add_l1_subgradient(params: list[torch.Tensor], strength: float) -> None:
+    """Add strength * sign(p) to the gradient of each parameter (an L1 penalty; call after backward)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.add_(strength * torch.sign(p.detach()))
 
 
-def gamma_histogram(model: nn.Module, top: float | None = None) -> dict:
-    """|gamma| of every BatchNorm channel as a histogram over [0, top] (top: the largest |gamma| if None)."""
-    values = torch.cat([m.weight.detach().abs().flatten().cpu() for m in batchnorms(model)]).numpy()
+def bn_scales(model: nn.Module) -> np.ndarray:
+    """|gamma| of every BatchNorm channel (what Network Slimming makes sparse)."""
+    return torch.cat([m.weight.detach().abs().flatten().cpu() for m in batchnorms(model)]).numpy()
+
+
+def histogram(values: np.ndarray, top: float | None = None) -> dict:
+    """A histogram of non-negative values over [0, top] (top: the largest value if None), with a summary."""
     top = float(values.max()) if top is None else top
     counts, edges = np.histogram(np.minimum(values, top), bins=HISTOGRAM_BINS, range=(0.0, max(top, 1e-12)))
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "channels": int(len(values)),

@@ -34,9 +34,11 @@ def prunable_weights(model: nn.Module, ignored: list[str]) -> list[str]:
             if kind_of(m) is not None and kind_of(m).name in _PRUNABLE and name not in ignored]
 
 
-def unstructured_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
-                       ignored_layers: list[str] | None = None) -> PruningSpace:
-    """The space of per-tensor sparsities: one group per prunable weight, FLOPs and params on non-zero weights."""
+def linear_space(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list[str] | None,
+                 select: Callable[[nn.Module, list[str]], list[str]], units_of: Callable[[nn.Module], int],
+                 nothing: str) -> PruningSpace:
+    """A space with one group per selected layer whose units (`units_of`) each carry an equal share of the
+    layer's fvcore FLOPs and weight: FLOPs and params are linear in the kept units (unstructured, stripes)."""
     model.eval()
     classifier = find_classifier(model, example_inputs)
     ignored = [classifier] + [n for n in ignored_layers or [] if n != classifier]
@@ -44,25 +46,32 @@ def unstructured_space(model: nn.Module, example_inputs: torch.Tensor, round_to:
     unknown = [n for n in ignored if n not in modules]
     if unknown:
         raise SpaceError(f"model.ignored_layers: the model has no layer named '{unknown[0]}'")
-    names = prunable_weights(model, ignored)
+    names = select(model, ignored)
     if not names:
-        raise SpaceError("model: no prunable weight (every conv/linear layer is the classifier or ignored)")
+        raise SpaceError(f"model: {nothing}")
     fca = count_flops(model, example_inputs)
     by_module, total = fca.by_module(), int(fca.total())
     base_params = sum(p.numel() for p in model.parameters())
-    sizes = [modules[n].weight.numel() for n in names]
-    groups = [ChannelGroup(n, size, [], root=n) for n, size in zip(names, sizes)]
-    flops = [own_flops(by_module, model, n) for n in names]
+    units = np.array([units_of(modules[n]) for n in names], dtype=np.float64)
+    weights = np.array([modules[n].weight.numel() for n in names], dtype=np.float64)
+    flops = np.array([own_flops(by_module, model, n) for n in names], dtype=np.float64)
+    groups = [ChannelGroup(n, int(u), [], root=n) for n, u in zip(names, units)]
     g = len(groups)
     dim_const = np.zeros(g + 1)
-    dim_const[0] = 1.0  # row 0 is the constant 1; row i + 1 is group i's kept weights
+    dim_const[0] = 1.0  # row 0 is the constant 1; row i + 1 is group i's kept units
     dim_matrix = np.vstack([np.zeros(g), np.eye(g)])
-    rows = np.arange(1, g + 1, dtype=np.int64)
-    zeros = np.zeros(g, dtype=np.int64)
-    flops_terms = (float(total - sum(flops)), np.array(flops, float) / np.array(sizes, float), rows, zeros)
-    params_terms = (float(base_params - sum(sizes)), np.ones(g), rows, zeros)
-    space = PruningSpace(groups, total, base_params, dim_const, dim_matrix, flops_terms, params_terms, 1, ignored,
-                         tuple(example_inputs.shape[1:]))
+    rows, zeros = np.arange(1, g + 1, dtype=np.int64), np.zeros(g, dtype=np.int64)
+    flops_terms = (float(total - flops.sum()), flops / units, rows, zeros)
+    params_terms = (float(base_params - weights.sum()), weights / units, rows, zeros)
+    return PruningSpace(groups, total, base_params, dim_const, dim_matrix, flops_terms, params_terms, 1, ignored,
+                        tuple(example_inputs.shape[1:]))
+
+
+def unstructured_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
+                       ignored_layers: list[str] | None = None) -> PruningSpace:
+    """The space of per-tensor sparsities: one group per prunable weight, FLOPs and params on non-zero weights."""
+    space = linear_space(model, example_inputs, ignored_layers, prunable_weights, lambda m: m.weight.numel(),
+                         "no prunable weight (every conv/linear layer is the classifier or ignored)")
     space.unit = "weights"
     return space
 
@@ -153,7 +162,7 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
             raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
                              f"the space, {flops:,.0f} counted; params {space.params(ratios):,} and {params:,})")
         checked.append((name, space.flops(ratios), space.params(ratios)))
-    return Verdict(space, [], checked)
+    return Verdict(space, [], checked, "a direct count of its non-zero weights")
 
 
 def sparse_state(model: nn.Module) -> tuple[dict, int]:

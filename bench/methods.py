@@ -1,0 +1,131 @@
+"""The pruning methods side by side on real CIFAR-10, the same fine-tuning budget for all, no Ray.
+
+    python bench/methods.py --data /tmp/cifar10 [--checkpoint bench/checkpoints/resnet20-cifar10.pt]
+        [--candidates 24] [--finetune-epochs 2] [--finetune-images 15000] [--sparsity 1e-4] [--sparsity-epochs 2]
+
+Methods: channel search (EagleEye, at 50% FLOPs); channel search after Network Slimming's sparsity training;
+Network Slimming's own global |gamma| threshold (on the sparsity-trained model); unstructured search and global
+magnitude pruning at 30% of the non-zero params; stripe-wise search (SP) at 50% FLOPs. A search draws
+`--candidates` strategies, scores each with adaptive BN and keeps the best; each method's model is fine-tuned
+with the same recipe and budget; the table shows test accuracy, FLOPs, params (non-zero for unstructured),
+size on disk and batch-1 CPU latency (1 thread, masks made permanent). Saves bench/results/methods.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import save, table  # noqa: E402
+from prunetune import CandidateEvaluator, StrategySampler, build_model, finetune, load_config, load_data  # noqa: E402
+from prunetune.search.baselines import global_threshold  # noqa: E402
+from prunetune.workers.constraints import CONSTRAINTS  # noqa: E402
+from prunetune.workers.data import iterate_batches  # noqa: E402
+from prunetune.workers.granularity import GRANULARITIES  # noqa: E402
+from prunetune.workers.models import load_checkpoint  # noqa: E402
+from prunetune.workers.prune import clone_module  # noqa: E402
+from prunetune.workers.scoring import score  # noqa: E402
+from prunetune.workers.sparsity import add_l1_subgradient, batchnorms  # noqa: E402
+from prunetune.workers.timing import time_forward  # noqa: E402
+from prunetune.workers.unstructured import remove_masks, sparse_state  # noqa: E402
+
+# name -> (granularity, criterion, constraint, target, sparsity-trained base, strategy: search | global)
+METHODS = {
+    "channel search (EagleEye)": ("channel", "l1", "flops", 0.5, False, "search"),
+    "channel search after sparsity training": ("channel", "bn_scale", "flops", 0.5, True, "search"),
+    "Network Slimming (global |gamma| threshold)": ("channel", "bn_scale", "flops", 0.5, True, "global"),
+    "unstructured search": ("unstructured", "l1", "params", 0.3, False, "search"),
+    "global magnitude (unstructured)": ("unstructured", "l1", "params", 0.3, False, "global"),
+    "stripe-wise search (SP)": ("stripe", "l1", "flops", 0.5, False, "search"),
+}
+
+
+def size_mb(model) -> float:
+    """Size of the state dict prunetune writes for the model (masked weights as bit mask plus values)."""
+    masked = any(k.endswith("weight_mask") for k in model.state_dict())
+    buffer = io.BytesIO()
+    torch.save(sparse_state(model)[0] if masked else model.state_dict(), buffer)
+    return buffer.tell() / 2 ** 20
+
+
+def test_accuracy(model, data) -> float:
+    """Accuracy on the test split."""
+    return score(model.eval(), iterate_batches(data.test, range(len(data.test)), 500))["accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--checkpoint", default=os.path.join(os.path.dirname(__file__), "checkpoints",
+                                                             "resnet20-cifar10.pt"))
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--candidates", type=int, default=24)
+    parser.add_argument("--calibration-batches", type=int, default=10)
+    parser.add_argument("--heldout", type=int, default=2000)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-images", type=int, default=15000)
+    parser.add_argument("--sparsity", type=float, default=1e-4)
+    parser.add_argument("--sparsity-epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_data("imagefolder", path=args.data, cache_dir=os.path.expanduser("~/.cache/prunetune"))
+    base = build_model(args.model, data.num_classes, 3)
+    load_checkpoint(base, args.checkpoint)
+    cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
+                             f"evaluation.heldout_size={args.heldout}"])
+    ft = load_config(None, [f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01", "finetune.batch_size=128",
+                            "finetune.warmup_epochs=0"]).finetune
+    subset = np.random.default_rng(0).permutation(len(data.train))[: args.finetune_images]
+    base_accuracy = test_accuracy(base, data)
+    sparse = None
+    rows = []
+    for name in args.methods.split(","):
+        granularity, criterion, constraint, target, sparsity, how = METHODS[name]
+        start = time.perf_counter()
+        if sparsity and sparse is None:  # Network Slimming's sparsity training, once, on the fine-tuning budget
+            sparse = clone_module(base, {})
+            scales = [m.weight for m in batchnorms(sparse)]
+            finetune(sparse, data, ft, epochs=args.sparsity_epochs, train_indices=subset,
+                     after_backward=lambda: add_l1_subgradient(scales, args.sparsity))
+        model = (sparse if sparsity else base).eval()
+        g = GRANULARITIES[granularity]
+        space = g.space(model, data.example_input())
+        sampler = StrategySampler(space, target, 0.01, 0.7, constraint=CONSTRAINTS[constraint])
+        evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu", criterion, granularity)
+        if how == "global":
+            importance = g.importance(model, space, criterion, 0)
+            best = global_threshold(sampler, importance, g.comparable or criterion == "bn_scale")
+        else:
+            records = [evaluator.evaluate(sampler.sample(i), i) for i in range(args.candidates)]
+            best = max(records, key=lambda r: r.score).ratios
+        pruned = evaluator.prune(best)
+        evaluator.recalibrate(pruned)
+        finetune(pruned, data, ft, train_indices=subset)
+        deployed = remove_masks(clone_module(pruned, {}))
+        latency = time_forward(deployed, space.example_input(1), repeats=30, threads=1)
+        rows.append({"method": name, "test_accuracy": round(test_accuracy(pruned, data), 4),
+                     "flops_ratio": round(space.flops(best) / space.base_flops, 4),
+                     "params_ratio": round(space.params(best) / space.base_params, 4),
+                     "size_mb": round(size_mb(pruned), 3), "latency_ms": round(latency.median_ms, 3),
+                     "minutes": round((time.perf_counter() - start) / 60, 1)})
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+    base_latency = time_forward(base, data.example_input(), repeats=30, threads=1).median_ms
+    print(f"\n{args.model} on CIFAR-10 (base {100 * base_accuracy:.2f}% test, {base_latency:.3f} ms); "
+          f"{args.candidates} candidates per search, fine-tuned {args.finetune_epochs} epochs on "
+          f"{args.finetune_images} images")
+    print(table(rows, list(rows[0])))
+    print("saved", save("methods", {"args": vars(args), "base_test_accuracy": base_accuracy,
+                                     "base_latency_ms": base_latency, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Stripe-wise pruning (SP, "Pruning Filter in Filter", Meng et al., NeurIPS 2020): one ratio per k x k conv.
+
+A filter of C x k x k is k*k stripes, each a 1 x 1 filter over the C input channels at one kernel position. A
+strategy removes the given fraction of a layer's stripes, the weakest first (the L1 norm of each stripe; after
+Filter Skeleton training, `skeleton_train`, that norm carries the learned stripe importance). The pruned layer,
+`StripeConv2d`, stores only its kept stripes and runs only them: for each kernel position, one 1 x 1 conv over
+the input shifted to that position, into the filters that keep a stripe there, added up. Its output equals the
+dense conv with the pruned stripes zeroed; fvcore counts its FLOPs as the kept stripes' (one C-wide multiply-add
+per kept stripe and output pixel), which is what the space predicts.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .groups import SpaceError
+from .preflight import Verdict, output_width
+from .prune import clone_module
+from .space import PruningSpace, count_flops
+from .sparsity import add_l1_subgradient
+from .unstructured import linear_space
+
+_TOLERANCE = 1e-9
+
+
+def stripe_layers(model: nn.Module, ignored: list[str]) -> list[str]:
+    """The convs whose filters have stripes to prune: 2-D, kernel larger than 1 x 1, not grouped."""
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Conv2d and m.groups == 1 and m.kernel_size != (1, 1) and name not in ignored
+            and m.padding_mode == "zeros" and isinstance(m.padding, tuple)]
+
+
+def stripe_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
+                 ignored_layers: list[str] | None = None) -> PruningSpace:
+    """One group per k x k conv, its units the Cout * k * k stripes; FLOPs and params on kept stripes."""
+    space = linear_space(model, example_inputs, ignored_layers, stripe_layers,
+                         lambda m: m.out_channels * m.kernel_size[0] * m.kernel_size[1], "no k x k conv to prune "
+                         "stripes of (stripes need 2-D, ungrouped convs with kernels larger than 1 x 1)")
+    space.unit = "stripes"
+    return space
+
+
+def stripe_importance(model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0
+                      ) -> list[np.ndarray]:
+    """Per layer, the importance of each stripe (filter-major: stripe o * k*k + position): its L1 norm (l2: the
+    squared L2 norm), or seeded random."""
+    if criterion == "bn_scale":
+        raise SpaceError("search.criterion: bn_scale ranks channels by BatchNorm scales; stripe-wise pruning ranks "
+                         "stripes: use l1, l2 or random")
+    found = []
+    for i, g in enumerate(space.groups):
+        w = model.get_submodule(g.name).weight.detach().float().cpu()  # [Cout, C, kh, kw]
+        if criterion == "random":
+            found.append(torch.rand(g.channels, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)).numpy())
+        else:
+            per = w.abs() if criterion == "l1" else w.pow(2)
+            found.append(per.sum(1).flatten().double().numpy())
+    return found
+
+
+def stripe_norms(model: nn.Module) -> np.ndarray:
+    """The L1 norm of every stripe of every k x k conv (what Filter Skeleton training makes sparse)."""
+    return torch.cat([model.get_submodule(n).weight.detach().abs().sum(1).flatten().cpu()
+                      for n in stripe_layers(model, [])]).numpy()
+
+
+class StripeConv2d(nn.Module):
+    """A conv that keeps only some stripes: per kernel position, a 1 x 1 conv into the filters that keep it."""
+
+    def __init__(self, conv: nn.Conv2d, kept: torch.Tensor):
+        super().__init__()
+        self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        kk = self.kernel_size[0] * self.kernel_size[1]
+        kept = torch.as_tensor(kept, dtype=torch.long).sort().values  # flat stripe indices o * k*k + position
+        stripes = conv.weight.detach().flatten(2)  # [Cout, C, k*k]
+        self.weight = nn.Parameter(stripes[kept // kk, :, kept % kk].clone())  # [kept, C]
+        self.register_buffer("stripe_index", kept.to(conv.weight.device))
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        n, _, h, w = x.shape
+        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        x = F.pad(x, (pw, pw, ph, ph))
+        out = x.new_zeros(n, self.out_channels, ho, wo)
+        position = self.stripe_index % (kh * kw)
+        filters = self.stripe_index // (kh * kw)
+        for p in range(kh * kw):
+            rows = (position == p).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            i, j = divmod(p, kw)
+            shifted = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+            out.index_add_(1, filters[rows], F.conv2d(shifted, self.weight[rows][:, :, None, None]))
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+def masked_dense(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
+    """The dense conv with every stripe not in `kept` zeroed (what a StripeConv2d must equal)."""
+    dense = clone_module(conv, {})
+    mask = torch.zeros(conv.weight.shape[0] * conv.weight.shape[2] * conv.weight.shape[3])
+    mask[torch.as_tensor(kept)] = 1
+    kh, kw = conv.kernel_size
+    with torch.no_grad():
+        dense.weight.mul_(mask.view(conv.out_channels, kh, kw)[:, None].to(conv.weight))
+    return dense
+
+
+class StripePlan:
+    """Turns a strategy into a copy of the base model whose k x k convs run only their kept stripes."""
+
+    def __init__(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0):
+        self.model, self.space = model, space
+        self.order = [torch.from_numpy(np.argsort(imp, kind="stable"))
+                      for imp in stripe_importance(model, space, criterion, seed)]
+
+    def kept(self, ratios) -> list[torch.Tensor]:
+        """Per layer, the flat indices of the stripes the strategy keeps (the most important)."""
+        return [order[g.channels - k:] for g, k, order in zip(self.space.groups, self.space.kept_channels(ratios),
+                                                               self.order)]
+
+    def apply(self, ratios) -> nn.Module:
+        """A copy of the base model with each k x k conv replaced by a StripeConv2d of its kept stripes."""
+        pruned = clone_module(self.model, {})
+        for g, kept in zip(self.space.groups, self.kept(ratios)):
+            owner, _, attr = g.name.rpartition(".")
+            parent = pruned.get_submodule(owner) if owner else pruned
+            setattr(parent, attr, StripeConv2d(self.model.get_submodule(g.name), kept))
+        return pruned
+
+
+def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, device="cpu", checkpoint_path=None,
+                   log=None) -> None:
+    """Filter Skeleton training: learn one scale per stripe (initialised to 1, L1-penalised) multiplied onto
+    every k x k conv's weight, then fold the scales into the weights (in place)."""
+    from torch.nn.utils import parametrize
+
+    from .finetune import finetune
+
+    class Skeleton(nn.Module):
+        def __init__(self, conv: nn.Conv2d):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(conv.out_channels, 1, *conv.kernel_size, device=conv.weight.device))
+
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight * self.scale
+
+    convs = [model.get_submodule(n) for n in stripe_layers(model, [])]
+    for conv in convs:
+        parametrize.register_parametrization(conv, "weight", Skeleton(conv))
+    scales = [c.parametrizations.weight[0].scale for c in convs]
+    try:
+        finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log,
+                 after_backward=lambda: add_l1_subgradient(scales, strength))
+    finally:
+        for conv in convs:
+            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+
+
+def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
+              first: Callable[[PruningSpace], list[float]], round_to: int = 1,
+              ignored_layers: list[str] | None = None) -> Verdict:
+    """Build the space and prove it on the most pruned and the first strategy: the pruned networks run, have
+    the right output width, and fvcore's FLOPs and their parameter counts equal the space's."""
+    width = output_width(model, example_inputs)
+    if width != num_classes:
+        raise SpaceError(f"model: the model returns {width} outputs but the data has {num_classes} classes; give "
+                         "the factory a num_classes argument (or set it in model.kwargs)")
+    space = stripe_space(model, example_inputs, round_to, ignored_layers)
+    plan = StripePlan(model, space)
+    checked = []
+    for name, ratios in (("most pruned", np.full(len(space.groups), max_ratio)), ("first sampled", first(space))):
+        pruned = plan.apply(ratios)
+        if output_width(pruned, example_inputs) != num_classes:
+            raise SpaceError(f"model: the {name} strategy changes the output width")
+        flops = count_flops(pruned, example_inputs).total()
+        params = sum(p.numel() for p in pruned.parameters())
+        if abs(flops - space.flops(ratios)) > max(1.0, _TOLERANCE * flops) or params != space.params(ratios):
+            raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
+                             f"the space, {flops:,} by fvcore; params {space.params(ratios):,} and {params:,})")
+        checked.append((name, space.flops(ratios), space.params(ratios)))
+    return Verdict(space, [], checked)
