@@ -29,7 +29,7 @@ def test_overrides_are_typed(tmp_path):
 @pytest.mark.parametrize("overrides, key, fragment", [
     (["search.target=1.5"], "search.target", "outside the allowed range"),
     (["search.flops_target=0.4"], "search.flops_target", "renamed to search.target"),
-    (["search.constraint=latency"], "search.constraint", "allowed: flops, params"),
+    (["search.constraint=memory"], "search.constraint", "allowed: flops, params, latency"),
     (["search.algorithm=magic"], "search.algorithm", "allowed: random"),
     (["search.tolerance=0"], "search.tolerance", "outside the allowed range"),
     (["search.max_ratio=1"], "search.max_ratio", "outside the allowed range"),
