@@ -13,7 +13,7 @@ second time (the noise floor no prediction can beat). Saves bench/results/latenc
 
 Comparison (`--compare`): on a trained model, two searches of the same size at the same latency budget, one
 with `search.constraint: latency`, one with FLOPs at the same fraction (the usual stand-in), each candidate
-scored with adaptive BN (no Ray); the best-scored model of each is timed side by side, interleaved.
+scored with adaptive BN (no Ray); the best-scored model of each and the base are timed side by side, interleaved.
 """
 from __future__ import annotations
 
@@ -98,15 +98,16 @@ def compare(args) -> dict:
         found[constraint] = {"best_score": top.score, "ratios": top.ratios, "flops_ratio": top.flops_ratio,
                              "predicted_ms": top.latency_predicted_ms,
                              "timed_in_search_ms": [r.latency_ms for r in records]}
-    nets = {c: evaluator.prune(found[c]["ratios"]) for c in found}
-    timed = {c: [] for c in found}
-    for _ in range(5):  # interleaved, so both see the same machine
+    nets = {"base": model, **{c: evaluator.prune(found[c]["ratios"]) for c in found}}
+    timed = {c: [] for c in nets}
+    for _ in range(5):  # interleaved, so all three see the same machine
         for c, net in nets.items():
             timed[c].append(time_forward(net, space.example_input(1), repeats=30, threads=args.threads).median_ms)
+    base_ms = median(timed["base"])
     for c in found:
         found[c]["timed_ms"] = median(timed[c])
-        found[c]["latency_ratio"] = found[c]["timed_ms"] / space.latency.base_ms
-    return {"budget": args.budget, "candidates": args.candidates, "base_ms": space.latency.base_ms, **found}
+        found[c]["latency_ratio"] = found[c]["timed_ms"] / base_ms
+    return {"budget": args.budget, "candidates": args.candidates, "base_ms": base_ms, **found}
 
 
 def main() -> None:
@@ -129,8 +130,8 @@ def main() -> None:
         print(table([{"search": c, **{k: v for k, v in result[c].items() if k not in ("ratios", "timed_in_search_ms")}}
                      for c in ("latency", "flops")],
                     ["search", "best_score", "flops_ratio", "predicted_ms", "timed_ms", "latency_ratio"]))
-        print(f"base {result['base_ms']:.3f} ms; budget {result['budget']} of it")
-        print("saved", save("latency-compare", result))
+        print(f"base {result['base_ms']:.3f} ms (timed beside them); budget {result['budget']} of the base")
+        print("saved", save(f"latency-compare-{args.budget:g}", result))
         return
     results = []
     for spec in args.models.split(","):
