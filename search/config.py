@@ -250,26 +250,18 @@ def needs_latency(cfg: Config) -> bool:
 
 def _cross_check(cfg: Config) -> None:
     budgets(cfg)
-    if cfg.search.granularity == "stripe":
+    units = {"unstructured": "single weights", "stripe": "stripes"}.get(cfg.search.granularity)
+    if units:  # what makes no sense unless whole channels are pruned
+        name = "stripe-wise" if cfg.search.granularity == "stripe" else "unstructured"
         for key, bad, why in (
-                ("search.criterion", cfg.search.criterion == "bn_scale", "bn_scale ranks channels by BatchNorm scales; "
-                 "stripe-wise pruning ranks stripes: use l1, l2 or random"),
-                ("search.constraint", needs_latency(cfg), "the latency table times dense layers by channel counts; "
-                 "stripe-wise pruning keeps stripes (use flops or params)"),
-                ("search.round_to", cfg.search.round_to != 1, "rounds channel counts; stripe-wise pruning keeps "
-                 "stripes (leave it at 1)")):
-            if bad:
-                raise ConfigError(f"{key}: {why}")
-    if cfg.search.granularity == "unstructured":
-        for key, bad, why in (
-                ("search.criterion", cfg.search.criterion == "bn_scale", "bn_scale ranks channels by BatchNorm scales; "
-                 "unstructured pruning ranks single weights: use l1 (magnitude), l2 or random"),
-                ("search.constraint", needs_latency(cfg), "latency budgets need channel pruning: dense kernels do not "
-                 "run zeroed weights faster (use flops or params)"),
-                ("search.round_to", cfg.search.round_to != 1, "rounds channel counts; unstructured pruning keeps single "
-                 "weights (leave it at 1)"),
-                ("model.sparsity", cfg.model.sparsity is not None, "Network Slimming prunes channels; use it with "
-                 "search.granularity: channel")):
+                ("search.criterion", cfg.search.criterion == "bn_scale", f"bn_scale ranks channels by BatchNorm "
+                 f"scales; {name} pruning ranks {units}: use l1 (magnitude), l2 or random"),
+                ("search.constraint", needs_latency(cfg), f"latency budgets need channel pruning: the latency table "
+                 f"times dense layers by their channel counts, and {name} pruning keeps {units} (use flops or params)"),
+                ("search.round_to", cfg.search.round_to != 1, f"rounds channel counts; {name} pruning keeps {units} "
+                 "(leave it at 1)"),
+                ("model.sparsity", cfg.model.sparsity is not None and units == "single weights", "Network Slimming "
+                 "prunes channels; use it with search.granularity: channel")):
             if bad:
                 raise ConfigError(f"{key}: {why}")
     if cfg.search.tolerance >= cfg.search.target:

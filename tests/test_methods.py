@@ -169,8 +169,9 @@ def test_the_global_magnitude_baseline_keeps_every_weight_above_one_threshold(un
 @pytest.mark.parametrize("setting, message", [
     ("search.criterion=bn_scale", "search.criterion: bn_scale ranks channels by BatchNorm scales; unstructured "
                                   "pruning ranks single weights: use l1 (magnitude), l2 or random"),
-    ("search.constraint=latency", "search.constraint: latency budgets need channel pruning: dense kernels do not run "
-                                  "zeroed weights faster (use flops or params)"),
+    ("search.constraint=latency", "search.constraint: latency budgets need channel pruning: the latency table times "
+                                  "dense layers by their channel counts, and unstructured pruning keeps single weights "
+                                  "(use flops or params)"),
     ("search.round_to=8", "search.round_to: rounds channel counts; unstructured pruning keeps single weights (leave "
                           "it at 1)"),
     ("model.sparsity=1e-4", "model.sparsity: Network Slimming prunes channels; use it with search.granularity: "
@@ -243,7 +244,7 @@ def test_a_stripe_model_file_rebuilds_the_same_network(tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     ("search.criterion=bn_scale", "search.criterion: bn_scale ranks channels by BatchNorm scales; stripe-wise "
-                                  "pruning ranks stripes: use l1, l2 or random"),
+                                  "pruning ranks stripes: use l1 (magnitude), l2 or random"),
     ("search.round_to=8", "search.round_to: rounds channel counts; stripe-wise pruning keeps stripes (leave it at 1)")])
 def test_settings_that_make_no_sense_with_stripes_are_one_line_errors(setting, message):
     with pytest.raises(ConfigError) as e:

@@ -22,7 +22,7 @@ from .preflight import Verdict, output_width
 from .prune import clone_module
 from .space import PruningSpace, count_flops
 from .sparsity import add_l1_subgradient
-from .unstructured import linear_space
+from .unstructured import ascending, linear_space
 
 _TOLERANCE = 1e-9
 
@@ -50,7 +50,7 @@ def stripe_importance(model: nn.Module, space: PruningSpace, criterion: str = "l
     squared L2 norm), or seeded random."""
     if criterion == "bn_scale":
         raise SpaceError("search.criterion: bn_scale ranks channels by BatchNorm scales; stripe-wise pruning ranks "
-                         "stripes: use l1, l2 or random")
+                         "stripes: use l1 (magnitude), l2 or random")
     found = []
     for i, g in enumerate(space.groups):
         w = model.get_submodule(g.name).weight.detach().float().cpu()  # [Cout, C, kh, kw]
@@ -118,8 +118,7 @@ class StripePlan:
 
     def __init__(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0):
         self.model, self.space = model, space
-        self.order = [torch.from_numpy(np.argsort(imp, kind="stable"))
-                      for imp in stripe_importance(model, space, criterion, seed)]
+        self.order = ascending(stripe_importance(model, space, criterion, seed))
 
     def kept(self, ratios) -> list[torch.Tensor]:
         """Per layer, the flat indices of the stripes the strategy keeps (the most important)."""

@@ -92,13 +92,17 @@ def weight_importance(model: nn.Module, space: PruningSpace, criterion: str = "l
     return found
 
 
+def ascending(importance: list[np.ndarray]) -> list[torch.Tensor]:
+    """Per group, its units least important first (the order a pruner removes them in)."""
+    return [torch.from_numpy(np.argsort(imp, kind="stable")) for imp in importance]
+
+
 class MaskPlan:
     """Turns a strategy into a masked copy of the base model (torch.nn.utils.prune masks, dense shapes)."""
 
     def __init__(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0):
         self.model, self.space = model, space
-        self.order = [torch.from_numpy(np.argsort(imp, kind="stable"))
-                      for imp in weight_importance(model, space, criterion, seed)]
+        self.order = ascending(weight_importance(model, space, criterion, seed))
 
     def masks(self, ratios) -> list[torch.Tensor]:
         """Per prunable tensor, the mask that keeps the strategy's most important weights."""
