@@ -17,15 +17,12 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS, median, save, table  # noqa: E402
-from prunetune import (CandidateEvaluator, PruningSpace, StrategySampler, build_model, finetune,  # noqa: E402
-                       load_config, load_data)
+from bench.common import RESULTS, cifar_arguments, cifar_model, median, save, table  # noqa: E402
+from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, finetune, load_config  # noqa: E402
 from prunetune.workers.evaluator import evaluation_data  # noqa: E402
-from prunetune.workers.models import load_checkpoint  # noqa: E402
 
 PARTIAL = os.path.join(RESULTS, "calibration.partial.json")
 # name -> (batches, batch size, convergence tolerance, amp)
@@ -55,21 +52,14 @@ def spearman(a, b) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--checkpoint", default=os.path.join(os.path.dirname(__file__), "checkpoints",
-                                                             "resnet20-cifar10.pt"))
-    parser.add_argument("--model", default="resnet20")
+    cifar_arguments(parser)
     parser.add_argument("--strategies", type=int, default=30)
     parser.add_argument("--heldout", type=int, default=2000)
     parser.add_argument("--finetune-epochs", type=int, default=2, help="0: scores only")
     parser.add_argument("--finetune-images", type=int, default=15000)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_data("imagefolder", path=args.data, cache_dir=os.path.expanduser("~/.cache/prunetune"))
-    model = build_model(args.model, data.num_classes, 3)
-    load_checkpoint(model, args.checkpoint)
-    space = PruningSpace.from_model(model.eval(), data.example_input())
+    data, model = cifar_model(args)
+    space = PruningSpace.from_model(model, data.example_input())
     strategies = [StrategySampler(space, 0.5, 0.01, 0.7, seed=11).sample(i) for i in range(args.strategies)]
     settings = {"checkpoint": args.checkpoint, "heldout": args.heldout, "strategies": args.strategies}
     partial = json.load(open(PARTIAL)) if os.path.isfile(PARTIAL) else {}

@@ -48,3 +48,27 @@ def _fmt(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return "" if v is None else str(v)
+
+
+CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "resnet20-cifar10.pt")
+
+
+def cifar_arguments(parser) -> None:
+    """The arguments of a study on the CIFAR-10 checkpoint: --data, --checkpoint, --model, --threads."""
+    parser.add_argument("--data", required=True, help="the CIFAR-10 image folder (train/, test/)")
+    parser.add_argument("--checkpoint", default=CHECKPOINT)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+
+
+def cifar_model(args):
+    """The CIFAR-10 data (decoded once into the prunetune cache) and the trained model, in eval mode; sets the
+    torch threads."""
+    from prunetune import build_model, load_data
+    from prunetune.workers.models import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    data = load_data("imagefolder", path=args.data, cache_dir=os.path.expanduser("~/.cache/prunetune"))
+    model = build_model(args.model, data.num_classes, 3)
+    load_checkpoint(model, args.checkpoint)
+    return data, model.eval()

@@ -23,13 +23,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import save, table  # noqa: E402
-from prunetune import CandidateEvaluator, StrategySampler, build_model, finetune, load_config, load_data  # noqa: E402
+from bench.common import cifar_arguments, cifar_model, save, table  # noqa: E402
+from prunetune import CandidateEvaluator, StrategySampler, finetune, load_config  # noqa: E402
 from prunetune.search.baselines import global_threshold  # noqa: E402
 from prunetune.workers.constraints import CONSTRAINTS  # noqa: E402
 from prunetune.workers.data import iterate_batches  # noqa: E402
 from prunetune.workers.granularity import GRANULARITIES  # noqa: E402
-from prunetune.workers.models import load_checkpoint  # noqa: E402
 from prunetune.workers.prune import clone_module  # noqa: E402
 from prunetune.workers.scoring import score  # noqa: E402
 from prunetune.workers.sparsity import add_l1_subgradient, batchnorms  # noqa: E402
@@ -62,10 +61,7 @@ def test_accuracy(model, data) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--checkpoint", default=os.path.join(os.path.dirname(__file__), "checkpoints",
-                                                             "resnet20-cifar10.pt"))
-    parser.add_argument("--model", default="resnet20")
+    cifar_arguments(parser)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--candidates", type=int, default=24)
     parser.add_argument("--calibration-batches", type=int, default=10)
@@ -74,12 +70,8 @@ def main() -> None:
     parser.add_argument("--finetune-images", type=int, default=15000)
     parser.add_argument("--sparsity", type=float, default=1e-4)
     parser.add_argument("--sparsity-epochs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_data("imagefolder", path=args.data, cache_dir=os.path.expanduser("~/.cache/prunetune"))
-    base = build_model(args.model, data.num_classes, 3)
-    load_checkpoint(base, args.checkpoint)
+    data, base = cifar_model(args)
     cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
                              f"evaluation.heldout_size={args.heldout}"])
     ft = load_config(None, [f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01", "finetune.batch_size=128",

@@ -22,16 +22,13 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS, median, save, table  # noqa: E402
-from prunetune import (CandidateEvaluator, PruningSpace, StrategySampler, build_model, finetune,  # noqa: E402
-                       load_config, load_data)
+from bench.common import RESULTS, cifar_arguments, cifar_model, median, save, table  # noqa: E402
+from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, finetune, load_config  # noqa: E402
 from prunetune.search.algorithms import ALGORITHMS  # noqa: E402
 from prunetune.search.baselines import baselines  # noqa: E402
-from prunetune.workers.models import load_checkpoint  # noqa: E402
 from prunetune.workers.prune import position_importance  # noqa: E402
 from prunetune.workers.record import CandidateRecord  # noqa: E402
 
@@ -51,10 +48,7 @@ def needed(scores: list[float], goal: float) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="CIFAR-10 image folder (train/, test/)")
-    parser.add_argument("--checkpoint", default=os.path.join(os.path.dirname(__file__), "checkpoints",
-                                                             "resnet20-cifar10.pt"))
-    parser.add_argument("--model", default="resnet20")
+    cifar_arguments(parser)
     parser.add_argument("--budget", type=int, default=200)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--algorithms", default="random,evolution,tpe")
@@ -63,13 +57,9 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=2000)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--finetune-images", type=int, default=15000)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_data("imagefolder", path=args.data, cache_dir=os.path.expanduser("~/.cache/prunetune"))
-    model = build_model(args.model, data.num_classes, 3)
-    load_checkpoint(model, args.checkpoint)
-    space = PruningSpace.from_model(model.eval(), data.example_input())
+    data, model = cifar_model(args)
+    space = PruningSpace.from_model(model, data.example_input())
     cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
                              f"evaluation.heldout_size={args.heldout}", "evaluation.batch_size=128"])
     evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")

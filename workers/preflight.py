@@ -57,6 +57,33 @@ def output_width(model: nn.Module, example_inputs: torch.Tensor) -> int:
     return int(out.shape[1])
 
 
+def check_width(model: nn.Module, example_inputs: torch.Tensor, num_classes: int) -> int:
+    """The model's output width, which must be the data's class count (SpaceError naming both if not)."""
+    width = output_width(model, example_inputs)
+    if width != num_classes:
+        raise SpaceError(f"model: the model returns {width} outputs but the data has {num_classes} classes; give "
+                         "the factory a num_classes argument (or set it in model.kwargs)")
+    return width
+
+
+def prove(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, space: PruningSpace, plan,
+          strategies: dict[str, np.ndarray], count: Callable[[nn.Module], tuple[float, int]], counted_by: str
+          ) -> Verdict:
+    """The verdict on a space whose every unit prunes alike (unstructured, stripes): each strategy's pruned
+    network runs with the right output width, and `count(pruned)` (FLOPs, params) equals the space's."""
+    checked = []
+    for name, ratios in strategies.items():
+        pruned = plan.apply(ratios)
+        if output_width(pruned, example_inputs) != num_classes:
+            raise SpaceError(f"model: the {name} strategy changes the output width")
+        flops, params = count(pruned)
+        if abs(flops - space.flops(ratios)) > max(1.0, _TOLERANCE * flops) or params != space.params(ratios):
+            raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
+                             f"the space, {flops:,.0f} by {counted_by}; params {space.params(ratios):,} and {params:,})")
+        checked.append((name, space.flops(ratios), space.params(ratios)))
+    return Verdict(space, [], checked, counted_by)
+
+
 def _problem(model: nn.Module, plan: PrunePlan, ratios, example_inputs: torch.Tensor, width: int) -> str | None:
     """Why the network pruned by `ratios` is not what the space says, or None if it is."""
     pruned = plan.apply(ratios).eval()
@@ -106,10 +133,7 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
 
     `first(space)` is the first strategy the search will evaluate in that space.
     """
-    width = output_width(model, example_inputs)
-    if width != num_classes:
-        raise SpaceError(f"model: the model returns {width} outputs but the data has {num_classes} classes; give "
-                         "the factory a num_classes argument (or set it in model.kwargs)")
+    width = check_width(model, example_inputs, num_classes)
     ignored, left_out = list(ignored_layers or []), []
     while True:  # at most twice: once more after leaving out the groups of a single cause
         space = PruningSpace.from_model(model, example_inputs, round_to, ignored)

@@ -18,13 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .groups import SpaceError
-from .preflight import Verdict, output_width
+from .preflight import Verdict, check_width, prove
 from .prune import clone_module
 from .space import PruningSpace, count_flops
 from .sparsity import add_l1_subgradient
 from .unstructured import ascending, linear_space
 
-_TOLERANCE = 1e-9
 
 
 def stripe_layers(model: nn.Module, ignored: list[str]) -> list[str]:
@@ -168,21 +167,9 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
               ignored_layers: list[str] | None = None) -> Verdict:
     """Build the space and prove it on the most pruned and the first strategy: the pruned networks run, have
     the right output width, and fvcore's FLOPs and their parameter counts equal the space's."""
-    width = output_width(model, example_inputs)
-    if width != num_classes:
-        raise SpaceError(f"model: the model returns {width} outputs but the data has {num_classes} classes; give "
-                         "the factory a num_classes argument (or set it in model.kwargs)")
+    check_width(model, example_inputs, num_classes)
     space = stripe_space(model, example_inputs, round_to, ignored_layers)
-    plan = StripePlan(model, space)
-    checked = []
-    for name, ratios in (("most pruned", np.full(len(space.groups), max_ratio)), ("first sampled", first(space))):
-        pruned = plan.apply(ratios)
-        if output_width(pruned, example_inputs) != num_classes:
-            raise SpaceError(f"model: the {name} strategy changes the output width")
-        flops = count_flops(pruned, example_inputs).total()
-        params = sum(p.numel() for p in pruned.parameters())
-        if abs(flops - space.flops(ratios)) > max(1.0, _TOLERANCE * flops) or params != space.params(ratios):
-            raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
-                             f"the space, {flops:,} by fvcore; params {space.params(ratios):,} and {params:,})")
-        checked.append((name, space.flops(ratios), space.params(ratios)))
-    return Verdict(space, [], checked)
+    strategies = {"most pruned": np.full(len(space.groups), max_ratio), "first sampled": np.array(first(space))}
+    return prove(model, example_inputs, num_classes, space, StripePlan(model, space), strategies,
+                 lambda pruned: (count_flops(pruned, example_inputs).total(),
+                                 sum(p.numel() for p in pruned.parameters())), "fvcore's count")

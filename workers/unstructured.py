@@ -20,12 +20,11 @@ from torch.nn.utils import prune as torch_prune
 
 from .groups import ChannelGroup, SpaceError, find_classifier
 from .layers import kind_of
-from .preflight import Verdict, output_width
+from .preflight import Verdict, check_width, prove
 from .prune import clone_module
 from .space import PruningSpace, count_flops, own_flops
 
 _PRUNABLE = ("conv", "dwconv", "grouped_conv", "linear")
-_TOLERANCE = 1e-9
 
 
 def prunable_weights(model: nn.Module, ignored: list[str]) -> list[str]:
@@ -150,23 +149,11 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
               ignored_layers: list[str] | None = None) -> Verdict:
     """Build the space and prove it on the most pruned and the first strategy: the masked networks run, have
     the right output width, and their directly counted FLOPs and params equal the space's."""
-    width = output_width(model, example_inputs)
-    if width != num_classes:
-        raise SpaceError(f"model: the model returns {width} outputs but the data has {num_classes} classes; give "
-                         "the factory a num_classes argument (or set it in model.kwargs)")
+    check_width(model, example_inputs, num_classes)
     space = unstructured_space(model, example_inputs, round_to, ignored_layers)
-    plan = MaskPlan(model, space)
-    checked = []
-    for name, ratios in (("most pruned", np.full(len(space.groups), max_ratio)), ("first sampled", first(space))):
-        pruned = plan.apply(ratios)
-        if output_width(pruned, example_inputs) != num_classes:
-            raise SpaceError(f"model: the {name} strategy changes the output width")
-        flops, params = direct_counts(model, pruned, example_inputs)
-        if abs(flops - space.flops(ratios)) > max(1.0, _TOLERANCE * flops) or params != space.params(ratios):
-            raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
-                             f"the space, {flops:,.0f} counted; params {space.params(ratios):,} and {params:,})")
-        checked.append((name, space.flops(ratios), space.params(ratios)))
-    return Verdict(space, [], checked, "a direct count of its non-zero weights")
+    strategies = {"most pruned": np.full(len(space.groups), max_ratio), "first sampled": np.array(first(space))}
+    return prove(model, example_inputs, num_classes, space, MaskPlan(model, space), strategies,
+                 lambda pruned: direct_counts(model, pruned, example_inputs), "a direct count of its non-zero weights")
 
 
 def sparse_state(model: nn.Module) -> tuple[dict, int]:
