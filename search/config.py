@@ -79,7 +79,8 @@ class EvaluationConfig:
     seed: int = field(default=0, metadata=_range(0))  # held-out and calibration draws
     bn_mode: str = field(default="cumulative", metadata=_choice("cumulative", "ema", "none"))
     calibration_batches: int = field(default=50, metadata=_range(1))
-    calibration_tolerance: float | None = field(default=None, metadata=_range(0, lo_open=True))  # stop when converged
+    # stop once no BatchNorm statistic moves by more than this (bench/calibration.py: 3.3x faster, same ranking)
+    calibration_tolerance: float | None = field(default=0.02, metadata=_range(0, lo_open=True))
     batch_size: int = field(default=128, metadata=_range(1))
     score_batch_size: int = field(default=500, metadata=_range(1))
     metric: str = field(default="accuracy", metadata=_choice("accuracy", "loss"))
