@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import median, save, table  # noqa: E402
+from bench.common import CHECKPOINT, cifar_model, median, save, table  # noqa: E402
 from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, build_model, load_config  # noqa: E402
 from prunetune.workers.constraints import CONSTRAINTS  # noqa: E402
 from prunetune.workers.latency import build_table  # noqa: E402
@@ -79,14 +79,9 @@ def prediction(name: str, size: int, strategies: int, threads: int) -> dict:
 
 def compare(args) -> dict:
     """Latency-budget search vs FLOPs-budget search at the same fraction, best models timed side by side."""
-    from prunetune import load_data
-    from prunetune.workers.models import load_checkpoint
-
     cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
                              f"evaluation.heldout_size={args.heldout}"])
-    data = load_data("imagefolder", path=args.data)
-    model = build_model(args.model, num_classes=data.num_classes, in_channels=3).eval()
-    load_checkpoint(model, args.checkpoint)
+    data, model = cifar_model(args)
     space = PruningSpace.from_model(model, data.example_input())
     space.latency = build_table(model, space, space.example_input(1), threads=args.threads)
     evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
@@ -117,7 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compare", action="store_true")
     parser.add_argument("--data", help="CIFAR-10 image folder (--compare)")
-    parser.add_argument("--checkpoint", help="trained state dict (--compare)")
+    parser.add_argument("--checkpoint", default=CHECKPOINT, help="trained state dict (--compare)")
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--candidates", type=int, default=24)

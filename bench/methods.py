@@ -50,7 +50,7 @@ def size_mb(model) -> float:
     """Size of the state dict prunetune writes for the model (masked weights as bit mask plus values)."""
     masked = any(k.endswith("weight_mask") for k in model.state_dict())
     buffer = io.BytesIO()
-    torch.save(sparse_state(model)[0] if masked else model.state_dict(), buffer)
+    torch.save(sparse_state(model) if masked else model.state_dict(), buffer)
     return buffer.tell() / 2 ** 20
 
 

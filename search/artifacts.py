@@ -34,7 +34,7 @@ def save_pruned(path: str, model: nn.Module, record: dict, metrics: dict | None 
     """Save a pruned model as its own state dict plus the record that rebuilds its architecture; masked weights
     (unstructured pruning) as a bit mask plus their non-zero values, so the file's size is the sparse size."""
     masked = any(k.endswith("weight_mask") for k in model.state_dict())
-    state = sparse_state(model)[0] if masked else {k: v.cpu() for k, v in model.state_dict().items()}
+    state = sparse_state(model) if masked else {k: v.cpu() for k, v in model.state_dict().items()}
     obj = {"state_dict": state, "sparse": masked, "record_json": json.dumps(record),
            "metrics_json": json.dumps(metrics or {})}
     atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)

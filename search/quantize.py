@@ -2,9 +2,8 @@
 
 The path is ONNX plus ONNX Runtime's static quantization (QDQ format, int8 weights per output channel, int8
 activations), calibrated on the run's own calibration split: the images adaptive BN used. ONNX Runtime because
-its int8 kernels are what a CPU deployment runs (PyTorch's PT2E flow needs a backend-specific lowering before its
-int8 model runs fast, and its eager int8 path is deprecated), and because the ONNX export already carries the input
-contract. Both models are measured on the run's test split, read back as raw pixel values (what the exported
+it runs the int8 model itself on the CPU, and because the ONNX export already carries the input contract (PyTorch's
+PT2E flow was not tried). Both models are measured on the run's test split, read back as raw pixel values (what the exported
 models take): test accuracy, size on disk, batch-1 latency with the configured threads. A model that loses
 more than `max_drop` points of test accuracy is reported and not written.
 """

@@ -61,8 +61,10 @@ class StrategySampler:
 
     def within_limits(self, ratios: np.ndarray) -> np.ndarray:
         """For a [S, G] batch of ratios, True where every further budget (`search.limits`) is met."""
+        ok = np.ones(len(ratios), dtype=bool)
+        if not self.limits:
+            return ok
         kept = self.space.kept_batch(ratios)
-        ok = np.ones(len(kept), dtype=bool)
         for limit, bound in self.limits:
             ok &= limit.fraction(self.space, kept) <= bound * (1 + 1e-9)
         return ok

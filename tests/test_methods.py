@@ -19,8 +19,8 @@ from prunetune.workers.finetune import finetune
 from prunetune.workers.models import build_model
 from prunetune.workers.sparsity import add_l1_subgradient, batchnorms
 from prunetune.workers.space import count_flops
-from prunetune.workers.stripes import (StripeConv2d, StripePlan, masked_dense, skeleton_train, stripe_norms,
-                                       stripe_space)
+from prunetune.workers.prune import clone_module
+from prunetune.workers.stripes import StripeConv2d, StripePlan, skeleton_train, stripe_norms, stripe_space
 from prunetune.workers.unstructured import (MaskPlan, direct_counts, remove_masks, unstructured_space,
                                             weight_importance)
 from tests.runs import small
@@ -183,6 +183,17 @@ def test_settings_that_make_no_sense_with_unstructured_pruning_are_one_line_erro
 
 
 # Stripe-wise pruning (SP)
+
+def masked_dense(conv: torch.nn.Conv2d, kept: torch.Tensor) -> torch.nn.Conv2d:
+    """The dense conv with every stripe not in `kept` zeroed (what a StripeConv2d must equal)."""
+    dense = clone_module(conv, {})
+    mask = torch.zeros(conv.weight.shape[0] * conv.weight.shape[2] * conv.weight.shape[3])
+    mask[torch.as_tensor(kept)] = 1
+    kh, kw = conv.kernel_size
+    with torch.no_grad():
+        dense.weight.mul_(mask.view(conv.out_channels, kh, kw)[:, None].to(conv.weight))
+    return dense
+
 
 @pytest.mark.parametrize("conv", [
     torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),

@@ -107,6 +107,7 @@ class CandidateEvaluator:
         self.autocast = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
         self.base = model.to(self.device).eval()
+        self.device_name = device_name(self.device) if space.latency is not None else None  # latency timing
         self.plan = GRANULARITIES[granularity].pruner(self.base, space, criterion, cfg.seed)
         data = data if isinstance(data, EvaluationData) else evaluation_data(data, cfg)
         self.heldout_indices, self.rest_indices = data.heldout_indices, data.rest_indices
@@ -190,7 +191,7 @@ class CandidateEvaluator:
             return {}
         kept = self.space.kept_batch(ratios[None, :])
         found = {"latency_predicted_ms": float(table.predict(self.space, kept)[0])}
-        if device_name(self.device) == table.device:
+        if self.device_name == table.device:
             found["latency_ms"] = table.time(model.float().to(memory_format=torch.contiguous_format), self.device,
                                              self.space.input_shape).median_ms
         return found

@@ -101,17 +101,6 @@ class StripeConv2d(nn.Module):
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
-def masked_dense(conv: nn.Conv2d, kept: torch.Tensor) -> nn.Conv2d:
-    """The dense conv with every stripe not in `kept` zeroed (what a StripeConv2d must equal)."""
-    dense = clone_module(conv, {})
-    mask = torch.zeros(conv.weight.shape[0] * conv.weight.shape[2] * conv.weight.shape[3])
-    mask[torch.as_tensor(kept)] = 1
-    kh, kw = conv.kernel_size
-    with torch.no_grad():
-        dense.weight.mul_(mask.view(conv.out_channels, kh, kw)[:, None].to(conv.weight))
-    return dense
-
-
 class StripePlan:
     """Turns a strategy into a copy of the base model whose k x k convs run only their kept stripes."""
 

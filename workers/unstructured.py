@@ -131,8 +131,8 @@ def remove_masks(model: nn.Module) -> nn.Module:
 
 def direct_counts(model: nn.Module, pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[float, int]:
     """FLOPs on non-zero weights and non-zero params of a masked network, counted on it (not on the space)."""
-    by_module = count_flops(pruned, example_inputs).by_module()
-    flops = float(count_flops(pruned, example_inputs).total())
+    fca = count_flops(pruned, example_inputs)
+    by_module, flops = fca.by_module(), float(fca.total())
     params = 0
     for name, m in pruned.named_modules():
         if hasattr(m, "weight_mask"):
@@ -156,24 +156,21 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
                  lambda pruned: direct_counts(model, pruned, example_inputs), "a direct count of its non-zero weights")
 
 
-def sparse_state(model: nn.Module) -> tuple[dict, int]:
-    """A state dict that stores each masked weight as a packed bit mask plus its non-zero values (uint8 + float),
-    and the bytes that saves against dense storage."""
-    state, saved = {}, 0
-    for key, value in model.state_dict().items():
+def sparse_state(model: nn.Module) -> dict:
+    """A state dict that stores each masked weight as a packed bit mask plus its non-zero values (uint8 + float)."""
+    full, state = model.state_dict(), {}
+    for key, value in full.items():
         if key.endswith("weight_mask"):
             continue
         if key.endswith("weight_orig"):
             prefix = key[: -len("weight_orig")]
-            mask = model.state_dict()[prefix + "weight_mask"].bool()
+            mask = full[prefix + "weight_mask"].bool()
             state[prefix + "weight.bits"] = torch.from_numpy(np.packbits(mask.flatten().cpu().numpy()))
             state[prefix + "weight.values"] = value[mask].cpu()
             state[prefix + "weight.shape"] = torch.tensor(list(value.shape))
-            saved += value.numel() * value.element_size() - math.ceil(mask.numel() / 8) - \
-                int(mask.sum()) * value.element_size()
         else:
             state[key] = value.cpu()
-    return state, saved
+    return state
 
 
 def dense_state(state: dict) -> dict:
