@@ -58,7 +58,7 @@ class SearchConfig:
     target: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))  # fraction of the base
     tolerance: float = field(default=0.02, metadata=_range(0, 1, lo_open=True))
     limits: dict = field(default_factory=dict)  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
-    algorithm: str = field(default="random", metadata=_choice(*ALGORITHMS))  # how strategies are proposed
+    algorithm: str = field(default="tpe", metadata=_choice(*ALGORITHMS))  # how strategies are proposed
     population: int = field(default=16, metadata=_range(2))  # evolution's population, TPE's random start
     granularity: str = field(default="channel", metadata=_choice(*GRANULARITIES))  # what a ratio prunes
     max_ratio: float = field(default=0.7, metadata=_range(0, 1, lo_open=True, hi_open=True))

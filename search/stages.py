@@ -84,7 +84,8 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     importance = granularity.importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
     comparable = granularity.comparable or s.criterion == "bn_scale"
     searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
-                                baselines(prep.sampler, importance, comparable), s.num_candidates, run.path)
+                                baselines(prep.sampler, importance, comparable), s.num_candidates, run.path,
+                                retry_lost=s.max_failures > 0)
     tune.Tuner(
         _trainable(evaluate_candidate, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(
@@ -93,7 +94,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
         run_config=tune.RunConfig(
             name="search", storage_path=run.tune_path, verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[StoreCallback(run.path, s.num_candidates)],
+            callbacks=[StoreCallback(run.path, s.num_candidates, searcher)],
             stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10))))).fit()
     store = CandidateStore(run.path)
     store.compact()

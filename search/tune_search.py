@@ -25,16 +25,22 @@ class StrategySearcher(Searcher):
     The baselines are candidates 0, 1, ...; the algorithm proposes the rest. The results store is the search's
     state: before the first suggestion every stored record is replayed through the algorithm's `observe`, and
     candidates already stored are never handed out again, so a resumed search evaluates exactly the candidates
-    that are missing and each candidate is stored once.
+    that are missing and each candidate is stored once. A trial that dies before it reports (its node lost while
+    it started, its worker killed past Tune's retries) hands its candidate out once more when `retry_lost`;
+    the search is finished only when no trial is left running.
     """
 
     def __init__(self, algorithm: SearchAlgorithm, name: str, baselines: list[tuple[str, list[float]]],
-                 num_candidates: int, output_dir: str, metric: str = "score", mode: str = "max"):
+                 num_candidates: int, output_dir: str, retry_lost: bool = True, metric: str = "score",
+                 mode: str = "max"):
         super().__init__(metric=metric, mode=mode)
         self.algorithm, self.name, self.baselines = algorithm, name, baselines
-        self.num_candidates, self.output_dir = num_candidates, output_dir
+        self.num_candidates, self.output_dir, self.retry_lost = num_candidates, output_dir, retry_lost
         self.next_index = 0
         self._stored: set[int] | None = None
+        self._running: dict[str, dict] = {}  # trial id -> the candidate it evaluates
+        self._again: list[dict] = []  # candidates of trials lost before they reported, to hand out once more
+        self._retried: set[int] = set()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the strategy space is ours; Tune's param_space stays empty
@@ -51,19 +57,32 @@ class StrategySearcher(Searcher):
         done = self._done()
         while self.next_index < self.num_candidates and self.next_index in done:
             self.next_index += 1
-        if self.next_index >= self.num_candidates:
-            return Searcher.FINISHED
-        index = self.next_index
-        self.next_index += 1
-        if index < len(self.baselines):
-            source, ratios = self.baselines[index]
-        else:
-            source, ratios = self.name, self.algorithm.propose(index)
-        return {"index": index, "ratios": ratios, "source": source}
+        if self._again:
+            config = self._again.pop(0)
+        elif self.next_index < self.num_candidates:
+            index = self.next_index
+            self.next_index += 1
+            if index < len(self.baselines):
+                source, ratios = self.baselines[index]
+            else:
+                source, ratios = self.name, self.algorithm.propose(index)
+            config = {"index": index, "ratios": ratios, "source": source}
+        else:  # every candidate handed out: wait while a running trial may still be lost and handed out again
+            return None if self._running else Searcher.FINISHED
+        self._running[trial_id] = config
+        return config
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        config = self._running.pop(trial_id, None)
         if result and "index" in result and "status" in result:
             self.algorithm.observe(CandidateRecord.from_dict(result))
+        elif error and config and self.retry_lost and config["index"] not in self._retried:
+            self._retried.add(config["index"])
+            self._again.append(config)
+
+    def handing_out_again(self, index: int) -> bool:
+        """True while a lost candidate waits for its new trial (its trial's error is then not its result)."""
+        return any(config["index"] == index for config in self._again)
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the results store is the search's state (Tune's search experiment is never restored)."""
@@ -120,10 +139,11 @@ class TopKScheduler(FIFOScheduler):
 
 
 class StoreCallback(Callback):
-    """Writes every finished candidate (and every errored trial) to the Parquet store; prints progress."""
+    """Writes every finished candidate (and every errored trial the searcher does not hand out again) to the
+    Parquet store; prints progress."""
 
-    def __init__(self, output_dir: str, total: int):
-        self.output_dir, self.total = output_dir, total
+    def __init__(self, output_dir: str, total: int, searcher: StrategySearcher):
+        self.output_dir, self.total, self.searcher = output_dir, total, searcher
         self.setup()
 
     def setup(self, **info) -> None:
@@ -171,6 +191,10 @@ class StoreCallback(Callback):
         if trial.error_file and os.path.isfile(trial.error_file):
             lines = [ln for ln in open(trial.error_file).read().strip().splitlines() if ln.strip()]
             message = lines[-1] if lines else message
+        if self.searcher.handing_out_again(index):  # Tune tells the searcher first, then its callbacks
+            print(f"[search] candidate {index}: its trial was lost ({message}); evaluating it again",
+                  file=sys.stdout, flush=True)
+            return
         record = CandidateRecord.failed(index, trial.config.get("ratios"), message)
         record.trial_id, record.source = trial.trial_id, trial.config.get("source")
         self._record(record)

@@ -2,8 +2,9 @@
 
 `ray.init(runtime_env=worker_faults(...))` makes each worker wrap the evaluator and the fine-tuning loop:
 log every evaluation started, slow them down, make candidate k raise, or make candidate k kill its worker
-process once. `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune` command with such a Ray
-(configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two stages of the run.
+process (once, or `crashes` times). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune`
+command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two
+stages of the run.
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import tests.faults from here
-LOG, DELAY, FAIL_AT, CRASH_AT, MARKERS = (f"PRUNETUNE_TEST_{k}" for k in ("LOG", "DELAY_S", "FAIL_AT", "CRASH_AT",
-                                                                           "MARKERS"))
+LOG, DELAY, FAIL_AT, CRASH_AT, CRASHES, MARKERS = (f"PRUNETUNE_TEST_{k}" for k in (
+    "LOG", "DELAY_S", "FAIL_AT", "CRASH_AT", "CRASHES", "MARKERS"))
 
 
-def worker_faults(log=None, delay_s=None, fail_at=None, crash_at=None, markers=None) -> dict:
+def worker_faults(log=None, delay_s=None, fail_at=None, crash_at=None, crashes=None, markers=None) -> dict:
     """A Ray runtime_env whose workers misbehave as asked (every argument optional)."""
-    env = {LOG: log, DELAY: delay_s, FAIL_AT: fail_at, CRASH_AT: crash_at, MARKERS: markers, "PYTHONPATH": ROOT}
+    env = {LOG: log, DELAY: delay_s, FAIL_AT: fail_at, CRASH_AT: crash_at, CRASHES: crashes, MARKERS: markers,
+           "PYTHONPATH": ROOT}
     return {"env_vars": {k: str(v) for k, v in env.items() if v is not None},
             "worker_process_setup_hook": "tests.faults.install"}
 
@@ -41,10 +43,14 @@ def install() -> None:
         _delay()
         if os.environ.get(FAIL_AT) == str(index):
             raise RuntimeError("injected failure")
-        marker = os.path.join(os.environ.get(MARKERS, ""), f"crashed-{index}")
-        if os.environ.get(CRASH_AT) == str(index) and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)
+        if os.environ.get(CRASH_AT) == str(index):  # one marker per crash: crashed-K, crashed-K-2, ...
+            folder, crashes = os.environ.get(MARKERS, ""), int(os.environ.get(CRASHES, "1"))
+            markers = [os.path.join(folder, f"crashed-{index}" + (f"-{n}" if n > 1 else ""))
+                       for n in range(1, crashes + 1)]
+            fresh = [m for m in markers if not os.path.exists(m)]
+            if fresh:
+                open(fresh[0], "w").close()
+                os._exit(1)
         return evaluate(self, ratios, index)
 
     def slow_finetune(*args, on_epoch=None, **kwargs):

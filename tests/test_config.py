@@ -10,7 +10,7 @@ from prunetune.search.cli import main
 def test_default_config_is_the_digits_search():
     cfg = load_config()
     assert cfg.model.name == "digits_cnn" and cfg.data.name == "digits"
-    assert cfg.search.target == 0.5 and cfg.search.constraint == "flops" and cfg.search.algorithm == "random"
+    assert cfg.search.target == 0.5 and cfg.search.constraint == "flops" and cfg.search.algorithm == "tpe"
 
 
 def test_overrides_are_typed(tmp_path):

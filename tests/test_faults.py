@@ -7,9 +7,12 @@ import time
 
 import ray
 import torch
+from ray.tune.search import Searcher
 
 from prunetune.search.cli import main
 from prunetune.search.store import CandidateStore
+from prunetune.search.tune_search import StrategySearcher
+from prunetune.workers.record import CandidateRecord
 from tests.faults import worker_faults
 from tests.runs import run_args
 
@@ -30,6 +33,43 @@ def test_a_worker_process_that_dies_is_retried(tmp_path):
     records = CandidateStore(str(tmp_path / "run")).records()
     assert [r.index for r in records] == list(range(8))
     assert all(r.ok for r in records)
+
+
+def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capsys):
+    with embedded_ray(crash_at=3, crashes=2, markers=tmp_path):  # dies, and dies again in Tune's one retry
+        assert main(run_args(tmp_path, "search.max_failures=1")) == 0
+    assert (tmp_path / "crashed-3-2").exists()
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert [r.index for r in records] == list(range(8)) and all(r.ok for r in records)
+    assert "[search] candidate 3: its trial was lost" in capsys.readouterr().out
+
+
+class _Numbered:
+    """A search algorithm for the searcher's bookkeeping: candidate i is [i / 10]."""
+
+    def propose(self, index: int) -> list[float]:
+        return [index / 10]
+
+    def observe(self, record) -> None:
+        pass
+
+
+def test_the_searcher_hands_a_lost_candidate_out_once_more_and_finishes_when_no_trial_runs(tmp_path):
+    searcher = StrategySearcher(_Numbered(), "numbered", [], 2, str(tmp_path))
+    first, second = searcher.suggest("a"), searcher.suggest("b")
+    assert [first["index"], second["index"]] == [0, 1]
+    assert searcher.suggest("c") is None  # every candidate handed out, two trials still running
+    searcher.on_trial_complete("a", error=True)  # lost before it reported
+    assert searcher.handing_out_again(0)
+    assert searcher.suggest("c") == first and not searcher.handing_out_again(0)
+    searcher.on_trial_complete("c", error=True)  # lost again: now its error is its result
+    assert not searcher.handing_out_again(0) and searcher.suggest("d") is None
+    searcher.on_trial_complete("b", result=CandidateRecord(1, [0.1], score=0.5, flops=1).to_dict())
+    assert searcher.suggest("d") == Searcher.FINISHED
+    once = StrategySearcher(_Numbered(), "numbered", [], 1, str(tmp_path), retry_lost=False)  # max_failures=0
+    once.suggest("a")
+    once.on_trial_complete("a", error=True)
+    assert not once.handing_out_again(0) and once.suggest("b") == Searcher.FINISHED
 
 
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path):

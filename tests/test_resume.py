@@ -164,7 +164,7 @@ def test_ctrl_c_while_fine_tuning_stops_it_resumably(reference, tmp_path):
 
 
 def test_a_learning_search_killed_and_resumed_proposes_what_it_would_have(reference, tmp_path):
-    serial = ("search.algorithm=evolution", "search.population=3", "search.max_concurrent_trials=1")
+    serial = ("search.algorithm=tpe", "search.population=3", "search.max_concurrent_trials=1")  # the default algorithm
     uninterrupted = tmp_path / "uninterrupted"
     with open(tmp_path / "reference.log", "ab") as log:
         assert _start(_run_args(uninterrupted, reference[1], *serial), log).wait(timeout=300) == 0
@@ -174,4 +174,4 @@ def test_a_learning_search_killed_and_resumed_proposes_what_it_would_have(refere
     _finish(run, log_path)
     ours, theirs = CandidateStore(str(run)).records(), CandidateStore(str(uninterrupted)).records()
     assert [(r.index, r.source, r.ratios) for r in ours] == [(r.index, r.source, r.ratios) for r in theirs]
-    assert {r.source for r in ours} == {"uniform", "global threshold", "evolution"}
+    assert {r.source for r in ours} == {"uniform", "global threshold", "tpe"}
