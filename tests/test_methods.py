@@ -210,6 +210,16 @@ def test_a_stripe_layer_equals_the_dense_conv_with_its_pruned_stripes_zeroed(con
     assert count_flops(layer, x[:1]).total() == len(kept) * conv.in_channels * ho * wo  # kept stripes' FLOPs
 
 
+def test_a_stripe_layer_runs_the_stripes_of_a_loaded_state_not_those_it_ran_before():
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(4, 6, 3, padding=1), torch.randn(2, 4, 7, 7)
+    first, second = torch.randperm(54)[:20], torch.randperm(54)[:20]
+    layer = StripeConv2d(conv, first)
+    assert torch.allclose(layer(x), masked_dense(conv, first)(x), atol=1e-5)  # its positions are read now
+    layer.load_state_dict(StripeConv2d(conv, second).state_dict())  # same shapes, other stripes
+    assert torch.allclose(layer(x), masked_dense(conv, second)(x), atol=1e-5)
+
+
 def test_stripe_flops_and_params_equal_fvcore_and_a_parameter_count_on_the_pruned_network():
     torch.manual_seed(0)
     model, example = build_model("resnet20", 10, 3).eval(), torch.zeros(1, 3, 32, 32)

@@ -81,6 +81,18 @@ class StripeConv2d(nn.Module):
         self.weight = nn.Parameter(stripes[kept // kk, :, kept % kk].clone())  # [kept, C]
         self.register_buffer("stripe_index", kept.to(conv.weight.device))
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self._positions_of: tuple | None = None  # (the stripe_index they were read from, the positions)
+
+    def positions(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per kernel position with kept stripes: (position, rows of `weight`, their filters); read from
+        `stripe_index` once, again only when the buffer changes (load_state_dict, a move to another device)."""
+        index = self.stripe_index
+        source = (index.device, index.data_ptr(), index._version)
+        if self._positions_of is None or self._positions_of[0] != source:
+            kk = self.kernel_size[0] * self.kernel_size[1]
+            rows = [(p, (index % kk == p).nonzero().flatten()) for p in range(kk)]
+            self._positions_of = source, [(p, r, index[r] // kk) for p, r in rows if len(r)]
+        return self._positions_of[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kh, kw = self.kernel_size
@@ -89,15 +101,10 @@ class StripeConv2d(nn.Module):
         ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         x = F.pad(x, (pw, pw, ph, ph))
         out = x.new_zeros(n, self.out_channels, ho, wo)
-        position = self.stripe_index % (kh * kw)
-        filters = self.stripe_index // (kh * kw)
-        for p in range(kh * kw):
-            rows = (position == p).nonzero().flatten()
-            if len(rows) == 0:
-                continue
+        for p, rows, filters in self.positions():
             i, j = divmod(p, kw)
             shifted = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-            out.index_add_(1, filters[rows], F.conv2d(shifted, self.weight[rows][:, :, None, None]))
+            out.index_add_(1, filters, F.conv2d(shifted, self.weight[rows][:, :, None, None]))
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
