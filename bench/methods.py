@@ -1,7 +1,7 @@
 """The pruning methods side by side on real CIFAR-10, the same fine-tuning budget for all, no Ray.
 
     python bench/methods.py --data /tmp/cifar10 [--checkpoint bench/checkpoints/resnet20-cifar10.pt]
-        [--candidates 24] [--finetune-epochs 2] [--finetune-images 15000] [--sparsity LAMBDA] [--sparsity-epochs 2]
+        [--candidates 16] [--finetune-epochs 2] [--finetune-images 10000] [--sparsity LAMBDA] [--sparsity-epochs 2]
         [--out methods]
 
 Methods: channel search (EagleEye, at 50% FLOPs); channel search after Network Slimming's sparsity training;
@@ -75,11 +75,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cifar_arguments(parser)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--candidates", type=int, default=24)
+    parser.add_argument("--candidates", type=int, default=16)
     parser.add_argument("--calibration-batches", type=int, default=10)
     parser.add_argument("--heldout", type=int, default=2000)
     parser.add_argument("--finetune-epochs", type=int, default=2)
-    parser.add_argument("--finetune-images", type=int, default=15000)
+    parser.add_argument("--finetune-images", type=int, default=10000)
     parser.add_argument("--sparsity", type=float, default=SPARSITY, help=SPARSITY_HELP)
     parser.add_argument("--sparsity-epochs", type=int, default=2)
     parser.add_argument("--out", default="methods", help="results name: bench/results/OUT.json")
