@@ -26,6 +26,17 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
+def time_side_by_side(nets: dict, example, threads: int, rounds: int = 5) -> dict:
+    """Median batch latency in ms of each named net, timed in interleaved rounds so all see the same machine."""
+    from prunetune.workers.timing import time_forward
+
+    timed = {name: [] for name in nets}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            timed[name].append(time_forward(net, example, repeats=30, threads=threads).median_ms)
+    return {name: median(times) for name, times in timed.items()}
+
+
 def save(name: str, payload: dict) -> str:
     """Write results/NAME.json (with the machine description) and return its path."""
     os.makedirs(RESULTS, exist_ok=True)

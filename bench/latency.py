@@ -27,12 +27,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import CHECKPOINT, cifar_model, median, save, table  # noqa: E402
+from bench.common import CHECKPOINT, cifar_model, median, save, table, time_side_by_side  # noqa: E402
 from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, build_model, load_config  # noqa: E402
 from prunetune.workers.constraints import CONSTRAINTS  # noqa: E402
 from prunetune.workers.latency import build_table  # noqa: E402
 from prunetune.workers.prune import PrunePlan  # noqa: E402
-from prunetune.workers.timing import time_forward  # noqa: E402
 
 
 def prediction(name: str, size: int, strategies: int, threads: int) -> dict:
@@ -94,13 +93,10 @@ def compare(args) -> dict:
                              "predicted_ms": top.latency_predicted_ms,
                              "timed_in_search_ms": [r.latency_ms for r in records]}
     nets = {"base": model, **{c: evaluator.prune(found[c]["ratios"]) for c in found}}
-    timed = {c: [] for c in nets}
-    for _ in range(5):  # interleaved, so all three see the same machine
-        for c, net in nets.items():
-            timed[c].append(time_forward(net, space.example_input(1), repeats=30, threads=args.threads).median_ms)
-    base_ms = median(timed["base"])
+    timed = time_side_by_side(nets, space.example_input(1), args.threads)
+    base_ms = timed["base"]
     for c in found:
-        found[c]["timed_ms"] = median(timed[c])
+        found[c]["timed_ms"] = timed[c]
         found[c]["latency_ratio"] = found[c]["timed_ms"] / base_ms
     return {"budget": args.budget, "candidates": args.candidates, "base_ms": base_ms, **found}
 
