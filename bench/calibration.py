@@ -8,6 +8,7 @@ The same strategies (50% +- 1% FLOPs) are scored after recalibrating BN with 2, 
 setting: the Spearman correlation of its scores with the 50-batch scores and with the candidates' accuracy after
 fine-tuning (bootstrap 95% interval), and the seconds per candidate (calibration and scoring), from which the
 candidates per hour follow. Partial results are kept in bench/results/calibration.partial.json.
+`--smoke`: 3 strategies of a random digits_cnn on tiny synthetic data, four small settings, 1 fine-tuning epoch.
 """
 from __future__ import annotations
 
@@ -20,18 +21,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS, cifar_arguments, cifar_model, median, save, table  # noqa: E402
+from bench.common import (CIFAR_SMOKE, cifar_arguments, cifar_model, median, parse_args,  # noqa: E402
+                          results_path, save, table)
 from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, finetune, load_config  # noqa: E402
 from prunetune.workers.evaluator import evaluation_data  # noqa: E402
 
-PARTIAL = os.path.join(RESULTS, "calibration.partial.json")
-# name -> (batches, batch size, convergence tolerance, amp)
+# name -> (batches, batch size, convergence tolerance, amp); the first is the reference
 SETTINGS = {"50 x 128 (reference)": (50, 128, None, "off"), "20 x 128": (20, 128, None, "off"),
             "10 x 128": (10, 128, None, "off"), "5 x 128": (5, 128, None, "off"), "2 x 128": (2, 128, None, "off"),
             "20 x 64": (20, 64, None, "off"), "5 x 256": (5, 256, None, "off"),
             "until converged (1%), at most 50 x 128": (50, 128, 0.01, "off"),
             "until converged (2%), at most 50 x 128": (50, 128, 0.02, "off"),
             "10 x 128, bf16 autocast": (10, 128, None, "bf16")}
+SMOKE_SETTINGS = {"4 x 16 (reference)": (4, 16, None, "off"), "2 x 16": (2, 16, None, "off"),
+                  "until converged (2%), at most 4 x 16": (4, 16, 0.02, "off"),
+                  "2 x 16, bf16 autocast": (2, 16, None, "bf16")}
+SMOKE = {**CIFAR_SMOKE, "strategies": 3, "heldout": 64, "finetune_epochs": 1, "finetune_images": 128}
 
 
 def spearman(a, b) -> tuple[float, float, float]:
@@ -57,20 +62,23 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=2000)
     parser.add_argument("--finetune-epochs", type=int, default=2, help="0: scores only")
     parser.add_argument("--finetune-images", type=int, default=15000)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE, require=("data",))
+    settings_table = SMOKE_SETTINGS if args.smoke else SETTINGS
+    reference = next(iter(settings_table))
+    partial_path = results_path("calibration.partial.json")
     data, model = cifar_model(args)
     space = PruningSpace.from_model(model, data.example_input())
     strategies = [StrategySampler(space, 0.5, 0.01, 0.7, seed=11).sample(i) for i in range(args.strategies)]
     settings = {"checkpoint": args.checkpoint, "heldout": args.heldout, "strategies": args.strategies}
-    partial = json.load(open(PARTIAL)) if os.path.isfile(PARTIAL) else {}
+    partial = json.load(open(partial_path)) if os.path.isfile(partial_path) else {}
     if partial.get("settings") != settings:
         partial = {"settings": settings, "scores": {}, "finetuned": {}}
 
     def keep() -> None:
-        with open(PARTIAL, "w") as f:
+        with open(partial_path, "w") as f:
             json.dump(partial, f)
 
-    for name, (batches, size, tolerance, amp) in SETTINGS.items():
+    for name, (batches, size, tolerance, amp) in settings_table.items():
         if name in partial["scores"]:
             continue
         cfg = load_config(None, [f"evaluation.calibration_batches={batches}", f"evaluation.batch_size={size}",
@@ -88,7 +96,9 @@ def main() -> None:
         print(f"{name}: median {median([r['seconds'] for r in rows]):.2f} s per candidate", flush=True)
 
     if args.finetune_epochs:
-        cfg = load_config(None, [f"evaluation.heldout_size={args.heldout}", "evaluation.calibration_batches=50"])
+        batches, size = settings_table[reference][:2]
+        cfg = load_config(None, [f"evaluation.heldout_size={args.heldout}", f"evaluation.calibration_batches={batches}",
+                                 f"evaluation.batch_size={size}"])
         evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
         ft = load_config(None, [f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01",
                                 "finetune.batch_size=128", "finetune.warmup_epochs=0"]).finetune
@@ -102,14 +112,14 @@ def main() -> None:
             keep()
             print(f"strategy {i}: fine-tuned test accuracy {out['test_accuracy']:.4f}", flush=True)
 
-    reference = [r["score"] for r in partial["scores"]["50 x 128 (reference)"]]
+    reference_scores = [r["score"] for r in partial["scores"][reference]]
     finetuned = [partial["finetuned"].get(str(i)) for i in range(args.strategies)]
-    base_seconds = median([r["seconds"] for r in partial["scores"]["50 x 128 (reference)"]])
+    base_seconds = median([r["seconds"] for r in partial["scores"][reference]])
     rows = []
     for name, scores in partial["scores"].items():
         s = [r["score"] for r in scores]
         seconds = median([r["seconds"] for r in scores])
-        row = {"setting": name, "spearman_vs_50x128": spearman(s, reference)[0],
+        row = {"setting": name, "spearman_vs_50x128": spearman(s, reference_scores)[0],
                "median_batches": median([r["batches"] for r in scores]), "s_per_candidate": seconds,
                "candidates_per_hour": 3600 / seconds, "speedup": base_seconds / seconds}
         if all(f is not None for f in finetuned):

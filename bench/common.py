@@ -1,15 +1,24 @@
-"""Helpers shared by the benchmark scripts: machine description, medians, JSON output, tables."""
+"""Helpers shared by the benchmark scripts: machine description, medians, JSON output, tables, and the
+`--smoke` mode every script has (tiny synthetic inputs, seconds, output to a temporary directory)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BENCH = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(BENCH, "results")
+CHECKPOINTS = os.path.join(BENCH, "checkpoints")
+SMOKE_DIR_VARIABLE = "PRUNETUNE_BENCH_SMOKE_DIR"  # where a smoke run writes (default: a new temporary directory)
+# The data of a smoke run: synthetic images, made in memory, nothing read from disk.
+SMOKE_DATA = {"image_size": 16, "num_classes": 10, "train_size": 384, "test_size": 64}
+_smoke_dir: str | None = None  # set by parse_args in smoke mode: every output goes there
 
 
 def machine() -> dict:
@@ -37,10 +46,80 @@ def time_side_by_side(nets: dict, example, threads: int, rounds: int = 5) -> dic
     return {name: median(times) for name, times in timed.items()}
 
 
+def parse_args(parser: argparse.ArgumentParser, smoke: dict | None = None, require: tuple[str, ...] = ()):
+    """Add `--smoke` to a bench script's parser and parse its arguments.
+
+    With --smoke the `smoke` values become the defaults (options given on the command line still win), and
+    every output (results, partial results, checkpoints, work files) goes to a temporary directory, never to
+    bench/results or bench/checkpoints. Without it, the options named in `require` must be given."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long run of the whole code path on tiny synthetic inputs; needs nothing outside "
+                             f"the repository and writes only to a temporary directory (or ${SMOKE_DIR_VARIABLE})")
+    args = parser.parse_args()
+    if not args.smoke:
+        for name in require:
+            if getattr(args, name) is None:
+                parser.error(f"--{name.replace('_', '-')} is required (or --smoke)")
+        return args
+    parser.set_defaults(**(smoke or {}))
+    args = parser.parse_args()
+    start_smoke()
+    return args
+
+
+def start_smoke() -> str:
+    """Send this process's outputs to the smoke directory (created now) and return it."""
+    global _smoke_dir
+    _smoke_dir = os.environ.get(SMOKE_DIR_VARIABLE) or tempfile.mkdtemp(prefix="prunetune-bench-smoke-")
+    os.makedirs(_smoke_dir, exist_ok=True)
+    torch.set_num_threads(1)  # seconds on a small shared machine; a script's own thread setting comes after
+    print(f"smoke run: tiny synthetic inputs, outputs in {_smoke_dir}", flush=True)
+    return _smoke_dir
+
+
+def smoke_dir() -> str | None:
+    """The smoke run's output directory; None outside smoke mode."""
+    return _smoke_dir
+
+
+def results_path(name: str) -> str:
+    """Where a result file NAME goes: bench/results/NAME, or the smoke directory in smoke mode."""
+    folder = _smoke_dir or RESULTS
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
+
+
+def checkpoints_dir() -> str:
+    """bench/checkpoints, or a folder of the smoke directory in smoke mode."""
+    return os.path.join(_smoke_dir, "checkpoints") if _smoke_dir else CHECKPOINTS
+
+
+def smoke_data(**overrides):
+    """Tiny synthetic data (SMOKE_DATA, with overrides) for a smoke run."""
+    from prunetune import load_data
+
+    return load_data("synthetic", **{**SMOKE_DATA, **overrides})
+
+
+def bench_net(spec: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """`NAME:SIZE` -> (a network with random weights, its input shape (3, SIZE, SIZE)): `resnet50` is
+    tests/archs.py's torchvision-style ResNet-50, any other NAME a prunetune registry model; 1000 classes at
+    224 px and above, 10 below."""
+    from prunetune import build_model
+
+    name, size = spec.split(":")
+    classes = 1000 if int(size) >= 224 else 10
+    if name == "resnet50":
+        from tests.archs import resnet50
+
+        return resnet50(classes), (3, int(size), int(size))
+    return build_model(name, classes), (3, int(size), int(size))
+
+
 def save(name: str, payload: dict) -> str:
-    """Write results/NAME.json (with the machine description) and return its path."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+    """Write results/NAME.json (with the machine description; the smoke directory in smoke mode) and return
+    its path."""
+    path = results_path(f"{name}.json")
     with open(path, "w") as f:
         json.dump({"machine": machine(), **payload}, f, indent=1)
     return path
@@ -61,12 +140,15 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "resnet20-cifar10.pt")
+CHECKPOINT = os.path.join(CHECKPOINTS, "resnet20-cifar10.pt")
+# What --smoke changes in a CIFAR-10 study: a random digits_cnn (no checkpoint) on SMOKE_DATA, one thread.
+CIFAR_SMOKE = {"checkpoint": None, "model": "digits_cnn", "threads": 1}
 
 
 def cifar_arguments(parser) -> None:
-    """The arguments of a study on the CIFAR-10 checkpoint: --data, --checkpoint, --model, --threads."""
-    parser.add_argument("--data", required=True, help="the CIFAR-10 image folder (train/, test/)")
+    """The arguments of a study on the CIFAR-10 checkpoint: --data, --checkpoint, --model, --threads. Parse with
+    parse_args(parser, {**CIFAR_SMOKE, ...}, require=("data",)): --data is needed except with --smoke."""
+    parser.add_argument("--data", help="the CIFAR-10 image folder (train/, test/); not with --smoke")
     parser.add_argument("--checkpoint", default=CHECKPOINT)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -74,12 +156,17 @@ def cifar_arguments(parser) -> None:
 
 def cifar_model(args):
     """The CIFAR-10 data (decoded once into the prunetune cache) and the trained model, in eval mode; sets the
-    torch threads."""
+    torch threads. In smoke mode: SMOKE_DATA and the model with random weights, unless a checkpoint is given."""
     from prunetune import build_model, load_data
     from prunetune.workers.models import load_checkpoint
 
     torch.set_num_threads(args.threads)
-    data = load_data("imagefolder", path=args.data, cache_dir=os.path.expanduser("~/.cache/prunetune"))
+    if getattr(args, "smoke", False):
+        data = smoke_data()
+        torch.manual_seed(0)
+    else:
+        data = load_data("imagefolder", path=args.data, cache_dir=os.path.expanduser("~/.cache/prunetune"))
     model = build_model(args.model, data.num_classes, 3)
-    load_checkpoint(model, args.checkpoint)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
     return data, model.eval()

@@ -10,6 +10,8 @@ Data: an imagefolder with train/ and test/ (the shared CIFAR-10 JPEGs extracted,
 python bench/correlation.py --data /tmp/cifar10            # GPU-sized: the reference protocol
 python bench/correlation.py --data /tmp/cifar10 --small    # CPU-sized: fewer epochs, batches and samples
 python bench/correlation.py --from-results bench/results/correlation-small-inner-s0.json   # recompute the verdict
+python bench/correlation.py --smoke    # seconds: ResNet-20 trained 1 epoch on tiny synthetic data, 3 candidates,
+                                       # and the verdict recomputed from its saved file (--from-results)
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import save, table  # noqa: E402
+from bench.common import parse_args, save, smoke_data, smoke_dir, table  # noqa: E402
 from prunetune import (CandidateEvaluator, PruningSpace, StrategySampler, build_model, finetune, load_config,  # noqa: E402
                        load_data)
 from prunetune.workers.data import heldout_split  # noqa: E402
@@ -49,6 +51,8 @@ PROTOCOLS = {
                      cumulative_batches=50, batch=128),
     "small": Protocol(base_epochs=15, finetune_epochs=2, finetune_subset=15000, heldout=2000, ema_batches=40,
                       cumulative_batches=20, batch=128),
+    "smoke": Protocol(base_epochs=1, finetune_epochs=1, finetune_subset=128, heldout=64, ema_batches=4,
+                      cumulative_batches=2, batch=32),
 }
 
 
@@ -91,17 +95,23 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scores-only", action="store_true",
                    help="no fine-tuning: only what each score prefers, group by group (minutes, not hours)")
-    args = p.parse_args()
+    args = parse_args(p, {"candidates": 3})
     if args.from_results:
         return reverdict(args.from_results)
-    if not args.data:
+    if not args.data and not args.smoke:
         p.error("--data is required (an imagefolder with train/ and test/)")
-    proto = PROTOCOLS["small" if args.small else "full"]
-    device = resolve_device("auto")
+    size = "smoke" if args.smoke else "small" if args.small else "full"
+    proto = PROTOCOLS[size]
+    device = resolve_device("cpu" if args.smoke else "auto")
+    if args.smoke:
+        args.workdir = os.path.join(smoke_dir(), "correlation")
     os.makedirs(args.workdir, exist_ok=True)
-    tag = f"{'small' if args.small else 'full'}-{'all' if args.all_groups else 'inner'}-s{args.seed}"
+    tag = f"{size}-{'all' if args.all_groups else 'inner'}-s{args.seed}"
     tag += "-scores" if args.scores_only else ""
-    data = load_data("imagefolder", path=args.data, cache_dir=args.workdir)
+    if args.smoke:
+        data = smoke_data(image_size=8, train_size=256)
+    else:
+        data = load_data("imagefolder", path=args.data, cache_dir=args.workdir)
     heldout, rest = heldout_split(len(data.train), proto.heldout, args.seed)
     cfg = load_config(None, [f"evaluation.heldout_size={proto.heldout}", f"evaluation.batch_size={proto.batch}",
                              f"evaluation.seed={args.seed}", "finetune.batch_size=128", "finetune.lr=0.1",
@@ -184,8 +194,11 @@ def main() -> None:
           f"{'all' if args.all_groups else 'inner-channel'} groups ({len(space.groups)}), max ratio {args.max_ratio}, "
           f"protocol {tag}: {proto}")
     report(rows, summary)
-    print("saved", save(f"correlation-{tag}", {"args": vars(args), "protocol": proto.__dict__, "rows": rows,
-                                               "summary": summary, "candidates": [done[-1]] + cands}))
+    path = save(f"correlation-{tag}", {"args": vars(args), "protocol": proto.__dict__, "rows": rows,
+                                       "summary": summary, "candidates": [done[-1]] + cands})
+    print("saved", path)
+    if args.smoke:
+        reverdict(path)
 
 
 def verdict(cands: list[dict], uniform: dict, scores: list[str], seed: int = 0) -> tuple[list[dict], dict]:

@@ -7,6 +7,7 @@ is also timed with EMA over 2N batches to separate the infrastructure gain from 
 
 python bench/evaluator.py --model resnet56 --image-size 32            # CPU-sized defaults
 python bench/evaluator.py --model resnet50 --image-size 224 --gpu     # GPU sizes: N=50 of 128, 10,000 held-out
+python bench/evaluator.py --smoke    # seconds: resnet20 at 16 px, 2 candidates, N=2 of 16, 64 held-out, CPU
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import median, save, table  # noqa: E402
+from bench.common import median, parse_args, save, smoke_dir, table  # noqa: E402
 from prunetune import (CandidateEvaluator, PrunePlan, PruningSpace, StrategySampler, build_model, load_config,  # noqa: E402
                        load_data, score)
 from prunetune.workers.data import heldout_split  # noqa: E402
@@ -66,17 +67,18 @@ def main() -> None:
     p.add_argument("--batches", type=int, help="N: cumulative calibration batches (naive EMA uses 2N)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--heldout", type=int)
-    args = p.parse_args()
+    args = parse_args(p, {"model": "resnet20", "image_size": 16, "candidates": 2, "batches": 2, "batch_size": 16,
+                          "heldout": 64})
     n = args.batches or (50 if args.gpu else 5)
     batch = args.batch_size or (128 if args.gpu else 32)
     heldout = args.heldout or (10_000 if args.gpu else 500)
-    device = resolve_device("auto")
+    device = resolve_device("cpu" if args.smoke else "auto")
     classes = 1000 if args.model == "resnet50" else 10
     data = load_data("synthetic", image_size=args.image_size, num_classes=classes,
                      train_size=heldout + 2 * n * batch + 16, seed=0)
     torch.manual_seed(0)
     model = make_model(args.model, classes).eval()
-    ckpt = os.path.join(tempfile.mkdtemp(), "base.pt")
+    ckpt = os.path.join(smoke_dir() or tempfile.mkdtemp(), "base.pt")
     torch.save(model.state_dict(), ckpt)
     space = PruningSpace.from_model(model, data.example_input())
     sampler = StrategySampler(space, 0.5, 0.01, 0.7, seed=0)

@@ -1,6 +1,7 @@
 """Every torchvision (and a spread of timm) classification model through the preflight and one evaluation.
 
     python bench/generality.py [--timm all|NAMES] [--models NAMES] [--max-params-m 150]
+    python bench/generality.py --smoke    # seconds: prunetune's digits_cnn and resnet20 (pt:NAME) at 16 px
 
 Random weights, 224 px, 10 classes. For each model: the preflight (space, most-pruned and first sampled strategy
 checked against fvcore on the pruned network), one more random strategy checked the same way, the fast pruner's
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS, median, save, table  # noqa: E402
+from bench.common import median, parse_args, results_path, save, table  # noqa: E402
 from prunetune import CandidateEvaluator, PrunePlan, StrategySampler, load_config, load_data, preflight  # noqa: E402
 from prunetune.workers.space import count_flops  # noqa: E402
 
@@ -37,7 +38,11 @@ TIMM_DEFAULT = ["resnet26d", "seresnext26d_32x4d", "efficientnet_lite0", "ghostn
 
 
 def build(name: str):
-    """A model with random weights and 10 classes from `tv:NAME` or `timm:NAME`."""
+    """A model with random weights and 10 classes from `tv:NAME`, `timm:NAME` or `pt:NAME` (prunetune's own)."""
+    if name.startswith("pt:"):
+        from prunetune import build_model
+
+        return build_model(name[3:], num_classes=10, in_channels=3)
     if name.startswith("tv:"):
         import torchvision.models as tvm
 
@@ -54,7 +59,7 @@ def relative_error(space, pruned, ratios, x) -> tuple[float, float]:
     return abs(space.flops(ratios) - flops) / flops, abs(space.params(ratios) - params) / params
 
 
-def one(name: str, data, evaluation, max_params_m: float) -> dict:
+def one(name: str, data, evaluation, max_params_m: float, image_size: int = 224) -> dict:
     """The whole check of one model; a refusal or failure is a row too."""
     row = {"model": name}
     try:
@@ -64,7 +69,7 @@ def one(name: str, data, evaluation, max_params_m: float) -> dict:
     size = sum(p.numel() for p in model.parameters()) / 1e6
     if size > max_params_m:
         return {**row, "refusal": f"skipped: {size:.0f} M params (--max-params-m {max_params_m:g})"}
-    x = torch.zeros(1, 3, 224, 224)
+    x = torch.zeros(1, 3, image_size, image_size)
     t = time.perf_counter()
     try:
         verdict = preflight(model, x, 10, 0.7, lambda space: StrategySampler(space, 0.5, 0.02, 0.7).sample(0))
@@ -93,21 +98,23 @@ def one(name: str, data, evaluation, max_params_m: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", help="comma-separated tv:NAME / timm:NAME (default: all torchvision + timm)")
+    parser.add_argument("--models", help="comma-separated tv:NAME / timm:NAME / pt:NAME (default: all torchvision + "
+                        "timm)")
     parser.add_argument("--timm", default="default", help="'all', 'none', 'default' or comma-separated names")
     parser.add_argument("--max-params-m", type=float, default=150.0)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per model")
     parser.add_argument("--max-memory-gb", type=float, default=10.0, help="address space per model")
     parser.add_argument("--update", action="store_true", help="replace these models' rows in the saved results")
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one model, print its row as JSON
-    args = parser.parse_args()
+    args = parse_args(parser, {"models": "pt:digits_cnn,pt:resnet20", "image_size": 16, "timeout_s": 120.0})
     warnings.filterwarnings("ignore")
     if args.one:
         torch.set_num_threads(os.cpu_count() or 1)
-        data = load_data("synthetic", image_size=224, num_classes=10, train_size=48, test_size=8)
+        data = load_data("synthetic", image_size=args.image_size, num_classes=10, train_size=48, test_size=8)
         evaluation = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=8",
                                         "evaluation.heldout_size=16", "evaluation.score_batch_size=16"]).evaluation
-        print(json.dumps(one(args.one, data, evaluation, args.max_params_m)))
+        print(json.dumps(one(args.one, data, evaluation, args.max_params_m, args.image_size)))
         return
     if args.models:
         names = args.models.split(",")
@@ -125,7 +132,8 @@ def main() -> None:
     rows = []
     for name in names:  # one process per model: memory comes back, and a crash is one row
         try:
-            proc = subprocess.run([sys.executable, __file__, "--one", name, "--max-params-m", str(args.max_params_m)],
+            proc = subprocess.run([sys.executable, __file__, "--one", name, "--max-params-m", str(args.max_params_m),
+                                   "--image-size", str(args.image_size)],
                                   capture_output=True, text=True, timeout=args.timeout_s,
                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
             last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -136,7 +144,7 @@ def main() -> None:
         print(table(rows[-1:], list(rows[-1])), flush=True)
     if args.update:  # the rows of these models replace theirs in the saved results, in the saved order
         fresh = {r["model"]: r for r in rows}
-        saved = json.load(open(os.path.join(RESULTS, "generality.json")))["rows"]
+        saved = json.load(open(results_path("generality.json")))["rows"]
         rows = [fresh.pop(r["model"], r) for r in saved] + list(fresh.values())
     columns = ["model", "groups", "left_out", "flops_error", "params_error", "prune_ms", "evaluates", "refusal"]
     print(table(rows, columns))
@@ -144,6 +152,8 @@ def main() -> None:
     print(f"\n{len(rows)} models: {len(exact)} accepted, "
           f"{sum(r['flops_error'] <= 1e-4 and r['params_error'] <= 1e-4 for r in exact)} of them exact to 1e-4; "
           f"{len(rows) - len(exact)} refused or skipped")
+    if args.smoke and (len(exact) < len(rows) or not all(r["evaluates"].startswith("yes") for r in exact)):
+        raise SystemExit("smoke: every model should pass the preflight and evaluate")
     print("saved", save("generality", {"rows": rows}))
 
 

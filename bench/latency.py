@@ -14,6 +14,10 @@ second time (the noise floor no prediction can beat). Saves bench/results/latenc
 Comparison (`--compare`): on a trained model, two searches of the same size at the same latency budget, one
 with `search.constraint: latency`, one with FLOPs at the same fraction (the usual stand-in), each candidate
 scored with adaptive BN (no Ray); the best-scored model of each and the base are timed side by side, interleaved.
+
+`--smoke`: both, in seconds: the prediction on digits_cnn at 16 px (3 strategies), then the comparison on a random
+digits_cnn and tiny synthetic data (3 candidates per search, the budget halfway between the most pruned network's
+predicted latency and the base's, as a tiny network's table moves with the machine's load).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import CHECKPOINT, cifar_model, median, save, table, time_side_by_side  # noqa: E402
+from bench.common import (CHECKPOINT, CIFAR_SMOKE, cifar_model, median, parse_args, save, table,  # noqa: E402
+                          time_side_by_side)
 from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, build_model, load_config  # noqa: E402
 from prunetune.workers.constraints import CONSTRAINTS  # noqa: E402
 from prunetune.workers.latency import build_table  # noqa: E402
@@ -83,6 +88,9 @@ def compare(args) -> dict:
     data, model = cifar_model(args)
     space = PruningSpace.from_model(model, data.example_input())
     space.latency = build_table(model, space, space.example_input(1), threads=args.threads)
+    if args.smoke:  # a tiny network's table moves with the machine's load: aim at the middle of what it reaches
+        most_pruned = space.kept_batch(np.full((1, len(space.groups)), 0.7))
+        args.budget = round((1 + float(CONSTRAINTS["latency"].fraction(space, most_pruned)[0])) / 2, 3)
     evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
     found = {}
     for constraint in ("latency", "flops"):
@@ -114,16 +122,13 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=24)
     parser.add_argument("--calibration-batches", type=int, default=10)
     parser.add_argument("--heldout", type=int, default=2000)
-    args = parser.parse_args()
+    args = parse_args(parser, {**CIFAR_SMOKE, "models": "digits_cnn:16", "strategies": 3, "candidates": 3,
+                               "calibration_batches": 2, "heldout": 64})
+    if args.compare and not args.data and not args.smoke:
+        parser.error("--compare needs --data (the CIFAR-10 image folder)")
     torch.set_num_threads(args.threads)
     if args.compare:
-        result = compare(args)
-        print(table([{"search": c, **{k: v for k, v in result[c].items() if k not in ("ratios", "timed_in_search_ms")}}
-                     for c in ("latency", "flops")],
-                    ["search", "best_score", "flops_ratio", "predicted_ms", "timed_ms", "latency_ratio"]))
-        print(f"base {result['base_ms']:.3f} ms (timed beside them); budget {result['budget']} of the base")
-        print("saved", save(f"latency-compare-{args.budget:g}", result))
-        return
+        return report_comparison(args)
     results = []
     for spec in args.models.split(","):
         name, size = spec.split(":")
@@ -135,6 +140,18 @@ def main() -> None:
                           "signed_mean_error", "fraction_median_error", "fraction_worst_error", "retest_median",
                           "retest_worst"]))
     print("saved", save("latency", {"threads": args.threads, "strategies": args.strategies, "results": results}))
+    if args.smoke:
+        report_comparison(args)
+
+
+def report_comparison(args) -> None:
+    """Run the comparison, print its table and save it."""
+    result = compare(args)
+    print(table([{"search": c, **{k: v for k, v in result[c].items() if k not in ("ratios", "timed_in_search_ms")}}
+                 for c in ("latency", "flops")],
+                ["search", "best_score", "flops_ratio", "predicted_ms", "timed_ms", "latency_ratio"]))
+    print(f"base {result['base_ms']:.3f} ms (timed beside them); budget {result['budget']} of the base")
+    print("saved", save(f"latency-compare-{args.budget:g}", result))
 
 
 if __name__ == "__main__":

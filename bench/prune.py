@@ -1,6 +1,7 @@
 """The pruning fast path (PrunePlan.apply) against a full Torch-Pruning pass, one core, same strategies.
 
-python bench/prune.py [--model resnet50] [--candidates 10]
+python bench/prune.py [--models resnet50:224,resnet56:32,mobilenet_v1_224:224] [--candidates 10]
+python bench/prune.py --smoke    # seconds: resnet20 and mobilenet_v1 at 16 px, 2 strategies
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import median, save, table  # noqa: E402
-from prunetune import PrunePlan, PruningSpace, StrategySampler, build_model  # noqa: E402
-from tests.archs import randomize_batchnorm, resnet50  # noqa: E402
+from bench.common import bench_net, median, parse_args, save, table  # noqa: E402
+from prunetune import PrunePlan, PruningSpace, StrategySampler  # noqa: E402
+from tests.archs import randomize_batchnorm  # noqa: E402
 from tests.reference import metapruner  # noqa: E402
 
 torch.set_num_threads(1)
@@ -23,11 +24,12 @@ torch.set_num_threads(1)
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--candidates", type=int, default=10)
-    args = p.parse_args()
+    p.add_argument("--models", default="resnet50:224,resnet56:32,mobilenet_v1_224:224", help="NAME:SIZE,...")
+    args = parse_args(p, {"models": "resnet20:16,mobilenet_v1:16", "candidates": 2})
     rows = []
-    for name, model, shape in [("resnet50", resnet50(1000), (3, 224, 224)),
-                               ("resnet56", build_model("resnet56", 10), (3, 32, 32)),
-                               ("mobilenet_v1_224", build_model("mobilenet_v1_224", 1000), (3, 224, 224))]:
+    for spec in args.models.split(","):
+        name = spec.split(":")[0]
+        model, shape = bench_net(spec)
         model = randomize_batchnorm(model).eval()
         space = PruningSpace.from_model(model, torch.zeros(1, *shape))
         start = time.perf_counter()

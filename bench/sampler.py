@@ -1,6 +1,7 @@
 """Sampler throughput and FLOPs accuracy on one core, against EagleEye's rejection sampling.
 
 python bench/sampler.py [--samples 2000] [--target 0.5 --tolerance 0.01 --max-ratio 0.7]
+python bench/sampler.py --smoke    # seconds: resnet20 and mobilenet_v1 at 16 px, 20 samples
 """
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import save, table  # noqa: E402
-from prunetune import PrunePlan, PruningSpace, StrategySampler, build_model  # noqa: E402
+from bench.common import bench_net, parse_args, save, table  # noqa: E402
+from prunetune import PrunePlan, PruningSpace, StrategySampler  # noqa: E402
 from prunetune.workers.space import count_flops  # noqa: E402
-from tests.archs import resnet50  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -48,10 +48,11 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--max-ratio", type=float, default=0.7)
     p.add_argument("--fvcore-checks", type=int, default=5)
-    args = p.parse_args()
-    nets = {"resnet50": (resnet50(1000), (3, 224, 224)),
-            "mobilenet_v1_224": (build_model("mobilenet_v1_224", 1000), (3, 224, 224)),
-            "resnet56": (build_model("resnet56", 10), (3, 32, 32))}
+    p.add_argument("--rejection-draws", type=int, default=200_000, help="EagleEye's rejection sampling")
+    p.add_argument("--models", default="resnet50:224,mobilenet_v1_224:224,resnet56:32", help="NAME:SIZE,...")
+    args = parse_args(p, {"samples": 20, "fvcore_checks": 2, "rejection_draws": 2000,
+                          "models": "resnet20:16,mobilenet_v1:16"})
+    nets = {spec.split(":")[0]: bench_net(spec) for spec in args.models.split(",")}
     rows = []
     for name, (model, shape) in nets.items():
         space = PruningSpace.from_model(model, torch.zeros(1, *shape))
@@ -70,7 +71,8 @@ def main() -> None:
         for r in strategies[: args.fvcore_checks]:
             real = fvcore_flops(plan.apply(r), shape)
             errors.append(abs(space.flops(r) - real) / real)
-        accept, rejection_valid_per_s = rejection_rate(space, args.target, args.tolerance, args.max_ratio, 200_000)
+        accept, rejection_valid_per_s = rejection_rate(space, args.target, args.tolerance, args.max_ratio,
+                                                       args.rejection_draws)
         spread = np.array(strategies)
         rows.append({"model": name, "groups": len(space.groups), "valid_per_s": rate,
                      "flops_model_us": flops_us, "band_misses": int(np.sum(np.abs(fractions - args.target) > args.tolerance)),

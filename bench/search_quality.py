@@ -12,6 +12,8 @@ budget. Then the top-1 of random search and of the best learning algorithm (seed
 fine-tuned the same way and tested on the test split, so a higher score can be seen to be a better network.
 Evaluations are cached by strategy (the algorithms share their random start). Partial results are kept in
 bench/results/search_quality.partial.json, and a rerun continues from them.
+`--smoke`: seconds, on a random digits_cnn and tiny synthetic data: one seed, 6 candidates per algorithm
+(population 2), the finalists fine-tuned 1 epoch.
 """
 from __future__ import annotations
 
@@ -25,15 +27,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS, cifar_arguments, cifar_model, median, save, table  # noqa: E402
+from bench.common import (CIFAR_SMOKE, cifar_arguments, cifar_model, median, parse_args,  # noqa: E402
+                          results_path, save, table)
 from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, finetune, load_config  # noqa: E402
 from prunetune.search.algorithms import ALGORITHMS  # noqa: E402
 from prunetune.search.baselines import baselines  # noqa: E402
 from prunetune.workers.prune import position_importance  # noqa: E402
 from prunetune.workers.record import CandidateRecord  # noqa: E402
-
-PARTIAL = os.path.join(RESULTS, "search_quality.partial.json")
-
 
 def curve(scores: list[float]) -> list[float]:
     """Best score so far after each candidate."""
@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=2000)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--finetune-images", type=int, default=15000)
-    args = parser.parse_args()
+    args = parse_args(parser, {**CIFAR_SMOKE, "budget": 6, "seeds": "0", "population": 2, "calibration_batches": 2,
+                               "heldout": 64, "finetune_epochs": 1, "finetune_images": 128}, require=("data",))
+    partial_path = results_path("search_quality.partial.json")
     data, model = cifar_model(args)
     space = PruningSpace.from_model(model, data.example_input())
     cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
@@ -65,7 +67,7 @@ def main() -> None:
     evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
     importance = position_importance(model, space, "l1")
     settings = {k: getattr(args, k) for k in ("checkpoint", "model", "population", "calibration_batches", "heldout")}
-    partial = json.load(open(PARTIAL)) if os.path.isfile(PARTIAL) else {}
+    partial = json.load(open(partial_path)) if os.path.isfile(partial_path) else {}
     if partial.get("settings") != settings:  # scores of other settings are no use
         partial = {"settings": settings, "scores": {}, "runs": {}}
     cache: dict[str, dict] = partial["scores"]  # strategy -> {score, accuracy, flops_ratio, seconds}
@@ -95,7 +97,7 @@ def main() -> None:
                 algorithm.observe(CandidateRecord(index, list(ratios), score=result["score"], flops=1))
                 run.append({"index": index, "source": source, "ratios": list(ratios), **result})
             partial["runs"][run_key] = run
-            with open(PARTIAL, "w") as f:
+            with open(partial_path, "w") as f:
                 json.dump(partial, f)
             best_so_far = max(r["score"] for r in run)
             print(f"{run_key}: best score {best_so_far:.4f} after {args.budget} candidates "
@@ -155,7 +157,7 @@ def _plot(runs: dict, algorithms: list[str], seeds: list[int], budget: int) -> N
     ax.set_ylabel("best held-out score so far")
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(RESULTS, "search_quality.png")
+    path = results_path("search_quality.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print("saved", path)

@@ -1,7 +1,8 @@
 """Per-candidate overhead of the Ray Tune path against calling the evaluator in a plain loop, and
 candidates/second with 1, 2 and 4 concurrent trial processes. Same model, data and candidates.
 
-python bench/tune_overhead.py [--candidates 60] [--model digits_cnn]
+python bench/tune_overhead.py [--candidates 60] [--workers 1,2,4] [--num-cpus 2]
+python bench/tune_overhead.py --smoke    # 4 candidates, one worker, tiny synthetic data; starts Ray
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import save, table  # noqa: E402
+from bench.common import parse_args, save, smoke_dir, table  # noqa: E402
 from prunetune import CandidateEvaluator, load_config  # noqa: E402
 from prunetune.search.prepare import ensure_base, prepare  # noqa: E402
 from prunetune.search.stages import run_search  # noqa: E402
@@ -26,14 +27,17 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=60)
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--num-cpus", type=int, default=2)
-    args = p.parse_args()
-    tmp = tempfile.mkdtemp(prefix="tune-overhead-")
-    overrides = [f"search.num_candidates={args.candidates}", "evaluation.calibration_batches=10",
-                 "evaluation.batch_size=64", "evaluation.heldout_size=300", "resources.cpus_per_trial=0.5",
-                 f"output.cache_dir={tmp}/cache", "model.pretrain_epochs=5"]
-    cfg = load_config(None, overrides)
-    prep = prepare(cfg)
-    ensure_base(prep)
+    args = parse_args(p, {"candidates": 4, "workers": "1"})
+    tmp = smoke_dir() or tempfile.mkdtemp(prefix="tune-overhead-")
+    overrides = {"search.num_candidates": args.candidates, "evaluation.calibration_batches": 10,
+                 "evaluation.batch_size": 64, "evaluation.heldout_size": 300, "resources.cpus_per_trial": 0.5,
+                 "output.cache_dir": f"{tmp}/cache", "model.pretrain_epochs": 5}
+    if args.smoke:  # tiny synthetic data instead of the digits, a base model trained 1 epoch
+        overrides.update({"data.name": "synthetic", "data.image_size": 8, "data.num_classes": 10,
+                          "data.train_size": 256, "data.test_size": 64, "evaluation.calibration_batches": 2,
+                          "evaluation.heldout_size": 64, "model.pretrain_epochs": 1})
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    prep = ensure_base(prepare(cfg))
     torch.set_num_threads(1)  # a trial with cpus_per_trial=0.5 gets one thread too
     evaluator = CandidateEvaluator(prep.model, prep.space, prep.data, cfg.evaluation, "cpu", cfg.search.criterion)
     strategies = [prep.sampler.sample(i) for i in range(args.candidates)]
@@ -45,7 +49,8 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    # always a new embedded Ray (as prunetune's own), never a cluster found through RAY_ADDRESS or a running one
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     rows = [{"path": "plain loop (1 process)", "workers": 1, "s_per_candidate": plain, "candidates_per_s": 1 / plain,
              "overhead_s": 0.0}]
     try:
@@ -54,7 +59,7 @@ def main() -> None:
             run = RunDir(os.path.join(tmp, f"run-{workers}"))
             run.create(cfg, overwrite=False)
             start = time.perf_counter()
-            rows_stored = run_search(prep, run, restore=False)
+            rows_stored = run_search(prep, run)
             wall = time.perf_counter() - start
             assert len(rows_stored) == args.candidates
             per = wall / args.candidates

@@ -9,33 +9,31 @@ import torch.nn as nn
 
 from prunetune.workers.data import InputContract, Preprocess
 from prunetune.workers.files import atomic_write
-from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.methods import METHODS
 from prunetune.workers.models import ModelError, build_model, read_weights
 from prunetune.workers.space import PruningSpace
-from prunetune.workers.unstructured import dense_state, sparse_state
 
 from .store import sha256
 
 
-def pruned_record(spec: dict, space: PruningSpace, ratios, criterion: str, granularity: str,
+def pruned_record(spec: dict, space: PruningSpace, ratios, criterion: str, method: str,
                   base_checkpoint: str, contract: InputContract | None) -> dict:
     """Everything needed to rebuild and use a pruned network: architecture, input shape and contract, strategy,
     base reference."""
     return {"model": spec, "input_shape": list(space.input_shape), "round_to": space.round_to,
             "input": contract.to_dict() if contract else None,
-            "ignored_layers": space.ignored_layers, "granularity": granularity, "ratios": [float(r) for r in ratios],
-            "criterion": criterion, "kept_channels": space.kept_channels(ratios), "flops": space.flops(ratios),
+            "ignored_layers": space.ignored_layers, "granularity": method, "ratios": [float(r) for r in ratios],
+            "criterion": criterion, "kept_units": space.kept_units(ratios), "flops": space.flops(ratios),
             "params": space.params(ratios), "base_flops": space.base_flops,
             "base_checkpoint": {"path": base_checkpoint,
                                 "sha256": sha256(base_checkpoint) if os.path.isfile(base_checkpoint) else None}}
 
 
 def save_pruned(path: str, model: nn.Module, record: dict, metrics: dict | None = None) -> None:
-    """Save a pruned model as its own state dict plus the record that rebuilds its architecture; masked weights
-    (unstructured pruning) as a bit mask plus their non-zero values, so the file's size is the sparse size."""
-    masked = any(k.endswith("weight_mask") for k in model.state_dict())
-    state = sparse_state(model) if masked else {k: v.cpu() for k, v in model.state_dict().items()}
-    obj = {"state_dict": state, "sparse": masked, "record_json": json.dumps(record),
+    """Save a pruned model as the state dict its method packs (unstructured: masked weights as bit masks plus
+    their non-zero values, so the file's size is the sparse size) plus the record that rebuilds its architecture."""
+    state = METHODS[record["granularity"]].pack(model)
+    obj = {"state_dict": state, "record_json": json.dumps(record),
            "metrics_json": json.dumps(metrics or {})}
     atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
@@ -44,10 +42,12 @@ def rebuild_pruned(record: dict) -> nn.Module:
     """The pruned architecture of a record, with placeholder weights (load its state dict next)."""
     spec = record["model"]
     base = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["kwargs"])
-    granularity = GRANULARITIES[record.get("granularity", "channel")]
-    space = granularity.space(base, torch.zeros(1, *record["input_shape"]), record["round_to"],
-                              record["ignored_layers"])
-    return granularity.pruner(base, space, "l1", 0).apply(record["ratios"])
+    if record.get("granularity") not in METHODS:
+        raise ModelError(f"model file: pruned by method {record.get('granularity')!r}, which this prunetune does not "
+                         f"know (it knows {', '.join(METHODS)})")
+    method = METHODS[record["granularity"]]
+    space = method.space(base, torch.zeros(1, *record["input_shape"]), record["round_to"], record["ignored_layers"])
+    return method.plan(base, space, "l1", 0).apply(record["ratios"])
 
 
 def load_pruned(path: str, raw_input: bool = True) -> tuple[nn.Module, dict, dict]:
@@ -62,7 +62,7 @@ def load_pruned(path: str, raw_input: bool = True) -> tuple[nn.Module, dict, dic
     except (TypeError, KeyError, ValueError) as e:
         raise ModelError(f"model file: {path} is not a prunetune model file (no {e})") from None
     model = rebuild_pruned(record)
-    model.load_state_dict(dense_state(obj["state_dict"]) if obj.get("sparse") else obj["state_dict"])
+    model.load_state_dict(METHODS[record["granularity"]].unpack(obj["state_dict"]))
     if raw_input and record.get("input"):
         model = nn.Sequential(Preprocess(record["input"]), model)
     return model.eval(), record, metrics

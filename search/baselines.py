@@ -35,7 +35,7 @@ def uniform(sampler: StrategySampler) -> list[float] | None:
 
 
 def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], comparable: bool) -> list[float] | None:
-    """One importance threshold across all groups (importance per unit, as the granularity's `importance` gives
+    """One importance threshold across all groups (importance per unit, as the method's `importance` gives
     it; divided by each group's mean unless `comparable`), at the middle of the band (None if no threshold lands
     in the band). Up to _MAX_THRESHOLDS thresholds are tried: every distinct value, or evenly spaced quantiles."""
     scaled = importance if comparable else [imp / max(imp.mean(), 1e-12) for imp in importance]
@@ -45,7 +45,7 @@ def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], com
     for i, (g, imp) in enumerate(zip(sampler.space.groups, scaled)):
         reaching = len(imp) - np.searchsorted(np.sort(imp), thresholds, side="left")  # units at or above t
         kept = np.maximum(reaching, max(int(np.ceil(len(imp) * (1 - sampler.max_ratio))), 1)) * g.blocks
-        rows[:, i] = np.clip(1.0 - (kept + 0.5) / g.channels, 0.0, sampler.max_ratio)
+        rows[:, i] = np.clip(1.0 - (kept + 0.5) / g.units, 0.0, sampler.max_ratio)
     return _closest(sampler, rows)
 
 

@@ -60,11 +60,9 @@ def _cmd_run(args) -> int:
     return 0
 
 
-RESUMABLE_KEYS = ("search.time_budget_s", "search.max_failures", "search.max_concurrent_trials")
-
-
 def _cmd_resume(args) -> int:
     from .cluster import check_address
+    from .config import RESUMABLE, resumable
     from .driver import launch
     from .prepare import prepare, warn
     from .rundir import RunDir, config_hash
@@ -76,10 +74,10 @@ def _cmd_resume(args) -> int:
     manifest = run.manifest()
     run.check_free()
     for override in args.set:
-        key = override.partition("=")[0]
-        if key.split(".")[0] not in ("ray", "resources") and key not in RESUMABLE_KEYS:
-            raise ConfigError(f"--set {key}: a resumed run keeps its config; only ray.*, resources.*, "
-                              f"{', '.join(RESUMABLE_KEYS)} may change")
+        key = override.partition("=")[0].strip()
+        if not resumable(key):
+            allowed = ", ".join(k if "." in k else f"{k}.*" for k in RESUMABLE)
+            raise ConfigError(f"--set {key}: a resumed run keeps its config; only {allowed} may change")
     cfg = _config(run.config_path, args.set)
     if args.config and config_hash(load_config(args.config)) != config_hash(cfg):
         raise ConfigError(f"--config: {args.config} does not match the run in {run.path}; "

@@ -1,234 +1,154 @@
-"""Search configuration: one YAML file per search, read into dataclasses, every key overridable with --set."""
+"""Search configuration: one YAML file per search, read into pydantic models, every key overridable with --set."""
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
+from prunetune.workers.criteria import CRITERIA
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.files import write_text
-from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.methods import METHODS, misuse
 
 from .algorithms import ALGORITHMS
+from .config_file import Choice, ConfigError, Section, parse_override, read_config, validate  # noqa: F401 (API)
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key, the value and what is allowed."""
-
-
-def _choice(*values: str) -> dict:
-    return {"choices": values}
-
-
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open, hi_open)}
-
-
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "digits_cnn"  # registry name or package.module:function
     checkpoint: str | None = None  # state dict of the trained model; none: train one (cached)
-    kwargs: dict = field(default_factory=dict)
-    pretrain_epochs: int = field(default=30, metadata=_range(1))  # when no checkpoint is given
-    ignored_layers: list = field(default_factory=list)  # layers never pruned (the classifier always is)
-    sparsity: float | None = field(default=None, metadata=_range(0, lo_open=True))  # L1 lambda: slimming, skeleton
-    sparsity_epochs: int = field(default=5, metadata=_range(1))  # sparsity training of the base, before the search
+    kwargs: dict = {}
+    pretrain_epochs: int = Field(30, ge=1)  # when no checkpoint is given
+    ignored_layers: list = []  # layers never pruned (the classifier always is)
+    sparsity: float | None = Field(None, gt=0)  # L1 lambda: slimming, skeleton
+    sparsity_epochs: int = Field(5, ge=1)  # sparsity training of the base, before the search
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     name: str = "digits"  # digits | cifar10 | imagefolder | synthetic | package.module:function
     path: str | None = None
-    image_size: int | None = field(default=None, metadata=_range(4))
-    num_classes: int | None = field(default=None, metadata=_range(2))
-    train_size: int = field(default=2048, metadata=_range(2))  # synthetic only
-    test_size: int = field(default=512, metadata=_range(1))  # synthetic only
-    seed: int = field(default=0, metadata=_range(0))  # synthetic data
-    num_workers: int = field(default=0, metadata=_range(0))
-    kwargs: dict = field(default_factory=dict)  # factory only
+    image_size: int | None = Field(None, ge=4)
+    num_classes: int | None = Field(None, ge=2)
+    train_size: int = Field(2048, ge=2)  # synthetic only
+    test_size: int = Field(512, ge=1)  # synthetic only
+    seed: int = Field(0, ge=0)  # synthetic data
+    num_workers: int = Field(0, ge=0)
+    kwargs: dict = {}  # factory only
 
 
-@dataclass
-class SearchConfig:
-    constraint: str = field(default="flops", metadata=_choice(*CONSTRAINTS))  # what the budget limits
-    target: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))  # fraction of the base
-    tolerance: float = field(default=0.02, metadata=_range(0, 1, lo_open=True))
-    limits: dict = field(default_factory=dict)  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
-    algorithm: str = field(default="tpe", metadata=_choice(*ALGORITHMS))  # how strategies are proposed
-    population: int = field(default=16, metadata=_range(2))  # evolution's population, TPE's random start
-    granularity: str = field(default="channel", metadata=_choice(*GRANULARITIES))  # what a ratio prunes
-    max_ratio: float = field(default=0.7, metadata=_range(0, 1, lo_open=True, hi_open=True))
-    num_candidates: int = field(default=32, metadata=_range(1))
-    seed: int = field(default=0, metadata=_range(0))
-    criterion: str = field(default="l1", metadata=_choice("l1", "l2", "bn_scale", "random"))
-    round_to: int = field(default=1, metadata=_range(1))
-    top_k: int = field(default=3, metadata=_range(1))
-    max_concurrent_trials: int = field(default=2, metadata=_range(1))
-    time_budget_s: float | None = field(default=None, metadata=_range(0, lo_open=True))
-    max_failures: int = field(default=1, metadata=_range(0))
-    max_failed_fraction: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
+class SearchConfig(Section):
+    constraint: Annotated[str, Choice(CONSTRAINTS)] = "flops"  # what the budget limits
+    target: float = Field(0.5, gt=0, lt=1)  # fraction of the base
+    tolerance: float = Field(0.02, gt=0, le=1)
+    limits: dict = {}  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
+    algorithm: Annotated[str, Choice(ALGORITHMS)] = "tpe"  # how strategies are proposed
+    population: int = Field(16, ge=2)  # evolution's population, TPE's random start
+    granularity: Annotated[str, Choice(METHODS)] = "channel"  # what a ratio prunes
+    max_ratio: float = Field(0.7, gt=0, lt=1)
+    num_candidates: int = Field(32, ge=1)
+    seed: int = Field(0, ge=0)
+    criterion: Annotated[str, Choice(CRITERIA)] = "l1"
+    round_to: int = Field(1, ge=1)
+    top_k: int = Field(3, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    max_failures: int = Field(1, ge=0)
+    max_failed_fraction: float = Field(0.5, gt=0, le=1)
 
 
-@dataclass
-class EvaluationConfig:
-    heldout_size: int = field(default=300, metadata=_range(1))  # seeded subset of the training split
-    seed: int = field(default=0, metadata=_range(0))  # held-out and calibration draws
-    bn_mode: str = field(default="cumulative", metadata=_choice("cumulative", "ema", "none"))
-    calibration_batches: int = field(default=50, metadata=_range(1))
+class EvaluationConfig(Section):
+    heldout_size: int = Field(300, ge=1)  # seeded subset of the training split
+    seed: int = Field(0, ge=0)  # held-out and calibration draws
+    bn_mode: Annotated[str, Choice(("cumulative", "ema", "none"))] = "cumulative"
+    calibration_batches: int = Field(50, ge=1)
     # stop once no BatchNorm statistic moves by more than this (bench/calibration.py: 3.3x faster, same ranking)
-    calibration_tolerance: float | None = field(default=0.02, metadata=_range(0, lo_open=True))
-    batch_size: int = field(default=128, metadata=_range(1))
-    score_batch_size: int = field(default=500, metadata=_range(1))
-    metric: str = field(default="accuracy", metadata=_choice("accuracy", "loss"))
-    amp: str = field(default="auto", metadata=_choice("auto", "bf16", "off"))
-    channels_last: str = field(default="auto", metadata=_choice("auto", "on", "off"))
+    calibration_tolerance: float | None = Field(0.02, gt=0)
+    batch_size: int = Field(128, ge=1)
+    score_batch_size: int = Field(500, ge=1)
+    metric: Annotated[str, Choice(("accuracy", "loss"))] = "accuracy"
+    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = "auto"
+    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = "auto"
 
 
-@dataclass
-class FinetuneConfig:
-    epochs: int = field(default=5, metadata=_range(1))
-    batch_size: int = field(default=64, metadata=_range(1))
-    lr: float = field(default=0.05, metadata=_range(0, lo_open=True))
-    momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
+class FinetuneConfig(Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = field(default=1e-4, metadata=_range(0))
-    warmup_epochs: float = field(default=1.0, metadata=_range(0))
-    label_smoothing: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
-    distill_weight: float = field(default=0.0, metadata=_range(0, 1))
-    distill_temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
-    scheduler: str = field(default="asha", metadata=_choice("asha", "fifo"))
-    grace_epochs: int = field(default=1, metadata=_range(1))
-    seed: int = field(default=0, metadata=_range(0))
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    distill_weight: float = Field(0.0, ge=0, le=1)
+    distill_temperature: float = Field(4.0, gt=0)
+    scheduler: Annotated[str, Choice(("asha", "fifo"))] = "asha"
+    grace_epochs: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
 
 
-@dataclass
-class LatencyConfig:
-    device: str = field(default="cpu", metadata=_choice("cpu", "cuda"))  # where latency is timed
-    batch_size: int = field(default=1, metadata=_range(1))  # the latency budget's batch
-    throughput_batch_size: int = field(default=32, metadata=_range(1))  # the report's second figure
-    threads: int | None = field(default=1, metadata=_range(1))  # CPU threads of every timing (none: torch's)
-    grid: int = field(default=6, metadata=_range(2))  # channel counts timed per layer dimension
-    repeats: int = field(default=20, metadata=_range(3))  # timed passes per figure (the median is kept)
+class LatencyConfig(Section):
+    device: Annotated[str, Choice(("cpu", "cuda"))] = "cpu"  # where latency is timed
+    batch_size: int = Field(1, ge=1)  # the latency budget's batch
+    throughput_batch_size: int = Field(32, ge=1)  # the report's second figure
+    threads: int | None = Field(1, ge=1)  # CPU threads of every timing (none: torch's)
+    grid: int = Field(6, ge=2)  # channel counts timed per layer dimension
+    repeats: int = Field(20, ge=3)  # timed passes per figure (the median is kept)
 
 
-@dataclass
-class ResourcesConfig:
-    cpus_per_trial: float = field(default=1.0, metadata=_range(0, lo_open=True))
-    gpus_per_trial: float = field(default=0.0, metadata=_range(0))
+class ResourcesConfig(Section):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
     autoscaling: bool = False  # the cluster adds nodes on demand: do not refuse trials no current node can run
 
 
-@dataclass
-class RayConfig:
+class RayConfig(Section):
     address: str | None = None  # none: start an embedded local Ray for the run
-    num_cpus: int | None = field(default=None, metadata=_range(1))
-    num_gpus: int | None = field(default=None, metadata=_range(0))
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
     dashboard: bool = False  # the embedded Ray's dashboard (~0.9 GiB of processes); a cluster keeps its own
     dashboard_host: str = "127.0.0.1"
 
 
-@dataclass
-class OutputConfig:
+class OutputConfig(Section):
     dir: str = "runs/default"
     cache_dir: str = "~/.cache/prunetune"  # trained base models and decoded image caches
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    latency: LatencyConfig = field(default_factory=LatencyConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    search: SearchConfig = SearchConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    latency: LatencyConfig = LatencyConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    ray: RayConfig = RayConfig()
+    output: OutputConfig = OutputConfig()
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-safe)."""
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+SECTIONS = tuple(Config.model_fields)
 RENAMED = {"search.flops_target": "search.target (with search.constraint: flops, the default)",
            "resources.wait_for_gpus": "resources.autoscaling"}
+# What `resume --set` may change: how the run is scheduled, never what it computes (rundir.config_hash covers every
+# other key, output.* aside: where the run lives, which a resume does not move either).
+RESUMABLE = ("ray", "resources", "search.time_budget_s", "search.max_failures", "search.max_concurrent_trials")
 
 
-def _convert(key: str, value: Any, annotation: str) -> Any:
-    """Coerce a YAML value to the field's declared type, or raise ConfigError."""
-    optional = "None" in annotation
-    if optional and isinstance(value, str) and value.strip().lower() == "none":
-        value = None  # --set key=none clears an optional key (YAML's own null is `null` or `~`)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key}: null is not allowed; expected {annotation}")
-    base = annotation.replace(" | None", "").strip()
-    if base == "float" and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    ok = {
-        "str": lambda v: isinstance(v, str),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "dict": lambda v: isinstance(v, dict),
-        "list": lambda v: isinstance(v, list),
-    }[base]
-    if not ok(value):
-        raise ConfigError(f"{key}: {value!r} is not a valid {base}")
-    return float(value) if base == "float" else value
-
-
-def _check(key: str, value: Any, meta: typing.Mapping, shown: Any) -> None:
-    """Raise ConfigError if `value` breaks the field's choices or range (`shown` is what the user wrote)."""
-    if value is None:
-        return
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {shown!r} is not allowed; allowed: {', '.join(meta['choices'])}")
-    if "range" in meta:
-        lo, hi, lo_open, hi_open = meta["range"]
-        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
-              (hi is not None and (value >= hi if hi_open else value > hi))
-        if bad:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-            raise ConfigError(f"{key}: {shown!r} is outside the allowed range {span}")
+def resumable(key: str) -> bool:
+    """True if a resumed run may change `key` (section.key)."""
+    return key in RESUMABLE or key.partition(".")[0] in RESUMABLE
 
 
 def from_dict(raw: dict) -> Config:
     """Build a validated Config from a nested dict; unknown keys and bad values raise ConfigError."""
-    if not isinstance(raw, dict):
-        raise ConfigError("config: the file must hold a mapping of sections")
-    unknown = [k for k in raw if k not in SECTIONS]
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; allowed: {', '.join(SECTIONS)}")
-    cfg = Config()
-    for section in SECTIONS:
-        values = raw.get(section) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{section}: must be a mapping of keys, got {values!r}")
-        obj = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(obj)}
-        for key, value in values.items():
-            if f"{section}.{key}" in RENAMED:
-                raise ConfigError(f"{section}.{key}: renamed to {RENAMED[f'{section}.{key}']}")
-            if key not in fields:
-                raise ConfigError(f"{section}.{key}: unknown key; allowed: {', '.join(fields)}")
-            f = fields[key]
-            if isinstance(value, bool) and "off" in f.metadata.get("choices", ()):
-                value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
-            converted = _convert(f"{section}.{key}", value, str(f.type))
-            _check(f"{section}.{key}", converted, f.metadata, value)
-            setattr(obj, key, converted)
+    cfg = validate(Config, raw, RENAMED)
     _cross_check(cfg)
     return cfg
 
@@ -251,20 +171,10 @@ def needs_latency(cfg: Config) -> bool:
 
 def _cross_check(cfg: Config) -> None:
     budgets(cfg)
-    units = {"unstructured": "single weights", "stripe": "stripes"}.get(cfg.search.granularity)
-    if units:  # what makes no sense unless whole channels are pruned
-        name = "stripe-wise" if cfg.search.granularity == "stripe" else "unstructured"
-        for key, bad, why in (
-                ("search.criterion", cfg.search.criterion == "bn_scale", f"bn_scale ranks channels by BatchNorm "
-                 f"scales; {name} pruning ranks {units}: use l1 (magnitude), l2 or random"),
-                ("search.constraint", needs_latency(cfg), f"latency budgets need channel pruning: the latency table "
-                 f"times dense layers by their channel counts, and {name} pruning keeps {units} (use flops or params)"),
-                ("search.round_to", cfg.search.round_to != 1, f"rounds channel counts; {name} pruning keeps {units} "
-                 "(leave it at 1)"),
-                ("model.sparsity", cfg.model.sparsity is not None and units == "single weights", "Network Slimming "
-                 "prunes channels; use it with search.granularity: channel")):
-            if bad:
-                raise ConfigError(f"{key}: {why}")
+    problem = misuse(METHODS[cfg.search.granularity], cfg.search.criterion, needs_latency(cfg), cfg.search.round_to,
+                     cfg.model.sparsity is not None, METHODS)
+    if problem:
+        raise ConfigError(problem)
     if cfg.search.tolerance >= cfg.search.target:
         raise ConfigError(f"search.tolerance: {cfg.search.tolerance} must be below search.target "
                           f"({cfg.search.target})")
@@ -287,66 +197,23 @@ def config_warnings(cfg: Config) -> list[str]:
     """Settings that are allowed but probably not what the user meant, one line each."""
     found = []
     used = _DATA_KEYS.get(cfg.data.name, {"kwargs"}) | {"name", "num_workers"}
-    default = DataConfig()
-    for f in dataclasses.fields(DataConfig):
-        if f.name not in used and getattr(cfg.data, f.name) != getattr(default, f.name):
-            found.append(f"data.{f.name} is ignored for data set '{cfg.data.name}'")
-    if cfg.model.sparsity and cfg.search.granularity == "channel" and cfg.search.criterion != "bn_scale":
-        found.append(f"model.sparsity makes |gamma| meaningful, but search.criterion is {cfg.search.criterion}; "
-                     "Network Slimming ranks channels with search.criterion: bn_scale")
+    for key, field in DataConfig.model_fields.items():
+        if key not in used and getattr(cfg.data, key) != field.default:
+            found.append(f"data.{key} is ignored for data set '{cfg.data.name}'")
+    sparsity = METHODS[cfg.search.granularity].sparsity
+    if cfg.model.sparsity and sparsity and sparsity.criterion not in (None, cfg.search.criterion):
+        found.append(f"model.sparsity makes {sparsity.values} meaningful, but search.criterion is "
+                     f"{cfg.search.criterion}; {sparsity.name} ranks {METHODS[cfg.search.granularity].units} with "
+                     f"search.criterion: {sparsity.criterion}")
     if cfg.ray.dashboard and cfg.ray.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         found.append(f"ray.dashboard_host: {cfg.ray.dashboard_host} opens Ray's dashboard and job API to the network; "
                      "anyone who reaches it can run code on this machine")
     return found
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split `section.key=value` into the dotted key and its YAML-parsed value."""
-    key, sep, value = text.partition("=")
-    if not sep or key.count(".") != 1:
-        raise ConfigError(f"--set {text}: expected section.key=value (e.g. search.target=0.4)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip(), parsed
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override."""
-
-    def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        duplicate = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
-        if duplicate is not None:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{duplicate}'", node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Load a YAML config (none: the built-in digits default) and apply `section.key=value` overrides."""
-    raw: dict = {}
-    if path:
-        if os.path.isdir(path):
-            raise ConfigError(f"config: {path} is a directory, not a YAML file")
-        if not os.path.isfile(path):
-            raise ConfigError(f"config: file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config: {path} is not UTF-8 text (byte {e.start})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of sections")
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    for key, value in items:
-        section, name = key.split(".", 1)
-        if not isinstance(raw.setdefault(section, {}), dict):
-            raise ConfigError(f"{section}: must be a mapping of keys")
-        raw[section][name] = value
-    return from_dict(raw)
+    return from_dict(read_config(path, overrides))
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -12,20 +12,20 @@ from prunetune.workers.record import best
 
 from .cluster import check_resources, connect
 from .finalize import finalize
-from .prepare import LATENCY_TABLE, Prepared, ensure_base
+from .prepare import LATENCY_TABLE, Checked, Prepared, ensure_base
 from .rundir import RunDir
 from .stages import run_finetune, run_search
 from .store import CandidateStore
 
 
-def launch(prep: Prepared, run: RunDir, address: str | None, restore: bool, overwrite: bool = False) -> dict:
+def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, overwrite: bool = False) -> dict:
     """Connect to Ray (or start it) and check that it can run the trials, get the trained base model, then take
     the run lock, run or continue both stages, and let go of both. Nothing is written before the cluster has
     answered, and no base model is trained for trials that could never run."""
-    started = connect(prep.cfg, address)
+    started = connect(checked.cfg, address)
     try:
-        check_resources(prep.cfg)
-        ensure_base(prep)
+        check_resources(checked.cfg)
+        prep = ensure_base(checked)
         run.acquire()
         try:
             if not restore:

@@ -16,7 +16,7 @@ import shutil
 import torch
 
 from prunetune.workers.files import atomic_write
-from prunetune.workers.unstructured import remove_masks
+from prunetune.workers.methods import METHODS
 
 from .artifacts import load_pruned
 from .config import ConfigError
@@ -51,7 +51,7 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
     model, record, _ = load_pruned(source)  # with the input contract's preprocessing: raw pixel values in
-    remove_masks(model)  # unstructured pruning: plain weights with zeros, no mask multiplication at run time
+    model = METHODS[record["granularity"]].deployable(model)  # e.g. masks made permanent: zeros, no mask at run time
     if fmt == "torchscript":
         with torch.no_grad():
             scripted = torch.jit.trace(model, torch.zeros(1, *record["input_shape"]))

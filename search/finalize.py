@@ -10,12 +10,11 @@ import torch.nn as nn
 
 from prunetune.workers.data import heldout_split, iterate_batches
 from prunetune.workers.finetune import load_finetuned
-from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.methods import METHODS
 from prunetune.workers.prune import clone_module
 from prunetune.workers.record import CandidateRecord
 from prunetune.workers.scoring import score
 from prunetune.workers.timing import time_forward
-from prunetune.workers.unstructured import remove_masks
 
 from .artifacts import pruned_record, save_pruned
 from .prepare import Prepared
@@ -38,7 +37,7 @@ def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
     """Latency at batch 1 (median and spread), the throughput batch's latency, and the latency table's prediction
     when there is one (`ratios`: the strategy; None: the base), all timed with the configured threads."""
     lat = prep.cfg.latency
-    model = remove_masks(clone_module(model, {}))  # unstructured: timed as deployed, zeros in dense tensors
+    model = METHODS[prep.cfg.search.granularity].deployable(clone_module(model, {}))  # timed as deployed
     device = next(model.parameters()).device
     one = time_forward(model, prep.space.example_input(1).to(device), lat.repeats, threads=lat.threads)
     many = time_forward(model, prep.space.example_input(lat.throughput_batch_size).to(device),
@@ -66,8 +65,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
         raise NoFinalModel("fine-tuning produced no model (every fine-tuning trial failed)")
     outcomes.sort(key=lambda o: (-o[2].get("val_accuracy", 0.0), -o[0].score))
     os.makedirs(run.final_path, exist_ok=True)
-    pruner = GRANULARITIES[cfg.search.granularity].pruner(prep.model, prep.space, cfg.search.criterion,
-                                                          cfg.evaluation.seed)
+    pruner = METHODS[cfg.search.granularity].plan(prep.model, prep.space, cfg.search.criterion, cfg.evaluation.seed)
     base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))
     heldout, _ = heldout_split(len(prep.data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
     base_val = score(prep.model, iterate_batches(prep.data.train, heldout, 500))

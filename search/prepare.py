@@ -11,22 +11,22 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 
 from prunetune.workers.constraints import CONSTRAINTS
+from prunetune.workers.criteria import BATCHNORM, CRITERIA
 from prunetune.workers.data import DataBundle, heldout_split, iterate_batches, load_data
 from prunetune.workers.files import atomic_write, unwritable
 from prunetune.workers.finetune import finetune
-from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.methods import METHODS
 from prunetune.workers.latency import load_or_build
 from prunetune.workers.models import build_model, check_model_name, load_checkpoint, read_state_dict
 from prunetune.workers.preflight import Verdict
 from prunetune.workers.scoring import score
-from prunetune.workers.sparsity import add_l1_subgradient, batchnorms, bn_scales, histogram
-from prunetune.workers.stripes import skeleton_train, stripe_norms
+from prunetune.workers.sparsity import batchnorms, histogram
 from prunetune.workers.space import PruningSpace
 
 from .config import Config, ConfigError, budgets, expand, needs_latency
@@ -40,19 +40,26 @@ BASE_RECIPE_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", 
                     "seed")
 
 
-@dataclass
-class Prepared:
-    """Everything the driver builds once before Ray: data, base model, proven space, sampler."""
+@dataclass(frozen=True)
+class Checked:
+    """What `prepare` builds and proves before Ray starts: data, base architecture, proven space, sampler."""
 
     cfg: Config
     data: DataBundle
-    model: nn.Module  # the base architecture; trained weights once base_checkpoint is set
-    base_checkpoint: str | None
+    model: nn.Module  # the base architecture, with model.checkpoint's weights when one is configured
+    checkpoint: str | None  # model.checkpoint (absolute), or None: the base model is trained or cached
     space: PruningSpace
     sampler: StrategySampler
     spec: dict
     verdict: Verdict
-    sparsity: dict | None = None  # Network Slimming's sparsity training: lambda, epochs, |gamma| before and after
+
+
+@dataclass(frozen=True)
+class Prepared(Checked):
+    """A checked search with its trained base model (`ensure_base`): what both stages and the final models use."""
+
+    base_checkpoint: str  # the weights the search prunes: model.checkpoint, the cached base, or its sparse copy
+    sparsity: dict | None = None  # the method's sparsity training: lambda, epochs, values before and after
 
 
 def warn(message: str, log=None) -> None:
@@ -103,7 +110,7 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
 
 def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num_classes: int,
                 log=None) -> Verdict:
-    """The preflight of the configured granularity on `model` (its architecture), for the configured search;
+    """The preflight of the configured method on `model` (its architecture), for the configured search;
     the latency table is attached first when a budget names latency."""
     s = cfg.search
 
@@ -112,14 +119,14 @@ def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num
             attach_latency(cfg, model, space, log)
         return make_sampler(cfg, space).sample(0)
 
-    verdict = GRANULARITIES[s.granularity].prepare(model, example_inputs, num_classes, s.max_ratio, first_strategy,
-                                                   s.round_to, cfg.model.ignored_layers)
+    verdict = METHODS[s.granularity].preflight(model, example_inputs, num_classes, s.max_ratio, first_strategy,
+                                               s.round_to, cfg.model.ignored_layers)
     if needs_latency(cfg):
         attach_latency(cfg, model, verdict.space, log)
     return verdict
 
 
-def prepare(cfg: Config, log=None) -> Prepared:
+def prepare(cfg: Config, log=None) -> Checked:
     """Validate every input against the real model and data, in seconds and before Ray starts; the base model's
     trained weights come later (ensure_base), unless a checkpoint was given."""
     log = log or sys.stderr
@@ -138,8 +145,9 @@ def prepare(cfg: Config, log=None) -> Prepared:
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)  # a bad file is refused before anything else
     if not batchnorms(model):
-        for key, wanted in (("model.sparsity", cfg.model.sparsity and cfg.search.granularity == "channel"),
-                            ("search.criterion", cfg.search.criterion == "bn_scale")):
+        sparsity = METHODS[cfg.search.granularity].sparsity
+        for key, wanted in (("model.sparsity", cfg.model.sparsity and sparsity.needs_batchnorm),
+                            ("search.criterion", CRITERIA[cfg.search.criterion].source == BATCHNORM)):
             if wanted:
                 raise ConfigError(f"{key}: {cfg.model.name} has no BatchNorm layer with a scale (gamma); Network "
                                   "Slimming and bn_scale need one (use search.criterion: l1)")
@@ -147,57 +155,53 @@ def prepare(cfg: Config, log=None) -> Prepared:
     for name, reason in verdict.left_out:
         warn(f"the group of {name} is not pruned ({reason})", log)
     checkpoint = os.path.abspath(cfg.model.checkpoint) if cfg.model.checkpoint else None
-    return Prepared(cfg, data, model.eval(), checkpoint, verdict.space, make_sampler(cfg, verdict.space), spec,
-                    verdict)
+    return Checked(cfg, data, model.eval(), checkpoint, verdict.space, make_sampler(cfg, verdict.space), spec,
+                   verdict)
 
 
-def ensure_base(prep: Prepared, log=None) -> None:
-    """Give the prepared model its trained weights: the configured checkpoint (already loaded), a cached base
-    model for this recipe, or one trained now (the expensive step, after every check)."""
-    if prep.base_checkpoint is None:
-        prep.base_checkpoint = trained_base(prep.cfg, prep.model, prep.data, log)
-        prep.model.eval()
-    if prep.cfg.model.sparsity:
-        sparsity_trained(prep, log)
+def ensure_base(checked: Checked, log=None) -> Prepared:
+    """The checked search with its trained base model: the configured checkpoint (already loaded), a cached base
+    model for this recipe, or one trained now (the expensive step, after every check); then the method's
+    sparsity training if model.sparsity asks for it."""
+    base = checked.checkpoint or trained_base(checked.cfg, checked.model, checked.data, log)
+    checked.model.eval()
+    sparsity = None
+    if checked.cfg.model.sparsity:
+        base, sparsity = sparsity_trained(checked, base, log)
+    return Prepared(**{f.name: getattr(checked, f.name) for f in fields(Checked)}, base_checkpoint=base,
+                    sparsity=sparsity)
 
 
-def sparsity_trained(prep: Prepared, log=None) -> None:
-    """The method's sparsity training before the search: Network Slimming's L1 on every BatchNorm scale
-    (channel granularity) or stripe-wise pruning's Filter Skeleton (stripe granularity). Cached by the base it
-    starts from and its recipe, resumable; records the penalised values before and after."""
+def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str, dict]:
+    """The method's sparsity training before the search (e.g. Network Slimming's L1 on every BatchNorm scale).
+    Trains `prep.model` (weights of `base_checkpoint`) in place; cached by the base it starts from and its recipe,
+    resumable. Returns the sparse model's cache path and what was done (the penalised values before and after)."""
     log, cfg = log or sys.stderr, prep.cfg
-    stripe = cfg.search.granularity == "stripe"
-    method, values = ("Filter Skeleton", stripe_norms) if stripe else ("Network Slimming", bn_scales)
-    recipe = {"base": sha256(prep.base_checkpoint), "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs,
-              "method": method, "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
+    training = METHODS[cfg.search.granularity].sparsity
+    recipe = {"base": sha256(base_checkpoint), "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs,
+              "method": training.name, "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(expand(cfg.output.cache_dir), f"sparse-{cfg.model.name.replace(':', '_')}-{key}.pt")
-    before = histogram(values(prep.model))
+    before = histogram(training.measure(prep.model))
     start_accuracy = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))["accuracy"]
     if os.path.isfile(path):
         prep.model.load_state_dict(read_state_dict(path, "output.cache_dir"))
         print(f"sparsity training: loaded {path} (cached: same base, lambda and epochs)", file=log)
     else:
-        print(f"sparsity training ({method}): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
+        print(f"sparsity training ({training.name}): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
               f"{cfg.model.sparsity:g} (cached at {path}; resumable)", file=log)
         resume, device = path + ".resume", "cuda" if torch.cuda.is_available() else "cpu"
-        if stripe:
-            skeleton_train(prep.model, prep.data, cfg.finetune, cfg.model.sparsity, cfg.model.sparsity_epochs, device,
-                           resume, log)
-        else:
-            scales = [m.weight for m in batchnorms(prep.model)]
-            finetune(prep.model, prep.data, cfg.finetune, device, resume, epochs=cfg.model.sparsity_epochs, log=log,
-                     after_backward=lambda: add_l1_subgradient(scales, cfg.model.sparsity))
+        training.train(prep.model, prep.data, cfg.finetune, cfg.model.sparsity, cfg.model.sparsity_epochs, device,
+                       resume, log)
         state = {k: v.cpu() for k, v in prep.model.state_dict().items()}
         atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
         os.remove(resume)
         prep.model.cpu()
     prep.model.eval()
-    prep.sparsity = {"method": method, "values": "stripe L1 norm" if stripe else "|gamma|",
-                     "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs, "checkpoint": path,
-                     "base_checkpoint": prep.base_checkpoint, "test_accuracy_before": start_accuracy,
-                     "gamma_before": before, "gamma_after": histogram(values(prep.model), top=before["edges"][-1])}
-    prep.base_checkpoint = path
+    return path, {"method": training.name, "values": training.values, "lambda": cfg.model.sparsity,
+                  "epochs": cfg.model.sparsity_epochs, "checkpoint": path, "base_checkpoint": base_checkpoint,
+                  "test_accuracy_before": start_accuracy, "gamma_before": before,
+                  "gamma_after": histogram(training.measure(prep.model), top=before["edges"][-1])}
 
 
 def base_cache_path(cfg: Config, spec: dict) -> str:

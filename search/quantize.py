@@ -20,7 +20,7 @@ import torch
 from prunetune.workers.data import iterate_batches, load_data
 from prunetune.workers.evaluator import evaluation_data
 from prunetune.workers.files import atomic_write
-from prunetune.workers.unstructured import remove_masks
+from prunetune.workers.methods import METHODS
 
 from .artifacts import load_pruned
 from .config import ConfigError
@@ -103,7 +103,7 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
     if destination is None and os.path.exists(path):
         raise ConfigError(f"--to: {path} already exists; prunetune does not overwrite it (choose another name)")
     model, record, _ = load_pruned(source)
-    remove_masks(model)
+    model = METHODS[record["granularity"]].deployable(model)
     contract = record.get("input")
     if not contract:
         raise ConfigError("--quantize: the run's data has no input contract (a data factory), so its calibration "

@@ -5,6 +5,7 @@ import json
 import os
 
 from prunetune.workers.files import write_json, write_text
+from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord, best
 
 from .baselines import BASELINES
@@ -52,7 +53,7 @@ def int8_table(summary: dict) -> str:
 
 
 def sparsity_section(summary: dict) -> str:
-    """Network Slimming's sparsity training: lambda, accuracy, and |gamma| before and after (empty if none)."""
+    """The method's sparsity training: lambda, accuracy, and the penalised values before and after (empty if none)."""
     sp = summary.get("sparsity")
     if not sp:
         return ""
@@ -63,7 +64,7 @@ def sparsity_section(summary: dict) -> str:
         f"{sp['epochs']} epochs with an L1 penalty {sp['lambda']:g} before the search: test accuracy "
         f"{_pct(sp['test_accuracy_before'])} before, {_pct(summary['base']['test_accuracy'])} after (the base the "
         f"search pruned); median {values} {before['median']:.3g} before, {after['median']:.3g} after; "
-        f"{'stripes' if values != '|gamma|' else 'channels'} with {values} < 0.01: {before['below_1e-2']} of "
+        f"{METHODS[summary.get('granularity', 'channel')].units} with {values} < 0.01: {before['below_1e-2']} of "
         f"{before['channels']} before, {after['below_1e-2']} after.", "",
         f"![{values} before and after sparsity training](report-gamma.png)", ""])
 
@@ -181,16 +182,15 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
     if summary.get("sparsity"):
         _plot_gammas(os.path.join(run.path, "report-gamma.png"), summary["sparsity"])
     s = summary["search"]
+    method = METHODS.get(summary.get("granularity", "channel"))
+    note = method.report_note if method else None
     text = [f"# prunetune report: {run.path}", "", recommendation(summary), "",
             f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); "
             f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}.", "",
             "## Fine-tuned models (best validation accuracy first)", "", finals_table(summary), "",
             "Latency: median of repeated batch-1 forward passes on this machine (PyTorch, the configured threads), "
             "± half the interquartile range; throughput: images per second at the throughput batch.", "",
-            *(["Unstructured pruning: the pruned weights are zeros in dense tensors, and dense kernels do not run "
-               "them faster, so latency is the dense network's; FLOPs and params count non-zero weights only. The "
-               "gain is size: `final/rankN.pt` stores each pruned weight tensor as a bit mask plus its non-zero "
-               "values.", ""] if summary.get("granularity") == "unstructured" else []),
+            *([note, ""] if note else []),
             int8_table(summary), sparsity_section(summary),
             "## Best candidates by adaptive-BN score", "", candidates_table(records), "",
             "![score vs FLOPs, and adaptive-BN score vs fine-tuned validation accuracy](report.png)", ""]

@@ -12,17 +12,14 @@ import uuid
 
 from prunetune.workers.files import write_json
 
-from .config import Config, ConfigError, load_config, save_config
-
-# Sections that decide what a run computes; ray/resources/output may differ between run and resume.
-RESULT_SECTIONS = ("model", "data", "search", "evaluation", "finetune")
-VOLATILE = {("search", "time_budget_s"), ("search", "max_concurrent_trials"), ("search", "max_failures")}
+from .config import Config, ConfigError, load_config, resumable, save_config
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of the result-deciding parts of a config."""
-    d = cfg.to_dict()
-    picked = {s: {k: v for k, v in d[s].items() if (s, k) not in VOLATILE} for s in RESULT_SECTIONS}
+    """Hash of what decides a run's results: every key a resume may not change (config.RESUMABLE), output.* aside
+    (where the run lives, not what it computes)."""
+    picked = {section: {k: v for k, v in keys.items() if not resumable(f"{section}.{k}")}
+              for section, keys in cfg.to_dict().items() if section != "output"}
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

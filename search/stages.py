@@ -5,8 +5,9 @@ import os
 import shutil
 
 from prunetune.workers.constraints import CONSTRAINTS
+from prunetune.workers.criteria import BATCHNORM, CRITERIA
 from prunetune.workers.evaluator import evaluation_data
-from prunetune.workers.granularity import GRANULARITIES
+from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord
 
 from .algorithms import ALGORITHMS
@@ -31,10 +32,12 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
     state = {k: v.detach().cpu() for k, v in prep.model.state_dict().items()}
     bound = prep.sampler.bound("latency")
     latency_budget = bound * CONSTRAINTS["latency"].base(prep.space) if bound is not None else None
-    return TrialPayload(run.manifest().get("run_id", "run"), prep.spec, [ray.put(state)], prep.space,
-                        [ray.put(evaluation_data(prep.data, cfg.evaluation))], data_kwargs(cfg), cfg.evaluation,
-                        cfg.finetune, cfg.search.criterion, cfg.search.granularity, cfg.resources.cpus_per_trial,
-                        cfg.resources.gpus_per_trial, finalists or [], latency_budget)
+    return TrialPayload(run_id=run.manifest().get("run_id", "run"), model=prep.spec, base_state=[ray.put(state)],
+                        space=prep.space, evaluation_data=[ray.put(evaluation_data(prep.data, cfg.evaluation))],
+                        data=data_kwargs(cfg), evaluation=cfg.evaluation, finetune=cfg.finetune,
+                        criterion=cfg.search.criterion, method=METHODS[cfg.search.granularity],
+                        cpus_per_trial=cfg.resources.cpus_per_trial, gpus_per_trial=cfg.resources.gpus_per_trial,
+                        finalists=finalists or [], latency_budget_ms=latency_budget)
 
 
 def _trainable(fn, trial_payload: TrialPayload, cfg: Config):
@@ -80,12 +83,12 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     s = cfg.search
     tune_settings()
     shutil.rmtree(os.path.join(run.tune_path, "search"), ignore_errors=True)
-    granularity = GRANULARITIES[s.granularity]
-    importance = granularity.importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
-    comparable = granularity.comparable or s.criterion == "bn_scale"
+    method = METHODS[s.granularity]
+    importance = method.importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
+    comparable = method.comparable or CRITERIA[s.criterion].source == BATCHNORM  # |gamma| compares across layers
     searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
-                                baselines(prep.sampler, importance, comparable), s.num_candidates, run.path,
-                                retry_lost=s.max_failures > 0)
+                                baselines(prep.sampler, importance, comparable), s.num_candidates,
+                                CandidateStore(run.path), retry_lost=s.max_failures > 0)
     tune.Tuner(
         _trainable(evaluate_candidate, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(

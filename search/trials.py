@@ -14,6 +14,7 @@ import torch
 
 from prunetune.workers.data import load_data
 from prunetune.workers.evaluator import CandidateEvaluator
+from prunetune.workers.methods import PruningMethod
 from prunetune.workers.finetune import CHECKPOINT_NAME, finetune
 from prunetune.workers.models import build_model
 from prunetune.workers.record import CandidateRecord
@@ -37,7 +38,7 @@ class TrialPayload:
     evaluation: EvaluationConfig
     finetune: FinetuneConfig
     criterion: str
-    granularity: str
+    method: PruningMethod  # search.granularity's method, itself: a method registered only in the driver works too
     cpus_per_trial: float
     gpus_per_trial: float
     finalists: list[CandidateRecord] = field(default_factory=list)  # the fine-tuning stage's candidates, best first
@@ -65,7 +66,7 @@ def evaluator_for(payload: TrialPayload) -> CandidateEvaluator:
         model = build_model(**payload.model)
         model.load_state_dict(ray.get(payload.base_state[0]))
         _CACHE[key] = CandidateEvaluator(model.eval(), payload.space, ray.get(payload.evaluation_data[0]),
-                                         payload.evaluation, payload.device, payload.criterion, payload.granularity)
+                                         payload.evaluation, payload.device, payload.criterion, payload.method)
     return _CACHE[key]
 
 

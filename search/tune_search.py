@@ -31,11 +31,11 @@ class StrategySearcher(Searcher):
     """
 
     def __init__(self, algorithm: SearchAlgorithm, name: str, baselines: list[tuple[str, list[float]]],
-                 num_candidates: int, output_dir: str, retry_lost: bool = True, metric: str = "score",
+                 num_candidates: int, store: CandidateStore, retry_lost: bool = True, metric: str = "score",
                  mode: str = "max"):
         super().__init__(metric=metric, mode=mode)
         self.algorithm, self.name, self.baselines = algorithm, name, baselines
-        self.num_candidates, self.output_dir, self.retry_lost = num_candidates, output_dir, retry_lost
+        self.num_candidates, self.store, self.retry_lost = num_candidates, store, retry_lost
         self.next_index = 0
         self._stored: set[int] | None = None
         self._running: dict[str, dict] = {}  # trial id -> the candidate it evaluates
@@ -47,7 +47,7 @@ class StrategySearcher(Searcher):
 
     def _done(self) -> set[int]:
         if self._stored is None:
-            records = CandidateStore(self.output_dir).records()
+            records = self.store.records()
             for record in records:
                 self.algorithm.observe(record)
             self._stored = {r.index for r in records}

@@ -9,12 +9,21 @@ stages of the run.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import tests.faults from here
 LOG, DELAY, FAIL_AT, CRASH_AT, CRASHES, MARKERS = (f"PRUNETUNE_TEST_{k}" for k in (
     "LOG", "DELAY_S", "FAIL_AT", "CRASH_AT", "CRASHES", "MARKERS"))
+
+
+def sigint_as_in_a_terminal() -> None:
+    """`preexec_fn` of a child process a test interrupts with SIGINT, as Ctrl-C does. A non-interactive shell starts
+    a background job (`nohup pytest &`) with SIGINT ignored, every child inherits that, and Python then installs no
+    KeyboardInterrupt handler: the interrupt would be lost. Reset before exec, Python installs its handler as it
+    does when started from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def worker_faults(log=None, delay_s=None, fail_at=None, crash_at=None, crashes=None, markers=None) -> dict:

@@ -75,7 +75,7 @@ def test_the_global_threshold_keeps_every_channel_above_one_threshold(criterion)
     assert sampler.contains(ratios)
     scaled = importance if criterion == "bn_scale" else [imp / imp.mean() for imp in importance]
     kept, pruned = [], []
-    for imp, k in zip(scaled, space.kept_channels(ratios)):
+    for imp, k in zip(scaled, space.kept_units(ratios)):
         order = np.sort(imp)[::-1]
         if len(imp) - k < int(len(imp) * 0.9):  # a group at max_ratio keeps more than the threshold says
             kept.append(order[k - 1])

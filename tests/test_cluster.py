@@ -17,7 +17,10 @@ from prunetune.search.cli import main  # noqa: E402
 from prunetune.search.store import CandidateStore  # noqa: E402
 from tests.runs import run_args  # noqa: E402
 
+pytestmark = pytest.mark.ray
 
+
+@pytest.mark.slow
 def test_candidates_run_only_on_gpu_nodes(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
@@ -61,6 +64,7 @@ def _decoys(tmp_path):
     return decoys
 
 
+@pytest.mark.slow
 def test_a_users_search_py_and_workers_package_do_not_shadow_prunetune(tmp_path):
     decoys = _decoys(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(decoys)}
@@ -73,6 +77,7 @@ def test_a_users_search_py_and_workers_package_do_not_shadow_prunetune(tmp_path)
     assert "the decoy search.py was imported" in proc.stderr  # the decoys would be found if anything asked
 
 
+@pytest.mark.slow
 def test_a_plain_run_starts_its_own_ray_whatever_ray_address_says(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # a stale address of someone else's cluster
     proc = subprocess.run([sys.executable, "-m", "prunetune", *run_args(tmp_path, "ray.num_cpus=2", candidates=2)],
@@ -114,6 +119,7 @@ def local_head(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_submit_status_logs_against_a_local_head(local_head, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     deadline = time.time() + 60

@@ -83,3 +83,50 @@ def test_cli_entry_point_reports_errors_as_one_line(tmp_path):
                            "--set", f"output.dir={tmp_path / 'x'}"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "prunetune: error: search.max_ratio: 1.2 is outside the allowed range (0, 1)"
+
+
+def _changed(section: str, key: str):
+    """The default config with section.key set to another value its type, range and choices allow."""
+    cfg = load_config()
+    value, field = cfg.to_dict()[section][key], type(getattr(cfg, section)).model_fields[key]
+    choices = [v for m in field.metadata for v in getattr(m, "values", ())]  # a choice field's live registry
+    if isinstance(value, bool):
+        options = [not value]
+    elif isinstance(value, (int, float)):
+        options = [value + 1, value / 2 or 0.5]
+    else:
+        options = [*choices, 8, 0.5, "changed", {"changed": 1}, ["changed"]]
+    for option in options:
+        try:
+            setattr(getattr(cfg, section), key, option)
+        except ValueError:
+            continue
+        if getattr(getattr(cfg, section), key) != value:
+            return cfg
+    raise AssertionError(f"no other value found for {section}.{key}")
+
+
+def test_a_resume_may_change_exactly_the_keys_the_config_hash_leaves_out(tmp_path, monkeypatch, capsys):
+    """One rule (config.RESUMABLE) decides both: `resume --set` refuses a key iff changing it changes the run's
+    config hash; output.* is refused but not hashed (where a run lives, not what it computes)."""
+    from prunetune.search import cli
+    from prunetune.search.config import RESUMABLE
+    from prunetune.search.rundir import RunDir, config_hash
+
+    def loaded(*args):  # stands in for loading the run's config: the resume got past the --set check
+        raise ConfigError("the resume goes on")
+
+    run = RunDir(str(tmp_path / "run"))
+    run.create(load_config(), overwrite=False)
+    monkeypatch.setattr(cli, "_config", loaded)
+    base = config_hash(load_config())
+    for section, keys in load_config().to_dict().items():
+        for key in keys:
+            assert main(["resume", run.path, "--set", f"{section}.{key}=1"]) == 2
+            err = capsys.readouterr().err.strip()
+            refused = "a resumed run keeps its config" in err
+            assert refused != ("the resume goes on" in err), err
+            hashed = config_hash(_changed(section, key)) != base
+            assert refused == (hashed or section == "output"), f"{section}.{key}: refused {refused}, hashed {hashed}"
+            if refused:
+                assert err.endswith(f"only {', '.join(k if '.' in k else k + '.*' for k in RESUMABLE)} may change")

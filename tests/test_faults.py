@@ -5,6 +5,7 @@ import os
 import threading
 import time
 
+import pytest
 import ray
 import torch
 from ray.tune.search import Searcher
@@ -26,6 +27,8 @@ def embedded_ray(**faults):
         ray.shutdown()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_worker_process_that_dies_is_retried(tmp_path):
     with embedded_ray(crash_at=3, markers=tmp_path):
         assert main(run_args(tmp_path, "search.max_failures=2")) == 0
@@ -35,6 +38,8 @@ def test_a_worker_process_that_dies_is_retried(tmp_path):
     assert all(r.ok for r in records)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capsys):
     with embedded_ray(crash_at=3, crashes=2, markers=tmp_path):  # dies, and dies again in Tune's one retry
         assert main(run_args(tmp_path, "search.max_failures=1")) == 0
@@ -55,7 +60,7 @@ class _Numbered:
 
 
 def test_the_searcher_hands_a_lost_candidate_out_once_more_and_finishes_when_no_trial_runs(tmp_path):
-    searcher = StrategySearcher(_Numbered(), "numbered", [], 2, str(tmp_path))
+    searcher = StrategySearcher(_Numbered(), "numbered", [], 2, CandidateStore(str(tmp_path)))
     first, second = searcher.suggest("a"), searcher.suggest("b")
     assert [first["index"], second["index"]] == [0, 1]
     assert searcher.suggest("c") is None  # every candidate handed out, two trials still running
@@ -66,12 +71,14 @@ def test_the_searcher_hands_a_lost_candidate_out_once_more_and_finishes_when_no_
     assert not searcher.handing_out_again(0) and searcher.suggest("d") is None
     searcher.on_trial_complete("b", result=CandidateRecord(1, [0.1], score=0.5, flops=1).to_dict())
     assert searcher.suggest("d") == Searcher.FINISHED
-    once = StrategySearcher(_Numbered(), "numbered", [], 1, str(tmp_path), retry_lost=False)  # max_failures=0
+    once = StrategySearcher(_Numbered(), "numbered", [], 1, CandidateStore(str(tmp_path)), retry_lost=False)  # max_failures=0
     once.suggest("a")
     once.on_trial_complete("a", error=True)
     assert not once.handing_out_again(0) and once.suggest("b") == Searcher.FINISHED
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path):
     with embedded_ray(fail_at=2):
         assert main(run_args(tmp_path)) == 0
@@ -82,6 +89,8 @@ def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path):
     assert all(records[i].ok for i in records if i != 2)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
     from prunetune import build_model
 
@@ -98,6 +107,8 @@ def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
     assert 4 <= len(records) < 40 and all(r.status == "failed" for r in records)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -127,6 +138,8 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
         cluster.shutdown()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_time_budget_ends_the_search_and_the_best_so_far_are_fine_tuned(tmp_path, capsys):
     # 40 candidates of at least 5 s each on 2 trials need 100 s or more: a 30 s budget must end the search early
     with embedded_ray(delay_s=5.0):

@@ -51,7 +51,7 @@ def test_a_grouped_conv_keeps_whole_blocks():
     grouped = {g.name: g for g in space.groups}
     assert grouped["grouped.0"].blocks == grouped["reduce.0"].blocks == 4
     for ratios in np.random.default_rng(2).uniform(0, 0.7, (5, len(space.groups))):
-        kept = dict(zip([g.name for g in space.groups], space.kept_channels(ratios)))
+        kept = dict(zip([g.name for g in space.groups], space.kept_units(ratios)))
         assert kept["grouped.0"] % 4 == 0 and kept["reduce.0"] % 4 == 0
 
 

@@ -46,7 +46,7 @@ def test_the_table_predicts_more_latency_for_every_network_that_keeps_more_chann
     _, space = resnet20
     rng = np.random.default_rng(0)
     small = space.kept_batch(rng.uniform(0, 0.7, (200, len(space.groups))))
-    larger = np.minimum(small + rng.integers(0, 8, small.shape), [g.channels for g in space.groups])
+    larger = np.minimum(small + rng.integers(0, 8, small.shape), [g.units for g in space.groups])
     assert (table.predict(space, larger) >= table.predict(space, small) - 1e-12).all()
     full = space.kept_batch(np.zeros((1, len(space.groups))))
     assert table.predict(space, full)[0] > table.predict(space, small).min()

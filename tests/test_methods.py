@@ -20,9 +20,9 @@ from prunetune.workers.models import build_model
 from prunetune.workers.sparsity import add_l1_subgradient, batchnorms
 from prunetune.workers.space import count_flops
 from prunetune.workers.prune import clone_module
-from prunetune.workers.stripes import StripeConv2d, StripePlan, skeleton_train, stripe_norms, stripe_space
-from prunetune.workers.unstructured import (MaskPlan, direct_counts, remove_masks, unstructured_space,
-                                            weight_importance)
+from prunetune.workers.methods import METHODS
+from prunetune.workers.methods.stripe import StripeConv2d, skeleton_train, stripe_norms, stripe_space
+from prunetune.workers.methods.unstructured import direct_counts, remove_masks, unstructured_space, weight_importance
 from tests.runs import small
 
 
@@ -50,8 +50,7 @@ class _Stop(Exception):
 def test_sparsity_training_runs_after_the_base_is_cached_and_resumes(tmp_path, capsys):
     cfg = load_config(None, small(tmp_path / "run", tmp_path / "cache", "model.sparsity=5e-3",
                                   "model.sparsity_epochs=2", "search.criterion=bn_scale"))
-    prep = prepare(cfg)
-    ensure_base(prep)
+    prep = ensure_base(prepare(cfg))
     first = prep.sparsity
     assert first["gamma_after"]["median"] < first["gamma_before"]["median"]
     assert prep.base_checkpoint == first["checkpoint"] and first["checkpoint"].startswith(str(tmp_path / "cache"))
@@ -68,13 +67,11 @@ def test_sparsity_training_runs_after_the_base_is_cached_and_resumes(tmp_path, c
         finetune(interrupted.model, interrupted.data, cfg.finetune, checkpoint_path=first["checkpoint"] + ".resume",
                  epochs=2, after_backward=lambda: add_l1_subgradient(scales, 5e-3), on_epoch=stop)
     capsys.readouterr()
-    prep = prepare(cfg)
-    ensure_base(prep)
+    prep = ensure_base(prepare(cfg))
     assert "fine-tune: resumed after epoch 1 of 2" in capsys.readouterr().err
     assert all(torch.equal(trained[k], v) for k, v in prep.model.state_dict().items())
     assert not os.path.exists(first["checkpoint"] + ".resume")
-    prep = prepare(cfg)
-    ensure_base(prep)
+    prep = ensure_base(prepare(cfg))
     assert "sparsity training: loaded" in capsys.readouterr().err
 
 
@@ -101,7 +98,7 @@ def unstructured():
 
 def test_unstructured_flops_and_params_equal_a_direct_count_on_the_masked_network(unstructured):
     model, space, example = unstructured
-    plan = MaskPlan(model, space)
+    plan = METHODS["unstructured"].plan(model, space)
     rng = np.random.default_rng(0)
     for ratios in [np.zeros(len(space.groups)), np.full(len(space.groups), 0.9)] + \
             [rng.uniform(0, 0.9, len(space.groups)) for _ in range(3)]:
@@ -110,14 +107,14 @@ def test_unstructured_flops_and_params_equal_a_direct_count_on_the_masked_networ
         assert params == space.params(ratios)
         assert abs(flops - space.flops(ratios)) <= 1
         nonzero = sum(int((m.weight != 0).sum()) for m in pruned.modules() if hasattr(m, "weight_mask"))
-        assert nonzero == sum(space.kept_channels(ratios))
+        assert nonzero == sum(space.kept_units(ratios))
     assert space.flops(np.zeros(len(space.groups))) == space.base_flops
 
 
 def test_unstructured_candidates_meet_a_non_zero_params_budget_and_keep_the_largest_weights(unstructured):
     model, space, _ = unstructured
     sampler = StrategySampler(space, 0.3, 0.01, 0.9, constraint=CONSTRAINTS["params"])
-    plan = MaskPlan(model, space)
+    plan = METHODS["unstructured"].plan(model, space)
     for i in range(5):
         ratios = sampler.sample(i)
         assert abs(space.params(ratios) / space.base_params - 0.3) <= 0.01
@@ -131,7 +128,7 @@ def test_unstructured_candidates_meet_a_non_zero_params_budget_and_keep_the_larg
 def test_masks_survive_fine_tuning_saving_and_export(unstructured, tmp_path):
     model, space, example = unstructured
     ratios = np.full(len(space.groups), 0.6)
-    pruned = MaskPlan(model, space).apply(ratios)
+    pruned = METHODS["unstructured"].plan(model, space).apply(ratios)
     zeros = {g.name: pruned.get_submodule(g.name).weight == 0 for g in space.groups}
     data = load_data("synthetic", image_size=32, num_classes=10, train_size=64, test_size=16)
     finetune(pruned, data, load_config(None, ["finetune.batch_size=32"]).finetune, epochs=1)
@@ -158,7 +155,7 @@ def test_the_global_magnitude_baseline_keeps_every_weight_above_one_threshold(un
     ratios = global_threshold(sampler, importance, comparable=True)
     assert sampler.contains(ratios)
     kept, pruned = [], []
-    for imp, k in zip(importance, space.kept_channels(ratios)):
+    for imp, k in zip(importance, space.kept_units(ratios)):
         order = np.sort(imp)[::-1]
         if len(imp) - k < int(len(imp) * 0.9):
             kept.append(order[k - 1])
@@ -224,7 +221,7 @@ def test_stripe_flops_and_params_equal_fvcore_and_a_parameter_count_on_the_prune
     torch.manual_seed(0)
     model, example = build_model("resnet20", 10, 3).eval(), torch.zeros(1, 3, 32, 32)
     space = stripe_space(model, example)
-    plan = StripePlan(model, space)
+    plan = METHODS["stripe"].plan(model, space)
     rng = np.random.default_rng(0)
     for ratios in [np.full(len(space.groups), 0.9)] + [rng.uniform(0, 0.9, len(space.groups)) for _ in range(3)]:
         pruned = plan.apply(ratios)
@@ -254,7 +251,7 @@ def test_a_stripe_model_file_rebuilds_the_same_network(tmp_path):
     model = build_model("resnet20", 10, 3).eval()
     space = stripe_space(model, torch.zeros(1, 3, 32, 32))
     ratios = np.full(len(space.groups), 0.5)
-    pruned = StripePlan(model, space).apply(ratios).eval()
+    pruned = METHODS["stripe"].plan(model, space).apply(ratios).eval()
     record = pruned_record({"name": "resnet20", "num_classes": 10, "in_channels": 3, "kwargs": {}}, space, ratios,
                            "l1", "stripe", "", None)
     save_pruned(str(tmp_path / "m.pt"), pruned, record)

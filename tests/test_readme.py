@@ -5,9 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.faults import ROOT
 
 
+@pytest.mark.slow
 def test_the_python_api_example_runs(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme[readme.index("## Python API"):]

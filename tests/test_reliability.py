@@ -16,7 +16,7 @@ from prunetune.search.cli import main
 from prunetune.search.rundir import RunDir
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import CandidateRecord
-from tests.faults import ROOT
+from tests.faults import ROOT, sigint_as_in_a_terminal
 from tests.runs import as_args, run_args
 
 
@@ -174,9 +174,11 @@ def test_report_says_which_stored_candidates_are_missing(tmp_path, capsys):
     assert "the manifest records 1 stored candidates, 1 of them are missing" in out
 
 
+@pytest.mark.slow  # starts `prunetune run` and trains until the first epoch: 11 s here
 def test_ctrl_c_while_the_base_model_trains_says_nothing_was_written(tmp_path):
     args = run_args(tmp_path, "model.pretrain_epochs=500")
-    proc = subprocess.Popen([sys.executable, "-m", "prunetune", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     deadline = time.time() + 120
     for line in proc.stderr:  # the interrupt must land while the base model trains
         if "fine-tune: epoch 1/500" in line or time.time() > deadline:

@@ -16,17 +16,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from prunetune.search.store import CandidateStore
-from tests.faults import ROOT
+from tests.faults import ROOT, sigint_as_in_a_terminal
 from tests.runs import as_args, small
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 N = 8
 
 
 def _start(args, output, pause_between_stages=0.0, **faults):
-    """The driver in its own process group (the kill takes its Ray too), with worker faults from tests.faults."""
+    """The driver in its own process group (the kill takes its Ray too), with worker faults from tests.faults;
+    SIGINT reaches it as Ctrl-C would even when pytest runs in the background."""
     env = {**os.environ, **{f"PRUNETUNE_TEST_{k.upper()}": str(v) for k, v in faults.items()}}
     return subprocess.Popen([sys.executable, "-m", "tests.faults", str(pause_between_stages), *args], env=env,
-                            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal)
 
 
 def _run_args(run, cache, *extra):

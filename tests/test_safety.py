@@ -104,7 +104,7 @@ def test_report_skips_a_damaged_part_and_resume_sees_the_checksum(tmp_path, caps
 
     run.create(load_config(), overwrite=False)
     store = CandidateStore(run.path)
-    row = dict(ratios=[0.1, 0.2, 0.3, 0.4], kept_channels=[1, 2, 3, 4], flops=700000, flops_ratio=0.49, params=30000,
+    row = dict(ratios=[0.1, 0.2, 0.3, 0.4], kept_units=[1, 2, 3, 4], flops=700000, flops_ratio=0.49, params=30000,
                score=0.9, accuracy=0.9, loss=0.3, bn_recalibrated=True, device="cpu", node="n")
     first = store.append([CandidateRecord(0, **row)])
     second = store.append([CandidateRecord(1, **{**row, "score": 0.8})])

@@ -33,6 +33,8 @@ def finished_run(ray_session, tmp_path_factory):
     return tmp / "run", overrides
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_every_candidate_lands_once_in_the_store(finished_run):
     run, _ = finished_run
     raw = pq.read_table(run / "candidates.parquet")
@@ -43,6 +45,8 @@ def test_every_candidate_lands_once_in_the_store(finished_run):
     assert all(r.node and r.device == "cpu" and r.t_calibrate > 0 and r.trial_id for r in records)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_the_scheduler_top_k_is_the_best_rows_of_the_store(finished_run):
     run, _ = finished_run
     board = json.load(open(run / "leaderboard.json"))
@@ -51,6 +55,8 @@ def test_the_scheduler_top_k_is_the_best_rows_of_the_store(finished_run):
     assert [b["score"] for b in board] == [r.score for r in top]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_final_models_summary_and_report(finished_run):
     run, _ = finished_run
     summary = json.load(open(run / "final" / "summary.json"))
@@ -68,6 +74,8 @@ def test_final_models_summary_and_report(finished_run):
     assert "rank1.pt" in report and (run / "report.png").stat().st_size > 1000
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_report_and_export(finished_run, capsys, tmp_path):
     run, _ = finished_run
     assert main(["report", str(run)]) == 0
@@ -81,6 +89,8 @@ def test_report_and_export(finished_run, capsys, tmp_path):
     assert "--rank:" in capsys.readouterr().err
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_second_run_into_the_same_directory_is_refused(finished_run, capsys):
     run, overrides = finished_run
     before = sorted(os.listdir(run))
@@ -92,6 +102,8 @@ def test_a_second_run_into_the_same_directory_is_refused(finished_run, capsys):
     assert sorted(os.listdir(run)) == before
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_resume_of_a_finished_run_does_nothing(finished_run, capsys):
     run, _ = finished_run
     assert main(["resume", str(run)]) == 0
@@ -111,6 +123,8 @@ def test_a_base_model_trained_here_is_the_same_in_every_process(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_export_never_overwrites_and_names_a_bad_destination(finished_run, capsys, tmp_path):
     run, _ = finished_run
     own = run / "final" / "rank1.pt"
@@ -129,6 +143,8 @@ def test_export_never_overwrites_and_names_a_bad_destination(finished_run, capsy
 
 
 @pytest.mark.parametrize("stage, damage", [("done", "delete"), ("finetune", "truncate")])
+@pytest.mark.ray
+@pytest.mark.slow
 def test_resume_evaluates_again_what_the_manifest_has_but_the_disk_lost(finished_run, capsys, tmp_path, stage, damage):
     run = tmp_path / "copy"
     shutil.copytree(finished_run[0], run)
@@ -146,6 +162,8 @@ def test_resume_evaluates_again_what_the_manifest_has_but_the_disk_lost(finished
     assert json.load(open(run / "manifest.json"))["stage"] == "done"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_search_ended_by_its_time_budget_continues_with_a_new_budget(ray_session, tmp_path, capsys):
     args = run_args(tmp_path, "search.time_budget_s=0.001", candidates=4)
     assert main(args) == 1
@@ -154,6 +172,7 @@ def test_a_search_ended_by_its_time_budget_continues_with_a_new_budget(ray_sessi
     assert sorted(r.index for r in CandidateStore(str(tmp_path / "run")).records()) == list(range(4))
 
 
+@pytest.mark.ray
 def test_trials_no_node_can_run_are_refused_before_anything_is_written(ray_session, tmp_path, capsys):
     assert main(run_args(tmp_path, "resources.cpus_per_trial=4")) == 2
     err = capsys.readouterr().err.strip()
@@ -163,6 +182,8 @@ def test_trials_no_node_can_run_are_refused_before_anything_is_written(ray_sessi
 
 
 @pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
+@pytest.mark.ray
+@pytest.mark.slow
 def test_an_exported_model_takes_raw_test_images_and_scores_the_runs_test_accuracy(finished_run, tmp_path, fmt):
     run, _ = finished_run
     path = tmp_path / f"best.{fmt}"
@@ -192,6 +213,8 @@ def test_an_exported_model_takes_raw_test_images_and_scores_the_runs_test_accura
     assert contract["shape"] == [1, 8, 8] and contract["scale"] == 1 / 16 and contract["classes"] == list("0123456789")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_side(finished_run, tmp_path, capsys):
     import onnxruntime
 
@@ -219,6 +242,8 @@ def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_s
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(ray_session, tmp_path):
     assert main(run_args(tmp_path, "search.granularity=unstructured", "search.constraint=params",
                          "search.target=0.3", candidates=4, top_k=1)) == 0
@@ -229,10 +254,12 @@ def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(r
     assert {r.source for r in records} >= {"uniform", "global threshold"}
     model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
     nonzero = sum(int((m.weight != 0).sum()) for m in model.modules() if hasattr(m, "weight_mask"))
-    assert record["granularity"] == "unstructured" and nonzero == sum(record["kept_channels"])
+    assert record["granularity"] == "unstructured" and nonzero == sum(record["kept_units"])
     assert "dense kernels do not run them faster" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(ray_session, tmp_path):
     assert main(run_args(tmp_path, "search.constraint=latency", "search.target=0.85", "search.limits={params: 0.7}",
                          "latency.grid=3", "latency.repeats=5", candidates=4, top_k=1)) == 0
@@ -248,6 +275,8 @@ def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(r
     assert prep.space.latency.to_dict() == json.load(open(run / "latency-table.json"))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_stripe_search_with_filter_skeleton_training_runs_end_to_end(ray_session, tmp_path):
     assert main(run_args(tmp_path, "search.granularity=stripe", "model.sparsity=1e-3", "model.sparsity_epochs=1",
                          candidates=3, top_k=1)) == 0
@@ -260,6 +289,8 @@ def test_a_stripe_search_with_filter_skeleton_training_runs_end_to_end(ray_sessi
     assert "## Sparsity training (Filter Skeleton)" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_the_report_opens_with_a_recommendation(finished_run):
     run, _ = finished_run
     report = (run / "report.md").read_text().splitlines()

@@ -94,9 +94,9 @@ def test_kept_channels_follow_torch_pruning_rounding():
     model = build_model("digits_cnn", 10, 1)
     space = PruningSpace.from_model(model, torch.zeros(1, 1, 8, 8))
     ratios = [0.3, 0.55, 0.1, 0.69]
-    assert space.kept_channels(ratios) == [int(g.channels * (1 - r)) for g, r in zip(space.groups, ratios)]
+    assert space.kept_units(ratios) == [int(g.units * (1 - r)) for g, r in zip(space.groups, ratios)]
     rounded = PruningSpace.from_model(model, torch.zeros(1, 1, 8, 8), round_to=8)
-    assert all(k % 8 == 0 and k >= 8 for k in rounded.kept_channels(ratios))
+    assert all(k % 8 == 0 and k >= 8 for k in rounded.kept_units(ratios))
 
 
 @pytest.mark.parametrize("ratios, fragment", [
@@ -150,8 +150,8 @@ def test_a_groupnorm_group_keeps_whole_blocks_and_counts_exactly():
     plan = PrunePlan(model, space)
     for ratios in ([0.5, 0.25], [0.3, 0.6]):
         pruned = plan.apply(ratios)
-        assert pruned.body[1].num_channels == pruned.body[0].out_channels == space.kept_channels(ratios)[0]
-        assert space.kept_channels(ratios)[0] % 4 == 0
+        assert pruned.body[1].num_channels == pruned.body[0].out_channels == space.kept_units(ratios)[0]
+        assert space.kept_units(ratios)[0] % 4 == 0
         assert space.flops(ratios) == fvcore_flops(pruned, (3, 16, 16))
         assert space.params(ratios) == sum(p.numel() for p in pruned.parameters())
         reference = torch_pruning_surgery(model, space, plan, ratios)

@@ -37,7 +37,7 @@ class TwoLayer(nn.Module):
 def test_criteria_keep_the_right_filters(criterion, kept):
     model = TwoLayer()
     space = PruningSpace.from_model(model, torch.zeros(1, 2, 3, 3))
-    assert [g.channels for g in space.groups] == [4]
+    assert [g.units for g in space.groups] == [4]
     pruned = prune(model, space, [0.5], criterion)
     assert torch.equal(pruned.conv.weight, model.conv.weight[kept])
     assert torch.equal(pruned.bn.weight, model.bn.weight[kept])

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .files import atomic_write
+from .seeds import generator
 
 SOURCES = ("digits", "cifar10", "imagefolder", "synthetic")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -132,7 +133,7 @@ class SyntheticImages(Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        g = generator(self.seed, int(i))
         return torch.randn(self.shape, generator=g), int(torch.randint(0, self.num_classes, (), generator=g))
 
     def augmented(self) -> "SyntheticImages":

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .adaptive_bn import recalibrate_bn
 from .data import DataBundle, TensorImages, heldout_split, iterate_batches
-from .granularity import GRANULARITIES
+from .methods import METHODS, PruningMethod
 from .latency import device_name
 from .record import CandidateRecord
 from .scoring import score
@@ -99,7 +99,7 @@ class CandidateEvaluator:
     """
 
     def __init__(self, model: nn.Module, space: PruningSpace, data: DataBundle | EvaluationData, evaluation_config,
-                 device: str = "auto", criterion: str = "l1", granularity: str = "channel"):
+                 device: str = "auto", criterion: str = "l1", method: PruningMethod = METHODS["channel"]):
         cfg = evaluation_config
         self.cfg, self.space = cfg, space
         self.device = resolve_device(device)
@@ -108,7 +108,7 @@ class CandidateEvaluator:
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
         self.base = model.to(self.device).eval()
         self.device_name = device_name(self.device) if space.latency is not None else None  # latency timing
-        self.plan = GRANULARITIES[granularity].pruner(self.base, space, criterion, cfg.seed)
+        self.plan = method.plan(self.base, space, criterion, cfg.seed)
         data = data if isinstance(data, EvaluationData) else evaluation_data(data, cfg)
         self.heldout_indices, self.rest_indices = data.heldout_indices, data.rest_indices
         self.calibration_indices = data.calibration_indices
@@ -176,7 +176,7 @@ class CandidateEvaluator:
         trim_memory()
         flops = self.space.flops(ratios)
         return CandidateRecord(
-            index, [float(r) for r in ratios], kept_channels=self.space.kept_channels(ratios), flops=flops,
+            index, [float(r) for r in ratios], kept_units=self.space.kept_units(ratios), flops=flops,
             flops_ratio=flops / self.space.base_flops, params=self.space.params(ratios),
             score=result["accuracy"] if self.cfg.metric == "accuracy" else -result["loss"],
             accuracy=result["accuracy"], loss=result["loss"], bn_recalibrated=recalibrated > 0,

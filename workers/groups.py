@@ -52,17 +52,18 @@ class Member:
 
 
 @dataclass
-class ChannelGroup:
-    """A set of coupled channels pruned together with one ratio.
+class Group:
+    """A set of units pruned together with one ratio: coupled channels (channel pruning), or the weights or
+    stripes of one layer (methods that prune within a layer, whose groups have no members).
 
-    Named after its producer (the first conv/linear, in model order, whose filters it prunes); `root` is the
-    layer Torch-Pruning enumerates it by. `blocks` > 1 when a grouped conv or GroupNorm splits the channels into
-    blocks that must keep the same units (unit u is position u % (channels / blocks) of block u // (channels /
-    blocks)).
+    A channel group is named after its producer (the first conv/linear, in model order, whose filters it
+    prunes); `root` is the layer Torch-Pruning enumerates it by. `blocks` > 1 when a grouped conv or GroupNorm
+    splits the channels into blocks that must keep the same units (unit u is position u % (units / blocks) of
+    block u // (units / blocks)).
     """
 
     name: str
-    channels: int
+    units: int
     members: list[Member] = field(repr=False)
     root: str = ""
     blocks: int = 1
@@ -367,7 +368,7 @@ def _members(items: dict[tuple, list], n_roots: int) -> tuple[list[Member], int]
     return members, n_units
 
 
-def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tuple[ChannelGroup, bool]:
+def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tuple[Group, bool]:
     items, counted = _raw_items(trace, group)
     try:
         members, n_units = _members(items, len(group[0].idxs))
@@ -387,14 +388,14 @@ def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tu
     position = {n: i for i, n in enumerate(trace.names.values())}
     producers = [m.module for m in members if m.role == OUT and m.kind in ("conv", "grouped_conv", "linear")]
     name = min(producers, key=position.__getitem__) if producers else trace.names[root]
-    return ChannelGroup(name, n_units, members, root=trace.names[root], blocks=lcm), counted
+    return Group(name, n_units, members, root=trace.names[root], blocks=lcm), counted
 
 
 @dataclass
 class Discovery:
     """What group discovery found: the groups, and what the FLOPs model and the preflight need beside them."""
 
-    groups: list[ChannelGroup]
+    groups: list[Group]
     op_channels: dict[str, int]  # stateless leaf -> channels of its output
     aliases: dict[str, str]  # stateless leaf that passed its input on -> the leaf whose output it is
     rejected: list[tuple[str, str]]  # (group root, reason) of groups that cannot be modelled exactly

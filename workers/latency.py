@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .files import write_json
 from .layers import IN, OUT, kind_of
+from .prune import PrunePlan
 from .space import PruningSpace
 from .timing import time_forward
 
@@ -229,8 +230,6 @@ def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, th
                 seed: int = 0, multiple: int = CHANNEL_MULTIPLE) -> LatencyTable:
     """Time every layer of `model` on `example`'s device and batch size over a grid of its channel counts
     (multiples of `multiple`), then fit the sum of the tables to `fit_strategies` pruned networks timed whole."""
-    from .prune import PrunePlan
-
     device = example.device
     model = copy.deepcopy(model).to(device).eval()  # the caller's model stays where it is
     shapes = _layer_inputs(model, example)
@@ -255,7 +254,7 @@ def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, th
         layers.append(LayerTable(name, full_out, full_in, out_sizes, in_sizes, measured[signature]))
     table = LatencyTable(table_key(model, space, example, threads, grid, repeats), device_name(device),
                          int(example.shape[0]), threads, repeats, multiple, layers)
-    plan = PrunePlan(model, space, order=[np.arange(g.channels // g.blocks) for g in space.groups])
+    plan = PrunePlan(model, space, order=[np.arange(g.units // g.blocks) for g in space.groups])
     rng = np.random.default_rng(seed)
     strategies = [np.zeros(len(space.groups))] + [rng.uniform(0, max_ratio, len(space.groups)) * level
                                                   for level in np.linspace(0.2, 1.0, fit_strategies)]

@@ -66,22 +66,15 @@ def check_width(model: nn.Module, example_inputs: torch.Tensor, num_classes: int
     return width
 
 
-def prove(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, space: PruningSpace, plan,
-          strategies: dict[str, np.ndarray], count: Callable[[nn.Module], tuple[float, int]], counted_by: str
-          ) -> Verdict:
-    """The verdict on a space whose every unit prunes alike (unstructured, stripes): each strategy's pruned
-    network runs with the right output width, and `count(pruned)` (FLOPs, params) equals the space's."""
-    checked = []
-    for name, ratios in strategies.items():
-        pruned = plan.apply(ratios)
-        if output_width(pruned, example_inputs) != num_classes:
-            raise SpaceError(f"model: the {name} strategy changes the output width")
-        flops, params = count(pruned)
-        if abs(flops - space.flops(ratios)) > max(1.0, _TOLERANCE * flops) or params != space.params(ratios):
-            raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
-                             f"the space, {flops:,.0f} by {counted_by}; params {space.params(ratios):,} and {params:,})")
-        checked.append((name, space.flops(ratios), space.params(ratios)))
-    return Verdict(space, [], checked, counted_by)
+def strategies_to_prove(space: PruningSpace, max_ratio: float, first: Callable[[PruningSpace], list[float]]
+                        ) -> dict[str, np.ndarray]:
+    """The strategies every preflight proves: the most pruned one, and the first the search will evaluate."""
+    return {"most pruned": np.full(len(space.groups), max_ratio), "first sampled": np.array(first(space))}
+
+
+def within_tolerance(predicted: float, counted: float) -> bool:
+    """True if the space's figure equals a direct count (exact up to float rounding, at most one FLOP)."""
+    return abs(predicted - counted) <= max(1.0, _TOLERANCE * counted)
 
 
 def _problem(model: nn.Module, plan: PrunePlan, ratios, example_inputs: torch.Tensor, width: int) -> str | None:
@@ -99,7 +92,7 @@ def _problem(model: nn.Module, plan: PrunePlan, ratios, example_inputs: torch.Te
     space = plan.space
     flops, params = int(count_flops(pruned, example_inputs).total()), sum(p.numel() for p in pruned.parameters())
     for what, model_value, real in (("FLOPs", space.flops(ratios), flops), ("params", space.params(ratios), params)):
-        if abs(model_value - real) > max(1.0, _TOLERANCE * real):
+        if not within_tolerance(model_value, real):
             return f"{what} {model_value:,} by the space, {real:,} by fvcore on the pruned network"
     return None
 
@@ -107,7 +100,7 @@ def _problem(model: nn.Module, plan: PrunePlan, ratios, example_inputs: torch.Te
 def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, width: int,
            strategies: dict[str, np.ndarray]) -> tuple[list[tuple[str, str]], list[tuple[str, int, int]]]:
     """(culprit groups, checked strategies): groups that break a strategy, each found by pruning it alone."""
-    plan = PrunePlan(model, space, order=[np.arange(g.channels // g.blocks) for g in space.groups])
+    plan = PrunePlan(model, space, order=[np.arange(g.units // g.blocks) for g in space.groups])
     failures = {name: _problem(model, plan, r, example_inputs, width) for name, r in strategies.items()}
     if not any(failures.values()):
         return [], [(name, space.flops(r), space.params(r)) for name, r in strategies.items()]
@@ -129,7 +122,8 @@ def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, 
 def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
               first: Callable[[PruningSpace], list[float]], round_to: int = 1,
               ignored_layers: list[str] | None = None) -> Verdict:
-    """Build the space of `model` and prove it exact on the extreme and the first strategy (SpaceError if not).
+    """Build the channel space of `model` and prove it exact on the extreme and the first strategy (SpaceError if
+    not).
 
     `first(space)` is the first strategy the search will evaluate in that space.
     """
@@ -139,8 +133,7 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
         space = PruningSpace.from_model(model, example_inputs, round_to, ignored)
         found = space.rejected  # groups discovery could not model: no strategy needed to know
         if not found:
-            strategies = {"most pruned": np.full(len(space.groups), max_ratio), "first sampled": np.array(first(space))}
-            found, checked = _check(model, space, example_inputs, width, strategies)
+            found, checked = _check(model, space, example_inputs, width, strategies_to_prove(space, max_ratio, first))
             if not found:
                 return Verdict(space, left_out, checked)
         causes = list(dict.fromkeys(reason for _, reason in left_out + found))

@@ -7,7 +7,6 @@ candidate. The tests hold it to Torch-Pruning's own surgery on the same channels
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,43 +14,36 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .groups import OP, PARAMETER, ChannelGroup, dim_size
+from .criteria import BATCHNORM, CRITERIA, Criterion
+from .groups import OP, PARAMETER, Group, dim_size
 from .layers import LayerKind, kind_of
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # space.py builds on this module (its functional fit prunes); only the annotations point back
     from .space import PruningSpace
 
-CRITERIA = ("l1", "l2", "bn_scale", "random")
 _PRODUCERS = ("conv", "grouped_conv", "linear")
 
 
-def _unit_importance(model: nn.Module, group: ChannelGroup, criterion: str, seed: int,
+def _unit_importance(model: nn.Module, group: Group, criterion: Criterion, seed: int,
                      position: dict[str, int]) -> np.ndarray:
-    """Importance of each unit of a group (higher = keep).
-
-    l1/l2: the L1 (sum |w|) or squared L2 norm of each filter of the group's producer, its first conv/linear
-    layer in model order whose output channels the group prunes (EagleEye's L1); bn_scale: |gamma| of the
-    group's first affine BatchNorm in model order (Network Slimming), L1 for a group without one; random: a
-    seeded random ranking (a control).
-    """
-    if criterion == "random":
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(group.root.encode()))
-        return torch.rand(group.channels, generator=g).numpy()
+    """Importance of each unit of a group (higher = keep): the criterion on the filters of the group's producer,
+    its first conv/linear layer in model order whose output channels the group prunes (EagleEye's L1); a
+    BatchNorm criterion (bn_scale) reads the group's first affine BatchNorm in model order instead, the producer
+    for a group without one."""
     ordered = sorted(group.members, key=lambda m: position.get(m.module.rsplit(".", 1)[0] if m.kind == PARAMETER
                                                                  else m.module, 0))
-    member, values = None, None
-    if criterion == "bn_scale":
+    member, rows = None, None
+    if criterion.source == BATCHNORM:
         bns = [m for m in ordered if m.kind == "batchnorm" and getattr(model.get_submodule(m.module), "affine", False)]
         if bns:
             member = bns[0]
-            values = model.get_submodule(member.module).weight.detach()[member.idxs].abs().float()
-    if values is None:  # the first producer; a group of depthwise convs only ranks by its first one
+            rows = model.get_submodule(member.module).weight.detach()[member.idxs]
+    if rows is None:  # the first producer; a group of depthwise convs only ranks by its first one
         producers = [m for m in ordered if m.role == "out" and m.kind in _PRODUCERS]
         member = (producers or [m for m in ordered if m.kind == "dwconv"])[0]
-        weight = model.get_submodule(member.module).weight.detach()[member.idxs]
-        values = weight.flatten(1).abs().pow(2 if criterion == "l2" else 1).sum(1).float()
-    importance = np.zeros(group.channels)
-    np.add.at(importance, member.units, values.cpu().double().numpy())
+        rows = model.get_submodule(member.module).weight.detach()[member.idxs]
+    importance = np.zeros(group.units)
+    np.add.at(importance, member.units, criterion(rows, seed, group.root))
     return importance
 
 
@@ -61,7 +53,8 @@ def position_importance(model: nn.Module, space: PruningSpace, criterion: str = 
     if criterion not in CRITERIA:
         raise ValueError(f"search.criterion: unknown criterion '{criterion}'; allowed: {', '.join(CRITERIA)}")
     position = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return [_unit_importance(model, g, criterion, seed, position).reshape(g.blocks, -1).mean(0) for g in space.groups]
+    return [_unit_importance(model, g, CRITERIA[criterion], seed, position).reshape(g.blocks, -1).mean(0)
+            for g in space.groups]
 
 
 def rank_units(model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> list[np.ndarray]:
@@ -103,10 +96,10 @@ class PrunePlan:
     def pruned_units(self, ratios) -> list[np.ndarray]:
         """Per group, a boolean mask of the units the strategy removes (the same positions in every block)."""
         masks = []
-        for g, kept, order in zip(self.space.groups, self.space.kept_channels(ratios), self.order):
-            width = g.channels // g.blocks
+        for g, kept, order in zip(self.space.groups, self.space.kept_units(ratios), self.order):
+            width = g.units // g.blocks
             local = np.zeros(width, dtype=bool)
-            local[order[: (g.channels - kept) // g.blocks]] = True
+            local[order[: (g.units - kept) // g.blocks]] = True
             masks.append(np.tile(local, g.blocks))
         return masks
 

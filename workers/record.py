@@ -15,11 +15,11 @@ class CandidateRecord:
     """One candidate: its strategy, what it costs, how it scored, and where and how long it ran."""
 
     index: int  # candidate number within the search (candidate i of the sampler's seed for random search)
-    ratios: list[float] = field(default_factory=list)  # the strategy: one pruning ratio per channel group
+    ratios: list[float] = field(default_factory=list)  # the strategy: one pruning ratio per group
     status: str = "ok"  # ok | failed
     error: str | None = None
     source: str | None = None  # who proposed it: the search algorithm, or a baseline (uniform, global threshold)
-    kept_channels: list[int] | None = None
+    kept_units: list[int] | None = None  # per group, the units it keeps (channels, weights or stripes)
     flops: int | None = None
     flops_ratio: float | None = None
     params: int | None = None

@@ -1,4 +1,4 @@
-"""The strategy space: prunable channel groups of a model and an exact analytic FLOPs/params model.
+"""The strategy space: prunable groups of a model and an exact analytic FLOPs/params model.
 
 A strategy is one pruning ratio per group. Group g keeps `floor(C_g * (1 - r_g))` of its C_g channels, rounded
 down to a multiple of its step (the `round_to` multiple, and its block count when grouped convs or GroupNorm
@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .groups import OP, PARAMETER, ChannelGroup, Discovery, SpaceError, dim_size, discover_groups, find_classifier
+from .groups import OP, PARAMETER, Group, Discovery, SpaceError, dim_size, discover_groups, find_classifier
 from .layers import OUT, is_stateless, kind_of
+from .prune import PrunePlan
 
 
 def count_flops(model: nn.Module, example_inputs: torch.Tensor):
@@ -44,13 +45,13 @@ def own_flops(by_module: dict, model: nn.Module, name: str) -> int:
 
 
 class PruningSpace:
-    """Prunable channel groups of a model and the FLOPs/params of any strategy (one ratio per group).
+    """Prunable groups of a model and the FLOPs/params of any strategy (one ratio per group).
 
     Internally each pruned layer dimension is a row `d = const + M @ kept`; FLOPs and params are sums of
     `coef * d[a] * d[b]` over fvcore's per-module counts and over parameter tensors (row 0 is the constant 1).
     """
 
-    def __init__(self, groups: list[ChannelGroup], base_flops: int, base_params: int, dim_const: np.ndarray,
+    def __init__(self, groups: list[Group], base_flops: int, base_params: int, dim_const: np.ndarray,
                  dim_matrix: np.ndarray, flops_terms: tuple, params_terms: tuple, round_to: int = 1,
                  ignored_layers: list[str] = (), input_shape: tuple[int, ...] = (),
                  rejected: list[tuple[str, str]] = ()):
@@ -64,12 +65,12 @@ class PruningSpace:
         self.rejected = list(rejected)  # (group root, reason): groups left out because no exact model exists
         self.layer_rows: dict[tuple[str, str], int] = {}  # (module, role) -> row of its pruned dimension
         self.latency = None  # a latency.LatencyTable, attached when a budget names latency
-        self.unit = "channels"  # what a group's units are: channels, or single weights (unstructured)
-        self._channels = np.array([g.channels for g in groups], dtype=np.float64)
+        self.unit = "channels"  # what a group's units are: channels, single weights or stripes (the method's)
+        self._units = np.array([g.units for g in groups], dtype=np.float64)
         self._steps = np.array([math.lcm(g.blocks, self.round_to) for g in groups], dtype=np.float64)
         self._dim_const, self._dim_matrix = dim_const, dim_matrix
         self._flops_terms, self._params_terms = flops_terms, params_terms
-        full = self._channels[None, :]
+        full = self._units[None, :]
         base = self.flops_of_kept(full)[0]
         for i, g in enumerate(groups):
             k = full.copy()
@@ -93,7 +94,7 @@ class PruningSpace:
             fca = count_flops(model, example_inputs)
         finally:
             model.train(was_training)
-        found.groups = [g for g in found.groups if math.lcm(g.blocks, round_to) < g.channels]
+        found.groups = [g for g in found.groups if math.lcm(g.blocks, round_to) < g.units]
         if not found.groups:
             raise SpaceError("model: no prunable channel group (every conv/linear layer is the classifier, ignored, "
                              "or cannot be pruned exactly" + (f": {found.rejected[0][1]}" if found.rejected else "")
@@ -110,15 +111,13 @@ class PruningSpace:
     def _fit_functional(self, model: nn.Module, example_inputs: torch.Tensor, residual: dict[str, int],
                         probes: list[int]) -> None:
         """Make FLOPs counted in modules of no known kind scale with the groups that reach them (measured)."""
-        from .prune import PrunePlan
-
-        plan = PrunePlan(model, self, order=[np.arange(g.channels // g.blocks) for g in self.groups])
+        plan = PrunePlan(model, self, order=[np.arange(g.units // g.blocks) for g in self.groups])
         constant, coef, a, b = self._flops_terms
         terms = []
         for gi in probes:
             ratios = np.zeros(len(self.groups))
             ratios[gi] = 0.5
-            delta = self.kept_channels(ratios)[gi] - self.groups[gi].channels
+            delta = self.kept_units(ratios)[gi] - self.groups[gi].units
             try:
                 by_module = count_flops(plan.apply(ratios), example_inputs).by_module()
             except Exception:  # the pruned network does not run: the preflight names the group and why
@@ -129,7 +128,7 @@ class PruningSpace:
                 self._dim_const = np.append(self._dim_const, 0.0)
                 self._dim_matrix = np.vstack([self._dim_matrix, np.eye(len(self.groups))[gi]])
                 terms.append((slope, row))
-                constant -= slope * self.groups[gi].channels
+                constant -= slope * self.groups[gi].units
         if terms:
             coef = np.concatenate([coef, [t[0] for t in terms]])
             a = np.concatenate([a, [t[1] for t in terms]]).astype(np.int64)
@@ -152,14 +151,14 @@ class PruningSpace:
             raise SpaceError(f"strategy: ratio {r[i]} for group {i} ({self.groups[i].name}) is outside [0, 1)")
         return r
 
-    def kept_channels(self, ratios) -> list[int]:
-        """Channels each group keeps under the strategy."""
+    def kept_units(self, ratios) -> list[int]:
+        """Units (channels, weights, stripes) each group keeps under the strategy."""
         return [int(k) for k in self.kept_batch(self.check(ratios)[None, :])[0]]
 
     def kept_batch(self, ratios: np.ndarray) -> np.ndarray:
         """Kept counts for a [S, G] batch of ratios: floor(C * (1 - r)) down to a multiple of the step, >= 1 step."""
-        kept = np.floor(self._channels * (1.0 - ratios) / self._steps) * self._steps
-        return np.maximum(kept, np.minimum(self._steps, self._channels))
+        kept = np.floor(self._units * (1.0 - ratios) / self._steps) * self._steps
+        return np.maximum(kept, np.minimum(self._steps, self._units))
 
     def flops_of_kept(self, kept: np.ndarray) -> np.ndarray:
         """FLOPs for a [S, G] batch of kept-channel counts."""
@@ -196,7 +195,7 @@ class PruningSpace:
         for g in self.groups:
             layers = len({m.module for m in g.members if m.kind not in (OP, PARAMETER)}) or 1
             blocks = f"  ({g.blocks} blocks)" if g.blocks > 1 else ""
-            lines.append(f"{g.name:<{width}}  {g.channels:>8}  {layers:>6}  {100 * g.flops_share:>10.2f}%{blocks}")
+            lines.append(f"{g.name:<{width}}  {g.units:>8}  {layers:>6}  {100 * g.flops_share:>10.2f}%{blocks}")
         lines.append(f"{len(self.groups)} groups; not pruned: {', '.join(self.ignored_layers)} (classifier first)")
         lines.append("FLOPs share: the FLOPs that scale with the group's channels; a layer scales with the group of its "
                      "input and of its output, so the column sums to more than 100%" if self.unit == "channels" else
@@ -229,7 +228,7 @@ def _build(cls, model: nn.Module, example_inputs: torch.Tensor, found: Discovery
                 matrix.append(np.zeros(len(groups)))
             matrix[rows[key]][gi] += mem.per_unit
     matrix_arr = np.array(matrix)
-    const = np.array(full_size) - matrix_arr @ np.array([g.channels for g in groups], dtype=np.float64)
+    const = np.array(full_size) - matrix_arr @ np.array([g.units for g in groups], dtype=np.float64)
     if (const < 0).any():
         name = next(key for key, row in rows.items() if const[row] < 0)[0]
         raise SpaceError(f"model: the groups reach more channels of {name} than it has; it cannot be pruned exactly")

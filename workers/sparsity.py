@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .finetune import finetune
+
 HISTOGRAM_BINS = 20
 
 
@@ -25,6 +27,15 @@ def add_l1_subgradient(params: list[torch.Tensor], strength: float) -> None:
     for p in params:
         if p.grad is not None:
             p.grad.add_(strength * torch.sign(p.detach()))
+
+
+def slimming_train(model: nn.Module, data, cfg, strength: float, epochs: int, device="cpu", checkpoint_path=None,
+                   log=None) -> None:
+    """Network Slimming's sparsity training: fine-tune with `strength` * sum |gamma| over every BatchNorm scale
+    (in place, resumable from `checkpoint_path`)."""
+    scales = [m.weight for m in batchnorms(model)]
+    finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log,
+             after_backward=lambda: add_l1_subgradient(scales, strength))
 
 
 def bn_scales(model: nn.Module) -> np.ndarray:

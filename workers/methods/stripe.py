@@ -17,13 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .groups import SpaceError
-from .preflight import Verdict, check_width, prove
-from .prune import clone_module
-from .space import PruningSpace, count_flops
-from .sparsity import add_l1_subgradient
-from .unstructured import ascending, linear_space
-
+from ..finetune import finetune
+from ..preflight import Verdict, check_width
+from ..space import PruningSpace, count_flops
+from ..sparsity import add_l1_subgradient
+from .protocol import SparsityTraining, as_deployed, as_stored, plain_state
+from .units import UnitPlan, layer_importance, linear_space, prove
 
 
 def stripe_layers(model: nn.Module, ignored: list[str]) -> list[str]:
@@ -36,29 +35,17 @@ def stripe_layers(model: nn.Module, ignored: list[str]) -> list[str]:
 def stripe_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
                  ignored_layers: list[str] | None = None) -> PruningSpace:
     """One group per k x k conv, its units the Cout * k * k stripes; FLOPs and params on kept stripes."""
-    space = linear_space(model, example_inputs, ignored_layers, stripe_layers,
-                         lambda m: m.out_channels * m.kernel_size[0] * m.kernel_size[1], "no k x k conv to prune "
-                         "stripes of (stripes need 2-D, ungrouped convs with kernels larger than 1 x 1)")
-    space.unit = "stripes"
-    return space
+    return linear_space(model, example_inputs, ignored_layers, stripe_layers,
+                        lambda m: m.out_channels * m.kernel_size[0] * m.kernel_size[1], "no k x k conv to prune "
+                        "stripes of (stripes need 2-D, ungrouped convs with kernels larger than 1 x 1)", "stripes")
 
 
 def stripe_importance(model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0
                       ) -> list[np.ndarray]:
     """Per layer, the importance of each stripe (filter-major: stripe o * k*k + position): its L1 norm (l2: the
     squared L2 norm), or seeded random."""
-    if criterion == "bn_scale":
-        raise SpaceError("search.criterion: bn_scale ranks channels by BatchNorm scales; stripe-wise pruning ranks "
-                         "stripes: use l1 (magnitude), l2 or random")
-    found = []
-    for i, g in enumerate(space.groups):
-        w = model.get_submodule(g.name).weight.detach().float().cpu()  # [Cout, C, kh, kw]
-        if criterion == "random":
-            found.append(torch.rand(g.channels, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)).numpy())
-        else:
-            per = w.abs() if criterion == "l1" else w.pow(2)
-            found.append(per.sum(1).flatten().double().numpy())
-    return found
+    return layer_importance(model, space, criterion, seed, METHOD,
+                            lambda w: w.permute(0, 2, 3, 1).reshape(-1, w.shape[1]))
 
 
 def stripe_norms(model: nn.Module) -> np.ndarray:
@@ -108,26 +95,10 @@ class StripeConv2d(nn.Module):
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
-class StripePlan:
-    """Turns a strategy into a copy of the base model whose k x k convs run only their kept stripes."""
-
-    def __init__(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0):
-        self.model, self.space = model, space
-        self.order = ascending(stripe_importance(model, space, criterion, seed))
-
-    def kept(self, ratios) -> list[torch.Tensor]:
-        """Per layer, the flat indices of the stripes the strategy keeps (the most important)."""
-        return [order[g.channels - k:] for g, k, order in zip(self.space.groups, self.space.kept_channels(ratios),
-                                                               self.order)]
-
-    def apply(self, ratios) -> nn.Module:
-        """A copy of the base model with each k x k conv replaced by a StripeConv2d of its kept stripes."""
-        pruned = clone_module(self.model, {})
-        for g, kept in zip(self.space.groups, self.kept(ratios)):
-            owner, _, attr = g.name.rpartition(".")
-            parent = pruned.get_submodule(owner) if owner else pruned
-            setattr(parent, attr, StripeConv2d(self.model.get_submodule(g.name), kept))
-        return pruned
+def _stripe_conv(pruned: nn.Module, base: nn.Module, name: str, kept: torch.Tensor) -> None:
+    """Replace conv `name` of the copy by a StripeConv2d of the base conv's stripes `kept`."""
+    owner, _, attr = name.rpartition(".")
+    setattr(pruned.get_submodule(owner) if owner else pruned, attr, StripeConv2d(base.get_submodule(name), kept))
 
 
 def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, device="cpu", checkpoint_path=None,
@@ -135,8 +106,6 @@ def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, de
     """Filter Skeleton training: learn one scale per stripe (initialised to 1, L1-penalised) multiplied onto
     every k x k conv's weight, then fold the scales into the weights (in place)."""
     from torch.nn.utils import parametrize
-
-    from .finetune import finetune
 
     class Skeleton(nn.Module):
         def __init__(self, conv: nn.Conv2d):
@@ -158,14 +127,36 @@ def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, de
             parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
 
 
-def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
-              first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-              ignored_layers: list[str] | None = None) -> Verdict:
-    """Build the space and prove it on the most pruned and the first strategy: the pruned networks run, have
-    the right output width, and fvcore's FLOPs and their parameter counts equal the space's."""
-    check_width(model, example_inputs, num_classes)
-    space = stripe_space(model, example_inputs, round_to, ignored_layers)
-    strategies = {"most pruned": np.full(len(space.groups), max_ratio), "first sampled": np.array(first(space))}
-    return prove(model, example_inputs, num_classes, space, StripePlan(model, space), strategies,
-                 lambda pruned: (count_flops(pruned, example_inputs).total(),
-                                 sum(p.numel() for p in pruned.parameters())), "fvcore's count")
+class Stripe:
+    """Stripe-wise pruning: each k x k conv keeps its strongest 1 x 1 stripes and runs only them."""
+
+    name, title, units = "stripe", "stripe-wise pruning", "stripes"
+    criteria = ("l1", "l2", "random")
+    comparable = False
+    latency = False  # the latency table times dense layers by their channel counts
+    round_to = False
+    sparsity = SparsityTraining("Filter Skeleton", "stripe L1 norm", stripe_norms, skeleton_train)
+    report_note = None
+
+    space = staticmethod(stripe_space)
+    importance = staticmethod(stripe_importance)
+
+    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
+                  first: Callable[[PruningSpace], list[float]], round_to: int = 1,
+                  ignored_layers: list[str] | None = None) -> Verdict:
+        """Build the space and prove it: the pruned networks run, have the right output width, and fvcore's FLOPs
+        and their parameter counts equal the space's."""
+        check_width(model, example_inputs, num_classes)
+        space = stripe_space(model, example_inputs, round_to, ignored_layers)
+        return prove(model, example_inputs, num_classes, max_ratio, first, space, self.plan(model, space),
+                     lambda pruned: (count_flops(pruned, example_inputs).total(),
+                                     sum(p.numel() for p in pruned.parameters())), "fvcore's count")
+
+    def plan(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> UnitPlan:
+        """Copies of the base model whose k x k convs are StripeConv2d of their most important stripes."""
+        return UnitPlan(model, space, stripe_importance(model, space, criterion, seed), _stripe_conv)
+
+    deployable, pack, unpack = staticmethod(as_deployed), staticmethod(plain_state), staticmethod(as_stored)
+
+
+METHOD = Stripe()

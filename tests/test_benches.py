@@ -1,0 +1,49 @@
+"""Every bench/ script runs end to end in its --smoke mode, and leaves the committed figures alone."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.bench]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "bench", "*.py"))
+                 if os.path.basename(p) not in ("common.py", "__init__.py"))
+assert BENCHES, "no bench/*.py script found"
+COMMITTED = [os.path.join(ROOT, "bench", "results"), os.path.join(ROOT, "bench", "checkpoints")]
+
+
+def listing(folders: list[str]) -> dict[str, tuple[int, int, str]]:
+    """Every file under the folders: relative path -> (size, mtime in ns, sha256)."""
+    files = {}
+    for folder in folders:
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(parent, name)
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                stat = os.stat(path)
+                files[os.path.relpath(path, ROOT)] = (stat.st_size, stat.st_mtime_ns, digest)
+    return files
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.ray) if s == "tune_overhead.py" else s
+                                    for s in BENCHES])  # tune_overhead.py starts Ray
+def test_bench_smoke_runs_and_leaves_results_alone(script, tmp_path):
+    before = listing(COMMITTED)
+    env = {**os.environ, "PRUNETUNE_BENCH_SMOKE_DIR": str(tmp_path / "out")}
+    try:
+        proc = subprocess.run([sys.executable, os.path.join("bench", script), "--smoke"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        output = [out.decode(errors="replace") if isinstance(out, bytes) else out or "" for out in (e.stdout, e.stderr)]
+        pytest.fail(f"bench/{script} --smoke ran past 300 s:\n{output[0][-3000:]}\n{output[1][-3000:]}")
+    assert proc.returncode == 0, (f"bench/{script} --smoke exited {proc.returncode}:\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    assert listing(COMMITTED) == before, f"bench/{script} --smoke changed bench/results or bench/checkpoints"
+    assert os.listdir(tmp_path / "out"), f"bench/{script} --smoke wrote nothing to its smoke directory"

@@ -1,0 +1,32 @@
+"""A toy pruning method, added through the registry alone (tests/test_method_registry.py; the README shows it):
+channel pruning that never prunes the stem, the model's first conv."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from prunetune.workers.methods.protocol import as_deployed, as_stored, plain_state
+from prunetune.workers.preflight import preflight
+from prunetune.workers.prune import PrunePlan, position_importance
+from prunetune.workers.space import PruningSpace
+
+
+def _with_stem(model: nn.Module, ignored: list[str] | None) -> list[str]:
+    stem = next(name for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    return [*(ignored or []), stem]
+
+
+class KeepStem:
+    """Channel pruning with the first conv's channels left whole."""
+
+    name, title, units = "keep-stem", "stem-preserving channel pruning", "channels"
+    criteria = ("l1", "l2")
+    comparable, latency, round_to, sparsity, report_note = False, False, True, None, None
+    importance, plan = staticmethod(position_importance), staticmethod(PrunePlan)
+    deployable, pack, unpack = staticmethod(as_deployed), staticmethod(plain_state), staticmethod(as_stored)
+
+    def space(self, model, example_inputs, round_to=1, ignored_layers=None) -> PruningSpace:
+        return PruningSpace.from_model(model, example_inputs, round_to, _with_stem(model, ignored_layers))
+
+    def preflight(self, model, example_inputs, num_classes, max_ratio, first, round_to=1, ignored_layers=None):
+        return preflight(model, example_inputs, num_classes, max_ratio, first, round_to,
+                         _with_stem(model, ignored_layers))
