@@ -18,11 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..finetune import finetune
-from ..preflight import Verdict, check_width
-from ..space import PruningSpace, count_flops
+from ..preflight import Verdict
+from ..space import PruningSpace
 from ..sparsity import add_l1_subgradient
 from .protocol import SparsityTraining, as_deployed, as_stored, plain_state
-from .units import UnitPlan, layer_importance, linear_space, prove
+from .units import UnitPlan, fvcore_counts, layer_importance, linear_space, prove
 
 
 def stripe_layers(model: nn.Module, ignored: list[str]) -> list[str]:
@@ -146,11 +146,8 @@ class Stripe:
                   ignored_layers: list[str] | None = None) -> Verdict:
         """Build the space and prove it: the pruned networks run, have the right output width, and fvcore's FLOPs
         and their parameter counts equal the space's."""
-        check_width(model, example_inputs, num_classes)
-        space = stripe_space(model, example_inputs, round_to, ignored_layers)
-        return prove(model, example_inputs, num_classes, max_ratio, first, space, self.plan(model, space),
-                     lambda pruned: (count_flops(pruned, example_inputs).total(),
-                                     sum(p.numel() for p in pruned.parameters())), "fvcore's count")
+        return prove(self, model, example_inputs, num_classes, max_ratio, first, round_to, ignored_layers,
+                     fvcore_counts, "fvcore's count")
 
     def plan(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> UnitPlan:
         """Copies of the base model whose k x k convs are StripeConv2d of their most important stripes."""

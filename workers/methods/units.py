@@ -87,18 +87,26 @@ class UnitPlan:
         return pruned
 
 
-def prove(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
-          first: Callable[[PruningSpace], list[float]], space: PruningSpace, plan: UnitPlan,
-          count: Callable[[nn.Module], tuple[float, int]], counted_by: str) -> Verdict:
-    """The verdict on a space whose every unit prunes alike: on the most pruned and the first strategy, the
-    pruned network runs with the right output width, and `count(pruned)` (FLOPs, params) equals the space's."""
+def fvcore_counts(pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[float, int]:
+    """fvcore's FLOPs and the parameter count of a pruned network."""
+    return count_flops(pruned, example_inputs).total(), sum(p.numel() for p in pruned.parameters())
+
+
+def prove(method: PruningMethod, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
+          first: Callable[[PruningSpace], list[float]], round_to: int, ignored_layers: list[str] | None,
+          count: Callable[[nn.Module, torch.Tensor], tuple[float, int]], counted_by: str) -> Verdict:
+    """The preflight of a method whose every unit prunes alike: build its space, then on the most pruned and the
+    first strategy the pruned network runs with the right output width, and `count(pruned, example_inputs)`
+    (FLOPs, params) equals the space's."""
     check_width(model, example_inputs, num_classes)
+    space = method.space(model, example_inputs, round_to, ignored_layers)
+    plan = method.plan(model, space)
     checked = []
     for name, ratios in strategies_to_prove(space, max_ratio, first).items():
         pruned = plan.apply(ratios)
         if output_width(pruned, example_inputs) != num_classes:
             raise SpaceError(f"model: the {name} strategy changes the output width")
-        flops, params = count(pruned)
+        flops, params = count(pruned, example_inputs)
         if not within_tolerance(space.flops(ratios), flops) or params != space.params(ratios):
             raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
                              f"the space, {flops:,.0f} by {counted_by}; params {space.params(ratios):,} and {params:,})")

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.nn.utils import prune as torch_prune
 
 from ..layers import kind_of
-from ..preflight import Verdict, check_width
+from ..preflight import Verdict
 from ..space import PruningSpace, count_flops, own_flops
 from .units import UnitPlan, layer_importance, linear_space, prove
 
@@ -61,7 +61,7 @@ def remove_masks(model: nn.Module) -> nn.Module:
     return model
 
 
-def direct_counts(model: nn.Module, pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[float, int]:
+def direct_counts(pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[float, int]:
     """FLOPs on non-zero weights and non-zero params of a masked network, counted on it (not on the space)."""
     fca = count_flops(pruned, example_inputs)
     by_module, flops = fca.by_module(), float(fca.total())
@@ -133,11 +133,8 @@ class Unstructured:
                   ignored_layers: list[str] | None = None) -> Verdict:
         """Build the space and prove it: the masked networks run, have the right output width, and their directly
         counted FLOPs and params equal the space's."""
-        check_width(model, example_inputs, num_classes)
-        space = unstructured_space(model, example_inputs, round_to, ignored_layers)
-        return prove(model, example_inputs, num_classes, max_ratio, first, space, self.plan(model, space),
-                     lambda pruned: direct_counts(model, pruned, example_inputs),
-                     "a direct count of its non-zero weights")
+        return prove(self, model, example_inputs, num_classes, max_ratio, first, round_to, ignored_layers,
+                     direct_counts, "a direct count of its non-zero weights")
 
     def plan(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> UnitPlan:
         """Masks that keep each tensor's most important weights (`weight_orig` * `weight_mask`; fine-tuning
