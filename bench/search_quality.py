@@ -57,9 +57,15 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=2000)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--finetune-images", type=int, default=15000)
+    parser.add_argument("--batch-size", type=int, default=1, help="B > 1: the learning algorithms propose B "
+                        "candidates at a time, from the records before the batch (as search.batch_size does); "
+                        "their rows are named NAME/bB")
+    parser.add_argument("--out", default="search_quality", help="results name: bench/results/OUT.json (.png)")
+    parser.add_argument("--reuse", help="a saved search_quality.json whose evaluated strategies need no new "
+                        "evaluation (same settings)")
     args = parse_args(parser, {**CIFAR_SMOKE, "budget": 6, "seeds": "0", "population": 2, "calibration_batches": 2,
                                "heldout": 64, "finetune_epochs": 1, "finetune_images": 128}, require=("data",))
-    partial_path = results_path("search_quality.partial.json")
+    partial_path = results_path(f"{args.out}.partial.json")
     data, model = cifar_model(args)
     space = PruningSpace.from_model(model, data.example_input())
     cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
@@ -71,6 +77,13 @@ def main() -> None:
     if partial.get("settings") != settings:  # scores of other settings are no use
         partial = {"settings": settings, "scores": {}, "runs": {}}
     cache: dict[str, dict] = partial["scores"]  # strategy -> {score, accuracy, flops_ratio, seconds}
+    if args.reuse:
+        saved = json.load(open(args.reuse))
+        if {k: saved["args"].get(k) for k in settings} == settings:
+            for run in saved["runs"].values():
+                for r in run:
+                    cache.setdefault(json.dumps([round(x, 10) for x in r["ratios"]]),
+                                     {k: r[k] for k in ("score", "flops_ratio", "seconds")})
 
     def evaluate(ratios) -> dict:
         key = json.dumps([round(r, 10) for r in ratios])
@@ -86,16 +99,20 @@ def main() -> None:
         sampler = StrategySampler(space, 0.5, 0.01, 0.7, seed=seed)
         starts = baselines(sampler, importance, comparable=False)
         for name in args.algorithms.split(","):
-            run_key = f"{name}/{seed}"
+            batch = 1 if name == "random" else args.batch_size
+            label = name if batch == 1 else f"{name}/b{batch}"
+            run_key = f"{label}/{seed}"
             if run_key in partial["runs"]:
                 continue
             algorithm = ALGORITHMS[name](sampler, args.population)
             run = []
-            for index in range(args.budget):
-                source, ratios = starts[index] if index < len(starts) else (name, algorithm.propose(index))
-                result = evaluate(ratios)
-                algorithm.observe(CandidateRecord(index, list(ratios), score=result["score"], flops=1))
-                run.append({"index": index, "source": source, "ratios": list(ratios), **result})
+            for horizon in range(0, args.budget, batch):  # a batch is proposed at once, then evaluated
+                indices = range(horizon, min(horizon + batch, args.budget))
+                proposed = [starts[i] if i < len(starts) else (name, algorithm.propose(i, horizon)) for i in indices]
+                for index, (source, ratios) in zip(indices, proposed):
+                    result = evaluate(ratios)
+                    algorithm.observe(CandidateRecord(index, list(ratios), score=result["score"], flops=1))
+                    run.append({"index": index, "source": source, "ratios": list(ratios), **result})
             partial["runs"][run_key] = run
             with open(partial_path, "w") as f:
                 json.dump(partial, f)
@@ -103,7 +120,8 @@ def main() -> None:
             print(f"{run_key}: best score {best_so_far:.4f} after {args.budget} candidates "
                   f"({len(cache)} distinct evaluated)", flush=True)
 
-    algorithms = args.algorithms.split(",")
+    algorithms = [n if n == "random" or args.batch_size == 1 else f"{n}/b{args.batch_size}"
+                  for n in args.algorithms.split(",")]
     runs = {k: [r["score"] for r in v] for k, v in partial["runs"].items()}
     rows = []
     for name in algorithms:
@@ -118,7 +136,7 @@ def main() -> None:
           f"score = held-out accuracy after adaptive BN ({args.calibration_batches} batches of 128, "
           f"{args.heldout} held-out); medians over seeds")
     print(table(rows, list(rows[0])))
-    _plot(runs, algorithms, seeds, args.budget)
+    _plot(runs, algorithms, seeds, args.budget, results_path(f"{args.out}.png"))
 
     finals = []
     chosen = [("random", max(partial["runs"]["random/0"], key=lambda r: r["score"]))]
@@ -138,11 +156,11 @@ def main() -> None:
         print(table(finals[-1:], list(finals[-1])), flush=True)
     print(f"fine-tuned {args.finetune_epochs} epochs on {len(rest)} training images (lr 0.01), seed 0's top-1:")
     print(table(finals, list(finals[0])))
-    print("saved", save("search_quality", {"args": vars(args), "rows": rows, "finals": finals,
+    print("saved", save(args.out, {"args": vars(args), "rows": rows, "finals": finals,
                                            "runs": partial["runs"]}))
 
 
-def _plot(runs: dict, algorithms: list[str], seeds: list[int], budget: int) -> None:
+def _plot(runs: dict, algorithms: list[str], seeds: list[int], budget: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +175,6 @@ def _plot(runs: dict, algorithms: list[str], seeds: list[int], budget: int) -> N
     ax.set_ylabel("best held-out score so far")
     ax.legend()
     fig.tight_layout()
-    path = results_path("search_quality.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print("saved", path)

@@ -3,9 +3,11 @@
 An algorithm proposes the strategy of a candidate number and observes finished candidates. Every algorithm
 proposes points of the sampler's unit cube (a direction u in [0, 1]^G and a level v in the budget band), which
 `StrategySampler.strategy` maps to a valid strategy, so every proposal is inside the budget. The Tune adapter
-(`tune_search.StrategySearcher`) numbers the candidates and, on resume, replays every stored record through
-`observe`; a proposal is a function of the seed, the candidate number and the records observed, so a serial
-search (one trial at a time) continues after a resume exactly as it would have without the interruption.
+(`tune_search.StrategySearcher`) hands candidates out in batches of `search.batch_size` consecutive numbers and,
+on resume, replays every stored record through `observe`. A proposal is a function of the seed, the candidate
+number, its batch's first number (the horizon) and the records before the horizon (the candidates from the
+horizon on are in flight), so a serial search (one trial at a time) continues after a resume exactly as it would
+have without the interruption.
 
 - `random`: EagleEye's search; candidate i is the sampler's i-th draw, whatever the scores say.
 - `evolution`: steady-state evolution (the way MetaPruning and ABCPruner search strategies): after `population`
@@ -30,8 +32,8 @@ _ATTEMPTS = 32  # proposals tried before falling back to a random draw (a point 
 class SearchAlgorithm(Protocol):
     """Proposes strategies (one ratio per group, inside the budget) and learns from finished candidates."""
 
-    def propose(self, index: int) -> list[float]:
-        """The strategy candidate `index` evaluates."""
+    def propose(self, index: int, horizon: int | None = None) -> list[float]:
+        """The strategy candidate `index` evaluates, learnt from the records before `horizon` (default: index)."""
 
     def observe(self, record: CandidateRecord) -> None:
         """A finished candidate (successful or failed)."""
@@ -43,7 +45,7 @@ class RandomSearch:
     def __init__(self, sampler: StrategySampler, population: int = 16):
         self.sampler = sampler  # population: random search has none
 
-    def propose(self, index: int) -> list[float]:
+    def propose(self, index: int, horizon: int | None = None) -> list[float]:
         """The sampler's draw number `index`."""
         return self.sampler.sample(index)
 
@@ -63,19 +65,27 @@ class _Learning:
         """Remember a finished candidate (the first record of each candidate counts)."""
         self.observed.setdefault(record.index, record)
 
-    def propose(self, index: int) -> list[float]:
-        """A random draw until `population` candidates have scores, then the algorithm's own proposal."""
-        scored = [r for r in self.observed.values() if r.ok]
+    def propose(self, index: int, horizon: int | None = None) -> list[float]:
+        """A random draw until `population` candidates before the horizon have scores, then the algorithm's own
+        proposal from those."""
+        horizon = index if horizon is None else horizon
+        scored = [r for r in self.observed.values() if r.ok and r.index < horizon]
         ratios = None
         if len(scored) >= self.population:
             rng = np.random.default_rng([self.sampler.seed, int(index), 1])
-            ratios = next((r for r in (self._point(scored, index, rng) for _ in range(_ATTEMPTS)) if r is not None),
-                          None)
+            ratios = next((r for r in (self._point(scored, index, horizon, rng) for _ in range(_ATTEMPTS))
+                           if r is not None), None)
         ratios = self.sampler.sample(index) if ratios is None else [float(r) for r in ratios]
         self.proposed[index] = ratios
         return ratios
 
-    def _point(self, scored: list[CandidateRecord], index: int, rng: np.random.Generator):
+    def in_flight(self, index: int, horizon: int) -> dict[int, list[float]]:
+        """The strategies of the candidates in flight when candidate `index` is proposed, by number: those of its
+        batch before it (from the horizon on, finished or not), and earlier ones proposed but not observed."""
+        known = {**{i: r.ratios for i, r in self.observed.items()}, **self.proposed}
+        return {i: known[i] for i in sorted(known) if i < index and (i >= horizon or i not in self.observed)}
+
+    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator):
         raise NotImplementedError
 
 
@@ -84,7 +94,7 @@ class Evolution(_Learning):
 
     tournament, mutation = 3, 0.15
 
-    def _point(self, scored: list[CandidateRecord], index: int, rng: np.random.Generator):
+    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator):
         pool = best(scored, self.population)
         parents = [int(rng.choice(len(pool), self.tournament).min()) for _ in range(2)]  # the pool is best first
         (ua, va), (ub, vb) = (self.sampler.position(pool[p].ratios) for p in parents)
@@ -95,14 +105,32 @@ class Evolution(_Learning):
 
 
 class TPE(_Learning):
-    """Optuna's multivariate TPE over the unit cube, rebuilt from the observed records for every proposal."""
+    """Optuna's multivariate TPE over the unit cube, fitted to a bounded window of the observed records.
 
-    def _point(self, scored: list[CandidateRecord], index: int, rng: np.random.Generator):
+    The window is the `window_best` best records and the `window_recent` most recent others (all of them in a search
+    of up to window_best + window_recent candidates), so a proposal costs the same at 300 or 5,000 records. The
+    study is built once per batch (per horizon) and reused for the batch's proposals; candidates in flight are
+    running trials at their strategies' positions (constant liar), and each proposal re-seeds the sampler from its
+    own number, so the study a proposal sees, and the proposal, do not depend on how the batch was reached."""
+
+    window_best, window_recent = 64, 192
+
+    def __init__(self, sampler: StrategySampler, population: int = 16):
+        super().__init__(sampler, population)
+        self._study, self._built_for, self._lying = None, None, set()  # the study, its horizon, the indices in it
+
+    def _window(self, scored: list[CandidateRecord]) -> list[CandidateRecord]:
+        """The records the study is fitted to, in candidate order."""
+        top = best(scored, self.window_best)
+        chosen = {r.index for r in top}
+        recent = sorted((r for r in scored if r.index not in chosen), key=lambda r: r.index)[-self.window_recent:]
+        return sorted(top + recent, key=lambda r: r.index)
+
+    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator):
         import optuna
         from optuna.distributions import FloatDistribution
         from optuna.trial import TrialState, create_trial
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         groups = len(self.sampler.space.groups)
         space = {**{f"u{g}": FloatDistribution(0.0, 1.0) for g in range(groups)}, "v": FloatDistribution(0.0, 1.0)}
 
@@ -110,14 +138,20 @@ class TPE(_Learning):
             u, v = self.sampler.position(ratios)
             return {**{f"u{g}": float(x) for g, x in enumerate(u)}, "v": v}
 
-        pending = [r for i, r in sorted(self.proposed.items()) if i not in self.observed]
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
-            seed=int(rng.integers(2 ** 31)), n_startup_trials=0, multivariate=True, constant_liar=True))
-        study.add_trials([create_trial(params=params(r.ratios), distributions=space, value=r.score)
-                          for r in sorted(scored, key=lambda r: r.index)] +
-                         [create_trial(params=params(r), distributions=space, state=TrialState.RUNNING)
-                          for r in pending])
-        trial = study.ask(space)
+        if self._built_for != horizon or self._study is None:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            self._study = optuna.create_study(direction="maximize")
+            self._study.add_trials([create_trial(params=params(r.ratios), distributions=space, value=r.score)
+                                    for r in self._window(scored)])
+            self._built_for, self._lying = horizon, set()
+        new = {i: r for i, r in self.in_flight(index, horizon).items() if i not in self._lying}
+        self._study.add_trials([create_trial(params=params(r), distributions=space, state=TrialState.RUNNING)
+                                for r in new.values()])
+        self._lying |= set(new)
+        self._study.sampler = optuna.samplers.TPESampler(seed=int(rng.integers(2 ** 31)), n_startup_trials=0,
+                                                         multivariate=True, constant_liar=True)
+        trial = self._study.ask(space)
+        self._study.tell(trial, state=TrialState.FAIL)  # ignored by TPE; its strategy lies as a running trial next
         return self.sampler.strategy([trial.params[f"u{g}"] for g in range(groups)], trial.params["v"])
 
 

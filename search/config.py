@@ -53,6 +53,7 @@ class SearchConfig(Section):
     round_to: int = Field(1, ge=1)
     top_k: int = Field(3, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)  # candidates per trial: Tune's per-trial cost is paid once per batch
     time_budget_s: float | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=0)
     max_failed_fraction: float = Field(0.5, gt=0, le=1)

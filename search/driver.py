@@ -31,6 +31,7 @@ def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, ov
             if not restore:
                 run.create(prep.cfg, overwrite)
                 if prep.space.latency is not None:
+                    run.record(LATENCY_TABLE)
                     write_json(os.path.join(run.path, LATENCY_TABLE), prep.space.latency.to_dict())
             return execute(prep, run, restore)
         finally:

@@ -18,7 +18,7 @@ from prunetune.workers.timing import time_forward
 
 from .artifacts import pruned_record, save_pruned
 from .prepare import Prepared
-from .report import write_report
+from .report import report_files, write_report
 from .rundir import RunDir
 
 
@@ -64,6 +64,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
     if not outcomes:
         raise NoFinalModel("fine-tuning produced no model (every fine-tuning trial failed)")
     outcomes.sort(key=lambda o: (-o[2].get("val_accuracy", 0.0), -o[0].score))
+    run.record(*(os.path.join(run.final_path, f"rank{place}.pt") for place in range(1, len(outcomes) + 1)))
     os.makedirs(run.final_path, exist_ok=True)
     pruner = METHODS[cfg.search.granularity].plan(prep.model, prep.space, cfg.search.criterion, cfg.evaluation.seed)
     base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))
@@ -102,5 +103,6 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                            "table_worst_error": prep.space.latency.worst_error if prep.space.latency else None},
                "sparsity": prep.sparsity,
                "final": finals}
+    run.record(*report_files(run, summary))
     write_report(run, summary, records)
     return summary

@@ -24,7 +24,7 @@ from prunetune.workers.methods import METHODS
 
 from .artifacts import load_pruned
 from .config import ConfigError
-from .export import _destination, write_onnx
+from .export import _destination, record_export, write_onnx
 from .prepare import data_kwargs
 from .report import write_report
 from .rundir import RunDir
@@ -99,9 +99,7 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
     summary_path = os.path.join(run.final_path, "summary.json")
     if not os.path.isfile(source) or not os.path.isfile(summary_path):
         raise ConfigError(f"--rank: {source} does not exist (has the run finished? see `prunetune report`)")
-    path = _destination(source, rank, ".int8.onnx", destination)
-    if destination is None and os.path.exists(path):
-        raise ConfigError(f"--to: {path} already exists; prunetune does not overwrite it (choose another name)")
+    path = _destination(run, source, rank, ".int8.onnx", destination)
     model, record, _ = load_pruned(source)
     model = METHODS[record["granularity"]].deployable(model)
     contract = record.get("input")
@@ -124,6 +122,7 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
         written = drop <= max_drop
         if written:
             atomic_write(path, lambda t: shutil.copyfile(int8, t))
+            record_export(run, path, "int8", rank)
     figures.update(accuracy_drop_points=drop, max_drop_points=max_drop, written=written,
                    path=path if written else None, calibration_images=len(calibration))
     with open(summary_path) as f:

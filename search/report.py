@@ -175,12 +175,20 @@ def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
     plt.close(fig)
 
 
+def report_files(run: RunDir, summary: dict) -> list[str]:
+    """The files write_report writes (the run lists them in its manifest first)."""
+    return [os.path.join(run.final_path, "summary.json"), os.path.join(run.path, "report.png"),
+            *([os.path.join(run.path, "report-gamma.png")] if summary.get("sparsity") else []),
+            os.path.join(run.path, "report.md")]
+
+
 def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> str:
-    """Write final/summary.json, report.md and report.png; return the report path."""
-    write_json(os.path.join(run.final_path, "summary.json"), summary, durable=True)
-    _plot(os.path.join(run.path, "report.png"), records, summary)
-    if summary.get("sparsity"):
-        _plot_gammas(os.path.join(run.path, "report-gamma.png"), summary["sparsity"])
+    """Write final/summary.json, report.png (report-gamma.png) and report.md; return the report path."""
+    summary_path, png, *gamma, path = report_files(run, summary)
+    write_json(summary_path, summary, durable=True)
+    _plot(png, records, summary)
+    if gamma:
+        _plot_gammas(gamma[0], summary["sparsity"])
     s = summary["search"]
     method = METHODS.get(summary.get("granularity", "channel"))
     note = method.report_note if method else None
@@ -194,7 +202,6 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
             int8_table(summary), sparsity_section(summary),
             "## Best candidates by adaptive-BN score", "", candidates_table(records), "",
             "![score vs FLOPs, and adaptive-BN score vs fine-tuned validation accuracy](report.png)", ""]
-    path = os.path.join(run.path, "report.md")
     write_text(path, "\n".join(text))
     return path
 

@@ -1,10 +1,10 @@
 """A run's output directory: its manifest (config hash, stage, stored rows) and the lock that guards it."""
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -21,6 +21,15 @@ def config_hash(cfg: Config) -> str:
     picked = {section: {k: v for k, v in keys.items() if not resumable(f"{section}.{k}")}
               for section, keys in cfg.to_dict().items() if section != "output"}
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# What a run writes besides its config.yaml and manifest.json: `RunDir.record` lists each of these in the manifest
+# (key "files", paths relative to the run directory) before writing it, and `--overwrite` removes exactly the
+# listed ones. A manifest from before that record (no "files") falls back to these fixed names, plus
+# final/rankN.pt for N up to the run's top_k: never a pattern that could match a file of the user's.
+LEGACY_FILES = ("leaderboard.json", "report.md", "report.png", "report-gamma.png", "latency-table.json",
+                "final/summary.json", "tune/search", "tune/finetune")
+_PART = re.compile(r"part-\d{6,}-[0-9a-f]{8}\.parquet")  # a result part, as store.CandidateStore names it
 
 
 class RunLockedError(RuntimeError):
@@ -102,21 +111,56 @@ class RunDir:
             self._remove_run_files()
         os.makedirs(self.path, exist_ok=True)
         save_config(cfg, self.config_path)
-        self.update(config_hash=config_hash(cfg), created=time.time(), stage="search", run_id=uuid.uuid4().hex[:12])
+        self.update(config_hash=config_hash(cfg), created=time.time(), stage="search", run_id=uuid.uuid4().hex[:12],
+                    files=[])
+
+    def record(self, *paths: str) -> None:
+        """List `paths` (inside the run directory) in the manifest as written by this run; call it before writing
+        them. `--overwrite` removes exactly what is listed (and config.yaml, manifest.json, the result parts)."""
+        manifest = self.manifest()
+        files = manifest.get("files")
+        files = list(self._legacy_files() if files is None else files)  # a run started by an older prunetune
+        new = [self._relative(p) for p in paths]
+        if not set(new) <= set(files):
+            self.update(files=sorted(set(files) | set(new)))
+
+    def _relative(self, path: str) -> str:
+        rel = os.path.normpath(os.path.relpath(os.path.join(self.path, path), self.path))
+        if rel == "." or rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
+            raise ValueError(f"{path} is not inside the run directory {self.path}")
+        return rel.replace(os.sep, "/")
+
+    def _legacy_files(self) -> list[str]:
+        """What a run without a "files" record wrote: the fixed names, final/rankN.pt for N up to its top_k."""
+        try:
+            top_k = load_config(self.config_path).search.top_k
+        except Exception:  # no or unreadable config: no model names can be claimed as the run's
+            top_k = 0
+        return [*LEGACY_FILES, *(f"final/rank{n}.pt" for n in range(1, top_k + 1))]
 
     def _remove_run_files(self) -> None:
-        """Delete the files and directories a run writes; a user's own files in the directory stay."""
-        for name in ("config.yaml", "manifest.json", "leaderboard.json", "report.md", "report.png",
-                     "report-gamma.png", "latency-table.json"):
+        """Delete exactly what the run wrote: the files and Tune folders its manifest lists, its result parts,
+        config.yaml and manifest.json. A user's own files stay, exports (`prunetune export`) included."""
+        files = self.manifest().get("files")
+        for rel in self._legacy_files() if files is None else files:
+            try:
+                rel = self._relative(rel)
+            except (TypeError, ValueError):
+                continue  # a hand-edited manifest: never reach outside the run directory
+            path = os.path.join(self.path, rel)
+            if os.path.isdir(path) and not os.path.islink(path):
+                if rel.split("/")[0] == "tune":  # a Tune experiment folder: all of it is Tune's
+                    shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+        store = os.path.join(self.path, "candidates.parquet")
+        for name in os.listdir(store) if os.path.isdir(store) else []:
+            if _PART.fullmatch(name):
+                os.remove(os.path.join(store, name))
+        for name in ("config.yaml", "manifest.json"):
             if os.path.isfile(os.path.join(self.path, name)):
                 os.remove(os.path.join(self.path, name))
-        for stage in ("search", "finetune"):
-            shutil.rmtree(os.path.join(self.tune_path, stage), ignore_errors=True)
-        for folder, pattern in ((os.path.join(self.path, "candidates.parquet"), "part-*.parquet"),
-                                (self.final_path, "rank*"), (self.final_path, "summary.json")):
-            for path in glob.glob(os.path.join(folder, pattern)):
-                os.remove(path)
-        for folder in (self.tune_path, os.path.join(self.path, "candidates.parquet"), self.final_path):
+        for folder in (self.tune_path, store, self.final_path):
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
 

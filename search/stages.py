@@ -1,4 +1,4 @@
-"""The two Tune stages of a run: the search (one trial per candidate) and the fine-tuning of the best few."""
+"""The two Tune stages of a run: the search (one trial per batch of candidates) and the fine-tuning of the best few."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ from .config import Config
 from .prepare import Prepared, data_kwargs
 from .rundir import RunDir
 from .store import CandidateStore
-from .trials import TrialPayload, evaluate_candidate, finetune_candidate
+from .trials import TrialPayload, evaluate_candidates, finetune_candidate
 
 
 class SearchFailed(RuntimeError):
@@ -49,7 +49,8 @@ def _trainable(fn, trial_payload: TrialPayload, cfg: Config):
 
 
 def _candidate_dirname(trial) -> str:
-    return f"cand-{trial.config.get('index', 0):06d}-{trial.trial_id}"
+    first = trial.config.get("candidates", [{"index": 0}])[0]["index"]
+    return f"cand-{first:06d}-{trial.trial_id}"
 
 
 def _finalist_dirname(trial) -> str:
@@ -69,7 +70,8 @@ def failure_verdict(records: list[CandidateRecord], cfg: Config) -> str | None:
 
 
 def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
-    """Stage 1: evaluate the candidates the store does not hold yet, as Tune trials; return all stored records.
+    """Stage 1: evaluate the candidates the store does not hold yet, in batches (a Tune trial each); return all stored
+    records.
 
     The store is the search's state, so a resumed search is a new Tune experiment over the missing candidates
     (a changed time budget or concurrency applies, and lost or damaged result parts are evaluated again).
@@ -77,28 +79,35 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from .tune_search import FailureStopper, StoreCallback, StrategySearcher, TopKScheduler
+    from .tune_search import FailureStopper, StoreCallback, StrategySearcher, TopKScheduler, leaderboard_path
 
     cfg = prep.cfg
     s = cfg.search
     tune_settings()
+    run.record(os.path.join(run.tune_path, "search"), leaderboard_path(run.path))  # what this stage writes
     shutil.rmtree(os.path.join(run.tune_path, "search"), ignore_errors=True)
     method = METHODS[s.granularity]
     importance = method.importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
     comparable = method.comparable or CRITERIA[s.criterion].source == BATCHNORM  # |gamma| compares across layers
     searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
                                 baselines(prep.sampler, importance, comparable), s.num_candidates,
-                                CandidateStore(run.path), retry_lost=s.max_failures > 0)
-    tune.Tuner(
-        _trainable(evaluate_candidate, payload(prep, run), cfg),
+                                CandidateStore(run.path), s.batch_size, s.max_concurrent_trials,
+                                retry_lost=s.max_failures > 0)
+    callback = StoreCallback(run.path, s.num_candidates, searcher)
+    tuner = tune.Tuner(
+        _trainable(evaluate_candidates, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, s.max_concurrent_trials), scheduler=TopKScheduler(s.top_k, run.path),
             num_samples=-1, reuse_actors=True, trial_dirname_creator=_candidate_dirname, time_budget_s=s.time_budget_s),
         run_config=tune.RunConfig(
             name="search", storage_path=run.tune_path, verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[StoreCallback(run.path, s.num_candidates, searcher)],
-            stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10))))).fit()
+            callbacks=[callback],
+            stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))))
+    try:
+        tuner.fit()
+    finally:
+        callback.flush()  # a Ctrl-C leaves Tune's loop without its on_experiment_end: commit what was received
     store = CandidateStore(run.path)
     store.compact()
     records = store.records()
@@ -123,6 +132,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     tune_settings()
     trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg)
     path = os.path.join(run.tune_path, "finetune")
+    run.record(path)
     if restore and tune.Tuner.can_restore(path):
         print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -1,6 +1,7 @@
 """Results store: one row per finished candidate in OUTPUT/candidates.parquet (a directory of part files).
 
-Each write is a new part file written to a temporary name and renamed, so a kill never leaves a torn file;
+Each write is a new part file (a group of records: the search commits them in groups, see
+`tune_search.StoreCallback`) written to a temporary name and renamed, so a kill never leaves a torn file;
 readers skip a damaged part (and say so) and keep the first row of each candidate index, so a candidate
 appears exactly once however often the driver was interrupted. `compact()` folds the parts into one.
 """
@@ -10,6 +11,7 @@ import dataclasses
 import glob
 import hashlib
 import os
+import re
 import uuid
 import warnings
 
@@ -21,6 +23,7 @@ from prunetune.workers.record import CandidateRecord
 
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_(),
           "list[float]": pa.list_(pa.float64()), "list[int]": pa.list_(pa.int64())}
+_PART = re.compile(r"part-(\d+)-")
 SCHEMA = pa.schema([(f.name, _ARROW[str(f.type).replace(" | None", "")]) for f in dataclasses.fields(CandidateRecord)])
 
 
@@ -44,6 +47,7 @@ class CandidateStore:
     def __init__(self, output_dir: str):
         self.path = store_dir(output_dir)  # created by the first append: reading a run never writes
         self._known: set[int] | None = None
+        self._next_part: int | None = None  # number of the next part file, counted once from the disk
 
     def parts(self) -> list[str]:
         """Part files in write order."""
@@ -51,15 +55,39 @@ class CandidateStore:
 
     def append(self, records: list[CandidateRecord]) -> str | None:
         """Write records not already stored as one new part file (atomic, durable); return its path."""
+        written = self.write_part(records)
+        return written[0] if written else None
+
+    def write_part(self, records: list[CandidateRecord]) -> tuple[str, str, int] | None:
+        """Write the records whose index is not stored yet (the first of each index, if one repeats) as one new
+        part file, atomically and durably (one fsync); return (path, its SHA-256, rows written), or None if
+        nothing was new. The checksum is of the bytes written, so no part is read back, and the cost does not
+        grow with the parts already stored (the stored indices are read once, then kept)."""
         known = self.indices()
-        fresh = [r for r in records if r.index not in known]
+        fresh, seen = [], set()
+        for r in records:
+            if r.index not in known and r.index not in seen:
+                seen.add(r.index)
+                fresh.append(r)
         if not fresh:
             return None
         table = pa.Table.from_pylist([r.to_dict() for r in fresh], schema=SCHEMA)
-        path = os.path.join(self.path, f"part-{len(self.parts()):06d}-{uuid.uuid4().hex[:8]}.parquet")
-        atomic_write(path, lambda tmp: pq.write_table(table, tmp), durable=True)
-        known.update(r.index for r in fresh)
-        return path
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        if self._next_part is None:
+            numbers = [int(m.group(1)) for p in self.parts() if (m := _PART.match(os.path.basename(p)))]
+            self._next_part = max(numbers, default=-1) + 1
+        path = os.path.join(self.path, f"part-{self._next_part:06d}-{uuid.uuid4().hex[:8]}.parquet")
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        atomic_write(path, write, durable=True)
+        self._next_part += 1
+        known.update(seen)
+        return path, hashlib.sha256(data).hexdigest(), len(fresh)
 
     def read(self, report=None) -> pa.Table:
         """All intact rows, first row per candidate index kept; damaged parts are skipped and reported."""
@@ -101,6 +129,7 @@ class CandidateStore:
         atomic_write(path, lambda tmp: pq.write_table(table, tmp), durable=True)
         for part in parts:
             os.remove(part)
+        self._next_part = None
 
     def manifest(self) -> dict:
         """Row count and per-part checksums, for the run manifest."""

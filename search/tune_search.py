@@ -16,30 +16,36 @@ from prunetune.workers.record import CandidateRecord, best
 
 from .algorithms import SearchAlgorithm
 from .rundir import RunDir
-from .store import CandidateStore, sha256
+from .store import CandidateStore
 
 
 class StrategySearcher(Searcher):
     """Numbers the candidates and asks a search algorithm for each one's strategy (Tune's side of `algorithms`).
 
-    The baselines are candidates 0, 1, ...; the algorithm proposes the rest. The results store is the search's
-    state: before the first suggestion every stored record is replayed through the algorithm's `observe`, and
-    candidates already stored are never handed out again, so a resumed search evaluates exactly the candidates
-    that are missing and each candidate is stored once. A trial that dies before it reports (its node lost while
-    it started, its worker killed past Tune's retries) hands its candidate out once more when `retry_lost`;
-    the search is finished only when no trial is left running.
+    A trial evaluates a batch of consecutive candidates (`batch_size`; fewer at the end of the search, spread
+    over the `concurrency` slots), so Tune's per-trial cost is paid once per batch, and reports each candidate as
+    it finishes. Batches are aligned to multiples of batch_size, and the algorithm proposes a batch's candidates
+    from the records before its first number, so a resumed serial search proposes what it would have. The
+    baselines are candidates 0, 1, ...; the algorithm proposes the rest. The results store is the search's state:
+    before the first suggestion every stored record is replayed through the algorithm's `observe`, and candidates
+    already stored are never handed out again, so a resumed search evaluates exactly the candidates that are
+    missing and each candidate is stored once. The candidates a trial had not reported when it died (its node
+    lost, its worker killed past Tune's retries) are handed out once more when `retry_lost`; the search is
+    finished only when no trial is left running.
     """
 
     def __init__(self, algorithm: SearchAlgorithm, name: str, baselines: list[tuple[str, list[float]]],
-                 num_candidates: int, store: CandidateStore, retry_lost: bool = True, metric: str = "score",
-                 mode: str = "max"):
+                 num_candidates: int, store: CandidateStore, batch_size: int = 1, concurrency: int = 1,
+                 retry_lost: bool = True, metric: str = "score", mode: str = "max"):
         super().__init__(metric=metric, mode=mode)
         self.algorithm, self.name, self.baselines = algorithm, name, baselines
         self.num_candidates, self.store, self.retry_lost = num_candidates, store, retry_lost
+        self.batch_size, self.concurrency = batch_size, concurrency
         self.next_index = 0
         self._stored: set[int] | None = None
-        self._running: dict[str, dict] = {}  # trial id -> the candidate it evaluates
-        self._again: list[dict] = []  # candidates of trials lost before they reported, to hand out once more
+        self._running: dict[str, list[dict]] = {}  # trial id -> the candidates it evaluates
+        self._reported: dict[str, set[int]] = {}  # trial id -> the candidates it has reported
+        self._again: list[dict] = []  # candidates of trials lost before they reported them, to hand out once more
         self._retried: set[int] = set()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -53,36 +59,54 @@ class StrategySearcher(Searcher):
             self._stored = {r.index for r in records}
         return self._stored
 
-    def suggest(self, trial_id: str):
+    def _candidate(self, index: int, horizon: int) -> dict:
+        if index < len(self.baselines):
+            source, ratios = self.baselines[index]
+        else:
+            source, ratios = self.name, self.algorithm.propose(index, horizon)
+        return {"index": index, "ratios": ratios, "source": source}
+
+    def _next_batch(self) -> list[dict]:
+        """The next candidates to hand out: those of the current aligned batch not stored yet, at most this slot's
+        share of what is left."""
         done = self._done()
-        while self.next_index < self.num_candidates and self.next_index in done:
-            self.next_index += 1
+        while self.next_index < self.num_candidates:
+            horizon = self.next_index // self.batch_size * self.batch_size
+            share = -(-(self.num_candidates - self.next_index) // self.concurrency)
+            stop = min(horizon + self.batch_size, self.num_candidates, self.next_index + share)
+            indices = [i for i in range(self.next_index, stop) if i not in done]
+            self.next_index = stop
+            if indices:
+                return [self._candidate(i, horizon) for i in indices]
+        return []
+
+    def suggest(self, trial_id: str):
         if self._again:
-            config = self._again.pop(0)
-        elif self.next_index < self.num_candidates:
-            index = self.next_index
-            self.next_index += 1
-            if index < len(self.baselines):
-                source, ratios = self.baselines[index]
-            else:
-                source, ratios = self.name, self.algorithm.propose(index)
-            config = {"index": index, "ratios": ratios, "source": source}
-        else:  # every candidate handed out: wait while a running trial may still be lost and handed out again
+            batch, self._again = self._again[:self.batch_size], self._again[self.batch_size:]
+        else:
+            batch = self._next_batch()
+        if not batch:  # every candidate handed out: wait while a running trial may still be lost and hand some out
             return None if self._running else Searcher.FINISHED
-        self._running[trial_id] = config
-        return config
+        self._running[trial_id], self._reported[trial_id] = batch, set()
+        return {"candidates": batch}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if "index" in result and "status" in result:
+            self.algorithm.observe(CandidateRecord.from_dict(result))
+            self._reported.setdefault(trial_id, set()).add(result["index"])
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-        config = self._running.pop(trial_id, None)
-        if result and "index" in result and "status" in result:
-            self.algorithm.observe(CandidateRecord.from_dict(result))
-        elif error and config and self.retry_lost and config["index"] not in self._retried:
-            self._retried.add(config["index"])
-            self._again.append(config)
+        if result:
+            self.on_trial_result(trial_id, result)
+        batch, reported = self._running.pop(trial_id, []), self._reported.pop(trial_id, set())
+        if error and self.retry_lost:
+            lost = [c for c in batch if c["index"] not in reported and c["index"] not in self._retried]
+            self._retried.update(c["index"] for c in lost)
+            self._again += lost
 
     def handing_out_again(self, index: int) -> bool:
         """True while a lost candidate waits for its new trial (its trial's error is then not its result)."""
-        return any(config["index"] == index for config in self._again)
+        return any(c["index"] == index for c in self._again)
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the results store is the search's state (Tune's search experiment is never restored)."""
@@ -140,64 +164,138 @@ class TopKScheduler(FIFOScheduler):
 
 class StoreCallback(Callback):
     """Writes every finished candidate (and every errored trial the searcher does not hand out again) to the
-    Parquet store; prints progress."""
+    Parquet store, in groups; prints progress.
 
-    def __init__(self, output_dir: str, total: int, searcher: StrategySearcher):
+    Group commit: records received are buffered and written as one part file (one fsync) per group. A group is
+    committed as soon as it holds `group_size` records, or when `interval_s` has passed since the last commit
+    (so a slow search commits each record at once, and a fast one at most one time-closed group per interval);
+    the bound is checked on every result, every trial end and error, and on Tune's every loop step
+    (`on_step_end`), so a quiet period still commits. `flush()` commits the rest: Tune calls it at the end of the
+    experiment (`on_experiment_end`, also when the loop raises an exception) and `stages.run_search` calls it in
+    a `finally`, since a Ctrl-C (KeyboardInterrupt out of Tune's loop) skips Tune's end hooks.
+
+    Loss bound: a SIGKILL of the driver loses the candidates in flight plus those received but not committed:
+    fewer than `group_size`, all received since the last commit, so within the last `interval_s` (plus at most
+    one Tune loop step). Ctrl-C and a normal end lose only what is in flight. A resume evaluates the lost ones.
+
+    Each commit adds the new part's checksum (of the bytes written) to the run manifest's part list, kept in
+    memory (seeded once from the manifest at the first commit), so no earlier part is re-read or re-hashed: a
+    commit costs one part write and one manifest rewrite, whose size is ~90 bytes per part. Parts number at most
+    one per `interval_s` plus one per `group_size` records (the search compacts them into one at its end). The
+    progress line comes from counters and is printed at most once per `interval_s`, and at the end.
+    """
+
+    def __init__(self, output_dir: str, total: int, searcher: StrategySearcher, group_size: int = 64,
+                 interval_s: float = 1.0, clock=time.monotonic):
         self.output_dir, self.total, self.searcher = output_dir, total, searcher
+        self.group_size, self.interval_s, self.clock = group_size, interval_s, clock
         self.setup()
 
     def setup(self, **info) -> None:
         """Called by Tune when the experiment (or its restore) starts."""
         self.store: CandidateStore | None = None
-        self.started = time.time()
-        self.new = 0
+        self.started = self.clock()
+        self.new = 0  # candidates this experiment committed
+        self.count = 0  # candidates in the store (counted once when the store is first used, then kept)
         self.best: float | None = None
+        self.pending: list[CandidateRecord] = []  # received, not committed yet
+        self.parts: dict[str, str] | None = None  # the manifest's part checksums, seeded at the first commit
+        self.committed_at = self.printed_at = float("-inf")
+        self.shown: tuple | None = None  # (count, best) of the last progress line
+        self.reported: dict[str, set[int]] = {}  # trial id -> the candidates its results carried
 
     def _store(self) -> CandidateStore:
         if self.store is None:
             self.store = CandidateStore(self.output_dir)
             scores = [r.score for r in self.store.records() if r.ok]  # what a resumed run already holds
             self.best = max(scores) if scores else None
+            self.count = len(self.store.indices())
         return self.store
 
     def _record(self, record: CandidateRecord) -> None:
-        store = self._store()
+        """Buffer one record; commit the group if it is full or the interval has passed."""
+        self._store()
         record.finished_at = time.time()
-        part = store.append([record])
-        if part:
-            self.new += 1
-            run = RunDir(self.output_dir)  # the manifest keeps a checksum per part for resume to verify
-            known = run.manifest().get("candidates", {"parts": {}})
-            known["parts"][os.path.basename(part)] = sha256(part)
-            run.update(candidates={"rows": len(store.indices()), "parts": known["parts"]})
+        self.pending.append(record)
         if record.ok:
             self.best = record.score if self.best is None else max(self.best, record.score)
-        rate = self.new / max(time.time() - self.started, 1e-9) * 60
-        shown = "n/a" if self.best is None else f"{self.best:.4f}"
-        print(f"[search] candidates {len(store.indices())}/{self.total} | best score {shown} | "
+        self._tick()
+
+    def _tick(self) -> None:
+        """Commit the buffer if it holds a group or the last commit is `interval_s` old; print progress at most
+        once per `interval_s`."""
+        now = self.clock()
+        if self.pending and (len(self.pending) >= self.group_size or now - self.committed_at >= self.interval_s):
+            self._commit(now)
+        if now - self.printed_at >= self.interval_s:
+            self._progress(now)
+
+    def _commit(self, now: float) -> None:
+        written = self._store().write_part(self.pending)  # the buffer is kept if the write raises
+        self.pending, self.committed_at = [], now
+        if written is None:
+            return
+        path, digest, rows = written
+        run = RunDir(self.output_dir)  # the manifest keeps a checksum per part for resume to verify
+        if self.parts is None:
+            listed = run.manifest().get("candidates", {}).get("parts", {})
+            self.parts = {name: d for name, d in listed.items() if os.path.isfile(os.path.join(self.store.path, name))}
+        self.parts[os.path.basename(path)] = digest
+        self.count, self.new = self.count + rows, self.new + rows
+        run.update(candidates={"rows": self.count, "parts": self.parts})
+
+    def _progress(self, now: float) -> None:
+        if self.store is None or (self.count, self.best) == self.shown:
+            return
+        self.shown, self.printed_at = (self.count, self.best), now
+        rate = self.new / max(now - self.started, 1e-9) * 60
+        best_score = "n/a" if self.best is None else f"{self.best:.4f}"
+        print(f"[search] candidates {self.count}/{self.total} | best score {best_score} | "
               f"{rate:.1f} candidates/min", file=sys.stdout, flush=True)
+
+    def flush(self) -> None:
+        """Commit every record received and print the progress line (the end of the search, or an interrupt)."""
+        now = self.clock()
+        if self.pending:
+            self._commit(now)
+        self._progress(now)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self._tick()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.reported.pop(trial.trial_id, None)
+        self._tick()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.flush()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "index" in result and "status" in result:
             record = CandidateRecord.from_dict(result)
             record.trial_id = trial.trial_id
+            self.reported.setdefault(trial.trial_id, set()).add(record.index)
             self._record(record)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        index = trial.config.get("index")
-        if index is None:
-            return
+        """The candidates of the errored trial's batch it had not reported: handed out again by the searcher, or
+        stored as failed with the trial's error."""
         message = "trial errored"
         if trial.error_file and os.path.isfile(trial.error_file):
             lines = [ln for ln in open(trial.error_file).read().strip().splitlines() if ln.strip()]
             message = lines[-1] if lines else message
-        if self.searcher.handing_out_again(index):  # Tune tells the searcher first, then its callbacks
-            print(f"[search] candidate {index}: its trial was lost ({message}); evaluating it again",
-                  file=sys.stdout, flush=True)
-            return
-        record = CandidateRecord.failed(index, trial.config.get("ratios"), message)
-        record.trial_id, record.source = trial.trial_id, trial.config.get("source")
-        self._record(record)
+        reported = self.reported.pop(trial.trial_id, set())
+        for candidate in trial.config.get("candidates", []):
+            index = candidate["index"]
+            if index in reported:
+                continue
+            if self.searcher.handing_out_again(index):  # Tune tells the searcher first, then its callbacks
+                print(f"[search] candidate {index}: its trial was lost ({message}); evaluating it again",
+                      file=sys.stdout, flush=True)
+                continue
+            record = CandidateRecord.failed(index, candidate["ratios"], message)
+            record.trial_id, record.source = trial.trial_id, candidate["source"]
+            self._record(record)
 
 
 class FailureStopper(Stopper):
@@ -205,11 +303,11 @@ class FailureStopper(Stopper):
 
     def __init__(self, max_failed_fraction: float, minimum: int):
         self.max_failed_fraction, self.minimum = max_failed_fraction, minimum
-        self.status: dict[str, str] = {}  # trial id -> ok | failed (Tune may show a result more than once)
+        self.status: dict[int, str] = {}  # candidate -> ok | failed (Tune may show a result more than once)
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        if result.get("status") in ("ok", "failed"):
-            self.status[trial_id] = result["status"]
+        if result.get("status") in ("ok", "failed") and "index" in result:
+            self.status[result["index"]] = result["status"]
         return False
 
     def stop_all(self) -> bool:

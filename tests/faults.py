@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
 
     driver.run_finetune = paused
     faults = {k[len("PRUNETUNE_TEST_"):].lower(): v for k, v in os.environ.items() if k.startswith("PRUNETUNE_TEST_")}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_faults(**faults))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env=worker_faults(**faults))
     return prunetune(argv[1:])
 
 

@@ -51,6 +51,30 @@ def test_a_resumed_serial_search_continues_exactly(sampler, name):
     assert _run(resumed, 12, 24) == uninterrupted[12:]
 
 
+def _run_batched(algorithm, start: int, stop: int, batch: int) -> list[list[float]]:
+    """A serial search that hands out batches of consecutive candidates (as the searcher does): each batch is
+    proposed at once, from the records before its first number, then evaluated."""
+    proposals = []
+    while start < stop:
+        horizon = start // batch * batch
+        ratios = [algorithm.propose(i, horizon) for i in range(start, min(horizon + batch, stop))]
+        for i, r in enumerate(ratios, start):
+            algorithm.observe(CandidateRecord(i, r, score=_score(r), flops=1))
+        proposals += ratios
+        start += len(ratios)
+    return proposals
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_a_batched_search_resumed_in_the_middle_of_a_batch_continues_exactly(sampler, name):
+    uninterrupted = _run_batched(ALGORITHMS[name](sampler, population=8), 0, 32, batch=8)
+    resumed = ALGORITHMS[name](sampler, population=8)  # killed with 13 stored: candidates 13-15 of batch 8-15 lost
+    for i, ratios in enumerate(uninterrupted[:13]):
+        resumed.observe(CandidateRecord(i, ratios, score=_score(ratios), flops=1))
+    assert _run_batched(resumed, 13, 32, batch=8) == uninterrupted[13:]
+    assert uninterrupted[16:24] != _run(ALGORITHMS[name](sampler, population=8), 0, 24)[16:] or name == "random"
+
+
 @pytest.mark.parametrize("name", ["evolution", "tpe"])
 def test_learning_algorithms_propose_from_the_scores_and_differ_while_candidates_are_in_flight(sampler, name):
     algorithm = ALGORITHMS[name](sampler, population=8)

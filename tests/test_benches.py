@@ -32,8 +32,11 @@ def listing(folders: list[str]) -> dict[str, tuple[int, int, str]]:
     return files
 
 
-@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.ray) if s == "tune_overhead.py" else s
-                                    for s in BENCHES])  # tune_overhead.py starts Ray
+STARTS_RAY = ("scale.py", "tune_overhead.py")
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.ray) if s in STARTS_RAY else s
+                                    for s in BENCHES])
 def test_bench_smoke_runs_and_leaves_results_alone(script, tmp_path):
     before = listing(COMMITTED)
     env = {**os.environ, "PRUNETUNE_BENCH_SMOKE_DIR": str(tmp_path / "out")}

@@ -45,7 +45,7 @@ def test_candidates_run_only_on_gpu_nodes(tmp_path):
 
 
 def test_gpu_trials_on_a_cluster_without_gpus_are_refused(tmp_path, capsys):
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         code = main(run_args(tmp_path, "resources.gpus_per_trial=1"))
         assert code == 2

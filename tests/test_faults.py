@@ -1,7 +1,6 @@
 """Faults survived: a worker process that dies, a node that goes away, candidates that fail."""
 import contextlib
 import json
-import os
 import threading
 import time
 
@@ -20,7 +19,8 @@ from tests.runs import run_args
 
 @contextlib.contextmanager
 def embedded_ray(**faults):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_faults(**faults))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env=worker_faults(**faults))
     try:
         yield
     finally:
@@ -52,17 +52,21 @@ def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_pa
 class _Numbered:
     """A search algorithm for the searcher's bookkeeping: candidate i is [i / 10]."""
 
-    def propose(self, index: int) -> list[float]:
+    def propose(self, index: int, horizon: int | None = None) -> list[float]:
         return [index / 10]
 
     def observe(self, record) -> None:
         pass
 
 
+def _indices(config: dict) -> list[int]:
+    return [c["index"] for c in config["candidates"]]
+
+
 def test_the_searcher_hands_a_lost_candidate_out_once_more_and_finishes_when_no_trial_runs(tmp_path):
-    searcher = StrategySearcher(_Numbered(), "numbered", [], 2, CandidateStore(str(tmp_path)))
+    searcher = StrategySearcher(_Numbered(), "numbered", [], 2, CandidateStore(str(tmp_path)), concurrency=2)
     first, second = searcher.suggest("a"), searcher.suggest("b")
-    assert [first["index"], second["index"]] == [0, 1]
+    assert [_indices(first), _indices(second)] == [[0], [1]]
     assert searcher.suggest("c") is None  # every candidate handed out, two trials still running
     searcher.on_trial_complete("a", error=True)  # lost before it reported
     assert searcher.handing_out_again(0)
@@ -71,6 +75,19 @@ def test_the_searcher_hands_a_lost_candidate_out_once_more_and_finishes_when_no_
     assert not searcher.handing_out_again(0) and searcher.suggest("d") is None
     searcher.on_trial_complete("b", result=CandidateRecord(1, [0.1], score=0.5, flops=1).to_dict())
     assert searcher.suggest("d") == Searcher.FINISHED
+
+
+def test_a_trial_evaluates_a_batch_and_only_what_it_had_not_reported_is_handed_out_again(tmp_path):
+    searcher = StrategySearcher(_Numbered(), "numbered", [], 10, CandidateStore(str(tmp_path)), batch_size=4,
+                                concurrency=2)
+    # batches of 4 consecutive candidates, none larger than its slot's share of what is left (6 over 2 slots: 3)
+    assert [_indices(searcher.suggest(t)) for t in "ab"] == [[0, 1, 2, 3], [4, 5, 6]]
+    searcher.on_trial_result("a", CandidateRecord(0, [0.0], score=0.5, flops=1).to_dict())
+    searcher.on_trial_complete("a", error=True)  # its worker died while it evaluated candidate 1
+    assert [searcher.handing_out_again(i) for i in range(4)] == [False, True, True, True]
+    assert _indices(searcher.suggest("c")) == [1, 2, 3]
+    assert [_indices(searcher.suggest(t)) for t in "def"] == [[7], [8], [9]]  # the batch's rest, then the tail
+    assert searcher.suggest("g") is None
     once = StrategySearcher(_Numbered(), "numbered", [], 1, CandidateStore(str(tmp_path)), retry_lost=False)  # max_failures=0
     once.suggest("a")
     once.on_trial_complete("a", error=True)
@@ -123,9 +140,8 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
                         "resources.cpus_per_trial=1", candidates=12)
         driver = threading.Thread(target=lambda: result.setdefault("code", main(args)))
         driver.start()
-        store = CandidateStore(str(tmp_path / "run"))
         deadline = time.time() + 180
-        while not (os.path.isdir(store.path) and len(store.parts()) >= 3):
+        while len(CandidateStore(str(tmp_path / "run")).indices()) < 3:
             assert time.time() < deadline and driver.is_alive()
             time.sleep(0.2)
         cluster.remove_node(nodes[0])

@@ -24,7 +24,7 @@ def registered(monkeypatch):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_method_added_to_the_registry_alone_is_searched_fine_tuned_and_saved(registered, tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(run_args(tmp_path, "search.granularity=keep-stem", candidates=3, top_k=1)) == 0
     finally:

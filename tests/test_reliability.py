@@ -108,11 +108,11 @@ def _finished_looking_run(tmp_path) -> RunDir:
     run.create(load_config(None, [f"output.dir={run.path}"]), overwrite=False)
     part = CandidateStore(run.path).append([CandidateRecord(0, [0.1] * 4, score=0.5, flops=1, params=1)])
     run.update(candidates={"rows": 1, "parts": {os.path.basename(part): "x"}}, stage="done")
+    run.record("leaderboard.json", "report.md", "report.png", "final/rank1.pt", "final/summary.json", "tune/search")
     for name in ("leaderboard.json", "report.md", "report.png"):
         (tmp_path / "run" / name).write_text("written by the run")
     os.makedirs(os.path.join(run.final_path))
-    for name in ("rank1.pt", "rank1.onnx"):
-        (tmp_path / "run" / "final" / name).write_text("written by the run")
+    (tmp_path / "run" / "final" / "rank1.pt").write_text("written by the run")
     base = {"test_accuracy": 0.9, "flops": 1, "params": 1, "latency_ms_batch1": 1.0}
     (tmp_path / "run" / "final" / "summary.json").write_text(json.dumps({"base": base, "final": []}))
     os.makedirs(os.path.join(run.tune_path, "search", "cand-000000"))

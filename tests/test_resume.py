@@ -86,8 +86,7 @@ def reference(tmp_path_factory):
 
 
 def _stored(run, n):
-    store = CandidateStore(str(run))
-    return lambda: len(store.parts()) >= n
+    return lambda: len(CandidateStore(str(run)).indices()) >= n
 
 
 def _stage_is(run, stage):
@@ -116,6 +115,8 @@ def _interrupted_run(reference, tmp_path, until, what, stop, pause_between_stage
 
 
 def test_driver_killed_during_the_search(reference, tmp_path):
+    """Killed mid-batch: each trial evaluates 4 candidates (8 over 2 slots), and the kill comes after 3 are stored,
+    so a trial has reported part of its batch; the resume evaluates each missing candidate once."""
     evaluations = tmp_path / "evaluations.log"
     run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates", _kill,
                                      log=evaluations, delay_s=1.0)

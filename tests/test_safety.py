@@ -132,3 +132,76 @@ def test_every_torch_load_is_weights_only():
                         offenders.append(f"{name}: {call}")
     assert offenders == []
 
+
+
+def _files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
+
+
+def _write(root, files: dict) -> None:
+    for name, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        with open(os.path.join(root, name), "w") as f:
+            f.write(text)
+
+
+USERS = {name: "mine" for name in ("NOTES.txt", "final/rank7.pt", "final/rank1.onnx", "final/rank1.int8.onnx",
+                                   "final/rank1.torchscript.pt", "final/rank1.pt.bak", "candidates.parquet/notes.txt")}
+
+
+def test_overwrite_removes_exactly_the_files_the_run_recorded(tmp_path):
+    from prunetune.search.config import load_config
+
+    run = RunDir(str(tmp_path / "run"))
+    cfg = load_config(None, [f"output.dir={run.path}", "search.top_k=1"])
+    run.create(cfg, overwrite=False)
+    ours = ["leaderboard.json", "report.md", "report.png", "final/rank1.pt", "final/summary.json",
+            "tune/search/cand-000000/result.json"]
+    run.record(*ours[:-1], os.path.join(run.tune_path, "search"))  # relative or absolute, inside the run
+    CandidateStore(run.path).append([CandidateRecord(0, [0.1] * 4, score=0.5, flops=1, params=1)])
+    _write(run.path, {**{name: "written by the run" for name in ours}, **USERS})
+    with pytest.raises(ValueError):
+        run.record(str(tmp_path / "elsewhere.txt"))
+    run.update(files=run.manifest()["files"] + ["../outside.txt"])  # a hand-edited manifest
+    _write(tmp_path, {"outside.txt": "mine"})
+    run.create(cfg, overwrite=True)
+    assert _files(run.path) == sorted(["config.yaml", "manifest.json", *USERS])
+    assert (tmp_path / "outside.txt").read_text() == "mine"
+    assert run.manifest()["files"] == []  # the new run has written nothing yet
+
+
+def test_overwrite_of_a_run_from_before_the_record_removes_only_its_fixed_names(tmp_path):
+    from prunetune.search.config import load_config
+
+    run = RunDir(str(tmp_path / "run"))
+    cfg = load_config(None, [f"output.dir={run.path}", "search.top_k=2"])
+    run.create(cfg, overwrite=False)
+    manifest = run.manifest()
+    del manifest["files"]  # as an older prunetune wrote it
+    with open(run.manifest_path, "w") as f:
+        json.dump(manifest, f)
+    CandidateStore(run.path).append([CandidateRecord(0, [0.1] * 4, score=0.5, flops=1, params=1)])
+    ours = ["leaderboard.json", "report.md", "report.png", "report-gamma.png", "latency-table.json",
+            "final/rank1.pt", "final/rank2.pt", "final/summary.json", "tune/finetune/rank-1/x.json"]
+    _write(run.path, {**{name: "written by the run" for name in ours}, **USERS})
+    run.create(cfg, overwrite=True)
+    assert _files(run.path) == sorted(["config.yaml", "manifest.json", *USERS])
+
+
+def test_export_refuses_a_users_file_in_the_default_place_in_one_line(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from prunetune.search.config import load_config
+
+    run = RunDir(str(tmp_path / "run"))
+    run.create(load_config(None, [f"output.dir={run.path}"]), overwrite=False)
+    _write(run.path, {"final/rank2.pt": "a model", "final/summary.json": "{}"})  # refused before either is read
+    for name, args in (("rank2.onnx", ["--format", "onnx"]), ("rank2.torchscript.pt", ["--format", "torchscript"]),
+                       ("rank2.int8.onnx", ["--quantize", "int8"])):
+        path = os.path.join(run.final_path, name)
+        with open(path, "wb") as f:
+            f.write(b"mine\n\x00")
+        assert main(["export", run.path, "--rank", "2", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"prunetune: error: export: {path} already exists; prunetune does not overwrite it (it is not "
+                       "an export of this run: pass --to another name, or remove it)")
+        assert open(path, "rb").read() == b"mine\n\x00"

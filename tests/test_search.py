@@ -19,7 +19,7 @@ from tests.runs import as_args, run_args, small
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -142,6 +142,59 @@ def test_export_never_overwrites_and_names_a_bad_destination(finished_run, capsy
     assert torch.jit.load(str(tmp_path / "rank1.torchscript.pt"))(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_export_to_the_default_place_refuses_a_users_file_and_replaces_only_its_own(finished_run, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    final = run / "final"
+    for name, args in (("rank2.onnx", ["--format", "onnx"]), ("rank2.torchscript.pt", ["--format", "torchscript"]),
+                       ("rank2.int8.onnx", ["--quantize", "int8"])):
+        (final / name).write_bytes(b"mine\n")
+        assert main(["export", str(run), "--rank", "2", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"export: {final / name} already exists; prunetune does not overwrite it" in err, err
+        assert "pass --to another name, or remove it" in err and len(err.splitlines()) == 1
+        assert (final / name).read_bytes() == b"mine\n"
+    (final / "rank2.onnx").unlink()
+    for _ in range(2):  # exporting again, nothing changed, replaces the file the first export wrote
+        assert main(["export", str(run), "--rank", "2", "--format", "onnx"]) == 0
+        assert capsys.readouterr().out.strip() == str(final / "rank2.onnx")
+    (final / "rank2.onnx").write_bytes(b"edited by me")  # an export the user changed is theirs
+    assert main(["export", str(run), "--rank", "2", "--format", "onnx"]) == 2
+    assert (final / "rank2.onnx").read_bytes() == b"edited by me"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_exports_and_a_users_files_survive_overwrite_which_removes_exactly_the_runs_files(finished_run, capsys,
+                                                                                          tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    for args in (["--format", "onnx"], ["--format", "torchscript"],
+                 ["--quantize", "int8", "--max-accuracy-drop", "100"]):
+        assert main(["export", str(run), *args]) == 0
+    (run / "final" / "rank7.pt").write_bytes(b"mine")  # named like a run's model (this run has top_k=2)
+    (run / "NOTES.txt").write_text("mine")
+    kept = {name: (run / name).read_bytes() for name in ("final/rank1.onnx", "final/rank1.torchscript.pt",
+                                                          "final/rank1.int8.onnx", "final/rank7.pt", "NOTES.txt")}
+    overrides = [o for o in finished_run[1] if not o.startswith("output.dir=")] + [f"output.dir={run}"]
+    assert main(["run", *as_args(overrides), "--overwrite"]) == 0
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    listed = json.load(open(run / "manifest.json"))["files"]
+    assert {"leaderboard.json", "report.md", "report.png", "final/rank1.pt", "final/rank2.pt", "final/summary.json",
+            "tune/search", "tune/finetune"} <= set(listed)
+    files = [os.path.relpath(os.path.join(d, f), run) for d, _, names in os.walk(run) for f in names]
+    unknown = [f for f in files if f not in kept and f not in ("config.yaml", "manifest.json", "exports.json")
+               and f not in listed and not any(f.startswith(d + "/") for d in listed)
+               and not re.fullmatch(r"candidates\.parquet/part-\d{6}-[0-9a-f]{8}\.parquet", f)]
+    assert unknown == []  # the run lists every file it wrote
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "onnx"]) == 2  # the old run's export is not this run's
+    assert "it is not an export of this run" in capsys.readouterr().err
+    assert (run / "final" / "rank1.onnx").read_bytes() == kept["final/rank1.onnx"]
+
+
 @pytest.mark.parametrize("stage, damage", [("done", "delete"), ("finetune", "truncate")])
 @pytest.mark.ray
 @pytest.mark.slow
@@ -238,8 +291,9 @@ def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_s
                  "--max-accuracy-drop", "0"])
     drop = json.load(open(run / "final" / "summary.json"))["final"][0]["int8"]["accuracy_drop_points"]
     assert (code == 0) == (drop <= 0) == (tmp_path / "strict.onnx").is_file()  # over the margin: reported, not written
-    assert main(["export", str(run), "--quantize", "int8", "--to", str(path)]) == 2  # never overwrites
-    assert "already exists" in capsys.readouterr().err
+    path.write_bytes(b"edited by me")  # an export the user changed is theirs: never overwritten
+    assert main(["export", str(run), "--quantize", "int8", "--to", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err and path.read_bytes() == b"edited by me"
 
 
 @pytest.mark.ray
