@@ -102,10 +102,12 @@ def local_head(tmp_path):
     if not os.path.isfile(token):
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "get-auth-token", "--generate"],
                        env=env, check=True, capture_output=True)
-    port, dash = _free_port(), _free_port()
-    proc = subprocess.Popen(
+    port, dash, agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
+    proc = subprocess.Popen(  # every port free, so another Ray on this machine (a second test run) cannot clash
         [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
          "--disable-usage-stats", f"--temp-dir={tempfile.mkdtemp(prefix='rh', dir='/tmp')}"],  # short: socket paths
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
