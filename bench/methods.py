@@ -36,7 +36,7 @@ from prunetune.workers.prune import clone_module  # noqa: E402
 from prunetune.workers.scoring import score  # noqa: E402
 from prunetune.workers.criteria import BATCHNORM, CRITERIA  # noqa: E402
 from prunetune.workers.methods import METHODS as PRUNING_METHODS  # noqa: E402
-from prunetune.workers.sparsity import add_l1_subgradient, batchnorms, bn_scales, histogram  # noqa: E402
+from prunetune.workers.sparsity import bn_scales, histogram, slimming_train  # noqa: E402
 
 # name -> (granularity, criterion, constraint, target, sparsity-trained base, strategy: search | global)
 METHODS = {
@@ -99,9 +99,7 @@ def main() -> None:
         start = time.perf_counter()
         if sparsity and sparse is None:  # Network Slimming's sparsity training, once, on the fine-tuning budget
             sparse = clone_module(base, {})
-            scales = [m.weight for m in batchnorms(sparse)]
-            finetune(sparse, data, ft, epochs=args.sparsity_epochs, train_indices=subset,
-                     after_backward=lambda: add_l1_subgradient(scales, args.sparsity))
+            slimming_train(sparse, data, ft, args.sparsity, args.sparsity_epochs, train_indices=subset)
             result.update(sparse_test_accuracy=test_accuracy(sparse, data), sparse_gammas=gamma_summary(sparse))
         model = (sparse if sparsity else base).eval()
         method = PRUNING_METHODS[granularity]

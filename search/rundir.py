@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -13,6 +12,7 @@ import uuid
 from prunetune.workers.files import write_json
 
 from .config import Config, ConfigError, load_config, resumable, save_config
+from .store import PART_NAME
 
 
 def config_hash(cfg: Config) -> str:
@@ -29,7 +29,6 @@ def config_hash(cfg: Config) -> str:
 # final/rankN.pt for N up to the run's top_k: never a pattern that could match a file of the user's.
 LEGACY_FILES = ("leaderboard.json", "report.md", "report.png", "report-gamma.png", "latency-table.json",
                 "final/summary.json", "tune/search", "tune/finetune")
-_PART = re.compile(r"part-\d{6,}-[0-9a-f]{8}\.parquet")  # a result part, as store.CandidateStore names it
 
 
 class RunLockedError(RuntimeError):
@@ -155,7 +154,7 @@ class RunDir:
                 os.remove(path)
         store = os.path.join(self.path, "candidates.parquet")
         for name in os.listdir(store) if os.path.isdir(store) else []:
-            if _PART.fullmatch(name):
+            if PART_NAME.fullmatch(name):
                 os.remove(os.path.join(store, name))
         for name in ("config.yaml", "manifest.json"):
             if os.path.isfile(os.path.join(self.path, name)):

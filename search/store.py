@@ -23,7 +23,7 @@ from prunetune.workers.record import CandidateRecord
 
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_(),
           "list[float]": pa.list_(pa.float64()), "list[int]": pa.list_(pa.int64())}
-_PART = re.compile(r"part-(\d+)-")
+PART_NAME = re.compile(r"part-(\d{6,})-[0-9a-f]{8}\.parquet")  # a part file's name: its number, a tag
 SCHEMA = pa.schema([(f.name, _ARROW[str(f.type).replace(" | None", "")]) for f in dataclasses.fields(CandidateRecord)])
 
 
@@ -76,7 +76,7 @@ class CandidateStore:
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
         if self._next_part is None:
-            numbers = [int(m.group(1)) for p in self.parts() if (m := _PART.match(os.path.basename(p)))]
+            numbers = [int(m.group(1)) for p in self.parts() if (m := PART_NAME.fullmatch(os.path.basename(p)))]
             self._next_part = max(numbers, default=-1) + 1
         path = os.path.join(self.path, f"part-{self._next_part:06d}-{uuid.uuid4().hex[:8]}.parquet")
 

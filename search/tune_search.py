@@ -202,7 +202,6 @@ class StoreCallback(Callback):
         self.parts: dict[str, str] | None = None  # the manifest's part checksums, seeded at the first commit
         self.committed_at = self.printed_at = float("-inf")
         self.shown: tuple | None = None  # (count, best) of the last progress line
-        self.reported: dict[str, set[int]] = {}  # trial id -> the candidates its results carried
 
     def _store(self) -> CandidateStore:
         if self.store is None:
@@ -264,7 +263,6 @@ class StoreCallback(Callback):
         self._tick()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.reported.pop(trial.trial_id, None)
         self._tick()
 
     def on_experiment_end(self, trials, **info) -> None:
@@ -274,20 +272,19 @@ class StoreCallback(Callback):
         if "index" in result and "status" in result:
             record = CandidateRecord.from_dict(result)
             record.trial_id = trial.trial_id
-            self.reported.setdefault(trial.trial_id, set()).add(record.index)
             self._record(record)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        """The candidates of the errored trial's batch it had not reported: handed out again by the searcher, or
-        stored as failed with the trial's error."""
+        """The candidates of the errored trial's batch it had not reported (neither stored nor waiting to be):
+        handed out again by the searcher, or stored as failed with the trial's error."""
         message = "trial errored"
         if trial.error_file and os.path.isfile(trial.error_file):
             lines = [ln for ln in open(trial.error_file).read().strip().splitlines() if ln.strip()]
             message = lines[-1] if lines else message
-        reported = self.reported.pop(trial.trial_id, set())
+        received = self._store().indices() | {r.index for r in self.pending}
         for candidate in trial.config.get("candidates", []):
             index = candidate["index"]
-            if index in reported:
+            if index in received:
                 continue
             if self.searcher.handing_out_again(index):  # Tune tells the searcher first, then its callbacks
                 print(f"[search] candidate {index}: its trial was lost ({message}); evaluating it again",

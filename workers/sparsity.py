@@ -30,11 +30,11 @@ def add_l1_subgradient(params: list[torch.Tensor], strength: float) -> None:
 
 
 def slimming_train(model: nn.Module, data, cfg, strength: float, epochs: int, device="cpu", checkpoint_path=None,
-                   log=None) -> None:
+                   log=None, train_indices=None) -> None:
     """Network Slimming's sparsity training: fine-tune with `strength` * sum |gamma| over every BatchNorm scale
-    (in place, resumable from `checkpoint_path`)."""
+    (in place, resumable from `checkpoint_path`; on part of the training split if `train_indices`)."""
     scales = [m.weight for m in batchnorms(model)]
-    finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log,
+    finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log, train_indices=train_indices,
              after_backward=lambda: add_l1_subgradient(scales, strength))
 
 
