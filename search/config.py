@@ -19,6 +19,7 @@ from .config_file import Choice, ConfigError, Section, parse_override, read_conf
 class ModelConfig(Section):
     name: str = "digits_cnn"  # registry name or package.module:function
     checkpoint: str | None = None  # state dict of the trained model; none: train one (cached)
+    checkpoint_key: str | None = None  # which state dict in the checkpoint, when several fit ('model_ema')
     kwargs: dict = {}
     pretrain_epochs: int = Field(30, ge=1)  # when no checkpoint is given
     ignored_layers: list = []  # layers never pruned (the classifier always is)

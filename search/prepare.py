@@ -19,11 +19,12 @@ import torch.nn as nn
 from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.criteria import BATCHNORM, CRITERIA
 from prunetune.workers.data import DataBundle, heldout_split, iterate_batches, load_data
-from prunetune.workers.files import atomic_write, unwritable
+from prunetune.workers.files import atomic_write, unwritable, write_text
 from prunetune.workers.finetune import finetune
 from prunetune.workers.methods import METHODS
 from prunetune.workers.latency import load_or_build
-from prunetune.workers.models import build_model, check_model_name, load_checkpoint, read_state_dict
+from prunetune.workers.models import ModelError, build_model, check_model_name, load_checkpoint, nonfinite, \
+    read_state_dict
 from prunetune.workers.preflight import Verdict
 from prunetune.workers.scoring import score
 from prunetune.workers.sparsity import batchnorms, histogram
@@ -143,7 +144,9 @@ def prepare(cfg: Config, log=None) -> Checked:
     torch.manual_seed(cfg.finetune.seed)  # the initial weights of a base model trained here: same seed, same model
     model = build_model(**spec)
     if cfg.model.checkpoint:
-        load_checkpoint(model, cfg.model.checkpoint)  # a bad file is refused before anything else
+        done = load_checkpoint(model, cfg.model.checkpoint, cfg.model.checkpoint_key)  # refused before anything else
+        if done:
+            print(f"model.checkpoint: {done}", file=log, flush=True)
     if not batchnorms(model):
         sparsity = METHODS[cfg.search.granularity].sparsity
         for key, wanted in (("model.sparsity", cfg.model.sparsity and sparsity.needs_batchnorm),
@@ -184,8 +187,7 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
     path = os.path.join(expand(cfg.output.cache_dir), f"sparse-{cfg.model.name.replace(':', '_')}-{key}.pt")
     before = histogram(training.measure(prep.model))
     start_accuracy = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))["accuracy"]
-    if os.path.isfile(path):
-        prep.model.load_state_dict(read_state_dict(path, "output.cache_dir"))
+    if _cached(path, prep.model, "sparsity training", log):
         print(f"sparsity training: loaded {path} (cached: same base, lambda and epochs)", file=log)
     else:
         print(f"sparsity training ({training.name}): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
@@ -193,8 +195,7 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
         resume, device = path + ".resume", "cuda" if torch.cuda.is_available() else "cpu"
         training.train(prep.model, prep.data, cfg.finetune, cfg.model.sparsity, cfg.model.sparsity_epochs, device,
                        resume, log)
-        state = {k: v.cpu() for k, v in prep.model.state_dict().items()}
-        atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
+        _cache(path, prep.model, "sparsity training")
         os.remove(resume)
         prep.model.cpu()
     prep.model.eval()
@@ -216,8 +217,7 @@ def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None) -> s
     """Load a cached base model for this recipe into `model`, or train one and cache it; its path."""
     log = log or sys.stderr
     path = base_cache_path(cfg, model_spec(cfg, data.num_classes, data.input_shape[0]))
-    if os.path.isfile(path):
-        model.load_state_dict(read_state_dict(path, "output.cache_dir"))
+    if _cached(path, model, "base model", log):
         print(f"base model: loaded {path} (cached: same model, data and training recipe)", file=log)
         return path
     print(f"base model: no model.checkpoint given and none cached for this recipe; training {cfg.model.name} for "
@@ -225,7 +225,45 @@ def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None) -> s
     result = finetune(model, data, cfg.finetune, "cuda" if torch.cuda.is_available() else "cpu",
                       epochs=cfg.model.pretrain_epochs, log=log)
     print(f"base model: test accuracy {result['test_accuracy']:.4f}", file=log)
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
+    _cache(path, model, "base model")
     model.cpu()
     return path
+
+
+def _cache(path: str, model: nn.Module, what: str) -> None:
+    """Cache `model`'s weights at `path`, their SHA-256 beside them (path.sha256, as sha256sum writes it); a model
+    with NaN or inf weights is refused (ModelError), never cached."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = nonfinite(state)
+    if bad:
+        raise ModelError(f"{what}: training ended with non-finite weights (NaN or inf in {len(bad)} of its tensors, "
+                         f"e.g. {bad[0]}); nothing was cached; lower finetune.lr, or give model.checkpoint")
+    atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
+    write_text(path + ".sha256", f"{sha256(path)}  {os.path.basename(path)}\n", durable=True)
+
+
+def _cached(path: str, model: nn.Module, what: str, log) -> bool:
+    """Load the cache entry at `path` into `model` if there is one and it is sound: the SHA-256 stored with it,
+    finite weights that fit the model. A damaged entry is reported in one line (and then rebuilt by the caller)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path + ".sha256") as f:
+            stored = f.read().split()[0]
+    except (OSError, IndexError):
+        stored = None
+    if stored is None:
+        problem = "no checksum stored with it"
+    elif stored != sha256(path):
+        problem = "its SHA-256 is not the one stored with it"
+    else:
+        try:
+            state = read_state_dict(path, "output.cache_dir")
+            problem = "it holds NaN or inf weights" if nonfinite(state) else ""
+            if not problem:
+                model.load_state_dict(state)
+        except (ModelError, RuntimeError) as e:
+            problem = str(e).splitlines()[0]
+    if problem:
+        print(f"{what}: the cached {path} is damaged ({problem}); building it again", file=log, flush=True)
+    return not problem

@@ -1,9 +1,12 @@
 """Model registry: the built-in CNNs, `package.module:function` factories, and checkpoint loading."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import os
+import re
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -219,48 +222,192 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, kwargs: dict 
     return model
 
 
+def _first_line(e: Exception) -> str:
+    """An exception's first line, without the terminal colour codes torch puts in its messages."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _is_safetensors(path: str) -> bool:
+    """True if `path` is named .safetensors or starts as one does (an 8-byte header length, then '{')."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return path.endswith(".safetensors") or (
+        len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path))
+
+
+def _read_safetensors(path: str, field: str) -> dict:
+    """The tensors of a safetensors file (the optional safetensors package reads it, without pickle)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ModelError(f"{field}: {path} is a safetensors file; reading it needs the safetensors package "
+                         "(pip install 'prunetune[safetensors]')") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:
+        raise ModelError(f"{field}: cannot read {path} as a safetensors file ({_first_line(e)})") from None
+
+
+def _why_refused(path: str, e: Exception) -> str:
+    """Why torch's weights-only loading refused `path`, in one line: a whole pickled model, pickled code, or
+    torch's own first line."""
+    try:
+        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in _SAFE_NAMES]
+    except Exception:  # not a zip checkpoint, or a torch without the function
+        names = []
+    if any(n.startswith("torch.nn.modules.") for n in names):
+        model_class = next((n for n in names if not n.startswith("torch.")), names[0])
+        return (f"{path} holds a whole pickled model ({model_class}), not a state dict; save the weights with "
+                "torch.save(model.state_dict(), path) and give that file")
+    if names:
+        return (f"cannot read {path} as a weights-only state dict (it holds pickled objects of "
+                f"{', '.join(names[:3])}, which weights-only loading does not run)")
+    return f"cannot read {path} as a weights-only state dict ({_first_line(e)})"
+
+
+_SAFE_GLOBALS = [argparse.Namespace]  # harmless objects training scripts save beside the weights ("args")
+_SAFE_NAMES = {f"{c.__module__}.{c.__qualname__}" for c in _SAFE_GLOBALS}
+
+
 def read_weights(path: str, field: str):
-    """torch.load(path, weights_only=True), or a one-line ModelError naming `field` (missing, a directory, corrupt,
-    or carrying pickled code)."""
+    """What a weights file holds: torch.load(path, weights_only=True), or a safetensors file's tensors; a one-line
+    ModelError naming `field` otherwise (missing, a directory, corrupt, a whole pickled model, pickled code)."""
     if os.path.isdir(path):
         raise ModelError(f"{field}: {path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise ModelError(f"{field}: file not found: {path}")
+    if _is_safetensors(path):
+        return _read_safetensors(path, field)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, refused globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{field}: cannot read {path} as a weights-only state dict ({first})") from None
+        raise ModelError(f"{field}: {_why_refused(path, e)}") from None
 
 
 def read_state_dict(path: str, field: str = "model.checkpoint") -> dict:
-    """The state dict in a checkpoint file (also inside {"state_dict": ...} or {"model": ...})."""
+    """The state dict of tensors a file holds as a whole (a file prunetune wrote, or any plain state dict)."""
     obj = read_weights(path, field)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"{field}: {path} does not hold a state dict of tensors")
     return obj
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a state-dict checkpoint into `model`; ModelError if it does not match."""
-    state = read_state_dict(path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
+def nonfinite(state: dict) -> list[str]:
+    """The names of the floating-point tensors in `state` holding NaN or inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    """A way to read a model's state dict out of a checkpoint: a nested entry, and a key prefix removed."""
+
+    entry: tuple[str, ...]  # the keys leading to the dict of tensors: () for the file's top level
+    prefix: str  # what every key of the model's tensors starts with there ('' for none; 'model.', '_orig_mod.')
+    tensors: dict  # the entry's tensors, all of them
+
+    @property
+    def name(self) -> str:
+        """What model.checkpoint_key calls it: the entry and prefix joined with dots ('.' for the top level)."""
+        return ".".join([*self.entry, *([self.prefix[:-1]] if self.prefix else [])]) or "."
+
+    def state(self) -> dict:
+        """The tensors under the prefix, named as the model names them."""
+        n = len(self.prefix)
+        return {k[n:]: v for k, v in self.tensors.items() if k.startswith(self.prefix)}
+
+
+def _optional(key: str) -> bool:
+    """A buffer a checkpoint may lack: BatchNorm's step counter (torch's own loader sets it to 0)."""
+    return key.rsplit(".", 1)[-1] == "num_batches_tracked"
+
+
+def _tensor_dicts(obj, entry: tuple[str, ...] = (), depth: int = 3):
+    """(entry, {name: tensor}) for every dict holding tensors in `obj`, nested up to `depth` dicts deep."""
+    if not isinstance(obj, dict):
+        return
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if tensors:
+        yield entry, tensors
+    if depth:
+        for k, v in obj.items():
+            yield from _tensor_dicts(v, (*entry, str(k)), depth - 1)
+
+
+def _mappings(obj, own: dict) -> list[_Mapping]:
+    """Every (entry, prefix) of `obj` under which at least one of the model's tensor names appears."""
+    found = []
+    for entry, tensors in _tensor_dicts(obj):
+        prefixes = {k[:i] for k in tensors for i in (0, *(j + 1 for j, c in enumerate(k) if c == "."))
+                    if k[i:] in own}
+        found += [_Mapping(entry, p, tensors) for p in sorted(prefixes or {""})]
+    return found
+
+
+def _mismatch(state: dict, own: dict) -> str:
+    """How `state` differs from the model's `own` state dict ('' if it fits)."""
+    missing = [k for k in own if k not in state and not _optional(k)]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise ModelError(f"model.checkpoint: {path} does not match the model: " + "; ".join(parts))
-    model.load_state_dict(state)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+    return "; ".join(parts)
+
+
+def _fits(mapping: _Mapping, own: dict) -> bool:
+    """Every tensor of the model is there, with its shape (entries the model does not have are ignored)."""
+    state = mapping.state()
+    return not _mismatch({k: v for k, v in state.items() if k in own}, own)
+
+
+def load_checkpoint(model: nn.Module, path: str, key: str | None = None) -> str:
+    """Load the state dict a checkpoint holds for `model`: the file's top level or the one nested entry
+    ('state_dict', 'model', ...) that fits, with one common key prefix removed ('module.', '_orig_mod.',
+    Lightning's 'model.'); `key` (model.checkpoint_key) chooses when several fit. Returns what was done beyond a
+    plain load, in words ('' for none); ModelError (one line) when nothing fits, several do, or a weight is NaN/inf."""
+    own = model.state_dict()
+    mappings = _mappings(read_weights(path, "model.checkpoint"), own)
+    if not mappings:
+        raise ModelError(f"model.checkpoint: {path} does not hold a state dict of tensors")
+    if key is not None:
+        chosen = [m for m in mappings if m.name == key]
+        if not chosen:
+            fit = sorted({m.name for m in mappings if _fits(m, own)})
+            names = ", ".join(f"'{n}'" for n in fit or sorted({m.name for m in mappings}))
+            raise ModelError(f"model.checkpoint_key: {path} has no state dict '{key}'; "
+                             + (f"those that fit the model: {names}" if fit else f"it has {names}, none fits the model"))
+        mappings = chosen
+    fitting = [m for m in mappings if _fits(m, own)]
+    if len(fitting) > 1:
+        names = ", ".join(f"'{m.name}'" + (" (the top level)" if m.name == "." else "") for m in fitting)
+        raise ModelError(f"model.checkpoint: {path} holds {len(fitting)} state dicts that fit the model ({names}); "
+                         f"choose one with model.checkpoint_key (e.g. --set model.checkpoint_key={fitting[-1].name})")
+    if not fitting:
+        closest = max(mappings, key=lambda m: sum(k in own for k in m.state()))
+        where = f" ('{closest.name}')" if closest.name != "." else ""
+        raise ModelError(f"model.checkpoint: {path}{where} does not match the model: "
+                         + _mismatch(closest.state(), own))
+    mapping = fitting[0]
+    state = {k: v for k, v in mapping.state().items() if k in own}
+    bad = nonfinite(state)
+    if bad:
+        raise ModelError(f"model.checkpoint: {path} has non-finite weights (NaN or inf in {len(bad)} of its tensors, "
+                         f"e.g. {bad[0]}); give the weights of a model that trained without diverging")
+    absent = [k for k in own if k not in state]  # only num_batches_tracked buffers: _fits checked the rest
+    model.load_state_dict({**{k: own[k] for k in absent}, **state})
+    done = [f"loaded '{'.'.join(mapping.entry)}' from {path}" if mapping.entry else f"loaded {path}"]
+    if mapping.prefix:
+        done.append(f"prefix '{mapping.prefix}' removed")
+    ignored = len(mapping.tensors) - len(state)
+    if ignored:
+        done.append(f"{ignored} of its tensors that the model does not have ignored")
+    if absent:
+        done.append(f"{len(absent)} num_batches_tracked buffers absent (kept as built, as torch's loader does)")
+    return ", ".join(done) if mapping.entry or len(done) > 1 else ""
