@@ -226,3 +226,21 @@ def test_a_base_model_that_trains_to_nan_is_never_cached(tmp_path, monkeypatch):
                                          r"its tensors, e.g. features.0.weight\); nothing was cached"):
         trained_base(cfg, build_model("digits_cnn", 10, 1), data, log=open(os.devnull, "w"))
     assert not os.path.exists(base_cache_path(cfg, model_spec(cfg, 10, 1)))
+
+
+@pytest.mark.slow
+def test_a_damaged_sparsity_trained_cache_is_built_again_with_one_line(tmp_path, capsys):
+    from prunetune.search.prepare import ensure_base
+    from tests.runs import small
+
+    cfg = load_config(None, small(tmp_path / "run", tmp_path / "cache", "model.pretrain_epochs=1",
+                                  "model.sparsity=5e-3", "model.sparsity_epochs=1", "search.criterion=bn_scale"))
+    first = ensure_base(prepare(cfg))
+    path, trained = first.base_checkpoint, {k: v.clone() for k, v in first.model.state_dict().items()}
+    _zero_20kb(path)
+    capsys.readouterr()
+    again = ensure_base(prepare(cfg))
+    err = capsys.readouterr().err
+    assert (f"sparsity training: the cached {path} is damaged (its SHA-256 is not the one stored with it); "
+            "building it again\n") in err
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in trained.items())
