@@ -99,6 +99,20 @@ def test_two_fitting_state_dicts_are_refused_naming_both_and_the_key_chooses(tmp
         load_checkpoint(FlattenCNN(), str(path), "ema")
 
 
+def test_two_fitting_prefixes_in_one_entry_are_named_with_dots(tmp_path, trained):
+    path = tmp_path / "ema.ckpt"  # a LightningModule holding the model and an EMA copy of it
+    ema = randomize_batchnorm(FlattenCNN(), seed=2)
+    torch.save({"state_dict": {**_prefixed(trained.state_dict(), "model."),
+                               **_prefixed(ema.state_dict(), "ema_model.")}}, path)
+    with pytest.raises(ModelError, match=r"fit the model \('state_dict.ema_model', 'state_dict.model'\); choose"):
+        load_checkpoint(FlattenCNN(), str(path))
+    model = FlattenCNN()
+    done = load_checkpoint(model, str(path), "state_dict.ema_model")
+    assert done == (f"loaded 'state_dict' from {path}, prefix 'ema_model.' removed, the other 18 tensors "
+                    "in it ignored")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ema.state_dict().items())
+
+
 def test_the_checkpoint_key_is_a_config_key_and_a_refusal_is_one_line_before_anything_runs(tmp_path, trained,
                                                                                           capsys):
     path = tmp_path / "both.pth"
@@ -149,8 +163,9 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_before_ray_starts(tmp_p
     state["features.1.running_var"][0] = float("inf")
     torch.save({"model": state}, tmp_path / "nan.pt")
     err = _refused(tmp_path, capsys, tmp_path / "nan.pt")
-    assert err.startswith(f"prunetune: error: model.checkpoint: {tmp_path / 'nan.pt'} has non-finite weights "
-                          "(NaN or inf in 2 of its tensors, e.g. ")
+    assert err == (f"prunetune: error: model.checkpoint: {tmp_path / 'nan.pt'} has non-finite weights (NaN or inf "
+                   "in 2 of its tensors, e.g. features.1.running_var); give the weights of a model that trained "
+                   "without diverging")
 
 
 def test_a_safetensors_file_without_the_package_gets_the_install_hint(tmp_path, trained, monkeypatch):

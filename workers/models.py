@@ -319,7 +319,7 @@ class _Mapping:
 
 
 def _optional(key: str) -> bool:
-    """A buffer a checkpoint may lack: BatchNorm's step counter (torch's own loader sets it to 0)."""
+    """A buffer a checkpoint may lack: BatchNorm's step counter (torch's own loader keeps the model's then)."""
     return key.rsplit(".", 1)[-1] == "num_batches_tracked"
 
 
@@ -381,8 +381,8 @@ def load_checkpoint(model: nn.Module, path: str, key: str | None = None) -> str:
         if not chosen:
             fit = sorted({m.name for m in mappings if _fits(m, own)})
             names = ", ".join(f"'{n}'" for n in fit or sorted({m.name for m in mappings}))
-            raise ModelError(f"model.checkpoint_key: {path} has no state dict '{key}'; "
-                             + (f"those that fit the model: {names}" if fit else f"it has {names}, none fits the model"))
+            found = f"those that fit the model: {names}" if fit else f"it has {names}, none fits the model"
+            raise ModelError(f"model.checkpoint_key: {path} has no state dict '{key}'; {found}")
         mappings = chosen
     fitting = [m for m in mappings if _fits(m, own)]
     if len(fitting) > 1:
@@ -407,7 +407,7 @@ def load_checkpoint(model: nn.Module, path: str, key: str | None = None) -> str:
         done.append(f"prefix '{mapping.prefix}' removed")
     ignored = len(mapping.tensors) - len(state)
     if ignored:
-        done.append(f"{ignored} of its tensors that the model does not have ignored")
+        done.append(f"the other {ignored} tensors in it ignored")
     if absent:
         done.append(f"{len(absent)} num_batches_tracked buffers absent (kept as built, as torch's loader does)")
     return ", ".join(done) if mapping.entry or len(done) > 1 else ""
