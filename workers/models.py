@@ -319,7 +319,8 @@ class _Mapping:
 
 
 def _optional(key: str) -> bool:
-    """A buffer a checkpoint may lack: BatchNorm's step counter (torch's own loader keeps the model's then)."""
+    """A buffer a checkpoint may lack: BatchNorm's step counter (the model keeps its own, as torch's loader does
+    for a state dict without version metadata)."""
     return key.rsplit(".", 1)[-1] == "num_batches_tracked"
 
 
@@ -409,5 +410,5 @@ def load_checkpoint(model: nn.Module, path: str, key: str | None = None) -> str:
     if ignored:
         done.append(f"the other {ignored} tensors in it ignored")
     if absent:
-        done.append(f"{len(absent)} num_batches_tracked buffers absent (kept as built, as torch's loader does)")
+        done.append(f"{len(absent)} absent num_batches_tracked buffers kept as built")
     return ", ".join(done) if mapping.entry or len(done) > 1 else ""
