@@ -124,8 +124,10 @@ def validate(root: type[BaseModel], raw: Any, renamed: dict[str, str]) -> BaseMo
         def where(loc: tuple) -> tuple:
             if loc[0] not in sections:
                 return -1, 0
+            if len(loc) == 1:
+                return sections.index(loc[0]), -1
             keys = [*raw[loc[0]]]  # a default's error (an expanded path) comes after the keys given
-            return sections.index(loc[0]), (keys.index(loc[1]) if loc[1] in keys else len(keys)) if len(loc) > 1 else -1
+            return sections.index(loc[0]), keys.index(loc[1]) if loc[1] in keys else len(keys)
 
         error = min(e.errors(), key=lambda error: where(error["loc"]))
         if len(error["loc"]) == 2 and isinstance(error["input"], float):  # as written: '5e-4' (YAML 1.1 read a str)
@@ -145,14 +147,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     loader = _ConfigLoader(value, source="--set", trail=key.split("."))
     try:
         node = loader.get_single_node()
-        typed = node is not None and node.start_mark.index == 0 and node.end_mark.index == len(value) and (
-            node.flow_style if isinstance(node, yaml.CollectionNode) else
-            node.style in ("'", '"') or (node.style is None and node.tag in _TYPED))
-        return key, loader.construct_document(node) if typed else value
-    except yaml.YAMLError:
+        return key, loader.construct_document(node) if _typed(node, value) else value
+    except (yaml.YAMLError, RecursionError):  # not YAML, or nested past Python's stack: text
         return key, value
     finally:
         loader.dispose()
+
+
+def _typed(node: yaml.Node | None, text: str) -> bool:
+    """True if YAML gives the --set value `text` (composed as `node`) a meaning of its own: all of it is one number,
+    boolean, null, quoted string or flow list/map (not a plain string, a comment, a date or a block of YAML)."""
+    if node is None or node.start_mark.index != 0 or node.end_mark.index != len(text):
+        return False
+    if isinstance(node, yaml.CollectionNode):
+        return bool(node.flow_style)
+    return node.style in ("'", '"') or (node.style is None and node.tag in _TYPED)
 
 
 def _expanded_sizes(root: yaml.Node, source: str, trail: list[str]) -> dict[int, int]:
@@ -184,7 +193,9 @@ def _expanded_sizes(root: yaml.Node, source: str, trail: list[str]) -> dict[int,
 
 def _key_text(node: yaml.Node) -> str:
     """A mapping key as an error names it (a scalar as written, anything else as '?')."""
-    return shown(node.value)[1:-1] if isinstance(node, yaml.ScalarNode) else "?"
+    if not isinstance(node, yaml.ScalarNode):
+        return "?"
+    return node.value if len(node.value) <= 60 else node.value[:57] + "..."
 
 
 def _check_size(root: yaml.Node, source: str, trail: list[str]) -> None:
