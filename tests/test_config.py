@@ -165,6 +165,10 @@ def test_a_yaml_alias_bomb_is_refused_in_one_line_naming_the_key(tmp_path):
     assert "at most 100000" in message and "\n" not in message and len(message) < 300
     with pytest.raises(ConfigError, match="model.kwargs: a YAML alias in --set holds itself"):
         load_config(None, ["model.kwargs=&a [1, *a]"])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model:\n  kwargs:\n    a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=f"^config: {deep} nests its values too deeply$"):
+        load_config(str(deep))
     few = tmp_path / "anchors.yaml"  # aliases that stay small are YAML as usual
     few.write_text("model:\n  kwargs: &k {width: 8}\ndata:\n  kwargs: *k\n")
     assert load_config(str(few)).data.kwargs == {"width": 8}
