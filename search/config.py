@@ -13,12 +13,13 @@ from prunetune.workers.files import write_text
 from prunetune.workers.methods import METHODS, misuse
 
 from .algorithms import ALGORITHMS
-from .config_file import Choice, ConfigError, Section, parse_override, read_config, validate  # noqa: F401 (API)
+from .config_file import (Choice, ConfigError, ExpandedPath, Section, parse_override, read_config,  # noqa: F401 (API)
+                          validate)
 
 
 class ModelConfig(Section):
     name: str = "digits_cnn"  # registry name or package.module:function
-    checkpoint: str | None = None  # state dict of the trained model; none: train one (cached)
+    checkpoint: ExpandedPath | None = None  # state dict of the trained model; none: train one (cached)
     checkpoint_key: str | None = None  # which state dict in the checkpoint, when several fit ('model_ema')
     kwargs: dict = {}
     pretrain_epochs: int = Field(30, ge=1)  # when no checkpoint is given
@@ -29,7 +30,7 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     name: str = "digits"  # digits | cifar10 | imagefolder | synthetic | package.module:function
-    path: str | None = None
+    path: ExpandedPath | None = None
     image_size: int | None = Field(None, ge=4)
     num_classes: int | None = Field(None, ge=2)
     train_size: int = Field(2048, ge=2)  # synthetic only
@@ -114,8 +115,9 @@ class RayConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str = "runs/default"
-    cache_dir: str = "~/.cache/prunetune"  # trained base models and decoded image caches
+    dir: ExpandedPath = Field("runs/default", validate_default=True)
+    # trained base models and decoded image caches
+    cache_dir: ExpandedPath = Field("~/.cache/prunetune", validate_default=True)
 
 
 class Config(BaseModel):

@@ -1,14 +1,24 @@
-"""From YAML text to a validated config: the file (a key given twice is an error), `--set` overrides, the section base
-class that reads a value as YAML 1.1 and --set write it, and pydantic's errors as one line that names the key."""
+"""From YAML text to a validated config: the file (a key given twice is an error, aliases that expand past
+MAX_VALUES values are refused), `--set` overrides (plain text unless YAML gives it a type), the section base class that
+reads a value as YAML 1.1 and --set write it, path keys with ~ and $VARIABLES expanded, and pydantic's errors as one
+line that names the key."""
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, get_args
+import re
+from typing import Annotated, Any, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError, core_schema
+
+from prunetune.workers.messages import shown
+
+MAX_VALUES = 100_000  # values of one config file or --set value, once its YAML aliases are expanded
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")  # $NAME or ${NAME}, as os.path.expandvars reads them
+# The tags of the plain --set values YAML gives a type; any other plain text is taken as typed (a date, a ' #').
+_TYPED = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "null")}
 
 
 class ConfigError(ValueError):
@@ -28,6 +38,29 @@ class Choice:
         if value not in self.values:
             raise PydanticCustomError("choice", "allowed: {allowed}", {"allowed": ", ".join(self.values)})
         return value
+
+
+def expand_path(path: str) -> str:
+    """`path` with a leading ~ or ~user and every $NAME / ${NAME} expanded; an unknown user or unset variable is an
+    error (never a directory named after it)."""
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        raise PydanticCustomError("path", "no home directory is known for {tilde} (in {path}); write the directory out",
+                                  {"path": shown(path), "tilde": expanded.split(os.sep)[0]})
+
+    def value(match: re.Match) -> str:
+        name = match.group(1).strip("{}")
+        if name not in os.environ:
+            raise PydanticCustomError("path", "environment variable {name} (in {path}) is not set; set it, or write "
+                                      "the path without it", {"path": shown(path), "name": name})
+        return os.environ[name]
+
+    return _VARIABLE.sub(value, expanded)
+
+
+# A path key: ~ and environment variables expanded when the config is read (a default too, with validate_default; the
+# run's config.yaml keeps the path that was used).
+ExpandedPath = Annotated[str, AfterValidator(expand_path)]
 
 
 class Section(BaseModel):
@@ -52,26 +85,28 @@ class Section(BaseModel):
 
 def _one_line(error: dict, root: type[BaseModel], renamed: dict[str, str]) -> str:
     """One pydantic error of `root` (a model of Sections) as a line naming the key, the value and what is allowed."""
-    loc, kind, shown = error["loc"], error["type"], error["input"]
+    loc, kind, value = error["loc"], error["type"], error["input"]
     if len(loc) == 1 and kind in ("extra_forbidden", "invalid_key"):
         return f"{loc[0]}: unknown section; allowed: {', '.join(root.model_fields)}"
     if len(loc) == 1:
-        return f"{loc[0]}: must be a mapping of keys, got {shown!r}"
+        return f"{loc[0]}: must be a mapping of keys, got {shown(value)}"
     key, fields = f"{loc[0]}.{loc[1]}", root.model_fields[loc[0]].annotation.model_fields
     if kind in ("extra_forbidden", "invalid_key"):
         return f"{key}: renamed to {renamed[key]}" if key in renamed else \
             f"{key}: unknown key; allowed: {', '.join(fields)}"
     if kind == "choice":
-        return f"{key}: {shown!r} is not allowed; {error['msg']}"
+        return f"{key}: {shown(value)} is not allowed; {error['msg']}"
+    if kind == "path":
+        return f"{key}: {error['msg']}"
     field = fields[loc[1]]
     bounds = {k: getattr(m, k) for m in field.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):  # the field's own bounds
         lo, hi = bounds.get("gt", bounds.get("ge", "-inf")), bounds.get("lt", bounds.get("le", "inf"))
-        return (f"{key}: {shown!r} is outside the allowed range {'(' if 'gt' in bounds else '['}{lo}, {hi}"
+        return (f"{key}: {shown(value)} is outside the allowed range {'(' if 'gt' in bounds else '['}{lo}, {hi}"
                 f"{')' if 'lt' in bounds else ']'}")
     expected = next(t for t in get_args(field.annotation) or (field.annotation,) if t is not type(None)).__name__
-    return f"{key}: null is not allowed; expected {expected}" if shown is None else \
-        f"{key}: {shown!r} is not a valid {expected}"
+    return f"{key}: null is not allowed; expected {expected}" if value is None else \
+        f"{key}: {shown(value)} is not a valid {expected}"
 
 
 def validate(root: type[BaseModel], raw: Any, renamed: dict[str, str]) -> BaseModel:
@@ -79,7 +114,8 @@ def validate(root: type[BaseModel], raw: Any, renamed: dict[str, str]) -> BaseMo
     section, else the sections in their order and each one's keys in the order given."""
     if not isinstance(raw, dict):
         raise ConfigError("config: the file must hold a mapping of sections")
-    raw = {section: values or {} for section, values in raw.items()}  # `section:` alone is an empty section
+    # `section:` alone is an empty section; a section not given is built here too (its defaults read now: ~, $HOME)
+    raw = {**dict.fromkeys(root.model_fields, {}), **{section: values or {} for section, values in raw.items()}}
     try:
         return root.model_validate(raw)
     except ValidationError as e:
@@ -88,7 +124,10 @@ def validate(root: type[BaseModel], raw: Any, renamed: dict[str, str]) -> BaseMo
         def where(loc: tuple) -> tuple:
             if loc[0] not in sections:
                 return -1, 0
-            return sections.index(loc[0]), [*raw[loc[0]]].index(loc[1]) if len(loc) > 1 else -1
+            if len(loc) == 1:
+                return sections.index(loc[0]), -1
+            keys = [*raw[loc[0]]]  # a default's error (an expanded path) comes after the keys given
+            return sections.index(loc[0]), keys.index(loc[1]) if loc[1] in keys else len(keys)
 
         error = min(e.errors(), key=lambda error: where(error["loc"]))
         if len(error["loc"]) == 2 and isinstance(error["input"], float):  # as written: '5e-4' (YAML 1.1 read a str)
@@ -97,19 +136,94 @@ def validate(root: type[BaseModel], raw: Any, renamed: dict[str, str]) -> BaseMo
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split `section.key=value` into the dotted key and its YAML-parsed value."""
+    """Split `section.key=value` into the dotted key and its value: a number, boolean, null, quoted string or flow
+    list/map as YAML reads it; any other text exactly as typed (a ' #' is no comment there, a date no date)."""
     key, sep, value = text.partition("=")
     if not sep or key.count(".") != 1:
         raise ConfigError(f"--set {text}: expected section.key=value (e.g. search.target=0.4)")
+    key, value = key.strip(), value.strip()
+    if not value:
+        return key, None
+    loader = _ConfigLoader(value, source="--set", trail=key.split("."))
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip(), parsed
+        node = loader.get_single_node()
+        return key, loader.construct_document(node) if _typed(node, value) else value
+    except (yaml.YAMLError, RecursionError):  # not YAML, or nested past Python's stack: text
+        return key, value
+    finally:
+        loader.dispose()
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override."""
+def _typed(node: yaml.Node | None, text: str) -> bool:
+    """True if YAML gives the --set value `text` (composed as `node`) a meaning of its own: all of it is one number,
+    boolean, null, quoted string or flow list/map (not a plain string, a comment, a date or a block of YAML)."""
+    if node is None or node.start_mark.index != 0 or node.end_mark.index != len(text):
+        return False
+    if isinstance(node, yaml.CollectionNode):
+        return bool(node.flow_style)
+    return node.style in ("'", '"') or (node.style is None and node.tag in _TYPED)
+
+
+def _expanded_sizes(root: yaml.Node, source: str, trail: list[str]) -> dict[int, int]:
+    """The number of values under each node of `root` (by id) once its aliases are expanded; ConfigError naming the
+    key if an alias holds itself."""
+    sizes: dict[int, int] = {}
+    inside: set[int] = set()
+
+    def size(node: yaml.Node, keys: list[str]) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in inside:
+            raise ConfigError(f"{'.'.join(keys) or 'config'}: a YAML alias in {source} holds itself; a config holds "
+                              "no recursive values")
+        inside.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k, keys) + size(v, [*keys, _key_text(k)]) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(item, keys) for item in node.value)
+        else:
+            total = 1
+        inside.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root, trail)
+    return sizes
+
+
+def _key_text(node: yaml.Node) -> str:
+    """A mapping key as an error names it (a scalar as written, anything else as '?')."""
+    if not isinstance(node, yaml.ScalarNode):
+        return "?"
+    return node.value if len(node.value) <= 60 else node.value[:57] + "..."
+
+
+def _check_size(root: yaml.Node, source: str, trail: list[str]) -> None:
+    """ConfigError naming the key, if `root`'s aliases expand it past MAX_VALUES values (or into itself)."""
+    sizes = _expanded_sizes(root, source, trail)
+    if sizes[id(root)] <= MAX_VALUES:
+        return
+    node, keys = root, list(trail)
+    while isinstance(node, yaml.MappingNode):  # down to the key that holds the most
+        key, value = max(node.value, key=lambda pair: sizes[id(pair[1])])
+        if sizes[id(value)] <= MAX_VALUES:
+            break
+        node, keys = value, [*keys, _key_text(key)]
+    raise ConfigError(f"{'.'.join(keys) or 'config'}: {sizes[id(node)]} values once the YAML aliases of {source} are "
+                      f"expanded; a config holds at most {MAX_VALUES}")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override, and a
+    document whose aliases expand past MAX_VALUES values (a "billion laughs") is refused before it is built."""
+
+    def __init__(self, stream, source: str, trail: list[str] | None = None):
+        super().__init__(stream)
+        self.source, self.trail = source, trail or []
+
+    def construct_document(self, node):
+        _check_size(node, self.source, self.trail)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
@@ -129,11 +243,17 @@ def read_config(path: str | None = None, overrides: list[str] | dict | None = No
             raise ConfigError(f"config: file not found: {path}")
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+                loader = _ConfigLoader(f, source=path)
+                try:
+                    raw = loader.get_single_data() or {}
+                finally:
+                    loader.dispose()
         except UnicodeDecodeError as e:
             raise ConfigError(f"config: {path} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
+        except RecursionError:
+            raise ConfigError(f"config: {path} nests its values too deeply") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {path} must hold a mapping of sections")
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]

@@ -6,7 +6,11 @@ import shlex
 import shutil
 import tempfile
 
-from .config import ConfigError, load_config
+import yaml
+
+from prunetune.workers.files import write_text
+
+from .config import ConfigError, from_dict, read_config
 
 
 def auth_headers() -> dict:
@@ -50,18 +54,18 @@ def client(address: str | None):
 def submit(config_path: str | None, address: str | None, overrides: list[str], python: str = "python",
            working_dir: str | None = None, job_id: str | None = None) -> str:
     """Submit `prunetune run` as a Ray Job; the config travels in the job's working dir. Returns the job id."""
-    cfg = load_config(config_path, overrides)  # refuse a bad config here, not on the cluster
+    raw = read_config(config_path, overrides)  # as typed: ~ and $VARIABLES in paths are the cluster's to expand
+    cfg = from_dict(raw)  # refuse a bad config here, not on the cluster
     staging = tempfile.mkdtemp(prefix="prunetune-job-")
     try:
         if working_dir:
             shutil.copytree(working_dir, staging, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info", ".venv"))
         staged_config = os.path.join(staging, "prunetune-job.yaml")
-        from .config import save_config
-
-        if not os.path.isabs(cfg.output.dir) and not cfg.output.dir.startswith("~"):
-            cfg.output.dir = os.path.join("~/prunetune-runs", os.path.basename(os.path.normpath(cfg.output.dir)))
-        save_config(cfg, staged_config)
+        if not os.path.isabs(cfg.output.dir):
+            name = os.path.basename(os.path.normpath(cfg.output.dir))
+            raw["output"] = {**(raw.get("output") or {}), "dir": os.path.join("~/prunetune-runs", name)}
+        write_text(staged_config, yaml.safe_dump(raw, sort_keys=False))
         entrypoint = f"{shlex.quote(python)} -m prunetune run prunetune-job.yaml --address auto"
         return client(address).submit_job(entrypoint=entrypoint, runtime_env={"working_dir": staging},
                                           submission_id=job_id)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -130,3 +131,104 @@ def test_a_resume_may_change_exactly_the_keys_the_config_hash_leaves_out(tmp_pat
             assert refused == (hashed or section == "output"), f"{section}.{key}: refused {refused}, hashed {hashed}"
             if refused:
                 assert err.endswith(f"only {', '.join(k if '.' in k else k + '.*' for k in RESUMABLE)} may change")
+
+
+def test_a_set_value_is_text_as_typed_unless_yaml_gives_it_a_type():
+    """A --set value is no YAML document: ' #' starts no comment, a date or `a: b` stays text; numbers, booleans,
+    null, quoted strings and flow lists/maps keep their YAML meaning."""
+    cfg = load_config(None, ["output.dir=/p/out dir #1", "model.name=a: b", "data.name=2024-01-01",
+                             "search.top_k=3", "search.limits={params: 0.5}", "model.ignored_layers=[a, b]",
+                             "finetune.nesterov=false", "model.checkpoint=null", "model.kwargs={note: 'x #y'}"])
+    assert cfg.output.dir == "/p/out dir #1"
+    assert (cfg.model.name, cfg.data.name) == ("a: b", "2024-01-01")
+    assert cfg.search.top_k == 3 and cfg.search.limits == {"params": 0.5} and cfg.model.ignored_layers == ["a", "b"]
+    assert cfg.finetune.nesterov is False and cfg.model.checkpoint is None and cfg.model.kwargs == {"note": "x #y"}
+    assert load_config(None, ["model.name='on'"]).model.name == "on"  # quoted: a string, not YAML 1.1's true
+    with pytest.raises(ConfigError, match=r"search.top_k: '3 #x' is not a valid int"):
+        load_config(None, ["search.top_k=3 #x"])
+
+
+def _billion_laughs(levels: int) -> str:
+    """model.kwargs holding the classic alias bomb: each level a list of nine aliases of the level below."""
+    lines = ["model:", "  kwargs:", "    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line_naming_the_key(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_billion_laughs(5))  # 9^6 strings once expanded (8 levels: 9^9 strings, 2.7 GB before)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bomb))
+    message = str(e.value)
+    assert message.startswith("model.kwargs.l5: ") and f"YAML aliases of {bomb}" in message
+    assert "at most 100000" in message and "\n" not in message and len(message) < 300
+    with pytest.raises(ConfigError, match="model.kwargs: a YAML alias in --set holds itself"):
+        load_config(None, ["model.kwargs=&a [1, *a]"])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model:\n  kwargs:\n    a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=f"^config: {deep} nests its values too deeply$"):
+        load_config(str(deep))
+    few = tmp_path / "anchors.yaml"  # aliases that stay small are YAML as usual
+    few.write_text("model:\n  kwargs: &k {width: 8}\ndata:\n  kwargs: *k\n")
+    assert load_config(str(few)).data.kwargs == {"width": 8}
+
+
+def test_an_error_shows_at_most_200_characters_of_a_value(tmp_path, capsys):
+    long = "[" + ", ".join(["12345"] * 20_000) + "]"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"search.num_candidates={long}"])
+    assert str(e.value) == f"search.num_candidates: {repr([12345] * 20_000)[:197]}... is not a valid int"
+    code = main(["run", "--set", f"output.dir={tmp_path / 'run'}", "--set", f"output.cache_dir={tmp_path / 'cache'}",
+                 "--set", "model.pretrain_epochs=1", "--set", f"model.kwargs={{unknown: {long}}}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and len(err) < 400
+    assert err.startswith("prunetune: error: model.kwargs: building digits_cnn with {'unknown': [12345, 12345, ")
+    assert "12... failed (TypeError: " in err
+
+
+def test_paths_expand_home_and_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DATA", str(tmp_path / "data"))
+    cfg = load_config(None, ["model.checkpoint=~/ck.pt", "data.path=$DATA/images", "output.dir=${DATA}/runs/a",
+                             "output.cache_dir=~/cache"])
+    assert cfg.model.checkpoint == str(tmp_path / "home" / "ck.pt")
+    assert cfg.data.path == str(tmp_path / "data" / "images")
+    assert cfg.output.dir == str(tmp_path / "data" / "runs" / "a")
+    assert cfg.output.cache_dir == str(tmp_path / "home" / "cache")
+    assert load_config().output.cache_dir == str(tmp_path / "home" / ".cache" / "prunetune")  # the default too
+
+
+def test_an_unset_variable_in_a_path_is_refused_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RTV", raising=False)
+    code = main(["run", "--set", "output.dir=$RTV/x", "--set", f"output.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == ("prunetune: error: output.dir: environment variable RTV (in '$RTV/x') is not set; set it, or "
+                   "write the path without it")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ConfigError, match=r"^model.checkpoint: no home directory is known for ~no-such-user-x"):
+        load_config(None, ["model.checkpoint=~no-such-user-x/ck.pt"])
+
+
+def test_a_submitted_job_leaves_paths_to_the_cluster(tmp_path, monkeypatch):
+    """`submit` checks the config here but stages it as typed: ~ and $VARIABLES are the cluster's to expand."""
+    import yaml
+
+    from prunetune.search import jobs
+
+    staged = {}
+
+    class Cluster:
+        def submit_job(self, entrypoint, runtime_env, submission_id):
+            with open(os.path.join(runtime_env["working_dir"], "prunetune-job.yaml")) as f:
+                staged.update(yaml.safe_load(f))
+            return "job-1"
+
+    monkeypatch.setattr(jobs, "client", lambda address: Cluster())
+    monkeypatch.setenv("SCRATCH", str(tmp_path))
+    assert jobs.submit(None, "http://head:8265", ["data.path=$SCRATCH/data", "output.cache_dir=~/cache",
+                                                  "output.dir=runs/a"]) == "job-1"
+    assert staged["data"] == {"path": "$SCRATCH/data"}
+    assert staged["output"] == {"cache_dir": "~/cache", "dir": "~/prunetune-runs/a"}

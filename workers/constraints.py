@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .groups import SpaceError
+from .messages import shown
 from .space import PruningSpace
 
 UNITS = {"flops": "FLOPs", "params": "parameters", "latency": "ms"}
@@ -74,10 +75,10 @@ def parse_budget(key: str, name: str, value) -> Budget:
         raise ValueError(f"{key}: unknown budget '{name}'; allowed: {', '.join(CONSTRAINTS)}")
     text = str(value).strip().lower().replace(" ", "")
     if isinstance(value, bool):
-        raise ValueError(f"{key}: {value!r} is not a budget; expected {allowed}")
+        raise ValueError(f"{key}: {shown(value)} is not a budget; expected {allowed}")
     match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)(%|ms|k|m|g|t)?", text)
     if not match:
-        raise ValueError(f"{key}: {value!r} is not a budget; expected {allowed}")
+        raise ValueError(f"{key}: {shown(value)} is not a budget; expected {allowed}")
     number, unit = float(match.group(1)), match.group(2)
     if unit == "%":
         number, unit = number / 100, None
@@ -87,4 +88,4 @@ def parse_budget(key: str, name: str, value) -> Budget:
         return Budget(name, number, absolute=True)
     if name != "latency" and unit != "ms" and number >= 1:
         return Budget(name, number * _SUFFIX.get(unit, 1.0), absolute=True)
-    raise ValueError(f"{key}: {value!r} is not a budget; expected {allowed}")
+    raise ValueError(f"{key}: {shown(value)} is not a budget; expected {allowed}")

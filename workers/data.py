@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .files import atomic_write
+from .messages import shown
 from .seeds import generator
 
 SOURCES = ("digits", "cifar10", "imagefolder", "synthetic")
@@ -393,8 +394,8 @@ def _from_factory(spec: str, kwargs: dict) -> DataBundle:
     try:
         out = fn(**kwargs)
     except Exception as e:
-        raise DataError(f"data.kwargs: {spec}(**{kwargs}) failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
-            from None
+        reason = str(e).splitlines()[0] if str(e) else ''
+        raise DataError(f"data.kwargs: {spec}(**{shown(kwargs)}) failed ({type(e).__name__}: {reason})") from None
     if isinstance(out, DataBundle):
         return out
     expected = f"data.name: {spec} must return a DataBundle or (train, test, num_classes): two datasets and an int"

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .messages import shown
+
 
 class ModelError(ValueError):
     """A model name, factory or checkpoint that cannot be used."""
@@ -213,7 +215,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, kwargs: dict 
         model = factory(**kwargs)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model.kwargs: building {name} with {kwargs} failed ({type(e).__name__}: {reason})") \
+        raise ModelError(f"model.kwargs: building {name} with {shown(kwargs)} failed ({type(e).__name__}: {reason})") \
             from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")
