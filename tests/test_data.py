@@ -172,6 +172,7 @@ def test_the_decoded_image_cache_follows_the_files_content_not_their_names(tmp_p
     second = load_data("imagefolder", path=str(root), cache_dir=cache)
     assert int(first.train.images[-1, 0, 0, 0]) == 42 and int(second.train.images[-1, 0, 0, 0]) == 99
     assert second.notes == [] and first.fingerprint != second.fingerprint
+    assert torch.isfinite(second.train.get_batch(torch.arange(6))[0]).all()  # green and blue are constant: std 1
     cfg = load_config(None, ["data.name=imagefolder", f"data.path={root}", f"output.cache_dir={cache}"])
     spec = model_spec(cfg, 2, 3)
     assert base_cache_path(cfg, spec, first.fingerprint) != base_cache_path(cfg, spec, second.fingerprint)

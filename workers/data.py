@@ -369,8 +369,7 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
     test = TensorImages(test_x, torch.tensor(test_labels), mean, std)
     contract = InputContract((3, size, size), 1 / 255, tuple(mean), tuple(std), tuple(classes),
                              f"a centre crop of {size} px (a bilinear resize if smaller)")
-    fingerprint = None if keys is None else hashlib.sha256(
-        repr((keys, labels, test_labels, classes)).encode()).hexdigest()
+    fingerprint = hashlib.sha256(repr((keys, labels, test_labels, classes)).encode()).hexdigest() if cache_dir else None
     return DataBundle(train, test, len(classes), (3, size, size), train.augmented(), contract, notes, fingerprint)
 
 
@@ -380,7 +379,8 @@ def _open_image(path: str, max_pixels: int | None = None):
     from PIL import Image, UnidentifiedImageError
 
     def unreadable(e: Exception) -> DataError:
-        return DataError(f"data.path: cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return DataError(f"data.path: cannot read image {path} ({reason})")
 
     pillow_limit = Image.MAX_IMAGE_PIXELS
     limit = max_pixels or (2 * pillow_limit if pillow_limit else None)
@@ -452,8 +452,8 @@ def _cached_images(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None
 
 
 def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None, max_pixels: int | None,
-                  notes: list[str]) -> tuple[list[torch.Tensor], list[str] | None]:
-    """Decode small images once into uint8 [N, 3, size, size] per list, and the lists' content keys (None without
+                  notes: list[str]) -> tuple[list[torch.Tensor], list[str | None]]:
+    """Decode small images once into uint8 [N, 3, size, size] per list, and each list's content key (None without
     a cache). Cached in `cache_dir` by content, with a checksum; an entry that fails its check is decoded again
     (said in `notes`). Written only once every list has decoded (a bad image leaves no cache behind)."""
     from PIL import Image
@@ -485,7 +485,7 @@ def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None,
                 np.savez(f, images=arr, sha256=np.array(hashlib.sha256(arr).hexdigest()))
 
         atomic_write(cache, save)
-    return [torch.from_numpy(a) for a in arrays], keys if cache_dir else None
+    return [torch.from_numpy(a) for a in arrays], keys
 
 
 def _from_factory(spec: str, kwargs: dict) -> DataBundle:
