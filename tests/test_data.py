@@ -10,6 +10,7 @@ from PIL import Image
 
 from prunetune.search.config import load_config
 from prunetune.search.prepare import base_cache_path, data_kwargs, model_spec, prepare
+from prunetune.workers import data as data_module
 from prunetune.workers.data import DataError, heldout_split, iterate_batches, load_data
 
 
@@ -164,15 +165,22 @@ def test_16_bit_and_palette_images_decode_to_their_8_bit_values(tmp_path):
     assert (images[1] == [200, 100, 50]).all() and (images[2] == 77).all() and (images[3] == [1, 2, 3]).all()
 
 
-def test_the_decoded_image_cache_follows_the_files_content_not_their_names(tmp_path):
+def test_the_decoded_image_cache_follows_the_files_content_not_their_names(tmp_path, monkeypatch):
     root, cache = tmp_path / "f", str(tmp_path / "cache")
     _two_classes(root, lambda c, i: Image.new("RGB", (8, 8), (40 * c + i, 5, 6)))
     first = load_data("imagefolder", path=str(root), cache_dir=cache)
-    Image.new("RGB", (8, 8), (99, 5, 6)).save(root / "train" / "b" / "2.png")  # changed in place, same name
+    changed, before = root / "train" / "b" / "2.png", os.stat(root / "train" / "b" / "2.png")
+    Image.new("RGB", (8, 8), (99, 5, 6)).save(changed)  # changed in place: same name, size and time
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.path.getsize(changed) == before.st_size
     second = load_data("imagefolder", path=str(root), cache_dir=cache)
     assert int(first.train.images[-1, 0, 0, 0]) == 42 and int(second.train.images[-1, 0, 0, 0]) == 99
     assert second.notes == [] and first.fingerprint != second.fingerprint
     assert torch.isfinite(second.train.get_batch(torch.arange(6))[0]).all()  # green and blue are constant: std 1
+    monkeypatch.setattr(data_module, "HASHED_BYTES", 0)  # files too large to hash: keyed by size and time alone
+    Image.new("RGB", (8, 8), (77, 5, 6)).save(changed)
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert int(load_data("imagefolder", path=str(root), cache_dir=cache).train.images[-1, 0, 0, 0]) == 77
     cfg = load_config(None, ["data.name=imagefolder", f"data.path={root}", f"output.cache_dir={cache}"])
     spec = model_spec(cfg, 2, 3)
     assert base_cache_path(cfg, spec, first.fingerprint) != base_cache_path(cfg, spec, second.fingerprint)
