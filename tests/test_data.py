@@ -233,13 +233,19 @@ def test_an_image_over_the_pixel_limit_is_refused_in_one_line_and_the_limit_can_
     with pytest.raises(DataError, match="has 16 x 16 = 256 pixels, over the limit of 255 .*set data.max_image_pixels "
                                         "to 256 or more"):
         load_data(**data_kwargs(cfg))
+    large = tmp_path / "large"
+    _write_images(str(large), 80, per_class=1)  # over 64 px: decoded per item as batches are read
+    Image.new("RGB", (90, 90)).save(large / "test" / "emu" / "0.jpg")
+    data = load_data("imagefolder", path=str(large), max_image_pixels=80 * 80)
+    assert data.test[0][0].shape == (3, 224, 224)
+    with pytest.raises(DataError, match=f"image {large / 'test' / 'emu' / '0.jpg'} has 90 x 90 = 8,100 pixels, over "
+                                        "the limit of 6,400 "):
+        data.test[2]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow's own limit: it refuses at twice this
     with pytest.raises(DataError, match="over the limit of 200 "):
         load_data("imagefolder", path=str(root))
     assert len(load_data("imagefolder", path=str(root), max_image_pixels=256).train) == 6
     assert Image.MAX_IMAGE_PIXELS == 100
-    with pytest.raises(DataError, match="over the limit of 255 "):  # images decoded per item, when large
-        load_data("imagefolder", path=str(root), image_size=72, max_image_pixels=255)
 
 
 def test_a_training_set_too_small_for_the_held_out_split_says_so(tmp_path):
