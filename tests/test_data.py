@@ -154,14 +154,16 @@ def test_16_bit_and_palette_images_decode_to_their_8_bit_values(tmp_path):
     palette = Image.new("P", (8, 8), 1)
     palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
     palette.info["transparency"] = bytes([0] * 256)  # transparency as bytes: Pillow warns on convert("RGB")
-    modes = [Image.fromarray(grey16), palette, Image.new("LA", (8, 8), (77, 9)), Image.new("RGBA", (8, 8), (1, 2, 3, 0))]
+    modes = [Image.fromarray(grey16), palette, Image.new("LA", (8, 8), (77, 9)),
+             Image.new("RGBA", (8, 8), (1, 2, 3, 0))]
     _two_classes(tmp_path / "f", lambda c, i: modes[(2 * c + i) % 4], n=2)
     assert Image.open(tmp_path / "f" / "train" / "a" / "0.png").mode == "I;16"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data = load_data("imagefolder", path=str(tmp_path / "f"), cache_dir=str(tmp_path / "cache"))
     images = data.train.images.permute(0, 2, 3, 1).numpy()  # a/0 grey16, a/1 palette, b/0 LA, b/1 RGBA
-    assert np.array_equal(images[0, :, :, 0], np.rint(grey16 / 257)) and np.array_equal(images[0, ..., 0], images[0, ..., 2])
+    assert np.array_equal(images[0, ..., 0], np.rint(grey16 / 257))
+    assert np.array_equal(images[0, ..., 0], images[0, ..., 1]) and np.array_equal(images[0, ..., 0], images[0, ..., 2])
     assert (images[1] == [200, 100, 50]).all() and (images[2] == 77).all() and (images[3] == [1, 2, 3]).all()
 
 
@@ -196,7 +198,8 @@ def test_a_cached_entry_that_fails_its_check_is_decoded_again_with_one_line(tmp_
     train_entry.write_bytes(bytes(damaged))
     second = load_data("imagefolder", path=str(root), cache_dir=str(cache))
     assert torch.equal(second.train.images, first.train.images)
-    assert len(second.notes) == 1 and second.notes[0].startswith(f"output.cache_dir: the decoded images cached in {train_entry} failed their check")
+    assert len(second.notes) == 1
+    assert second.notes[0].startswith(f"output.cache_dir: the decoded images cached in {train_entry} failed their check")
     assert load_data("imagefolder", path=str(root), cache_dir=str(cache)).notes == []  # rebuilt
 
 

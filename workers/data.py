@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DECODER_VERSION = 2  # in the decoded-image cache key: a change in how files decode makes a new cache entry
 # Up to this total, the files' bytes join the decoded-image cache key (reading and hashing CIFAR-10's 60,000 PNGs,
-# 56 MB, costs about a tenth of decoding them; every process that loads the data pays it)
+# 55 MB, costs about a tenth of decoding them; every process that loads the data pays it)
 HASHED_BYTES = 256 * 2**20
 
 
