@@ -157,14 +157,16 @@ def test_16_bit_and_palette_images_decode_to_their_8_bit_values(tmp_path):
     modes = [Image.fromarray(grey16), palette, Image.new("LA", (8, 8), (77, 9)),
              Image.new("RGBA", (8, 8), (1, 2, 3, 0))]
     _two_classes(tmp_path / "f", lambda c, i: modes[(2 * c + i) % 4], n=2)
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "f" / "train" / "b" / "9.jpg")  # red
     assert Image.open(tmp_path / "f" / "train" / "a" / "0.png").mode == "I;16"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data = load_data("imagefolder", path=str(tmp_path / "f"), cache_dir=str(tmp_path / "cache"))
-    images = data.train.images.permute(0, 2, 3, 1).numpy()  # a/0 grey16, a/1 palette, b/0 LA, b/1 RGBA
+    images = data.train.images.permute(0, 2, 3, 1).numpy()  # a/0 grey16, a/1 palette, b/0 LA, b/1 RGBA, b/9 CMYK
     assert np.array_equal(images[0, ..., 0], np.rint(grey16 / 257))
     assert np.array_equal(images[0, ..., 0], images[0, ..., 1]) and np.array_equal(images[0, ..., 0], images[0, ..., 2])
     assert (images[1] == [200, 100, 50]).all() and (images[2] == 77).all() and (images[3] == [1, 2, 3]).all()
+    assert np.abs(images[4].astype(int) - [255, 0, 0]).max() < 8  # JPEG is lossy
 
 
 def test_the_decoded_image_cache_follows_the_files_content_not_their_names(tmp_path, monkeypatch):
