@@ -38,6 +38,7 @@ class DataConfig(Section):
     seed: int = Field(0, ge=0)  # synthetic data
     num_workers: int = Field(0, ge=0)
     kwargs: dict = {}  # factory only
+    max_image_pixels: int | None = Field(None, ge=1)  # larger image files are refused (None: Pillow's limit)
 
 
 class SearchConfig(Section):
@@ -193,7 +194,7 @@ def _cross_check(cfg: Config) -> None:
 
 
 # The data keys each data source reads (a factory reads kwargs; every source reads num_workers).
-_DATA_KEYS = {"digits": set(), "cifar10": {"path"}, "imagefolder": {"path", "image_size"},
+_DATA_KEYS = {"digits": set(), "cifar10": {"path"}, "imagefolder": {"path", "image_size", "max_image_pixels"},
               "synthetic": {"image_size", "num_classes", "train_size", "test_size", "seed"}}
 
 

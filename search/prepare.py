@@ -74,7 +74,7 @@ def data_kwargs(cfg: Config) -> dict:
     return {"name": d.name, "path": os.path.abspath(expand(d.path)) if d.path else None,
             "image_size": d.image_size, "num_classes": d.num_classes, "train_size": d.train_size,
             "test_size": d.test_size, "seed": d.seed, "cache_dir": expand(cfg.output.cache_dir),
-            "kwargs": dict(d.kwargs)}
+            "kwargs": dict(d.kwargs), "max_image_pixels": d.max_image_pixels}
 
 
 def model_spec(cfg: Config, num_classes: int, in_channels: int) -> dict:
@@ -205,9 +205,11 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
                   "gamma_after": histogram(training.measure(prep.model), top=before["edges"][-1])}
 
 
-def base_cache_path(cfg: Config, spec: dict) -> str:
-    """Where a base model trained for this recipe is cached (keyed by what shapes it, nothing else)."""
-    recipe = {"model": spec, "data": {k: v for k, v in data_kwargs(cfg).items() if k != "cache_dir"},
+def base_cache_path(cfg: Config, spec: dict, data_fingerprint: str | None = None) -> str:
+    """Where a base model trained for this recipe is cached (keyed by what shapes it, nothing else: the data's
+    content too, where the data set knows its fingerprint)."""
+    data = {k: v for k, v in data_kwargs(cfg).items() if k not in ("cache_dir", "max_image_pixels")}
+    recipe = {"model": spec, "data": {**data, "content": data_fingerprint} if data_fingerprint else data,
               "epochs": cfg.model.pretrain_epochs, "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return os.path.join(expand(cfg.output.cache_dir), f"base-{cfg.model.name.replace(':', '_')}-{key}.pt")
@@ -216,7 +218,7 @@ def base_cache_path(cfg: Config, spec: dict) -> str:
 def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None) -> str:
     """Load a cached base model for this recipe into `model`, or train one and cache it; its path."""
     log = log or sys.stderr
-    path = base_cache_path(cfg, model_spec(cfg, data.num_classes, data.input_shape[0]))
+    path = base_cache_path(cfg, model_spec(cfg, data.num_classes, data.input_shape[0]), data.fingerprint)
     if _cached(path, model, "base model", log):
         print(f"base model: loaded {path} (cached: same model, data and training recipe)", file=log)
         return path

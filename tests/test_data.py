@@ -1,12 +1,16 @@
 """Data sources on tiny data the tests make themselves."""
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from prunetune.search.config import load_config
+from prunetune.search.prepare import base_cache_path, data_kwargs, model_spec, prepare
+from prunetune.workers import data as data_module
 from prunetune.workers.data import DataError, heldout_split, iterate_batches, load_data
 
 
@@ -134,3 +138,126 @@ def test_a_test_class_without_training_images_is_left_out_and_said(tmp_path):
     data = load_data("imagefolder", path=str(root))
     assert data.num_classes == 3 and len(data.test) == 18
     assert data.notes == [f"data.path: test class zebra of {root / 'test'} has no training images and is left out"]
+
+
+def _two_classes(root, make, n=3):
+    """An imagefolder root/train/{a,b}/i.png of `make(class_index, i)` images, and one test image per class."""
+    for split, count in (("train", n), ("test", 1)):
+        for c, cls in enumerate("ab"):
+            os.makedirs(root / split / cls)
+            for i in range(count):
+                make(c, i).save(root / split / cls / f"{i}.png")
+
+
+def test_16_bit_and_palette_images_decode_to_their_8_bit_values(tmp_path):
+    grey16 = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # 0..63000: Pillow's own convert gives 255 from 256
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.info["transparency"] = bytes([0] * 256)  # transparency as bytes: Pillow warns on convert("RGB")
+    modes = [Image.fromarray(grey16), palette, Image.new("LA", (8, 8), (77, 9)),
+             Image.new("RGBA", (8, 8), (1, 2, 3, 0))]
+    _two_classes(tmp_path / "f", lambda c, i: modes[(2 * c + i) % 4], n=2)
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "f" / "train" / "b" / "9.jpg")  # red
+    assert Image.open(tmp_path / "f" / "train" / "a" / "0.png").mode == "I;16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = load_data("imagefolder", path=str(tmp_path / "f"), cache_dir=str(tmp_path / "cache"))
+    images = data.train.images.permute(0, 2, 3, 1).numpy()  # a/0 grey16, a/1 palette, b/0 LA, b/1 RGBA, b/9 CMYK
+    assert np.array_equal(images[0, ..., 0], np.rint(grey16 / 257))
+    assert np.array_equal(images[0, ..., 0], images[0, ..., 1]) and np.array_equal(images[0, ..., 0], images[0, ..., 2])
+    assert (images[1] == [200, 100, 50]).all() and (images[2] == 77).all() and (images[3] == [1, 2, 3]).all()
+    assert np.abs(images[4].astype(int) - [255, 0, 0]).max() < 8  # JPEG is lossy
+
+
+def test_the_decoded_image_cache_follows_the_files_content_not_their_names(tmp_path, monkeypatch):
+    root, cache = tmp_path / "f", str(tmp_path / "cache")
+    _two_classes(root, lambda c, i: Image.new("RGB", (8, 8), (40 * c + i, 5, 6)))
+    first = load_data("imagefolder", path=str(root), cache_dir=cache)
+    changed, before = root / "train" / "b" / "2.png", os.stat(root / "train" / "b" / "2.png")
+    Image.new("RGB", (8, 8), (99, 5, 6)).save(changed)  # changed in place: same name, size and time
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.path.getsize(changed) == before.st_size
+    second = load_data("imagefolder", path=str(root), cache_dir=cache)
+    assert int(first.train.images[-1, 0, 0, 0]) == 42 and int(second.train.images[-1, 0, 0, 0]) == 99
+    assert second.notes == [] and first.fingerprint != second.fingerprint
+    assert torch.isfinite(second.train.get_batch(torch.arange(6))[0]).all()  # green and blue are constant: std 1
+    monkeypatch.setattr(data_module, "HASHED_BYTES", 0)  # files too large to hash: keyed by size and time alone
+    Image.new("RGB", (8, 8), (77, 5, 6)).save(changed)
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert int(load_data("imagefolder", path=str(root), cache_dir=cache).train.images[-1, 0, 0, 0]) == 77
+    cfg = load_config(None, ["data.name=imagefolder", f"data.path={root}", f"output.cache_dir={cache}"])
+    spec = model_spec(cfg, 2, 3)
+    assert base_cache_path(cfg, spec, first.fingerprint) != base_cache_path(cfg, spec, second.fingerprint)
+
+
+def test_a_cached_entry_that_fails_its_check_is_decoded_again_with_one_line(tmp_path):
+    root, cache = tmp_path / "f", tmp_path / "cache"
+    _two_classes(root, lambda c, i: Image.new("RGB", (8, 8), (40 * c + i, 5, 6)))
+    first = load_data("imagefolder", path=str(root), cache_dir=str(cache))
+    train_entry = max(cache.iterdir(), key=lambda p: p.stat().st_size)  # 6 images; the test split has 2
+    damaged = bytearray(train_entry.read_bytes())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 200] = bytes(200)
+    train_entry.write_bytes(bytes(damaged))
+    second = load_data("imagefolder", path=str(root), cache_dir=str(cache))
+    assert torch.equal(second.train.images, first.train.images)
+    assert len(second.notes) == 1
+    assert second.notes[0].startswith(f"output.cache_dir: the decoded images cached in {train_entry} failed their check")
+    assert load_data("imagefolder", path=str(root), cache_dir=str(cache)).notes == []  # rebuilt
+
+
+def test_constant_training_images_are_refused(tmp_path):
+    _two_classes(tmp_path / "f", lambda c, i: Image.new("RGB", (8, 8), (255, 255, 255)))
+    with pytest.raises(DataError, match="are all one colour \\(std 0\\)"):
+        load_data("imagefolder", path=str(tmp_path / "f"))
+
+
+def test_an_empty_class_folder_is_refused_naming_it(tmp_path):
+    root = tmp_path / "f"
+    _write_images(str(root), 8, per_class=2)
+    (root / "train" / "fox").mkdir()
+    with pytest.raises(DataError, match=f"data.path: class folder {root / 'train' / 'fox'} has no images"):
+        load_data("imagefolder", path=str(root))
+
+
+def test_a_symlink_loop_among_the_classes_is_refused_and_does_not_hang(tmp_path):
+    root = tmp_path / "f"
+    _write_images(str(root), 8, per_class=2)
+    os.symlink(root / "train" / "loop", root / "train" / "loop")  # a link to itself
+    with pytest.raises(DataError, match=f"data.path: {root / 'train' / 'loop'} is a symlink that cannot be followed"):
+        load_data("imagefolder", path=str(root))
+    os.remove(root / "train" / "loop")
+    os.symlink(root / "train", root / "train" / "up")  # a cycle: the class folder holds the class folders
+    with pytest.raises(DataError, match=f"data.path: class folder {root / 'train' / 'up'} has no images"):
+        load_data("imagefolder", path=str(root))
+
+
+def test_an_image_over_the_pixel_limit_is_refused_in_one_line_and_the_limit_can_be_raised(tmp_path, monkeypatch):
+    root = tmp_path / "f"
+    _write_images(str(root), 16, per_class=2)  # 256 pixels each
+    cfg = load_config(None, ["data.name=imagefolder", f"data.path={root}", "data.max_image_pixels=255"])
+    with pytest.raises(DataError, match="has 16 x 16 = 256 pixels, over the limit of 255 .*set data.max_image_pixels "
+                                        "to 256 or more"):
+        load_data(**data_kwargs(cfg))
+    large = tmp_path / "large"
+    _write_images(str(large), 80, per_class=1)  # over 64 px: decoded per item as batches are read
+    Image.new("RGB", (90, 90)).save(large / "test" / "emu" / "0.jpg")
+    data = load_data("imagefolder", path=str(large), max_image_pixels=80 * 80)
+    assert data.test[0][0].shape == (3, 224, 224)
+    with pytest.raises(DataError, match=f"image {large / 'test' / 'emu' / '0.jpg'} has 90 x 90 = 8,100 pixels, over "
+                                        "the limit of 6,400 "):
+        data.test[2]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow's own limit: it refuses at twice this
+    with pytest.raises(DataError, match="over the limit of 200 "):
+        load_data("imagefolder", path=str(root))
+    assert len(load_data("imagefolder", path=str(root), max_image_pixels=256).train) == 6
+    assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_a_training_set_too_small_for_the_held_out_split_says_so(tmp_path):
+    _two_classes(tmp_path / "f", lambda c, i: Image.new("RGB", (8, 8), (40 * c + i, i, 6)), n=1)
+    cfg = load_config(None, ["data.name=imagefolder", f"data.path={tmp_path / 'f'}", f"output.dir={tmp_path / 'run'}",
+                             f"output.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(DataError, match="evaluation.heldout_size: the training set has only 2 images, too few to hold "
+                                        "out 300 and keep 128 for calibration and fine-tuning; it needs 428 \\(at the "
+                                        "least 129, with evaluation.heldout_size=1\\)"):
+        prepare(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -20,6 +21,10 @@ SOURCES = ("digits", "cifar10", "imagefolder", "synthetic")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DECODER_VERSION = 2  # in the decoded-image cache key: a change in how files decode makes a new cache entry
+# Up to this total, the files' bytes join the decoded-image cache key (reading and hashing CIFAR-10's 60,000 PNGs,
+# 55 MB, costs about a tenth of decoding them; every process that loads the data pays it)
+HASHED_BYTES = 256 * 2**20
 
 
 class DataError(ValueError):
@@ -74,19 +79,20 @@ def _random_crop_flip(x: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
 class LazyImageFolder(Dataset):
     """Large images decoded with Pillow per item: resize + centre crop for eval, random-resized crop for training."""
 
-    def __init__(self, files: list[str], labels: list[int], size: int, augment: bool = False):
-        self.files, self.labels, self.size, self.augment = files, labels, size, augment
+    def __init__(self, files: list[str], labels: list[int], size: int, augment: bool = False,
+                 max_pixels: int | None = None):
+        self.files, self.labels, self.size, self.augment, self.max_pixels = files, labels, size, augment, max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def augmented(self) -> "LazyImageFolder":
         """The same samples with random-resized-crop and flip."""
-        return LazyImageFolder(self.files, self.labels, self.size, augment=True)
+        return LazyImageFolder(self.files, self.labels, self.size, True, self.max_pixels)
 
     def __getitem__(self, i: int):
-        with _open_image(self.files[i]) as im:
-            im = im.convert("RGB")
+        with _open_image(self.files[i], self.max_pixels) as im:
+            im = _rgb(im)
             im = _random_resized_crop(im, self.size) if self.augment else _center_crop(im, self.size)
         x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -191,6 +197,7 @@ class DataBundle:
     train_augmented: Dataset
     contract: InputContract | None = None  # None: a factory's data, whose preprocessing prunetune does not know
     notes: list[str] = field(default_factory=list)  # what the loader noticed and the user should hear about
+    fingerprint: str | None = None  # digest of the content (images, labels) where known: keys the base-model cache
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A zero batch of the input shape (for tracing and FLOPs counting)."""
@@ -199,8 +206,9 @@ class DataBundle:
 
 def load_data(name: str, path: str | None = None, image_size: int | None = None, num_classes: int | None = None,
               train_size: int = 2048, test_size: int = 512, seed: int = 0, cache_dir: str | None = None,
-              kwargs: dict | None = None) -> DataBundle:
-    """Load a data source by name (or `package.module:function`) into a DataBundle."""
+              kwargs: dict | None = None, max_image_pixels: int | None = None) -> DataBundle:
+    """Load a data source by name (or `package.module:function`) into a DataBundle; an image file of more than
+    `max_image_pixels` pixels is refused (None: Pillow's limit)."""
     if ":" in name:
         return _from_factory(name, kwargs or {})
     if name == "digits":
@@ -208,7 +216,7 @@ def load_data(name: str, path: str | None = None, image_size: int | None = None,
     if name == "cifar10":
         return _cifar10(_existing_dir(path, "data.path"))
     if name == "imagefolder":
-        return _imagefolder(_existing_dir(path, "data.path"), image_size, cache_dir)
+        return _imagefolder(_existing_dir(path, "data.path"), image_size, cache_dir, max_image_pixels)
     if name == "synthetic":
         if not num_classes or num_classes < 2:
             raise DataError("data.num_classes: synthetic data needs num_classes >= 2")
@@ -284,21 +292,44 @@ def _cifar10(root: str) -> DataBundle:
                       InputContract((3, 32, 32), 1 / 255, mean, std, CIFAR10_CLASSES))
 
 
+def _class_folders(root: str) -> list[str]:
+    """The sub-directories of `root`, sorted; a symlink there that cannot be followed (a loop, a missing target)
+    is refused rather than silently not being a class."""
+    classes = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if os.path.islink(path):
+            try:
+                os.stat(path)
+            except OSError as e:
+                raise DataError(f"data.path: {path} is a symlink that cannot be followed ({e.strerror or e}); "
+                                "fix or remove it") from None
+        if os.path.isdir(path):
+            classes.append(name)
+    return classes
+
+
 def _list_images(root: str, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
-    classes = classes or sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files, labels = [], []
+    """The image files of a split and their labels, one class per folder. A class folder without images (empty,
+    or a symlink to a folder of folders) is refused, naming it, unless no folder has any (the caller says so)."""
+    classes = classes or _class_folders(root)
+    files, labels, empty = [], [], []
     for label, cls in enumerate(classes):
         folder = os.path.join(root, cls)
         if not os.path.isdir(folder):
             continue
-        for name in sorted(os.listdir(folder)):
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                files.append(os.path.join(folder, name))
-                labels.append(label)
+        names = [name for name in sorted(os.listdir(folder)) if name.lower().endswith(IMAGE_SUFFIXES)]
+        empty += [] if names else [folder]
+        files += [os.path.join(folder, name) for name in names]
+        labels += [label] * len(names)
+    if empty and files:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DataError(f"data.path: class folder {empty[0]}{more} has no images ({', '.join(IMAGE_SUFFIXES)}); "
+                        "add images or remove the folder")
     return files, labels, classes
 
 
-def _imagefolder(root: str, image_size: int | None, cache_dir: str | None) -> DataBundle:
+def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_pixels: int | None) -> DataBundle:
     train_root = os.path.join(root, "train")
     test_root = next((os.path.join(root, s) for s in ("test", "val") if os.path.isdir(os.path.join(root, s))), None)
     if not os.path.isdir(train_root):
@@ -309,7 +340,7 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None) -> Da
     notes = []
     if test_root:
         test_files, test_labels, _ = _list_images(test_root, classes)
-        extra = sorted(set(d for d in os.listdir(test_root) if os.path.isdir(os.path.join(test_root, d))) - set(classes))
+        extra = sorted(set(_class_folders(test_root)) - set(classes))
         if extra:
             notes.append(f"data.path: test class{'es' if len(extra) > 1 else ''} {', '.join(extra)} of {test_root} "
                          f"{'have' if len(extra) > 1 else 'has'} no training images and {'are' if len(extra) > 1 else 'is'} left out")
@@ -320,68 +351,147 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None) -> Da
         files, labels = [files[i] for i in perm[cut:]], [labels[i] for i in perm[cut:]]
     if not test_files:
         raise DataError(f"data.path: no test images in {test_root}")
-    with _open_image(files[0]) as im:
+    with _open_image(files[0], max_pixels) as im:
         native = min(im.size)
     size = image_size or (native if native <= 64 else 224)
     if size > 64:
         shape = (3, size, size)
-        train = LazyImageFolder(files, labels, size)
+        train = LazyImageFolder(files, labels, size, max_pixels=max_pixels)
         contract = InputContract(shape, 1 / 255, IMAGENET_MEAN, IMAGENET_STD, tuple(classes),
                                  f"shorter side to {round(size / 0.875)} px (bilinear), then a centre crop of {size} px")
-        return DataBundle(train, LazyImageFolder(test_files, test_labels, size), len(classes), shape,
-                          train.augmented(), contract, notes)
-    train_x, test_x = _decode_small([files, test_files], size, cache_dir)
+        return DataBundle(train, LazyImageFolder(test_files, test_labels, size, max_pixels=max_pixels),
+                          len(classes), shape, train.augmented(), contract, notes)
+    (train_x, test_x), keys = _decode_small([files, test_files], size, cache_dir, max_pixels, notes)
     scaled = train_x[: min(len(train_x), 10000)].float() / 255
     mean = scaled.mean(dim=(0, 2, 3)).tolist()
     std = scaled.std(dim=(0, 2, 3)).tolist()
+    if max(std) == 0:
+        raise DataError(f"data.path: the training images in {train_root} are all one colour (std 0): nothing to "
+                        "learn, and normalising would divide by zero; check that they open as expected")
+    std = [s or 1.0 for s in std]  # a constant channel is normalised to 0, not to NaN
     train = TensorImages(train_x, torch.tensor(labels), mean, std, pad=size // 8, flip=True)
     test = TensorImages(test_x, torch.tensor(test_labels), mean, std)
     contract = InputContract((3, size, size), 1 / 255, tuple(mean), tuple(std), tuple(classes),
                              f"a centre crop of {size} px (a bilinear resize if smaller)")
-    return DataBundle(train, test, len(classes), (3, size, size), train.augmented(), contract, notes)
+    fingerprint = hashlib.sha256(repr((keys, labels, test_labels, classes)).encode()).hexdigest() if cache_dir else None
+    return DataBundle(train, test, len(classes), (3, size, size), train.augmented(), contract, notes, fingerprint)
 
 
-def _open_image(path: str):
-    """Pillow's image of a file, or a DataError naming the file that is not an image Pillow can read."""
+def _open_image(path: str, max_pixels: int | None = None):
+    """Pillow's image of a file, decoded, or a DataError naming the file: one Pillow cannot read, or one of more
+    than `max_pixels` pixels (None: the size at which Pillow itself refuses, twice Image.MAX_IMAGE_PIXELS)."""
     from PIL import Image, UnidentifiedImageError
 
+    def unreadable(e: Exception) -> DataError:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return DataError(f"data.path: cannot read image {path} ({reason})")
+
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    limit = max_pixels or (2 * pillow_limit if pillow_limit else None)
+    Image.MAX_IMAGE_PIXELS = None  # checked below, in one line (Pillow's own check raises or warns)
     try:
-        im = Image.open(path)
-        im.load()
-        return im
+        im = Image.open(path)  # reads the header only
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"data.path: cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
+        raise unreadable(e) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+    width, height = im.size
+    if limit and width * height > limit:
+        im.close()
+        raise DataError(f"data.path: image {path} has {width} x {height} = {width * height:,} pixels, over the limit "
+                        f"of {limit:,} (a guard against decompression bombs); if you trust this data, set "
+                        f"data.max_image_pixels to {width * height} or more")
+    try:
+        im.load()
+    except (OSError, ValueError) as e:
+        im.close()
+        raise unreadable(e) from None
+    return im
 
 
-def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None) -> list[torch.Tensor]:
-    """Decode small images once into uint8 [N, 3, size, size] per list; cached as .npy keyed by each file list,
-    written only once every list has decoded (a bad image leaves no cache behind)."""
+def _rgb(im):
+    """An image as 8-bit RGB, as imagefolder data always is: 16-bit grey scaled to 8 bits (Pillow's own
+    conversion clips it at 255), palette images through RGBA (no warning about their transparency), other modes
+    (grey, grey + alpha, RGBA, CMYK) by Pillow; alpha is dropped, as torchvision's image loader does."""
     from PIL import Image
 
-    arrays, missing = [], []
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # PNG's 16-bit grey: 0..65535
+        eight_bit = np.rint(np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+        im = Image.fromarray(eight_bit, "L")
+    elif im.mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def _content_key(files: list[str], size: int) -> str:
+    """Digest of what decoding `files` to `size` px yields: the decoder version, the size, each file's path, size
+    and modification time, and its bytes too while the files total HASHED_BYTES or less (so a file changed in
+    place, or a cache from another decoder, is never reused)."""
+    digest = hashlib.sha256(f"{DECODER_VERSION}|{size}".encode())
+    try:
+        stats = [os.stat(path) for path in files]
+        digest.update("".join(f"{p}|{st.st_size}|{st.st_mtime_ns}\n" for p, st in zip(files, stats)).encode())
+        if sum(st.st_size for st in stats) <= HASHED_BYTES:
+            for path in files:
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    except OSError as e:
+        raise DataError(f"data.path: cannot read image {e.filename} ({e.strerror or e})") from None
+    return digest.hexdigest()
+
+
+def _cached_images(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None]:
+    """The decoded images cached at `path` if they pass their check (shape, SHA-256 of the pixels), else None
+    and why they failed (None if there is no such file)."""
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            images, checksum = saved["images"], str(saved["sha256"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        return None, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if images.shape != shape or images.dtype != np.uint8:
+        return None, f"{images.dtype} {tuple(images.shape)}, expected uint8 {shape}"
+    if hashlib.sha256(np.ascontiguousarray(images)).hexdigest() != checksum:
+        return None, "checksum mismatch"
+    return images, None
+
+
+def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None, max_pixels: int | None,
+                  notes: list[str]) -> tuple[list[torch.Tensor], list[str | None]]:
+    """Decode small images once into uint8 [N, 3, size, size] per list, and each list's content key (None without
+    a cache). Cached in `cache_dir` by content, with a checksum; an entry that fails its check is decoded again
+    (said in `notes`). Written only once every list has decoded (a bad image leaves no cache behind)."""
+    from PIL import Image
+
+    arrays, keys, to_write = [], [], []
     for files in file_lists:
-        key = hashlib.sha1(("\n".join(files) + f"|{size}").encode()).hexdigest()[:16]
-        cache = os.path.join(cache_dir, f"imagefolder-{key}.npy") if cache_dir else None
-        arr = np.load(cache, allow_pickle=False) if cache and os.path.isfile(cache) else None
-        if arr is None or arr.shape != (len(files), 3, size, size):
-            arr = np.empty((len(files), 3, size, size), dtype=np.uint8)
+        shape = (len(files), 3, size, size)
+        key = _content_key(files, size) if cache_dir else None
+        cache = os.path.join(cache_dir, f"imagefolder-{key[:16]}.npz") if key else None
+        arr, failed = _cached_images(cache, shape) if cache else (None, None)
+        if failed:
+            notes.append(f"output.cache_dir: the decoded images cached in {cache} failed their check ({failed}); "
+                         "decoding the images again")
+        if arr is None:
+            arr = np.empty(shape, dtype=np.uint8)
             for i, f in enumerate(files):
-                with _open_image(f) as im:
-                    im = im.convert("RGB")
+                with _open_image(f, max_pixels) as im:
+                    im = _rgb(im)
                     if im.size != (size, size):
                         im = _center_crop(im, size) if min(im.size) > size else im.resize((size, size), Image.BILINEAR)
                     arr[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
             if cache:
-                missing.append((cache, arr))
+                to_write.append((cache, arr))
         arrays.append(arr)
-    for cache, arr in missing:
+        keys.append(key)
+    for cache, arr in to_write:
         def save(tmp: str, arr=arr) -> None:
             with open(tmp, "wb") as f:
-                np.save(f, arr)
+                np.savez(f, images=arr, sha256=np.array(hashlib.sha256(arr).hexdigest()))
 
         atomic_write(cache, save)
-    return [torch.from_numpy(a) for a in arrays]
+    return [torch.from_numpy(a) for a in arrays], keys
 
 
 def _from_factory(spec: str, kwargs: dict) -> DataBundle:
@@ -415,6 +525,11 @@ def _from_factory(spec: str, kwargs: dict) -> DataBundle:
 def heldout_split(n_train: int, size: int, seed: int, keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Seeded held-out subset of the training indices and the disjoint rest, which keeps at least `keep` images
     (one calibration batch) for BN calibration and fine-tuning."""
+    if n_train - keep < 1:
+        raise DataError(f"evaluation.heldout_size: the training set has only {n_train} image{'s' * (n_train != 1)}, "
+                        f"too few to hold out {size} and keep {keep} for calibration and fine-tuning; it needs "
+                        f"{size + keep} (at the least {keep + 1}, with evaluation.heldout_size=1): add training "
+                        "images, or lower evaluation.heldout_size and evaluation.batch_size")
     if not 0 < size <= n_train - keep:
         raise DataError(f"evaluation.heldout_size: must be in [1, {n_train - keep}] for this training set of {n_train} "
                         f"images (at least {keep} stay for calibration and fine-tuning), got {size}")
