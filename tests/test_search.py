@@ -268,6 +268,30 @@ def test_an_exported_model_takes_raw_test_images_and_scores_the_runs_test_accura
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_the_exported_test_split_gives_a_final_model_the_runs_test_accuracy(finished_run, tmp_path, capsys):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    run, _ = finished_run
+    split = tmp_path / "digits-test"
+    assert main(["export", str(run), "--test-split", str(split)]) == 0
+    assert f"359 test images of digits written to {split}" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(split / "labels.csv")))
+    raw = torch.stack([torch.from_numpy(np.array(Image.open(split / r["file"]))).float()[None] for r in rows])
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    assert all(r["file"].startswith(r["class"] + "/") for r in rows)
+    model, _, metrics = load_pruned(str(run / "final" / "rank1.pt"))  # raw pixel values in, as the PNGs hold them
+    with torch.no_grad():
+        accuracy = float((model(raw).argmax(1) == labels).float().mean())
+    assert abs(accuracy - metrics["test_accuracy"]) < 1e-6
+    assert main(["export", str(run), "--test-split", str(split)]) == 2  # never written over
+    assert "--test-split: " in capsys.readouterr().err and len(list(csv.DictReader(open(split / "labels.csv")))) == 359
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_side(finished_run, tmp_path, capsys):
     import onnxruntime
 
