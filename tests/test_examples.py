@@ -1,5 +1,6 @@
 """Every config in examples/ runs end to end (with small overrides: few candidates, one epoch, tiny data), and the
 README shows exactly these examples."""
+import glob
 import json
 import os
 import re
@@ -42,6 +43,25 @@ def _run(name: str, tmp_path, cache, *extra: str) -> dict:
     return json.load(open(tmp_path / "run" / "final" / "summary.json"))
 
 
+def _scalars(folder) -> dict:
+    """tag -> [(step, value)] of the TensorBoard events files in `folder` (TFRecord framing, tensorboardX's
+    Event protobuf)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    found: dict = {}
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        data, at = open(path, "rb").read(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return found
+
+
 def test_the_readme_shows_exactly_the_examples_the_tests_run():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert set(re.findall(r"examples/([\w.-]+\.yaml)", readme)) == set(os.listdir(EXAMPLES)) == TESTED
@@ -62,6 +82,13 @@ def test_the_digits_example_ends_with_what_next_commands_that_work(ray_session, 
     out = capsys.readouterr().out
     assert "Fine-tuned models:" in out and os.path.isfile(tmp_path / "run" / "final" / "rank1.onnx")
     assert os.path.isfile(tmp_path / "test-split" / "labels.csv")
+    curves = _scalars(tmp_path / "run" / "tune" / "search" / "curves")  # `tensorboard --logdir OUTPUT/tune` reads these
+    best = [v for _, v in curves["search/best_score"]]
+    assert [s for s, _ in curves["search/best_score"]] == [1, 2, 3, 4] and best == sorted(best)
+    assert max(v for _, v in curves["search/score"]) == best[-1]
+    finalist, = glob.glob(str(tmp_path / "run" / "tune" / "finetune" / "*" / ""))
+    epochs = _scalars(finalist)["ray/tune/val_accuracy"]
+    assert [s for s, _ in epochs] == [1] and 0 < epochs[0][1] <= 1  # one point per fine-tuning epoch
 
 
 @pytest.mark.ray
