@@ -117,7 +117,8 @@ def speed_claim(summary: dict) -> str:
     elif low <= 1:
         claim = f"no measurable batch-1 speed-up ({timed}, within the timing noise)"
     elif method is not None and not method.latency:
-        claim = f"no batch-1 speed-up claimed: {method.title} is not expected to run faster than the dense base ({timed})"
+        claim = (f"no batch-1 speed-up claimed: {method.title} is not expected to run faster than the dense base "
+                 f"({timed})")
     else:
         claim = f"batch-1 latency {base_ms / model_ms:.2f}x faster than the base's ({timed})"
     if _unstable(base) or _unstable(top):
@@ -138,9 +139,9 @@ def recommendation(summary: dict) -> str:
             f"{_pct(top['params'] / base['params'])} of its params; {speed_claim(summary)} on this machine")
 
 
-VAL_NOTE = ("val acc: accuracy on the held-out split, the part of the training split the finalists were scored on and "
-            "not fine-tuned on; the base was trained on the whole training split (a checkpoint you give most likely was too), so it has no "
-            "such figure.")
+VAL_NOTE = ("val acc: accuracy on the held-out split, the part of the training split the finalists were scored on "
+            "and not fine-tuned on; the base was trained on the whole training split (a checkpoint you give most "
+            "likely was too), so it has no such figure.")
 
 
 def _planned_epochs(summary: dict) -> int:
@@ -199,7 +200,8 @@ def figure(records: list[CandidateRecord], summary: dict):
     chosen = [r for r in ok if r.index in {f["candidate"] for f in finals}]
     fig, (overview, a, b) = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 2, 2]})
     overview.scatter([r.flops_ratio for r in ok], [r.score for r in ok], s=6, c="tab:gray")
-    overview.scatter([1.0], [base["score"]], marker="*", s=120, c="black", label="base (scored on data it trained on)")
+    overview.scatter([1.0], [base["score"]], marker="*", s=120, c="black",
+                     label="base (scored on data it trained on)")
     overview.set_xlabel("FLOPs (fraction of base)")
     overview.set_ylabel("score on the held-out split")
     overview.set_title("base and candidates", fontsize=9)

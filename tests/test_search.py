@@ -379,7 +379,7 @@ def test_the_report_opens_with_a_recommendation(finished_run):
     assert re.search(r"batch-1 latency [\d.]+x (faster|slower) than the base's|no measurable batch-1 speed-up",
                      report[2])
     assert "| test acc vs base |" in "\n".join(report)
-    assert re.search(r"^\| base \| n/a \|", "\n".join(report), re.M)  # no held-out figure for the base: it trained on it
+    assert re.search(r"^\| base \| n/a \|", "\n".join(report), re.M)  # no held-out figure: the base trained on it
 
 
 def test_the_cached_base_model_is_reused_when_only_the_fine_tuning_schedule_changes(tmp_path):
@@ -410,9 +410,10 @@ def _summary(base_ms: float, base_iqr: float, model_ms: float, model_iqr: float,
 @pytest.mark.parametrize("timings, granularity, claim", [
     ((0.176, 0.02, 0.168, 0.02), "channel", "no measurable batch-1 speed-up (0.168 ms against the base's 0.176 ms, "
                                             "within the timing noise)"),
-    ((0.20, 0.01, 0.10, 0.01), "channel", "batch-1 latency 2.00x faster than the base's (0.1 ms against the base's 0.2 ms)"),
-    ((0.20, 0.01, 0.10, 0.01), "unstructured", "no batch-1 speed-up claimed: unstructured pruning is not expected to run "
-                                               "faster than the dense base"),
+    ((0.20, 0.01, 0.10, 0.01), "channel",
+     "batch-1 latency 2.00x faster than the base's (0.1 ms against the base's 0.2 ms)"),
+    ((0.20, 0.01, 0.10, 0.01), "unstructured",
+     "no batch-1 speed-up claimed: unstructured pruning is not expected to run faster than the dense base"),
     ((0.18, 0.01, 0.91, 0.02), "stripe", "batch-1 latency 5.06x slower than the base's"),
 ])
 def test_the_recommendation_claims_a_speed_up_only_outside_the_timing_noise_and_where_the_method_gives_one(
