@@ -110,12 +110,13 @@ def speed_claim(summary: dict) -> str:
     base, top = summary["base"], summary["final"][0]
     method = METHODS.get(summary.get("granularity", "channel"))
     model_ms, base_ms = top["latency_ms_batch1"], base["latency_ms_batch1"]
-    timed = f"{model_ms:.3g} ms against the base's {base_ms:.3g} ms"
+    timed = f"{model_ms:.3g} ms against the base's {base_ms:.3g} ms on this machine"
     low, high = speedup_range(base, top)
     if high < 1:
         claim = f"batch-1 latency {model_ms / base_ms:.2f}x slower than the base's ({timed})"
     elif low <= 1:
-        claim = f"no measurable batch-1 speed-up ({timed}, within the timing noise)"
+        what = "speed-up" if model_ms <= base_ms else "slow-down"
+        claim = f"no measurable batch-1 {what} ({timed}, within the timing noise)"
     elif method is not None and not method.latency:
         claim = (f"no batch-1 speed-up claimed: {method.title} is not expected to run faster than the dense base "
                  f"({timed})")
@@ -136,7 +137,7 @@ def recommendation(summary: dict) -> str:
               if abs(change) >= 0.005 else "equal to the base's ") + _pct(base["test_accuracy"])
     return (f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}): test accuracy "
             f"{_pct(top['test_accuracy'])}, {versus}; {_pct(top['flops_ratio'])} of the base's FLOPs and "
-            f"{_pct(top['params'] / base['params'])} of its params; {speed_claim(summary)} on this machine")
+            f"{_pct(top['params'] / base['params'])} of its params; {speed_claim(summary)}")
 
 
 VAL_NOTE = ("val acc: accuracy on the held-out split, the part of the training split the finalists were scored on "
@@ -200,12 +201,10 @@ def figure(records: list[CandidateRecord], summary: dict):
     chosen = [r for r in ok if r.index in {f["candidate"] for f in finals}]
     fig, (overview, a, b) = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 2, 2]})
     overview.scatter([r.flops_ratio for r in ok], [r.score for r in ok], s=6, c="tab:gray")
-    overview.scatter([1.0], [base["score"]], marker="*", s=120, c="black",
-                     label="base (scored on data it trained on)")
+    overview.scatter([1.0], [base["score"]], marker="*", s=120, c="black")
     overview.set_xlabel("FLOPs (fraction of base)")
     overview.set_ylabel("score on the held-out split")
-    overview.set_title("base and candidates", fontsize=9)
-    overview.legend(fontsize=7, loc="lower right")
+    overview.set_title("base (star; scored on data it trained on)\nand candidates", fontsize=8)
     a.scatter([r.flops_ratio for r in ok], [r.score for r in ok], s=12, c="tab:gray", label="candidates")
     a.scatter([r.flops_ratio for r in chosen], [r.score for r in chosen], s=30, c="tab:red", label="fine-tuned")
     a.set_xlabel("FLOPs (fraction of base)")

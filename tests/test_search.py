@@ -408,10 +408,10 @@ def _summary(base_ms: float, base_iqr: float, model_ms: float, model_iqr: float,
 
 
 @pytest.mark.parametrize("timings, granularity, claim", [
-    ((0.176, 0.02, 0.168, 0.02), "channel", "no measurable batch-1 speed-up (0.168 ms against the base's 0.176 ms, "
-                                            "within the timing noise)"),
+    ((0.176, 0.02, 0.168, 0.02), "channel", "no measurable batch-1 speed-up (0.168 ms against the base's 0.176 ms "
+                                            "on this machine, within the timing noise)"),
     ((0.20, 0.01, 0.10, 0.01), "channel",
-     "batch-1 latency 2.00x faster than the base's (0.1 ms against the base's 0.2 ms)"),
+     "batch-1 latency 2.00x faster than the base's (0.1 ms against the base's 0.2 ms on this machine)"),
     ((0.20, 0.01, 0.10, 0.01), "unstructured",
      "no batch-1 speed-up claimed: unstructured pruning is not expected to run faster than the dense base"),
     ((0.18, 0.01, 0.91, 0.02), "stripe", "batch-1 latency 5.06x slower than the base's"),
@@ -428,7 +428,7 @@ def test_the_recommendation_says_when_the_timings_are_unstable():
     from prunetune.search.report import recommendation
 
     line = recommendation(_summary(1.0, 0.1, 1.28, 0.5))  # the model's spread is 39% of its median
-    assert "no measurable batch-1 speed-up" in line and "slower" not in line
+    assert "no measurable batch-1 slow-down" in line and "x slower" not in line
     assert "the timings are unstable (spread over 25% of the median" in line
 
 
