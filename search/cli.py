@@ -104,9 +104,11 @@ def _print_done(run, summary: dict) -> None:
           f"(base {100 * base['test_accuracy']:.2f}%)")
     print(f"report: {os.path.join(run.path, 'report.md')}")
     out = shlex.quote(run.path)
-    print(f"what next:\n  prunetune report {out}                          # the tables again, in the terminal"
-          f"\n  prunetune export {out} --rank 1 --format onnx   # the best model for deployment (or torchscript)"
-          f"\n  prunetune export {out} --test-split DIR         # the test images, to check a model yourself")
+    steps = [(f"prunetune report {out}", "the tables again, in the terminal"),
+             (f"prunetune export {out} --rank 1 --format onnx", "the best model for deployment (or torchscript)"),
+             (f"prunetune export {out} --test-split DIR", "the test images, to check a model yourself")]
+    width = max(len(command) for command, _ in steps)
+    print("what next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
 
 
 _NATURAL_SHAPES = {"digits_cnn": (1, 8, 8), "mobilenet_v1_224": (3, 224, 224)}
