@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from .config import ConfigError, load_config
@@ -102,6 +103,12 @@ def _print_done(run, summary: dict) -> None:
           f"{100 * best['test_accuracy']:.2f}% at {100 * best['flops_ratio']:.1f}% of base FLOPs{latency} "
           f"(base {100 * base['test_accuracy']:.2f}%)")
     print(f"report: {os.path.join(run.path, 'report.md')}")
+    out = shlex.quote(run.path)
+    steps = [(f"prunetune report {out}", "the tables again, in the terminal"),
+             (f"prunetune export {out} --rank 1 --format onnx", "the best model for deployment (or torchscript)"),
+             (f"prunetune export {out} --test-split DIR", "the test images, to check a model yourself")]
+    width = max(len(command) for command, _ in steps)
+    print("what next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
 
 
 _NATURAL_SHAPES = {"digits_cnn": (1, 8, 8), "mobilenet_v1_224": (3, 224, 224)}
@@ -197,6 +204,11 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    if args.test_split:
+        from .export import export_test_split
+
+        print(export_test_split(_run_dir(args.output).path, args.test_split))
+        return 0
     if args.quantize:
         from .quantize import figures_table, quantize_int8
 
@@ -275,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "calibrated on the run's calibration images; prints fp32 vs int8 (accuracy, size, latency)")
     ex.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                     help="with --quantize: do not write an int8 model that loses more test accuracy (default 1.0)")
+    ex.add_argument("--test-split", metavar="DIR", help="instead: write the run's test images (raw pixel values, as "
+                    "the models take them) into the new directory DIR as <class>/<n>.png, with labels.csv")
     ex.set_defaults(fn=_cmd_export)
     return p
 

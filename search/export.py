@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from prunetune.workers.files import atomic_write, write_json
+from prunetune.workers.files import atomic_write, write_json, write_text
 from prunetune.workers.methods import METHODS
 
 from .artifacts import load_pruned
 from .config import ConfigError
+from .prepare import data_kwargs
 from .rundir import RunDir
 from .store import sha256
 
@@ -115,3 +116,46 @@ def write_onnx(model: torch.nn.Module, record: dict, path: str) -> None:
     proto = onnx.load(path)
     onnx.helper.set_model_props(proto, {"prunetune": json.dumps(record)})
     onnx.save(proto, path)
+
+
+def export_test_split(output_dir: str, destination: str) -> str:
+    """Write the run's test split into the new (or empty) directory `destination` as `<class>/<n>.png` holding the
+    raw pixel values the models take (0..255, 0..16 for digits; an image folder's own files are copied), with
+    `labels.csv` (file, label, class) in the split's order; return a one-line account."""
+    from prunetune.workers.data import LazyImageFolder, TensorImages, load_data
+
+    cfg = RunDir(output_dir).load_config()
+    if os.path.lexists(destination) and not (os.path.isdir(destination) and not os.listdir(destination)):
+        raise ConfigError(f"--test-split: {destination} already exists and is not an empty directory; prunetune writes "
+                          "the test split only into a new or empty one")
+    parent = os.path.dirname(os.path.abspath(destination))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--test-split: directory {parent} does not exist")
+    data = load_data(**data_kwargs(cfg))
+    test = data.test
+    if not isinstance(test, (TensorImages, LazyImageFolder)):
+        raise ConfigError(f"--test-split: data.name {cfg.data.name} has no test images to write (synthetic data, "
+                          "or a factory's: its test split is whatever the factory returns)")
+    classes = list(data.contract.classes) if data.contract else [str(c) for c in range(data.num_classes)]
+    rows = ["file,label,class"]
+    for cls in classes:
+        os.makedirs(os.path.join(destination, cls), exist_ok=True)
+    for i in range(len(test)):
+        label = int(test.labels[i])
+        if isinstance(test, TensorImages):
+            name = os.path.join(classes[label], f"{i:05d}.png")
+            _write_png(test.images[i], os.path.join(destination, name))
+        else:
+            name = os.path.join(classes[label], f"{i:05d}-{os.path.basename(test.files[i])}")
+            shutil.copyfile(test.files[i], os.path.join(destination, name))
+        rows.append(f"{name},{label},{classes[label]}")
+    write_text(os.path.join(destination, "labels.csv"), "\n".join(rows) + "\n")
+    return f"{len(test)} test images of {cfg.data.name} written to {destination} (labels in labels.csv)"
+
+
+def _write_png(image: torch.Tensor, path: str) -> None:
+    """A uint8 [C, H, W] image as a lossless PNG (grey for one channel, RGB for three)."""
+    from PIL import Image
+
+    pixels = image.numpy()
+    Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)).save(path)

@@ -67,10 +67,24 @@ def submit(config_path: str | None, address: str | None, overrides: list[str], p
             raw["output"] = {**(raw.get("output") or {}), "dir": os.path.join("~/prunetune-runs", name)}
         write_text(staged_config, yaml.safe_dump(raw, sort_keys=False))
         entrypoint = f"{shlex.quote(python)} -m prunetune run prunetune-job.yaml --address auto"
-        return client(address).submit_job(entrypoint=entrypoint, runtime_env={"working_dir": staging},
-                                          submission_id=job_id)
+        jobs = client(address)
+        try:
+            return jobs.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": staging}, submission_id=job_id)
+        except RuntimeError as e:
+            raise ConfigError(_refusal(address or os.environ.get("RAY_ADDRESS"), str(e))) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _refusal(address: str, error: str) -> str:
+    """One line for a job the cluster's job API would not take: the cause, and the fix where it is known."""
+    reason = error.splitlines()[0][:200]
+    if "No available agent" in error:
+        return (f"--address: the Ray cluster at {address} has no dashboard agent to run the job ({reason}): the head's "
+                "dashboard agent is not running, usually because its port (52365 by default) was taken when the head "
+                "started; restart the head with a free port (`ray stop; ray start --head "
+                "--dashboard-agent-listen-port=PORT`), see /tmp/ray/session_latest/logs/dashboard_agent.log")
+    return f"--address: the Ray job API at {address} did not accept the job ({reason})"
 
 
 def status(job_id: str, address: str | None) -> str:

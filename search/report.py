@@ -7,6 +7,7 @@ import os
 from prunetune.workers.files import write_json, write_text
 from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord, best
+from prunetune.workers.timing import UNSTABLE_SPREAD
 
 from .baselines import BASELINES
 from .rundir import RunDir
@@ -21,7 +22,7 @@ def _latency(entry: dict) -> str:
     """Median latency with its spread (and the table's prediction); marked when the spread says the machine was
     too busy to trust it."""
     median, iqr = entry["latency_ms_batch1"], entry.get("latency_iqr_ms", 0.0)
-    shaky = " (unstable)" if iqr > 0.25 * median else ""
+    shaky = " (unstable)" if _unstable(entry) else ""
     predicted = f" (predicted {entry['latency_predicted_ms']:.3g})" if entry.get("latency_predicted_ms") else ""
     return f"{median:.3g} ms ± {iqr / 2:.2g}{shaky}{predicted}"
 
@@ -87,18 +88,61 @@ def _plot_gammas(path: str, sparsity: dict) -> None:
     plt.close(fig)
 
 
+def _unstable(entry: dict) -> bool:
+    """True when a latency figure's spread says the machine was too busy to trust its median."""
+    return entry.get("latency_iqr_ms", 0.0) > UNSTABLE_SPREAD * entry["latency_ms_batch1"]
+
+
+def speedup_range(base: dict, model: dict) -> tuple[float, float]:
+    """The base's batch-1 latency over the model's, at the ends of both timings' spreads (median ± half the
+    interquartile range): the speed-ups the timings cannot tell apart."""
+    def ends(entry: dict) -> tuple[float, float]:
+        half = entry.get("latency_iqr_ms", 0.0) / 2
+        return entry["latency_ms_batch1"] - half, entry["latency_ms_batch1"] + half
+
+    (base_low, base_high), (low, high) = ends(base), ends(model)
+    return base_low / high, (base_high / low if low > 0 else float("inf"))
+
+
+def speed_claim(summary: dict) -> str:
+    """What the timings say about the recommended model's batch-1 latency against the base's: a speed-up only when
+    it lies outside the timing noise and the method can give one; a slow-down whenever it is measured."""
+    base, top = summary["base"], summary["final"][0]
+    method = METHODS.get(summary.get("granularity", "channel"))
+    model_ms, base_ms = top["latency_ms_batch1"], base["latency_ms_batch1"]
+    timed = f"{model_ms:.3g} ms against the base's {base_ms:.3g} ms on this machine"
+    low, high = speedup_range(base, top)
+    if high < 1:
+        claim = f"batch-1 latency {model_ms / base_ms:.2f}x slower than the base's ({timed})"
+    elif low <= 1:
+        what = "speed-up" if model_ms <= base_ms else "slow-down"
+        claim = f"no measurable batch-1 {what} ({timed}, within the timing noise)"
+    elif method is not None and not method.latency:
+        claim = (f"no batch-1 speed-up claimed: {method.title} is not expected to run faster than the dense base "
+                 f"({timed})")
+    else:
+        claim = f"batch-1 latency {base_ms / model_ms:.2f}x faster than the base's ({timed})"
+    if _unstable(base) or _unstable(top):
+        claim += (f"; the timings are unstable (spread over {100 * UNSTABLE_SPREAD:.0f}% of the median: the machine "
+                  "was busy), time again on a quiet machine")
+    return claim
+
+
 def recommendation(summary: dict) -> str:
-    """One line: the model to take, its accuracy and what it loses against the base, and what it saves."""
+    """One line: the model to take, its accuracy and what it loses against the base, what it saves, and what the
+    timings say about its speed."""
     base, top = summary["base"], summary["final"][0]
     change = 100 * (top["test_accuracy"] - base["test_accuracy"])
     versus = (f"{abs(change):.2f} points {'below' if change < 0 else 'above'} the base's "
               if abs(change) >= 0.005 else "equal to the base's ") + _pct(base["test_accuracy"])
-    speed = base["latency_ms_batch1"] / top["latency_ms_batch1"]
-    latency = f"{speed:.2f}x faster than" if speed >= 1 else f"{1 / speed:.2f}x slower than"
     return (f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}): test accuracy "
             f"{_pct(top['test_accuracy'])}, {versus}; {_pct(top['flops_ratio'])} of the base's FLOPs and "
-            f"{_pct(top['params'] / base['params'])} of its params; batch-1 latency {latency} the base's on this "
-            "machine")
+            f"{_pct(top['params'] / base['params'])} of its params; {speed_claim(summary)}")
+
+
+VAL_NOTE = ("val acc: accuracy on the held-out split, the part of the training split the finalists were scored on "
+            "and not fine-tuned on; the base was trained on the whole training split (a checkpoint you give most "
+            "likely was too), so it has no such figure.")
 
 
 def _planned_epochs(summary: dict) -> int:
@@ -113,7 +157,7 @@ def finals_table(summary: dict) -> str:
     lines = ["| model | val acc | test acc | test acc vs base | epochs | FLOPs | params | size on disk | "
              f"latency (batch 1) | throughput (batch {batch}) |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
-             f"| base | {_pct(base.get('val_accuracy'))} | {_pct(base['test_accuracy'])} | | | 100.00% "
+             f"| base | n/a | {_pct(base['test_accuracy'])} | | | 100.00% "
              f"({base['flops'] / 1e6:.2f} M) | {base['params'] / 1e6:.3f} M | {_size(base)} | {_latency(base)} | "
              f"{_throughput(base)} |"]
     for f in summary["final"]:
@@ -122,7 +166,7 @@ def finals_table(summary: dict) -> str:
                      f"{_pct(f['test_accuracy'])} | {100 * (f['test_accuracy'] - base['test_accuracy']):+.2f} pts | "
                      f"{epochs} | {_pct(f['flops_ratio'])} ({f['flops'] / 1e6:.2f} M) | {f['params'] / 1e6:.3f} M | "
                      f"{_size(f)} | {_latency(f)} | {_throughput(f)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", VAL_NOTE])
 
 
 def candidates_table(records: list[CandidateRecord], limit: int = 10) -> str:
@@ -144,7 +188,9 @@ def candidates_table(records: list[CandidateRecord], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
+def figure(records: list[CandidateRecord], summary: dict):
+    """The report's figure: the base beside the candidates (its own small panel, so the candidates fill the next
+    one), score vs FLOPs of the candidates, and adaptive-BN score vs fine-tuned validation accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,12 +199,17 @@ def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
     ok = [r for r in records if r.ok]
     finals, base, planned = summary["final"], summary["base"], _planned_epochs(summary)
     chosen = [r for r in ok if r.index in {f["candidate"] for f in finals}]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (overview, a, b) = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 2, 2]})
+    overview.scatter([r.flops_ratio for r in ok], [r.score for r in ok], s=6, c="tab:gray")
+    overview.scatter([1.0], [base["score"]], marker="*", s=120, c="black")
+    overview.set_xlabel("FLOPs (fraction of base)")
+    overview.set_ylabel("score on the held-out split")
+    overview.set_title("base (star; scored on data it trained on)\nand candidates", fontsize=8)
     a.scatter([r.flops_ratio for r in ok], [r.score for r in ok], s=12, c="tab:gray", label="candidates")
     a.scatter([r.flops_ratio for r in chosen], [r.score for r in chosen], s=30, c="tab:red", label="fine-tuned")
-    a.scatter([1.0], [base["score"]], marker="*", s=120, c="black", label="base")
     a.set_xlabel("FLOPs (fraction of base)")
     a.set_ylabel("score on the held-out split")
+    a.set_title("candidates", fontsize=9)
     a.legend()
     for stopped in (False, True):
         shown = [f for f in finals if (f["epochs"] < planned) == stopped]
@@ -166,11 +217,17 @@ def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
                   marker="x" if stopped else "o", label="stopped early" if stopped else f"{planned} epochs")
     for f in finals:
         b.annotate(f"#{f['candidate']}", (f["adaptive_bn_score"], f["val_accuracy"]), fontsize=8)
-    b.axhline(base["val_accuracy"], ls="--", c="black", label="base")
     b.set_xlabel("adaptive-BN score (before fine-tuning)")
     b.set_ylabel("val accuracy after fine-tuning")
     b.legend()
     fig.tight_layout()
+    return fig
+
+
+def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(records, summary)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

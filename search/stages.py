@@ -79,6 +79,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    from .tensorboard import search_callbacks
     from .tune_search import FailureStopper, StoreCallback, StrategySearcher, TopKScheduler, leaderboard_path
 
     cfg = prep.cfg
@@ -102,7 +103,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
         run_config=tune.RunConfig(
             name="search", storage_path=run.tune_path, verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[callback],
+            callbacks=[callback, *search_callbacks(run.path)],
             stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))))
     try:
         tuner.fit()
@@ -125,6 +126,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from .tensorboard import finetune_callbacks
     from .tune_search import FinetuneProgress
 
     cfg = prep.cfg
@@ -148,6 +150,6 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
             run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      callbacks=[FinetuneProgress()]))
+                                      callbacks=[FinetuneProgress(), *finetune_callbacks()]))
     print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler})", flush=True)
     return tuner.fit()

@@ -1,5 +1,5 @@
-"""The README's Python API example runs as written (so it cannot drift from the code); the checkpoints it
-describes load."""
+"""The README's Python API example runs as written and prints what the README shows (so neither can drift from
+the code); the checkpoints it describes load."""
 import os
 import re
 import subprocess
@@ -11,17 +11,14 @@ from tests.faults import ROOT
 
 
 @pytest.mark.slow
-def test_the_python_api_example_runs(tmp_path):
+def test_the_python_api_example_prints_what_the_readme_shows(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme[readme.index("## Python API"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    shown = re.search(r"\nprints .*?```\n(.*?)```", section, re.S).group(1)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = re.findall(r"candidate (\d): ([\d.]+)% of the FLOPs, held-out accuracy ([\d.]+)", proc.stdout)
-    assert [int(i) for i, _, _ in lines] == [0, 1, 2]
-    assert all(38.0 <= float(flops) <= 42.0 and 0.3 < float(acc) <= 1.0 for _, flops, acc in lines)
-    assert "4 groups; not pruned: fc (classifier first)" in proc.stdout
-    assert "so the column sums to more than 100%" in proc.stdout  # inspect's FLOPs share says what it is
+    assert proc.stdout == shown
 
 
 def test_the_committed_cifar_checkpoints_load_into_the_models_they_name():

@@ -268,6 +268,30 @@ def test_an_exported_model_takes_raw_test_images_and_scores_the_runs_test_accura
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_the_exported_test_split_gives_a_final_model_the_runs_test_accuracy(finished_run, tmp_path, capsys):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    run, _ = finished_run
+    split = tmp_path / "digits-test"
+    assert main(["export", str(run), "--test-split", str(split)]) == 0
+    assert f"359 test images of digits written to {split}" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(split / "labels.csv")))
+    raw = torch.stack([torch.from_numpy(np.array(Image.open(split / r["file"]))).float()[None] for r in rows])
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    assert all(r["file"].startswith(r["class"] + "/") for r in rows)
+    model, _, metrics = load_pruned(str(run / "final" / "rank1.pt"))  # raw pixel values in, as the PNGs hold them
+    with torch.no_grad():
+        accuracy = float((model(raw).argmax(1) == labels).float().mean())
+    assert abs(accuracy - metrics["test_accuracy"]) < 1e-6
+    assert main(["export", str(run), "--test-split", str(split)]) == 2  # never written over
+    assert "--test-split: " in capsys.readouterr().err and len(list(csv.DictReader(open(split / "labels.csv")))) == 359
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_side(finished_run, tmp_path, capsys):
     import onnxruntime
 
@@ -352,8 +376,10 @@ def test_the_report_opens_with_a_recommendation(finished_run):
     assert report[2].startswith(f"**Recommended: `final/rank1.pt`** (candidate {summary['final'][0]['candidate']}): "
                                 "test accuracy")
     assert re.search(r"(points below|points above|equal to) the base's [\d.]+%", report[2])
-    assert re.search(r"batch-1 latency [\d.]+x (faster|slower) than the base's", report[2])
+    assert re.search(r"batch-1 latency [\d.]+x (faster|slower) than the base's|no measurable batch-1 speed-up",
+                     report[2])
     assert "| test acc vs base |" in "\n".join(report)
+    assert re.search(r"^\| base \| n/a \|", "\n".join(report), re.M)  # no held-out figure: the base trained on it
 
 
 def test_the_cached_base_model_is_reused_when_only_the_fine_tuning_schedule_changes(tmp_path):
@@ -367,3 +393,60 @@ def test_the_cached_base_model_is_reused_when_only_the_fine_tuning_schedule_chan
     assert "loaded" in log.read_text().splitlines()[-1] and "same model, data and training recipe" in log.read_text()
     cfg = load_config(None, ["model.pretrain_epochs=1", f"output.cache_dir={tmp_path}", "finetune.lr=0.01"])
     assert base_cache_path(cfg, model_spec(cfg, 10, 1)) != paths[0]  # a recipe change is another base model
+
+
+def _summary(base_ms: float, base_iqr: float, model_ms: float, model_iqr: float, granularity: str = "channel") -> dict:
+    """A run summary as finalize writes it, with the given batch-1 timings (median, interquartile range)."""
+    timing = lambda ms, iqr: {"latency_ms_batch1": ms, "latency_iqr_ms": iqr, "throughput_batch": 32,
+                              "latency_ms_throughput": 10 * ms, "images_per_s": 3200 / ms}
+    return {"base": {"flops": 1_000_000, "params": 10_000, "test_accuracy": 0.99, "val_accuracy": 1.0, "score": 1.0,
+                     **timing(base_ms, base_iqr)},
+            "granularity": granularity, "finetune": {"epochs": 2},
+            "final": [{"rank": 1, "candidate": 5, "adaptive_bn_score": 0.55, "val_accuracy": 0.97,
+                       "test_accuracy": 0.98, "epochs": 2, "flops": 500_000, "flops_ratio": 0.5, "params": 5_000,
+                       **timing(model_ms, model_iqr)}]}
+
+
+@pytest.mark.parametrize("timings, granularity, claim", [
+    ((0.176, 0.02, 0.168, 0.02), "channel", "no measurable batch-1 speed-up (0.168 ms against the base's 0.176 ms "
+                                            "on this machine, within the timing noise)"),
+    ((0.20, 0.01, 0.10, 0.01), "channel",
+     "batch-1 latency 2.00x faster than the base's (0.1 ms against the base's 0.2 ms on this machine)"),
+    ((0.20, 0.01, 0.10, 0.01), "unstructured",
+     "no batch-1 speed-up claimed: unstructured pruning is not expected to run faster than the dense base"),
+    ((0.18, 0.01, 0.91, 0.02), "stripe", "batch-1 latency 5.06x slower than the base's"),
+])
+def test_the_recommendation_claims_a_speed_up_only_outside_the_timing_noise_and_where_the_method_gives_one(
+        timings, granularity, claim):
+    from prunetune.search.report import recommendation
+
+    line = recommendation(_summary(*timings, granularity=granularity))
+    assert claim in line and "unstable" not in line
+
+
+def test_the_recommendation_says_when_the_timings_are_unstable():
+    from prunetune.search.report import recommendation
+
+    line = recommendation(_summary(1.0, 0.1, 1.28, 0.5))  # the model's spread is 39% of its median
+    assert "no measurable batch-1 slow-down" in line and "x slower" not in line
+    assert "the timings are unstable (spread over 25% of the median" in line
+
+
+def test_the_reports_score_panel_is_filled_by_the_candidates_and_the_base_has_a_panel_of_its_own():
+    from prunetune.search.report import figure
+    from prunetune.workers.record import CandidateRecord
+
+    records = [CandidateRecord(index=i, ratios=[0.3], flops=500_000, flops_ratio=0.49 + 0.004 * i, params=5_000,
+                               score=0.40 + 0.03 * i, accuracy=0.40 + 0.03 * i) for i in range(6)]
+    fig = figure(records, _summary(0.2, 0.01, 0.1, 0.01))
+    overview, candidates = fig.axes[0], fig.axes[1]
+    assert candidates.get_xlim()[1] < 0.6 and candidates.get_ylim()[1] < 0.7  # the base (1.0, 1.0) is not on it
+    assert any(1.0 in c.get_offsets()[:, 0] for c in overview.collections)  # it is on the overview
+
+
+def test_the_report_gives_the_base_no_held_out_figure_since_it_trained_on_that_split():
+    from prunetune.search.report import finals_table
+
+    table = finals_table(_summary(0.2, 0.01, 0.1, 0.01))
+    assert re.search(r"^\| base \| n/a \| 99.00% \|", table, re.M) and "100.00%" not in table.split("\n")[2][:20]
+    assert "the base was trained on the whole training split" in table

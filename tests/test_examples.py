@@ -1,0 +1,146 @@
+"""Every config in examples/ runs end to end (with small overrides: few candidates, one epoch, tiny data), and the
+README shows exactly these examples."""
+import glob
+import json
+import os
+import re
+import shlex
+
+import pytest
+import ray
+
+from prunetune.search.cli import main
+from prunetune.search.store import CandidateStore
+from tests.faults import ROOT
+from tests.runs import as_args
+from tests.test_data import _write_cifar, _write_images
+
+EXAMPLES = os.path.join(ROOT, "examples")
+TESTED = {"digits.yaml", "cifar10-resnet56.yaml", "torchvision-resnet18.yaml", "latency.yaml", "slimming.yaml",
+          "unstructured.yaml", "stripe.yaml"}  # each has its test below
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache for the module: the digits examples share their small base model."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(name: str, tmp_path, cache, *extra: str) -> dict:
+    """Run examples/NAME with the small overrides (and `extra`); its summary."""
+    small = [f"output.dir={tmp_path / 'run'}", f"output.cache_dir={cache}", "model.pretrain_epochs=2",
+             "search.num_candidates=4", "search.batch_size=2", "search.top_k=1", "finetune.epochs=1",
+             "finetune.scheduler=fifo", "evaluation.calibration_batches=3", "evaluation.batch_size=64",
+             "evaluation.heldout_size=150", "latency.repeats=5", "latency.throughput_batch_size=8", *extra]
+    assert main(["run", os.path.join(EXAMPLES, name), *as_args(small)]) == 0
+    return json.load(open(tmp_path / "run" / "final" / "summary.json"))
+
+
+def _scalars(folder) -> dict:
+    """tag -> [(step, value)] of the TensorBoard events files in `folder` (TFRecord framing, tensorboardX's
+    Event protobuf)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    found: dict = {}
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        data, at = open(path, "rb").read(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return found
+
+
+def test_the_readme_shows_exactly_the_examples_the_tests_run():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert set(re.findall(r"examples/([\w.-]+\.yaml)", readme)) == set(os.listdir(EXAMPLES)) == TESTED
+    cifar = open(os.path.join(EXAMPLES, "cifar10-resnet56.yaml")).read()
+    assert f"```yaml\n{cifar}```" in readme  # the Configuration section shows the file as it is
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_digits_example_ends_with_what_next_commands_that_work(ray_session, tmp_path, cache, capsys):
+    summary = _run("digits.yaml", tmp_path, cache)
+    assert summary["search"]["target"] == 0.5 and summary["granularity"] == "channel"
+    out = capsys.readouterr().out
+    commands = re.findall(r"^  (prunetune .*?)\s+#", out[out.index("what next:"):], re.M)
+    assert [c.split()[1] for c in commands] == ["report", "export", "export"]
+    for command in commands:  # each works as printed (DIR: a directory of the user's choice)
+        assert main(shlex.split(command.replace("DIR", str(tmp_path / "test-split")))[1:]) == 0
+    out = capsys.readouterr().out
+    assert "Fine-tuned models:" in out and os.path.isfile(tmp_path / "run" / "final" / "rank1.onnx")
+    assert os.path.isfile(tmp_path / "test-split" / "labels.csv")
+    curves = _scalars(tmp_path / "run" / "tune" / "search" / "curves")  # `tensorboard --logdir OUTPUT/tune` reads these
+    best = [v for _, v in curves["search/best_score"]]
+    assert [s for s, _ in curves["search/best_score"]] == [1, 2, 3, 4] and best == sorted(best)
+    assert max(v for _, v in curves["search/score"]) == best[-1]
+    finalist, = glob.glob(os.path.join(tmp_path, "run", "tune", "finetune", "finalist*", ""))
+    epochs = _scalars(finalist)["ray/tune/val_accuracy"]
+    assert [s for s, _ in epochs] == [1] and 0 < epochs[0][1] <= 1  # one point per fine-tuning epoch
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_cifar10_resnet56_example_runs_from_the_committed_checkpoint(ray_session, tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the example names the checkpoint relative to the repository
+    data = tmp_path / "cifar-10-batches-py"
+    _write_cifar(str(data), n=40)  # 200 training images, 40 test images, random pixels
+    summary = _run("cifar10-resnet56.yaml", tmp_path, cache, f"data.path={data}", "evaluation.heldout_size=32",
+                   "evaluation.batch_size=16", "finetune.batch_size=32", "resources.gpus_per_trial=0",
+                   "resources.cpus_per_trial=1")
+    assert summary["base"]["checkpoint"].endswith("bench/checkpoints/resnet56-cifar10.pt")
+    assert abs(summary["final"][0]["flops_ratio"] - 0.5) <= 0.01
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_torchvision_example_runs_on_an_image_folder(ray_session, tmp_path, cache):
+    pytest.importorskip("torchvision", reason="no torchvision that imports beside this torch (see the README)")
+    data = tmp_path / "images"
+    _write_images(str(data), 40, per_class=50)  # 3 classes, train/ and test/
+    summary = _run("torchvision-resnet18.yaml", tmp_path, cache, f"data.path={data}", "data.image_size=32",
+                   "model.pretrain_epochs=1", "evaluation.heldout_size=16", "evaluation.batch_size=16")
+    assert summary["input"]["classes"] == ["cat", "dog", "emu"] and summary["final"][0]["flops_ratio"] < 0.6
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_latency_example_times_every_candidate_under_its_budget(ray_session, tmp_path, cache):
+    summary = _run("latency.yaml", tmp_path, cache, "latency.grid=3")
+    assert summary["search"]["constraint"] == "latency" and summary["search"]["limits"] == {"params": 0.7}
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert all(r.ok and r.latency_ms > 0 and r.params <= 0.7 * summary["base"]["params"] for r in records)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_network_slimming_example_trains_sparsity_first(ray_session, tmp_path, cache):
+    summary = _run("slimming.yaml", tmp_path, cache, "model.sparsity_epochs=1")
+    assert summary["sparsity"]["method"] == "Network Slimming" and summary["sparsity"]["lambda"] == 0.05
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_unstructured_example_claims_no_speed_up(ray_session, tmp_path, cache):
+    summary = _run("unstructured.yaml", tmp_path, cache)
+    assert summary["granularity"] == "unstructured" and summary["search"]["constraint"] == "params"
+    assert "x faster" not in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_stripe_example_trains_the_filter_skeleton_first(ray_session, tmp_path, cache):
+    summary = _run("stripe.yaml", tmp_path, cache, "model.sparsity_epochs=1")
+    assert summary["granularity"] == "stripe" and summary["sparsity"]["method"] == "Filter Skeleton"
