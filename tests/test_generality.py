@@ -259,3 +259,25 @@ def test_grouping_is_bounded_in_memory_and_cpu_time(monkeypatch, bound, fragment
     message = str(e.value)
     assert message.startswith("model: Torch-Pruning's grouping of the channels of Permuted ") and fragment in message
     assert "\n" not in message
+
+
+def test_any_other_error_while_building_the_space_is_one_line_naming_the_model(monkeypatch):
+    from prunetune.workers import groups
+
+    def broken(*args):
+        raise KeyError("c1.weight")
+
+    monkeypatch.setattr(groups, "_members", broken)
+    with pytest.raises(SpaceError) as e:
+        _verdict(archs.Permuted("roll"))
+    assert str(e.value) == ("model: building the pruning space of Permuted fails (KeyError: 'c1.weight'); prunetune "
+                            "cannot prune it")
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "stripe"])
+def test_a_torch_compiled_submodule_is_refused_by_every_method(granularity):
+    from prunetune.workers.methods import METHODS
+
+    with pytest.raises(SpaceError, match=r"^model: block \(OptimizedModule\) is wrapped in torch.compile"):
+        METHODS[granularity].preflight(archs.CompiledBlock(), torch.zeros(1, 3, 32, 32), 10, 0.7,
+                                       lambda space: StrategySampler(space, 0.5, 0.05, 0.7).sample(0))

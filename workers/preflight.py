@@ -219,24 +219,13 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
     """
     refuse_compiled(model)
     width = check_width(model, example_inputs, num_classes)
-    try:
-        return _prove(model, example_inputs, width, max_ratio, first, round_to, ignored_layers)
-    except SpaceError:
-        raise
-    except Exception as e:
-        raise SpaceError(f"model: building the pruning space of {type(model).__name__} fails ({error_line(e)}); "
-                         "prunetune cannot prune it") from None
-
-
-def _prove(model: nn.Module, example_inputs: torch.Tensor, width: int, max_ratio: float,
-           first: Callable[[PruningSpace], list[float]], round_to: int, ignored_layers: list[str] | None) -> Verdict:
     ignored, left_out = list(ignored_layers or []), []
     while True:  # at most twice: once more after leaving out the groups of a single cause
-        space = PruningSpace.from_model(model, example_inputs, round_to, ignored)
+        space = as_refusal(model, PruningSpace.from_model, model, example_inputs, round_to, ignored)
         found = space.rejected  # groups discovery could not model: no strategy needed to know
         if not found:
             strategies = {**strategies_to_prove(space, max_ratio, first), "least pruned": space.least_pruned()}
-            found, checked = _check(model, space, example_inputs, width, strategies)
+            found, checked = as_refusal(model, _check, model, space, example_inputs, width, strategies)
             if not found:
                 return Verdict(space, left_out, checked, functional=True)
         causes = list(dict.fromkeys(reason for _, reason in left_out + found))
@@ -247,3 +236,14 @@ def _prove(model: nn.Module, example_inputs: torch.Tensor, width: int, max_ratio
                              f"{more}); to prune the rest, set model.ignored_layers=[{','.join(ignored + names)}]")
         left_out = found
         ignored += [name for name, _ in found]
+
+
+def as_refusal(model: nn.Module, step: Callable, *args):
+    """step(*args), where any error but a SpaceError (which names its layer) becomes a SpaceError naming the model."""
+    try:
+        return step(*args)
+    except SpaceError:
+        raise
+    except Exception as e:
+        raise SpaceError(f"model: building the pruning space of {type(model).__name__} fails ({error_line(e)}); "
+                         "prunetune cannot prune it") from None
