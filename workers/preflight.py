@@ -92,19 +92,23 @@ def within_tolerance(predicted: float, counted: float) -> bool:
 
 @contextlib.contextmanager
 def _without_statistics() -> Iterator[None]:
-    """layer_norm and group_norm reduced to their affine part (their statistics span the channels, so they change
-    with the channel count however right the pruning is); every other op as it is."""
+    """layer_norm, group_norm and rms_norm reduced to their affine part (their statistics span the channels, so
+    they change with the channel count however right the pruning is); every other op as it is."""
     from torch.overrides import TorchFunctionMode
+
+    normalisations = {F.layer_norm: True, F.group_norm: True}  # -> whether it takes a bias
+    if hasattr(F, "rms_norm"):
+        normalisations[F.rms_norm] = False
 
     class Affine(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func is not F.layer_norm and func is not F.group_norm:
+            if func not in normalisations:
                 return func(*args, **kwargs)
             x = args[0]
             weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
-            bias = kwargs.get("bias", args[3] if len(args) > 3 else None)
-            shape = (-1,) + (1,) * (x.dim() - 2) if func is F.group_norm else None  # layer_norm: trailing dims
+            bias = kwargs.get("bias", args[3] if len(args) > 3 else None) if normalisations[func] else None
+            shape = (-1,) + (1,) * (x.dim() - 2) if func is F.group_norm else None  # the others: trailing dims
             x = x * (weight if shape is None else weight.view(shape)) if weight is not None else x
             return x + (bias if shape is None else bias.view(shape)) if bias is not None else x
 
@@ -125,6 +129,7 @@ def _inputs_zeroed(plan: PrunePlan, keep: dict[tuple[str, str], np.ndarray]) -> 
 
         def zero(module, args, mask=mask, last=dim.layer.name == "linear"):
             x = args[0]
+            mask = mask.to(x)
             return (x * (mask if last else mask.view((-1,) + (1,) * (x.dim() - 2))),) + tuple(args[1:])
 
         hooks.append(plan.modules[name].register_forward_pre_hook(zero))
