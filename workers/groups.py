@@ -316,10 +316,14 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     if channel_ops.windows:  # Torch-Pruning's index mappings grow without bound through window partitions
         raise SpaceError(f"model: {channel_ops.windows['found']}, which channel pruning cannot follow")
     ignored_modules = [model.get_submodule(n) for n in ignored]
-    roots: list[nn.Module] = []  # the layer whose group Torch-Pruning is building, to name it if that fails
-    find_group = graph.get_pruning_group
-    graph.get_pruning_group = lambda module, *args, **kwargs: roots.append(module) or find_group(module, *args,
-                                                                                                   **kwargs)
+    roots: list[nn.Module] = []  # the layers whose groups Torch-Pruning built, the last to name if that fails
+    build_group = graph.get_pruning_group
+
+    def noted(module, *args, **kwargs):
+        roots.append(module)
+        return build_group(module, *args, **kwargs)
+
+    graph.get_pruning_group = noted
     try:
         groups = [(g[0].dep.target.module, g) for g in graph.get_all_groups(ignored_layers=ignored_modules)]
     except SpaceError:

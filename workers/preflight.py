@@ -6,8 +6,8 @@ every group: a count the graph does not show, such as a functional group_norm's 
 count, fails there), runs each pruned network forward, checks that the output width is the data's class count,
 compares the space's FLOPs and params with fvcore's count on the pruned network, and checks its function: on a
 random input it must compute what the base computes with the removed channels zeroed at the input of every conv
-and linear layer (cross-channel statistics of layer_norm and group_norm, which legitimately change with the
-channel count, are reduced to their affine part in both). That catches a pruned network that keeps the wrong
+and linear layer (cross-channel statistics of layer_norm, group_norm and rms_norm, which legitimately change with
+the channel count, are reduced to their affine part in both). That catches a pruned network that keeps the wrong
 channels, as after a channel permutation (torch.roll, flip, an index) that Torch-Pruning maps channel i to i
 through. Groups that break any of these (found by pruning one group at a time), or that discovery could not model
 exactly, are left out with a warning when they share one cause (one layer); with more causes the model is refused
@@ -46,11 +46,15 @@ class Verdict:
     def describe(self) -> str:
         """Lines for `prunetune inspect`: what was checked, and what was left out."""
         lines = [f"preflight: {name}: FLOPs {flops:,} and params {params:,} equal {self.counted_by} on the pruned "
-                 "network; it runs, has the right output width" + (" and computes what the base computes without the "
-                                                                   "removed channels" if self.functional else "")
-                 for name, flops, params in self.checked]
+                 f"network; {self._what_holds()}" for name, flops, params in self.checked]
         lines += [f"preflight: warning: left the group of {name} out ({reason})" for name, reason in self.left_out]
         return "\n".join(lines)
+
+    def _what_holds(self) -> str:
+        if self.functional:
+            return ("it runs, has the right output width and computes what the base computes without the removed "
+                    "channels")
+        return "it runs and has the right output width"
 
 
 def output_width(model: nn.Module, example_inputs: torch.Tensor) -> int:
@@ -183,7 +187,7 @@ def _problem(plan: PrunePlan, ratios, example_inputs: torch.Tensor, inputs: torc
             return f"{what} {model_value:,} by the space, {real:,} by fvcore on the pruned network"
     gap = functional_gap(plan, ratios, pruned, inputs)
     if not gap <= FUNCTIONAL_TOLERANCE:
-        return (f"the pruned network computes something else than the base without the removed channels (off by "
+        return (f"the pruned network computes something other than the base without the removed channels (off by "
                 f"{gap:.1e} of the output; the channels are permuted on the way, or mixed)")
     return None
 
