@@ -239,8 +239,8 @@ def test_an_error_inside_torch_prunings_grouping_is_one_line_naming_the_layer(mo
     monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", failing)
     with pytest.raises(SpaceError) as e:
         _verdict(model)
-    assert str(e.value) == ("model: Torch-Pruning fails grouping the channels of Permuted at c1 (Conv2d) "
-                            "(ZeroDivisionError: integer division or modulo by zero); prunetune cannot prune it")
+    assert str(e.value) == ("model: grouping the channels of Permuted fails at c1 (Conv2d) (ZeroDivisionError: "
+                            "integer division or modulo by zero); prunetune cannot prune it")
 
 
 @pytest.mark.parametrize("bound, fragment", [("GROUPING_MEMORY_LIMIT", "grew the process by"),
@@ -261,13 +261,26 @@ def test_grouping_is_bounded_in_memory_and_cpu_time(monkeypatch, bound, fragment
     assert "\n" not in message
 
 
-def test_any_other_error_while_building_the_space_is_one_line_naming_the_model(monkeypatch):
+def test_an_error_while_grouping_a_layer_is_one_line_naming_it(monkeypatch):
     from prunetune.workers import groups
 
     def broken(*args):
         raise KeyError("c1.weight")
 
     monkeypatch.setattr(groups, "_members", broken)
+    with pytest.raises(SpaceError) as e:
+        _verdict(archs.Permuted("roll"))
+    assert str(e.value) == ("model: grouping the channels of Permuted fails at c2 (Conv2d) (KeyError: 'c1.weight'); "
+                            "prunetune cannot prune it")
+
+
+def test_any_other_error_while_building_the_space_is_one_line_naming_the_model(monkeypatch):
+    from prunetune.workers import space
+
+    def broken(*args):
+        raise KeyError("c1.weight")
+
+    monkeypatch.setattr(space, "_build", broken)
     with pytest.raises(SpaceError) as e:
         _verdict(archs.Permuted("roll"))
     assert str(e.value) == ("model: building the pruning space of Permuted fails (KeyError: 'c1.weight'); prunetune "

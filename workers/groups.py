@@ -329,15 +329,21 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     except SpaceError:
         raise
     except Exception as e:
-        where = f" at {describe_module(model, names[roots[-1]])}" if roots and roots[-1] in names else ""
-        raise SpaceError(f"model: Torch-Pruning fails grouping the channels of {type(model).__name__}{where} "
-                         f"({error_line(e)}); prunetune cannot prune it") from None
+        raise _grouping_failed(model, names.get(roots[-1]) if roots else None, e) from None
     finally:
         del graph.get_pruning_group
     groups = [(root, g) for root, g in groups if len(g[0].idxs) > 1]  # Torch-Pruning skips 1-channel groups
     axes = {u.parameters: u.pruning_dim for u in graph.unwrapped_parameters}
     return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, aliases, channel_ops.found,
                  channel_ops.blocks)
+
+
+def _grouping_failed(model: nn.Module, root: str | None, e: Exception) -> SpaceError:
+    """The one-line refusal for an error while grouping the channels (in Torch-Pruning's grouping, mostly), naming
+    the layer whose group it was building."""
+    where = f" at {describe_module(model, root)}" if root is not None else ""
+    return SpaceError(f"model: grouping the channels of {type(model).__name__} fails{where} ({error_line(e)}); "
+                      "prunetune cannot prune it")
 
 
 def error_line(e: Exception) -> str:
@@ -512,6 +518,10 @@ def discover_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: lis
             except _Irregular as e:
                 rejected.append((trace.names[root], str(e)))
                 continue
+            except SpaceError:
+                raise
+            except Exception as e:  # inside Torch-Pruning, looking at the group root channel by root channel
+                raise _grouping_failed(model, trace.names[root], e) from None
             groups.append(g)
             if counted:
                 functional.add(g.name)
