@@ -457,3 +457,8 @@ class PixelShuffleNet(nn.Module):
 def compiled_block(num_classes: int = 10) -> nn.Module:
     """Factory for `prunetune run` tests: a torch.compile'd submodule."""
     return CompiledBlock(num_classes)
+
+
+def rolled(num_classes: int = 10) -> nn.Module:
+    """Factory for `prunetune` runs: channels rolled between two convs (Permuted('roll'))."""
+    return Permuted("roll", num_classes)

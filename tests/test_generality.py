@@ -294,3 +294,12 @@ def test_a_torch_compiled_submodule_is_refused_by_every_method(granularity):
     with pytest.raises(SpaceError, match=r"^model: block \(OptimizedModule\) is wrapped in torch.compile"):
         METHODS[granularity].preflight(archs.CompiledBlock(), torch.zeros(1, 3, 32, 32), 10, 0.7,
                                        lambda space: StrategySampler(space, 0.5, 0.05, 0.7).sample(0))
+
+
+def test_inspect_warns_of_a_permuted_group_and_says_what_the_preflight_proved(capsys):
+    code = main(["inspect", "--model", "tests.archs:rolled", "--input-shape", "3,32,32", "--num-classes", "10"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "preflight: warning: left the group of c1 out (the pruned network computes something other than the base " \
+           "without the removed channels" in out
+    assert out.count("and computes what the base computes without the removed channels") == 3  # the 3 strategies
