@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -252,9 +253,10 @@ def _grouping_bound(model: nn.Module) -> Iterator[None]:
 
 def refuse_compiled(model: nn.Module) -> None:
     """SpaceError naming the first submodule wrapped in torch.compile: neither Torch-Pruning nor fvcore traces one."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    name = next((n for n, m in model.named_modules() if isinstance(m, OptimizedModule)), None)
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # torch.compile imports it (seconds): if not, none exists
+    if dynamo is None:
+        return
+    name = next((n for n, m in model.named_modules() if isinstance(m, dynamo.OptimizedModule)), None)
     if name is not None:
         raise SpaceError(f"model: {describe_module(model, name)} is wrapped in torch.compile, which Torch-Pruning and "
                          "fvcore cannot trace; build the model without torch.compile (compile the pruned model "
