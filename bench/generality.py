@@ -3,10 +3,12 @@
     python bench/generality.py [--timm all|NAMES] [--models NAMES] [--max-params-m 150]
     python bench/generality.py --smoke    # seconds: prunetune's digits_cnn and resnet20 (pt:NAME) at 16 px
 
-Random weights, 224 px, 10 classes. For each model: the preflight (space, most-pruned and first sampled strategy
-checked against fvcore on the pruned network), one more random strategy checked the same way, the fast pruner's
-time, and one CandidateEvaluator.evaluate on synthetic data. Prints
-model | groups | left out | FLOPs error | params error | prune ms | evaluates | refusal, and saves JSON.
+Random weights, 224 px, 10 classes. For each model: the preflight (space; most pruned, first sampled and least
+pruned strategy checked against fvcore and in function on the pruned network), one more random strategy checked
+the same way, the fast pruner's time, and one CandidateEvaluator.evaluate on synthetic data. Prints
+model | groups | left out | FLOPs error | params error | function error | prune ms | evaluates | refusal, and
+saves JSON. The function error is the largest difference between a pruned network's output and the base's with
+the removed channels zeroed at every conv and linear input, relative to the largest output (preflight.functional_gap).
 Needs torchvision (and timm) that import beside the installed torch: the CPU wheel of torch does not take
 PyPI's torchvision (see the README); a torch 2.14.1 + torchvision 0.29.1 virtualenv runs it on a CPU.
 """
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import median, parse_args, results_path, save, table  # noqa: E402
 from prunetune import CandidateEvaluator, PrunePlan, StrategySampler, load_config, load_data, preflight  # noqa: E402
+from prunetune.workers.preflight import functional_gap  # noqa: E402
 from prunetune.workers.space import count_flops  # noqa: E402
 
 # One or two of each timm family the issue tracker names (ResNeXt/SE, EfficientNet-lite, GhostNet, MixNet, ViT...).
@@ -80,14 +83,16 @@ def one(name: str, data, evaluation, max_params_m: float, image_size: int = 224)
     plan = PrunePlan(model, space, "l1")
     strategies = [np.full(len(space.groups), 0.7), StrategySampler(space, 0.5, 0.02, 0.7).sample(0),
                   np.random.default_rng(0).uniform(0, 0.7, len(space.groups))]
-    errors, times = [], []
+    errors, gaps, times = [], [], []
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     for ratios in strategies:
         t = time.perf_counter()
         pruned = plan.apply(ratios)
         times.append(time.perf_counter() - t)
         errors.append(relative_error(space, pruned, ratios, x))
+        gaps.append(functional_gap(plan, ratios, pruned, noise))
     row.update(flops_error=max(e[0] for e in errors), params_error=max(e[1] for e in errors),
-               prune_ms=1000 * median(times))
+               function_error=max(gaps), prune_ms=1000 * median(times))
     try:
         record = CandidateEvaluator(model, space, data, evaluation, "cpu").evaluate(strategies[1])
         row["evaluates"] = f"yes ({record.t_prune + record.t_calibrate + record.t_score:.1f} s)"
@@ -146,14 +151,17 @@ def main() -> None:
         fresh = {r["model"]: r for r in rows}
         saved = json.load(open(results_path("generality.json")))["rows"]
         rows = [fresh.pop(r["model"], r) for r in saved] + list(fresh.values())
-    columns = ["model", "groups", "left_out", "flops_error", "params_error", "prune_ms", "evaluates", "refusal"]
+    columns = ["model", "groups", "left_out", "flops_error", "params_error", "function_error", "prune_ms", "evaluates",
+               "refusal"]
     print(table(rows, columns))
     exact = [r for r in rows if "flops_error" in r]
     print(f"\n{len(rows)} models: {len(exact)} accepted, "
-          f"{sum(r['flops_error'] <= 1e-4 and r['params_error'] <= 1e-4 for r in exact)} of them exact to 1e-4; "
+          f"{sum(r['flops_error'] <= 1e-4 and r['params_error'] <= 1e-4 for r in exact)} of them exact to 1e-4 in "
+          f"counts, {sum(r.get('function_error', 1) <= 1e-4 for r in exact)} in function; "
           f"{len(rows) - len(exact)} refused or skipped")
-    if args.smoke and (len(exact) < len(rows) or not all(r["evaluates"].startswith("yes") for r in exact)):
-        raise SystemExit("smoke: every model should pass the preflight and evaluate")
+    if args.smoke and (len(exact) < len(rows) or not all(r["evaluates"].startswith("yes") and
+                                                         r["function_error"] <= 1e-4 for r in exact)):
+        raise SystemExit("smoke: every model should pass the preflight, compute what its base does, and evaluate")
     print("saved", save("generality", {"rows": rows}))
 
 

@@ -352,3 +352,113 @@ def no_batchnorm(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """Factory used by the tests as `tests.archs:no_batchnorm` (digits-sized input)."""
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+# Patterns from issue 28: channel permutations Torch-Pruning maps channel i to i through, constraints the graph does
+# not show, and layers with nothing or something simple to slice.
+
+PERMUTATIONS = {
+    "roll": lambda x: torch.roll(x, 3, dims=1),
+    "flip": lambda x: torch.flip(x, [1]),
+    "index permutation": lambda x: x[:, torch.arange(x.shape[1] - 1, -1, -1)],
+    "ChannelShuffle": nn.ChannelShuffle(4),
+}
+
+
+class Permuted(nn.Module):
+    """c0 -> c1 -> a permutation of the channels -> c2, no BatchNorm and no bias (the issue's check)."""
+
+    def __init__(self, permutation: str = "roll", num_classes: int = 10):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.fc = nn.Linear(16, num_classes)
+        permute = PERMUTATIONS[permutation]
+        self.permute = permute if isinstance(permute, nn.Module) else None
+        self.permute_fn = None if isinstance(permute, nn.Module) else permute
+
+    def forward(self, x):
+        x = self.c1(torch.relu(self.c0(x)))
+        x = self.permute(x) if self.permute is not None else self.permute_fn(x)
+        return self.fc(torch.relu(self.c2(torch.relu(x))).mean((2, 3)))
+
+
+class FunctionalGroupNorm(nn.Module):
+    """A parameter-free F.group_norm(x, 8) in forward after a conv: kept channels must be multiples of 8."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.c1 = nn.Conv2d(32, 16, 3, padding=1, bias=False)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.group_norm(self.c0(x), 8))
+        return self.fc(torch.relu(self.c1(x)).mean((2, 3)))
+
+
+class CompiledBlock(nn.Module):
+    """A submodule wrapped in torch.compile (never called by the tests: the preflight refuses it first)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = torch.compile(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+class UntraceableHead(nn.Module):
+    """A layer whose forward refuses torch.jit tracing (what fvcore counts FLOPs with)."""
+
+    def forward(self, x):
+        if torch.jit.is_tracing():
+            raise RuntimeError("this layer cannot be traced")
+        return x.mean((2, 3))
+
+
+class NormActNet(nn.Module):
+    """conv -> norm -> PReLU() (one shared slope) or an in-place ReLU, twice; `norm` is BatchNorm2d or an affine
+    InstanceNorm2d (whose output, a view, an in-place ReLU used to hide from Torch-Pruning)."""
+
+    def __init__(self, norm: str = "instance", act: str = "prelu", num_classes: int = 10, head: nn.Module = None):
+        super().__init__()
+        make_norm = {"batch": nn.BatchNorm2d, "instance": lambda c: nn.InstanceNorm2d(c, affine=True)}[norm]
+        make_act = {"prelu": nn.PReLU, "relu": lambda: nn.ReLU(inplace=True)}[act]
+        self.c0, self.n0, self.a0 = nn.Conv2d(3, 16, 3, padding=1), make_norm(16), make_act()
+        self.c1, self.n1, self.a1 = nn.Conv2d(16, 32, 3, padding=1), make_norm(32), make_act()
+        self.pool = head if head is not None else nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.a1(self.n1(self.c1(self.a0(self.n0(self.c0(x))))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class PixelShuffleNet(nn.Module):
+    """An upsampling PixelShuffle(2) between convs (channels become pixels)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.shuffle = nn.PixelShuffle(2)
+        self.c2 = nn.Conv2d(4, 16, 3, padding=1, bias=False)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.shuffle(self.c1(torch.relu(self.c0(x))))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+def compiled_block(num_classes: int = 10) -> nn.Module:
+    """Factory for `prunetune run` tests: a torch.compile'd submodule."""
+    return CompiledBlock(num_classes)
+
+
+def rolled(num_classes: int = 10) -> nn.Module:
+    """Factory for `prunetune` runs: channels rolled between two convs (Permuted('roll'))."""
+    return Permuted("roll", num_classes)

@@ -4,13 +4,17 @@ One small architecture per structure found in torchvision and timm models (tests
 is pruned by several strategies and checked against fvcore on the actually pruned network and against
 Torch-Pruning's own surgery on the same channels; each unsupported one is refused, or its one bad group left out.
 """
+import copy
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from prunetune import PrunePlan, StrategySampler, preflight
+from prunetune import PrunePlan, PruningSpace, StrategySampler, preflight
 from prunetune.search.cli import main
 from prunetune.workers.groups import SpaceError
+from prunetune.workers.preflight import FUNCTIONAL_TOLERANCE, functional_gap
 from prunetune.workers.space import count_flops
 from tests import archs
 from tests.reference import torch_pruning_surgery
@@ -102,6 +106,7 @@ def test_a_factory_gets_the_data_class_count_or_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("factory, fragment", [
     ("tests.archs:fixed_head", "model: the model returns 1000 outputs but the data has 10 classes"),
     ("tests.archs:mixnet_like", "model: 4 channel groups cannot be pruned exactly"),
+    ("tests.archs:compiled_block", "model: block (OptimizedModule) is wrapped in torch.compile"),
 ])
 def test_an_unsupported_model_is_refused_before_the_base_model_is_trained(tmp_path, capsys, factory, fragment):
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -110,3 +115,191 @@ def test_an_unsupported_model_is_refused_before_the_base_model_is_trained(tmp_pa
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"prunetune: error: {fragment}")
     assert len(err.splitlines()) == 1 and not out.exists() and not cache.exists()  # nothing trained, nothing written
+
+
+# Issue 28: every pattern either exact in function and counts on 20 sampled strategies, or refused in one line.
+
+def _sampled(space, count=20):
+    sampler = StrategySampler(space, 0.5, 0.05, 0.7)
+    return [sampler.sample(i) for i in range(count)]
+
+
+def _zeroed_reference(model, plan, ratios):
+    """The base with every removed channel's filter, bias and norm parameters zeroed, so it is 0 wherever it flows
+    (the issue's check; exact for nets without cross-channel normalisation)."""
+    reference = copy.deepcopy(model).eval()
+    for (name, role), kept in plan.keep_indices(ratios).items():
+        if role != "out" or plan.dims[(name, role)].layer is None:
+            continue
+        removed = torch.from_numpy(np.setdiff1d(np.arange(plan.dims[(name, role)].size), kept))
+        module = reference.get_submodule(name)
+        for attr, axis in plan.dims[(name, role)].layer.tensors(module, role):
+            if attr in ("weight", "bias"):
+                getattr(module, attr).data.index_fill_(axis, removed, 0.0)
+    return reference
+
+
+def _assert_exact_on_sampled_strategies(model, space, function=True):
+    """On 20 sampled strategies: the pruned network runs, its FLOPs and params are fvcore's, and (for nets without
+    cross-channel statistics) it computes what the base computes with the removed channels zeroed."""
+    plan = PrunePlan(model, space, "l1")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for ratios in _sampled(space):
+        pruned = plan.apply(ratios).eval()
+        assert space.flops(ratios) == count_flops(pruned, x[:1]).total() < space.base_flops
+        assert space.params(ratios) == sum(p.numel() for p in pruned.parameters())
+        with torch.no_grad():
+            got = pruned(x)
+            if function:
+                want = _zeroed_reference(model, plan, ratios)(x)
+                assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("permutation", list(archs.PERMUTATIONS))
+def test_a_channel_permutation_between_convs_is_caught_and_its_group_left_out(permutation):
+    torch.manual_seed(0)
+    model = archs.Permuted(permutation).eval()
+    if permutation != "ChannelShuffle":  # (found by its op already, in discovery)
+        # what Torch-Pruning's grouping alone gives: c1's pruned filters go from the wrong input columns of c2
+        space = PruningSpace.from_model(model, torch.zeros(1, 3, 32, 32), ignored_layers=["c0", "c2"])
+        plan = PrunePlan(model, space, "l1")
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            got, want = plan.apply([0.5])(x), _zeroed_reference(model, plan, [0.5])(x)
+        assert not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    verdict = _verdict(model)
+    assert [name for name, _ in verdict.left_out] == ["c1"]
+    assert [g.name for g in verdict.space.groups] == ["c0", "c2"]
+    _assert_exact_on_sampled_strategies(model, verdict.space)
+    assert "computes what the base computes without the removed channels" in verdict.describe()
+
+
+def test_a_channel_shuffle_module_is_named_as_the_cause():
+    verdict = _verdict(archs.Permuted("ChannelShuffle"))
+    assert verdict.left_out == [("c1", "permute (ChannelShuffle) shuffles the channels (a channel shuffle)")]
+
+
+def test_a_pixel_shuffle_is_named_as_the_cause():
+    verdict = _verdict(archs.PixelShuffleNet())
+    assert verdict.left_out == [("c1", "shuffle (PixelShuffle) moves channels into pixels (a PixelShuffle)")]
+    _assert_exact_on_sampled_strategies(archs.PixelShuffleNet().eval(), verdict.space, function=False)
+
+
+def test_a_functional_group_norm_keeps_multiples_of_its_group_count():
+    torch.manual_seed(0)
+    model = archs.FunctionalGroupNorm().eval()
+    verdict = _verdict(model)
+    assert verdict.left_out == [] and [(g.name, g.blocks) for g in verdict.space.groups] == [("c0", 8), ("c1", 1)]
+    for ratios in _sampled(verdict.space):
+        assert verdict.space.kept_units(ratios)[0] % 8 == 0
+    # statistics over fewer channels differ from the base's, so function is the preflight's (norm reduced to affine)
+    _assert_exact_on_sampled_strategies(model, verdict.space, function=False)
+    plan = PrunePlan(model, verdict.space, "l1")
+    for ratios in _sampled(verdict.space):
+        assert functional_gap(plan, ratios, plan.apply(ratios), torch.randn(1, 3, 32, 32)) <= FUNCTIONAL_TOLERANCE
+
+
+@pytest.mark.parametrize("norm, act", [("batch", "prelu"), ("instance", "prelu"), ("instance", "relu")])
+def test_shared_prelu_and_affine_instance_norm_are_pruned_exactly(norm, act):
+    torch.manual_seed(0)
+    model = archs.NormActNet(norm, act).eval()
+    verdict = _verdict(model)
+    assert verdict.left_out == [] and [g.name for g in verdict.space.groups] == ["c0", "c1"]
+    members = {m.module: m.kind for g in verdict.space.groups for m in g.members}
+    assert members["n0"] == members["n1"] == "batchnorm"  # sliced like BatchNorm's (weight, bias)
+    _assert_exact_on_sampled_strategies(model, verdict.space)
+
+
+def test_a_torch_compiled_submodule_is_refused_in_one_line():
+    with pytest.raises(SpaceError) as e:
+        _verdict(archs.CompiledBlock())
+    assert str(e.value) == ("model: block (OptimizedModule) is wrapped in torch.compile, which Torch-Pruning and "
+                            "fvcore cannot trace; build the model without torch.compile (compile the pruned model "
+                            "instead)")
+
+
+def test_a_layer_fvcore_cannot_trace_is_named_in_one_line():
+    with pytest.raises(SpaceError) as e:
+        _verdict(archs.NormActNet("batch", "relu", head=archs.UntraceableHead()))
+    assert str(e.value) == ("model: fvcore cannot count the FLOPs of NormActNet: its trace fails in pool "
+                            "(UntraceableHead) (RuntimeError: this layer cannot be traced)")
+
+
+def test_an_error_inside_torch_prunings_grouping_is_one_line_naming_the_layer(monkeypatch):
+    import torch_pruning as tp
+
+    model = archs.Permuted("roll")
+    find_group = tp.DependencyGraph.get_pruning_group
+
+    def failing(self, module, *args, **kwargs):  # as bat_resnext26ts's IndexError, lambda_resnet26t's ZeroDivision
+        if module is model.c1:
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return find_group(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", failing)
+    with pytest.raises(SpaceError) as e:
+        _verdict(model)
+    assert str(e.value) == ("model: grouping the channels of Permuted fails at c1 (Conv2d) (ZeroDivisionError: "
+                            "integer division or modulo by zero); prunetune cannot prune it")
+
+
+@pytest.mark.parametrize("bound, fragment", [("GROUPING_MEMORY_LIMIT", "grew the process by"),
+                                             ("GROUPING_CPU_LIMIT_S", "did not finish within 0 s of CPU time")])
+def test_grouping_is_bounded_in_memory_and_cpu_time(monkeypatch, bound, fragment):
+    from prunetune.workers import groups
+
+    monkeypatch.setattr(groups, bound, 0)
+    held = []
+    with pytest.raises(SpaceError) as e:
+        with groups._grouping_bound(archs.Permuted()):
+            held.append(np.ones(2 ** 23))  # 64 MiB, touched
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # CPU work until the bound (checked every 0.1 s of CPU) refuses it
+                sum(range(10000))
+    message = str(e.value)
+    assert message.startswith("model: Torch-Pruning's grouping of the channels of Permuted ") and fragment in message
+    assert "\n" not in message
+
+
+def test_an_error_while_grouping_a_layer_is_one_line_naming_it(monkeypatch):
+    from prunetune.workers import groups
+
+    def broken(*args):
+        raise KeyError("c1.weight")
+
+    monkeypatch.setattr(groups, "_members", broken)
+    with pytest.raises(SpaceError) as e:
+        _verdict(archs.Permuted("roll"))
+    assert str(e.value) == ("model: grouping the channels of Permuted fails at c2 (Conv2d) (KeyError: 'c1.weight'); "
+                            "prunetune cannot prune it")
+
+
+def test_any_other_error_while_building_the_space_is_one_line_naming_the_model(monkeypatch):
+    from prunetune.workers import space
+
+    def broken(*args):
+        raise KeyError("c1.weight")
+
+    monkeypatch.setattr(space, "_build", broken)
+    with pytest.raises(SpaceError) as e:
+        _verdict(archs.Permuted("roll"))
+    assert str(e.value) == ("model: building the pruning space of Permuted fails (KeyError: 'c1.weight'); prunetune "
+                            "cannot prune it")
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "stripe"])
+def test_a_torch_compiled_submodule_is_refused_by_every_method(granularity):
+    from prunetune.workers.methods import METHODS
+
+    with pytest.raises(SpaceError, match=r"^model: block \(OptimizedModule\) is wrapped in torch.compile"):
+        METHODS[granularity].preflight(archs.CompiledBlock(), torch.zeros(1, 3, 32, 32), 10, 0.7,
+                                       lambda space: StrategySampler(space, 0.5, 0.05, 0.7).sample(0))
+
+
+def test_inspect_warns_of_a_permuted_group_and_says_what_the_preflight_proved(capsys):
+    code = main(["inspect", "--model", "tests.archs:rolled", "--input-shape", "3,32,32", "--num-classes", "10"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "preflight: warning: left the group of c1 out (the pruned network computes something other than the base " \
+           "without the removed channels" in out
+    assert out.count("and computes what the base computes without the removed channels") == 3  # the 3 strategies

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -83,6 +86,7 @@ class Trace:
     channels: dict  # stateless leaf call -> channels of its output
     aliases: dict  # stateless leaf that passed its input on -> the call whose output (and channels) it is
     channel_ops: dict  # grad_fn -> what a channel shuffle or fixed-size split does where (pruning cannot follow)
+    norm_blocks: dict  # grad_fn of a functional group_norm -> (its group count, where): the channels split into blocks
 
 
 @contextlib.contextmanager
@@ -138,23 +142,30 @@ def find_classifier(model: nn.Module, example_inputs: torch.Tensor) -> str:
 
 
 class _ChannelOps:
-    """Records the modules whose forward splits a feature map's channels in a way pruning cannot follow: into groups
-    (a channel shuffle) or into parts of fixed size (their sizes are numbers in the module, not the tensor's)."""
+    """Records the modules whose forward moves a feature map's channels in a way pruning cannot follow: into groups
+    (a channel shuffle, by reshape or by op), into pixels (PixelShuffle) or into parts of fixed size (their sizes are
+    numbers in the module, not the tensor's); and the group count of every functional group_norm, which a group's
+    kept channels must split into, as a GroupNorm layer's."""
 
     RESHAPES = {"view", "reshape", "unflatten"}
     SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split"}
+    SHUFFLES = {"channel_shuffle": "shuffles the channels (a channel shuffle)",
+                "native_channel_shuffle": "shuffles the channels (a channel shuffle)",
+                "pixel_shuffle": "moves channels into pixels (a PixelShuffle)",
+                "pixel_unshuffle": "moves pixels into channels (a PixelUnshuffle)"}
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.found: dict = {}  # grad_fn of the op's output -> "module (Type) does what"
         self.windows: dict = {}  # "found" -> the first module that reshapes feature maps into windows
+        self.blocks: dict = {}  # grad_fn of a functional group_norm's output -> (its number of groups, where)
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
         """Record during the forward passes run inside this context."""
         from torch.overrides import TorchFunctionMode
 
-        found, windows, model = self.found, self.windows, self.model
+        found, windows, blocks, model = self.found, self.windows, self.blocks, self.model
 
         class Watch(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -163,14 +174,17 @@ class _ChannelOps:
                 x, name = (args[0] if args else None), getattr(func, "__name__", "")
                 if not (isinstance(x, torch.Tensor) and x.dim() in (3, 4) and stack):
                     return out
-                what = None
-                if name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and out.dim() >= 6:
+                if name == "group_norm" and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                    blocks[out.grad_fn] = (int(kwargs.get("num_groups", args[1] if len(args) > 1 else 1)),
+                                           f"the group_norm in {describe_module(model, stack[-1])}")
+                what = _ChannelOps.SHUFFLES.get(name)
+                if what is None and name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and out.dim() >= 6:
                     windows.setdefault("found", f"{describe_module(model, stack[-1])} reshapes feature maps into "
                                                 "windows or pixel blocks (as Swin, MaxViT, pixel unshuffle do)")
-                elif name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and x.dim() == 4 \
-                        and out.dim() > 4 and out.shape[1] * out.shape[2] == x.shape[1]:
+                elif what is None and name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and \
+                        x.dim() == 4 and out.dim() > 4 and out.shape[1] * out.shape[2] == x.shape[1]:
                     what = "reshapes the channels into groups (a channel shuffle)"
-                elif x.dim() == 4 and name in _ChannelOps.SPLITS and \
+                elif what is None and x.dim() == 4 and name in _ChannelOps.SPLITS and \
                         kwargs.get("dim", args[2] if len(args) > 2 else 0) in (1, -3):
                     what = "splits the channels into parts of fixed size"
                 for t in (out if isinstance(out, (tuple, list)) else [out]) if what else []:
@@ -182,26 +196,85 @@ class _ChannelOps:
             yield
 
 
-GROUPING_LIMIT_S = 300  # Torch-Pruning's grouping is quadratic in a group's size; some models never finish
+# Torch-Pruning's grouping is quadratic in a group's size: some models never finish, or fill the memory. Bounded in
+# CPU time (the same on a busy machine) and in the memory it adds (at most half of what is available when it starts).
+GROUPING_CPU_LIMIT_S = 300
+GROUPING_MEMORY_LIMIT = 4 * 2 ** 30  # resnet50 at 224 px grows it by 81 MiB
+_BOUND_CHECK_EVERY_S = 0.1  # of CPU time
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux /proc), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _available_bytes() -> int | None:
+    """Memory the system has available (Linux /proc/meminfo), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, StopIteration):
+        return None
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: int, message: str) -> Iterator[None]:
-    """SpaceError(message) if the block runs longer than `seconds` (main thread only; elsewhere no limit)."""
+def _grouping_bound(model: nn.Module) -> Iterator[None]:
+    """SpaceError, saying which bound, as soon as the block has used GROUPING_CPU_LIMIT_S of CPU time or grown the
+    process by more than its memory limit (checked every 0.1 s of CPU time; main thread only, elsewhere no bound)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    start_rss, start_cpu, available = _resident_bytes(), time.process_time(), _available_bytes()
+    limit = min(GROUPING_MEMORY_LIMIT, available // 2) if available is not None else GROUPING_MEMORY_LIMIT
+    what = f"Torch-Pruning's grouping of the channels of {type(model).__name__}"
 
-    def expire(signum, frame):
-        raise SpaceError(message)
+    def check(signum, frame):
+        rss = _resident_bytes()
+        if start_rss is not None and rss is not None and rss - start_rss > limit:
+            raise SpaceError(f"model: {what} grew the process by {(rss - start_rss) / 2 ** 30:.1f} GiB, over its "
+                             f"limit of {limit / 2 ** 30:.1f} GiB (its groups grow huge through slices or reshapes of "
+                             "the channels); prunetune cannot prune it")
+        if time.process_time() - start_cpu > GROUPING_CPU_LIMIT_S:
+            raise SpaceError(f"model: {what} did not finish within {GROUPING_CPU_LIMIT_S} s of CPU time (its groups "
+                             "grow huge through slices of the channels, as in RexNet); prunetune cannot prune it")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
+    previous = signal.signal(signal.SIGPROF, check)
+    signal.setitimer(signal.ITIMER_PROF, _BOUND_CHECK_EVERY_S, _BOUND_CHECK_EVERY_S)
     try:
         yield
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """SpaceError naming the first submodule wrapped in torch.compile: neither Torch-Pruning nor fvcore traces one."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # torch.compile imports it (seconds): if not, none exists
+    if dynamo is None:
+        return
+    name = next((n for n, m in model.named_modules() if isinstance(m, dynamo.OptimizedModule)), None)
+    if name is not None:
+        raise SpaceError(f"model: {describe_module(model, name)} is wrapped in torch.compile, which Torch-Pruning and "
+                         "fvcore cannot trace; build the model without torch.compile (compile the pruned model "
+                         "instead)")
+
+
+@contextlib.contextmanager
+def _out_of_place(model: nn.Module) -> Iterator[None]:
+    """Run in-place activations out of place: an in-place op on a view's output (an InstanceNorm's) hides the
+    layer from Torch-Pruning's trace. The result is the same."""
+    inplace = [m for m in model.modules() if getattr(m, "inplace", None) is True]
+    for m in inplace:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in inplace:
+            m.inplace = True
 
 
 def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[str]) -> Trace:
@@ -230,26 +303,55 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     hooks = [m.register_forward_hook(record) for m in model.modules() if is_stateless(m)]
     channel_ops = _ChannelOps(model)
     try:
-        with torch.enable_grad(), channel_ops.watching():
+        with torch.enable_grad(), channel_ops.watching(), _out_of_place(model):
             # a tuple: Torch-Pruning calls model(*example_inputs), which would split a bare batch into samples
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs,), verbose=False)
+    except SpaceError:
+        raise
     except Exception as e:
         hint = f"; {next(iter(channel_ops.found.values()))}" if channel_ops.found else ""
-        raise SpaceError(f"model: Torch-Pruning cannot trace the channel dependencies of this model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}") from None
+        raise SpaceError(f"model: Torch-Pruning cannot trace the channel dependencies of {type(model).__name__} "
+                         f"({error_line(e)}){hint}") from None
     finally:
         for h in hooks:
             h.remove()
     if channel_ops.windows:  # Torch-Pruning's index mappings grow without bound through window partitions
         raise SpaceError(f"model: {channel_ops.windows['found']}, which channel pruning cannot follow")
     ignored_modules = [model.get_submodule(n) for n in ignored]
-    with _time_limit(GROUPING_LIMIT_S, "model: Torch-Pruning did not finish grouping this model's channels within "
-                                       f"{GROUPING_LIMIT_S} s (its groups grow huge through slices of the channels, "
-                                       "as in RexNet); prunetune cannot prune it"):
+    roots: list[nn.Module] = []  # the layers whose groups Torch-Pruning built, the last to name if that fails
+    build_group = graph.get_pruning_group
+
+    def noted(module, *args, **kwargs):
+        roots.append(module)
+        return build_group(module, *args, **kwargs)
+
+    graph.get_pruning_group = noted
+    try:
         groups = [(g[0].dep.target.module, g) for g in graph.get_all_groups(ignored_layers=ignored_modules)]
+    except SpaceError:
+        raise
+    except Exception as e:
+        raise _grouping_failed(model, names.get(roots[-1]) if roots else None, e) from None
+    finally:
+        del graph.get_pruning_group
     groups = [(root, g) for root, g in groups if len(g[0].idxs) > 1]  # Torch-Pruning skips 1-channel groups
     axes = {u.parameters: u.pruning_dim for u in graph.unwrapped_parameters}
-    return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, aliases, channel_ops.found)
+    return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, aliases, channel_ops.found,
+                 channel_ops.blocks)
+
+
+def _grouping_failed(model: nn.Module, root: str | None, e: Exception) -> SpaceError:
+    """The one-line refusal for an error while grouping the channels (in Torch-Pruning's grouping, mostly), naming
+    the layer whose group it was building."""
+    where = f" at {describe_module(model, root)}" if root is not None else ""
+    return SpaceError(f"model: grouping the channels of {type(model).__name__} fails{where} ({error_line(e)}); "
+                      "prunetune cannot prune it")
+
+
+def error_line(e: Exception) -> str:
+    """`Type: first line of the message` (cut to 200 characters), for one-line refusals."""
+    text = str(e).splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class _Item(NamedTuple):
@@ -270,14 +372,18 @@ COUNTED_FUNCTIONAL = ("AdaptiveAvgPool2D", "MeanBackward", "BatchNorm", "GroupNo
                       "Addmm", "MmBackward", "Bmm")
 
 
-def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool]:
+def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool, dict[str, int]]:
     """(name, kind, role, axis) -> [(index, root index)] for every layer dimension the Torch-Pruning group items
-    reach, and whether they reach a functional op that fvcore counts."""
+    reach, whether they reach a functional op that fvcore counts, and the blocks of the functional group_norms they
+    reach (where -> group count)."""
     raw: dict[tuple, list] = {}
     counted = False
+    norm_blocks: dict[str, int] = {}
     for item in items:
         node = item.dep.target
         target = node.module
+        if node.grad_fn in trace.channel_ops:  # a channel shuffle (by reshape, or by a stateless module's op)
+            raise _Irregular(trace.channel_ops[node.grad_fn])
         if isinstance(target, nn.Parameter):
             key = (trace.param_names[target], PARAMETER, OUT, trace.param_axes.get(target, 0))
         elif target in trace.names:
@@ -291,13 +397,14 @@ def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool]:
             key = (name, kind.name, OUT if out else IN, 0)
         elif node.grad_fn in trace.owners:  # output of a stateless leaf module (pooling, activation)
             key = (trace.owners[node.grad_fn], OP, OUT, 0)
-        elif node.grad_fn in trace.channel_ops:
-            raise _Irregular(trace.channel_ops[node.grad_fn])
-        else:  # functional op (add, cat, view...): nothing to slice
+        else:  # functional op (add, cat, view, group_norm...): nothing to slice
+            if node.grad_fn in trace.norm_blocks:
+                groups, where = trace.norm_blocks[node.grad_fn]
+                norm_blocks[where] = groups
             counted = counted or any(op in type(node.grad_fn).__name__ for op in COUNTED_FUNCTIONAL)
             continue
         raw.setdefault(key, []).extend(zip(item.idxs, item.root_idxs))
-    return raw, counted
+    return raw, counted, norm_blocks
 
 
 def _items_per_root(trace: Trace, root: nn.Module, group) -> list:
@@ -369,13 +476,12 @@ def _members(items: dict[tuple, list], n_roots: int) -> tuple[list[Member], int]
 
 
 def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tuple[Group, bool]:
-    items, counted = _raw_items(trace, group)
+    items, counted, blocks = _raw_items(trace, group)
     try:
         members, n_units = _members(items, len(group[0].idxs))
     except _Irregular:  # maybe only Torch-Pruning's merge hid which root channels go together: look per root
         members, n_units = _members(_raw_items(trace, _items_per_root(trace, root, group))[0], len(group[0].idxs))
-    blocks = {}
-    for m in members:
+    for m in members:  # and the blocks of grouped convs and GroupNorm layers beside those of functional group_norms
         if m.kind not in (OP, PARAMETER):
             module = model.get_submodule(m.module)
             b = kind_of(module).blocks(module)
@@ -404,17 +510,22 @@ class Discovery:
 
 def discover_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[str]) -> Discovery:
     """The prunable channel groups of `model` (the classifier and `ignored` layers left out), in model order."""
-    trace = trace_groups(model, example_inputs, ignored)
-    position = {name: i for i, name in enumerate(trace.names.values())}
-    groups, rejected, functional = [], [], set()
-    for root, group in trace.groups:
-        try:
-            g, counted = _channel_group(model, trace, root, group)
-        except _Irregular as e:
-            rejected.append((trace.names[root], str(e)))
-            continue
-        groups.append(g)
-        if counted:
-            functional.add(g.name)
+    with _grouping_bound(model):
+        trace = trace_groups(model, example_inputs, ignored)
+        position = {name: i for i, name in enumerate(trace.names.values())}
+        groups, rejected, functional = [], [], set()
+        for root, group in trace.groups:
+            try:
+                g, counted = _channel_group(model, trace, root, group)
+            except _Irregular as e:
+                rejected.append((trace.names[root], str(e)))
+                continue
+            except SpaceError:
+                raise
+            except Exception as e:  # inside Torch-Pruning, looking at the group root channel by root channel
+                raise _grouping_failed(model, trace.names[root], e) from None
+            groups.append(g)
+            if counted:
+                functional.add(g.name)
     groups.sort(key=lambda g: position.get(g.name, 0))  # model order, input to output
     return Discovery(groups, trace.channels, trace.aliases, rejected, functional)

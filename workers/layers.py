@@ -120,5 +120,8 @@ def kind_of(module: nn.Module) -> LayerKind | None:
 
 
 def is_stateless(module: nn.Module) -> bool:
-    """A leaf module with no parameters (pooling, activation, dropout): it follows its input's channels."""
-    return not list(module.children()) and not list(module.parameters(recurse=False))
+    """A leaf module with nothing per channel: no parameters (pooling, activation, dropout), or PReLU's one shared
+    slope (nothing to slice; the slope is a fixed parameter). It follows its input's channels."""
+    if list(module.children()):
+        return False
+    return not list(module.parameters(recurse=False)) or isinstance(module, nn.PReLU) and module.num_parameters == 1

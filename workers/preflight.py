@@ -1,26 +1,36 @@
 """The preflight: before anything expensive, prove that the space models what the pruner really does.
 
-It prunes the model (its architecture; weights do not matter) with the most pruned strategy and the first
-strategy the search will try, runs each pruned network forward, checks that the output width is the data's
-class count, and compares the space's FLOPs and params with fvcore's count on the pruned network. Groups that
-break any of these (found by pruning one group at a time), or that discovery could not model exactly, are left
-out with a warning when they share one cause (one layer); with more causes the model is refused in one line that
-names them and the `model.ignored_layers` that would skip them.
+It prunes the model (its architecture, on a copy whose constant parameters are perturbed so no channel is silent)
+with the most pruned strategy, the first strategy the search will try, and the least pruned one (one step from
+every group: a count the graph does not show, such as a functional group_norm's or a channel shuffle's group
+count, fails there), runs each pruned network forward, checks that the output width is the data's class count,
+compares the space's FLOPs and params with fvcore's count on the pruned network, and checks its function: on a
+random input it must compute what the base computes with the removed channels zeroed at the input of every conv
+and linear layer (cross-channel statistics of layer_norm, group_norm and rms_norm, which legitimately change with
+the channel count, are reduced to their affine part in both). That catches a pruned network that keeps the wrong
+channels, as after a channel permutation (torch.roll, flip, an index) that Torch-Pruning maps channel i to i
+through. Groups that break any of these (found by pruning one group at a time), or that discovery could not model
+exactly, are left out with a warning when they share one cause (one layer); with more causes the model is refused
+in one line that names them and the `model.ignored_layers` that would skip them.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .groups import SpaceError, describe_module, module_stack
-from .prune import PrunePlan
+from .groups import IN, SpaceError, describe_module, error_line, module_stack, refuse_compiled
+from .prune import PrunePlan, clone_module
 from .space import PruningSpace, count_flops
 
 _TOLERANCE = 1e-9  # relative, above one FLOP: the analytic count is exact up to float rounding
+# Relative to the output's largest magnitude: float32 rounding stays near 1e-6 there, a wrong channel is ~1e-2.
+FUNCTIONAL_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -31,13 +41,20 @@ class Verdict:
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (group, reason), left out with a warning
     checked: list[tuple[str, int, int]] = field(default_factory=list)  # (strategy, FLOPs, params), all exact
     counted_by: str = "fvcore's count"  # what the space's figures were checked against
+    functional: bool = False  # whether the pruned networks' function was checked too
 
     def describe(self) -> str:
         """Lines for `prunetune inspect`: what was checked, and what was left out."""
         lines = [f"preflight: {name}: FLOPs {flops:,} and params {params:,} equal {self.counted_by} on the pruned "
-                 "network; it runs and has the right output width" for name, flops, params in self.checked]
+                 f"network; {self._what_holds()}" for name, flops, params in self.checked]
         lines += [f"preflight: warning: left the group of {name} out ({reason})" for name, reason in self.left_out]
         return "\n".join(lines)
+
+    def _what_holds(self) -> str:
+        if self.functional:
+            return ("it runs, has the right output width and computes what the base computes without the removed "
+                    "channels")
+        return "it runs and has the right output width"
 
 
 def output_width(model: nn.Module, example_inputs: torch.Tensor) -> int:
@@ -77,7 +94,81 @@ def within_tolerance(predicted: float, counted: float) -> bool:
     return abs(predicted - counted) <= max(1.0, _TOLERANCE * counted)
 
 
-def _problem(model: nn.Module, plan: PrunePlan, ratios, example_inputs: torch.Tensor, width: int) -> str | None:
+@contextlib.contextmanager
+def _without_statistics() -> Iterator[None]:
+    """layer_norm, group_norm and rms_norm reduced to their affine part (their statistics span the channels, so
+    they change with the channel count however right the pruning is); every other op as it is."""
+    from torch.overrides import TorchFunctionMode
+
+    normalisations = {F.layer_norm: True, F.group_norm: True}  # -> whether it takes a bias
+    if hasattr(F, "rms_norm"):
+        normalisations[F.rms_norm] = False
+
+    class Affine(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func not in normalisations:
+                return func(*args, **kwargs)
+            x = args[0]
+            weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
+            bias = kwargs.get("bias", args[3] if len(args) > 3 else None) if normalisations[func] else None
+            shape = (-1,) + (1,) * (x.dim() - 2) if func is F.group_norm else None  # the others: trailing dims
+            x = x * (weight if shape is None else weight.view(shape)) if weight is not None else x
+            return x + (bias if shape is None else bias.view(shape)) if bias is not None else x
+
+    with Affine():
+        yield
+
+
+@contextlib.contextmanager
+def _inputs_zeroed(plan: PrunePlan, keep: dict[tuple[str, str], np.ndarray]) -> Iterator[None]:
+    """Zero, at the input of every conv and linear layer of the plan's model, the channels `keep` removes there."""
+    hooks = []
+    for (name, role), kept in keep.items():
+        dim = plan.dims[(name, role)]
+        if role != IN or dim.layer is None:
+            continue
+        mask = torch.zeros(dim.size)
+        mask[torch.from_numpy(kept)] = 1.0
+
+        def zero(module, args, mask=mask, last=dim.layer.name == "linear"):
+            x = args[0]
+            mask = mask.to(x)
+            return (x * (mask if last else mask.view((-1,) + (1,) * (x.dim() - 2))),) + tuple(args[1:])
+
+        hooks.append(plan.modules[name].register_forward_pre_hook(zero))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def functional_gap(plan: PrunePlan, ratios, pruned: nn.Module, inputs: torch.Tensor) -> float:
+    """Largest difference between the pruned network's output and the base's with the removed channels zeroed at
+    every conv and linear input, relative to the largest output (0 where the base's output is not finite)."""
+    with torch.no_grad(), _without_statistics():
+        got = pruned.eval()(inputs)
+        with _inputs_zeroed(plan, plan.keep_indices(ratios)):
+            want = plan.model.eval()(inputs)
+    if not torch.isfinite(want).all():
+        return 0.0
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def probe_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of `model` in eval mode whose constant parameters (a BatchNorm's ones and zeros, a zero-initialised
+    scale) get small random offsets, so that no channel is silent and every channel differs."""
+    probe = clone_module(model, {}).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in probe.parameters():
+            if p.is_floating_point() and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
+    return probe
+
+
+def _problem(plan: PrunePlan, ratios, example_inputs: torch.Tensor, inputs: torch.Tensor, width: int) -> str | None:
     """Why the network pruned by `ratios` is not what the space says, or None if it is."""
     pruned = plan.apply(ratios).eval()
     with module_stack(pruned) as stack:
@@ -94,24 +185,32 @@ def _problem(model: nn.Module, plan: PrunePlan, ratios, example_inputs: torch.Te
     for what, model_value, real in (("FLOPs", space.flops(ratios), flops), ("params", space.params(ratios), params)):
         if not within_tolerance(model_value, real):
             return f"{what} {model_value:,} by the space, {real:,} by fvcore on the pruned network"
+    gap = functional_gap(plan, ratios, pruned, inputs)
+    if not gap <= FUNCTIONAL_TOLERANCE:
+        return (f"the pruned network computes something other than the base without the removed channels (off by "
+                f"{gap:.1e} of the output; the channels are permuted on the way, or mixed)")
     return None
 
 
 def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, width: int,
            strategies: dict[str, np.ndarray]) -> tuple[list[tuple[str, str]], list[tuple[str, int, int]]]:
-    """(culprit groups, checked strategies): groups that break a strategy, each found by pruning it alone."""
-    plan = PrunePlan(model, space, order=[np.arange(g.units // g.blocks) for g in space.groups])
-    failures = {name: _problem(model, plan, r, example_inputs, width) for name, r in strategies.items()}
+    """(culprit groups, checked strategies): groups that break a strategy, each found by pruning it alone with its
+    ratios in the strategies that fail."""
+    plan = PrunePlan(probe_copy(model), space, order=[np.arange(g.units // g.blocks) for g in space.groups])
+    inputs = torch.randn(example_inputs.shape, generator=torch.Generator().manual_seed(0)).to(example_inputs)
+    failures = {name: _problem(plan, r, example_inputs, inputs, width) for name, r in strategies.items()}
     if not any(failures.values()):
         return [], [(name, space.flops(r), space.params(r)) for name, r in strategies.items()]
-    extreme = next(iter(strategies.values()))
+    failing = [strategies[name] for name, problem in failures.items() if problem]
     culprits = []
     for gi, g in enumerate(space.groups):
-        alone = np.zeros(len(space.groups))
-        alone[gi] = extreme[gi]
-        problem = _problem(model, plan, alone, example_inputs, width)
-        if problem:
-            culprits.append((g.name, problem))
+        for ratios in failing:
+            alone = np.zeros(len(space.groups))
+            alone[gi] = ratios[gi]
+            problem = _problem(plan, alone, example_inputs, inputs, width) if ratios[gi] > 0 else None
+            if problem:
+                culprits.append((g.name, problem))
+                break
     if not culprits:
         name, problem = next((n, p) for n, p in failures.items() if p)
         raise SpaceError(f"model: the {name} strategy is not modelled exactly ({problem}), although every group "
@@ -122,20 +221,22 @@ def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, 
 def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
               first: Callable[[PruningSpace], list[float]], round_to: int = 1,
               ignored_layers: list[str] | None = None) -> Verdict:
-    """Build the channel space of `model` and prove it exact on the extreme and the first strategy (SpaceError if
-    not).
+    """Build the channel space of `model` and prove it exact, in counts and function, on the most pruned, the first
+    and the least pruned strategy (SpaceError if not; any other error while building it becomes one too).
 
     `first(space)` is the first strategy the search will evaluate in that space.
     """
+    refuse_compiled(model)
     width = check_width(model, example_inputs, num_classes)
     ignored, left_out = list(ignored_layers or []), []
     while True:  # at most twice: once more after leaving out the groups of a single cause
-        space = PruningSpace.from_model(model, example_inputs, round_to, ignored)
+        space = as_refusal(model, PruningSpace.from_model, model, example_inputs, round_to, ignored)
         found = space.rejected  # groups discovery could not model: no strategy needed to know
         if not found:
-            found, checked = _check(model, space, example_inputs, width, strategies_to_prove(space, max_ratio, first))
+            strategies = {**strategies_to_prove(space, max_ratio, first), "least pruned": space.least_pruned()}
+            found, checked = as_refusal(model, _check, model, space, example_inputs, width, strategies)
             if not found:
-                return Verdict(space, left_out, checked)
+                return Verdict(space, left_out, checked, functional=True)
         causes = list(dict.fromkeys(reason for _, reason in left_out + found))
         if left_out or len(causes) > 1:
             names = list(dict.fromkeys(name for name, _ in left_out + found))
@@ -144,3 +245,14 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
                              f"{more}); to prune the rest, set model.ignored_layers=[{','.join(ignored + names)}]")
         left_out = found
         ignored += [name for name, _ in found]
+
+
+def as_refusal(model: nn.Module, step: Callable, *args):
+    """step(*args), where any error but a SpaceError (which names its layer) becomes a SpaceError naming the model."""
+    try:
+        return step(*args)
+    except SpaceError:
+        raise
+    except Exception as e:
+        raise SpaceError(f"model: building the pruning space of {type(model).__name__} fails ({error_line(e)}); "
+                         "prunetune cannot prune it") from None

@@ -16,22 +16,28 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .groups import OP, PARAMETER, Group, Discovery, SpaceError, dim_size, discover_groups, find_classifier
+from .groups import (OP, PARAMETER, Group, Discovery, SpaceError, describe_module, dim_size, discover_groups,
+                     error_line, find_classifier, module_stack)
 from .layers import OUT, is_stateless, kind_of
 from .prune import PrunePlan
 
 
 def count_flops(model: nn.Module, example_inputs: torch.Tensor):
-    """fvcore's FlopCountAnalysis of `model` in eval mode (warnings off); `.total()`, `.by_module()`."""
+    """fvcore's FlopCountAnalysis of `model` in eval mode (warnings off); `.total()`, `.by_module()`. SpaceError
+    naming the module where fvcore's trace fails, if it does."""
     from fvcore.nn import FlopCountAnalysis
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), module_stack(model) as stack:
             fca = FlopCountAnalysis(model, example_inputs)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             fca.total()  # runs the trace now, in eval mode
+    except Exception as e:
+        where = describe_module(model, stack[-1] if stack else "")
+        raise SpaceError(f"model: fvcore cannot count the FLOPs of {type(model).__name__}: its trace fails in {where} "
+                         f"({error_line(e)})") from None
     finally:
         model.train(was_training)
     return fca
@@ -150,6 +156,10 @@ class PruningSpace:
             i = int(bad[0])
             raise SpaceError(f"strategy: ratio {r[i]} for group {i} ({self.groups[i].name}) is outside [0, 1)")
         return r
+
+    def least_pruned(self) -> np.ndarray:
+        """The strategy that removes the fewest units a pruned group can lose: one step (round_to, blocks) each."""
+        return np.clip(0.5 * self._steps / self._units, 0.0, None)
 
     def kept_units(self, ratios) -> list[int]:
         """Units (channels, weights, stripes) each group keeps under the strategy."""

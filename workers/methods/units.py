@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from ..criteria import CRITERIA
-from ..groups import Group, SpaceError, find_classifier
-from ..preflight import Verdict, check_width, output_width, strategies_to_prove, within_tolerance
+from ..groups import Group, SpaceError, find_classifier, refuse_compiled
+from ..preflight import Verdict, as_refusal, check_width, output_width, strategies_to_prove, within_tolerance
 from ..prune import clone_module
 from ..space import PruningSpace, count_flops, own_flops
 from .protocol import PruningMethod, criterion_misuse
@@ -98,8 +98,9 @@ def prove(method: PruningMethod, model: nn.Module, example_inputs: torch.Tensor,
     """The preflight of a method whose every unit prunes alike: build its space, then on the most pruned and the
     first strategy the pruned network runs with the right output width, and `count(pruned, example_inputs)`
     (FLOPs, params) equals the space's."""
+    refuse_compiled(model)
     check_width(model, example_inputs, num_classes)
-    space = method.space(model, example_inputs, round_to, ignored_layers)
+    space = as_refusal(model, method.space, model, example_inputs, round_to, ignored_layers)
     plan = method.plan(model, space)
     checked = []
     for name, ratios in strategies_to_prove(space, max_ratio, first).items():
