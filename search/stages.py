@@ -79,7 +79,8 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from .tune_search import FailureStopper, StoreCallback, StrategySearcher, TopKScheduler, leaderboard_path
+    from .tune_search import (CandidateTimeouts, FailureStopper, StoreCallback, StrategySearcher, TopKScheduler,
+                              leaderboard_path)
 
     cfg = prep.cfg
     s = cfg.search
@@ -102,7 +103,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
         run_config=tune.RunConfig(
             name="search", storage_path=run.tune_path, verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[callback],
+            callbacks=[callback, CandidateTimeouts(s.candidate_timeout_s, callback)],
             stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))))
     try:
         tuner.fit()
@@ -114,7 +115,23 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     verdict = failure_verdict(records, cfg)
     if verdict:
         raise SearchFailed(verdict)
+    unfinished = unfinished_search(records, cfg, run)
+    if unfinished:
+        print(f"[search] {unfinished}; the best so far are fine-tuned", flush=True)
     return records
+
+
+def unfinished_search(records: list[CandidateRecord], cfg: Config, run: RunDir) -> str | None:
+    """None when every candidate 0..num_candidates-1 is stored (ok or failed): only then is the search complete.
+    Otherwise (the time budget ended it) what is missing and how to continue it."""
+    n = cfg.search.num_candidates
+    stored = len({r.index for r in records} & set(range(n)))
+    if stored == n:
+        return None
+    why = f"on its time budget (search.time_budget_s={cfg.search.time_budget_s:g})" if cfg.search.time_budget_s \
+        else "early"
+    return (f"search stopped {why} with {stored}/{n} candidates; the run is not complete: `prunetune resume "
+            f"{run.path}` evaluates the other {n - stored}")
 
 
 def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restore: bool):
@@ -125,7 +142,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .tune_search import FinetuneProgress
+    from .tune_search import EpochTimeouts, FinetuneProgress
 
     cfg = prep.cfg
     f = cfg.finetune
@@ -136,6 +153,11 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     if restore and tune.Tuner.can_restore(path):
         print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # Tuner.restore runs the callbacks pickled when the stage started and takes no run config: the restored
+        # tuner's own run config gets this resume's epoch timeout (finetune.epoch_timeout_s may change on resume).
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = [c for c in run_config.callbacks or [] if not isinstance(c, EpochTimeouts)] + \
+            [EpochTimeouts(f.epoch_timeout_s)]
     else:
         shutil.rmtree(path, ignore_errors=True)
         scheduler = (ASHAScheduler(time_attr="epoch", metric="val_accuracy", mode="max", max_t=f.epochs,
@@ -148,6 +170,6 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
             run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      callbacks=[FinetuneProgress()]))
+                                      callbacks=[FinetuneProgress(), EpochTimeouts(f.epoch_timeout_s)]))
     print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler})", flush=True)
     return tuner.fit()
