@@ -301,7 +301,8 @@ class StoreCallback(Callback):
         candidate = self.searcher.time_out(trial.trial_id)
         if candidate is None:
             return
-        record = CandidateRecord.failed(candidate["index"], candidate["ratios"], f"timed out after {limit_s:.3g} s")
+        message = f"timed out after {seconds(limit_s)} s"
+        record = CandidateRecord.failed(candidate["index"], candidate["ratios"], message)
         record.trial_id, record.source = trial.trial_id, candidate["source"]
         self._record(record)
         print(f"[search] candidate {record.index}: {record.error} ({key}); stored as failed, its worker is replaced",
@@ -353,6 +354,11 @@ class FailureStopper(Stopper):
 TIMEOUT_FACTOR, TIMEOUT_FLOOR_S, TIMED_WINDOW = 10, 60.0, 1000
 
 
+def seconds(value: float) -> str:
+    """Seconds as a message shows them: 20, 73.4, 1234.5."""
+    return f"{round(value, 1):g}"
+
+
 def replace_worker(trial) -> None:
     """Kill a hung trial's worker process (a stopped or deadlocked worker answers no graceful stop; Ray kills it
     by force) and let Tune end the trial as errored without retrying it: the next trial gets a fresh worker."""
@@ -378,7 +384,7 @@ class Timeouts(Callback):
 
     def setup(self, **info) -> None:
         """Called by Tune when the experiment (or its restore) starts."""
-        self.since: dict[str, float] = {}  # running trial id -> when it last reported, or started
+        self.running: dict[str, tuple] = {}  # trial id -> (the trial, when it last reported or started)
         self.timed: deque = deque(maxlen=TIMED_WINDOW)  # seconds between a trial's results (or start and result)
         self.derived: float | None = None
 
@@ -387,18 +393,18 @@ class Timeouts(Callback):
         return self.fixed_s if self.fixed_s is not None else self.derived
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.since[trial.trial_id] = self.clock()
+        self.running[trial.trial_id] = (trial, self.clock())
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if trial.trial_id not in self.since:  # a trial already stopped
+        if trial.trial_id not in self.running:  # a trial already stopped
             return
         now = self.clock()
-        self.timed.append(now - self.since[trial.trial_id])
-        self.since[trial.trial_id] = now
+        self.timed.append(now - self.running[trial.trial_id][1])
+        self.running[trial.trial_id] = (trial, now)
         self.derived = max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * statistics.median(self.timed))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.since.pop(trial.trial_id, None)
+        self.running.pop(trial.trial_id, None)
 
     on_trial_error = on_trial_recover = on_trial_complete
 
@@ -406,10 +412,9 @@ class Timeouts(Callback):
         limit, now = self.limit(), self.clock()
         if limit is None:
             return
-        for trial in trials:
-            since = self.since.get(trial.trial_id)
-            if since is not None and trial.status == "RUNNING" and now - since > limit:
-                del self.since[trial.trial_id]
+        for trial, since in list(self.running.values()):
+            if trial.status == "RUNNING" and now - since > limit:
+                del self.running[trial.trial_id]
                 self.on_timeout(trial, limit)
                 self.stop(trial)
 
@@ -440,7 +445,7 @@ class EpochTimeouts(Timeouts):
     def on_timeout(self, trial, limit_s: float) -> None:
         epoch = (trial.last_result or {}).get("epoch")
         kept = f"its epoch {epoch} model is kept" if epoch else "it has no finished epoch"
-        print(f"[finetune] finalist {trial.config.get('rank')}: no epoch finished within {limit_s:.3g} s "
+        print(f"[finetune] finalist {trial.config.get('rank')}: no epoch finished within {seconds(limit_s)} s "
               f"({self.key}); stopped, {kept}", file=sys.stdout, flush=True)
 
 

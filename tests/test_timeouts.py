@@ -150,15 +150,15 @@ def test_a_finalist_whose_epoch_hangs_is_stopped_with_its_last_epoch_and_the_oth
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_search_its_time_budget_ended_early_is_not_complete_and_resume_completes_it(tmp_path, capsys):
-    # 24 candidates of at least 1 s each on 2 trials need 12 s or more: a 10 s budget (from Tune's start) ends it
+    # 24 candidates of at least 2 s each on 2 trials need 24 s or more: a 20 s budget (from Tune's start) ends it
     run = tmp_path / "run"
-    with embedded_ray(delay_s=1.0):
-        code = main(run_args(tmp_path, "search.time_budget_s=10", "search.batch_size=2", candidates=24))
+    with embedded_ray(delay_s=2.0):
+        code = main(run_args(tmp_path, "search.time_budget_s=20", "search.batch_size=2", candidates=24))
         stored = len(CandidateStore(str(run)).indices())
         out, err = capsys.readouterr()
         assert 0 < stored < 24 and code == 0 or stored == 0 and code == 1  # 0: a machine too busy for one candidate
         if stored:  # the usual case: the best so far are fine-tuned, and the run says it is not complete
-            assert (f"search stopped on its time budget (search.time_budget_s=10) with {stored}/24 candidates; the "
+            assert (f"search stopped on its time budget (search.time_budget_s=20) with {stored}/24 candidates; the "
                     f"run is not complete: `prunetune resume {run}` evaluates the other {24 - stored}") in err
             assert (run / "final" / "summary.json").exists()
         assert json.load(open(run / "manifest.json"))["stage"] == "search"
