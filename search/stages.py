@@ -148,11 +148,14 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     f = cfg.finetune
     tune_settings()
     trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg)
+    finalists = {"rank": tune.grid_search(list(range(1, len(top) + 1)))}
     path = os.path.join(run.tune_path, "finetune")
     run.record(path)
     if restore and tune.Tuner.can_restore(path):
         print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # param_space again: a state file torn by a SIGKILL makes Tune restart the experiment from it
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=finalists)
         # Tuner.restore runs the callbacks pickled when the stage started and takes no run config: the restored
         # tuner's own run config gets this resume's epoch timeout (finetune.epoch_timeout_s may change on resume).
         run_config = tuner._local_tuner.get_run_config()
@@ -164,7 +167,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
                                    grace_period=min(f.grace_epochs, f.epochs), reduction_factor=3)
                      if f.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
-            trainable, param_space={"rank": tune.grid_search(list(range(1, len(top) + 1)))},
+            trainable, param_space=finalists,
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials,
                                         reuse_actors=True, trial_dirname_creator=_finalist_dirname),
             run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,

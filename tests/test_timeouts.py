@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
@@ -30,12 +31,17 @@ def embedded_ray(**faults):
         ray.shutdown()
 
 
+def _start(args: list[str], **faults) -> subprocess.Popen:
+    """`prunetune ARGS` in its own process group (with its own Ray) whose workers get `faults`."""
+    env = {**os.environ, **{f"PRUNETUNE_TEST_{k.upper()}": str(v) for k, v in faults.items()}}
+    return subprocess.Popen([sys.executable, "-m", "tests.faults", "0", *args], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def _prunetune(args: list[str], **faults) -> tuple[int, str]:
     """`prunetune ARGS` in its own process (and Ray) whose workers get `faults`: its exit code and output. A run
     still going after 10 minutes hangs: it is killed (its Ray with it) and the test fails."""
-    env = {**os.environ, **{f"PRUNETUNE_TEST_{k.upper()}": str(v) for k, v in faults.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.faults", "0", *args], env=env, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start(args, **faults)
     try:
         out = proc.communicate(timeout=600)[0]
     except subprocess.TimeoutExpired:
@@ -145,6 +151,30 @@ def test_a_finalist_whose_epoch_hangs_is_stopped_with_its_last_epoch_and_the_oth
     assert "no epoch finished within 20 s (finetune.epoch_timeout_s); stopped, its epoch 1 model is kept" in out
     summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
     assert sorted(final["epochs"] for final in summary["final"]) == [1, 2]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_fine_tuning_stage_resumed_with_a_new_epoch_timeout_applies_it(tmp_path):
+    # the driver is killed once a finalist has checkpointed an epoch; the resume restores Tune's fine-tuning
+    # experiment (its callbacks as pickled when it started, with no epoch limit) under a 20 s limit given to resume
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "tune" / "finetune"
+    proc = _start(run_args(tmp_path, top_k=2, epochs=3), delay_s=1.0)
+    try:
+        deadline = time.time() + 300
+        while not (checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*"))):
+            assert time.time() < deadline and proc.poll() is None, "no fine-tuning checkpoint"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    code, out = _prunetune(["resume", str(run), "--set", "finetune.epoch_timeout_s=20"], hang_epoch=3,
+                           markers=tmp_path)
+    assert code == 0, out[-3000:]
+    assert "[finetune] restoring the Tune experiment" in out and (tmp_path / "hung-epoch-3").exists()
+    assert "no epoch finished within 20 s (finetune.epoch_timeout_s); stopped, its epoch 2 model is kept" in out
+    summary = json.load(open(run / "final" / "summary.json"))
+    assert sorted(final["epochs"] for final in summary["final"]) == [2, 3]
 
 
 @pytest.mark.ray
