@@ -95,6 +95,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
                                 CandidateStore(run.path), s.batch_size, s.max_concurrent_trials,
                                 retry_lost=s.max_failures > 0)
     callback = StoreCallback(run.path, s.num_candidates, searcher)
+    stopper = FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))
     tuner = tune.Tuner(
         _trainable(evaluate_candidates, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(
@@ -103,8 +104,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
         run_config=tune.RunConfig(
             name="search", storage_path=run.tune_path, verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[callback, CandidateTimeouts(s.candidate_timeout_s, callback)],
-            stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))))
+            callbacks=[callback, CandidateTimeouts(s.candidate_timeout_s, callback, stopper)], stop=stopper))
     try:
         tuner.fit()
     finally:

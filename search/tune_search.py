@@ -295,18 +295,19 @@ class StoreCallback(Callback):
             record.trial_id = trial.trial_id
             self._record(record)
 
-    def time_out(self, trial, limit_s: float, key: str) -> None:
+    def time_out(self, trial, limit_s: float, key: str) -> CandidateRecord | None:
         """A trial has reported nothing for `limit_s`: store the candidate it hangs on as failed (its trial is
-        then stopped and the rest of its batch handed out again)."""
+        then stopped and the rest of its batch handed out again); that record, or None if it had no candidate left."""
         candidate = self.searcher.time_out(trial.trial_id)
         if candidate is None:
-            return
+            return None
         message = f"timed out after {seconds(limit_s)} s"
         record = CandidateRecord.failed(candidate["index"], candidate["ratios"], message)
         record.trial_id, record.source = trial.trial_id, candidate["source"]
         self._record(record)
         print(f"[search] candidate {record.index}: {record.error} ({key}); stored as failed, its worker is replaced",
               file=sys.stdout, flush=True)
+        return record
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         """The candidates of the errored trial's batch it had not reported (neither stored nor waiting to be):
@@ -425,14 +426,17 @@ class Timeouts(Callback):
 
 class CandidateTimeouts(Timeouts):
     """search.candidate_timeout_s: the candidate a hung trial is on is stored as failed (`timed out after N s`),
-    its worker is replaced, and the rest of its batch is handed out again."""
+    its worker is replaced, and the rest of its batch is handed out again. The failure counts for the
+    FailureStopper, so a search whose every candidate hangs (a dead GPU) stops like one whose candidates fail."""
 
-    def __init__(self, fixed_s: float | None, store: StoreCallback, **kwargs):
+    def __init__(self, fixed_s: float | None, store: StoreCallback, stopper: FailureStopper, **kwargs):
         super().__init__("search.candidate_timeout_s", fixed_s, **kwargs)
-        self.store = store
+        self.store, self.stopper = store, stopper
 
     def on_timeout(self, trial, limit_s: float) -> None:
-        self.store.time_out(trial, limit_s, self.key)
+        record = self.store.time_out(trial, limit_s, self.key)
+        if record is not None:
+            self.stopper(trial.trial_id, record.to_dict())
 
 
 class EpochTimeouts(Timeouts):

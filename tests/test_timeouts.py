@@ -14,8 +14,9 @@ import ray
 
 from prunetune.search.cli import main
 from prunetune.search.config import load_config, resumable
+from prunetune.search.rundir import RunDir
 from prunetune.search.store import CandidateStore
-from prunetune.search.tune_search import StrategySearcher, Timeouts
+from prunetune.search.tune_search import CandidateTimeouts, FailureStopper, StoreCallback, StrategySearcher, Timeouts
 from prunetune.workers.record import CandidateRecord
 from tests.faults import ROOT, worker_faults
 from tests.runs import run_args
@@ -116,6 +117,24 @@ def test_a_timed_out_trial_gives_its_hung_candidate_and_hands_out_the_rest_of_it
     searcher.on_trial_complete("a", error=True)
     assert [searcher.handing_out_again(i) for i in range(4)] == [False, False, True, True]
     assert [c["index"] for c in searcher.suggest("b")["candidates"]] == [2, 3]
+
+
+def test_a_hung_candidate_is_stored_failed_and_counts_as_a_failure_for_stopping_the_search(tmp_path):
+    RunDir(str(tmp_path)).create(load_config(None), overwrite=False)
+    searcher = StrategySearcher(_Numbered(), "numbered", [], 2, CandidateStore(str(tmp_path)), concurrency=2)
+    store, stopper, clock = StoreCallback(str(tmp_path), 2, searcher), FailureStopper(0.5, 2), [0.0]
+    stopped = []
+    timeouts = CandidateTimeouts(5.0, store, stopper, stop=stopped.append, clock=lambda: clock[0])
+    trials = [SimpleNamespace(trial_id=t, status="RUNNING", config=searcher.suggest(t)) for t in "ab"]
+    for trial in trials:
+        timeouts.on_trial_start(0, trials, trial)
+    clock[0] = 6.0
+    timeouts.on_step_end(0, trials)  # both hang: each one's candidate is stored failed, each worker replaced
+    store.flush()
+    records = CandidateStore(str(tmp_path)).records()
+    assert [(r.index, r.status, r.error) for r in records] == [(0, "failed", "timed out after 5 s"),
+                                                              (1, "failed", "timed out after 5 s")]
+    assert stopped == trials and stopper.stop_all()  # 2 of 2 failed: the search stops as with failing candidates
 
 
 def test_the_timeouts_are_auto_by_default_and_may_change_on_resume():
