@@ -16,7 +16,7 @@ from .algorithms import ALGORITHMS
 from .config_file import Choice, ConfigError, Section, parse_override, read_config, validate  # noqa: F401 (API)
 
 
-def _auto(value):
+def _auto(value: object) -> object:
     """A timeout's `auto` is its default, none: a limit derived from what was already timed (tune_search.Timeouts)."""
     return None if isinstance(value, str) and value.strip().lower() == "auto" else value
 
