@@ -5,7 +5,7 @@ import os
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from prunetune.workers.criteria import CRITERIA
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
@@ -15,6 +15,14 @@ from prunetune.workers.methods import METHODS, misuse
 from .algorithms import ALGORITHMS
 from .config_file import (Choice, ConfigError, ExpandedPath, Section, parse_override, read_config,  # noqa: F401 (API)
                           validate)
+
+
+def _auto(value: object) -> object:
+    """A timeout's `auto` is its default, none: a limit derived from what was already timed (tune_search.Timeouts)."""
+    return None if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+
+Timeout = Annotated[float | None, BeforeValidator(_auto)]  # seconds; none or auto: derived
 
 
 class ModelConfig(Section):
@@ -60,6 +68,8 @@ class SearchConfig(Section):
     time_budget_s: float | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=0)
     max_failed_fraction: float = Field(0.5, gt=0, le=1)
+    # a candidate still running after this is stored as failed and its worker replaced; none or auto: derived
+    candidate_timeout_s: Timeout = Field(None, gt=0)
 
 
 class EvaluationConfig(Section):
@@ -90,6 +100,8 @@ class FinetuneConfig(Section):
     scheduler: Annotated[str, Choice(("asha", "fifo"))] = "asha"
     grace_epochs: int = Field(1, ge=1)
     seed: int = Field(0, ge=0)
+    # a finalist whose epoch runs longer than this is stopped (its last epoch kept); none or auto: derived
+    epoch_timeout_s: Timeout = Field(None, gt=0)
 
 
 class LatencyConfig(Section):
@@ -143,7 +155,8 @@ RENAMED = {"search.flops_target": "search.target (with search.constraint: flops,
            "resources.wait_for_gpus": "resources.autoscaling"}
 # What `resume --set` may change: how the run is scheduled, never what it computes (rundir.config_hash covers every
 # other key, output.* aside: where the run lives, which a resume does not move either).
-RESUMABLE = ("ray", "resources", "search.time_budget_s", "search.max_failures", "search.max_concurrent_trials")
+RESUMABLE = ("ray", "resources", "search.time_budget_s", "search.max_failures", "search.max_concurrent_trials",
+             "search.candidate_timeout_s", "finetune.epoch_timeout_s")
 
 
 def resumable(key: str) -> bool:

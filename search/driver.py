@@ -12,9 +12,9 @@ from prunetune.workers.record import best
 
 from .cluster import check_resources, connect
 from .finalize import finalize
-from .prepare import LATENCY_TABLE, Checked, Prepared, ensure_base
+from .prepare import LATENCY_TABLE, Checked, Prepared, ensure_base, warn
 from .rundir import RunDir
-from .stages import run_finetune, run_search
+from .stages import run_finetune, run_search, unfinished_search
 from .store import CandidateStore
 
 
@@ -47,17 +47,22 @@ def execute(prep: Prepared, run: RunDir, restore: bool) -> dict:
     """Run (or continue) both stages as the manifest says, then write the final models and report.
 
     When resuming, a stored result part the manifest lists but the disk no longer holds intact sends the run
-    back to the search stage: its candidates are evaluated again and the finalists are chosen anew.
+    back to the search stage: its candidates are evaluated again and the finalists are chosen anew. A search that
+    the time budget ended before every candidate was stored has its best so far fine-tuned, but the run stays in
+    stage search (never done), so resume continues it.
     """
     store = CandidateStore(run.path)
     manifest = run.manifest()
     lost = store.verify(manifest.get("candidates", {})) if restore else []
     if manifest.get("stage", "search") == "search" or lost:
         run_search(prep, run)
-        run.update(stage="finetune", candidates=store.manifest())
         restore = False  # the fine-tuning stage starts afresh
     records = store.records()
+    unfinished = unfinished_search(records, prep.cfg, run)  # the time budget ended it: it stays in stage search
+    run.update(stage="search" if unfinished else "finetune", candidates=store.manifest())
     top = best(records, prep.cfg.search.top_k)
     summary = finalize(prep, run, top, run_finetune(prep, run, top, restore), records)
-    run.update(stage="done", candidates=store.manifest())
+    run.update(stage="search" if unfinished else "done", candidates=store.manifest())
+    if unfinished:
+        warn(unfinished)
     return summary

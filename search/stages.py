@@ -80,7 +80,8 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     from ray.tune.search import ConcurrencyLimiter
 
     from .tensorboard import search_callbacks
-    from .tune_search import FailureStopper, StoreCallback, StrategySearcher, TopKScheduler, leaderboard_path
+    from .tune_search import (CandidateTimeouts, FailureStopper, StoreCallback, StrategySearcher, TopKScheduler,
+                              leaderboard_path)
 
     cfg = prep.cfg
     s = cfg.search
@@ -95,6 +96,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
                                 CandidateStore(run.path), s.batch_size, s.max_concurrent_trials,
                                 retry_lost=s.max_failures > 0)
     callback = StoreCallback(run.path, s.num_candidates, searcher)
+    stopper = FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))
     tuner = tune.Tuner(
         _trainable(evaluate_candidates, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(
@@ -103,8 +105,8 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
         run_config=tune.RunConfig(
             name="search", storage_path=run.tune_path, verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[callback, *search_callbacks(run.path)],
-            stop=FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))))
+            callbacks=[callback, CandidateTimeouts(s.candidate_timeout_s, callback, stopper),
+                       *search_callbacks(run.path)], stop=stopper))
     try:
         tuner.fit()
     finally:
@@ -115,7 +117,23 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     verdict = failure_verdict(records, cfg)
     if verdict:
         raise SearchFailed(verdict)
+    unfinished = unfinished_search(records, cfg, run)
+    if unfinished:
+        print(f"[search] {unfinished}; the best so far are fine-tuned", flush=True)
     return records
+
+
+def unfinished_search(records: list[CandidateRecord], cfg: Config, run: RunDir) -> str | None:
+    """None when every candidate 0..num_candidates-1 is stored (ok or failed): only then is the search complete.
+    Otherwise (the time budget ended it) what is missing and how to continue it."""
+    n = cfg.search.num_candidates
+    stored = len({r.index for r in records} & set(range(n)))
+    if stored == n:
+        return None
+    why = f"on its time budget (search.time_budget_s={cfg.search.time_budget_s:g})" if cfg.search.time_budget_s \
+        else "early"
+    return (f"search stopped {why} with {stored}/{n} candidates; the run is not complete: `prunetune resume "
+            f"{run.path}` evaluates the other {n - stored}")
 
 
 def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restore: bool):
@@ -127,29 +145,38 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .tensorboard import finetune_callbacks
-    from .tune_search import FinetuneProgress
+    from .tune_search import EpochTimeouts, FinetuneProgress
 
     cfg = prep.cfg
     f = cfg.finetune
     tune_settings()
     trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg)
+    finalists = {"rank": tune.grid_search(list(range(1, len(top) + 1)))}
     path = os.path.join(run.tune_path, "finetune")
     run.record(path)
     if restore and tune.Tuner.can_restore(path):
         print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # param_space again: a state file torn by a SIGKILL makes Tune restart the experiment from it
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=finalists)
+        # Tuner.restore runs the callbacks pickled when the stage started and takes no run config: the restored
+        # tuner's own run config gets this resume's epoch timeout (finetune.epoch_timeout_s may change on resume).
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = [c for c in run_config.callbacks or [] if not isinstance(c, EpochTimeouts)] + \
+            [EpochTimeouts(f.epoch_timeout_s)]
     else:
         shutil.rmtree(path, ignore_errors=True)
         scheduler = (ASHAScheduler(time_attr="epoch", metric="val_accuracy", mode="max", max_t=f.epochs,
                                    grace_period=min(f.grace_epochs, f.epochs), reduction_factor=3)
                      if f.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
-            trainable, param_space={"rank": tune.grid_search(list(range(1, len(top) + 1)))},
+            trainable, param_space=finalists,
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials,
                                         reuse_actors=True, trial_dirname_creator=_finalist_dirname),
             run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      callbacks=[FinetuneProgress(), *finetune_callbacks()]))
+                                      callbacks=[FinetuneProgress(), EpochTimeouts(f.epoch_timeout_s),
+                                                 *finetune_callbacks()]))
     print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler})", flush=True)
     return tuner.fit()

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
+from collections import deque
 
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -30,8 +32,9 @@ class StrategySearcher(Searcher):
     before the first suggestion every stored record is replayed through the algorithm's `observe`, and candidates
     already stored are never handed out again, so a resumed search evaluates exactly the candidates that are
     missing and each candidate is stored once. The candidates a trial had not reported when it died (its node
-    lost, its worker killed past Tune's retries) are handed out once more when `retry_lost`; the search is
-    finished only when no trial is left running.
+    lost, its worker killed past Tune's retries) are handed out once more when `retry_lost`; those of a trial
+    stopped because a candidate hung (`time_out`) are handed out again in any case, since they never ran; the
+    search is finished only when no trial is left running.
     """
 
     def __init__(self, algorithm: SearchAlgorithm, name: str, baselines: list[tuple[str, list[float]]],
@@ -47,6 +50,7 @@ class StrategySearcher(Searcher):
         self._reported: dict[str, set[int]] = {}  # trial id -> the candidates it has reported
         self._again: list[dict] = []  # candidates of trials lost before they reported them, to hand out once more
         self._retried: set[int] = set()
+        self._timed_out: set[str] = set()  # trials stopped because a candidate hung
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the strategy space is ours; Tune's param_space stays empty
@@ -91,7 +95,7 @@ class StrategySearcher(Searcher):
         return {"candidates": batch}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if "index" in result and "status" in result:
+        if "index" in result and "status" in result and not self.timed_out(trial_id):
             self.algorithm.observe(CandidateRecord.from_dict(result))
             self._reported.setdefault(trial_id, set()).add(result["index"])
 
@@ -99,10 +103,27 @@ class StrategySearcher(Searcher):
         if result:
             self.on_trial_result(trial_id, result)
         batch, reported = self._running.pop(trial_id, []), self._reported.pop(trial_id, set())
-        if error and self.retry_lost:
+        if self.timed_out(trial_id):  # the rest of its batch never ran: all of it is handed out again
+            self._again += [c for c in batch if c["index"] not in reported]
+        elif error and self.retry_lost:
             lost = [c for c in batch if c["index"] not in reported and c["index"] not in self._retried]
             self._retried.update(c["index"] for c in lost)
             self._again += lost
+
+    def time_out(self, trial_id: str) -> dict | None:
+        """A running trial hangs: the candidate it is on (the first of its batch it has not reported), which the
+        caller stores as failed, or None if it reported them all. The trial's later results are ignored, and the
+        rest of its batch is handed out again when it ends."""
+        self._timed_out.add(trial_id)
+        reported = self._reported.setdefault(trial_id, set())
+        hung = next((c for c in self._running.get(trial_id, []) if c["index"] not in reported), None)
+        if hung is not None:
+            reported.add(hung["index"])
+        return hung
+
+    def timed_out(self, trial_id: str) -> bool:
+        """True for a trial stopped because a candidate hung."""
+        return trial_id in self._timed_out
 
     def handing_out_again(self, index: int) -> bool:
         """True while a lost candidate waits for its new trial (its trial's error is then not its result)."""
@@ -269,14 +290,31 @@ class StoreCallback(Callback):
         self.flush()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if "index" in result and "status" in result:
+        if "index" in result and "status" in result and not self.searcher.timed_out(trial.trial_id):
             record = CandidateRecord.from_dict(result)
             record.trial_id = trial.trial_id
             self._record(record)
 
+    def time_out(self, trial, limit_s: float, key: str) -> CandidateRecord | None:
+        """A trial has reported nothing for `limit_s`: store the candidate it hangs on as failed (its trial is
+        then stopped and the rest of its batch handed out again); that record, or None if it had no candidate left."""
+        candidate = self.searcher.time_out(trial.trial_id)
+        if candidate is None:
+            return None
+        message = f"timed out after {seconds(limit_s)} s"
+        record = CandidateRecord.failed(candidate["index"], candidate["ratios"], message)
+        record.trial_id, record.source = trial.trial_id, candidate["source"]
+        self._record(record)
+        print(f"[search] candidate {record.index}: {record.error} ({key}); stored as failed, its worker is replaced",
+              file=sys.stdout, flush=True)
+        return record
+
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         """The candidates of the errored trial's batch it had not reported (neither stored nor waiting to be):
-        handed out again by the searcher, or stored as failed with the trial's error."""
+        handed out again by the searcher, or stored as failed with the trial's error. A trial stopped because a
+        candidate hung leaves nothing to store: that candidate is stored, the rest is handed out again."""
+        if self.searcher.timed_out(trial.trial_id):
+            return
         message = "trial errored"
         if trial.error_file and os.path.isfile(trial.error_file):
             lines = [ln for ln in open(trial.error_file).read().strip().splitlines() if ln.strip()]
@@ -310,6 +348,109 @@ class FailureStopper(Stopper):
     def stop_all(self) -> bool:
         failed = sum(s == "failed" for s in self.status.values())
         return len(self.status) >= self.minimum and failed / len(self.status) > self.max_failed_fraction
+
+
+# The limit of a timeout left to its default: TIMEOUT_FACTOR x the median of the intervals already timed (the last
+# TIMED_WINDOW of them), at least TIMEOUT_FLOOR_S; no limit before the first interval is timed.
+TIMEOUT_FACTOR, TIMEOUT_FLOOR_S, TIMED_WINDOW = 10, 60.0, 1000
+
+
+def seconds(value: float) -> str:
+    """Seconds as a message shows them: 20, 73.4, 1234.5."""
+    return f"{round(value, 1):g}"
+
+
+def replace_worker(trial) -> None:
+    """Kill a hung trial's worker process (a stopped or deadlocked worker answers no graceful stop; Ray kills it
+    by force) and let Tune end the trial as errored without retrying it: the next trial gets a fresh worker."""
+    import ray
+
+    trial.max_failures = 0  # Tune retries a trial whose worker died while its failures are at most this
+    if trial.temporary_state.ray_actor is not None:
+        ray.kill(trial.temporary_state.ray_actor, no_restart=True)
+
+
+class Timeouts(Callback):
+    """Stops a trial that reports nothing for longer than a limit, measured on the driver from the trial's last
+    result (or its start), checked on every step of Tune's loop (a step waits at most 0.1 s for an event).
+
+    The limit is `fixed_s`, or, when None (the config's `auto`), derived from the intervals between results
+    already timed in this experiment: TIMEOUT_FACTOR x their median, at least TIMEOUT_FLOOR_S. `on_timeout` says
+    what a timeout means for a stage; then `stop` (replace_worker) kills the trial's worker.
+    """
+
+    def __init__(self, key: str, fixed_s: float | None, stop=replace_worker, clock=time.monotonic):
+        self.key, self.fixed_s, self.stop, self.clock = key, fixed_s, stop, clock
+        self.setup()
+
+    def setup(self, **info) -> None:
+        """Called by Tune when the experiment (or its restore) starts."""
+        self.running: dict[str, tuple] = {}  # trial id -> (the trial, when it last reported or started)
+        self.timed: deque = deque(maxlen=TIMED_WINDOW)  # seconds between a trial's results (or start and result)
+        self.derived: float | None = None
+
+    def limit(self) -> float | None:
+        """The limit in force (seconds), None while it is derived and nothing has been timed yet."""
+        return self.fixed_s if self.fixed_s is not None else self.derived
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.running[trial.trial_id] = (trial, self.clock())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if trial.trial_id not in self.running:  # a trial already stopped
+            return
+        now = self.clock()
+        self.timed.append(now - self.running[trial.trial_id][1])
+        self.running[trial.trial_id] = (trial, now)
+        self.derived = max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * statistics.median(self.timed))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.running.pop(trial.trial_id, None)
+
+    on_trial_error = on_trial_recover = on_trial_complete
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        limit, now = self.limit(), self.clock()
+        if limit is None:
+            return
+        for trial, since in list(self.running.values()):
+            if trial.status == "RUNNING" and now - since > limit:
+                del self.running[trial.trial_id]
+                self.on_timeout(trial, limit)
+                self.stop(trial)
+
+    def on_timeout(self, trial, limit_s: float) -> None:
+        """What a timeout means for the stage, before the trial's worker is killed."""
+        raise NotImplementedError
+
+
+class CandidateTimeouts(Timeouts):
+    """search.candidate_timeout_s: the candidate a hung trial is on is stored as failed (`timed out after N s`),
+    its worker is replaced, and the rest of its batch is handed out again. The failure counts for the
+    FailureStopper, so a search whose every candidate hangs (a dead GPU) stops like one whose candidates fail."""
+
+    def __init__(self, fixed_s: float | None, store: StoreCallback, stopper: FailureStopper, **kwargs):
+        super().__init__("search.candidate_timeout_s", fixed_s, **kwargs)
+        self.store, self.stopper = store, stopper
+
+    def on_timeout(self, trial, limit_s: float) -> None:
+        record = self.store.time_out(trial, limit_s, self.key)
+        if record is not None:
+            self.stopper(trial.trial_id, record.to_dict())
+
+
+class EpochTimeouts(Timeouts):
+    """finetune.epoch_timeout_s: a finalist whose epoch runs longer is stopped (its last finished epoch is its
+    model) and said so; the others go on."""
+
+    def __init__(self, fixed_s: float | None, **kwargs):
+        super().__init__("finetune.epoch_timeout_s", fixed_s, **kwargs)
+
+    def on_timeout(self, trial, limit_s: float) -> None:
+        epoch = (trial.last_result or {}).get("epoch")
+        kept = f"its epoch {epoch} model is kept" if epoch else "it has no finished epoch"
+        print(f"[finetune] finalist {trial.config.get('rank')}: no epoch finished within {seconds(limit_s)} s "
+              f"({self.key}); stopped, {kept}", file=sys.stdout, flush=True)
 
 
 class FinetuneProgress(Callback):

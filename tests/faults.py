@@ -1,10 +1,11 @@
 """Faults injected from the tests (the shipped code has none): Ray runs `install` in every worker process.
 
 `ray.init(runtime_env=worker_faults(...))` makes each worker wrap the evaluator and the fine-tuning loop:
-log every evaluation started, slow them down, make candidate k raise, or make candidate k kill its worker
-process (once, or `crashes` times). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune`
-command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two
-stages of the run.
+log every evaluation started, slow them down, make candidate k raise, make candidate k kill its worker
+process (once, or `crashes` times), or make candidate k, or the end of fine-tuning epoch n, stop its worker
+process with SIGSTOP (a hung worker; once). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the
+`prunetune` command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause
+between the two stages of the run.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import tests.faults from here
-LOG, DELAY, FAIL_AT, CRASH_AT, CRASHES, MARKERS = (f"PRUNETUNE_TEST_{k}" for k in (
-    "LOG", "DELAY_S", "FAIL_AT", "CRASH_AT", "CRASHES", "MARKERS"))
+LOG, DELAY, FAIL_AT, CRASH_AT, CRASHES, MARKERS, HANG_AT, HANG_EPOCH = (f"PRUNETUNE_TEST_{k}" for k in (
+    "LOG", "DELAY_S", "FAIL_AT", "CRASH_AT", "CRASHES", "MARKERS", "HANG_AT", "HANG_EPOCH"))
 
 
 def sigint_as_in_a_terminal() -> None:
@@ -26,16 +27,27 @@ def sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def worker_faults(log=None, delay_s=None, fail_at=None, crash_at=None, crashes=None, markers=None) -> dict:
-    """A Ray runtime_env whose workers misbehave as asked (every argument optional)."""
+def worker_faults(log=None, delay_s=None, fail_at=None, crash_at=None, crashes=None, markers=None, hang_at=None,
+                  hang_epoch=None) -> dict:
+    """A Ray runtime_env whose workers misbehave as asked (every argument optional; hangs need `markers`)."""
     env = {LOG: log, DELAY: delay_s, FAIL_AT: fail_at, CRASH_AT: crash_at, CRASHES: crashes, MARKERS: markers,
-           "PYTHONPATH": ROOT}
+           HANG_AT: hang_at, HANG_EPOCH: hang_epoch, "PYTHONPATH": ROOT}
     return {"env_vars": {k: str(v) for k, v in env.items() if v is not None},
             "worker_process_setup_hook": "tests.faults.install"}
 
 
 def _delay() -> None:
     time.sleep(float(os.environ.get(DELAY, "0")))
+
+
+def _hang(marker: str) -> None:
+    """Stop this worker process with SIGSTOP (it hangs until killed), unless the marker file (in the MARKERS folder,
+    created exclusively) says a process already hung here."""
+    try:
+        os.close(os.open(os.path.join(os.environ[MARKERS], marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def install() -> None:
@@ -50,6 +62,8 @@ def install() -> None:
             with open(os.environ[LOG], "a") as f:
                 f.write(f"{index}\n")
         _delay()
+        if os.environ.get(HANG_AT) == str(index):
+            _hang(f"hung-{index}")
         if os.environ.get(FAIL_AT) == str(index):
             raise RuntimeError("injected failure")
         if os.environ.get(CRASH_AT) == str(index):  # one marker per crash: crashed-K, crashed-K-2, ...
@@ -63,9 +77,11 @@ def install() -> None:
         return evaluate(self, ratios, index)
 
     def slow_finetune(*args, on_epoch=None, **kwargs):
-        def epoch_done(*a):
+        def epoch_done(epoch, *a):
             _delay()
-            on_epoch(*a)
+            if os.environ.get(HANG_EPOCH) == str(epoch + 1):  # before the epoch is reported
+                _hang(f"hung-epoch-{epoch + 1}")
+            on_epoch(epoch, *a)
 
         return finetune(*args, on_epoch=epoch_done, **kwargs)
 
