@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import parse_args, save, smoke_dir, table
+from common import median, parse_args, save, smoke_dir, table
 
 
 def make_jpegs(source: str, out: str, per_class: int, size: int) -> str:
@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
-    args = parse_args(parser, {"per_class": 10, "size": 72, "workers": "0,1", "batch_size": 8}, require=("data",))
+    parser.add_argument("--rounds", type=int, default=3, help="epochs per setting (the median is kept)")
+    args = parse_args(parser, {"per_class": 10, "size": 72, "workers": "0,1", "batch_size": 8, "rounds": 1}, require=("data",))
     if args.smoke:
         args.data = make_smoke_source(os.path.join(smoke_dir(), "source"))
         args.jpeg_dir = os.path.join(smoke_dir(), "jpeg")
@@ -137,14 +138,16 @@ def main() -> None:
     print(table([{"decoder": k, "images_per_s": v} for k, v in rates.items()], ["decoder", "images_per_s"]), flush=True)
     ft = load_config(None, [f"finetune.batch_size={args.batch_size}", "finetune.epochs=1"]).finetune
     n = (len(data.train_augmented) // ft.batch_size) * ft.batch_size
-    rows = []
-    for workers in (int(w) for w in args.workers.split(",")):
-        reference = reference_epoch(data, ft, workers)
-        ours = finetune(small_net(data.num_classes), data, ft, num_workers=workers,
-                        log=io.StringIO())["history"][-1]["epoch_seconds"]
-        rows.append({"workers": workers, "images": n, "finetune_images_per_s": n / ours,
-                     "reference_images_per_s": n / reference, "ratio": reference / ours})
-        print(table(rows[-1:], list(rows[-1])), flush=True)
+    counts = [int(w) for w in args.workers.split(",")]
+    seconds = {(w, loop): [] for w in counts for loop in ("finetune", "reference")}
+    for _ in range(args.rounds):  # interleaved, so every setting sees the same (shared) machine
+        for workers in counts:
+            seconds[workers, "reference"].append(reference_epoch(data, ft, workers))
+            seconds[workers, "finetune"].append(finetune(small_net(data.num_classes), data, ft, num_workers=workers,
+                                                         log=io.StringIO())["history"][-1]["epoch_seconds"])
+    rows = [{"workers": w, "images": n, "finetune_images_per_s": n / median(seconds[w, "finetune"]),
+             "reference_images_per_s": n / median(seconds[w, "reference"]),
+             "ratio": median(seconds[w, "reference"]) / median(seconds[w, "finetune"])} for w in counts]
     print(table(rows, list(rows[0])))
     path = save("finetune", {"settings": {k: v for k, v in vars(args).items() if k != "smoke"},
                              "decode_images_per_s": rates, "epochs": rows, "cpu_count": os.cpu_count()})

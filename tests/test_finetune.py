@@ -113,6 +113,14 @@ def test_the_base_trained_here_never_sees_the_held_out_split(tmp_path, monkeypat
     assert base_cache_path(cfg, spec) != base_cache_path(other, spec)
 
 
+def test_a_diverging_base_training_caches_nothing(tmp_path):
+    cfg = load_config(None, [f"output.cache_dir={tmp_path}", "model.pretrain_epochs=2", "model.pretrain_lr=1e30"])
+    data = load_data("digits")
+    with pytest.raises(TrainingDiverged, match="^base training: the loss became"):
+        trained_base(cfg, build_model("digits_cnn", 10, 1), data, io.StringIO())
+    assert not list(tmp_path.iterdir())
+
+
 class _Numbered(Dataset):
     """Item i is (a 1x2x2 image filled with i, label i % 3): read through DataLoader workers (no get_batch)."""
 
