@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--rounds", type=int, default=3, help="epochs per setting (the median is kept)")
-    args = parse_args(parser, {"per_class": 10, "size": 72, "workers": "0,1", "batch_size": 8, "rounds": 1}, require=("data",))
+    args = parse_args(parser, {"per_class": 10, "size": 72, "workers": "0,1", "batch_size": 8, "rounds": 1},
+                      require=("data",))
     if args.smoke:
         args.data = make_smoke_source(os.path.join(smoke_dir(), "source"))
         args.jpeg_dir = os.path.join(smoke_dir(), "jpeg")
