@@ -6,7 +6,6 @@ import io
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.data import Dataset
 
 from prunetune import build_model, finetune, load_config, load_data
