@@ -33,7 +33,7 @@ def _gammas(model) -> np.ndarray:
 
 def test_the_l1_penalty_drives_batchnorm_scales_down():
     data = load_data("digits")
-    cfg = load_config(None, ["finetune.batch_size=128"]).finetune
+    cfg = training_recipe(load_config(None, ["finetune.batch_size=128"]))
     plain, slim = (build_model("digits_cnn", 10, 1) for _ in range(2))
     slim.load_state_dict(plain.state_dict())
     finetune(plain, data, cfg, epochs=2)
@@ -240,7 +240,7 @@ def test_filter_skeleton_training_shrinks_stripes_and_leaves_plain_convs():
     torch.manual_seed(0)
     model = build_model("digits_cnn", 10, 1)
     before = stripe_norms(model)
-    cfg = load_config(None, ["finetune.batch_size=128"]).finetune
+    cfg = training_recipe(load_config(None, ["finetune.batch_size=128"]))
     skeleton_train(model, load_data("digits"), cfg, 5e-2, 2)
     after = stripe_norms(model)
     assert np.median(after) < 0.9 * np.median(before)
