@@ -84,7 +84,7 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(0.0, ge=0)  # a recalibrated network needs none
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    distill_weight: float = Field(0.0, ge=0, le=1)
+    distill_weight: float = Field(0.5, ge=0, le=1)  # from the base (the teacher); 0: off
     distill_temperature: float = Field(4.0, gt=0)
     scheduler: Annotated[str, Choice(("asha", "fifo"))] = "asha"
     grace_epochs: int | None = Field(None, ge=1)  # ASHA's first judgement; none: the warm-up + 2 epochs
