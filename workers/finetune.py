@@ -121,7 +121,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
         best, best_state = state.get("best_index", 0), state.get("best")
         print(f"{stage}: resumed after epoch {start} of {epochs}", file=log)
     elif val_indices is not None:  # epoch 0: the model as it came, the result to beat
-        history = [{"epoch": 0, **_evaluate(model, data, val_indices, device, autocast)}]
+        history = [{"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers)}]
         best_state = _copy_state(model)
         print(f"{stage}: before epoch 1 val_acc {history[0]['val_accuracy']:.4f} "
               f"test_acc {history[0]['test_accuracy']:.4f}", file=log)
@@ -166,7 +166,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                                    "training diverged; nothing of it was kept")
         seconds.append(time.perf_counter() - t0)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                   **_evaluate(model, data, val_indices, device, autocast), "lr": scheduler.get_last_lr()[0],
+                   **_evaluate(model, data, val_indices, device, autocast, num_workers), "lr": scheduler.get_last_lr()[0],
                    "epoch_seconds": seconds[-1]}
         history.append(metrics)
         if val_indices is not None:
@@ -192,7 +192,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                   f"best; the last epoch reached {history[-1]['val_accuracy']:.4f})", file=log)
         return {**_with_best(history[best], history, best), "history": history}
     if not history:
-        history.append({"epoch": 0, **_evaluate(model, data, val_indices, device, autocast)})
+        history.append({"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers)})
     return {**history[-1], "history": history}
 
 
@@ -201,11 +201,11 @@ def _copy_state(model: nn.Module) -> dict:
 
 
 def _evaluate(model: nn.Module, data: DataBundle, val_indices, device: torch.device,
-              autocast: torch.dtype | None = None) -> dict:
+              autocast: torch.dtype | None = None, num_workers: int = 0) -> dict:
     """Test-split metrics, plus validation metrics on `val_indices` of the training split if given."""
     def on(dataset, indices):
-        return score(model, ((x.to(device), y.to(device)) for x, y in iterate_batches(dataset, indices, 500)),
-                     autocast)
+        batches = iterate_batches(dataset, indices, 500, num_workers)
+        return score(model, ((x.to(device), y.to(device)) for x, y in batches), autocast)
 
     test = on(data.test, range(len(data.test)))
     metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
