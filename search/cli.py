@@ -308,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:
+        from prunetune.workers.finetune import TrainingDiverged
+
         from .finalize import NoFinalModel
         from .stages import SearchFailed
 
-        if isinstance(e, (SearchFailed, NoFinalModel)):
+        if isinstance(e, (SearchFailed, NoFinalModel, TrainingDiverged)):
             print(f"prunetune: {e}", file=sys.stderr)
             return 1
         raise

@@ -1,6 +1,7 @@
 """Search configuration: one YAML file per search, read into pydantic models, every key overridable with --set."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Annotated
 
@@ -31,6 +32,7 @@ class ModelConfig(Section):
     checkpoint_key: str | None = None  # which state dict in the checkpoint, when several fit ('model_ema')
     kwargs: dict = {}
     pretrain_epochs: int = Field(30, ge=1)  # when no checkpoint is given
+    pretrain_lr: float = Field(0.05, gt=0)  # the base's training and sparsity training (one warm-up epoch)
     ignored_layers: list = []  # layers never pruned (the classifier always is)
     sparsity: float | None = Field(None, gt=0)  # L1 lambda: slimming, skeleton
     sparsity_epochs: int = Field(5, ge=1)  # sparsity training of the base, before the search
@@ -44,7 +46,7 @@ class DataConfig(Section):
     train_size: int = Field(2048, ge=2)  # synthetic only
     test_size: int = Field(512, ge=1)  # synthetic only
     seed: int = Field(0, ge=0)  # synthetic data
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(None, ge=0)  # processes reading images from files; none: resources' CPUs - 1
     kwargs: dict = {}  # factory only
     max_image_pixels: int | None = Field(None, ge=1)  # larger image files are refused (None: Pillow's limit)
 
@@ -89,16 +91,18 @@ class EvaluationConfig(Section):
 class FinetuneConfig(Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.01, gt=0)  # a fifth of the base's training lr: README "Fine-tuning" measures it
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)  # a recalibrated network needs none
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    distill_weight: float = Field(0.0, ge=0, le=1)
+    distill_weight: float = Field(0.5, ge=0, le=1)  # from the base (the teacher); 0: off
     distill_temperature: float = Field(4.0, gt=0)
     scheduler: Annotated[str, Choice(("asha", "fifo"))] = "asha"
-    grace_epochs: int = Field(1, ge=1)
+    grace_epochs: int | None = Field(None, ge=1)  # ASHA's first judgement; none: the warm-up + 2 epochs
+    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = "auto"  # auto: bf16 autocast on CUDA
+    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = "auto"  # auto: on CUDA
     seed: int = Field(0, ge=0)
     # a finalist whose epoch runs longer than this is stopped (its last epoch kept); none or auto: derived
     epoch_timeout_s: Timeout = Field(None, gt=0)
@@ -180,6 +184,26 @@ def budgets(cfg: Config) -> list[Budget]:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return found
+
+
+def loader_workers(cfg: Config) -> int:
+    """Processes that read training images from files: data.num_workers, or a trial's CPUs but one (at most 8)."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    return min(8, max(0, int(cfg.resources.cpus_per_trial) - 1))
+
+
+def grace_epochs(cfg: Config) -> int:
+    """Epochs before ASHA first judges a finalist: finetune.grace_epochs, or the warm-up and two epochs more (the
+    first epoch after it dips and recovers: README "Fine-tuning")."""
+    f = cfg.finetune
+    return min(f.epochs, f.grace_epochs or math.ceil(f.warmup_epochs) + 2)
+
+
+def training_recipe(cfg: Config) -> FinetuneConfig:
+    """The recipe of the trainings that start from scratch or the base (base and sparsity training): the fine-tuning
+    recipe with model.pretrain_lr and one warm-up epoch."""
+    return cfg.finetune.model_copy(update={"lr": cfg.model.pretrain_lr, "warmup_epochs": 1.0})
 
 
 def needs_latency(cfg: Config) -> bool:

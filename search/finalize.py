@@ -63,7 +63,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
             outcomes.append((top[rank - 1], rank, result.metrics, load_finetuned(d)))
     if not outcomes:
         raise NoFinalModel("fine-tuning produced no model (every fine-tuning trial failed)")
-    outcomes.sort(key=lambda o: (-o[2].get("val_accuracy", 0.0), -o[0].score))
+    outcomes.sort(key=lambda o: (-o[2].get("best_val_accuracy", 0.0), -o[0].score))
     run.record(*(os.path.join(run.final_path, f"rank{place}.pt") for place in range(1, len(outcomes) + 1)))
     os.makedirs(run.final_path, exist_ok=True)
     pruner = METHODS[cfg.search.granularity].plan(prep.model, prep.space, cfg.search.criterion, cfg.evaluation.seed)
@@ -77,8 +77,9 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
         record = pruned_record(prep.spec, prep.space, cand.ratios, cfg.search.criterion, cfg.search.granularity,
                                prep.base_checkpoint, prep.data.contract)
         entry = {"rank": place, "candidate": cand.index, "search_rank": search_rank,
-                 "adaptive_bn_score": cand.score, "val_accuracy": metrics.get("val_accuracy"),
-                 "test_accuracy": metrics.get("test_accuracy"), "epochs": metrics.get("epoch"),
+                 "adaptive_bn_score": cand.score, "val_accuracy_before_finetune": metrics.get("start_val_accuracy"),
+                 "val_accuracy": metrics.get("best_val_accuracy"), "test_accuracy": metrics.get("best_test_accuracy"),
+                 "epochs": metrics.get("epoch"), "kept_epoch": metrics.get("best_epoch"),
                  "flops": record["flops"], "flops_ratio": record["flops"] / prep.space.base_flops,
                  "params": record["params"], "path": os.path.join(run.final_path, f"rank{place}.pt")}
         entry.update(timings(model, prep, cand.ratios))

@@ -30,15 +30,15 @@ from prunetune.workers.scoring import score
 from prunetune.workers.sparsity import batchnorms, histogram
 from prunetune.workers.space import PruningSpace
 
-from .config import Config, ConfigError, budgets, expand, needs_latency
+from .config import Config, ConfigError, budgets, expand, loader_workers, needs_latency, training_recipe
 from .sampler import StrategySampler
 from .store import sha256
 
 LATENCY_TABLE = "latency-table.json"  # the run's copy of its latency table, in the run directory
 
-# The fine-tuning keys that shape a base model trained here (epochs come from model.pretrain_epochs).
+# The training_recipe keys that shape a base model trained here (epochs come from model.pretrain_epochs).
 BASE_RECIPE_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "label_smoothing",
-                    "seed")
+                    "amp", "seed")
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,8 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
     log, cfg = log or sys.stderr, prep.cfg
     training = METHODS[cfg.search.granularity].sparsity
     recipe = {"base": sha256(base_checkpoint), "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs,
-              "method": training.name, "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
+              "method": training.name,
+              "training": {k: getattr(training_recipe(cfg), k) for k in BASE_RECIPE_KEYS}}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(expand(cfg.output.cache_dir), f"sparse-{cfg.model.name.replace(':', '_')}-{key}.pt")
     before = histogram(training.measure(prep.model))
@@ -193,8 +194,8 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
         print(f"sparsity training ({training.name}): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
               f"{cfg.model.sparsity:g} (cached at {path}; resumable)", file=log)
         resume, device = path + ".resume", "cuda" if torch.cuda.is_available() else "cpu"
-        training.train(prep.model, prep.data, cfg.finetune, cfg.model.sparsity, cfg.model.sparsity_epochs, device,
-                       resume, log)
+        training.train(prep.model, prep.data, training_recipe(cfg), cfg.model.sparsity, cfg.model.sparsity_epochs,
+                       device, resume, log)
         _cache(path, prep.model, "sparsity training")
         os.remove(resume)
         prep.model.cpu()
@@ -207,16 +208,20 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
 
 def base_cache_path(cfg: Config, spec: dict, data_fingerprint: str | None = None) -> str:
     """Where a base model trained for this recipe is cached (keyed by what shapes it, nothing else: the data's
-    content too, where the data set knows its fingerprint)."""
+    content too, where the data set knows its fingerprint, and the held-out split it is trained without)."""
     data = {k: v for k, v in data_kwargs(cfg).items() if k not in ("cache_dir", "max_image_pixels")}
     recipe = {"model": spec, "data": {**data, "content": data_fingerprint} if data_fingerprint else data,
-              "epochs": cfg.model.pretrain_epochs, "training": {k: getattr(cfg.finetune, k) for k in BASE_RECIPE_KEYS}}
+              "epochs": cfg.model.pretrain_epochs,
+              "training": {k: getattr(training_recipe(cfg), k) for k in BASE_RECIPE_KEYS},
+              "without_heldout": [cfg.evaluation.heldout_size, cfg.evaluation.seed]}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return os.path.join(expand(cfg.output.cache_dir), f"base-{cfg.model.name.replace(':', '_')}-{key}.pt")
 
 
 def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None) -> str:
-    """Load a cached base model for this recipe into `model`, or train one and cache it; its path."""
+    """Load a cached base model for this recipe into `model`, or train one and cache it; its path. The base trains
+    on the training split without the held-out images, so that they stay unseen: the search's scores and the
+    fine-tuning's validation (epoch 0, the pruned base, included) are measured on data no weight was fitted to."""
     log = log or sys.stderr
     path = base_cache_path(cfg, model_spec(cfg, data.num_classes, data.input_shape[0]), data.fingerprint)
     if _cached(path, model, "base model", log):
@@ -224,8 +229,10 @@ def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None) -> s
         return path
     print(f"base model: no model.checkpoint given and none cached for this recipe; training {cfg.model.name} for "
           f"{cfg.model.pretrain_epochs} epochs (cached at {path})", file=log)
-    result = finetune(model, data, cfg.finetune, "cuda" if torch.cuda.is_available() else "cpu",
-                      epochs=cfg.model.pretrain_epochs, log=log)
+    _, rest = heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
+    result = finetune(model, data, training_recipe(cfg), "cuda" if torch.cuda.is_available() else "cpu",
+                      epochs=cfg.model.pretrain_epochs, log=log, train_indices=rest, stage="base training",
+                      num_workers=loader_workers(cfg))
     print(f"base model: test accuracy {result['test_accuracy']:.4f}", file=log)
     _cache(path, model, "base model")
     model.cpu()
@@ -239,7 +246,7 @@ def _cache(path: str, model: nn.Module, what: str) -> None:
     bad = nonfinite(state)
     if bad:
         raise ModelError(f"{what}: training ended with non-finite weights (NaN or inf in {len(bad)} of its tensors, "
-                         f"e.g. {bad[0]}); nothing was cached; lower finetune.lr, or give model.checkpoint")
+                         f"e.g. {bad[0]}); nothing was cached; lower model.pretrain_lr, or give model.checkpoint")
     atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
     write_text(path + ".sha256", f"{sha256(path)}  {os.path.basename(path)}\n", durable=True)
 

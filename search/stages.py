@@ -13,7 +13,7 @@ from prunetune.workers.record import CandidateRecord
 from .algorithms import ALGORITHMS
 from .baselines import baselines
 from .cluster import tune_settings
-from .config import Config
+from .config import Config, grace_epochs, loader_workers
 from .prepare import Prepared, data_kwargs
 from .rundir import RunDir
 from .store import CandidateStore
@@ -37,7 +37,7 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
                         data=data_kwargs(cfg), evaluation=cfg.evaluation, finetune=cfg.finetune,
                         criterion=cfg.search.criterion, method=METHODS[cfg.search.granularity],
                         cpus_per_trial=cfg.resources.cpus_per_trial, gpus_per_trial=cfg.resources.gpus_per_trial,
-                        finalists=finalists or [], latency_budget_ms=latency_budget)
+                        finalists=finalists or [], latency_budget_ms=latency_budget, num_workers=loader_workers(cfg))
 
 
 def _trainable(fn, trial_payload: TrialPayload, cfg: Config):
@@ -166,8 +166,8 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
             [EpochTimeouts(f.epoch_timeout_s)]
     else:
         shutil.rmtree(path, ignore_errors=True)
-        scheduler = (ASHAScheduler(time_attr="epoch", metric="val_accuracy", mode="max", max_t=f.epochs,
-                                   grace_period=min(f.grace_epochs, f.epochs), reduction_factor=3)
+        scheduler = (ASHAScheduler(time_attr="epoch", metric="best_val_accuracy", mode="max", max_t=f.epochs,
+                                   grace_period=grace_epochs(cfg), reduction_factor=3)
                      if f.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space=finalists,

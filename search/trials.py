@@ -43,6 +43,7 @@ class TrialPayload:
     gpus_per_trial: float
     finalists: list[CandidateRecord] = field(default_factory=list)  # the fine-tuning stage's candidates, best first
     latency_budget_ms: float | None = None  # the search's latency bound, when a budget names latency
+    num_workers: int = 0  # processes reading training images from files in the fine-tuning stage
 
     @property
     def device(self) -> str:
@@ -127,6 +128,7 @@ def finetune_candidate(config: dict, payload: TrialPayload) -> None:
     teacher = evaluator.base if payload.finetune.distill_weight > 0 else None
     try:
         finetune(model, _data(payload), payload.finetune, evaluator.device, ckpt, teacher=teacher,
-                 on_epoch=report, train_indices=evaluator.rest_indices, val_indices=evaluator.heldout_indices)
+                 on_epoch=report, train_indices=evaluator.rest_indices, val_indices=evaluator.heldout_indices,
+                 stage=f"fine-tuning finalist {config['rank']}", num_workers=payload.num_workers)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -10,7 +10,7 @@ import torch
 
 from prunetune.search.artifacts import load_pruned, pruned_record, save_pruned
 from prunetune.search.baselines import global_threshold
-from prunetune.search.config import ConfigError, load_config
+from prunetune.search.config import ConfigError, load_config, training_recipe
 from prunetune.search.prepare import ensure_base, prepare, trained_base
 from prunetune.search.sampler import StrategySampler
 from prunetune.workers.constraints import CONSTRAINTS
@@ -33,7 +33,7 @@ def _gammas(model) -> np.ndarray:
 
 def test_the_l1_penalty_drives_batchnorm_scales_down():
     data = load_data("digits")
-    cfg = load_config(None, ["finetune.batch_size=128"]).finetune
+    cfg = training_recipe(load_config(None, ["finetune.batch_size=128"]))
     plain, slim = (build_model("digits_cnn", 10, 1) for _ in range(2))
     slim.load_state_dict(plain.state_dict())
     finetune(plain, data, cfg, epochs=2)
@@ -64,11 +64,12 @@ def test_sparsity_training_runs_after_the_base_is_cached_and_resumes(tmp_path, c
 
     with pytest.raises(_Stop):
         scales = [m.weight for m in batchnorms(interrupted.model)]
-        finetune(interrupted.model, interrupted.data, cfg.finetune, checkpoint_path=first["checkpoint"] + ".resume",
+        finetune(interrupted.model, interrupted.data, training_recipe(cfg),
+                 checkpoint_path=first["checkpoint"] + ".resume",
                  epochs=2, after_backward=lambda: add_l1_subgradient(scales, 5e-3), on_epoch=stop)
     capsys.readouterr()
     prep = ensure_base(prepare(cfg))
-    assert "fine-tune: resumed after epoch 1 of 2" in capsys.readouterr().err
+    assert "sparsity training: resumed after epoch 1 of 2" in capsys.readouterr().err
     assert all(torch.equal(trained[k], v) for k, v in prep.model.state_dict().items())
     assert not os.path.exists(first["checkpoint"] + ".resume")
     prep = ensure_base(prepare(cfg))
@@ -239,7 +240,7 @@ def test_filter_skeleton_training_shrinks_stripes_and_leaves_plain_convs():
     torch.manual_seed(0)
     model = build_model("digits_cnn", 10, 1)
     before = stripe_norms(model)
-    cfg = load_config(None, ["finetune.batch_size=128"]).finetune
+    cfg = training_recipe(load_config(None, ["finetune.batch_size=128"]))
     skeleton_train(model, load_data("digits"), cfg, 5e-2, 2)
     after = stripe_norms(model)
     assert np.median(after) < 0.9 * np.median(before)

@@ -181,7 +181,7 @@ def test_ctrl_c_while_the_base_model_trains_says_nothing_was_written(tmp_path):
                             preexec_fn=sigint_as_in_a_terminal)
     deadline = time.time() + 120
     for line in proc.stderr:  # the interrupt must land while the base model trains
-        if "fine-tune: epoch 1/500" in line or time.time() > deadline:
+        if "base training: epoch 1/500" in line or time.time() > deadline:
             break
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()

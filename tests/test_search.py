@@ -64,6 +64,7 @@ def test_final_models_summary_and_report(finished_run):
     assert [f["rank"] for f in finals] == [1, 2]
     assert {f["candidate"] for f in finals} == {b["index"] for b in json.load(open(run / "leaderboard.json"))}
     assert finals[0]["val_accuracy"] >= finals[1]["val_accuracy"]
+    assert all(f["val_accuracy"] >= f["val_accuracy_before_finetune"] and f["kept_epoch"] in (0, 1, 2) for f in finals)
     assert all(f["epochs"] == 2 and f["latency_ms_batch1"] > 0 for f in finals)
     model, record, metrics = load_pruned(str(run / "final" / "rank1.pt"))
     assert sum(p.numel() for p in model.parameters()) == record["params"] == finals[0]["params"]

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from prunetune import (CandidateEvaluator, PrunePlan, PruningSpace, StrategySampler, build_model, finetune, load_config,
                        load_data, prune, recalibrate_bn, score)
+from prunetune.search.config import training_recipe
 from prunetune.workers.data import TensorImages, iterate_batches
 from prunetune.workers.evaluator import CandidateError
 from tests.archs import NoBatchNorm, randomize_batchnorm
@@ -167,7 +168,7 @@ def digits_setup():
     cfg = load_config(None, ["evaluation.calibration_batches=5", "evaluation.batch_size=64",
                              "finetune.epochs=2", "finetune.batch_size=64"])
     model = build_model("digits_cnn", 10, 1)
-    finetune(model, data, cfg.finetune, epochs=4)
+    finetune(model, data, training_recipe(cfg), epochs=4)
     space = PruningSpace.from_model(model, data.example_input())
     return data, cfg, model, space
 

@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .files import atomic_write
 from .messages import shown
@@ -537,15 +537,44 @@ def heldout_split(n_train: int, size: int, seed: int, keep: int = 1) -> tuple[np
     return np.sort(perm[:size]), perm[size:]
 
 
+class _Order(Sampler):
+    """The indices of the current pass, in order (set before each pass; the loader's workers persist)."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class BatchReader:
+    """Reads (x, y) batches of one dataset in any order. A dataset with `get_batch` (in memory) is sliced in this
+    process; any other is read by one DataLoader with `num_workers` worker processes that persist across passes
+    (pinned memory on CUDA)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, persistent: bool = True):
+        self.dataset, self.batch_size = dataset, batch_size
+        self._order = _Order()
+        self._loader = None if hasattr(dataset, "get_batch") else DataLoader(
+            dataset, batch_size=batch_size, sampler=self._order, num_workers=num_workers,
+            persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def __call__(self, indices) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over `indices`, in the given order."""
+        indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        if self._loader is None:
+            for start in range(0, len(indices), self.batch_size):
+                yield self.dataset.get_batch(indices[start:start + self.batch_size])
+            return
+        self._order.indices = indices.tolist()
+        for x, y in self._loader:
+            yield x, torch.as_tensor(y)
+
+
 def iterate_batches(dataset: Dataset, indices, batch_size: int, num_workers: int = 0
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) batches of `dataset` over `indices` in the given order."""
-    indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-    if hasattr(dataset, "get_batch"):
-        for start in range(0, len(indices), batch_size):
-            yield dataset.get_batch(indices[start:start + batch_size])
-        return
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=torch.cuda.is_available())
-    for x, y in loader:
-        yield x, torch.as_tensor(y)
+    """Yield (x, y) batches of `dataset` over `indices` in the given order (one pass)."""
+    yield from BatchReader(dataset, batch_size, num_workers, persistent=False)(indices)

@@ -1,4 +1,5 @@
-"""Fine-tune (or train) a network: SGD + nesterov, cosine schedule with warm-up, resumable every epoch."""
+"""Fine-tune (or train) a network: SGD + nesterov, cosine schedule with warm-up, resumable every epoch; keeps the
+best epoch (epoch 0 included) when validating; stops on a non-finite loss."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import DataBundle, iterate_batches
+from .data import BatchReader, DataBundle, iterate_batches
 from .files import atomic_write
 from .scoring import score
 
@@ -29,10 +30,12 @@ def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 
 def load_finetuned(path: str) -> dict:
-    """The model state dict from a fine-tuning checkpoint file (or a directory holding one)."""
+    """The kept model state dict (the best epoch when validating) from a fine-tuning checkpoint file (or a
+    directory holding one)."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_NAME)
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("best", state["model"])
 
 
 def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -40,24 +43,63 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
 
 
+class TrainingDiverged(RuntimeError):
+    """A training's loss or weights became non-finite (nan or inf): the weights are useless; nothing is kept."""
+
+
+def _precision(cfg, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """The autocast dtype and channels_last choice of a training config (auto: bf16 and channels_last on CUDA)."""
+    cuda = device.type == "cuda"
+    amp, layout = getattr(cfg, "amp", "off"), getattr(cfg, "channels_last", "off")
+    return (torch.bfloat16 if amp == "bf16" or (amp == "auto" and cuda) else None,
+            layout == "on" or (layout == "auto" and cuda))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def _progress(stage: str, metrics: dict, epochs: int, seconds: list[float]) -> str:
+    """One line per epoch: the stage, epoch i/N, its figures, time per epoch and the time left."""
+    per_epoch = sum(seconds) / len(seconds)
+    val = f" val_acc {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""
+    return (f"{stage}: epoch {metrics['epoch']}/{epochs} train_loss {metrics['train_loss']:.4f}{val} "
+            f"test_acc {metrics['test_accuracy']:.4f} ({per_epoch:.1f} s/epoch, "
+            f"ETA {_duration(per_epoch * (epochs - metrics['epoch']))})")
+
+
+def _with_best(metrics: dict, history: list[dict], best: int) -> dict:
+    """Epoch metrics plus the best epoch so far (by validation accuracy; epoch 0 = before any training)."""
+    return {**metrics, "best_epoch": history[best]["epoch"], "best_val_accuracy": history[best]["val_accuracy"],
+            "best_test_accuracy": history[best]["test_accuracy"], "start_val_accuracy": history[0]["val_accuracy"]}
+
+
 def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device = "cpu",
              checkpoint_path: str | None = None, teacher: nn.Module | None = None,
              on_epoch: EpochCallback | None = None, epochs: int | None = None,
-             train_indices=None, val_indices=None, log=None, after_backward: Callable[[], None] | None = None
-             ) -> dict:
+             train_indices=None, val_indices=None, log=None, after_backward: Callable[[], None] | None = None,
+             stage: str = "fine-tuning", num_workers: int = 0) -> dict:
     """Train `model` on the training split, test every epoch, checkpoint every epoch; resumes from the checkpoint.
 
     cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
-    label_smoothing, distill_weight, distill_temperature, seed). `train_indices` limits training to part of
-    the training split; `val_indices` (e.g. the held-out split) adds val_accuracy/val_loss to each epoch;
-    `after_backward()` runs after every backward pass (sparsity training adds its L1 subgradients there).
-    `on_epoch(epoch, metrics, checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports
-    from there; raising stops the run). Returns the last epoch's metrics plus the per-epoch history.
+    label_smoothing, distill_weight, distill_temperature, amp, channels_last, seed). `train_indices` limits
+    training to part of the training split. With `val_indices` (images of the training split that `model` was not
+    trained on, e.g. the held-out split) the model is validated before the first epoch (epoch 0) and after each,
+    and the best epoch is kept: `model` ends with its weights, never worse on validation than it started.
+    `after_backward()` runs after every backward pass (sparsity training adds its L1 subgradients there);
+    `num_workers` processes read the training images (datasets not held in memory). `on_epoch(epoch, metrics,
+    checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports from there; raising stops the
+    run). Progress lines name `stage`. A non-finite loss or weight raises TrainingDiverged. Returns the kept
+    epoch's metrics (with best_* fields when validating) plus the per-epoch history.
     """
     log = log or sys.stderr
     device = torch.device(device)
     epochs = cfg.epochs if epochs is None else epochs
+    autocast, channels_last = _precision(cfg, device)
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     pool = torch.arange(len(data.train_augmented)) if train_indices is None else torch.as_tensor(train_indices)
     n = len(pool)
     steps_per_epoch = max(1, n // cfg.batch_size)
@@ -65,7 +107,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
-    start, history = 0, []
+    start, history, best, best_state = 0, [], 0, None
     torch.manual_seed(cfg.seed)
     if checkpoint_path and os.path.isfile(checkpoint_path):
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -76,57 +118,94 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
         if torch.cuda.is_available() and "cuda_rng" in state:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start, history = state["epoch"] + 1, state["history"]
-        print(f"fine-tune: resumed after epoch {start} of {epochs}", file=log)
+        best, best_state = state.get("best_index", 0), state.get("best")
+        print(f"{stage}: resumed after epoch {start} of {epochs}", file=log)
+    elif val_indices is not None:  # epoch 0: the model as it came, the result to beat
+        history = [{"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers)}]
+        best_state = _copy_state(model)
+        print(f"{stage}: before epoch 1 val_acc {history[0]['val_accuracy']:.4f} "
+              f"test_acc {history[0]['test_accuracy']:.4f}", file=log)
     if teacher is not None:
         teacher.to(device).eval()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    reader = BatchReader(data.train_augmented, cfg.batch_size, num_workers)
+    seconds = []
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
         order = pool[order[: steps_per_epoch * cfg.batch_size]]
         loss_sum, seen = 0.0, 0
-        for x, y in iterate_batches(data.train_augmented, order, cfg.batch_size):
+        for step, (x, y) in enumerate(reader(order), 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = criterion(logits, y)
-            if teacher is not None and cfg.distill_weight > 0:
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = (1 - cfg.distill_weight) * loss + \
-                    cfg.distill_weight * _distill_loss(logits, target, cfg.distill_temperature)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+                if teacher is not None and cfg.distill_weight > 0:
+                    with torch.no_grad():
+                        target = teacher(x).float()
+                    loss = (1 - cfg.distill_weight) * loss + \
+                        cfg.distill_weight * _distill_loss(logits.float(), target, cfg.distill_temperature)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"{stage}: the loss became {value} at epoch {epoch + 1}/{epochs}, step {step} "
+                                       f"(lr {scheduler.get_last_lr()[0]:.3g}): the training diverged or the data "
+                                       "holds non-finite values; nothing of it was kept")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
                 after_backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += value * len(y)
             seen += len(y)
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingDiverged(f"{stage}: the weights became non-finite in epoch {epoch + 1}/{epochs}: the "
+                                   "training diverged; nothing of it was kept")
+        seconds.append(time.perf_counter() - t0)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                   **_evaluate(model, data, val_indices, device), "lr": scheduler.get_last_lr()[0],
-                   "epoch_seconds": time.perf_counter() - t0}
+                   **_evaluate(model, data, val_indices, device, autocast, num_workers), "lr": scheduler.get_last_lr()[0],
+                   "epoch_seconds": seconds[-1]}
         history.append(metrics)
-        print(f"fine-tune: epoch {epoch + 1}/{epochs} train_loss {metrics['train_loss']:.4f} "
-              f"test_acc {metrics['test_accuracy']:.4f} ({metrics['epoch_seconds']:.1f}s)", file=log)
+        if val_indices is not None:
+            if metrics["val_accuracy"] >= history[best]["val_accuracy"]:  # a tie goes to the trained weights
+                best, best_state = len(history) - 1, _copy_state(model)
+            metrics = _with_best(metrics, history, best)
+        print(_progress(stage, metrics, epochs, seconds), file=log, flush=True)
         if checkpoint_path:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                      "rng": torch.get_rng_state()}
+            if best_state is not None:
+                state.update(best=best_state, best_index=best)
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp), durable=True)
         if on_epoch is not None:
             on_epoch(epoch, metrics, checkpoint_path)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        if best != len(history) - 1:
+            print(f"{stage}: kept epoch {history[best]['epoch']} (val_acc {history[best]['val_accuracy']:.4f}, the "
+                  f"best; the last epoch reached {history[-1]['val_accuracy']:.4f})", file=log)
+        return {**_with_best(history[best], history, best), "history": history}
     if not history:
-        history.append({"epoch": 0, **_evaluate(model, data, val_indices, device)})
+        history.append({"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers)})
     return {**history[-1], "history": history}
 
 
-def _evaluate(model: nn.Module, data: DataBundle, val_indices, device: torch.device) -> dict:
+def _copy_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _evaluate(model: nn.Module, data: DataBundle, val_indices, device: torch.device,
+              autocast: torch.dtype | None = None, num_workers: int = 0) -> dict:
     """Test-split metrics, plus validation metrics on `val_indices` of the training split if given."""
     def on(dataset, indices):
-        return score(model, ((x.to(device), y.to(device)) for x, y in iterate_batches(dataset, indices, 500)))
+        batches = iterate_batches(dataset, indices, 500, num_workers)
+        return score(model, ((x.to(device), y.to(device)) for x, y in batches), autocast)
 
     test = on(data.test, range(len(data.test)))
     metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}

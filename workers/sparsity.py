@@ -35,7 +35,7 @@ def slimming_train(model: nn.Module, data, cfg, strength: float, epochs: int, de
     (in place, resumable from `checkpoint_path`; on part of the training split if `train_indices`)."""
     scales = [m.weight for m in batchnorms(model)]
     finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log, train_indices=train_indices,
-             after_backward=lambda: add_l1_subgradient(scales, strength))
+             after_backward=lambda: add_l1_subgradient(scales, strength), stage="sparsity training")
 
 
 def bn_scales(model: nn.Module) -> np.ndarray:

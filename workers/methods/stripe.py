@@ -121,7 +121,7 @@ def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, de
     scales = [c.parametrizations.weight[0].scale for c in convs]
     try:
         finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log,
-                 after_backward=lambda: add_l1_subgradient(scales, strength))
+                 after_backward=lambda: add_l1_subgradient(scales, strength), stage="sparsity training")
     finally:
         for conv in convs:
             parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)

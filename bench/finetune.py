@@ -1,0 +1,159 @@
+"""Fine-tuning throughput on a folder of 224 px JPEGs (made from the CIFAR-10 image folder, upscaled; never in the
+repository): JPEG decode rate per decoder, then images/s of one training epoch through prunetune's finetune() and
+through a plain PyTorch loop (DataLoader with the same workers, the same model, data and batches), for each
+--workers count. Figures for the README "Fine-tuning" section.
+
+    python bench/finetune.py --data /tmp/cifar10 --jpeg-dir /tmp/prunetune-jpeg224   (or --smoke)
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common import median, parse_args, save, smoke_dir, table
+
+
+def make_jpegs(source: str, out: str, per_class: int, size: int) -> str:
+    """OUT/{train,test}/<class>/*.jpg: the first per_class (train) and per_class // 5 (test) images of each class
+    of SOURCE, upscaled to size x size (bicubic), JPEG quality 90; kept when already there."""
+    from PIL import Image
+
+    for split, count in (("train", per_class), ("test", max(1, per_class // 5))):
+        for cls in sorted(os.listdir(os.path.join(source, split))):
+            folder = os.path.join(out, split, cls)
+            if os.path.isdir(folder) and len(os.listdir(folder)) >= count:
+                continue
+            os.makedirs(folder, exist_ok=True)
+            for name in sorted(os.listdir(os.path.join(source, split, cls)))[:count]:
+                with Image.open(os.path.join(source, split, cls, name)) as im:
+                    im.convert("RGB").resize((size, size), Image.BICUBIC).save(os.path.join(folder, name), quality=90)
+    return out
+
+
+def make_smoke_source(root: str, size: int = 32) -> str:
+    """A tiny image folder of random JPEGs (two classes) for --smoke."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for i in range(12):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, cls, f"{i}.jpg"))
+    return root
+
+
+def decode_rates(files: list[str], rounds: int) -> dict:
+    """Images/s of decoding the files to RGB arrays with each decoder that imports here."""
+    from PIL import Image
+
+    blobs = [open(f, "rb").read() for f in files]
+
+    def pillow(blob):
+        with Image.open(io.BytesIO(blob)) as im:
+            return np.asarray(im.convert("RGB"))
+
+    def pillow_draft_half(blob):  # what a resize to half the size can ask the JPEG decoder for (DCT scaling)
+        with Image.open(io.BytesIO(blob)) as im:
+            im.draft("RGB", (im.width // 2, im.height // 2))
+            return np.asarray(im.convert("RGB"))
+
+    decoders = {"pillow": pillow, "pillow, draft to 1/2": pillow_draft_half}
+    try:
+        import simplejpeg
+
+        decoders["simplejpeg"] = lambda blob: simplejpeg.decode_jpeg(blob, colorspace="RGB")
+    except ImportError:
+        pass
+    rates = {}
+    for name, decode in decoders.items():
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for blob in blobs:
+                decode(blob)
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = len(blobs) / best
+    return rates
+
+
+def small_net(num_classes: int) -> nn.Module:
+    """A small CNN for 224 px input: cheap enough that reading the images is what an epoch waits for."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 7, stride=4, padding=3), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+def reference_epoch(data, ft, workers: int) -> float:
+    """Seconds of one epoch of a plain PyTorch loop over the same batches finetune() trains on."""
+    from torch.utils.data import DataLoader, Subset
+
+    model = small_net(data.num_classes)
+    n = len(data.train_augmented)
+    steps = max(1, n // ft.batch_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(ft.seed * 10_007))[: steps * ft.batch_size]
+    loader = DataLoader(Subset(data.train_augmented, order.tolist()), batch_size=ft.batch_size, num_workers=workers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, nesterov=ft.nesterov,
+                                weight_decay=ft.weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    t0 = time.perf_counter()
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    from prunetune import finetune, load_config, load_data
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="the CIFAR-10 image folder (train/, test/); not with --smoke")
+    parser.add_argument("--jpeg-dir", default="/tmp/prunetune-jpeg224", help="where the 224 px JPEGs are made")
+    parser.add_argument("--per-class", type=int, default=60, help="training images per class")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument("--rounds", type=int, default=3, help="epochs per setting (the median is kept)")
+    args = parse_args(parser, {"per_class": 10, "size": 72, "workers": "0,1", "batch_size": 8, "rounds": 1},
+                      require=("data",))
+    if args.smoke:
+        args.data = make_smoke_source(os.path.join(smoke_dir(), "source"))
+        args.jpeg_dir = os.path.join(smoke_dir(), "jpeg")
+    torch.set_num_threads(args.threads)
+    folder = make_jpegs(args.data, args.jpeg_dir, args.per_class, args.size)
+    data = load_data("imagefolder", path=folder, image_size=args.size)
+    files = data.train.files[:200]
+    rates = decode_rates(files, rounds=3)
+    print(table([{"decoder": k, "images_per_s": v} for k, v in rates.items()], ["decoder", "images_per_s"]), flush=True)
+    ft = load_config(None, [f"finetune.batch_size={args.batch_size}", "finetune.epochs=1"]).finetune
+    n = (len(data.train_augmented) // ft.batch_size) * ft.batch_size
+    counts = [int(w) for w in args.workers.split(",")]
+    seconds = {(w, loop): [] for w in counts for loop in ("finetune", "reference")}
+    for _ in range(args.rounds):  # interleaved, so every setting sees the same (shared) machine
+        for workers in counts:
+            seconds[workers, "reference"].append(reference_epoch(data, ft, workers))
+            seconds[workers, "finetune"].append(finetune(small_net(data.num_classes), data, ft, num_workers=workers,
+                                                         log=io.StringIO())["history"][-1]["epoch_seconds"])
+    rows = [{"workers": w, "images": n, "finetune_images_per_s": n / median(seconds[w, "finetune"]),
+             "reference_images_per_s": n / median(seconds[w, "reference"]),
+             "ratio": median(seconds[w, "reference"]) / median(seconds[w, "finetune"])} for w in counts]
+    print(table(rows, list(rows[0])))
+    path = save("finetune", {"settings": {k: v for k, v in vars(args).items() if k != "smoke"},
+                             "decode_images_per_s": rates, "epochs": rows, "cpu_count": os.cpu_count()})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
