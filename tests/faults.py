@@ -2,7 +2,7 @@
 
 `ray.init(runtime_env=worker_faults(...))` makes each worker wrap the evaluator and the fine-tuning loop:
 log every evaluation started, slow them down, make candidate k raise, or make candidate k kill its worker
-process (once, or `crashes` times). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune`
+process with SIGKILL (once, or `crashes` times). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune`
 command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two
 stages of the run.
 """
@@ -59,7 +59,7 @@ def install() -> None:
             fresh = [m for m in markers if not os.path.exists(m)]
             if fresh:
                 open(fresh[0], "w").close()
-                os._exit(1)
+                os.kill(os.getpid(), signal.SIGKILL)
         return evaluate(self, ratios, index)
 
     def slow_finetune(*args, on_epoch=None, **kwargs):
@@ -75,6 +75,8 @@ def install() -> None:
 
 def main(argv: list[str]) -> int:
     """Start Ray with the worker faults of the environment, optionally pause between stages, run the command."""
+    import logging
+
     import ray
 
     from prunetune.search import driver
@@ -89,8 +91,8 @@ def main(argv: list[str]) -> int:
 
     driver.run_finetune = paused
     faults = {k[len("PRUNETUNE_TEST_"):].lower(): v for k, v in os.environ.items() if k.startswith("PRUNETUNE_TEST_")}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env=worker_faults(**faults))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+             runtime_env=worker_faults(**faults))  # as prunetune's own embedded Ray
     return prunetune(argv[1:])
 
 
