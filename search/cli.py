@@ -17,11 +17,12 @@ EXIT_BAD_INPUT = 2
 def _bad_input_errors() -> tuple:
     from prunetune.workers.data import DataError
     from prunetune.workers.groups import SpaceError
+    from prunetune.workers.latency import CacheError
     from prunetune.workers.models import ModelError
 
     from .rundir import RunLockedError
 
-    return ConfigError, DataError, ModelError, SpaceError, RunLockedError
+    return ConfigError, DataError, ModelError, SpaceError, CacheError, RunLockedError
 
 
 class Interrupted(Exception):

@@ -98,10 +98,24 @@ def _checkpointed(run):
     return lambda: checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*"))
 
 
-def _ctrl_c(proc, group: bool = False):
-    """SIGINT as Ctrl-C sends it (a terminal sends it to the whole process group); the driver must exit 130."""
-    os.killpg(proc.pid, signal.SIGINT) if group else proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+# Ctrl-C (a terminal sends SIGINT to the whole process group), then what kill, timeout, systemd, Kubernetes, Slurm and
+# `ray job stop` send, and what a closed terminal sends: each stops the driver the same way
+STOPS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+def _stopper(signum: int, group: bool = False):
+    """Sends `signum` to the driver (or its process group); the driver must exit 128 + signum."""
+    def stop(proc):
+        os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+        assert proc.wait(timeout=120) == 128 + signum
+    return stop
+
+
+def _assert_one_line_with_the_resume_hint(log_path, run, signum):
+    log = log_path.read_text()
+    how = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
+    assert f"prunetune: {how}; the run is kept as it was: continue it with `prunetune resume {run}`" in log
+    assert "Traceback" not in log and "received at time" not in log and "PC: @" not in log, log[-3000:]
 
 
 def _interrupted_run(reference, tmp_path, until, what, stop, pause_between_stages=0.0, extra=(), **faults):
@@ -149,19 +163,22 @@ def test_driver_killed_while_fine_tuning(reference, tmp_path):
     _assert_same_result(run, reference[0])
 
 
-def test_ctrl_c_during_the_search_stops_it_resumably(reference, tmp_path):
+@pytest.mark.parametrize("signum", STOPS, ids=lambda s: signal.Signals(s).name)
+def test_an_interrupt_during_the_search_stops_it_resumably(reference, tmp_path, signum):
     run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates",
-                                     lambda proc: _ctrl_c(proc, group=True), delay_s=1.0)
-    assert f"interrupted; the run is kept as it was: continue it with `prunetune resume {run}`" in log_path.read_text()
+                                     _stopper(signum, group=signum == signal.SIGINT), delay_s=1.0)
+    _assert_one_line_with_the_resume_hint(log_path, run, signum)
     assert json.load(open(run / "manifest.json"))["stage"] == "search"
     assert 3 <= len(CandidateStore(str(run)).indices()) < N and not (run / "final").exists()
     _finish(run, log_path)
     _assert_same_result(run, reference[0])
 
 
-def test_ctrl_c_while_fine_tuning_stops_it_resumably(reference, tmp_path):
-    run, log_path = _interrupted_run(reference, tmp_path, _checkpointed, "a fine-tuning checkpoint", _ctrl_c,
-                                     delay_s=1.0)
+@pytest.mark.parametrize("signum", STOPS, ids=lambda s: signal.Signals(s).name)
+def test_an_interrupt_while_fine_tuning_stops_it_resumably(reference, tmp_path, signum):
+    run, log_path = _interrupted_run(reference, tmp_path, _checkpointed, "a fine-tuning checkpoint",
+                                     _stopper(signum), delay_s=1.0)
+    _assert_one_line_with_the_resume_hint(log_path, run, signum)
     assert json.load(open(run / "manifest.json"))["stage"] == "finetune"
     assert not (run / "final" / "summary.json").exists()
     _finish(run, log_path)
