@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
 import signal
 import sys
@@ -80,7 +79,9 @@ def _launch(run, fn):
                               code) from None
         raise Interrupted(f"{how} before the run started; nothing was written", code) from None
     except Exception as e:
-        full = _no_space(e)
+        from .rundir import no_space
+
+        full = no_space(e)
         if full is None:
             raise
         raise DiskFull(_disk_full_message(full, run)) from None
@@ -88,17 +89,6 @@ def _launch(run, fn):
 
 class DiskFull(RuntimeError):
     """A write of the run found its file system full; the message names it and how to continue."""
-
-
-def _no_space(e: BaseException) -> OSError | None:
-    """The `No space left on device` error behind `e` (itself, or one it was raised from or during), or None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _disk_full_message(error: OSError, run) -> str:

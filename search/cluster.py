@@ -102,6 +102,13 @@ def _private_token() -> None:
         f.write(secrets.token_hex(32))  # as Ray's own generator: 256 random bits, hex
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that drops a line it cannot write (a full disk) instead of printing a traceback per line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def ray_output_to(path: str):
     """While the block runs, Ray's own messages go to the file `path`, not to the terminal: its loggers' lines
@@ -110,7 +117,7 @@ def ray_output_to(path: str):
     import ray._private.worker as ray_worker  # private: wrapped here only
 
     logger = logging.getLogger("ray")
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s:%(lineno)d -- %(message)s"))
     handlers, print_to_stdstream = logger.handlers[:], ray_worker.print_to_stdstream
 

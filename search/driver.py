@@ -13,7 +13,7 @@ from prunetune.workers.record import best
 from .cluster import check_resources, connect, ray_output_to
 from .finalize import finalize
 from .prepare import LATENCY_TABLE, Checked, Prepared, ensure_base
-from .rundir import RunDir
+from .rundir import RunDir, no_space
 from .stages import run_finetune, run_search
 from .store import CandidateStore
 
@@ -63,6 +63,10 @@ def execute(prep: Prepared, run: RunDir, restore: bool) -> dict:
         restore = False  # the fine-tuning stage starts afresh
     records = store.records()
     top = best(records, prep.cfg.search.top_k)
-    summary = finalize(prep, run, top, run_finetune(prep, run, top, restore), records)
+    grid = run_finetune(prep, run, top, restore)
+    full = next(filter(None, (no_space(result.error) for result in grid)), None)
+    if full is not None:  # a finalist's checkpoint did not fit: stop resumably, not with the epochs it had
+        raise full
+    summary = finalize(prep, run, top, grid, records)
     run.update(stage="done", candidates=store.manifest())
     return summary

@@ -185,6 +185,30 @@ def test_an_interrupt_while_fine_tuning_stops_it_resumably(reference, tmp_path, 
     _assert_same_result(run, reference[0])
 
 
+def test_a_full_disk_stops_the_run_in_one_line_and_the_resume_completes_it(reference, tmp_path):
+    """The driver's disk fills mid-search (each write then fails with ENOSPC after writing part of its data): one
+    line, exit 1, every part stored before intact; freed, `resume` ends where the uninterrupted run did."""
+    full = tmp_path / "disk-is-full"
+
+    def fill_the_disk(proc):
+        full.touch()
+        assert proc.wait(timeout=120) == 1
+
+    run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates",
+                                     fill_the_disk, delay_s=1.0, disk_full=full)
+    log = log_path.read_text()
+    assert (f"output.dir: no space left on " in log
+            and f"MB free); free space and continue with `prunetune resume {run}`" in log), log[-3000:]
+    assert "Traceback" not in log and "Errno 28" not in log, log[-3000:]
+    manifest = json.load(open(run / "manifest.json"))
+    assert manifest["stage"] == "search" and CandidateStore(str(run)).verify(manifest["candidates"]) == []
+    assert 3 <= len(CandidateStore(str(run)).indices()) < N
+    assert not [*run.glob(".*.tmp"), *(run / "candidates.parquet").glob(".*.tmp")]  # no half-written file left
+    full.unlink()
+    _finish(run, log_path)
+    _assert_same_result(run, reference[0])
+
+
 def test_a_learning_search_killed_and_resumed_proposes_what_it_would_have(reference, tmp_path):
     serial = ("search.algorithm=tpe", "search.population=3", "search.max_concurrent_trials=1")  # the default algorithm
     uninterrupted = tmp_path / "uninterrupted"
