@@ -71,17 +71,15 @@ def connect(cfg: Config, address: str | None = None) -> bool:
 
 
 def _init_keeping_signal_handlers(**kwargs):
-    """ray.init, then the SIGTERM and SIGHUP handlers the caller had: ray.init installs its own SIGTERM handler
-    (exit 15) and its C++ core one that prints a stack dump; prunetune stops on them as on Ctrl-C (cli._stop)."""
+    """ray.init, then the SIGTERM handler the caller had: ray.init replaces it with its own (exit 15) and its C++
+    core adds one that prints a stack dump; prunetune stops on SIGTERM as on Ctrl-C (cli._stop)."""
     import ray
 
-    signals = (signal.SIGTERM, signal.SIGHUP)
     main = threading.current_thread() is threading.main_thread()
-    before = {s: signal.getsignal(s) for s in signals} if main else {}
+    before = signal.getsignal(signal.SIGTERM) if main else None
     context = ray.init(**kwargs)
-    for s, handler in before.items():
-        if handler is not None:  # None: a handler not set from Python, which signal.signal cannot put back
-            signal.signal(s, handler)
+    if before is not None:  # None: off the main thread, or a handler not set from Python (it cannot be put back)
+        signal.signal(signal.SIGTERM, before)
     return context
 
 
