@@ -1,4 +1,5 @@
-"""Resume after the driver is killed with SIGKILL: in the search, between the stages, and while fine-tuning.
+"""Resume after the driver is killed with SIGKILL (in the search, between the stages, while fine-tuning), stopped by
+Ctrl-C, SIGTERM or SIGHUP, or stopped by a full disk.
 
 Each resumed run must equal an uninterrupted run with the same seed: the same candidates, each stored once, the
 same scores and the same final models.
