@@ -1,6 +1,7 @@
 """Faults survived: a worker process that dies, a node that goes away, candidates that fail."""
 import contextlib
 import json
+import signal
 import threading
 import time
 
@@ -60,6 +61,24 @@ def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_pa
     assert [r.index for r in records] == list(range(8)) and all(r.ok for r in records)
     out = _assert_rays_messages_went_to_the_log(capfd, tmp_path / "run")
     assert "[search] candidate 3: its trial was lost" in out  # prunetune's own line stays
+
+
+@pytest.mark.ray
+def test_starting_ray_keeps_the_sigterm_handler_prunetune_set():
+    """ray.init installs its own SIGTERM handler (and its C++ core one that prints a stack dump): the embedded Ray
+    of `prunetune run` puts prunetune's back, so SIGTERM stops the run as Ctrl-C does."""
+    from prunetune.search.cluster import _init_keeping_signal_handlers
+
+    def prunetunes(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, prunetunes)
+    try:
+        _init_keeping_signal_handlers(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        assert signal.getsignal(signal.SIGTERM) is prunetunes
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, before)
 
 
 class _Numbered:
