@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 
 from .config import ConfigError, load_config
 
@@ -14,25 +17,97 @@ EXIT_BAD_INPUT = 2
 def _bad_input_errors() -> tuple:
     from prunetune.workers.data import DataError
     from prunetune.workers.groups import SpaceError
+    from prunetune.workers.latency import CacheError
     from prunetune.workers.models import ModelError
 
     from .rundir import RunLockedError
 
-    return ConfigError, DataError, ModelError, SpaceError, RunLockedError
+    return ConfigError, DataError, ModelError, SpaceError, CacheError, RunLockedError
 
 
 class Interrupted(Exception):
-    """Ctrl-C stopped a run where it was; the message says what is kept and how to continue."""
+    """Ctrl-C (or SIGTERM, SIGHUP) stopped a run where it was; the message says what is kept and how to continue."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # what kill, timeout, systemd, Kubernetes, Slurm, `ray job stop` and
+# a closed terminal send: they stop a command as Ctrl-C does
+_received: list[int] = []  # the stop signals received while the command runs
+
+
+def _stop(signum, frame):
+    """Handler of the stop signals: a KeyboardInterrupt, as Ctrl-C raises, so every stage stops the same way. The
+    signal is remembered apart: Ray's core turns a KeyboardInterrupt raised during its calls into a new one."""
+    _received.append(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stopping_like_ctrl_c():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt while the command runs (the handlers before it are put back
+    after); `cluster.connect` keeps them across ray.init, which installs its own."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread():  # main() called from a thread: signals stay
+        yield
+        return
+    before = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _interrupt() -> tuple[str, int]:
+    """How the interrupt is named and the exit status it gives: 130 for Ctrl-C, 128 + the signal otherwise."""
+    if _received:
+        return f"interrupted by {signal.Signals(_received[0]).name}", 128 + _received[0]
+    return "interrupted", 128 + signal.SIGINT
 
 
 def _launch(run, fn):
-    """Run `fn`, turning Ctrl-C into Interrupted: a run that has started stays resumable, never marked done."""
+    """Run `fn`, turning Ctrl-C, SIGTERM and SIGHUP into Interrupted, and a full disk into DiskFull: a run that has
+    started stays resumable, never marked done."""
     try:
         return fn()
     except KeyboardInterrupt:
+        how, code = _interrupt()
         if run.exists():
-            raise Interrupted(f"interrupted; the run is kept as it was: continue it with `prunetune resume {run.path}`")
-        raise Interrupted("interrupted before the run started; nothing was written") from None
+            raise Interrupted(f"{how}; the run is kept as it was: continue it with `prunetune resume {run.path}`",
+                              code) from None
+        raise Interrupted(f"{how} before the run started; nothing was written", code) from None
+    except Exception as e:
+        from .rundir import no_space
+
+        full = no_space(e)
+        if full is None:
+            raise
+        raise DiskFull(_disk_full_message(full, run)) from None
+
+
+class DiskFull(RuntimeError):
+    """A write of the run found its file system full; the message names it and how to continue."""
+
+
+def _disk_full_message(error: OSError, run) -> str:
+    """`output.dir: no space left on MOUNT (N MB free); free space and ...` (a file elsewhere is named instead)."""
+    import shutil
+
+    target = os.path.abspath(error.filename) if isinstance(error.filename, str) else run.path
+    inside = target == run.path or target.startswith(run.path + os.sep)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    mount = existing
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    free_mb = shutil.disk_usage(existing).free / 2 ** 20
+    then = f"continue with `prunetune resume {run.path}`" if run.exists() else "run it again"
+    return (f"{'output.dir' if inside else target}: no space left on {mount} ({free_mb:.0f} MB free); "
+            f"free space and {then}")
 
 
 def _config(path: str | None, overrides: list[str]):
@@ -297,13 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the prunetune command."""
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with _stopping_like_ctrl_c():
+            return args.fn(args)
     except _bad_input_errors() as e:
         print(f"prunetune: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"prunetune: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        print(f"prunetune: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a command other than run and resume (export, inspect, ...)
+        how, code = _interrupt()
+        print(f"prunetune: {how}", file=sys.stderr)
+        return code
     except BrokenPipeError:  # the reader of our output went away (`prunetune report RUN | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -313,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         from .finalize import NoFinalModel
         from .stages import SearchFailed
 
-        if isinstance(e, (SearchFailed, NoFinalModel, TrainingDiverged)):
+        if isinstance(e, (SearchFailed, NoFinalModel, TrainingDiverged, DiskFull)):
             print(f"prunetune: {e}", file=sys.stderr)
             return 1
         raise

@@ -1,10 +1,14 @@
 """Ray itself: connect to a cluster or start an embedded one, check what it can run, validate cluster.yaml."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import secrets
+import signal
 import socket
+import threading
 
 import yaml
 
@@ -51,22 +55,82 @@ def connect(cfg: Config, address: str | None = None) -> bool:
     address = address or cfg.ray.address
     if address:
         check_address(address)
-        ray.init(address=address, log_to_driver=False)
+        _init_keeping_signal_handlers(address=address, log_to_driver=False)
         return True
     gpus = cfg.ray.num_gpus or 0
     if gpus > _cuda_devices():
         raise ConfigError(f"ray.num_gpus: {gpus} GPU declared, but torch sees {_cuda_devices()} CUDA device on this "
                           "machine; trials would run on the CPU")
-    context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                       include_dashboard=cfg.ray.dashboard, dashboard_host=cfg.ray.dashboard_host,
-                       log_to_driver=False, logging_level=logging.ERROR)
+    _private_token()
+    context = _init_keeping_signal_handlers(
+        address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.dashboard,
+        dashboard_host=cfg.ray.dashboard_host, log_to_driver=False, logging_level=logging.ERROR)
     dashboard = f" (dashboard http://{context.dashboard_url})" if context.dashboard_url else ""
-    token = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"))
-    shared = os.path.isfile(token) and os.stat(token).st_mode & 0o044
-    print(f"[ray] started an embedded Ray for this run{dashboard}; Ray's token authentication is on: only processes "
-          f"that read {token} can send it work" + (f" (other users can read it: chmod 600 {token})" if shared else ""),
-          flush=True)
+    print(f"[ray] started an embedded Ray for this run{dashboard}", flush=True)
     return True
+
+
+def _init_keeping_signal_handlers(**kwargs):
+    """ray.init, then the SIGTERM handler the caller had: ray.init replaces it with its own (exit 15) and its C++
+    core adds one that prints a stack dump; prunetune stops on SIGTERM as on Ctrl-C (cli._stop)."""
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    context = ray.init(**kwargs)
+    if before is not None:  # None: off the main thread, or a handler not set from Python (it cannot be put back)
+        signal.signal(signal.SIGTERM, before)
+    return context
+
+
+def _private_token() -> None:
+    """Create the token file a new local Ray reads (Ray's default path), readable by this user only, when it does
+    not exist and the user has not configured Ray's authentication: Ray itself would create it readable by
+    everyone. An existing file, and a configured authentication (RAY_AUTH_MODE, RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH), are left as they are."""
+    if any(os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return
+    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # it exists (kept as it is), or cannot be written (Ray then says so itself)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # as Ray's own generator: 256 random bits, hex
+
+
+class _LogFile(logging.FileHandler):
+    """A log file that drops a line it cannot write (a full disk) instead of printing a traceback per line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def ray_output_to(path: str):
+    """While the block runs, Ray's own messages go to the file `path`, not to the terminal: its loggers' lines
+    (e.g. Tune's `Trial task failed` with its traceback) and the errors the raylet sends the driver (a worker that
+    died). prunetune's own lines, on stdout and stderr, stay."""
+    import ray._private.worker as ray_worker  # private: wrapped here only
+
+    logger = logging.getLogger("ray")
+    handler = _LogFile(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s:%(lineno)d -- %(message)s"))
+    handlers, print_to_stdstream = logger.handlers[:], ray_worker.print_to_stdstream
+
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        for line in data.get("lines", []):
+            logger.error("(%s) %s", data.get("pid", "ray"), line)
+
+    logger.handlers = [handler]
+    ray_worker.print_to_stdstream = to_log
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = print_to_stdstream
+        logger.handlers = handlers
+        handler.close()
 
 
 def _cuda_devices() -> int:

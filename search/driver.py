@@ -10,18 +10,21 @@ import os
 from prunetune.workers.files import write_json
 from prunetune.workers.record import best
 
-from .cluster import check_resources, connect
+from .cluster import check_resources, connect, ray_output_to
 from .finalize import finalize
 from .prepare import LATENCY_TABLE, Checked, Prepared, ensure_base, warn
-from .rundir import RunDir
+from .rundir import RunDir, no_space
 from .stages import run_finetune, run_search, unfinished_search
 from .store import CandidateStore
+
+RAY_LOG = "ray.log"  # Ray's own messages during the run (OUTPUT/ray.log): the terminal gets prunetune's lines only
 
 
 def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, overwrite: bool = False) -> dict:
     """Connect to Ray (or start it) and check that it can run the trials, get the trained base model, then take
     the run lock, run or continue both stages, and let go of both. Nothing is written before the cluster has
-    answered, and no base model is trained for trials that could never run."""
+    answered, and no base model is trained for trials that could never run. While the stages run, Ray's own
+    messages go to OUTPUT/ray.log."""
     started = connect(checked.cfg, address)
     try:
         check_resources(checked.cfg)
@@ -33,7 +36,9 @@ def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, ov
                 if prep.space.latency is not None:
                     run.record(LATENCY_TABLE)
                     write_json(os.path.join(run.path, LATENCY_TABLE), prep.space.latency.to_dict())
-            return execute(prep, run, restore)
+            run.record(RAY_LOG)
+            with ray_output_to(os.path.join(run.path, RAY_LOG)):
+                return execute(prep, run, restore)
         finally:
             run.release()
     finally:
@@ -61,7 +66,11 @@ def execute(prep: Prepared, run: RunDir, restore: bool) -> dict:
     unfinished = unfinished_search(records, prep.cfg, run)  # the time budget ended it: it stays in stage search
     run.update(stage="search" if unfinished else "finetune", candidates=store.manifest())
     top = best(records, prep.cfg.search.top_k)
-    summary = finalize(prep, run, top, run_finetune(prep, run, top, restore), records)
+    grid = run_finetune(prep, run, top, restore)
+    full = next(filter(None, (no_space(result.error) for result in grid)), None)
+    if full is not None:  # a finalist's checkpoint did not fit: stop resumably, not with the epochs it had
+        raise full
+    summary = finalize(prep, run, top, grid, records)
     run.update(stage="search" if unfinished else "done", candidates=store.manifest())
     if unfinished:
         warn(unfinished)

@@ -1,6 +1,7 @@
 """A run's output directory: its manifest (config hash, stage, stored rows) and the lock that guards it."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -202,6 +203,18 @@ class RunDir:
         holder = self._holder()
         if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             os.remove(self.lock_path)
+
+
+def no_space(e: BaseException | None) -> OSError | None:
+    """The `No space left on device` (or quota) error behind `e`: itself, one it was raised from or during, or the
+    cause a Ray task error carries; None if there is none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def _alive(pid) -> bool:

@@ -1,22 +1,24 @@
 """Faults injected from the tests (the shipped code has none): Ray runs `install` in every worker process.
 
 `ray.init(runtime_env=worker_faults(...))` makes each worker wrap the evaluator and the fine-tuning loop:
-log every evaluation started, slow them down, make candidate k raise, make candidate k kill its worker
-process (once, or `crashes` times), or make candidate k, or the end of fine-tuning epoch n, stop its worker
-process with SIGSTOP (a hung worker; once). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the
-`prunetune` command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause
-between the two stages of the run.
+log every evaluation started, slow them down, make candidate k raise, make candidate k kill its worker process
+with SIGKILL (once, or `crashes` times), or make candidate k, or the end of fine-tuning epoch n, stop its worker
+process with SIGSTOP (a hung worker; once). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune`
+command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two
+stages of the run; with PRUNETUNE_TEST_DISK_FULL=FILE, the driver's disk is full while FILE exists.
 """
 from __future__ import annotations
 
+import builtins
+import errno
 import os
 import signal
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import tests.faults from here
-LOG, DELAY, FAIL_AT, CRASH_AT, CRASHES, MARKERS, HANG_AT, HANG_EPOCH = (f"PRUNETUNE_TEST_{k}" for k in (
-    "LOG", "DELAY_S", "FAIL_AT", "CRASH_AT", "CRASHES", "MARKERS", "HANG_AT", "HANG_EPOCH"))
+LOG, DELAY, FAIL_AT, CRASH_AT, CRASHES, MARKERS, HANG_AT, HANG_EPOCH, DISK_FULL = (f"PRUNETUNE_TEST_{k}" for k in (
+    "LOG", "DELAY_S", "FAIL_AT", "CRASH_AT", "CRASHES", "MARKERS", "HANG_AT", "HANG_EPOCH", "DISK_FULL"))
 
 
 def sigint_as_in_a_terminal() -> None:
@@ -73,7 +75,7 @@ def install() -> None:
             fresh = [m for m in markers if not os.path.exists(m)]
             if fresh:
                 open(fresh[0], "w").close()
-                os._exit(1)
+                os.kill(os.getpid(), signal.SIGKILL)
         return evaluate(self, ratios, index)
 
     def slow_finetune(*args, on_epoch=None, **kwargs):
@@ -89,8 +91,45 @@ def install() -> None:
     trials.finetune = slow_finetune
 
 
+class _FullFile:
+    """A file on a full disk: a write puts part of its data down, then fails with ENOSPC, as the OS does."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def write(self, data):
+        self._file.write(data[:len(data) // 2])
+        self._file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+def fill_the_disk_while(marker: str) -> None:
+    """In this process, every file opened for writing while `marker` exists is on a full disk (its writes fail
+    with ENOSPC after writing part of their data)."""
+    real_open = builtins.open
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if any(c in mode for c in "wax+") and os.path.exists(marker):
+            return _FullFile(f)
+        return f
+
+    builtins.open = open_on_a_full_disk
+
+
 def main(argv: list[str]) -> int:
     """Start Ray with the worker faults of the environment, optionally pause between stages, run the command."""
+    import logging
+
     import ray
 
     from prunetune.search import driver
@@ -104,9 +143,11 @@ def main(argv: list[str]) -> int:
         return run_finetune(*args, **kwargs)
 
     driver.run_finetune = paused
+    if os.environ.get(DISK_FULL):
+        fill_the_disk_while(os.environ.pop(DISK_FULL))
     faults = {k[len("PRUNETUNE_TEST_"):].lower(): v for k, v in os.environ.items() if k.startswith("PRUNETUNE_TEST_")}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env=worker_faults(**faults))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+             runtime_env=worker_faults(**faults))  # as prunetune's own embedded Ray
     return prunetune(argv[1:])
 
 

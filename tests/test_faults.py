@@ -1,6 +1,7 @@
 """Faults survived: a worker process that dies, a node that goes away, candidates that fail."""
 import contextlib
 import json
+import signal
 import threading
 import time
 
@@ -27,26 +28,57 @@ def embedded_ray(**faults):
         ray.shutdown()
 
 
+def _assert_rays_messages_went_to_the_log(capfd, run):
+    """Ray's report of the dead worker (Tune's `Trial task failed` and its traceback, the raylet's message) is in
+    OUTPUT/ray.log; the terminal (file descriptors 1 and 2, where Ray's C++ core writes too) has none of it."""
+    out, err = capfd.readouterr()
+    for text in (out, err):
+        assert "Traceback" not in text and "Trial task failed" not in text and "(raylet)" not in text, text[-3000:]
+    log = (run / "ray.log").read_text()
+    assert "Trial task failed" in log and "Traceback" in log
+    return out
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_worker_process_that_dies_is_retried(tmp_path):
+def test_a_worker_process_that_dies_is_retried(tmp_path, capfd):
     with embedded_ray(crash_at=3, markers=tmp_path):
         assert main(run_args(tmp_path, "search.max_failures=2")) == 0
-    assert (tmp_path / "crashed-3").exists()  # the worker did die on candidate 3
+    assert (tmp_path / "crashed-3").exists()  # the worker was killed (SIGKILL) on candidate 3
     records = CandidateStore(str(tmp_path / "run")).records()
     assert [r.index for r in records] == list(range(8))
     assert all(r.ok for r in records)
+    _assert_rays_messages_went_to_the_log(capfd, tmp_path / "run")
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capsys):
+def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capfd):
     with embedded_ray(crash_at=3, crashes=2, markers=tmp_path):  # dies, and dies again in Tune's one retry
         assert main(run_args(tmp_path, "search.max_failures=1")) == 0
     assert (tmp_path / "crashed-3-2").exists()
     records = CandidateStore(str(tmp_path / "run")).records()
     assert [r.index for r in records] == list(range(8)) and all(r.ok for r in records)
-    assert "[search] candidate 3: its trial was lost" in capsys.readouterr().out
+    out = _assert_rays_messages_went_to_the_log(capfd, tmp_path / "run")
+    assert "[search] candidate 3: its trial was lost" in out  # prunetune's own line stays
+
+
+@pytest.mark.ray
+def test_starting_ray_keeps_the_sigterm_handler_prunetune_set():
+    """ray.init installs its own SIGTERM handler (and its C++ core one that prints a stack dump): the embedded Ray
+    of `prunetune run` puts prunetune's back, so SIGTERM stops the run as Ctrl-C does."""
+    from prunetune.search.cluster import _init_keeping_signal_handlers
+
+    def prunetunes(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, prunetunes)
+    try:
+        _init_keeping_signal_handlers(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        assert signal.getsignal(signal.SIGTERM) is prunetunes
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, before)
 
 
 class _Numbered:

@@ -255,3 +255,64 @@ def test_a_latency_whose_spread_is_large_is_marked_unstable():
 
     assert _latency({"latency_ms_batch1": 2.0, "latency_iqr_ms": 0.2}) == "2 ms ± 0.1"
     assert _latency({"latency_ms_batch1": 2.0, "latency_iqr_ms": 1.0}) == "2 ms ± 0.5 (unstable)"
+
+
+_INTERRUPTED_INSIDE = """
+import os, signal, sys, time
+import {module} as target
+from prunetune.search.cli import main
+
+def interrupted(*args, **kwargs):  # the signal lands while the command works
+    os.kill(os.getpid(), {signum})
+    time.sleep(60)
+
+target.{function} = interrupted
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("module, function, argv", [
+    ("prunetune.workers.latency", "build_table", ["inspect", "--model", "resnet20", "--latency"]),
+    ("prunetune.search.quantize", "quantize_int8", ["export", "RUN", "--quantize", "int8"]),
+], ids=["inspect --latency", "export --quantize"])
+def test_an_interrupted_export_or_inspect_says_so_in_one_line(tmp_path, signum, module, function, argv):
+    argv = [*argv, "--set", f"output.cache_dir={tmp_path / 'cache'}"] if argv[0] == "inspect" else \
+        [_finished_looking_run(tmp_path).path if a == "RUN" else a for a in argv]
+    code = _INTERRUPTED_INSIDE.format(module=module, function=function, signum=int(signum), argv=argv)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=sigint_as_in_a_terminal)
+    how = "interrupted" if signum == signal.SIGINT else "interrupted by SIGTERM"
+    assert proc.returncode == 128 + signum and proc.stderr.strip() == f"prunetune: {how}", proc.stderr[-2000:]
+
+
+def test_inspect_latency_with_a_cache_it_cannot_write_is_refused_before_timing(capsys, monkeypatch):
+    from prunetune.workers import latency
+
+    def build_table(*args, **kwargs):
+        raise AssertionError("the table was timed although it could not be cached")
+
+    monkeypatch.setattr(latency, "build_table", build_table)
+    _one_line_exit_2(capsys, ["inspect", "--model", "resnet20", "--latency", "--set",
+                              "output.cache_dir=/proc/prunetune-test"],
+                     "output.cache_dir: cannot write the latency table to /proc/prunetune-test/latency")
+
+
+def test_the_embedded_rays_token_is_created_readable_by_this_user_only(tmp_path, monkeypatch):
+    from prunetune.search.cluster import _private_token
+
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _private_token()
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+    token.write_text("the user's own")
+    token.chmod(0o644)
+    _private_token()  # an existing token stays as it is
+    assert token.read_text() == "the user's own" and token.stat().st_mode & 0o777 == 0o644
+    (tmp_path / "other").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "other"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user decides: nothing is created
+    _private_token()
+    assert not (tmp_path / "other" / ".ray").exists()

@@ -1,4 +1,5 @@
-"""Resume after the driver is killed with SIGKILL: in the search, between the stages, and while fine-tuning.
+"""Resume after the driver is killed with SIGKILL (in the search, between the stages, while fine-tuning), stopped by
+Ctrl-C, SIGTERM or SIGHUP, or stopped by a full disk.
 
 Each resumed run must equal an uninterrupted run with the same seed: the same candidates, each stored once, the
 same scores and the same final models.
@@ -98,10 +99,24 @@ def _checkpointed(run):
     return lambda: checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*"))
 
 
-def _ctrl_c(proc, group: bool = False):
-    """SIGINT as Ctrl-C sends it (a terminal sends it to the whole process group); the driver must exit 130."""
-    os.killpg(proc.pid, signal.SIGINT) if group else proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+# Ctrl-C (a terminal sends SIGINT to the whole process group), then what kill, timeout, systemd, Kubernetes, Slurm and
+# `ray job stop` send, and what a closed terminal sends: each stops the driver the same way
+STOPS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+def _stopper(signum: int, group: bool = False):
+    """Sends `signum` to the driver (or its process group); the driver must exit 128 + signum."""
+    def stop(proc):
+        os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+        assert proc.wait(timeout=120) == 128 + signum
+    return stop
+
+
+def _assert_one_line_with_the_resume_hint(log_path, run, signum):
+    log = log_path.read_text()
+    how = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
+    assert f"prunetune: {how}; the run is kept as it was: continue it with `prunetune resume {run}`" in log
+    assert "Traceback" not in log and "received at time" not in log and "PC: @" not in log, log[-3000:]
 
 
 def _interrupted_run(reference, tmp_path, until, what, stop, pause_between_stages=0.0, extra=(), **faults):
@@ -149,21 +164,48 @@ def test_driver_killed_while_fine_tuning(reference, tmp_path):
     _assert_same_result(run, reference[0])
 
 
-def test_ctrl_c_during_the_search_stops_it_resumably(reference, tmp_path):
+@pytest.mark.parametrize("signum", STOPS, ids=lambda s: signal.Signals(s).name)
+def test_an_interrupt_during_the_search_stops_it_resumably(reference, tmp_path, signum):
     run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates",
-                                     lambda proc: _ctrl_c(proc, group=True), delay_s=1.0)
-    assert f"interrupted; the run is kept as it was: continue it with `prunetune resume {run}`" in log_path.read_text()
+                                     _stopper(signum, group=signum == signal.SIGINT), delay_s=1.0)
+    _assert_one_line_with_the_resume_hint(log_path, run, signum)
     assert json.load(open(run / "manifest.json"))["stage"] == "search"
     assert 3 <= len(CandidateStore(str(run)).indices()) < N and not (run / "final").exists()
     _finish(run, log_path)
     _assert_same_result(run, reference[0])
 
 
-def test_ctrl_c_while_fine_tuning_stops_it_resumably(reference, tmp_path):
-    run, log_path = _interrupted_run(reference, tmp_path, _checkpointed, "a fine-tuning checkpoint", _ctrl_c,
-                                     delay_s=1.0)
+@pytest.mark.parametrize("signum", STOPS, ids=lambda s: signal.Signals(s).name)
+def test_an_interrupt_while_fine_tuning_stops_it_resumably(reference, tmp_path, signum):
+    run, log_path = _interrupted_run(reference, tmp_path, _checkpointed, "a fine-tuning checkpoint",
+                                     _stopper(signum), delay_s=1.0)
+    _assert_one_line_with_the_resume_hint(log_path, run, signum)
     assert json.load(open(run / "manifest.json"))["stage"] == "finetune"
     assert not (run / "final" / "summary.json").exists()
+    _finish(run, log_path)
+    _assert_same_result(run, reference[0])
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_resume_completes_it(reference, tmp_path):
+    """The driver's disk fills mid-search (each write then fails with ENOSPC after writing part of its data): one
+    line, exit 1, every part stored before intact; freed, `resume` ends where the uninterrupted run did."""
+    full = tmp_path / "disk-is-full"
+
+    def fill_the_disk(proc):
+        full.touch()
+        assert proc.wait(timeout=120) == 1
+
+    run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates",
+                                     fill_the_disk, delay_s=1.0, disk_full=full)
+    log = log_path.read_text()
+    assert (f"output.dir: no space left on " in log
+            and f"MB free); free space and continue with `prunetune resume {run}`" in log), log[-3000:]
+    assert "Traceback" not in log and "Errno 28" not in log, log[-3000:]
+    manifest = json.load(open(run / "manifest.json"))
+    assert manifest["stage"] == "search" and CandidateStore(str(run)).verify(manifest["candidates"]) == []
+    assert 3 <= len(CandidateStore(str(run)).indices()) < N
+    assert not [*run.glob(".*.tmp"), *(run / "candidates.parquet").glob(".*.tmp")]  # no half-written file left
+    full.unlink()
     _finish(run, log_path)
     _assert_same_result(run, reference[0])
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .files import write_json
+from .files import unwritable, write_json
 from .layers import IN, OUT, kind_of
 from .prune import PrunePlan
 from .space import PruningSpace
@@ -269,6 +269,10 @@ def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, th
     return table
 
 
+class CacheError(ValueError):
+    """The cache directory cannot take a latency table that would be built."""
+
+
 def read_table(path: str, key: str) -> LatencyTable | None:
     """The table saved at `path` if it is readable and has this key, else None."""
     try:
@@ -290,6 +294,10 @@ def load_or_build(model: nn.Module, space: PruningSpace, example: torch.Tensor, 
         table = read_table(candidate, key)
         if table is not None:
             return table, candidate, False
+    reason = unwritable(os.path.dirname(path))  # before the minutes of timing, not after
+    if reason:
+        raise CacheError(f"output.cache_dir: cannot write the latency table to {os.path.dirname(path)} ({reason}); "
+                         "make it writable, or set output.cache_dir to a directory you can write")
     table = build_table(model, space, example, threads, grid, repeats)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, table.to_dict())
