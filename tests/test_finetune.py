@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from prunetune import build_model, finetune, load_config, load_data
 from prunetune.search import prepare as prepare_module
+from prunetune.workers import finetune as finetune_module
 from prunetune.search.config import ConfigError, grace_epochs, loader_workers, training_recipe
 from prunetune.search.prepare import base_cache_path, model_spec, trained_base
 from prunetune.workers.data import BatchReader, TensorImages, heldout_split
@@ -90,6 +91,24 @@ def test_progress_lines_name_the_stage_with_time_per_epoch_and_eta(trained):
     assert len(lines) == 2 and all(line.startswith(f"sparsity training: epoch {i}/2 ") for i, line in
                                    enumerate(lines, 1))
     assert all(" s/epoch, ETA " in line for line in lines) and lines[-1].endswith("ETA 0:00)")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_progress_bar_inside_each_epoch_and_a_file_plain_lines(trained, monkeypatch):
+    data, cfg, model, heldout, rest = trained
+    monkeypatch.setattr(finetune_module, "BAR_EVERY_S", 0.0)
+    short = cfg.finetune.model_copy(update={"epochs": 1, "batch_size": 50})
+    terminal, plain = _Terminal(), io.StringIO()
+    for log in (terminal, plain):
+        finetune(_copy(model), data, short, train_indices=rest[:200], stage="base training", log=log)
+    shown = terminal.getvalue()
+    assert "\rbase training: epoch 1/1 [" in shown and "step 3/4 (epoch ETA " in shown
+    assert shown.split("\r\x1b[K")[-1].startswith("base training: epoch 1/1 train_loss")  # cleared, then the line
+    assert "\r" not in plain.getvalue() and plain.getvalue().startswith("base training: epoch 1/1 train_loss")
 
 
 def test_the_base_trained_here_never_sees_the_held_out_split(tmp_path, monkeypatch):

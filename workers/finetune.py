@@ -18,6 +18,7 @@ from .scoring import score
 
 EpochCallback = Callable[[int, dict, str | None], None]
 CHECKPOINT_NAME = "finetune.pt"  # the checkpoint file finetune() writes (inside a Tune checkpoint directory too)
+BAR_EVERY_S = 0.5  # a terminal's progress line inside an epoch is redrawn at most this often
 
 
 def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -67,6 +68,30 @@ def _progress(stage: str, metrics: dict, epochs: int, seconds: list[float]) -> s
     return (f"{stage}: epoch {metrics['epoch']}/{epochs} train_loss {metrics['train_loss']:.4f}{val} "
             f"test_acc {metrics['test_accuracy']:.4f} ({per_epoch:.1f} s/epoch, "
             f"ETA {_duration(per_epoch * (epochs - metrics['epoch']))})")
+
+
+class _StepBar:
+    """Progress inside an epoch where `log` is a terminal: one line redrawn in place (steps, time left in the
+    epoch), at most every BAR_EVERY_S, cleared before the epoch's own line; elsewhere nothing (plain lines only)."""
+
+    def __init__(self, log, stage: str, epoch: int, epochs: int, steps: int):
+        self.log, self.label, self.steps = log, f"{stage}: epoch {epoch}/{epochs}", steps
+        self.on = bool(getattr(log, "isatty", lambda: False)())
+        self.start = self.shown = time.perf_counter()
+
+    def step(self, k: int) -> None:
+        now = time.perf_counter()
+        if not self.on or now - self.shown < BAR_EVERY_S:
+            return
+        self.shown, filled = now, int(20 * k / self.steps)
+        left = (now - self.start) / k * (self.steps - k)
+        self.log.write(f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] step {k}/{self.steps} "
+                       f"(epoch ETA {_duration(left)})\x1b[K")
+        self.log.flush()
+
+    def clear(self) -> None:
+        if self.on:
+            self.log.write("\r\x1b[K")
 
 
 def _with_best(metrics: dict, history: list[dict], best: int) -> dict:
@@ -136,6 +161,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
         order = pool[order[: steps_per_epoch * cfg.batch_size]]
         loss_sum, seen = 0.0, 0
+        bar = _StepBar(log, stage, epoch + 1, epochs, steps_per_epoch)
         for step, (x, y) in enumerate(reader(order), 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last and x.dim() == 4:
@@ -161,6 +187,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
             scheduler.step()
             loss_sum += value * len(y)
             seen += len(y)
+            bar.step(step)
+        bar.clear()
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise TrainingDiverged(f"{stage}: the weights became non-finite in epoch {epoch + 1}/{epochs}: the "
                                    "training diverged; nothing of it was kept")
