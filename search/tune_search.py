@@ -325,12 +325,18 @@ class StoreCallback(Callback):
             if index in received:
                 continue
             if self.searcher.handing_out_again(index):  # Tune tells the searcher first, then its callbacks
-                print(f"[search] candidate {index}: its trial was lost ({message}); evaluating it again",
+                print(f"[search] candidate {index}: its trial was lost ({_brief(message)}); evaluating it again",
                       file=sys.stdout, flush=True)
                 continue
             record = CandidateRecord.failed(index, candidate["ratios"], message)
             record.trial_id, record.source = trial.trial_id, candidate["source"]
             self._record(record)
+
+
+def _brief(message: str, limit: int = 160) -> str:
+    """A Ray error's first sentence, at most `limit` characters: what a progress line shows of it."""
+    first = message.split(". ", 1)[0].rstrip(".")
+    return first if len(first) <= limit else first[:limit - 3] + "..."
 
 
 class FailureStopper(Stopper):

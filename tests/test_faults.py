@@ -60,7 +60,8 @@ def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_pa
     records = CandidateStore(str(tmp_path / "run")).records()
     assert [r.index for r in records] == list(range(8)) and all(r.ok for r in records)
     out = _assert_rays_messages_went_to_the_log(capfd, tmp_path / "run")
-    assert "[search] candidate 3: its trial was lost" in out  # prunetune's own line stays
+    lost = [line for line in out.splitlines() if "[search] candidate 3: its trial was lost" in line]
+    assert lost and all(len(line) < 300 for line in lost)  # prunetune's own line stays, short; Ray's is in ray.log
 
 
 @pytest.mark.ray
