@@ -206,7 +206,7 @@ class StoreCallback(Callback):
     progress line comes from counters and is printed at most once per `interval_s`, and at the end.
     """
 
-    def __init__(self, output_dir: str, total: int, searcher: StrategySearcher, group_size: int = 64,
+    def __init__(self, output_dir: str, total: int, searcher: StrategySearcher | None, group_size: int = 64,
                  interval_s: float = 1.0, clock=time.monotonic):
         self.output_dir, self.total, self.searcher = output_dir, total, searcher
         self.group_size, self.interval_s, self.clock = group_size, interval_s, clock
@@ -290,7 +290,8 @@ class StoreCallback(Callback):
         self.flush()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if "index" in result and "status" in result and not self.searcher.timed_out(trial.trial_id):
+        timed_out = self.searcher is not None and self.searcher.timed_out(trial.trial_id)
+        if "index" in result and "status" in result and not timed_out:
             record = CandidateRecord.from_dict(result)
             record.trial_id = trial.trial_id
             self._record(record)

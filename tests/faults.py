@@ -1,7 +1,7 @@
 """Faults injected from the tests (the shipped code has none): Ray runs `install` in every worker process.
 
 `ray.init(runtime_env=worker_faults(...))` makes each worker wrap the evaluator and the fine-tuning loop:
-log every evaluation started, slow them down, make candidate k raise, make candidate k kill its worker process
+log every evaluation started, slow them down, make candidate k (or every one: `all`) raise, make candidate k kill its worker process
 with SIGKILL (once, or `crashes` times), or make candidate k, or the end of fine-tuning epoch n, stop its worker
 process with SIGSTOP (a hung worker; once). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune`
 command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two
@@ -66,7 +66,7 @@ def install() -> None:
         _delay()
         if os.environ.get(HANG_AT) == str(index):
             _hang(f"hung-{index}")
-        if os.environ.get(FAIL_AT) == str(index):
+        if os.environ.get(FAIL_AT) in (str(index), "all"):
             raise RuntimeError("injected failure")
         if os.environ.get(CRASH_AT) == str(index):  # one marker per crash: crashed-K, crashed-K-2, ...
             folder, crashes = os.environ.get(MARKERS, ""), int(os.environ.get(CRASHES, "1"))

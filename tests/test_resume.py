@@ -164,22 +164,21 @@ def test_driver_killed_while_fine_tuning(reference, tmp_path):
     _assert_same_result(run, reference[0])
 
 
-@pytest.mark.parametrize("signum", STOPS, ids=lambda s: signal.Signals(s).name)
-def test_an_interrupt_during_the_search_stops_it_resumably(reference, tmp_path, signum):
+@pytest.mark.parametrize("first, second", list(zip(STOPS, STOPS[1:] + STOPS[:1])),
+                         ids=lambda s: signal.Signals(s).name)
+def test_an_interrupt_in_either_stage_stops_the_run_resumably(reference, tmp_path, first, second):
+    """Each signal once in the search and once while fine-tuning (three runs): one line with the resume hint, the
+    stage kept, and the resumes end where the uninterrupted run did."""
     run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates",
-                                     _stopper(signum, group=signum == signal.SIGINT), delay_s=1.0)
-    _assert_one_line_with_the_resume_hint(log_path, run, signum)
+                                     _stopper(first, group=first == signal.SIGINT), delay_s=1.0)
+    _assert_one_line_with_the_resume_hint(log_path, run, first)
     assert json.load(open(run / "manifest.json"))["stage"] == "search"
     assert 3 <= len(CandidateStore(str(run)).indices()) < N and not (run / "final").exists()
-    _finish(run, log_path)
-    _assert_same_result(run, reference[0])
-
-
-@pytest.mark.parametrize("signum", STOPS, ids=lambda s: signal.Signals(s).name)
-def test_an_interrupt_while_fine_tuning_stops_it_resumably(reference, tmp_path, signum):
-    run, log_path = _interrupted_run(reference, tmp_path, _checkpointed, "a fine-tuning checkpoint",
-                                     _stopper(signum), delay_s=1.0)
-    _assert_one_line_with_the_resume_hint(log_path, run, signum)
+    with open(log_path, "ab") as log:
+        proc = _start(["resume", str(run)], log, delay_s=1.0)
+        _wait_for(_checkpointed(run), proc, 240, "a fine-tuning checkpoint")
+        _stopper(second, group=second == signal.SIGINT)(proc)
+    _assert_one_line_with_the_resume_hint(log_path, run, second)
     assert json.load(open(run / "manifest.json"))["stage"] == "finetune"
     assert not (run / "final" / "summary.json").exists()
     _finish(run, log_path)
@@ -198,7 +197,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_resume_completes_it(refer
     run, log_path = _interrupted_run(reference, tmp_path, lambda run: _stored(run, 3), "3 stored candidates",
                                      fill_the_disk, delay_s=1.0, disk_full=full)
     log = log_path.read_text()
-    assert (f"output.dir: no space left on " in log
+    assert ("output.dir: no space left on " in log
             and f"MB free); free space and continue with `prunetune resume {run}`" in log), log[-3000:]
     assert "Traceback" not in log and "Errno 28" not in log, log[-3000:]
     manifest = json.load(open(run / "manifest.json"))

@@ -392,7 +392,7 @@ def test_the_cached_base_model_is_reused_when_only_the_fine_tuning_schedule_chan
             paths.append(trained_base(cfg, build_model("digits_cnn", 10, 1), data, log=f))
     assert paths[0] == paths[1]
     assert "loaded" in log.read_text().splitlines()[-1] and "same model, data and training recipe" in log.read_text()
-    cfg = load_config(None, ["model.pretrain_epochs=1", f"output.cache_dir={tmp_path}", "finetune.lr=0.01"])
+    cfg = load_config(None, ["model.pretrain_epochs=1", f"output.cache_dir={tmp_path}", "model.pretrain_lr=0.01"])
     assert base_cache_path(cfg, model_spec(cfg, 10, 1)) != paths[0]  # a recipe change is another base model
 
 
