@@ -40,12 +40,15 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
                         finalists=finalists or [], latency_budget_ms=latency_budget, num_workers=loader_workers(cfg))
 
 
-def _trainable(fn, trial_payload: TrialPayload, cfg: Config):
+def _trainable(fn, trial_payload: TrialPayload, cfg: Config, data_parallel: bool = False):
+    """`fn` with the run's payload and a trial's resources. A trial that only drives Ray Train workers (which request
+    their own) holds no CPU or GPU: Tune refuses an empty request, so it asks for one byte of memory."""
     from ray import tune
 
     r = cfg.resources
     return tune.with_resources(tune.with_parameters(fn, payload=trial_payload),
-                               {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+                               {"cpu": 0, "memory": 1} if data_parallel else {"cpu": r.cpus_per_trial,
+                                                                            "gpu": r.gpus_per_trial})
 
 
 def _candidate_dirname(trial) -> str:
@@ -150,7 +153,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     cfg = prep.cfg
     f = cfg.finetune
     tune_settings()
-    trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg)
+    trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg, data_parallel=f.workers_per_finalist > 1)
     finalists = {"rank": tune.grid_search(list(range(1, len(top) + 1)))}
     path = os.path.join(run.tune_path, "finetune")
     run.record(path)
@@ -178,5 +181,6 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[FinetuneProgress(), EpochTimeouts(f.epoch_timeout_s),
                                                  *finetune_callbacks()]))
-    print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler})", flush=True)
+    ddp = f", {f.workers_per_finalist} DDP workers each" if f.workers_per_finalist > 1 else ""
+    print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler}{ddp})", flush=True)
     return tuner.fit()
