@@ -51,6 +51,21 @@ def _trainable(fn, trial_payload: TrialPayload, cfg: Config, data_parallel: bool
                                                                             "gpu": r.gpus_per_trial})
 
 
+def _finalists_at_once(cfg: Config) -> int:
+    """search.max_concurrent_trials, or fewer when data-parallel finalists' Train workers would not all fit the
+    cluster now: a finalist's trial waiting for its workers would run down finetune.epoch_timeout_s."""
+    import ray
+
+    f, r = cfg.finetune, cfg.resources
+    if f.workers_per_finalist == 1:
+        return cfg.search.max_concurrent_trials
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 0) // (f.workers_per_finalist * r.cpus_per_trial)]
+    if r.gpus_per_trial > 0:
+        fits.append(total.get("GPU", 0) // (f.workers_per_finalist * r.gpus_per_trial))
+    return max(1, min(cfg.search.max_concurrent_trials, int(min(fits))))
+
+
 def _candidate_dirname(trial) -> str:
     first = trial.config.get("candidates", [{"index": 0}])[0]["index"]
     return f"cand-{first:06d}-{trial.trial_id}"
@@ -174,7 +189,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
                      if f.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space=finalists,
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials,
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=_finalists_at_once(cfg),
                                         reuse_actors=True, trial_dirname_creator=_finalist_dirname),
             run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
