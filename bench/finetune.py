@@ -1,7 +1,9 @@
 """Fine-tuning throughput on a folder of 224 px JPEGs (made from the CIFAR-10 image folder, upscaled; never in the
 repository): JPEG decode rate per decoder, then images/s of one training epoch through prunetune's finetune() and
 through a plain PyTorch loop (DataLoader with the same workers, the same model, data and batches), for each
---workers count. Figures for the README "Fine-tuning" section.
+--workers count; then images/s of finetune() data-parallel over --ddp processes (DistributedDataParallel, gloo,
+as a Ray Train finalist's workers run it; batch_size stays the global batch). Figures for the README
+"Fine-tuning" section.
 
     python bench/finetune.py --data /tmp/cifar10 --jpeg-dir /tmp/prunetune-jpeg224   (or --smoke)
 """
@@ -114,6 +116,39 @@ def reference_epoch(data, ft, workers: int) -> float:
     return time.perf_counter() - t0
 
 
+def ddp_epoch(rank: int, world: int, port: int, folder: str, size: int, ft, threads: int, out: str) -> None:
+    """One process of a data-parallel epoch of finetune(); rank 0 writes the epoch's seconds to `out`."""
+    from torch import distributed as dist
+
+    from prunetune import finetune, load_data
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(threads)
+    data = load_data("imagefolder", path=folder, image_size=size)
+    result = finetune(small_net(data.num_classes), data, ft, log=io.StringIO(), data_parallel=True)
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(str(result["history"][-1]["epoch_seconds"]))
+    dist.destroy_process_group()
+
+
+def ddp_seconds(world: int, folder: str, size: int, ft, threads: int) -> float:
+    """Seconds of one data-parallel finetune() epoch over `world` processes."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "seconds")
+        mp.spawn(ddp_epoch, args=(world, port, folder, size, ft, threads, out), nprocs=world)
+        return float(open(out).read())
+
+
 def main() -> None:
     from prunetune import finetune, load_config, load_data
 
@@ -123,10 +158,12 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60, help="training images per class")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--ddp", default="1,2", help="data-parallel process counts (empty: none)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--rounds", type=int, default=3, help="epochs per setting (the median is kept)")
-    args = parse_args(parser, {"per_class": 10, "size": 72, "workers": "0,1", "batch_size": 8, "rounds": 1},
+    args = parse_args(parser, {"per_class": 10, "size": 72, "workers": "0,1", "ddp": "2", "batch_size": 8,
+                                       "rounds": 1},
                       require=("data",))
     if args.smoke:
         args.data = make_smoke_source(os.path.join(smoke_dir(), "source"))
@@ -150,8 +187,18 @@ def main() -> None:
              "reference_images_per_s": n / median(seconds[w, "reference"]),
              "ratio": median(seconds[w, "reference"]) / median(seconds[w, "finetune"])} for w in counts]
     print(table(rows, list(rows[0])))
+    worlds = [int(w) for w in args.ddp.split(",") if w]
+    ddp = {w: [] for w in worlds}
+    for _ in range(args.rounds):
+        for world in worlds:
+            ddp[world].append(ddp_seconds(world, folder, args.size, ft, args.threads))
+    ddp_rows = [{"ddp_processes": w, "images": n, "images_per_s": n / median(ddp[w]),
+                 "images_per_s_per_process": n / median(ddp[w]) / w} for w in worlds]
+    if ddp_rows:
+        print(table(ddp_rows, list(ddp_rows[0])))
     path = save("finetune", {"settings": {k: v for k, v in vars(args).items() if k != "smoke"},
-                             "decode_images_per_s": rates, "epochs": rows, "cpu_count": os.cpu_count()})
+                             "decode_images_per_s": rates, "epochs": rows, "ddp": ddp_rows,
+                             "cpu_count": os.cpu_count()})
     print(f"wrote {path}")
 
 

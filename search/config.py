@@ -104,6 +104,9 @@ class FinetuneConfig(Section):
     amp: Annotated[str, Choice(("auto", "bf16", "off"))] = "auto"  # auto: bf16 autocast on CUDA
     channels_last: Annotated[str, Choice(("auto", "on", "off"))] = "auto"  # auto: on CUDA
     seed: int = Field(0, ge=0)
+    # > 1: each finalist fine-tunes as a Ray Train TorchTrainer of this many DDP workers (gloo on CPU, NCCL on GPU),
+    # each with resources.cpus_per_trial/gpus_per_trial; batch_size stays the global batch
+    workers_per_finalist: int = Field(1, ge=1)
     # a finalist whose epoch runs longer than this is stopped (its last epoch kept); none or auto: derived
     epoch_timeout_s: Timeout = Field(None, gt=0)
 

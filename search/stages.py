@@ -40,12 +40,30 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
                         finalists=finalists or [], latency_budget_ms=latency_budget, num_workers=loader_workers(cfg))
 
 
-def _trainable(fn, trial_payload: TrialPayload, cfg: Config):
+def _trainable(fn, trial_payload: TrialPayload, cfg: Config, data_parallel: bool = False):
+    """`fn` with the run's payload and a trial's resources. A trial that only drives Ray Train workers (which request
+    their own) holds no CPU or GPU: Tune refuses an empty request, so it asks for one byte of memory."""
     from ray import tune
 
     r = cfg.resources
     return tune.with_resources(tune.with_parameters(fn, payload=trial_payload),
-                               {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+                               {"cpu": 0, "memory": 1} if data_parallel else {"cpu": r.cpus_per_trial,
+                                                                            "gpu": r.gpus_per_trial})
+
+
+def _finalists_at_once(cfg: Config) -> int:
+    """search.max_concurrent_trials, or fewer when data-parallel finalists' Train workers would not all fit the
+    cluster now: a finalist's trial waiting for its workers would run down finetune.epoch_timeout_s."""
+    import ray
+
+    f, r = cfg.finetune, cfg.resources
+    if f.workers_per_finalist == 1:
+        return cfg.search.max_concurrent_trials
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 0) // (f.workers_per_finalist * r.cpus_per_trial)]
+    if r.gpus_per_trial > 0:
+        fits.append(total.get("GPU", 0) // (f.workers_per_finalist * r.gpus_per_trial))
+    return max(1, min(cfg.search.max_concurrent_trials, int(min(fits))))
 
 
 def _candidate_dirname(trial) -> str:
@@ -150,7 +168,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     cfg = prep.cfg
     f = cfg.finetune
     tune_settings()
-    trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg)
+    trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg, data_parallel=f.workers_per_finalist > 1)
     finalists = {"rank": tune.grid_search(list(range(1, len(top) + 1)))}
     path = os.path.join(run.tune_path, "finetune")
     run.record(path)
@@ -171,12 +189,13 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
                      if f.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space=finalists,
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials,
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=_finalists_at_once(cfg),
                                         reuse_actors=True, trial_dirname_creator=_finalist_dirname),
             run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[FinetuneProgress(), EpochTimeouts(f.epoch_timeout_s),
                                                  *finetune_callbacks()]))
-    print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler})", flush=True)
+    ddp = f", {f.workers_per_finalist} DDP workers each" if f.workers_per_finalist > 1 else ""
+    print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler}{ddp})", flush=True)
     return tuner.fit()

@@ -5,6 +5,7 @@ the calibration/held-out tensors stay on the device across candidates.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -105,30 +106,109 @@ def check_latency(record: CandidateRecord, payload: TrialPayload) -> None:
 
 
 def finetune_candidate(config: dict, payload: TrialPayload) -> None:
-    """Tune trainable of the fine-tuning stage: prune, recalibrate, fine-tune; report and checkpoint each epoch."""
+    """Tune trainable of the fine-tuning stage: prune, recalibrate, fine-tune; report and checkpoint each epoch. With
+    finetune.workers_per_finalist > 1 the finalist trains as a Ray Train TorchTrainer of that many DDP workers."""
     from ray import tune
 
+    if payload.finetune.workers_per_finalist > 1:
+        return _finetune_data_parallel(config, payload, tune.get_checkpoint())
+
+    def report(metrics: dict, workdir: str) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(workdir))
+
+    _finetune_finalist(config["rank"], payload, tune.get_checkpoint(), report)
+
+
+def _finetune_finalist(rank: int, payload: TrialPayload, restored, report, data_parallel: bool = False) -> None:
+    """Fine-tune finalist `rank` in this process, from the `restored` checkpoint if any; `report(metrics, workdir)`
+    after each epoch (workdir holds the epoch's checkpoint)."""
     torch.set_num_threads(max(1, int(payload.cpus_per_trial)))
-    candidate = payload.finalists[config["rank"] - 1]
+    candidate = payload.finalists[rank - 1]
     evaluator = evaluator_for(payload)
     model = evaluator.prune(candidate.ratios)
     evaluator.recalibrate(model)
     model = model.float().to(memory_format=torch.contiguous_format)
     workdir = tempfile.mkdtemp(prefix="prunetune-ft-")
     ckpt = os.path.join(workdir, CHECKPOINT_NAME)
-    restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             shutil.copy(os.path.join(d, CHECKPOINT_NAME), ckpt)
-
-    def report(epoch: int, metrics: dict, path: str | None) -> None:
-        metrics = {**metrics, "index": candidate.index, "rank": config["rank"]}
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(workdir))
-
     teacher = evaluator.base if payload.finetune.distill_weight > 0 else None
     try:
         finetune(model, _data(payload), payload.finetune, evaluator.device, ckpt, teacher=teacher,
-                 on_epoch=report, train_indices=evaluator.rest_indices, val_indices=evaluator.heldout_indices,
-                 stage=f"fine-tuning finalist {config['rank']}", num_workers=payload.num_workers)
+                 on_epoch=lambda epoch, metrics, path: report({**metrics, "index": candidate.index, "rank": rank},
+                                                              workdir),
+                 train_indices=evaluator.rest_indices, val_indices=evaluator.heldout_indices,
+                 stage=f"fine-tuning finalist {rank}", num_workers=payload.num_workers, data_parallel=data_parallel,
+                 log=io.StringIO() if data_parallel and torch.distributed.get_rank() > 0 else None)  # rank 0 speaks
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _finetune_worker(loop_config: dict) -> None:
+    """A Ray Train worker of a data-parallel finalist: its share of each epoch; rank 0's report holds the checkpoint."""
+    import ray.train
+
+    def report(metrics: dict, workdir: str) -> None:
+        context = ray.train.get_context()
+        checkpoint = ray.train.Checkpoint.from_directory(workdir) if context.get_world_rank() == 0 else None
+        ray.train.report({**metrics, "workers": context.get_world_size()}, checkpoint=checkpoint)
+
+    _finetune_finalist(loop_config["rank"], loop_config["payload"], loop_config["restored"], report,
+                       data_parallel=True)
+
+
+def _finetune_data_parallel(config: dict, payload: TrialPayload, restored) -> None:
+    """Run finalist config["rank"] as a TorchTrainer of finetune.workers_per_finalist workers (gloo on CPU, NCCL on
+    GPU); each epoch's metrics and rank 0's checkpoint are passed on to this Tune trial as they are reported."""
+    import threading
+
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    class ToTune(ray.train.UserCallback):
+        """Runs in the Train controller: hands each report to the Tune trial through a queue."""
+
+        def __init__(self, reports):
+            self.reports = reports
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.reports.put((metrics[0], checkpoint))
+
+    reports = Queue(actor_options={"num_cpus": 0})
+    storage = tune.get_context().get_storage()  # Train's own copies of the checkpoints go next to the trial's
+    relay = os.path.join(storage.trial_fs_path, "train")
+    _delete_dir(storage.storage_filesystem, relay)  # a killed run's: its state is not what this trial resumes from
+    trainer = TorchTrainer(
+        _finetune_worker, train_loop_config={"rank": config["rank"], "payload": payload, "restored": restored},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=payload.finetune.workers_per_finalist, use_gpu=payload.gpus_per_trial > 0,
+            resources_per_worker={"CPU": payload.cpus_per_trial, "GPU": payload.gpus_per_trial}),
+        run_config=ray.train.RunConfig(name=os.path.basename(relay), storage_path=os.path.dirname(relay),
+                                       storage_filesystem=storage.storage_filesystem, callbacks=[ToTune(reports)],
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
+    failure = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # raised again in the trial
+            failure.append(e)
+        finally:
+            reports.put(None)
+
+    threading.Thread(target=fit, daemon=True).start()
+    while (item := reports.get()) is not None:
+        tune.report(item[0], checkpoint=item[1])
+    _delete_dir(storage.storage_filesystem, relay)
+    if failure:
+        raise failure[0]
+
+
+def _delete_dir(filesystem, path: str) -> None:
+    try:
+        filesystem.delete_dir(path)
+    except FileNotFoundError:
+        pass

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import BatchReader, DataBundle, iterate_batches
 from .files import atomic_write
@@ -104,7 +106,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
              checkpoint_path: str | None = None, teacher: nn.Module | None = None,
              on_epoch: EpochCallback | None = None, epochs: int | None = None,
              train_indices=None, val_indices=None, log=None, after_backward: Callable[[], None] | None = None,
-             stage: str = "fine-tuning", num_workers: int = 0) -> dict:
+             stage: str = "fine-tuning", num_workers: int = 0, data_parallel: bool = False) -> dict:
     """Train `model` on the training split, test every epoch, checkpoint every epoch; resumes from the checkpoint.
 
     cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
@@ -115,7 +117,10 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     `after_backward()` runs after every backward pass (sparsity training adds its L1 subgradients there);
     `num_workers` processes read the training images (datasets not held in memory). `on_epoch(epoch, metrics,
     checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports from there; raising stops the
-    run). Progress lines name `stage`. A non-finite loss or weight raises TrainingDiverged. Returns the kept
+    run). Progress lines name `stage`. With `data_parallel` (torch.distributed initialized, as a Ray Train worker's
+    is) the model trains through DistributedDataParallel: each process reads its rank's share of every epoch's
+    shuffled order (as DistributedSampler does; batch_size stays the global batch) and only rank 0 writes the
+    checkpoint. A non-finite loss or weight raises TrainingDiverged. Returns the kept
     epoch's metrics (with best_* fields when validating) plus the per-epoch history.
     """
     log = log or sys.stderr
@@ -128,6 +133,10 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     pool = torch.arange(len(data.train_augmented)) if train_indices is None else torch.as_tensor(train_indices)
     n = len(pool)
     steps_per_epoch = max(1, n // cfg.batch_size)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if data_parallel else (0, 1)
+    batch_size = max(1, cfg.batch_size // world)  # per process
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if data_parallel else model
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -153,13 +162,13 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     if teacher is not None:
         teacher.to(device).eval()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    reader = BatchReader(data.train_augmented, cfg.batch_size, num_workers)
+    reader = BatchReader(data.train_augmented, batch_size, num_workers)
     seconds = []
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
-        order = pool[order[: steps_per_epoch * cfg.batch_size]]
+        order = pool[order[: steps_per_epoch * batch_size * world]][rank::world]
         loss_sum, seen = 0.0, 0
         bar = _StepBar(log, stage, epoch + 1, epochs, steps_per_epoch)
         for step, (x, y) in enumerate(reader(order), 1):
@@ -167,7 +176,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                logits = model(x)
+                logits = net(x)
                 loss = criterion(logits.float(), y)
                 if teacher is not None and cfg.distill_weight > 0:
                     with torch.no_grad():
@@ -202,7 +211,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                 best, best_state = len(history) - 1, _copy_state(model)
             metrics = _with_best(metrics, history, best)
         print(_progress(stage, metrics, epochs, seconds), file=log, flush=True)
-        if checkpoint_path:
+        if checkpoint_path and rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                      "rng": torch.get_rng_state()}
