@@ -7,6 +7,7 @@ import sys
 # Multi-node clusters on one machine (ray.cluster_utils.Cluster) need this before ray is first imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,3 +15,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One embedded Ray for a test module (started on first use)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -10,6 +10,7 @@ stages of the run; with PRUNETUNE_TEST_DISK_FULL=FILE, the driver's disk is full
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import os
 import signal
@@ -46,10 +47,35 @@ def _hang(marker: str) -> None:
     """Stop this worker process with SIGSTOP (it hangs until killed), unless the marker file (in the MARKERS folder,
     created exclusively) says a process already hung here."""
     try:
-        os.close(os.open(os.path.join(os.environ[MARKERS], marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        fd = os.open(os.path.join(os.environ[MARKERS], marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
+    os.write(fd, str(os.getpid()).encode())  # for end_hung_workers
+    os.close(fd)
     os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def end_hung_workers(markers: str) -> None:
+    """SIGKILL every worker a hang fault stopped (their pids are in the markers): a stopped process outlives the
+    Ray that started it when nothing kills it."""
+    for name in os.listdir(markers):
+        text = open(os.path.join(markers, name)).read().strip() if name.startswith("hung-") else ""
+        if text.isdigit() and int(text) > 1:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(text), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def embedded_ray(**faults):
+    """An embedded Ray for this process whose workers misbehave as `worker_faults(**faults)` asks."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env=worker_faults(**faults))
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def install() -> None:

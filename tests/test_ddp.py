@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from tests.faults import end_hung_workers
 from tests.runs import as_args, small
 from tests.test_resume import _finish, _kill, _start, _wait_for
 
@@ -39,6 +40,13 @@ def test_finalists_fine_tune_with_two_ddp_workers_and_resume_after_a_kill(tmp_pa
     markers.mkdir()
     args = ["run", *as_args(small(run, tmp_path / "cache", "ray.num_cpus=2", "finetune.workers_per_finalist=2",
                                   "finetune.epoch_timeout_s=600", candidates=4, top_k=2, epochs=2))]
+    try:
+        _interrupt_and_resume(run, log_path, markers, args)
+    finally:
+        end_hung_workers(str(markers))
+
+
+def _interrupt_and_resume(run, log_path, markers, args):
     with open(log_path, "ab") as log:
         # 3 s before each epoch's report: Ray Train polls its workers every 2 s, so epoch 1 reaches Tune before the
         # hang stops a worker that the poll would then wait on

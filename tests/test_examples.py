@@ -7,7 +7,6 @@ import re
 import shlex
 
 import pytest
-import ray
 
 from prunetune.search.cli import main
 from prunetune.search.store import CandidateStore
@@ -18,13 +17,6 @@ from tests.test_data import _write_cifar, _write_images
 EXAMPLES = os.path.join(ROOT, "examples")
 TESTED = {"digits.yaml", "cifar10-resnet56.yaml", "torchvision-resnet18.yaml", "latency.yaml", "slimming.yaml",
           "unstructured.yaml", "stripe.yaml"}  # each has its test below
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

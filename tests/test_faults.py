@@ -1,5 +1,4 @@
 """Faults survived: a worker process that dies, a node that goes away, candidates that fail."""
-import contextlib
 import json
 import signal
 import threading
@@ -13,18 +12,8 @@ from prunetune.search.cli import main
 from prunetune.search.store import CandidateStore
 from prunetune.search.tune_search import StrategySearcher
 from prunetune.workers.record import CandidateRecord
-from tests.faults import worker_faults
+from tests.faults import embedded_ray, worker_faults
 from tests.runs import run_args
-
-
-@contextlib.contextmanager
-def embedded_ray(**faults):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env=worker_faults(**faults))
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _assert_rays_messages_went_to_the_log(capfd, run):

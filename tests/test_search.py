@@ -6,7 +6,6 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from prunetune import build_model, load_config, load_data, load_pruned
@@ -15,13 +14,6 @@ from prunetune.search.prepare import base_cache_path, model_spec, prepare, train
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
 from tests.runs import as_args, run_args, small
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

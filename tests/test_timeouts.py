@@ -1,5 +1,4 @@
 """Hung workers time out (a candidate, a fine-tuning epoch), and a search its time budget ended stays resumable."""
-import contextlib
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from prunetune.search.cli import main
 from prunetune.search.config import load_config, resumable
@@ -18,18 +16,8 @@ from prunetune.search.rundir import RunDir
 from prunetune.search.store import CandidateStore
 from prunetune.search.tune_search import CandidateTimeouts, FailureStopper, StoreCallback, StrategySearcher, Timeouts
 from prunetune.workers.record import CandidateRecord
-from tests.faults import ROOT, worker_faults
+from tests.faults import ROOT, embedded_ray, end_hung_workers
 from tests.runs import run_args
-
-
-@contextlib.contextmanager
-def embedded_ray(**faults):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env=worker_faults(**faults))
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _start(args: list[str], **faults) -> subprocess.Popen:
@@ -48,6 +36,8 @@ def _prunetune(args: list[str], **faults) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"prunetune {args[0]} hangs:\n{proc.communicate()[0][-3000:]}")
+    finally:
+        end_hung_workers(str(faults["markers"]))
     return proc.returncode, out
 
 
