@@ -394,11 +394,12 @@ class Timeouts(Callback):
         """Called by Tune when the experiment (or its restore) starts."""
         self.running: dict[str, tuple] = {}  # trial id -> (the trial, when it last reported or started)
         self.timed: deque = deque(maxlen=TIMED_WINDOW)  # seconds between a trial's results (or start and result)
-        self.derived: float | None = None
 
     def limit(self) -> float | None:
         """The limit in force (seconds), None while it is derived and nothing has been timed yet."""
-        return self.fixed_s if self.fixed_s is not None else self.derived
+        if self.fixed_s is not None:
+            return self.fixed_s
+        return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * statistics.median(self.timed)) if self.timed else None
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.running[trial.trial_id] = (trial, self.clock())
@@ -409,7 +410,6 @@ class Timeouts(Callback):
         now = self.clock()
         self.timed.append(now - self.running[trial.trial_id][1])
         self.running[trial.trial_id] = (trial, now)
-        self.derived = max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * statistics.median(self.timed))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.running.pop(trial.trial_id, None)
@@ -417,11 +417,14 @@ class Timeouts(Callback):
     on_trial_error = on_trial_recover = on_trial_complete
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        limit, now = self.limit(), self.clock()
+        now = self.clock()
+        least = self.fixed_s if self.fixed_s is not None else TIMEOUT_FLOOR_S  # no limit is shorter
+        overdue = [(t, since) for t, since in self.running.values() if t.status == "RUNNING" and now - since > least]
+        limit = self.limit() if overdue else None  # the median only when a trial may be past it
         if limit is None:
             return
-        for trial, since in list(self.running.values()):
-            if trial.status == "RUNNING" and now - since > limit:
+        for trial, since in overdue:
+            if now - since > limit:
                 del self.running[trial.trial_id]
                 self.on_timeout(trial, limit)
                 self.stop(trial)

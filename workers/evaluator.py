@@ -17,7 +17,7 @@ from .data import DataBundle, TensorImages, heldout_split, iterate_batches
 from .methods import METHODS, PruningMethod
 from .latency import device_name
 from .record import CandidateRecord
-from .scoring import score
+from .scoring import precision, score
 from .space import PruningSpace
 
 
@@ -103,9 +103,7 @@ class CandidateEvaluator:
         cfg = evaluation_config
         self.cfg, self.space = cfg, space
         self.device = resolve_device(device)
-        cuda = self.device.type == "cuda"
-        self.autocast = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+        self.autocast, self.channels_last = precision(cfg, self.device)
         self.base = model.to(self.device).eval()
         self.device_name = device_name(self.device) if space.latency is not None else None  # latency timing
         self.plan = method.plan(self.base, space, criterion, cfg.seed)

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .data import BatchReader, DataBundle, iterate_batches
 from .files import atomic_write
-from .scoring import score
+from .scoring import precision, score
 
 EpochCallback = Callable[[int, dict, str | None], None]
 CHECKPOINT_NAME = "finetune.pt"  # the checkpoint file finetune() writes (inside a Tune checkpoint directory too)
@@ -48,14 +48,6 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 
 class TrainingDiverged(RuntimeError):
     """A training's loss or weights became non-finite (nan or inf): the weights are useless; nothing is kept."""
-
-
-def _precision(cfg, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """The autocast dtype and channels_last choice of a training config (auto: bf16 and channels_last on CUDA)."""
-    cuda = device.type == "cuda"
-    amp, layout = getattr(cfg, "amp", "off"), getattr(cfg, "channels_last", "off")
-    return (torch.bfloat16 if amp == "bf16" or (amp == "auto" and cuda) else None,
-            layout == "on" or (layout == "auto" and cuda))
 
 
 def _duration(seconds: float) -> str:
@@ -126,7 +118,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     log = log or sys.stderr
     device = torch.device(device)
     epochs = cfg.epochs if epochs is None else epochs
-    autocast, channels_last = _precision(cfg, device)
+    autocast, channels_last = precision(cfg, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

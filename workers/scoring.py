@@ -8,6 +8,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def precision(cfg, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """The autocast dtype and channels_last choice of a config's `amp` and `channels_last` keys (auto: bf16 and
+    channels_last on CUDA; a config without them: neither)."""
+    cuda = device.type == "cuda"
+    amp, layout = getattr(cfg, "amp", "off"), getattr(cfg, "channels_last", "off")
+    return (torch.bfloat16 if amp == "bf16" or (amp == "auto" and cuda) else None,
+            layout == "on" or (layout == "auto" and cuda))
+
+
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
           autocast_dtype: torch.dtype | None = None) -> dict:
