@@ -261,30 +261,22 @@ def test_grouping_is_bounded_in_memory_and_cpu_time(monkeypatch, bound, fragment
     assert "\n" not in message
 
 
-def test_an_error_while_grouping_a_layer_is_one_line_naming_it(monkeypatch):
-    from prunetune.workers import groups
+@pytest.mark.parametrize("module, function, message", [
+    ("groups", "_members", "model: grouping the channels of Permuted fails at c2 (Conv2d) (KeyError: 'c1.weight'); "
+                           "prunetune cannot prune it"),  # one layer's grouping: the layer is named
+    ("space", "_build", "model: building the pruning space of Permuted fails (KeyError: 'c1.weight'); prunetune "
+                        "cannot prune it"),  # any other error: the model is named
+], ids=["grouping a layer", "building the space"])
+def test_an_error_while_building_the_space_is_one_line_naming_where(monkeypatch, module, function, message):
+    import importlib
 
     def broken(*args):
         raise KeyError("c1.weight")
 
-    monkeypatch.setattr(groups, "_members", broken)
+    monkeypatch.setattr(importlib.import_module(f"prunetune.workers.{module}"), function, broken)
     with pytest.raises(SpaceError) as e:
         _verdict(archs.Permuted("roll"))
-    assert str(e.value) == ("model: grouping the channels of Permuted fails at c2 (Conv2d) (KeyError: 'c1.weight'); "
-                            "prunetune cannot prune it")
-
-
-def test_any_other_error_while_building_the_space_is_one_line_naming_the_model(monkeypatch):
-    from prunetune.workers import space
-
-    def broken(*args):
-        raise KeyError("c1.weight")
-
-    monkeypatch.setattr(space, "_build", broken)
-    with pytest.raises(SpaceError) as e:
-        _verdict(archs.Permuted("roll"))
-    assert str(e.value) == ("model: building the pruning space of Permuted fails (KeyError: 'c1.weight'); prunetune "
-                            "cannot prune it")
+    assert str(e.value) == message
 
 
 @pytest.mark.parametrize("granularity", ["unstructured", "stripe"])
