@@ -19,3 +19,26 @@ def as_args(overrides: list[str]) -> list[str]:
 def run_args(tmp_path, *extra: str, **sizes) -> list[str]:
     """`prunetune run` arguments of the small run writing into tmp_path/run (cache in tmp_path/cache)."""
     return ["run", *as_args(small(tmp_path / "run", tmp_path / "cache", *extra, **sizes))]
+
+
+def reachable_latency(config: str | None, overrides: list[str]) -> list[str]:
+    """`search.target` and `search.tolerance` overrides spanning the latency range reachable on this machine (it
+    depends on the CPU and its load), read from the latency table the run will load: the same architecture, input,
+    device, batch, threads, grid and repeats, and the same cache."""
+    import numpy as np
+
+    from prunetune.search.config import load_config
+    from prunetune.search.prepare import attach_latency, data_kwargs
+    from prunetune.workers.constraints import CONSTRAINTS
+    from prunetune.workers.data import load_data
+    from prunetune.workers.models import build_model
+    from prunetune.workers.space import PruningSpace
+
+    cfg = load_config(config, overrides)
+    data = load_data(**data_kwargs(cfg))
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape[0], cfg.model.kwargs)
+    space = PruningSpace.from_model(model, data.example_input())
+    attach_latency(cfg, model, space)
+    most_pruned = space.kept_batch(np.full((1, len(space.groups)), cfg.search.max_ratio))
+    floor = float(CONSTRAINTS["latency"].fraction(space, most_pruned)[0])
+    return [f"search.target={(1 + floor) / 2}", f"search.tolerance={(1 - floor) / 2 + 0.05}"]

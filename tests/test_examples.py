@@ -6,19 +6,12 @@ import os
 import re
 import shlex
 
-import numpy as np
 import pytest
 
 from prunetune.search.cli import main
-from prunetune.search.config import load_config
-from prunetune.search.prepare import attach_latency, data_kwargs
 from prunetune.search.store import CandidateStore
-from prunetune.workers.constraints import CONSTRAINTS
-from prunetune.workers.data import load_data
-from prunetune.workers.models import build_model
-from prunetune.workers.space import PruningSpace
 from tests.faults import ROOT
-from tests.runs import as_args
+from tests.runs import as_args, reachable_latency
 from tests.test_data import _write_cifar, _write_images
 
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -117,19 +110,10 @@ def test_the_torchvision_example_runs_on_an_image_folder(ray_session, tmp_path, 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_latency_example_times_every_candidate_under_its_budget(ray_session, tmp_path, cache):
-    # the reachable latency range depends on the machine and its load: aim at this machine's, from the table the
-    # run loads (same architecture, input, device, batch, threads, grid and repeats)
     timing = ["latency.grid=3", "latency.repeats=5"]
-    cfg = load_config(os.path.join(EXAMPLES, "latency.yaml"), [f"output.dir={tmp_path / 'probe'}",
-                                                              f"output.cache_dir={cache}", *timing])
-    data = load_data(**data_kwargs(cfg))
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape[0], cfg.model.kwargs)
-    space = PruningSpace.from_model(model, data.example_input())
-    attach_latency(cfg, model, space)
-    floor = float(CONSTRAINTS["latency"].fraction(space, space.kept_batch(
-        np.full((1, len(space.groups)), cfg.search.max_ratio)))[0])
-    summary = _run("latency.yaml", tmp_path, cache, *timing, f"search.target={(1 + floor) / 2}",
-                   f"search.tolerance={(1 - floor) / 2 + 0.05}")
+    probe = [f"output.dir={tmp_path / 'probe'}", f"output.cache_dir={cache}", *timing]
+    summary = _run("latency.yaml", tmp_path, cache, *timing,
+                   *reachable_latency(os.path.join(EXAMPLES, "latency.yaml"), probe))
     assert summary["search"]["constraint"] == "latency" and summary["search"]["limits"] == {"params": 0.7}
     records = CandidateStore(str(tmp_path / "run")).records()
     assert all(r.ok and r.latency_ms > 0 and r.params <= 0.7 * summary["base"]["params"] for r in records)

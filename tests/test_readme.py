@@ -18,7 +18,12 @@ def test_the_python_api_example_prints_what_the_readme_shows(tmp_path):
     shown = re.search(r"\nprints .*?```\n(.*?)```", section, re.S).group(1)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout == shown
+    # the accuracies depend on the CPU's vector instructions (float sums in another order train another base: here
+    # AVX-512 and AVX2 kernels gave 0.680/0.647/0.860 and 0.687/0.640/0.843): the text is exact, the ranking alike
+    number = r"accuracy (\d\.\d{3})"
+    assert re.sub(number, "accuracy X", proc.stdout) == re.sub(number, "accuracy X", shown)
+    ours, theirs = ([float(a) for a in re.findall(number, text)] for text in (proc.stdout, shown))
+    assert sorted(range(3), key=ours.__getitem__) == sorted(range(3), key=theirs.__getitem__), proc.stdout
 
 
 def test_the_committed_cifar_checkpoints_load_into_the_models_they_name():

@@ -13,7 +13,7 @@ from prunetune.search.cli import main
 from prunetune.search.prepare import base_cache_path, model_spec, prepare, trained_base
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
-from tests.runs import as_args, run_args, small
+from tests.runs import as_args, reachable_latency, run_args, small
 
 
 @pytest.fixture(scope="module")
@@ -332,8 +332,10 @@ def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(r
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(ray_session, tmp_path):
-    assert main(run_args(tmp_path, "search.constraint=latency", "search.target=0.85", "search.limits={params: 0.7}",
-                         "latency.grid=3", "latency.repeats=5", candidates=4, top_k=1)) == 0
+    latency = ["search.constraint=latency", "search.limits={params: 0.7}", "latency.grid=3", "latency.repeats=5"]
+    target = reachable_latency(None, [*latency, f"output.dir={tmp_path / 'probe'}",
+                                      f"output.cache_dir={tmp_path / 'cache'}"])
+    assert main(run_args(tmp_path, *latency, *target, candidates=4, top_k=1)) == 0
     run = tmp_path / "run"
     records = CandidateStore(str(run)).records()
     assert all(r.ok and r.latency_ms > 0 and r.latency_predicted_ms > 0 and r.within_budget is not None

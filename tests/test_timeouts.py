@@ -136,54 +136,38 @@ def test_the_timeouts_are_auto_by_default_and_may_change_on_resume():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_worker_stopped_mid_candidate_times_out_and_the_search_finishes(tmp_path):
-    # candidates 0-3 run in one trial, 4-7 in the other; the worker stops itself (SIGSTOP) before candidate 2
-    code, out = _prunetune(run_args(tmp_path, "search.candidate_timeout_s=20"), hang_at=2, markers=tmp_path)
-    assert code == 0, out[-3000:]
-    assert (tmp_path / "hung-2").exists()
-    records = {r.index: r for r in CandidateStore(str(tmp_path / "run")).records()}
-    assert sorted(records) == list(range(8))
-    assert records[2].status == "failed" and records[2].error == "timed out after 20 s"
-    assert all(records[i].ok for i in records if i != 2)  # candidate 3, never started by the hung worker, too
-    assert "[search] candidate 2: timed out after 20 s (search.candidate_timeout_s)" in out
-    assert json.load(open(tmp_path / "run" / "manifest.json"))["stage"] == "done"
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_finalist_whose_epoch_hangs_is_stopped_with_its_last_epoch_and_the_other_goes_on(tmp_path):
-    # the first finalist to finish training epoch 2 stops itself (SIGSTOP) before reporting it
-    code, out = _prunetune(run_args(tmp_path, "finetune.epoch_timeout_s=20", top_k=2, epochs=2), hang_epoch=2,
-                           markers=tmp_path)
-    assert code == 0, out[-3000:]
-    assert (tmp_path / "hung-epoch-2").exists()
-    assert "no epoch finished within 20 s (finetune.epoch_timeout_s); stopped, its epoch 1 model is kept" in out
-    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
-    assert sorted(final["epochs"] for final in summary["final"]) == [1, 2]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_fine_tuning_stage_resumed_with_a_new_epoch_timeout_applies_it(tmp_path):
-    # the driver is killed once a finalist has checkpointed an epoch; the resume restores Tune's fine-tuning
-    # experiment (its callbacks as pickled when it started, with no epoch limit) under a 20 s limit given to resume
+def test_hung_workers_time_out_in_both_stages_and_a_resume_applies_a_new_epoch_limit(tmp_path):
+    # the search: candidates 0-3 run in one trial, 4-7 in the other; that worker stops itself (SIGSTOP) before
+    # candidate 2. The driver is killed once a finalist has checkpointed an epoch; the resume restores Tune's
+    # fine-tuning experiment (its callbacks as pickled when it started, with no epoch limit) under a 20 s limit given
+    # to resume, and the first finalist to finish training epoch 3 stops itself before reporting it.
     run, checkpoints = tmp_path / "run", tmp_path / "run" / "tune" / "finetune"
-    proc = _start(run_args(tmp_path, top_k=2, epochs=3), delay_s=1.0)
+    proc = _start(run_args(tmp_path, "search.candidate_timeout_s=20", top_k=2, epochs=3), hang_at=2, delay_s=1.0,
+                  markers=tmp_path)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 400
         while not (checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*"))):
             assert time.time() < deadline and proc.poll() is None, "no fine-tuning checkpoint"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        out = proc.communicate()[0]
+        end_hung_workers(str(tmp_path))
+    assert (tmp_path / "hung-2").exists()
+    assert "[search] candidate 2: timed out after 20 s (search.candidate_timeout_s)" in out
+    records = {r.index: r for r in CandidateStore(str(run)).records()}
+    assert sorted(records) == list(range(8))
+    assert records[2].status == "failed" and records[2].error == "timed out after 20 s"
+    assert all(records[i].ok for i in records if i != 2)  # candidate 3, never started by the hung worker, too
+
     code, out = _prunetune(["resume", str(run), "--set", "finetune.epoch_timeout_s=20"], hang_epoch=3,
                            markers=tmp_path)
     assert code == 0, out[-3000:]
     assert "[finetune] restoring the Tune experiment" in out and (tmp_path / "hung-epoch-3").exists()
     assert "no epoch finished within 20 s (finetune.epoch_timeout_s); stopped, its epoch 2 model is kept" in out
     summary = json.load(open(run / "final" / "summary.json"))
-    assert sorted(final["epochs"] for final in summary["final"]) == [2, 3]
+    assert sorted(final["epochs"] for final in summary["final"]) == [2, 3]  # the other finalist went on
+    assert json.load(open(run / "manifest.json"))["stage"] == "done"
 
 
 @pytest.mark.ray
