@@ -27,7 +27,7 @@ class Task:
     loss: Callable[[torch.Tensor, object], torch.Tensor]  # (prediction, target batch) -> scalar training loss
     statistics: Callable[[torch.Tensor, object], torch.Tensor]  # (prediction, target batch) -> 1-D, summable
     score: Callable[[torch.Tensor], dict]  # summed statistics -> {primary: value, ..., "loss": value}
-    # why a base model's prediction does not fit the task and its data's class count (None: it fits)
+    # (prediction, the data's class count) -> why the prediction does not fit them, one sentence (None: it fits)
     check: Callable[[torch.Tensor, int], str | None] = lambda prediction, num_classes: None
     higher_is_better: bool = True  # of the primary metric
     distill: bool = True  # fine-tuning may distil the base's predictions (softened over dim 1, per position)
@@ -36,6 +36,11 @@ class Task:
     def metric(self) -> str:
         """The primary metric's name."""
         return self.metrics[0]
+
+
+def short_name(metric: str) -> str:
+    """A metric's name in progress lines (accuracy: acc, as the lines always said)."""
+    return "acc" if metric == "accuracy" else metric
 
 
 def first_output(output: object) -> torch.Tensor:
@@ -56,6 +61,9 @@ def output_tensors(output: object) -> list[torch.Tensor]:
     return [t for v in values for t in output_tensors(v)]
 
 
+_HINT = "; give the factory a num_classes argument (or set it in model.kwargs)"
+
+
 def _classification_statistics(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     return torch.stack([(logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64,
@@ -69,8 +77,10 @@ def _classification_score(s: torch.Tensor) -> dict:
 
 
 def _classification_check(logits: torch.Tensor, num_classes: int) -> str | None:
-    if logits.dim() != 2 or logits.shape[1] != num_classes:
-        return f"logits of shape [batch, {num_classes}] (the data's classes), got {tuple(logits.shape)}"
+    if logits.dim() != 2:
+        return f"the forward pass must return logits of shape [batch, classes], got {tuple(logits.shape)}"
+    if logits.shape[1] != num_classes:
+        return f"the model returns {logits.shape[1]} outputs but the data has {num_classes} classes{_HINT}"
     return None
 
 
@@ -106,8 +116,11 @@ def segmentation_score(s: torch.Tensor) -> dict:
 
 
 def _segmentation_check(logits: torch.Tensor, num_classes: int) -> str | None:
-    if logits.dim() != 4 or logits.shape[1] != num_classes:
-        return f"logits of shape [batch, {num_classes}, height, width] (the data's classes), got {tuple(logits.shape)}"
+    if logits.dim() != 4:
+        return (f"task segmentation needs logits of shape [batch, classes, height, width], got "
+                f"{tuple(logits.shape)}")
+    if logits.shape[1] != num_classes:
+        return f"the model returns {logits.shape[1]} classes per pixel but the data has {num_classes} classes{_HINT}"
     return None
 
 
@@ -138,3 +151,11 @@ def resolve_task(spec: str) -> Task:
         raise TaskError(f"task: {spec}() must return a prunetune.workers.tasks.Task, it returned "
                         f"{type(task).__name__}")
     return task
+
+
+def search_score(task: Task, figures: dict, metric: str = "accuracy") -> float:
+    """What the search maximises of a task's figures: its metric (evaluation.metric `accuracy`, the default; negated
+    where lower is better) or, with `loss`, minus the loss."""
+    if metric == "loss":
+        return -figures["loss"]
+    return figures[task.metric] if task.higher_is_better else -figures[task.metric]
