@@ -95,7 +95,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                         "checkpoint": prep.base_checkpoint, "size_mb": state_dict_mb(prep.model),
                         **timings(prep.model, prep)},
                "input": prep.data.contract.to_dict() if prep.data.contract else None,
-               "task": {"name": cfg.model.task, "metric": metric, "metrics": list(task.metrics),
+               "task": {"name": task.name, "metric": metric, "metrics": list(task.metrics),
                         "higher_is_better": task.higher_is_better},
                "finetune": {"epochs": cfg.finetune.epochs, "scheduler": cfg.finetune.scheduler},
                "device": "cuda" if next(prep.model.parameters()).is_cuda else "cpu",

@@ -171,9 +171,9 @@ class CandidateEvaluator:
         targets = (self.heldout_y[start:start + size] for start in range(0, len(self.heldout_y), size))
         result = score(model, zip(self._batches(self.heldout_x, size), targets), self.autocast, self.task)
         t3 = self._sync()
-        if not all(math.isfinite(result[name]) for name in self.task.metrics):
-            raise CandidateError(f"held-out loss is {result['loss']} (diverged network)" if not math.isfinite(
-                result["loss"]) else f"held-out {self.task.metric} is {result[self.task.metric]}")
+        bad = next((name for name in ("loss", *self.task.metrics) if not math.isfinite(result[name])), None)
+        if bad:
+            raise CandidateError(f"held-out {bad} is {result[bad]} (diverged network)")
         latency = self.latency(model, ratios)
         del model
         trim_memory()

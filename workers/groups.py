@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .layers import OUT, IN, is_stateless, kind_of
+from .tasks import output_tensors
 
 OP, PARAMETER = "op", "parameter"  # member kinds beside the layer kinds: stateless leaf module, bare nn.Parameter
 
@@ -129,8 +130,6 @@ def find_heads(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
     """Names of the heads, never pruned: the last Conv/Linear layer run in the forward pass (the classifier), then
     every other Conv/Linear layer whose output reaches one of the model's outputs (an aux classifier, a box head)
     through no other Conv/Linear layer."""
-    from .tasks import output_tensors
-
     order: list[str] = []
     made: dict = {}  # grad_fn of a layer's output -> the layer
 

@@ -150,6 +150,9 @@ def resolve_task(spec: str) -> Task:
     if not isinstance(task, Task):
         raise TaskError(f"task: {spec}() must return a prunetune.workers.tasks.Task, it returned "
                         f"{type(task).__name__}")
+    if "loss" not in task.metrics:
+        raise TaskError(f"task: {spec}() returns a Task whose metrics {list(task.metrics)} lack 'loss' (its score "
+                        "must give the mean held-out loss too)")
     return task
 
 
