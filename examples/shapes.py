@@ -21,7 +21,8 @@ def shapes(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.T
     masks = torch.zeros(n, size, size, dtype=torch.long)
     rows, cols = torch.arange(size).view(-1, 1), torch.arange(size).view(1, -1)
     for i in range(n):
-        side, radius = int(torch.randint(3, size // 2, (), generator=g)), int(torch.randint(2, size // 4, (), generator=g))
+        side = int(torch.randint(3, size // 2, (), generator=g))
+        radius = int(torch.randint(2, size // 4, (), generator=g))
         top, left = torch.randint(0, size - side, (2,), generator=g).tolist()
         cy, cx = torch.randint(radius, size - radius, (2,), generator=g).tolist()
         masks[i, top:top + side, left:left + side] = 1

@@ -81,7 +81,8 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                                prep.base_checkpoint, prep.data.contract, cfg.model.task)
         entry = {"rank": place, "candidate": cand.index, "search_rank": search_rank, "adaptive_bn_score": cand.score,
                  f"val_{metric}_before_finetune": metrics.get(f"start_val_{metric}"),
-                 f"val_{metric}": metrics.get(f"best_val_{metric}"), f"test_{metric}": metrics.get(f"best_test_{metric}"),
+                 f"val_{metric}": metrics.get(f"best_val_{metric}"),
+                 f"test_{metric}": metrics.get(f"best_test_{metric}"),
                  "epochs": metrics.get("epoch"), "kept_epoch": metrics.get("best_epoch"),
                  "flops": record["flops"], "flops_ratio": record["flops"] / prep.space.base_flops,
                  "params": record["params"], "path": os.path.join(run.final_path, f"rank{place}.pt")}

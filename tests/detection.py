@@ -49,7 +49,8 @@ class Detector(nn.Module):
         super().__init__()
         def block(cin, cout, stride):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-        self.body = nn.Sequential(block(in_channels, width, 2), block(width, 2 * width, 2), block(2 * width, 2 * width, 1))
+        self.body = nn.Sequential(block(in_channels, width, 2), block(width, 2 * width, 2),
+                                  block(2 * width, 2 * width, 1))
         self.head = nn.Conv2d(2 * width, 5 + num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -570,9 +570,9 @@ class _Order(Sampler):
 
 
 class BatchReader:
-    """Reads (x, target) batches of one dataset in any order (targets collated by `collate`). A dataset with `get_batch` (in memory) is sliced in this
-    process; any other is read by one DataLoader with `num_workers` worker processes that persist across passes
-    (pinned memory on CUDA)."""
+    """Reads (x, target) batches of one dataset in any order. A dataset with `get_batch` (in memory) is sliced in
+    this process; any other is read by one DataLoader with `num_workers` worker processes that persist across
+    passes (pinned memory on CUDA), its targets collated by `collate`."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, persistent: bool = True):
         self.dataset, self.batch_size = dataset, batch_size

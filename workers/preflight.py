@@ -73,10 +73,11 @@ def prediction_shape(model: nn.Module, example_inputs: torch.Tensor, task: Task 
     try:
         prediction = task.select(out)
     except Exception as e:
-        prediction = e
+        raise SpaceError(f"model: task {task.name} finds no prediction in the forward pass's output "
+                         f"({type(out).__name__}: {error_line(e)})") from None
     if not isinstance(prediction, torch.Tensor):
         raise SpaceError(f"model: task {task.name} finds no prediction tensor in the forward pass's output "
-                         f"({type(out).__name__}{f': {error_line(prediction)}' if isinstance(prediction, Exception) else ''})")
+                         f"({type(out).__name__}; it selects {type(prediction).__name__})")
     return tuple(prediction.shape)
 
 

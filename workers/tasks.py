@@ -1,10 +1,11 @@
 """What a network is for: its loss, its held-out metric and which of its outputs to use (config `model.task`).
 
 A Task is a frozen dataclass of plain functions. `statistics(prediction, target)` returns a 1-D float64 tensor
-that sums over batches (counts exactly, float sums such as the loss's up to rounding), and `score(summed)` turns the sum into the task's figures, the
-primary metric first and `loss` (the mean held-out loss) among them. Built in: classification (accuracy, loss)
-and segmentation (mIoU, pixel accuracy, loss: cross-entropy over pixels whose target is not `IGNORE_INDEX`);
-anything else is `package.module:function`, a function of no arguments returning a Task.
+that sums over batches (counts exactly, float sums such as the loss's up to rounding), and `score(summed)` turns
+the sum into the task's figures, the primary metric first and `loss` (the mean held-out loss) among them. Built
+in: classification (accuracy, loss) and segmentation (mIoU, pixel accuracy, loss: cross-entropy over pixels whose
+target is not `IGNORE_INDEX`); anything else is `package.module:function`, a function of no arguments returning a
+Task.
 """
 from __future__ import annotations
 
