@@ -17,11 +17,11 @@ from .store import sha256
 
 
 def pruned_record(spec: dict, space: PruningSpace, ratios, criterion: str, method: str,
-                  base_checkpoint: str, contract: InputContract | None) -> dict:
-    """Everything needed to rebuild and use a pruned network: architecture, input shape and contract, strategy,
-    base reference."""
+                  base_checkpoint: str, contract: InputContract | None, task: str = "classification") -> dict:
+    """Everything needed to rebuild and use a pruned network: architecture, input shape and contract, what its
+    output is for (model.task), strategy, base reference."""
     return {"model": spec, "input_shape": list(space.input_shape), "round_to": space.round_to,
-            "input": contract.to_dict() if contract else None,
+            "input": contract.to_dict() if contract else None, "task": task,
             "ignored_layers": space.ignored_layers, "granularity": method, "ratios": [float(r) for r in ratios],
             "criterion": criterion, "kept_units": space.kept_units(ratios), "flops": space.flops(ratios),
             "params": space.params(ratios), "base_flops": space.base_flops,

@@ -12,6 +12,7 @@ from prunetune.workers.criteria import CRITERIA
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.files import write_text
 from prunetune.workers.methods import METHODS, misuse
+from prunetune.workers.tasks import TASKS
 
 from .algorithms import ALGORITHMS
 from .config_file import (Choice, ConfigError, ExpandedPath, Section, parse_override, read_config,  # noqa: F401 (API)
@@ -31,9 +32,10 @@ class ModelConfig(Section):
     checkpoint: ExpandedPath | None = None  # state dict of the trained model; none: train one (cached)
     checkpoint_key: str | None = None  # which state dict in the checkpoint, when several fit ('model_ema')
     kwargs: dict = {}
+    task: str = "classification"  # classification | segmentation | package.module:function (returning a Task)
     pretrain_epochs: int = Field(30, ge=1)  # when no checkpoint is given
     pretrain_lr: float = Field(0.05, gt=0)  # the base's training and sparsity training (one warm-up epoch)
-    ignored_layers: list = []  # layers never pruned (the classifier always is)
+    ignored_layers: list = []  # layers never pruned (the heads, the classifier among them, never are)
     sparsity: float | None = Field(None, gt=0)  # L1 lambda: slimming, skeleton
     sparsity_epochs: int = Field(5, ge=1)  # sparsity training of the base, before the search
 
@@ -83,6 +85,7 @@ class EvaluationConfig(Section):
     calibration_tolerance: float | None = Field(0.02, gt=0)
     batch_size: int = Field(128, ge=1)
     score_batch_size: int = Field(500, ge=1)
+    # accuracy: the task's own metric (classification: accuracy; segmentation: mIoU); loss: minus the held-out loss
     metric: Annotated[str, Choice(("accuracy", "loss"))] = "accuracy"
     amp: Annotated[str, Choice(("auto", "bf16", "off"))] = "auto"
     channels_last: Annotated[str, Choice(("auto", "on", "off"))] = "auto"
@@ -228,6 +231,14 @@ def _cross_check(cfg: Config) -> None:
                           f"({cfg.search.num_candidates})")
     if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.path:
         raise ConfigError(f"data.path: data set '{cfg.data.name}' needs a path")
+    task = cfg.model.task
+    if task not in TASKS and ":" not in task:
+        raise ConfigError(f"model.task: unknown task '{task}'; allowed: {', '.join(TASKS)} or package.module:function")
+    if task != "classification":
+        for key, value in (("finetune.label_smoothing", cfg.finetune.label_smoothing), ("model.sparsity",
+                                                                                          cfg.model.sparsity)):
+            if value:
+                raise ConfigError(f"{key}: classification only; model.task is {task}")
     if cfg.finetune.nesterov and cfg.finetune.momentum == 0:
         raise ConfigError("finetune.momentum: 0 does not go with finetune.nesterov: true; set a momentum > 0 or "
                           "finetune.nesterov: false")

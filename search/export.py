@@ -3,8 +3,10 @@
 An unstructured run's masks are made permanent first (`torch.nn.utils.prune.remove`: zeros in dense
 tensors; its `rankN.pt` itself stores them compactly, as a bit mask plus the non-zero values).
 TorchScript and ONNX models start with the input contract's preprocessing: they take raw pixel values
-(0..255, or 0..16 for digits) as floats, and carry the contract (shape, scale, mean, std, class names) as
-metadata: `prunetune.json` in the TorchScript file's extra files, the `prunetune` property of the ONNX model.
+(0..255, or 0..16 for digits) as floats, return the prediction the run's task scores (model.task: the logits of a
+classifier, per-pixel logits of a segmenter, the first of (logits, aux), `out` of a dict), and carry the contract
+(shape, scale, mean, std, class names) and the task as metadata: `prunetune.json` in the TorchScript file's extra
+files, the `prunetune` property of the ONNX model.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from prunetune.workers.files import atomic_write, write_json, write_text
 from prunetune.workers.methods import METHODS
+from prunetune.workers.tasks import Task, resolve_task
 
 from .artifacts import load_pruned
 from .config import ConfigError
@@ -26,6 +29,17 @@ from .rundir import RunDir
 from .store import sha256
 
 EXPORTS = "exports.json"  # in the run directory: what `prunetune export` of the run wrote (not the run's own files)
+
+
+class Prediction(torch.nn.Module):
+    """A network that returns only the output its task scores (the model's other outputs, e.g. aux, dropped)."""
+
+    def __init__(self, model: torch.nn.Module, task: Task):
+        super().__init__()
+        self.model, self.select = model, task.select
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.select(self.model(x))
 
 
 def _exports(run: RunDir) -> dict:
@@ -95,6 +109,7 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
         raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
     model, record, _ = load_pruned(source)  # with the input contract's preprocessing: raw pixel values in
     model = METHODS[record["granularity"]].deployable(model)  # e.g. masks made permanent: zeros, no mask at run time
+    model = Prediction(model, resolve_task(record.get("task", "classification"))).eval()
     if fmt == "torchscript":
         with torch.no_grad():
             scripted = torch.jit.trace(model, torch.zeros(1, *record["input_shape"]))
@@ -107,7 +122,8 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
 
 
 def write_onnx(model: torch.nn.Module, record: dict, path: str) -> None:
-    """Write `model` (raw pixel values in, logits out, any batch size) as ONNX carrying `record` as metadata."""
+    """Write `model` (raw pixel values in, its task's prediction out as `logits`, any batch size) as ONNX carrying
+    `record` as metadata."""
     import onnx
 
     example = torch.zeros(1, *record["input_shape"])

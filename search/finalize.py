@@ -14,6 +14,7 @@ from prunetune.workers.methods import METHODS
 from prunetune.workers.prune import clone_module
 from prunetune.workers.record import CandidateRecord
 from prunetune.workers.scoring import score
+from prunetune.workers.tasks import search_score
 from prunetune.workers.timing import time_forward
 
 from .artifacts import pruned_record, save_pruned
@@ -52,7 +53,7 @@ def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
 
 
 def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, records: list[CandidateRecord]) -> dict:
-    """Write final/rankN.pt (best validation accuracy first), final/summary.json and report.md; the summary."""
+    """Write final/rankN.pt (best validation metric first), final/summary.json and report.md; the summary."""
     cfg = prep.cfg
     outcomes = []
     for result in grid:
@@ -63,22 +64,25 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
             outcomes.append((top[rank - 1], rank, result.metrics, load_finetuned(d)))
     if not outcomes:
         raise NoFinalModel("fine-tuning produced no model (every fine-tuning trial failed)")
-    outcomes.sort(key=lambda o: (-o[2].get("best_val_accuracy", 0.0), -o[0].score))
+    task = prep.task
+    metric, sign = task.metric, 1 if task.higher_is_better else -1
+    outcomes.sort(key=lambda o: (-sign * o[2].get(f"best_val_{metric}", -sign * float("inf")), -o[0].score))
     run.record(*(os.path.join(run.final_path, f"rank{place}.pt") for place in range(1, len(outcomes) + 1)))
     os.makedirs(run.final_path, exist_ok=True)
     pruner = METHODS[cfg.search.granularity].plan(prep.model, prep.space, cfg.search.criterion, cfg.evaluation.seed)
-    base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))
+    base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500), task=task)
     heldout, _ = heldout_split(len(prep.data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
-    base_val = score(prep.model, iterate_batches(prep.data.train, heldout, 500))
+    base_val = score(prep.model, iterate_batches(prep.data.train, heldout, 500), task=task)
     finals = []
     for place, (cand, search_rank, metrics, state) in enumerate(outcomes, 1):
         model = pruner.apply(cand.ratios)
         model.load_state_dict(state)
         record = pruned_record(prep.spec, prep.space, cand.ratios, cfg.search.criterion, cfg.search.granularity,
-                               prep.base_checkpoint, prep.data.contract)
-        entry = {"rank": place, "candidate": cand.index, "search_rank": search_rank,
-                 "adaptive_bn_score": cand.score, "val_accuracy_before_finetune": metrics.get("start_val_accuracy"),
-                 "val_accuracy": metrics.get("best_val_accuracy"), "test_accuracy": metrics.get("best_test_accuracy"),
+                               prep.base_checkpoint, prep.data.contract, cfg.model.task)
+        entry = {"rank": place, "candidate": cand.index, "search_rank": search_rank, "adaptive_bn_score": cand.score,
+                 f"val_{metric}_before_finetune": metrics.get(f"start_val_{metric}"),
+                 f"val_{metric}": metrics.get(f"best_val_{metric}"),
+                 f"test_{metric}": metrics.get(f"best_test_{metric}"),
                  "epochs": metrics.get("epoch"), "kept_epoch": metrics.get("best_epoch"),
                  "flops": record["flops"], "flops_ratio": record["flops"] / prep.space.base_flops,
                  "params": record["params"], "path": os.path.join(run.final_path, f"rank{place}.pt")}
@@ -87,11 +91,13 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
         entry["size_mb"] = os.path.getsize(entry["path"]) / 2 ** 20
         finals.append(entry)
     summary = {"base": {"flops": prep.space.base_flops, "params": prep.space.base_params,
-                        "test_accuracy": base_test["accuracy"], "val_accuracy": base_val["accuracy"],
-                        "score": base_val["accuracy"] if cfg.evaluation.metric == "accuracy" else -base_val["loss"],
+                        f"test_{metric}": base_test[metric], f"val_{metric}": base_val[metric],
+                        "score": search_score(task, base_val, cfg.evaluation.metric),
                         "checkpoint": prep.base_checkpoint, "size_mb": state_dict_mb(prep.model),
                         **timings(prep.model, prep)},
                "input": prep.data.contract.to_dict() if prep.data.contract else None,
+               "task": {"name": task.name, "metric": metric, "metrics": list(task.metrics),
+                        "higher_is_better": task.higher_is_better},
                "finetune": {"epochs": cfg.finetune.epochs, "scheduler": cfg.finetune.scheduler},
                "device": "cuda" if next(prep.model.parameters()).is_cuda else "cpu",
                "granularity": cfg.search.granularity,

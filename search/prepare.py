@@ -29,6 +29,7 @@ from prunetune.workers.preflight import Verdict
 from prunetune.workers.scoring import score
 from prunetune.workers.sparsity import batchnorms, histogram
 from prunetune.workers.space import PruningSpace
+from prunetune.workers.tasks import Task, TaskError, resolve_task
 
 from .config import Config, ConfigError, budgets, expand, loader_workers, needs_latency, training_recipe
 from .sampler import StrategySampler
@@ -53,6 +54,7 @@ class Checked:
     sampler: StrategySampler
     spec: dict
     verdict: Verdict
+    task: Task  # model.task, resolved
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,14 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
           file=log or sys.stderr, flush=True)
 
 
+def task_of(cfg: Config) -> Task:
+    """model.task's Task (ConfigError naming the field if it names none)."""
+    try:
+        return resolve_task(cfg.model.task)
+    except TaskError as e:
+        raise ConfigError(str(e).replace("task:", "model.task:", 1)) from None
+
+
 def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num_classes: int,
                 log=None) -> Verdict:
     """The preflight of the configured method on `model` (its architecture), for the configured search;
@@ -121,7 +131,7 @@ def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num
         return make_sampler(cfg, space).sample(0)
 
     verdict = METHODS[s.granularity].preflight(model, example_inputs, num_classes, s.max_ratio, first_strategy,
-                                               s.round_to, cfg.model.ignored_layers)
+                                               s.round_to, cfg.model.ignored_layers, task_of(cfg))
     if needs_latency(cfg):
         attach_latency(cfg, model, verdict.space, log)
     return verdict
@@ -136,6 +146,7 @@ def prepare(cfg: Config, log=None) -> Checked:
         if reason:
             raise ConfigError(f"{field}: cannot write to {expand(path)} ({reason})")
     check_model_name(cfg.model.name)
+    task = task_of(cfg)
     data = load_data(**data_kwargs(cfg))
     for note in data.notes:
         warn(note, log)
@@ -159,14 +170,14 @@ def prepare(cfg: Config, log=None) -> Checked:
         warn(f"the group of {name} is not pruned ({reason})", log)
     checkpoint = os.path.abspath(cfg.model.checkpoint) if cfg.model.checkpoint else None
     return Checked(cfg, data, model.eval(), checkpoint, verdict.space, make_sampler(cfg, verdict.space), spec,
-                   verdict)
+                   verdict, task)
 
 
 def ensure_base(checked: Checked, log=None) -> Prepared:
     """The checked search with its trained base model: the configured checkpoint (already loaded), a cached base
     model for this recipe, or one trained now (the expensive step, after every check); then the method's
     sparsity training if model.sparsity asks for it."""
-    base = checked.checkpoint or trained_base(checked.cfg, checked.model, checked.data, log)
+    base = checked.checkpoint or trained_base(checked.cfg, checked.model, checked.data, log, checked.task)
     checked.model.eval()
     sparsity = None
     if checked.cfg.model.sparsity:
@@ -214,15 +225,17 @@ def base_cache_path(cfg: Config, spec: dict, data_fingerprint: str | None = None
               "epochs": cfg.model.pretrain_epochs,
               "training": {k: getattr(training_recipe(cfg), k) for k in BASE_RECIPE_KEYS},
               "without_heldout": [cfg.evaluation.heldout_size, cfg.evaluation.seed]}
+    if cfg.model.task != "classification":  # what it was trained for (classification's keys stay as they were)
+        recipe["task"] = cfg.model.task
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return os.path.join(expand(cfg.output.cache_dir), f"base-{cfg.model.name.replace(':', '_')}-{key}.pt")
 
 
-def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None) -> str:
+def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None, task: Task | None = None) -> str:
     """Load a cached base model for this recipe into `model`, or train one and cache it; its path. The base trains
     on the training split without the held-out images, so that they stay unseen: the search's scores and the
     fine-tuning's validation (epoch 0, the pruned base, included) are measured on data no weight was fitted to."""
-    log = log or sys.stderr
+    log, task = log or sys.stderr, task or task_of(cfg)
     path = base_cache_path(cfg, model_spec(cfg, data.num_classes, data.input_shape[0]), data.fingerprint)
     if _cached(path, model, "base model", log):
         print(f"base model: loaded {path} (cached: same model, data and training recipe)", file=log)
@@ -232,8 +245,8 @@ def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None) -> s
     _, rest = heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
     result = finetune(model, data, training_recipe(cfg), "cuda" if torch.cuda.is_available() else "cpu",
                       epochs=cfg.model.pretrain_epochs, log=log, train_indices=rest, stage="base training",
-                      num_workers=loader_workers(cfg))
-    print(f"base model: test accuracy {result['test_accuracy']:.4f}", file=log)
+                      num_workers=loader_workers(cfg), task=task)
+    print(f"base model: test {task.metric} {result[f'test_{task.metric}']:.4f}", file=log)
     _cache(path, model, "base model")
     model.cpu()
     return path

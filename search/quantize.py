@@ -101,6 +101,9 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
         raise ConfigError(f"--rank: {source} does not exist (has the run finished? see `prunetune report`)")
     path = _destination(run, source, rank, ".int8.onnx", destination)
     model, record, _ = load_pruned(source)
+    if record.get("task", "classification") != "classification":
+        raise ConfigError(f"--quantize: int8 export measures test accuracy, so it is for classification runs only "
+                          f"(this run's model.task is {record['task']})")
     model = METHODS[record["granularity"]].deployable(model)
     contract = record.get("input")
     if not contract:

@@ -7,6 +7,7 @@ import os
 from prunetune.workers.files import write_json, write_text
 from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord, best
+from prunetune.workers.tasks import short_name
 from prunetune.workers.timing import UNSTABLE_SPREAD
 
 from .baselines import BASELINES
@@ -16,6 +17,11 @@ from .store import CandidateStore
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def metric_of(summary: dict) -> str:
+    """The metric a summary's models are judged by: its task's (a summary written before tasks: accuracy)."""
+    return summary.get("task", {}).get("metric", "accuracy")
 
 
 def _latency(entry: dict) -> str:
@@ -131,17 +137,17 @@ def speed_claim(summary: dict) -> str:
 def recommendation(summary: dict) -> str:
     """One line: the model to take, its accuracy and what it loses against the base, what it saves, and what the
     timings say about its speed."""
-    base, top = summary["base"], summary["final"][0]
-    change = 100 * (top["test_accuracy"] - base["test_accuracy"])
+    base, top, metric = summary["base"], summary["final"][0], metric_of(summary)
+    change = 100 * (top[f"test_{metric}"] - base[f"test_{metric}"])
     versus = (f"{abs(change):.2f} points {'below' if change < 0 else 'above'} the base's "
-              if abs(change) >= 0.005 else "equal to the base's ") + _pct(base["test_accuracy"])
-    return (f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}): test accuracy "
-            f"{_pct(top['test_accuracy'])}, {versus}; {_pct(top['flops_ratio'])} of the base's FLOPs and "
+              if abs(change) >= 0.005 else "equal to the base's ") + _pct(base[f"test_{metric}"])
+    return (f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}): test {metric} "
+            f"{_pct(top[f'test_{metric}'])}, {versus}; {_pct(top['flops_ratio'])} of the base's FLOPs and "
             f"{_pct(top['params'] / base['params'])} of its params; {speed_claim(summary)}")
 
 
-VAL_NOTE = ("val acc: accuracy on the held-out split, the part of the training split the finalists were scored on "
-            "and not fine-tuned on; the base was trained on the whole training split (a checkpoint you give most "
+VAL_NOTE = ("val {short}: {metric} on the held-out split, the part of the training split the finalists were scored "
+            "on and not fine-tuned on; the base was trained on the whole training split (a checkpoint you give most "
             "likely was too), so it has no such figure.")
 
 
@@ -152,30 +158,32 @@ def _planned_epochs(summary: dict) -> int:
 
 def finals_table(summary: dict) -> str:
     """Markdown table of the fine-tuned models against the base model (early-stopped finalists marked)."""
-    base, planned = summary["base"], _planned_epochs(summary)
-    batch = base.get("throughput_batch", "n/a")
-    lines = ["| model | val acc | test acc | test acc vs base | epochs | FLOPs | params | size on disk | "
+    base, planned, metric = summary["base"], _planned_epochs(summary), metric_of(summary)
+    batch, short = base.get("throughput_batch", "n/a"), short_name(metric)
+    lines = [f"| model | val {short} | test {short} | test {short} vs base | epochs | FLOPs | params | size on disk | "
              f"latency (batch 1) | throughput (batch {batch}) |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
-             f"| base | n/a | {_pct(base['test_accuracy'])} | | | 100.00% "
+             f"| base | n/a | {_pct(base[f'test_{metric}'])} | | | 100.00% "
              f"({base['flops'] / 1e6:.2f} M) | {base['params'] / 1e6:.3f} M | {_size(base)} | {_latency(base)} | "
              f"{_throughput(base)} |"]
     for f in summary["final"]:
         epochs = f"{f['epochs']}" if f["epochs"] == planned else f"{f['epochs']} of {planned} (stopped early)"
-        lines.append(f"| rank{f['rank']}.pt (candidate {f['candidate']}) | {_pct(f['val_accuracy'])} | "
-                     f"{_pct(f['test_accuracy'])} | {100 * (f['test_accuracy'] - base['test_accuracy']):+.2f} pts | "
+        lines.append(f"| rank{f['rank']}.pt (candidate {f['candidate']}) | {_pct(f[f'val_{metric}'])} | "
+                     f"{_pct(f[f'test_{metric}'])} | {100 * (f[f'test_{metric}'] - base[f'test_{metric}']):+.2f} pts | "
                      f"{epochs} | {_pct(f['flops_ratio'])} ({f['flops'] / 1e6:.2f} M) | {f['params'] / 1e6:.3f} M | "
                      f"{_size(f)} | {_latency(f)} | {_throughput(f)} |")
-    return "\n".join(lines + ["", VAL_NOTE])
+    return "\n".join(lines + ["", VAL_NOTE.format(short=short, metric=metric)])
 
 
 def candidates_table(records: list[CandidateRecord], limit: int = 10) -> str:
     """Markdown table of the best candidates by adaptive-BN score, and where the baselines rank."""
     ranked = best(records, len(records))
-    lines = ["| search rank | candidate | proposed by | score | held-out acc | FLOPs | params |",
+    metric = next((next(iter(r.metrics)) for r in ranked if r.metrics), "accuracy")  # the task's, stored first
+    lines = [f"| search rank | candidate | proposed by | score | held-out {short_name(metric)} | FLOPs | params |",
              "|---:|---:|---|---:|---:|---:|---:|"]
     for i, r in enumerate(ranked[:limit], 1):
-        lines.append(f"| {i} | {r.index} | {r.source or ''} | {r.score:.4f} | {_pct(r.accuracy)} | "
+        figure = r.metrics[metric] if r.metrics else r.accuracy
+        lines.append(f"| {i} | {r.index} | {r.source or ''} | {r.score:.4f} | {_pct(figure)} | "
                      f"{_pct(r.flops_ratio)} ({r.flops / 1e6:.2f} M) | {r.params / 1e6:.3f} M |")
     ok = sum(r.ok for r in records)
     lines.append(f"\n{len(records)} candidates evaluated, {ok} ok, {len(records) - ok} failed.")
@@ -197,7 +205,7 @@ def figure(records: list[CandidateRecord], summary: dict):
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r.ok]
-    finals, base, planned = summary["final"], summary["base"], _planned_epochs(summary)
+    finals, base, planned, metric = summary["final"], summary["base"], _planned_epochs(summary), metric_of(summary)
     chosen = [r for r in ok if r.index in {f["candidate"] for f in finals}]
     fig, (overview, a, b) = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 2, 2]})
     overview.scatter([r.flops_ratio for r in ok], [r.score for r in ok], s=6, c="tab:gray")
@@ -213,12 +221,12 @@ def figure(records: list[CandidateRecord], summary: dict):
     a.legend()
     for stopped in (False, True):
         shown = [f for f in finals if (f["epochs"] < planned) == stopped]
-        b.scatter([f["adaptive_bn_score"] for f in shown], [f["val_accuracy"] for f in shown], c="tab:red",
+        b.scatter([f["adaptive_bn_score"] for f in shown], [f[f"val_{metric}"] for f in shown], c="tab:red",
                   marker="x" if stopped else "o", label="stopped early" if stopped else f"{planned} epochs")
     for f in finals:
-        b.annotate(f"#{f['candidate']}", (f["adaptive_bn_score"], f["val_accuracy"]), fontsize=8)
+        b.annotate(f"#{f['candidate']}", (f["adaptive_bn_score"], f[f"val_{metric}"]), fontsize=8)
     b.set_xlabel("adaptive-BN score (before fine-tuning)")
-    b.set_ylabel("val accuracy after fine-tuning")
+    b.set_ylabel(f"val {metric} after fine-tuning")
     b.legend()
     fig.tight_layout()
     return fig
@@ -252,13 +260,13 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
     text = [f"# prunetune report: {run.path}", "", recommendation(summary), "",
             f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); "
             f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}.", "",
-            "## Fine-tuned models (best validation accuracy first)", "", finals_table(summary), "",
+            f"## Fine-tuned models (best validation {metric_of(summary)} first)", "", finals_table(summary), "",
             "Latency: median of repeated batch-1 forward passes on this machine (PyTorch, the configured threads), "
             "± half the interquartile range; throughput: images per second at the throughput batch.", "",
             *([note, ""] if note else []),
             int8_table(summary), sparsity_section(summary),
             "## Best candidates by adaptive-BN score", "", candidates_table(records), "",
-            "![score vs FLOPs, and adaptive-BN score vs fine-tuned validation accuracy](report.png)", ""]
+            f"![score vs FLOPs, and adaptive-BN score vs fine-tuned validation {metric_of(summary)}](report.png)", ""]
     write_text(path, "\n".join(text))
     return path
 

@@ -37,7 +37,8 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
                         data=data_kwargs(cfg), evaluation=cfg.evaluation, finetune=cfg.finetune,
                         criterion=cfg.search.criterion, method=METHODS[cfg.search.granularity],
                         cpus_per_trial=cfg.resources.cpus_per_trial, gpus_per_trial=cfg.resources.gpus_per_trial,
-                        finalists=finalists or [], latency_budget_ms=latency_budget, num_workers=loader_workers(cfg))
+                        finalists=finalists or [], latency_budget_ms=latency_budget, num_workers=loader_workers(cfg),
+                        task=cfg.model.task)
 
 
 def _trainable(fn, trial_payload: TrialPayload, cfg: Config, data_parallel: bool = False):
@@ -184,7 +185,8 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
             [EpochTimeouts(f.epoch_timeout_s)]
     else:
         shutil.rmtree(path, ignore_errors=True)
-        scheduler = (ASHAScheduler(time_attr="epoch", metric="best_val_accuracy", mode="max", max_t=f.epochs,
+        scheduler = (ASHAScheduler(time_attr="epoch", metric=f"best_val_{prep.task.metric}",
+                                   mode="max" if prep.task.higher_is_better else "min", max_t=f.epochs,
                                    grace_period=grace_epochs(cfg), reduction_factor=3)
                      if f.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
@@ -194,7 +196,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
             run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      callbacks=[FinetuneProgress(), EpochTimeouts(f.epoch_timeout_s),
+                                      callbacks=[FinetuneProgress(prep.task.metric), EpochTimeouts(f.epoch_timeout_s),
                                                  *finetune_callbacks()]))
     ddp = f", {f.workers_per_finalist} DDP workers each" if f.workers_per_finalist > 1 else ""
     print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler}{ddp})", flush=True)

@@ -22,7 +22,8 @@ from prunetune.workers.files import atomic_write
 from prunetune.workers.record import CandidateRecord
 
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_(),
-          "list[float]": pa.list_(pa.float64()), "list[int]": pa.list_(pa.int64())}
+          "list[float]": pa.list_(pa.float64()), "list[int]": pa.list_(pa.int64()),
+          "dict[str, float]": pa.map_(pa.string(), pa.float64())}
 PART_NAME = re.compile(r"part-(\d{6,})-[0-9a-f]{8}\.parquet")  # a part file's name: its number, a tag
 SCHEMA = pa.schema([(f.name, _ARROW[str(f.type).replace(" | None", "")]) for f in dataclasses.fields(CandidateRecord)])
 

@@ -20,6 +20,7 @@ from prunetune.workers.finetune import CHECKPOINT_NAME, finetune
 from prunetune.workers.models import build_model
 from prunetune.workers.record import CandidateRecord
 from prunetune.workers.space import PruningSpace
+from prunetune.workers.tasks import resolve_task
 
 from .config import EvaluationConfig, FinetuneConfig
 
@@ -45,6 +46,7 @@ class TrialPayload:
     finalists: list[CandidateRecord] = field(default_factory=list)  # the fine-tuning stage's candidates, best first
     latency_budget_ms: float | None = None  # the search's latency bound, when a budget names latency
     num_workers: int = 0  # processes reading training images from files in the fine-tuning stage
+    task: str = "classification"  # model.task, resolved in the worker (a user's task module imports there)
 
     @property
     def device(self) -> str:
@@ -68,7 +70,8 @@ def evaluator_for(payload: TrialPayload) -> CandidateEvaluator:
         model = build_model(**payload.model)
         model.load_state_dict(ray.get(payload.base_state[0]))
         _CACHE[key] = CandidateEvaluator(model.eval(), payload.space, ray.get(payload.evaluation_data[0]),
-                                         payload.evaluation, payload.device, payload.criterion, payload.method)
+                                         payload.evaluation, payload.device, payload.criterion, payload.method,
+                                         resolve_task(payload.task))
     return _CACHE[key]
 
 
@@ -140,6 +143,7 @@ def _finetune_finalist(rank: int, payload: TrialPayload, restored, report, data_
                                                               workdir),
                  train_indices=evaluator.rest_indices, val_indices=evaluator.heldout_indices,
                  stage=f"fine-tuning finalist {rank}", num_workers=payload.num_workers, data_parallel=data_parallel,
+                 task=evaluator.task,
                  log=io.StringIO() if data_parallel and torch.distributed.get_rank() > 0 else None)  # rank 0 speaks
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

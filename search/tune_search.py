@@ -15,6 +15,7 @@ from ray.tune.stopper import Stopper
 
 from prunetune.workers.files import write_json
 from prunetune.workers.record import CandidateRecord, best
+from prunetune.workers.tasks import short_name
 
 from .algorithms import SearchAlgorithm
 from .rundir import RunDir
@@ -464,10 +465,14 @@ class EpochTimeouts(Timeouts):
 
 
 class FinetuneProgress(Callback):
-    """Prints one line per fine-tuning epoch of every finalist."""
+    """Prints one line per fine-tuning epoch of every finalist (its validation and test `metric`)."""
+
+    def __init__(self, metric: str = "accuracy"):
+        self.metric = metric
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "epoch" in result and "rank" in result:
+            metric, short = self.metric, short_name(self.metric)
             print(f"[finetune] finalist {result['rank']} (candidate {result['index']}) epoch {result['epoch']}: "
-                  f"val acc {result.get('val_accuracy', float('nan')):.4f}, "
-                  f"test acc {result.get('test_accuracy', float('nan')):.4f}", file=sys.stdout, flush=True)
+                  f"val {short} {result.get(f'val_{metric}', float('nan')):.4f}, "
+                  f"test {short} {result.get(f'test_{metric}', float('nan')):.4f}", file=sys.stdout, flush=True)

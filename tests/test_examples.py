@@ -7,7 +7,9 @@ import re
 import shlex
 
 import pytest
+import torch
 
+from examples.shapes import shapes
 from prunetune.search.cli import main
 from prunetune.search.store import CandidateStore
 from tests.faults import ROOT
@@ -16,7 +18,7 @@ from tests.test_data import _write_cifar, _write_images
 
 EXAMPLES = os.path.join(ROOT, "examples")
 TESTED = {"digits.yaml", "cifar10-resnet56.yaml", "torchvision-resnet18.yaml", "latency.yaml", "slimming.yaml",
-          "unstructured.yaml", "stripe.yaml"}  # each has its test below
+          "unstructured.yaml", "stripe.yaml", "segmentation.yaml"}  # each has its test below
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,8 @@ def _scalars(folder) -> dict:
 
 def test_the_readme_shows_exactly_the_examples_the_tests_run():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    assert set(re.findall(r"examples/([\w.-]+\.yaml)", readme)) == set(os.listdir(EXAMPLES)) == TESTED
+    configs = {name for name in os.listdir(EXAMPLES) if name.endswith(".yaml")}  # (beside them, their modules)
+    assert set(re.findall(r"examples/([\w.-]+\.yaml)", readme)) == configs == TESTED
     cifar = open(os.path.join(EXAMPLES, "cifar10-resnet56.yaml")).read()
     assert f"```yaml\n{cifar}```" in readme  # the Configuration section shows the file as it is
 
@@ -139,3 +142,24 @@ def test_the_unstructured_example_claims_no_speed_up(ray_session, tmp_path, cach
 def test_the_stripe_example_trains_the_filter_skeleton_first(ray_session, tmp_path, cache):
     summary = _run("stripe.yaml", tmp_path, cache, "model.sparsity_epochs=1")
     assert summary["granularity"] == "stripe" and summary["sparsity"]["method"] == "Filter Skeleton"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_segmentation_example_scores_miou_from_search_to_export(ray_session, tmp_path, cache):
+    summary = _run("segmentation.yaml", tmp_path, cache, "data.kwargs={train_size: 160, test_size: 32}",
+                   "evaluation.heldout_size=64")
+    assert summary["task"] == {"name": "segmentation", "metric": "miou", "metrics": ["miou", "pixel_accuracy", "loss"],
+                               "higher_is_better": True}
+    final = summary["final"][0]
+    assert 0 <= final["val_miou"] <= 1 and 0 <= final["test_miou"] <= 1 and 0 <= summary["base"]["test_miou"] <= 1
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert all(list(r.metrics) == ["miou", "pixel_accuracy", "loss"] and r.score == r.metrics["miou"]
+               and r.accuracy is None for r in records)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| search rank | candidate | proposed by | score | held-out miou |" in report
+    assert "| model | val miou | test miou | test miou vs base |" in report
+    assert main(["export", str(tmp_path / "run"), "--rank", "1", "--format", "torchscript"]) == 0
+    exported = torch.jit.load(str(tmp_path / "run" / "final" / "rank1.torchscript.pt"))
+    images, _ = shapes(2)  # a factory's data has no input contract: the model takes the factory's tensors
+    assert tuple(exported(images).shape) == (2, 3, 16, 16)  # the per-pixel logits, not the dict with aux

@@ -8,6 +8,7 @@ from prunetune.workers.methods.protocol import as_deployed, as_stored, plain_sta
 from prunetune.workers.preflight import preflight
 from prunetune.workers.prune import PrunePlan, position_importance
 from prunetune.workers.space import PruningSpace
+from prunetune.workers.tasks import CLASSIFICATION
 
 
 def _with_stem(model: nn.Module, ignored: list[str] | None) -> list[str]:
@@ -27,6 +28,7 @@ class KeepStem:
     def space(self, model, example_inputs, round_to=1, ignored_layers=None) -> PruningSpace:
         return PruningSpace.from_model(model, example_inputs, round_to, _with_stem(model, ignored_layers))
 
-    def preflight(self, model, example_inputs, num_classes, max_ratio, first, round_to=1, ignored_layers=None):
+    def preflight(self, model, example_inputs, num_classes, max_ratio, first, round_to=1, ignored_layers=None,
+                  task=CLASSIFICATION):
         return preflight(model, example_inputs, num_classes, max_ratio, first, round_to,
-                         _with_stem(model, ignored_layers))
+                         _with_stem(model, ignored_layers), task)

@@ -537,6 +537,25 @@ def heldout_split(n_train: int, size: int, seed: int, keep: int = 1) -> tuple[np
     return np.sort(perm[:size]), perm[size:]
 
 
+def collate(items: list) -> tuple[torch.Tensor, object]:
+    """A batch of (image, target) items: the images stacked, the targets stacked where they are numbers or tensors
+    of one shape (labels, masks), else a list (box lists of any length)."""
+    images, targets = zip(*items)
+    x = torch.stack([torch.as_tensor(i) for i in images])
+    if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in targets):
+        return x, torch.tensor(targets)
+    if all(isinstance(t, torch.Tensor) for t in targets) and len({t.shape for t in targets}) == 1:
+        return x, torch.stack(targets)
+    return x, list(targets)
+
+
+def join_targets(batches) -> np.ndarray | list:
+    """The targets of several batches as one: an array where they are tensors (labels, masks), else a list."""
+    if all(isinstance(t, torch.Tensor) for t in batches):
+        return torch.cat(batches).numpy()
+    return [t for batch in batches for t in batch]
+
+
 class _Order(Sampler):
     """The indices of the current pass, in order (set before each pass; the loader's workers persist)."""
 
@@ -551,16 +570,17 @@ class _Order(Sampler):
 
 
 class BatchReader:
-    """Reads (x, y) batches of one dataset in any order. A dataset with `get_batch` (in memory) is sliced in this
-    process; any other is read by one DataLoader with `num_workers` worker processes that persist across passes
-    (pinned memory on CUDA)."""
+    """Reads (x, target) batches of one dataset in any order. A dataset with `get_batch` (in memory) is sliced in
+    this process; any other is read by one DataLoader with `num_workers` worker processes that persist across
+    passes (pinned memory on CUDA), its targets collated by `collate`."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, persistent: bool = True):
         self.dataset, self.batch_size = dataset, batch_size
         self._order = _Order()
         self._loader = None if hasattr(dataset, "get_batch") else DataLoader(
             dataset, batch_size=batch_size, sampler=self._order, num_workers=num_workers,
-            persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available())
+            persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available(),
+            collate_fn=collate)
 
     def __call__(self, indices) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over `indices`, in the given order."""
@@ -570,8 +590,7 @@ class BatchReader:
                 yield self.dataset.get_batch(indices[start:start + self.batch_size])
             return
         self._order.indices = indices.tolist()
-        for x, y in self._loader:
-            yield x, torch.as_tensor(y)
+        yield from self._loader
 
 
 def iterate_batches(dataset: Dataset, indices, batch_size: int, num_workers: int = 0

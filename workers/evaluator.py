@@ -13,12 +13,13 @@ import torch
 import torch.nn as nn
 
 from .adaptive_bn import recalibrate_bn
-from .data import DataBundle, TensorImages, heldout_split, iterate_batches
+from .data import DataBundle, TensorImages, heldout_split, iterate_batches, join_targets
 from .methods import METHODS, PruningMethod
 from .latency import device_name
 from .record import CandidateRecord
 from .scoring import precision, score
 from .space import PruningSpace
+from .tasks import CLASSIFICATION, Task, search_score
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
@@ -45,7 +46,7 @@ class EvaluationData:
 
     calibration: np.ndarray  # [calibration_batches * batch_size, C, H, W], in calibration order
     heldout_x: np.ndarray
-    heldout_y: np.ndarray
+    heldout_y: np.ndarray | list  # the targets: an array (labels, masks), or a list of any (box lists)
     scale: float  # a batch is (x * scale - mean) / std per channel; identity for data that is already float
     mean: np.ndarray
     std: np.ndarray
@@ -56,7 +57,8 @@ class EvaluationData:
     @property
     def nbytes(self) -> int:
         """Memory the images and labels take."""
-        return self.calibration.nbytes + self.heldout_x.nbytes + self.heldout_y.nbytes
+        targets = self.heldout_y.nbytes if isinstance(self.heldout_y, np.ndarray) else 0
+        return self.calibration.nbytes + self.heldout_x.nbytes + targets
 
 
 def evaluation_data(data: DataBundle, cfg) -> EvaluationData:
@@ -73,7 +75,7 @@ def evaluation_data(data: DataBundle, cfg) -> EvaluationData:
     calibration_x = torch.cat([x for x, _ in iterate_batches(train, calibration, 512)]).float().numpy()
     xs, ys = zip(*iterate_batches(train, heldout, 512))
     channels = calibration_x.shape[1]
-    return EvaluationData(calibration_x, torch.cat(xs).float().numpy(), torch.cat(ys).numpy(), 1.0,
+    return EvaluationData(calibration_x, torch.cat(xs).float().numpy(), join_targets(ys), 1.0,
                           np.zeros(channels, np.float32), np.ones(channels, np.float32), heldout, rest, calibration)
 
 
@@ -99,9 +101,10 @@ class CandidateEvaluator:
     """
 
     def __init__(self, model: nn.Module, space: PruningSpace, data: DataBundle | EvaluationData, evaluation_config,
-                 device: str = "auto", criterion: str = "l1", method: PruningMethod = METHODS["channel"]):
+                 device: str = "auto", criterion: str = "l1", method: PruningMethod = METHODS["channel"],
+                 task: Task = CLASSIFICATION):
         cfg = evaluation_config
-        self.cfg, self.space = cfg, space
+        self.cfg, self.space, self.task = cfg, space, task
         self.device = resolve_device(device)
         self.autocast, self.channels_last = precision(cfg, self.device)
         self.base = model.to(self.device).eval()
@@ -111,7 +114,8 @@ class CandidateEvaluator:
         self.heldout_indices, self.rest_indices = data.heldout_indices, data.rest_indices
         self.calibration_indices = data.calibration_indices
         self.calibration, self.heldout_x = self._stage(data.calibration), self._stage(data.heldout_x)
-        self.heldout_y = _tensor(data.heldout_y).to(self.device)
+        self.heldout_y = _tensor(data.heldout_y).to(self.device) if isinstance(data.heldout_y, np.ndarray) \
+            else data.heldout_y
         shape = (1, -1) + (1,) * (data.calibration.ndim - 2)
         self.scale = data.scale
         self.mean = torch.as_tensor(data.mean, dtype=torch.float32).view(shape).to(self.device)
@@ -163,12 +167,13 @@ class CandidateEvaluator:
             warnings.simplefilter("always")
             recalibrated = self.recalibrate(model)
         t2 = self._sync()
-        heldout = zip(self._batches(self.heldout_x, self.cfg.score_batch_size),
-                      self.heldout_y.split(self.cfg.score_batch_size))
-        result = score(model, heldout, self.autocast)
+        size = self.cfg.score_batch_size
+        targets = (self.heldout_y[start:start + size] for start in range(0, len(self.heldout_y), size))
+        result = score(model, zip(self._batches(self.heldout_x, size), targets), self.autocast, self.task)
         t3 = self._sync()
-        if not math.isfinite(result["loss"]):
-            raise CandidateError(f"held-out loss is {result['loss']} (diverged network)")
+        bad = next((name for name in ("loss", *self.task.metrics) if not math.isfinite(result[name])), None)
+        if bad:
+            raise CandidateError(f"held-out {bad} is {result[bad]} (diverged network)")
         latency = self.latency(model, ratios)
         del model
         trim_memory()
@@ -176,8 +181,9 @@ class CandidateEvaluator:
         return CandidateRecord(
             index, [float(r) for r in ratios], kept_units=self.space.kept_units(ratios), flops=flops,
             flops_ratio=flops / self.space.base_flops, params=self.space.params(ratios),
-            score=result["accuracy"] if self.cfg.metric == "accuracy" else -result["loss"],
-            accuracy=result["accuracy"], loss=result["loss"], bn_recalibrated=recalibrated > 0,
+            score=search_score(self.task, result, self.cfg.metric), accuracy=result.get("accuracy"),
+            metrics={name: result[name] for name in self.task.metrics}, loss=result["loss"],
+            bn_recalibrated=recalibrated > 0,
             calibration_batches=recalibrated,
             warning="; ".join(str(w.message) for w in caught) or None, t_prune=t1 - t0, t_calibrate=t2 - t1,
             t_score=t3 - t2, device=str(self.device), **latency)

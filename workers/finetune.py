@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .data import BatchReader, DataBundle, iterate_batches
 from .files import atomic_write
 from .scoring import precision, score
+from .tasks import CLASSIFICATION, Task, short_name
 
 EpochCallback = Callable[[int, dict, str | None], None]
 CHECKPOINT_NAME = "finetune.pt"  # the checkpoint file finetune() writes (inside a Tune checkpoint directory too)
@@ -42,8 +43,9 @@ def load_finetuned(path: str) -> dict:
 
 
 def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    """KL divergence of the softened class distributions (over dim 1), per sample and position (pixels, cells)."""
+    t, positions = temperature, student[0, 0].numel()
+    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t / positions
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,12 +57,12 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
-def _progress(stage: str, metrics: dict, epochs: int, seconds: list[float]) -> str:
+def _progress(stage: str, metrics: dict, epochs: int, seconds: list[float], metric: str) -> str:
     """One line per epoch: the stage, epoch i/N, its figures, time per epoch and the time left."""
     per_epoch = sum(seconds) / len(seconds)
-    val = f" val_acc {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""
+    val = f" val_{short_name(metric)} {metrics[f'val_{metric}']:.4f}" if f"val_{metric}" in metrics else ""
     return (f"{stage}: epoch {metrics['epoch']}/{epochs} train_loss {metrics['train_loss']:.4f}{val} "
-            f"test_acc {metrics['test_accuracy']:.4f} ({per_epoch:.1f} s/epoch, "
+            f"test_{short_name(metric)} {metrics[f'test_{metric}']:.4f} ({per_epoch:.1f} s/epoch, "
             f"ETA {_duration(per_epoch * (epochs - metrics['epoch']))})")
 
 
@@ -88,17 +90,18 @@ class _StepBar:
             self.log.write("\r\x1b[K")
 
 
-def _with_best(metrics: dict, history: list[dict], best: int) -> dict:
-    """Epoch metrics plus the best epoch so far (by validation accuracy; epoch 0 = before any training)."""
-    return {**metrics, "best_epoch": history[best]["epoch"], "best_val_accuracy": history[best]["val_accuracy"],
-            "best_test_accuracy": history[best]["test_accuracy"], "start_val_accuracy": history[0]["val_accuracy"]}
+def _with_best(metrics: dict, history: list[dict], best: int, metric: str) -> dict:
+    """Epoch metrics plus the best epoch so far (by the validation metric; epoch 0 = before any training)."""
+    return {**metrics, "best_epoch": history[best]["epoch"], f"best_val_{metric}": history[best][f"val_{metric}"],
+            f"best_test_{metric}": history[best][f"test_{metric}"], f"start_val_{metric}": history[0][f"val_{metric}"]}
 
 
 def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device = "cpu",
              checkpoint_path: str | None = None, teacher: nn.Module | None = None,
              on_epoch: EpochCallback | None = None, epochs: int | None = None,
              train_indices=None, val_indices=None, log=None, after_backward: Callable[[], None] | None = None,
-             stage: str = "fine-tuning", num_workers: int = 0, data_parallel: bool = False) -> dict:
+             stage: str = "fine-tuning", num_workers: int = 0, data_parallel: bool = False,
+             task: Task = CLASSIFICATION) -> dict:
     """Train `model` on the training split, test every epoch, checkpoint every epoch; resumes from the checkpoint.
 
     cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
@@ -112,10 +115,12 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     run). Progress lines name `stage`. With `data_parallel` (torch.distributed initialized, as a Ray Train worker's
     is) the model trains through DistributedDataParallel: each process reads its rank's share of every epoch's
     shuffled order (as DistributedSampler does; batch_size stays the global batch) and only rank 0 writes the
-    checkpoint. A non-finite loss or weight raises TrainingDiverged. Returns the kept
-    epoch's metrics (with best_* fields when validating) plus the per-epoch history.
+    checkpoint. A non-finite loss or weight raises TrainingDiverged. `task` gives the loss, the output to train
+    and the validation metric (METRIC in the figures' names val_METRIC, test_METRIC: accuracy by default). Returns
+    the kept epoch's metrics (with best_* fields when validating) plus the per-epoch history.
     """
     log = log or sys.stderr
+    metric, sign = task.metric, 1 if task.higher_is_better else -1
     device = torch.device(device)
     epochs = cfg.epochs if epochs is None else epochs
     autocast, channels_last = precision(cfg, device)
@@ -147,13 +152,14 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
         best, best_state = state.get("best_index", 0), state.get("best")
         print(f"{stage}: resumed after epoch {start} of {epochs}", file=log)
     elif val_indices is not None:  # epoch 0: the model as it came, the result to beat
-        history = [{"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers)}]
+        history = [{"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers, task)}]
         best_state = _copy_state(model)
-        print(f"{stage}: before epoch 1 val_acc {history[0]['val_accuracy']:.4f} "
-              f"test_acc {history[0]['test_accuracy']:.4f}", file=log)
+        print(f"{stage}: before epoch 1 val_{short_name(metric)} {history[0][f'val_{metric}']:.4f} "
+              f"test_{short_name(metric)} {history[0][f'test_{metric}']:.4f}", file=log)
     if teacher is not None:
         teacher.to(device).eval()
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing) if cfg.label_smoothing else task.loss
+    distill = teacher is not None and cfg.distill_weight > 0 and task.distill
     reader = BatchReader(data.train_augmented, batch_size, num_workers)
     seconds = []
     for epoch in range(start, epochs):
@@ -164,15 +170,15 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
         loss_sum, seen = 0.0, 0
         bar = _StepBar(log, stage, epoch + 1, epochs, steps_per_epoch)
         for step, (x, y) in enumerate(reader(order), 1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True), to_device(y, device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                logits = net(x)
+                logits = task.select(net(x))
                 loss = criterion(logits.float(), y)
-                if teacher is not None and cfg.distill_weight > 0:
+                if distill:
                     with torch.no_grad():
-                        target = teacher(x).float()
+                        target = task.select(teacher(x)).float()
                     loss = (1 - cfg.distill_weight) * loss + \
                         cfg.distill_weight * _distill_loss(logits.float(), target, cfg.distill_temperature)
             value = float(loss.detach())
@@ -186,8 +192,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                 after_backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += value * len(y)
-            seen += len(y)
+            loss_sum += value * len(x)
+            seen += len(x)
             bar.step(step)
         bar.clear()
         if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -195,14 +201,15 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                                    "training diverged; nothing of it was kept")
         seconds.append(time.perf_counter() - t0)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                   **_evaluate(model, data, val_indices, device, autocast, num_workers), "lr": scheduler.get_last_lr()[0],
+                   **_evaluate(model, data, val_indices, device, autocast, num_workers, task),
+                   "lr": scheduler.get_last_lr()[0],
                    "epoch_seconds": seconds[-1]}
         history.append(metrics)
         if val_indices is not None:
-            if metrics["val_accuracy"] >= history[best]["val_accuracy"]:  # a tie goes to the trained weights
+            if sign * metrics[f"val_{metric}"] >= sign * history[best][f"val_{metric}"]:  # a tie: the trained weights
                 best, best_state = len(history) - 1, _copy_state(model)
-            metrics = _with_best(metrics, history, best)
-        print(_progress(stage, metrics, epochs, seconds), file=log, flush=True)
+            metrics = _with_best(metrics, history, best, metric)
+        print(_progress(stage, metrics, epochs, seconds, metric), file=log, flush=True)
         if checkpoint_path and rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
@@ -217,11 +224,12 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     if best_state is not None:
         model.load_state_dict(best_state)
         if best != len(history) - 1:
-            print(f"{stage}: kept epoch {history[best]['epoch']} (val_acc {history[best]['val_accuracy']:.4f}, the "
-                  f"best; the last epoch reached {history[-1]['val_accuracy']:.4f})", file=log)
-        return {**_with_best(history[best], history, best), "history": history}
+            print(f"{stage}: kept epoch {history[best]['epoch']} (val_{short_name(metric)} "
+                  f"{history[best][f'val_{metric}']:.4f}, the best; the last epoch reached "
+                  f"{history[-1][f'val_{metric}']:.4f})", file=log)
+        return {**_with_best(history[best], history, best, metric), "history": history}
     if not history:
-        history.append({"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers)})
+        history.append({"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers, task)})
     return {**history[-1], "history": history}
 
 
@@ -229,16 +237,23 @@ def _copy_state(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _evaluate(model: nn.Module, data: DataBundle, val_indices, device: torch.device,
-              autocast: torch.dtype | None = None, num_workers: int = 0) -> dict:
-    """Test-split metrics, plus validation metrics on `val_indices` of the training split if given."""
-    def on(dataset, indices):
-        batches = iterate_batches(dataset, indices, 500, num_workers)
-        return score(model, ((x.to(device), y.to(device)) for x, y in batches), autocast)
+def to_device(target, device: torch.device):
+    """A batch's targets on `device`: a tensor, or each tensor of a list (box lists)."""
+    if isinstance(target, torch.Tensor):
+        return target.to(device, non_blocking=True)
+    return [to_device(t, device) for t in target] if isinstance(target, (list, tuple)) else target
 
-    test = on(data.test, range(len(data.test)))
-    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+
+def _evaluate(model: nn.Module, data: DataBundle, val_indices, device: torch.device,
+              autocast: torch.dtype | None = None, num_workers: int = 0, task: Task = CLASSIFICATION) -> dict:
+    """Test-split figures (test_METRIC for each of the task's), plus validation figures (val_METRIC) on
+    `val_indices` of the training split if given."""
+    def on(dataset, indices, split):
+        batches = iterate_batches(dataset, indices, 500, num_workers)
+        found = score(model, ((x.to(device), to_device(y, device)) for x, y in batches), autocast, task)
+        return {f"{split}_{name}": found[name] for name in task.metrics}
+
+    metrics = on(data.test, range(len(data.test)), "test")
     if val_indices is not None:
-        val = on(data.train, val_indices)
-        metrics.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+        metrics.update(on(data.train, val_indices, "val"))
     return metrics

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .layers import OUT, IN, is_stateless, kind_of
+from .tasks import output_tensors
 
 OP, PARAMETER = "op", "parameter"  # member kinds beside the layer kinds: stateless leaf module, bare nn.Parameter
 
@@ -125,20 +126,39 @@ def describe_module(model: nn.Module, name: str) -> str:
     return f"{name or 'model'} ({type(model.get_submodule(name)).__name__})"
 
 
-def find_classifier(model: nn.Module, example_inputs: torch.Tensor) -> str:
-    """Name of the last Conv/Linear layer run in the forward pass (the classifier, never pruned)."""
+def find_heads(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
+    """Names of the heads, never pruned: the last Conv/Linear layer run in the forward pass (the classifier), then
+    every other Conv/Linear layer whose output reaches one of the model's outputs (an aux classifier, a box head)
+    through no other Conv/Linear layer."""
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: order.append(n))
+    made: dict = {}  # grad_fn of a layer's output -> the layer
+
+    def seen(m, i, o, n):
+        order.append(n)
+        if isinstance(o, torch.Tensor) and o.grad_fn is not None:
+            made[o.grad_fn] = n
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen(m, i, o, n))
              for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     try:
-        with torch.no_grad():
-            model.eval()(example_inputs)
+        with torch.enable_grad():
+            out = model.eval()(example_inputs.detach().clone().requires_grad_(example_inputs.is_floating_point()))
     finally:
         for h in hooks:
             h.remove()
     if not order:
         raise SpaceError("model: no Conv or Linear layer found to prune")
-    return order[-1]
+    heads, stack, visited = [order[-1]], [t.grad_fn for t in output_tensors(out) if t.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        if node in made:
+            heads += [made[node]] if made[node] not in heads else []
+            continue
+        stack += [next_node for next_node, _ in node.next_functions]
+    return heads
 
 
 class _ChannelOps:

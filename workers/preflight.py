@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .groups import IN, SpaceError, describe_module, error_line, module_stack, refuse_compiled
 from .prune import PrunePlan, clone_module
 from .space import PruningSpace, count_flops
+from .tasks import CLASSIFICATION, Task, output_tensors
 
 _TOLERANCE = 1e-9  # relative, above one FLOP: the analytic count is exact up to float rounding
 # Relative to the output's largest magnitude: float32 rounding stays near 1e-6 there, a wrong channel is ~1e-2.
@@ -57,8 +58,9 @@ class Verdict:
         return "it runs and has the right output width"
 
 
-def output_width(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """Width of the model's output (its class count), from one forward pass in eval mode."""
+def prediction_shape(model: nn.Module, example_inputs: torch.Tensor, task: Task = CLASSIFICATION
+                     ) -> tuple[int, ...]:
+    """Shape of the model's prediction (the output `task` selects), from one forward pass in eval mode."""
     was_training = model.training
     try:
         with torch.no_grad():
@@ -68,19 +70,36 @@ def output_width(model: nn.Module, example_inputs: torch.Tensor) -> int:
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise SpaceError(f"model: the forward pass must return logits of shape [batch, classes], got "
-                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    return int(out.shape[1])
+    try:
+        prediction = task.select(out)
+    except Exception as e:
+        raise SpaceError(f"model: task {task.name} finds no prediction in the forward pass's output "
+                         f"({type(out).__name__}: {error_line(e)})") from None
+    if not isinstance(prediction, torch.Tensor):
+        raise SpaceError(f"model: task {task.name} finds no prediction tensor in the forward pass's output "
+                         f"({type(out).__name__}; it selects {type(prediction).__name__})")
+    return tuple(prediction.shape)
 
 
-def check_width(model: nn.Module, example_inputs: torch.Tensor, num_classes: int) -> int:
-    """The model's output width, which must be the data's class count (SpaceError naming both if not)."""
-    width = output_width(model, example_inputs)
-    if width != num_classes:
-        raise SpaceError(f"model: the model returns {width} outputs but the data has {num_classes} classes; give "
-                         "the factory a num_classes argument (or set it in model.kwargs)")
-    return width
+def check_output(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, task: Task = CLASSIFICATION
+                 ) -> tuple[int, ...]:
+    """The shape of the model's prediction, which must fit the task and the data's class count (SpaceError saying
+    what the task expects if not)."""
+    shape = prediction_shape(model, example_inputs, task)
+    problem = task.check(torch.empty(shape, device="meta"), num_classes)
+    if problem:
+        raise SpaceError(f"model: {problem}")
+    return shape
+
+
+def output_shapes(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[int, ...]]:
+    """The shapes of every tensor the model returns (its prediction, aux outputs, ...), in eval mode."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            return [tuple(t.shape) for t in output_tensors(model.eval()(example_inputs))]
+    finally:
+        model.train(was_training)
 
 
 def strategies_to_prove(space: PruningSpace, max_ratio: float, first: Callable[[PruningSpace], list[float]]
@@ -148,12 +167,12 @@ def functional_gap(plan: PrunePlan, ratios, pruned: nn.Module, inputs: torch.Ten
     """Largest difference between the pruned network's output and the base's with the removed channels zeroed at
     every conv and linear input, relative to the largest output (0 where the base's output is not finite)."""
     with torch.no_grad(), _without_statistics():
-        got = pruned.eval()(inputs)
+        got = output_tensors(pruned.eval()(inputs))
         with _inputs_zeroed(plan, plan.keep_indices(ratios)):
-            want = plan.model.eval()(inputs)
-    if not torch.isfinite(want).all():
+            want = output_tensors(plan.model.eval()(inputs))
+    if not all(torch.isfinite(w).all() for w in want):
         return 0.0
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    return max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(got, want))
 
 
 def probe_copy(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -168,7 +187,8 @@ def probe_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     return probe
 
 
-def _problem(plan: PrunePlan, ratios, example_inputs: torch.Tensor, inputs: torch.Tensor, width: int) -> str | None:
+def _problem(plan: PrunePlan, ratios, example_inputs: torch.Tensor, inputs: torch.Tensor,
+             shapes: list[tuple[int, ...]]) -> str | None:
     """Why the network pruned by `ratios` is not what the space says, or None if it is."""
     pruned = plan.apply(ratios).eval()
     with module_stack(pruned) as stack:
@@ -178,8 +198,9 @@ def _problem(plan: PrunePlan, ratios, example_inputs: torch.Tensor, inputs: torc
         except Exception as e:
             where = describe_module(pruned, stack[-1]) if stack else "the model"
             return f"the pruned network fails in {where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    if out.shape[-1] != width:
-        return f"the pruned network returns {out.shape[-1]} outputs, not {width}"
+    got = [tuple(t.shape) for t in output_tensors(out)]
+    if got != shapes:
+        return f"the pruned network returns outputs of shape {got}, not {shapes}"
     space = plan.space
     flops, params = int(count_flops(pruned, example_inputs).total()), sum(p.numel() for p in pruned.parameters())
     for what, model_value, real in (("FLOPs", space.flops(ratios), flops), ("params", space.params(ratios), params)):
@@ -192,13 +213,13 @@ def _problem(plan: PrunePlan, ratios, example_inputs: torch.Tensor, inputs: torc
     return None
 
 
-def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, width: int,
+def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, shapes: list[tuple[int, ...]],
            strategies: dict[str, np.ndarray]) -> tuple[list[tuple[str, str]], list[tuple[str, int, int]]]:
     """(culprit groups, checked strategies): groups that break a strategy, each found by pruning it alone with its
     ratios in the strategies that fail."""
     plan = PrunePlan(probe_copy(model), space, order=[np.arange(g.units // g.blocks) for g in space.groups])
     inputs = torch.randn(example_inputs.shape, generator=torch.Generator().manual_seed(0)).to(example_inputs)
-    failures = {name: _problem(plan, r, example_inputs, inputs, width) for name, r in strategies.items()}
+    failures = {name: _problem(plan, r, example_inputs, inputs, shapes) for name, r in strategies.items()}
     if not any(failures.values()):
         return [], [(name, space.flops(r), space.params(r)) for name, r in strategies.items()]
     failing = [strategies[name] for name, problem in failures.items() if problem]
@@ -207,7 +228,7 @@ def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, 
         for ratios in failing:
             alone = np.zeros(len(space.groups))
             alone[gi] = ratios[gi]
-            problem = _problem(plan, alone, example_inputs, inputs, width) if ratios[gi] > 0 else None
+            problem = _problem(plan, alone, example_inputs, inputs, shapes) if ratios[gi] > 0 else None
             if problem:
                 culprits.append((g.name, problem))
                 break
@@ -220,21 +241,23 @@ def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, 
 
 def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
               first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-              ignored_layers: list[str] | None = None) -> Verdict:
+              ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
     """Build the channel space of `model` and prove it exact, in counts and function, on the most pruned, the first
     and the least pruned strategy (SpaceError if not; any other error while building it becomes one too).
 
-    `first(space)` is the first strategy the search will evaluate in that space.
+    `first(space)` is the first strategy the search will evaluate in that space; the model's prediction must fit
+    `task` and `num_classes`, and every output of a pruned network keeps its shape.
     """
     refuse_compiled(model)
-    width = check_width(model, example_inputs, num_classes)
+    check_output(model, example_inputs, num_classes, task)
+    shapes = output_shapes(model, example_inputs)
     ignored, left_out = list(ignored_layers or []), []
     while True:  # at most twice: once more after leaving out the groups of a single cause
         space = as_refusal(model, PruningSpace.from_model, model, example_inputs, round_to, ignored)
         found = space.rejected  # groups discovery could not model: no strategy needed to know
         if not found:
             strategies = {**strategies_to_prove(space, max_ratio, first), "least pruned": space.least_pruned()}
-            found, checked = as_refusal(model, _check, model, space, example_inputs, width, strategies)
+            found, checked = as_refusal(model, _check, model, space, example_inputs, shapes, strategies)
             if not found:
                 return Verdict(space, left_out, checked, functional=True)
         causes = list(dict.fromkeys(reason for _, reason in left_out + found))

@@ -27,7 +27,8 @@ class CandidateRecord:
     latency_ms: float | None = None  # timed in the trial, as the table was (its device, batch, threads)
     within_budget: bool | None = None  # False: timed over the latency budget by more than the table's error
     score: float | None = None  # what the search maximises (held-out accuracy, or minus the loss)
-    accuracy: float | None = None  # held-out accuracy after adaptive BN
+    accuracy: float | None = None  # held-out accuracy after adaptive BN (classification)
+    metrics: dict[str, float] | None = None  # the task's held-out figures after adaptive BN, its metric first
     loss: float | None = None
     bn_recalibrated: bool | None = None
     calibration_batches: int | None = None  # batches adaptive BN used (fewer than configured: it converged)
@@ -49,7 +50,10 @@ class CandidateRecord:
     @classmethod
     def from_dict(cls, d: dict) -> "CandidateRecord":
         """A record from a dict that holds its fields (a Tune result, a Parquet row); other keys are ignored."""
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        found = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        if isinstance(found.get("metrics"), list):  # a Parquet map reads back as (key, value) pairs
+            found["metrics"] = dict(found["metrics"])
+        return cls(**found)
 
     def to_dict(self) -> dict:
         """The record as a plain dict (Tune's result, a Parquet row, a leaderboard entry)."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .groups import (OP, PARAMETER, Group, Discovery, SpaceError, describe_module, dim_size, discover_groups,
-                     error_line, find_classifier, module_stack)
+                     error_line, find_heads, module_stack)
 from .layers import OUT, is_stateless, kind_of
 from .prune import PrunePlan
 
@@ -91,8 +91,8 @@ class PruningSpace:
         model.eval()
         try:
             modules = dict(model.named_modules())
-            classifier = find_classifier(model, example_inputs)
-            ignored = [classifier] + [n for n in ignored_layers or [] if n != classifier]
+            heads = find_heads(model, example_inputs)
+            ignored = heads + [n for n in ignored_layers or [] if n not in heads]
             unknown = [n for n in ignored if n not in modules]
             if unknown:
                 raise SpaceError(f"model.ignored_layers: the model has no layer named '{unknown[0]}'")

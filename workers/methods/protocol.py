@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..criteria import BATCHNORM, CRITERIA
 from ..preflight import Verdict
 from ..space import PruningSpace
+from ..tasks import CLASSIFICATION, Task
 
 
 class Plan(Protocol):
@@ -58,7 +59,7 @@ class PruningMethod(Protocol):
 
     def preflight(self, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
                   first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-                  ignored_layers: list[str] | None = None) -> Verdict:
+                  ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
         """Build the space and prove it exact on the most pruned and the first strategy (SpaceError if not)."""
 
     def importance(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0

@@ -21,6 +21,7 @@ from ..finetune import finetune
 from ..preflight import Verdict
 from ..space import PruningSpace
 from ..sparsity import add_l1_subgradient
+from ..tasks import CLASSIFICATION, Task
 from .protocol import SparsityTraining, as_deployed, as_stored, plain_state
 from .units import UnitPlan, fvcore_counts, layer_importance, linear_space, prove
 
@@ -143,11 +144,11 @@ class Stripe:
 
     def preflight(self, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
                   first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-                  ignored_layers: list[str] | None = None) -> Verdict:
+                  ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
         """Build the space and prove it: the pruned networks run, have the right output width, and fvcore's FLOPs
         and their parameter counts equal the space's."""
         return prove(self, model, example_inputs, num_classes, max_ratio, first, round_to, ignored_layers,
-                     fvcore_counts, "fvcore's count")
+                     fvcore_counts, "fvcore's count", task)
 
     def plan(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> UnitPlan:
         """Copies of the base model whose k x k convs are StripeConv2d of their most important stripes."""

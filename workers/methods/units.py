@@ -13,10 +13,12 @@ import torch
 import torch.nn as nn
 
 from ..criteria import CRITERIA
-from ..groups import Group, SpaceError, find_classifier, refuse_compiled
-from ..preflight import Verdict, as_refusal, check_width, output_width, strategies_to_prove, within_tolerance
+from ..groups import Group, SpaceError, find_heads, refuse_compiled
+from ..preflight import (Verdict, as_refusal, check_output, output_shapes, strategies_to_prove,
+                         within_tolerance)
 from ..prune import clone_module
 from ..space import PruningSpace, count_flops, own_flops
+from ..tasks import CLASSIFICATION, Task
 from .protocol import PruningMethod, criterion_misuse
 
 
@@ -26,8 +28,8 @@ def linear_space(model: nn.Module, example_inputs: torch.Tensor, ignored_layers:
     """A space with one group per selected layer whose units (`units_of`) each carry an equal share of the
     layer's fvcore FLOPs and weight: FLOPs and params are linear in the kept units."""
     model.eval()
-    classifier = find_classifier(model, example_inputs)
-    ignored = [classifier] + [n for n in ignored_layers or [] if n != classifier]
+    heads = find_heads(model, example_inputs)
+    ignored = heads + [n for n in ignored_layers or [] if n not in heads]
     modules = dict(model.named_modules())
     unknown = [n for n in ignored if n not in modules]
     if unknown:
@@ -94,19 +96,21 @@ def fvcore_counts(pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[floa
 
 def prove(method: PruningMethod, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
           first: Callable[[PruningSpace], list[float]], round_to: int, ignored_layers: list[str] | None,
-          count: Callable[[nn.Module, torch.Tensor], tuple[float, int]], counted_by: str) -> Verdict:
+          count: Callable[[nn.Module, torch.Tensor], tuple[float, int]], counted_by: str,
+          task: Task = CLASSIFICATION) -> Verdict:
     """The preflight of a method whose every unit prunes alike: build its space, then on the most pruned and the
-    first strategy the pruned network runs with the right output width, and `count(pruned, example_inputs)`
+    first strategy the pruned network runs with outputs of the base's shapes, and `count(pruned, example_inputs)`
     (FLOPs, params) equals the space's."""
     refuse_compiled(model)
-    check_width(model, example_inputs, num_classes)
+    check_output(model, example_inputs, num_classes, task)
+    shapes = output_shapes(model, example_inputs)
     space = as_refusal(model, method.space, model, example_inputs, round_to, ignored_layers)
     plan = method.plan(model, space)
     checked = []
     for name, ratios in strategies_to_prove(space, max_ratio, first).items():
         pruned = plan.apply(ratios)
-        if output_width(pruned, example_inputs) != num_classes:
-            raise SpaceError(f"model: the {name} strategy changes the output width")
+        if output_shapes(pruned, example_inputs) != shapes:
+            raise SpaceError(f"model: the {name} strategy changes the shape of an output")
         flops, params = count(pruned, example_inputs)
         if not within_tolerance(space.flops(ratios), flops) or params != space.params(ratios):
             raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "

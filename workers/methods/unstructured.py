@@ -21,6 +21,7 @@ from torch.nn.utils import prune as torch_prune
 from ..layers import kind_of
 from ..preflight import Verdict
 from ..space import PruningSpace, count_flops, own_flops
+from ..tasks import CLASSIFICATION, Task
 from .units import UnitPlan, layer_importance, linear_space, prove
 
 _PRUNABLE = ("conv", "dwconv", "grouped_conv", "linear")
@@ -130,11 +131,11 @@ class Unstructured:
 
     def preflight(self, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
                   first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-                  ignored_layers: list[str] | None = None) -> Verdict:
+                  ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
         """Build the space and prove it: the masked networks run, have the right output width, and their directly
         counted FLOPs and params equal the space's."""
         return prove(self, model, example_inputs, num_classes, max_ratio, first, round_to, ignored_layers,
-                     direct_counts, "a direct count of its non-zero weights")
+                     direct_counts, "a direct count of its non-zero weights", task)
 
     def plan(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> UnitPlan:
         """Masks that keep each tensor's most important weights (`weight_orig` * `weight_mask`; fine-tuning
