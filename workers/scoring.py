@@ -1,11 +1,12 @@
-"""Score a network on the held-out split: top-1 accuracy and mean cross-entropy, deterministically."""
+"""Score a network on the held-out split with its task's metric (top-1 accuracy by default), deterministically."""
 from __future__ import annotations
 
 from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .tasks import CLASSIFICATION, Task
 
 
 def precision(cfg, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -18,21 +19,19 @@ def precision(cfg, device: torch.device) -> tuple[torch.dtype | None, bool]:
 
 
 @torch.no_grad()
-def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-          autocast_dtype: torch.dtype | None = None) -> dict:
-    """Accuracy, mean loss and sample count of `model` (in eval mode) over (x, y) batches."""
+def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, object]],
+          autocast_dtype: torch.dtype | None = None, task: Task = CLASSIFICATION) -> dict:
+    """The task's figures (classification: accuracy and mean loss) and the sample count of `model` (in eval mode)
+    over (x, target) batches: the task's statistics summed over the batches, then scored."""
     model.eval()
-    correct = 0
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    n = 0
+    total, n = None, 0
     device_type = next(model.parameters()).device.type
     for x, y in batches:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
+            prediction = task.select(model(x))
+        statistics = task.statistics(prediction.float(), y).double().cpu()
+        total = statistics if total is None else total + statistics
+        n += len(x)
     if n == 0:
         raise ValueError("score: no held-out samples")
-    return {"accuracy": correct / n, "loss": float(loss_sum) / n, "samples": n}
+    return {**task.score(total), "samples": n}
