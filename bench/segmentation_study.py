@@ -1,6 +1,6 @@
 """Does the adaptive-BN score rank candidates on a segmentation task too? A study on real images, CPU-sized.
 
-The data: canvases (48 px) of real CIFAR-10 photos, built here from the shared image folder and cached outside the
+The data: canvases (32 px) of real CIFAR-10 photos, built here from the shared image folder and cached outside the
 repository: a background (another photo, its quadrants shuffled and blurred) with 1-3 photos pasted on it through
 rotated elliptic masks; the label of a pixel is the pasted photo's class + 1, 0 for background (11 classes). Train
 canvases are made of train photos, test canvases of test photos; deterministic from --seed.
@@ -10,7 +10,7 @@ strategies at 50% FLOPs from prunetune's sampler, each pruned (PrunePlan, L1), s
 canvases without recalibration (vanilla), after EMA adaptive BN and after cumulative adaptive BN (the default),
 fine-tuned the same short budget, and measured on the test canvases; the verdict is correlation.py's: Spearman of
 each score with fine-tuned test mIoU with a bootstrap 95% interval (its "heldout_acc" columns are held-out mIoU
-here), and uniform L1 pruning at the same FLOPs. mIoU: a confusion matrix summed over batches, IoU per class present.
+here), and uniform L1 pruning at the same FLOPs. mIoU: prunetune's score() with the segmentation task.
 Per-candidate results are appended to a JSON-lines file as they finish, so an interrupted study resumes.
 
 python bench/segmentation_study.py --data /tmp/cifar10     # the shared CIFAR-10 JPEGs extracted (train/, test/)
@@ -36,7 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import parse_args, save, smoke_dir  # noqa: E402
 from bench.correlation import report, uniform_ratio, verdict  # noqa: E402
 from prunetune import PrunePlan, PruningSpace, StrategySampler, recalibrate_bn  # noqa: E402
+from prunetune.workers.scoring import score  # noqa: E402
 from prunetune.workers.seeds import generator  # noqa: E402
+from prunetune.workers.tasks import SEGMENTATION  # noqa: E402
 
 CLASSES = 11  # background + the 10 CIFAR-10 classes
 PHOTO = 32  # side of a source photo
@@ -57,7 +59,7 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "full": Protocol(canvas=48, train=4000, heldout=500, test=1000, width=16, base_epochs=8, finetune_epochs=1,
+    "full": Protocol(canvas=32, train=3000, heldout=400, test=600, width=16, base_epochs=10, finetune_epochs=1,
                      calibration_batches=10, batch=64),
     "smoke": Protocol(canvas=16, train=96, heldout=32, test=32, width=8, base_epochs=1, finetune_epochs=1,
                       calibration_batches=2, batch=16),
@@ -137,7 +139,7 @@ def make_canvases(photos: np.ndarray, labels: np.ndarray, side: int, rng: np.ran
                                np.concatenate([quads[order[2]], quads[order[3]]], 1)], 0)
         images[i] = np.asarray(Image.fromarray(back).filter(ImageFilter.GaussianBlur(side / 24)))
         for j in group[1:1 + rng.integers(1, PER_CANVAS)]:
-            s = int(rng.integers(int(0.4 * side), int(0.65 * side) + 1))
+            s = int(rng.integers(int(0.45 * side), int(0.7 * side) + 1))
             obj = np.asarray(Image.fromarray(photos[j]).resize((s, s), Image.BILINEAR))
             shape = ellipse(s, rng)
             r, c = rng.integers(0, side - s + 1, 2)
@@ -189,7 +191,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
             xb, yb = x[idx], y[idx]
             flip = torch.rand(len(idx), generator=g) < 0.5
             xb[flip], yb[flip] = xb[flip].flip(-1), yb[flip].flip(-1)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = SEGMENTATION.loss(model(xb), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -197,28 +199,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
     model.eval()
 
 
-@torch.no_grad()
-def confusion(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> np.ndarray:
-    """CLASSES x CLASSES pixel counts (true, predicted), summed over batches."""
-    model.eval()
-    counts = torch.zeros(CLASSES * CLASSES, dtype=torch.int64)
-    for start in range(0, len(x), batch):
-        pred = model(x[start:start + batch]).argmax(1)
-        counts += torch.bincount((y[start:start + batch] * CLASSES + pred).flatten(), minlength=CLASSES * CLASSES)
-    return counts.view(CLASSES, CLASSES).numpy()
-
-
-def miou(counts: np.ndarray) -> float:
-    """Mean intersection over union of the classes present (in the labels or the predictions)."""
-    inter = np.diag(counts).astype(float)
-    union = counts.sum(0) + counts.sum(1) - inter
-    return float((inter[union > 0] / union[union > 0]).mean())
+def miou(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    """mIoU of `model` on (x, y): prunetune's scoring with the segmentation task (per-class intersection and union
+    summed over batches; mean over the classes present in the labels or the predictions)."""
+    return score(model, ((x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)), task=SEGMENTATION)["miou"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", help="the CIFAR-10 image folder (train/, test/); not with --smoke")
-    p.add_argument("--candidates", type=int, default=24)
+    p.add_argument("--candidates", type=int, default=20)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--max-ratio", type=float, default=0.8)
@@ -254,8 +244,8 @@ def main() -> None:
         train(model, tx, ty, proto.base_epochs, 0.1, proto.batch, args.seed, "base")
         torch.save(model.state_dict(), base_path)
         print(f"base model: {proto.base_epochs} epochs in {time.time() - t:.0f}s", flush=True)
-    base = {"heldout_miou": miou(confusion(model, hx, hy, 2 * proto.batch)),
-            "test_miou": miou(confusion(model, data["test_x"], data["test_y"], 2 * proto.batch))}
+    base = {"heldout_miou": miou(model, hx, hy, 2 * proto.batch),
+            "test_miou": miou(model, data["test_x"], data["test_y"], 2 * proto.batch)}
     print(f"base model: held-out mIoU {base['heldout_miou']:.4f}, test mIoU {base['test_miou']:.4f}", flush=True)
 
     space = PruningSpace.from_model(model, hx[:1])
@@ -283,10 +273,10 @@ def main() -> None:
         for name, (mode, batches) in modes.items():
             net = copy.deepcopy(pruned)
             recalibrate_bn(net, calibration[:batches], mode)
-            rec[name] = miou(confusion(net, hx, hy, 2 * proto.batch))
+            rec[name] = miou(net, hx, hy, 2 * proto.batch)
             if name == "cumulative":
                 train(net, tx, ty, proto.finetune_epochs, 0.02, proto.batch, args.seed, "finetune")
-                rec["finetuned"] = miou(confusion(net, data["test_x"], data["test_y"], 2 * proto.batch))
+                rec["finetuned"] = miou(net, data["test_x"], data["test_y"], 2 * proto.batch)
         rec["seconds"] = time.time() - start
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
