@@ -14,6 +14,7 @@ here), and uniform L1 pruning at the same FLOPs. mIoU: prunetune's score() with 
 Per-candidate results are appended to a JSON-lines file as they finish, so an interrupted study resumes.
 
 python bench/segmentation_study.py --data /tmp/cifar10     # the shared CIFAR-10 JPEGs extracted (train/, test/)
+python bench/segmentation_study.py --data /tmp/cifar10 --small --candidates 20   # 10 base epochs, 1 of fine-tuning
 python bench/segmentation_study.py --smoke                 # seconds: synthetic photos, 16 px canvases, 3 candidates
 """
 from __future__ import annotations
@@ -59,8 +60,10 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "full": Protocol(canvas=32, train=3000, heldout=400, test=600, width=16, base_epochs=10, finetune_epochs=1,
+    "full": Protocol(canvas=32, train=3000, heldout=400, test=1000, width=16, base_epochs=30, finetune_epochs=2,
                      calibration_batches=10, batch=64),
+    "small": Protocol(canvas=32, train=3000, heldout=400, test=600, width=16, base_epochs=10, finetune_epochs=1,
+                      calibration_batches=10, batch=64),
     "smoke": Protocol(canvas=16, train=96, heldout=32, test=32, width=8, base_epochs=1, finetune_epochs=1,
                       calibration_batches=2, batch=16),
 }
@@ -208,7 +211,8 @@ def miou(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> floa
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", help="the CIFAR-10 image folder (train/, test/); not with --smoke")
-    p.add_argument("--candidates", type=int, default=20)
+    p.add_argument("--small", action="store_true", help="the small protocol: 10 base epochs, 1 fine-tuning epoch")
+    p.add_argument("--candidates", type=int, default=30)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--max-ratio", type=float, default=0.8)
@@ -217,7 +221,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = parse_args(p, {"candidates": 3}, require=("data",))
     wall = time.time()
-    size = "smoke" if args.smoke else "full"
+    size = "smoke" if args.smoke else "small" if args.small else "full"
     proto = PROTOCOLS[size]
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -268,7 +272,8 @@ def main() -> None:
         if index in done:
             continue
         start = time.time()
-        rec = {"index": index, "ratios": [float(r) for r in ratios], "flops_ratio": space.flops(ratios) / space.base_flops}
+        rec = {"index": index, "ratios": [float(r) for r in ratios],
+               "flops_ratio": space.flops(ratios) / space.base_flops}
         pruned = plan.apply(ratios)
         for name, (mode, batches) in modes.items():
             net = copy.deepcopy(pruned)
