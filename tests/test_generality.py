@@ -74,7 +74,18 @@ def test_a_channel_shuffle_group_is_left_out_with_its_module_named():
     assert "shuffle_block.a" not in [g.name for g in verdict.space.groups]
 
 
-def test_a_window_partition_is_refused_in_one_line_naming_the_module():
+@pytest.mark.parametrize("trace_fails", [False, True])
+def test_a_window_partition_is_refused_in_one_line_naming_the_module(monkeypatch, trace_fails):
+    import torch_pruning as tp
+
+    build = tp.DependencyGraph.build_dependency
+
+    def failing(self, *args, **kwargs):  # as on torchvision's swin_s and swin_b, after the forward pass it traces
+        build(self, *args, **kwargs)
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    if trace_fails:
+        monkeypatch.setattr(tp.DependencyGraph, "build_dependency", failing)
     with pytest.raises(SpaceError) as e:
         _verdict(archs.WindowNet())
     assert str(e.value) == ("model: attend (WindowMix) reshapes feature maps into windows or pixel blocks (as Swin, "

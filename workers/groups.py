@@ -180,6 +180,12 @@ class _ChannelOps:
         self.windows: dict = {}  # "found" -> the first module that reshapes feature maps into windows
         self.blocks: dict = {}  # grad_fn of a functional group_norm's output -> (its number of groups, where)
 
+    def refuse_windows(self) -> None:
+        """SpaceError naming the first module that reshaped feature maps into windows, if one did: Torch-Pruning's
+        index mappings grow without bound through them (or its trace fails on them, as on Swin-S and Swin-B)."""
+        if self.windows:
+            raise SpaceError(f"model: {self.windows['found']}, which channel pruning cannot follow") from None
+
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
         """Record during the forward passes run inside this context."""
@@ -329,14 +335,14 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     except SpaceError:
         raise
     except Exception as e:
+        channel_ops.refuse_windows()
         hint = f"; {next(iter(channel_ops.found.values()))}" if channel_ops.found else ""
         raise SpaceError(f"model: Torch-Pruning cannot trace the channel dependencies of {type(model).__name__} "
                          f"({error_line(e)}){hint}") from None
     finally:
         for h in hooks:
             h.remove()
-    if channel_ops.windows:  # Torch-Pruning's index mappings grow without bound through window partitions
-        raise SpaceError(f"model: {channel_ops.windows['found']}, which channel pruning cannot follow")
+    channel_ops.refuse_windows()
     ignored_modules = [model.get_submodule(n) for n in ignored]
     roots: list[nn.Module] = []  # the layers whose groups Torch-Pruning built, the last to name if that fails
     build_group = graph.get_pruning_group
