@@ -137,17 +137,17 @@ def _box(cls: int, x0: float, y0: float, side: float = 4) -> list[float]:
 def test_map_statistics_sum_exactly_over_images_and_give_the_all_point_ap():
     truths = [torch.tensor([_box(0, 0, 0), _box(0, 8, 8), _box(1, 0, 8)]), torch.tensor([_box(0, 12, 0)])]
     found = [(torch.tensor([[0., 0, 4, 4], [0, 0, 4, 4], [8, 8, 12, 12], [1, 8, 5, 12], [0, 8, 4, 12]]),
-              torch.tensor([0.9, 0.8, 0.7, 0.6, 0.05]), torch.tensor([0, 0, 0, 0, 1])),  # hit, duplicate, hit,
+              torch.tensor([0.9, 0.8, 0.6, 0.7, 0.05]), torch.tensor([0, 0, 0, 0, 1])),  # hit, duplicate, hit,
              # overlaps the class-1 box at IoU 0.6 with the wrong class, and the class-1 box at low score
              (torch.tensor([[12., 0, 16, 4], [0, 0, 4, 4]]), torch.tensor([0.55, 0.95]), torch.tensor([0, 1]))]
     whole = detection.map_statistics(found, truths)
     assert torch.equal(whole, detection.map_statistics(found[:1], truths[:1])
                        + detection.map_statistics(found[1:], truths[1:]))
     assert whole[:2].tolist() == [3, 1]
-    # class 0 by score: 0.9 TP, 0.8 FP, 0.7 TP, 0.6 FP, 0.55 TP -> recall 1/3, 1/3, 2/3, 2/3, 1 at precision
-    # 1, 1/2, 2/3, 1/2, 3/5: envelope 1, 2/3, 2/3, 3/5, 3/5 -> AP 1/3 + 1/3 * 2/3 + 1/3 * 3/5
+    # class 0 by score: 0.9 TP, 0.8 FP, 0.7 FP, 0.6 TP, 0.55 TP -> recall 1/3, 1/3, 1/3, 2/3, 1 at precision
+    # 1, 1/2, 1/3, 1/2, 3/5: envelope 1, 3/5, 3/5, 3/5, 3/5 -> AP 1/3 + 1/3 * 3/5 + 1/3 * 3/5
     # class 1: 0.95 FP (no class-1 box there), 0.05 TP -> recall 1 at precision 1/2 -> AP 1/2
-    assert detection.mean_average_precision(whole) == pytest.approx(((1 + 2 / 3 + 3 / 5) / 3 + 1 / 2) / 2)
+    assert detection.mean_average_precision(whole) == pytest.approx(((1 + 3 / 5 + 3 / 5) / 3 + 1 / 2) / 2)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
