@@ -18,7 +18,7 @@ from tests.test_data import _write_cifar, _write_images
 
 EXAMPLES = os.path.join(ROOT, "examples")
 TESTED = {"digits.yaml", "cifar10-resnet56.yaml", "torchvision-resnet18.yaml", "latency.yaml", "slimming.yaml",
-          "unstructured.yaml", "stripe.yaml", "segmentation.yaml"}  # each has its test below
+          "unstructured.yaml", "stripe.yaml", "segmentation.yaml", "detection.yaml"}  # each has its test below
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,18 @@ def test_the_segmentation_example_scores_miou_from_search_to_export(ray_session,
     exported = torch.jit.load(str(tmp_path / "run" / "final" / "rank1.torchscript.pt"))
     images, _ = shapes(2)  # a factory's data has no input contract: the model takes the factory's tensors
     assert tuple(exported(images).shape) == (2, 3, 16, 16)  # the per-pixel logits, not the dict with aux
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_detection_example_scores_map_through_its_user_task(ray_session, tmp_path, cache):
+    summary = _run("detection.yaml", tmp_path, cache, "data.kwargs={train_size: 160, test_size: 32}",
+                   "evaluation.heldout_size=32", "evaluation.batch_size=16", "finetune.batch_size=16")
+    assert summary["task"] == {"name": "detection", "metric": "map50", "metrics": ["map50", "loss"],
+                               "higher_is_better": True}
+    assert 0 <= summary["final"][0]["test_map50"] <= 1 and "val_map50" in summary["final"][0]
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert len(records) == 4 and all(r.ok and list(r.metrics) == ["map50", "loss"] and r.score == r.metrics["map50"]
+                                     for r in records)
+    assert "| model | val map50 | test map50 | test map50 vs base |" in (tmp_path / "run" / "report.md").read_text()
+    assert os.path.isfile(tmp_path / "run" / "final" / "rank1.pt")

@@ -1,20 +1,17 @@
 """Tasks (model.task): segmentation's summable statistics, models whose output is not plain logits ((logits, aux),
 a dict, a detector's per-cell head) proved exact by the preflight with every head kept, scored by their task, and
-a detection search end to end through a user task defined in tests/detection.py."""
-import json
-import os
-
+the binned mAP@0.5 of the detection example (examples/detection.py), against pycocotools' where it is installed;
+the example's search runs end to end in tests/test_examples.py."""
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from examples import detection
 from examples.shapes import Segmenter
-from prunetune.search.cli import main
 from prunetune.search.config import ConfigError, load_config
 from prunetune.search.prepare import task_of
-from prunetune.search.store import CandidateStore
 from prunetune.workers.data import collate, iterate_batches, load_data
 from prunetune.workers.evaluator import CandidateEvaluator
 from prunetune.workers.groups import SpaceError
@@ -24,8 +21,7 @@ from prunetune.workers.scoring import score
 from prunetune.workers.space import count_flops
 from prunetune.workers.tasks import CLASSIFICATION, IGNORE_INDEX, SEGMENTATION, segmentation_score, \
     segmentation_statistics
-from tests import detection
-from tests.runs import as_args
+from tests.coco import coco_map50, random_detections
 
 
 class AuxClassifier(nn.Module):
@@ -134,22 +130,32 @@ def test_a_task_that_names_none_is_a_one_line_config_error(tmp_path):
         load_config(None, ["model.task=segmentation", "finetune.label_smoothing=0.1"])
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_detection_search_runs_end_to_end_through_a_user_task(ray_session, tmp_path):
-    overrides = ["model.name=tests.detection:detector", "data.name=tests.detection:data",
-                 "model.task=tests.detection:task", f"output.dir={tmp_path / 'run'}",
-                 f"output.cache_dir={tmp_path / 'cache'}", "model.pretrain_epochs=2", "search.algorithm=random",
-                 "search.num_candidates=4", "search.batch_size=2", "search.top_k=1", "finetune.epochs=1",
-                 "finetune.scheduler=fifo", "finetune.batch_size=16", "evaluation.calibration_batches=2",
-                 "evaluation.batch_size=16", "evaluation.heldout_size=32", "latency.repeats=5",
-                 "latency.throughput_batch_size=8"]
-    assert main(["run", *as_args(overrides)]) == 0
-    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
-    assert summary["task"]["name"] == "detection" and summary["task"]["metric"] == "f1"
-    assert 0 <= summary["final"][0]["test_f1"] <= 1 and "val_f1" in summary["final"][0]
-    records = CandidateStore(str(tmp_path / "run")).records()
-    assert len(records) == 4 and all(r.ok and list(r.metrics) == ["f1", "precision", "recall", "loss"]
-                                     and r.score == r.metrics["f1"] for r in records)
-    assert "| model | val f1 | test f1 | test f1 vs base |" in (tmp_path / "run" / "report.md").read_text()
-    assert os.path.isfile(tmp_path / "run" / "final" / "rank1.pt")
+def _box(cls: int, x0: float, y0: float, side: float = 4) -> list[float]:
+    return [cls, x0, y0, x0 + side, y0 + side]
+
+
+def test_map_statistics_sum_exactly_over_images_and_give_the_all_point_ap():
+    truths = [torch.tensor([_box(0, 0, 0), _box(0, 8, 8), _box(1, 0, 8)]), torch.tensor([_box(0, 12, 0)])]
+    found = [(torch.tensor([[0., 0, 4, 4], [0, 0, 4, 4], [8, 8, 12, 12], [1, 8, 5, 12], [0, 8, 4, 12]]),
+              torch.tensor([0.9, 0.8, 0.6, 0.7, 0.05]), torch.tensor([0, 0, 0, 0, 1])),  # hit, duplicate, hit,
+             # overlaps the class-1 box at IoU 0.6 with the wrong class, and the class-1 box at low score
+             (torch.tensor([[12., 0, 16, 4], [0, 0, 4, 4]]), torch.tensor([0.55, 0.95]), torch.tensor([0, 1]))]
+    whole = detection.map_statistics(found, truths)
+    assert torch.equal(whole, detection.map_statistics(found[:1], truths[:1])
+                       + detection.map_statistics(found[1:], truths[1:]))
+    assert whole[:2].tolist() == [3, 1]
+    # class 0 by score: 0.9 TP, 0.8 FP, 0.7 FP, 0.6 TP, 0.55 TP -> recall 1/3, 1/3, 1/3, 2/3, 1 at precision
+    # 1, 1/2, 1/3, 1/2, 3/5: envelope 1, 3/5, 3/5, 3/5, 3/5 -> AP 1/3 + 1/3 * 3/5 + 1/3 * 3/5
+    # class 1: 0.95 FP (no class-1 box there), 0.05 TP -> recall 1 at precision 1/2 -> AP 1/2
+    assert detection.mean_average_precision(whole) == pytest.approx(((1 + 3 / 5 + 3 / 5) / 3 + 1 / 2) / 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_binned_map_agrees_with_pycocotools_on_random_boxes(seed):
+    pytest.importorskip("pycocotools", reason="pycocotools not installed (the test extra has it)")
+    found, truths = random_detections(seed)
+    want = coco_map50(found, truths)
+    got = detection.mean_average_precision(detection.map_statistics(found, truths, classes=3), classes=3)
+    # COCOeval orders every detection and interpolates at 101 recall points; ours takes the all-point area over
+    # 1000 score bins
+    assert 0.2 < want < 0.95 and got == pytest.approx(want, abs=0.01)
