@@ -117,6 +117,29 @@ def test_the_driver_decodes_the_same_arrays_and_errors_with_worker_processes(tmp
     assert errors[0] == errors[1] and "\n" not in errors[1] and errors[1].startswith("data.path: cannot read image")
 
 
+def test_simplejpeg_decodes_the_pixels_pillow_does_and_refuses_a_truncated_jpeg(tmp_path, monkeypatch):
+    if data_module.FAST_JPEG is None:
+        pytest.skip("simplejpeg is not installed (the fast-decode extra)")
+    root = str(tmp_path / "folder")
+    _write_images(root, 40, per_class=4)
+    fast = load_data("imagefolder", path=root, image_size=32)
+    def called(blob: bytes, colorspace: str):
+        raise LookupError(f"decoded {colorspace}")
+
+    monkeypatch.setattr(data_module, "FAST_JPEG", called)
+    with pytest.raises(LookupError, match="decoded RGB"):  # the JPEGs go through FAST_JPEG
+        load_data("imagefolder", path=root, image_size=32)
+    monkeypatch.setattr(data_module, "FAST_JPEG", None)
+    pillow = load_data("imagefolder", path=root, image_size=32)
+    assert torch.equal(fast.train.images, pillow.train.images) and torch.equal(fast.test.images, pillow.test.images)
+    blob = open(os.path.join(root, "train", "cat", "0.jpg"), "rb").read()
+    with open(os.path.join(root, "train", "cat", "0.jpg"), "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    monkeypatch.setattr(data_module, "FAST_JPEG", data_module._fast_jpeg())
+    with pytest.raises(DataError, match=r"^data.path: cannot read image .*0.jpg \(Premature end of JPEG file\)$"):
+        load_data("imagefolder", path=root, image_size=32)
+
+
 def test_imagefolder_large_images_resize_and_crop(tmp_path):
     root = str(tmp_path / "big")
     _write_images(root, 90, per_class=2)

@@ -73,8 +73,9 @@ def evaluation_data(data: DataBundle, cfg, num_workers: int = 0) -> EvaluationDa
         return EvaluationData(train.images[torch.as_tensor(calibration)].numpy(),
                               train.images[torch.as_tensor(heldout)].numpy(), labels, float(train.scale),
                               train.mean.flatten().numpy(), train.std.flatten().numpy(), heldout, rest, calibration)
-    calibration_x = torch.cat([x for x, _ in iterate_batches(train, calibration, 512, num_workers)]).float().numpy()
-    xs, ys = zip(*iterate_batches(train, heldout, 512, num_workers))
+    # batches of 64: several for the workers to share even with a few hundred images (the values are per image)
+    calibration_x = torch.cat([x for x, _ in iterate_batches(train, calibration, 64, num_workers)]).float().numpy()
+    xs, ys = zip(*iterate_batches(train, heldout, 64, num_workers))
     channels = calibration_x.shape[1]
     return EvaluationData(calibration_x, torch.cat(xs).float().numpy(), join_targets(ys), 1.0,
                           np.zeros(channels, np.float32), np.ones(channels, np.float32), heldout, rest, calibration)
