@@ -125,7 +125,8 @@ def main() -> None:
     from prunetune.workers.data import FAST_JPEG
 
     path = save("decode", {"settings": {k: v for k, v in vars(args).items() if k != "smoke"},
-                           "driver_decoder": "pillow" if FAST_JPEG is None else "simplejpeg", "decoders": rows, "max_pixel_difference_from_pillow": differences, "driver": driver})
+                           "driver_decoder": "pillow" if FAST_JPEG is None else "simplejpeg", "decoders": rows,
+                           "max_pixel_difference_from_pillow": differences, "driver": driver})
     print(f"wrote {path}")
 
 

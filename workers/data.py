@@ -90,7 +90,8 @@ def _random_crop_flip(x: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
 
 
 class LazyImageFolder(Dataset):
-    """Large images decoded per item (`_open_image`): resize + centre crop for eval, random-resized crop for training."""
+    """Large images decoded per item (`_open_image`): resize + centre crop for eval, random-resized crop for
+    training."""
 
     def __init__(self, files: list[str], labels: list[int], size: int, augment: bool = False,
                  max_pixels: int | None = None):
