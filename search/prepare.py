@@ -147,7 +147,7 @@ def prepare(cfg: Config, log=None) -> Checked:
             raise ConfigError(f"{field}: cannot write to {expand(path)} ({reason})")
     check_model_name(cfg.model.name)
     task = task_of(cfg)
-    data = load_data(**data_kwargs(cfg))
+    data = load_data(**data_kwargs(cfg), num_workers=loader_workers(cfg))
     for note in data.notes:
         warn(note, log)
     heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed, cfg.evaluation.batch_size)

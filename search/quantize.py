@@ -23,7 +23,7 @@ from prunetune.workers.files import atomic_write
 from prunetune.workers.methods import METHODS
 
 from .artifacts import load_pruned
-from .config import ConfigError
+from .config import ConfigError, loader_workers
 from .export import _destination, record_export, write_onnx
 from .prepare import data_kwargs
 from .report import write_report
@@ -110,8 +110,8 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
         raise ConfigError("--quantize: the run's data has no input contract (a data factory), so its calibration "
                           "images cannot be given to the exported model as raw pixel values")
     cfg = run.load_config()
-    data = load_data(**data_kwargs(cfg))
-    calibration = evaluation_data(data, cfg.evaluation).calibration[:calibration_images]
+    data = load_data(**data_kwargs(cfg), num_workers=loader_workers(cfg))
+    calibration = evaluation_data(data, cfg.evaluation, loader_workers(cfg)).calibration[:calibration_images]
     reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calibration)
     with tempfile.TemporaryDirectory(prefix="prunetune-int8-") as tmp:
         fp32, ready, int8 = (os.path.join(tmp, name) for name in ("fp32.onnx", "ready.onnx", "int8.onnx"))

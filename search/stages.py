@@ -32,8 +32,9 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
     state = {k: v.detach().cpu() for k, v in prep.model.state_dict().items()}
     bound = prep.sampler.bound("latency")
     latency_budget = bound * CONSTRAINTS["latency"].base(prep.space) if bound is not None else None
+    heldout = evaluation_data(prep.data, cfg.evaluation, loader_workers(cfg))  # decoded here, once per run
     return TrialPayload(run_id=run.manifest().get("run_id", "run"), model=prep.spec, base_state=[ray.put(state)],
-                        space=prep.space, evaluation_data=[ray.put(evaluation_data(prep.data, cfg.evaluation))],
+                        space=prep.space, evaluation_data=[ray.put(heldout)],
                         data=data_kwargs(cfg), evaluation=cfg.evaluation, finetune=cfg.finetune,
                         criterion=cfg.search.criterion, method=METHODS[cfg.search.granularity],
                         cpus_per_trial=cfg.resources.cpus_per_trial, gpus_per_trial=cfg.resources.gpus_per_trial,

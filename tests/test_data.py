@@ -91,6 +91,55 @@ def test_imagefolder_small_images_decode_once_and_cache(tmp_path):
     assert torch.equal(again.train.images, data.train.images)
 
 
+def test_the_driver_decodes_the_same_arrays_and_errors_with_worker_processes(tmp_path):
+    from prunetune.workers.evaluator import evaluation_data
+
+    small, large = str(tmp_path / "small"), str(tmp_path / "large")
+    _write_images(small, 16)
+    _write_images(large, 80, per_class=3)
+    serial, parallel = (load_data("imagefolder", path=small, num_workers=w) for w in (0, 2))
+    assert torch.equal(serial.train.images, parallel.train.images)
+    assert torch.equal(serial.test.images, parallel.test.images)
+    cfg = load_config(None, ["evaluation.heldout_size=4", "evaluation.batch_size=3",
+                             "evaluation.calibration_batches=2"]).evaluation
+    data = load_data("imagefolder", path=large, image_size=72)
+    serial, parallel = (evaluation_data(data, cfg, num_workers=w) for w in (0, 2))
+    assert serial.calibration.shape == (6, 3, 72, 72) and serial.heldout_x.shape == (4, 3, 72, 72)
+    for name in ("calibration", "heldout_x", "heldout_y"):
+        assert np.array_equal(getattr(serial, name), getattr(parallel, name)), name
+    with open(os.path.join(small, "test", "dog", "3.png"), "wb") as f:
+        f.write(b"not an image")
+    errors = []
+    for workers in (0, 2):
+        with pytest.raises(DataError) as e:
+            load_data("imagefolder", path=small, num_workers=workers)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "\n" not in errors[1] and errors[1].startswith("data.path: cannot read image")
+
+
+def test_simplejpeg_decodes_the_pixels_pillow_does_and_refuses_a_truncated_jpeg(tmp_path, monkeypatch):
+    if data_module.FAST_JPEG is None:
+        pytest.skip("simplejpeg is not installed (the fast-decode extra)")
+    root = str(tmp_path / "folder")
+    _write_images(root, 40, per_class=4)
+    fast = load_data("imagefolder", path=root, image_size=32)
+    def called(blob: bytes, colorspace: str):
+        raise LookupError(f"decoded {colorspace}")
+
+    monkeypatch.setattr(data_module, "FAST_JPEG", called)
+    with pytest.raises(LookupError, match="decoded RGB"):  # the JPEGs go through FAST_JPEG
+        load_data("imagefolder", path=root, image_size=32)
+    monkeypatch.setattr(data_module, "FAST_JPEG", None)
+    pillow = load_data("imagefolder", path=root, image_size=32)
+    assert torch.equal(fast.train.images, pillow.train.images) and torch.equal(fast.test.images, pillow.test.images)
+    blob = open(os.path.join(root, "train", "cat", "0.jpg"), "rb").read()
+    with open(os.path.join(root, "train", "cat", "0.jpg"), "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    monkeypatch.setattr(data_module, "FAST_JPEG", data_module._fast_jpeg())
+    with pytest.raises(DataError, match=r"^data.path: cannot read image .*0.jpg \(Premature end of JPEG file\)$"):
+        load_data("imagefolder", path=root, image_size=32)
+
+
 def test_imagefolder_large_images_resize_and_crop(tmp_path):
     root = str(tmp_path / "big")
     _write_images(root, 90, per_class=2)

@@ -27,6 +27,19 @@ DECODER_VERSION = 2  # in the decoded-image cache key: a change in how files dec
 HASHED_BYTES = 256 * 2**20
 
 
+def _fast_jpeg():
+    """simplejpeg's JPEG decoder when it is installed (the `fast-decode` extra: libjpeg-turbo, the same pixels as
+    Pillow's, about twice as fast), else None: Pillow decodes."""
+    try:
+        from simplejpeg import decode_jpeg
+    except ImportError:
+        return None
+    return decode_jpeg
+
+
+FAST_JPEG = _fast_jpeg()
+
+
 class DataError(ValueError):
     """A data source that cannot be read, with the config field to blame."""
 
@@ -77,7 +90,8 @@ def _random_crop_flip(x: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
 
 
 class LazyImageFolder(Dataset):
-    """Large images decoded with Pillow per item: resize + centre crop for eval, random-resized crop for training."""
+    """Large images decoded per item (`_open_image`): resize + centre crop for eval, random-resized crop for
+    training."""
 
     def __init__(self, files: list[str], labels: list[int], size: int, augment: bool = False,
                  max_pixels: int | None = None):
@@ -206,9 +220,10 @@ class DataBundle:
 
 def load_data(name: str, path: str | None = None, image_size: int | None = None, num_classes: int | None = None,
               train_size: int = 2048, test_size: int = 512, seed: int = 0, cache_dir: str | None = None,
-              kwargs: dict | None = None, max_image_pixels: int | None = None) -> DataBundle:
+              kwargs: dict | None = None, max_image_pixels: int | None = None, num_workers: int = 0) -> DataBundle:
     """Load a data source by name (or `package.module:function`) into a DataBundle; an image file of more than
-    `max_image_pixels` pixels is refused (None: Pillow's limit)."""
+    `max_image_pixels` pixels is refused (None: Pillow's limit); small images are decoded into memory by
+    `num_workers` processes (0: this one)."""
     if ":" in name:
         return _from_factory(name, kwargs or {})
     if name == "digits":
@@ -216,7 +231,7 @@ def load_data(name: str, path: str | None = None, image_size: int | None = None,
     if name == "cifar10":
         return _cifar10(_existing_dir(path, "data.path"))
     if name == "imagefolder":
-        return _imagefolder(_existing_dir(path, "data.path"), image_size, cache_dir, max_image_pixels)
+        return _imagefolder(_existing_dir(path, "data.path"), image_size, cache_dir, max_image_pixels, num_workers)
     if name == "synthetic":
         if not num_classes or num_classes < 2:
             raise DataError("data.num_classes: synthetic data needs num_classes >= 2")
@@ -329,7 +344,8 @@ def _list_images(root: str, classes: list[str] | None = None) -> tuple[list[str]
     return files, labels, classes
 
 
-def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_pixels: int | None) -> DataBundle:
+def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_pixels: int | None,
+                 num_workers: int) -> DataBundle:
     train_root = os.path.join(root, "train")
     test_root = next((os.path.join(root, s) for s in ("test", "val") if os.path.isdir(os.path.join(root, s))), None)
     if not os.path.isdir(train_root):
@@ -361,7 +377,8 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
                                  f"shorter side to {round(size / 0.875)} px (bilinear), then a centre crop of {size} px")
         return DataBundle(train, LazyImageFolder(test_files, test_labels, size, max_pixels=max_pixels),
                           len(classes), shape, train.augmented(), contract, notes)
-    (train_x, test_x), keys = _decode_small([files, test_files], size, cache_dir, max_pixels, notes)
+    (train_x, test_x), keys = _decode_small([files, test_files], size, cache_dir, max_pixels, notes,
+                                            num_workers)
     scaled = train_x[: min(len(train_x), 10000)].float() / 255
     mean = scaled.mean(dim=(0, 2, 3)).tolist()
     std = scaled.std(dim=(0, 2, 3)).tolist()
@@ -378,8 +395,9 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
 
 
 def _open_image(path: str, max_pixels: int | None = None):
-    """Pillow's image of a file, decoded, or a DataError naming the file: one Pillow cannot read, or one of more
-    than `max_pixels` pixels (None: the size at which Pillow itself refuses, twice Image.MAX_IMAGE_PIXELS)."""
+    """Pillow's image of a file, decoded (an RGB JPEG by FAST_JPEG where installed), or a DataError naming the
+    file: one that cannot be read, or one of more than `max_pixels` pixels (None: the size at which Pillow itself
+    refuses, twice Image.MAX_IMAGE_PIXELS)."""
     from PIL import Image, UnidentifiedImageError
 
     def unreadable(e: Exception) -> DataError:
@@ -401,6 +419,14 @@ def _open_image(path: str, max_pixels: int | None = None):
         raise DataError(f"data.path: image {path} has {width} x {height} = {width * height:,} pixels, over the limit "
                         f"of {limit:,} (a guard against decompression bombs); if you trust this data, set "
                         f"data.max_image_pixels to {width * height} or more")
+    if FAST_JPEG is not None and im.format == "JPEG" and im.mode == "RGB":
+        try:
+            with open(path, "rb") as f:
+                return Image.fromarray(FAST_JPEG(f.read(), colorspace="RGB"))
+        except (OSError, ValueError) as e:
+            raise unreadable(e) from None
+        finally:
+            im.close()
     try:
         im.load()
     except (OSError, ValueError) as e:
@@ -457,13 +483,33 @@ def _cached_images(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None
     return images, None
 
 
-def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None, max_pixels: int | None,
-                  notes: list[str]) -> tuple[list[torch.Tensor], list[str | None]]:
-    """Decode small images once into uint8 [N, 3, size, size] per list, and each list's content key (None without
-    a cache). Cached in `cache_dir` by content, with a checksum; an entry that fails its check is decoded again
-    (said in `notes`). Written only once every list has decoded (a bad image leaves no cache behind)."""
-    from PIL import Image
+class _SmallImages(Dataset):
+    """Image files decoded to uint8 [3, size, size] (a centre crop, or a bilinear resize if smaller), each with
+    its index: what _decode_small stores, read by `num_workers` processes."""
 
+    def __init__(self, files: list[str], size: int, max_pixels: int | None):
+        self.files, self.size, self.max_pixels = files, size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        size = self.size
+        with _open_image(self.files[i], self.max_pixels) as im:
+            im = _rgb(im)
+            if im.size != (size, size):
+                im = _center_crop(im, size) if min(im.size) > size else im.resize((size, size), Image.BILINEAR)
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()), i
+
+
+def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None, max_pixels: int | None,
+                  notes: list[str], num_workers: int = 0) -> tuple[list[torch.Tensor], list[str | None]]:
+    """Decode small images once into uint8 [N, 3, size, size] per list (by `num_workers` processes; 0: this one),
+    and each list's content key (None without a cache). Cached in `cache_dir` by content, with a checksum; an
+    entry that fails its check is decoded again (said in `notes`). Written only once every list has decoded (a
+    bad image leaves no cache behind)."""
     arrays, keys, to_write = [], [], []
     for files in file_lists:
         shape = (len(files), 3, size, size)
@@ -475,12 +521,9 @@ def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None,
                          "decoding the images again")
         if arr is None:
             arr = np.empty(shape, dtype=np.uint8)
-            for i, f in enumerate(files):
-                with _open_image(f, max_pixels) as im:
-                    im = _rgb(im)
-                    if im.size != (size, size):
-                        im = _center_crop(im, size) if min(im.size) > size else im.resize((size, size), Image.BILINEAR)
-                    arr[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+            reader = BatchReader(_SmallImages(files, size, max_pixels), 64, num_workers, persistent=False)
+            for x, idx in reader(range(len(files))):
+                arr[idx.numpy()] = x.numpy()
             if cache:
                 to_write.append((cache, arr))
         arrays.append(arr)
@@ -590,7 +633,12 @@ class BatchReader:
                 yield self.dataset.get_batch(indices[start:start + self.batch_size])
             return
         self._order.indices = indices.tolist()
-        yield from self._loader
+        try:
+            yield from self._loader
+        except DataError as e:  # raised in a worker: the loader wraps it in the worker's traceback
+            if "\nOriginal Traceback" not in str(e):
+                raise
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 def iterate_batches(dataset: Dataset, indices, batch_size: int, num_workers: int = 0

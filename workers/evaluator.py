@@ -61,8 +61,9 @@ class EvaluationData:
         return self.calibration.nbytes + self.heldout_x.nbytes + targets
 
 
-def evaluation_data(data: DataBundle, cfg) -> EvaluationData:
-    """The EvaluationData of `data` for an evaluation config (held-out size and seed, calibration batches)."""
+def evaluation_data(data: DataBundle, cfg, num_workers: int = 0) -> EvaluationData:
+    """The EvaluationData of `data` for an evaluation config (held-out size and seed, calibration batches); images
+    not held in memory are read by `num_workers` processes (0: this one)."""
     heldout, rest = heldout_split(len(data.train), cfg.heldout_size, cfg.seed)
     order = np.random.default_rng([cfg.seed, 11]).permutation(rest)
     calibration = np.resize(order, cfg.calibration_batches * cfg.batch_size)  # wraps round a small training split
@@ -72,8 +73,9 @@ def evaluation_data(data: DataBundle, cfg) -> EvaluationData:
         return EvaluationData(train.images[torch.as_tensor(calibration)].numpy(),
                               train.images[torch.as_tensor(heldout)].numpy(), labels, float(train.scale),
                               train.mean.flatten().numpy(), train.std.flatten().numpy(), heldout, rest, calibration)
-    calibration_x = torch.cat([x for x, _ in iterate_batches(train, calibration, 512)]).float().numpy()
-    xs, ys = zip(*iterate_batches(train, heldout, 512))
+    # batches of 64: several for the workers to share even with a few hundred images (the values are per image)
+    calibration_x = torch.cat([x for x, _ in iterate_batches(train, calibration, 64, num_workers)]).float().numpy()
+    xs, ys = zip(*iterate_batches(train, heldout, 64, num_workers))
     channels = calibration_x.shape[1]
     return EvaluationData(calibration_x, torch.cat(xs).float().numpy(), join_targets(ys), 1.0,
                           np.zeros(channels, np.float32), np.ones(channels, np.float32), heldout, rest, calibration)
