@@ -80,6 +80,19 @@ def uniform_ratio(space: PruningSpace, target: float, max_ratio: float) -> float
     return min((lo, hi), key=lambda r: abs(space.flops([r] * len(space.groups)) / space.base_flops - target))
 
 
+def candidates(log_path: str, space: PruningSpace, sampler, args) -> tuple[dict, list, float]:
+    """The results already in `log_path` by index, every (index, ratios) to evaluate (the uniform baseline as
+    index -1, then args.candidates sampled strategies), and the uniform baseline's ratio."""
+    done = {}
+    if os.path.isfile(log_path):
+        for line in open(log_path):
+            rec = json.loads(line)
+            done[rec["index"]] = rec
+    uniform = uniform_ratio(space, args.target, args.max_ratio)
+    todo = [(-1, [uniform] * len(space.groups))] + [(i, sampler.sample(i)) for i in range(args.candidates)]
+    return done, todo, uniform
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data")
@@ -149,13 +162,7 @@ def main() -> None:
 
     # 2. candidates (and the uniform baseline as index -1), results appended as they finish
     log_path = os.path.join(args.workdir, f"candidates-{tag}.jsonl")
-    done = {}
-    if os.path.isfile(log_path):
-        for line in open(log_path):
-            rec = json.loads(line)
-            done[rec["index"]] = rec
-    uniform = uniform_ratio(space, args.target, args.max_ratio)
-    todo = [(-1, [uniform] * len(space.groups))] + [(i, sampler.sample(i)) for i in range(args.candidates)]
+    done, todo, uniform = candidates(log_path, space, sampler, args)
     for index, ratios in todo:
         if index in done:
             continue

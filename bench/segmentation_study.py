@@ -35,7 +35,7 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import parse_args, save, smoke_dir  # noqa: E402
-from bench.correlation import report, uniform_ratio, verdict  # noqa: E402
+from bench.correlation import candidates, report, verdict  # noqa: E402
 from prunetune import PrunePlan, PruningSpace, StrategySampler, recalibrate_bn  # noqa: E402
 from prunetune.workers.scoring import score  # noqa: E402
 from prunetune.workers.seeds import generator  # noqa: E402
@@ -261,13 +261,7 @@ def main() -> None:
 
     # 2. candidates (and the uniform baseline as index -1), results appended as they finish
     log_path = os.path.join(args.workdir, f"candidates-{tag}.jsonl")
-    done = {}
-    if os.path.isfile(log_path):
-        for line in open(log_path):
-            rec = json.loads(line)
-            done[rec["index"]] = rec
-    uniform = uniform_ratio(space, args.target, args.max_ratio)
-    todo = [(-1, [uniform] * len(space.groups))] + [(i, sampler.sample(i)) for i in range(args.candidates)]
+    done, todo, uniform = candidates(log_path, space, sampler, args)
     for index, ratios in todo:
         if index in done:
             continue
