@@ -205,6 +205,7 @@ def _cmd_inspect(args) -> int:
     import torch
 
     from prunetune.workers.data import load_data
+    from prunetune.workers.groups import SpaceError
     from prunetune.workers.models import build_model
 
     from .prepare import data_kwargs, prove_space
@@ -223,7 +224,13 @@ def _cmd_inspect(args) -> int:
         data = load_data(**data_kwargs(cfg))
         model = build_model(cfg.model.name, data.num_classes, data.input_shape[0], cfg.model.kwargs)
         example, num_classes = data.example_input(), data.num_classes
-    verdict = prove_space(cfg, model, example, num_classes)
+    try:
+        verdict = prove_space(cfg, model, example, num_classes)
+    except SpaceError as e:  # a budget no strategy meets: with --latency, the shares that explain it first
+        space = getattr(e, "space", None)
+        if args.latency and space is not None and space.latency is not None:
+            print(space.latency.describe(space))
+        raise
     print(verdict.space.describe())
     print(verdict.describe())
     if args.latency:

@@ -21,6 +21,7 @@ from prunetune.workers.criteria import BATCHNORM, CRITERIA
 from prunetune.workers.data import DataBundle, heldout_split, iterate_batches, load_data
 from prunetune.workers.files import atomic_write, unwritable, write_text
 from prunetune.workers.finetune import finetune
+from prunetune.workers.groups import SpaceError
 from prunetune.workers.methods import METHODS
 from prunetune.workers.latency import load_or_build
 from prunetune.workers.models import ModelError, build_model, check_model_name, load_checkpoint, nonfinite, \
@@ -128,7 +129,11 @@ def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num
     def first_strategy(space: PruningSpace) -> list[float]:
         if needs_latency(cfg):
             attach_latency(cfg, model, space, log)
-        return make_sampler(cfg, space).sample(0)
+        try:
+            return make_sampler(cfg, space).sample(0)
+        except SpaceError as e:
+            e.space = space  # `inspect --latency` shows the table that refused the target before the refusal
+            raise
 
     verdict = METHODS[s.granularity].preflight(model, example_inputs, num_classes, s.max_ratio, first_strategy,
                                                s.round_to, cfg.model.ignored_layers, task_of(cfg))

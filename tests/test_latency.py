@@ -4,12 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from prunetune.search.config import ConfigError, load_config
 from prunetune.search.sampler import StrategySampler
 from prunetune.search.trials import TrialPayload, check_latency
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.groups import SpaceError
+from prunetune.workers import latency
 from prunetune.workers.latency import LatencyTable, LayerTable, build_table, load_or_build
 from prunetune.workers.models import build_model
 from prunetune.workers.record import CandidateRecord, best
@@ -27,10 +29,33 @@ def resnet20():
     return model, space
 
 
+def _modelled_time(model, example, repeats=30, warmup=5, threads=None) -> Timing:
+    """A CPU's latency as a model, not a clock (the same on every machine, busy or not): a fixed cost per layer
+    run, 40% of the base's latency on resnet20, and a cost per multiply-accumulate of its convs and linears."""
+    cost = []
+
+    def count(module, args, output):
+        macs = module.weight.numel() * output[0, 0].numel() if isinstance(module, (nn.Conv2d, nn.Linear)) else 0
+        cost.append(0.0045 + 1e-8 * macs * example.shape[0])
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return Timing(sum(cost), 0.0, repeats)
+
+
 @pytest.fixture(scope="module")
 def table(resnet20):
+    """resnet20's table from modelled timings: what a test asserts of it cannot depend on the machine's load."""
     model, space = resnet20
-    return build_table(model, space, torch.zeros(1, 3, 32, 32), threads=1, grid=3, repeats=3, fit_strategies=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(latency, "time_forward", _modelled_time)
+        return build_table(model, space, torch.zeros(1, 3, 32, 32), threads=1, grid=3, repeats=3, fit_strategies=4)
 
 
 def test_time_forward_reports_a_median_and_spread_and_restores_threads_and_mode():
@@ -154,3 +179,14 @@ def test_a_candidate_timed_over_the_budget_is_stored_but_never_a_finalist(resnet
         assert best([slow, fast], 2) == [fast]
     finally:
         space.latency = None
+
+
+def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(tmp_path, capsys):
+    from prunetune.search.cli import main
+
+    code = main(["inspect", "--latency", "--set", "search.constraint=latency", "--set", "search.target=0.05",
+                 "--set", "latency.grid=3", "--set", "latency.repeats=3", "--set", f"output.cache_dir={tmp_path}",
+                 "--set", f"output.dir={tmp_path / 'run'}"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "latency share" in out and "features.0" in out
+    assert "search.target: latency 0.05 +- 0.02 is not reachable" in err and len(err.strip().splitlines()) <= 2
