@@ -81,7 +81,7 @@ def uniform_ratio(space: PruningSpace, target: float, max_ratio: float) -> float
 
 
 def candidates(log_path: str, space: PruningSpace, sampler, args) -> tuple[dict, list, float]:
-    """The results already in `log_path` by index, every (index, ratios) to evaluate (the uniform baseline as
+    """The results already in `log_path` by index, the (index, ratios) still to evaluate (the uniform baseline as
     index -1, then args.candidates sampled strategies), and the uniform baseline's ratio."""
     done = {}
     if os.path.isfile(log_path):
@@ -90,7 +90,7 @@ def candidates(log_path: str, space: PruningSpace, sampler, args) -> tuple[dict,
             done[rec["index"]] = rec
     uniform = uniform_ratio(space, args.target, args.max_ratio)
     todo = [(-1, [uniform] * len(space.groups))] + [(i, sampler.sample(i)) for i in range(args.candidates)]
-    return done, todo, uniform
+    return done, [(i, ratios) for i, ratios in todo if i not in done], uniform
 
 
 def main() -> None:
@@ -164,8 +164,6 @@ def main() -> None:
     log_path = os.path.join(args.workdir, f"candidates-{tag}.jsonl")
     done, todo, uniform = candidates(log_path, space, sampler, args)
     for index, ratios in todo:
-        if index in done:
-            continue
         start = time.time()
         rec = {"index": index, "ratios": ratios, "flops_ratio": space.flops(ratios) / space.base_flops}
         for name, ev in evaluators.items():

@@ -263,8 +263,6 @@ def main() -> None:
     log_path = os.path.join(args.workdir, f"candidates-{tag}.jsonl")
     done, todo, uniform = candidates(log_path, space, sampler, args)
     for index, ratios in todo:
-        if index in done:
-            continue
         start = time.time()
         rec = {"index": index, "ratios": [float(r) for r in ratios],
                "flops_ratio": space.flops(ratios) / space.base_flops}

@@ -23,8 +23,8 @@ def run_args(tmp_path, *extra: str, **sizes) -> list[str]:
 
 def reachable_latency(config: str | None, overrides: list[str]) -> list[str]:
     """`search.target` and `search.tolerance` overrides spanning the latency range reachable on this machine (it
-    depends on the CPU and its load), read from the latency table the run will load: the same architecture, input,
-    device, batch, threads, grid and repeats, and the same cache."""
+    depends on the CPU and its load), read from a latency table timed as the run times its own: the same
+    architecture, input, device, batch, threads, grid and repeats, cached where the run looks for it."""
     import numpy as np
 
     from prunetune.search.config import load_config

@@ -173,7 +173,7 @@ class CandidateEvaluator:
         targets = (self.heldout_y[start:start + size] for start in range(0, len(self.heldout_y), size))
         result = score(model, zip(self._batches(self.heldout_x, size), targets), self.autocast, self.task)
         t3 = self._sync()
-        bad = next((name for name in ("loss", *self.task.metrics) if not math.isfinite(result[name])), None)
+        bad = next((name for name in self.task.metrics if not math.isfinite(result[name])), None)  # loss among them
         if bad:
             raise CandidateError(f"held-out {bad} is {result[bad]} (diverged network)")
         latency = self.latency(model, ratios)
