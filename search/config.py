@@ -11,10 +11,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from prunetune.workers.criteria import CRITERIA
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.files import write_text
-from prunetune.workers.methods import METHODS, misuse
+from prunetune.workers.methods import METHODS, PruningMethod, misuse
 from prunetune.workers.tasks import TASKS
 
-from .algorithms import ALGORITHMS
+from .algorithms import ALGORITHMS, SearchAlgorithm
 from .config_file import (Choice, ConfigError, ExpandedPath, Section, parse_override, read_config,  # noqa: F401 (API)
                           validate)
 
@@ -58,9 +58,9 @@ class SearchConfig(Section):
     target: float = Field(0.5, gt=0, lt=1)  # fraction of the base
     tolerance: float = Field(0.02, gt=0, le=1)
     limits: dict = {}  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
-    algorithm: Annotated[str, Choice(ALGORITHMS)] = "tpe"  # how strategies are proposed
+    algorithm: Annotated[str, Choice(ALGORITHMS, SearchAlgorithm)] = "tpe"  # how strategies are proposed
     population: int = Field(16, ge=2)  # evolution's population, TPE's random start
-    granularity: Annotated[str, Choice(METHODS)] = "channel"  # what a ratio prunes
+    granularity: Annotated[str, Choice(METHODS, PruningMethod)] = "channel"  # what a ratio prunes
     max_ratio: float = Field(0.7, gt=0, lt=1)
     num_candidates: int = Field(32, ge=1)
     seed: int = Field(0, ge=0)

@@ -26,10 +26,12 @@ class ConfigError(ValueError):
 
 
 class Choice:
-    """A str field's allowed values, read from `values` (a live registry, e.g. METHODS) whenever a value is checked."""
+    """A str field's allowed values, read from `values` (a live registry, e.g. METHODS) whenever a value is checked;
+    with `protocol`, the chosen entry must have every member the protocol declares (a registered method missing
+    `unpack` is refused here, not at its first export)."""
 
-    def __init__(self, values: Any):
-        self.values = values
+    def __init__(self, values: Any, protocol: type | None = None):
+        self.values, self.protocol = values, protocol
 
     def __get_pydantic_core_schema__(self, source, handler):
         return core_schema.no_info_after_validator_function(self.check, handler(source))
@@ -37,7 +39,19 @@ class Choice:
     def check(self, value: str) -> str:
         if value not in self.values:
             raise PydanticCustomError("choice", "allowed: {allowed}", {"allowed": ", ".join(self.values)})
+        missing = protocol_gaps(self.values[value], self.protocol) if self.protocol is not None else []
+        if missing:
+            raise PydanticCustomError("protocol", "the registered '{value}' lacks {missing} ({protocol} declares them)",
+                                      {"value": value, "missing": ", ".join(missing),
+                                       "protocol": self.protocol.__name__})
         return value
+
+
+def protocol_gaps(entry: Any, protocol: type) -> list[str]:
+    """The members `protocol` declares (methods and annotated attributes) that `entry` does not have."""
+    declared = {name for name in vars(protocol) if not name.startswith("_")}
+    declared |= set(getattr(protocol, "__annotations__", {}))
+    return sorted(name for name in declared if not hasattr(entry, name))
 
 
 def expand_path(path: str) -> str:
@@ -96,7 +110,7 @@ def _one_line(error: dict, root: type[BaseModel], renamed: dict[str, str]) -> st
             f"{key}: unknown key; allowed: {', '.join(fields)}"
     if kind == "choice":
         return f"{key}: {shown(value)} is not allowed; {error['msg']}"
-    if kind == "path":
+    if kind in ("path", "protocol"):
         return f"{key}: {error['msg']}"
     field = fields[loc[1]]
     bounds = {k: getattr(m, k) for m in field.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
