@@ -9,24 +9,13 @@ import signal
 import sys
 import threading
 
+from prunetune.workers.errors import BadInput, PrunetuneError, RunFailed
+
 from .config import ConfigError, load_config
 
-EXIT_BAD_INPUT = 2
-
-
-def _bad_input_errors() -> tuple:
-    from prunetune.workers.data import DataError
-    from prunetune.workers.groups import SpaceError
-    from prunetune.workers.latency import CacheError
-    from prunetune.workers.models import ModelError
-
-    from .rundir import RunLockedError
-
-    return ConfigError, DataError, ModelError, SpaceError, CacheError, RunLockedError
-
-
-class Interrupted(Exception):
-    """Ctrl-C (or SIGTERM, SIGHUP) stopped a run where it was; the message says what is kept and how to continue."""
+class Interrupted(PrunetuneError):
+    """Ctrl-C (or SIGTERM, SIGHUP) stopped a run where it was; the message says what is kept and how to continue;
+    the exit status is the signal's (130 for Ctrl-C)."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -88,7 +77,7 @@ def _launch(run, fn):
         raise DiskFull(_disk_full_message(full, run)) from None
 
 
-class DiskFull(RuntimeError):
+class DiskFull(RunFailed, RuntimeError):
     """A write of the run found its file system full; the message names it and how to continue."""
 
 
@@ -383,11 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _stopping_like_ctrl_c():
             return args.fn(args)
-    except _bad_input_errors() as e:
-        print(f"prunetune: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Interrupted as e:
-        print(f"prunetune: {e}", file=sys.stderr)
+    except PrunetuneError as e:  # one line; its branch gives the exit status (bad input 2, failed run 1)
+        print(f"prunetune: {'error: ' if isinstance(e, BadInput) else ''}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a command other than run and resume (export, inspect, ...)
         how, code = _interrupt()
@@ -396,13 +382,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (`prunetune report RUN | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Exception as e:
-        from prunetune.workers.finetune import TrainingDiverged
-
-        from .finalize import NoFinalModel
-        from .stages import SearchFailed
-
-        if isinstance(e, (SearchFailed, NoFinalModel, TrainingDiverged, DiskFull)):
-            print(f"prunetune: {e}", file=sys.stderr)
-            return 1
-        raise

@@ -13,6 +13,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError, core_schema
 
+from prunetune.workers.errors import BadInput
 from prunetune.workers.messages import shown
 
 MAX_VALUES = 100_000  # values of one config file or --set value, once its YAML aliases are expanded
@@ -21,7 +22,7 @@ _VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")  # $NAME or ${NAME}, as os.path.exp
 _TYPED = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "null")}
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A bad configuration value; the message names the key, the value and what is allowed."""
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from prunetune.workers.data import heldout_split, iterate_batches
+from prunetune.workers.errors import RunFailed
 from prunetune.workers.finetune import load_finetuned
 from prunetune.workers.methods import METHODS
 from prunetune.workers.prune import clone_module
@@ -23,7 +24,7 @@ from .report import report_files, write_report
 from .rundir import RunDir
 
 
-class NoFinalModel(RuntimeError):
+class NoFinalModel(RunFailed, RuntimeError):
     """Fine-tuning produced no model."""
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, fields
 
@@ -23,7 +22,9 @@ from prunetune.workers.files import atomic_write, unwritable, write_text
 from prunetune.workers.finetune import finetune
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.methods import METHODS
+from prunetune.workers import logs
 from prunetune.workers.latency import load_or_build
+from prunetune.workers.logs import LineStream
 from prunetune.workers.models import ModelError, build_model, check_model_name, load_checkpoint, nonfinite, \
     read_state_dict
 from prunetune.workers.preflight import Verdict
@@ -67,8 +68,11 @@ class Prepared(Checked):
 
 
 def warn(message: str, log=None) -> None:
-    """A warning for the user, one line on stderr (or `log`)."""
-    print(f"prunetune: warning: {message}", file=log or sys.stderr, flush=True)
+    """A warning for the user: one line through the prunetune logger (on stderr), or on `log` when given."""
+    if log is None:
+        logs.warn(message)
+    else:
+        print(f"prunetune: warning: {message}", file=log, flush=True)
 
 
 def data_kwargs(cfg: Config) -> dict:
@@ -109,7 +113,7 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
     how = f"timed in {time.perf_counter() - start:.1f} s, cached at" if built else "loaded from"
     print(f"latency table ({space.latency.device}, batch {lat.batch_size}, threads {lat.threads}): {how} {path}; "
           f"base {space.latency.base_ms:.2f} ms, worst fit error {100 * space.latency.worst_error:.1f}%",
-          file=log or sys.stderr, flush=True)
+          file=log or LineStream(), flush=True)
 
 
 def task_of(cfg: Config) -> Task:
@@ -145,7 +149,7 @@ def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num
 def prepare(cfg: Config, log=None) -> Checked:
     """Validate every input against the real model and data, in seconds and before Ray starts; the base model's
     trained weights come later (ensure_base), unless a checkpoint was given."""
-    log = log or sys.stderr
+    log = log or LineStream()
     for field, path in (("output.dir", cfg.output.dir), ("output.cache_dir", cfg.output.cache_dir)):
         reason = unwritable(expand(path))
         if reason:
@@ -195,7 +199,7 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
     """The method's sparsity training before the search (e.g. Network Slimming's L1 on every BatchNorm scale).
     Trains `prep.model` (weights of `base_checkpoint`) in place; cached by the base it starts from and its recipe,
     resumable. Returns the sparse model's cache path and what was done (the penalised values before and after)."""
-    log, cfg = log or sys.stderr, prep.cfg
+    log, cfg = log or LineStream(), prep.cfg
     training = METHODS[cfg.search.granularity].sparsity
     recipe = {"base": sha256(base_checkpoint), "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs,
               "method": training.name,
@@ -240,7 +244,7 @@ def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None, task
     """Load a cached base model for this recipe into `model`, or train one and cache it; its path. The base trains
     on the training split without the held-out images, so that they stay unseen: the search's scores and the
     fine-tuning's validation (epoch 0, the pruned base, included) are measured on data no weight was fitted to."""
-    log, task = log or sys.stderr, task or task_of(cfg)
+    log, task = log or LineStream(), task or task_of(cfg)
     path = base_cache_path(cfg, model_spec(cfg, data.num_classes, data.input_shape[0]), data.fingerprint)
     if _cached(path, model, "base model", log):
         print(f"base model: loaded {path} (cached: same model, data and training recipe)", file=log)

@@ -10,6 +10,7 @@ import socket
 import time
 import uuid
 
+from prunetune.workers.errors import BadInput
 from prunetune.workers.files import write_json
 
 from .config import Config, ConfigError, load_config, resumable, save_config
@@ -32,7 +33,7 @@ LEGACY_FILES = ("leaderboard.json", "report.md", "report.png", "report-gamma.png
                 "final/summary.json", "tune/search", "tune/finetune")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(BadInput, RuntimeError):
     """Another live process holds the run's lock."""
 
 

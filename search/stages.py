@@ -6,6 +6,7 @@ import shutil
 
 from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.criteria import BATCHNORM, CRITERIA
+from prunetune.workers.errors import RunFailed
 from prunetune.workers.evaluator import evaluation_data
 from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord
@@ -20,7 +21,7 @@ from .store import CandidateStore
 from .trials import TrialPayload, evaluate_candidates, finetune_candidate
 
 
-class SearchFailed(RuntimeError):
+class SearchFailed(RunFailed, RuntimeError):
     """The search stopped without a usable result (e.g. too many failed candidates)."""
 
 

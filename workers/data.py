@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import BadInput
 from .files import atomic_write
 from .messages import shown
 from .seeds import generator
@@ -40,7 +41,7 @@ def _fast_jpeg():
 FAST_JPEG = _fast_jpeg()
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """A data source that cannot be read, with the config field to blame."""
 
 

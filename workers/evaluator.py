@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .adaptive_bn import recalibrate_bn
 from .data import DataBundle, TensorImages, heldout_split, iterate_batches, join_targets
+from .errors import RunFailed
 from .methods import METHODS, PruningMethod
 from .latency import device_name
 from .record import CandidateRecord
@@ -27,7 +28,7 @@ if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc
     _LIBC = None
 
 
-class CandidateError(RuntimeError):
+class CandidateError(RunFailed, RuntimeError):
     """A candidate whose evaluation failed (e.g. NaN loss); recorded as failed, the search goes on."""
 
 

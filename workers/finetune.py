@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from typing import Callable
 
@@ -15,7 +14,9 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import BatchReader, DataBundle, iterate_batches
+from .errors import RunFailed
 from .files import atomic_write
+from .logs import LineStream
 from .scoring import precision, score
 from .tasks import CLASSIFICATION, Task, short_name
 
@@ -48,7 +49,7 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t / positions
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed, RuntimeError):
     """A training's loss or weights became non-finite (nan or inf): the weights are useless; nothing is kept."""
 
 
@@ -119,7 +120,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     and the validation metric (METRIC in the figures' names val_METRIC, test_METRIC: accuracy by default). Returns
     the kept epoch's metrics (with best_* fields when validating) plus the per-epoch history.
     """
-    log = log or sys.stderr
+    log = log or LineStream()
     metric, sign = task.metric, 1 if task.higher_is_better else -1
     device = torch.device(device)
     epochs = cfg.epochs if epochs is None else epochs

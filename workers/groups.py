@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import BadInput
 from .layers import OUT, IN, is_stateless, kind_of
 from .tasks import output_tensors
 
 OP, PARAMETER = "op", "parameter"  # member kinds beside the layer kinds: stateless leaf module, bare nn.Parameter
 
 
-class SpaceError(ValueError):
+class SpaceError(BadInput, ValueError):
     """A model or strategy that does not fit the pruning space."""
 
 

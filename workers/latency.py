@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import BadInput
 from .files import unwritable, write_json
 from .layers import IN, OUT, kind_of
 from .prune import PrunePlan
@@ -269,7 +270,7 @@ def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, th
     return table
 
 
-class CacheError(ValueError):
+class CacheError(BadInput, ValueError):
     """The cache directory cannot take a latency table that would be built."""
 
 

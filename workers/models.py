@@ -12,10 +12,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .errors import BadInput
 from .messages import shown
 
 
-class ModelError(ValueError):
+class ModelError(BadInput, ValueError):
     """A model name, factory or checkpoint that cannot be used."""
 
 

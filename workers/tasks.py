@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import BadInput
+
 IGNORE_INDEX = 255  # segmentation: target pixels of this value count nowhere (borders, "void")
 
 
@@ -132,7 +134,7 @@ SEGMENTATION = Task("segmentation", ("miou", "pixel_accuracy", "loss"), first_ou
 TASKS = {"classification": CLASSIFICATION, "segmentation": SEGMENTATION}
 
 
-class TaskError(ValueError):
+class TaskError(BadInput, ValueError):
     """A `task` that names no task, or a task function that does not return one."""
 
 
