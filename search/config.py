@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from prunetune.workers.criteria import CRITERIA
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.files import write_text
+from prunetune.workers.latency import FIT_ERROR_BOUND
 from prunetune.workers.methods import METHODS, PruningMethod, misuse
 from prunetune.workers.tasks import TASKS
 
@@ -120,7 +121,9 @@ class LatencyConfig(Section):
     throughput_batch_size: int = Field(32, ge=1)  # the report's second figure
     threads: int | None = Field(1, ge=1)  # CPU threads of every timing (none: torch's)
     grid: int = Field(6, ge=2)  # channel counts timed per layer dimension
-    repeats: int = Field(20, ge=3)  # timed passes per figure (the median is kept)
+    repeats: int = Field(20, ge=3)  # timed passes per figure (the median of interleaved rounds is kept)
+    # a table whose fit misses its own timed networks by more (a fraction) is timed again, then refused; never cached
+    max_fit_error: float = Field(FIT_ERROR_BOUND, gt=0)
 
 
 class ResourcesConfig(Section):

@@ -113,7 +113,7 @@ def test_the_torchvision_example_runs_on_an_image_folder(ray_session, tmp_path, 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_latency_example_times_every_candidate_under_its_budget(ray_session, tmp_path, cache):
-    timing = ["latency.grid=3", "latency.repeats=5"]
+    timing = ["latency.grid=3", "latency.repeats=5", "latency.max_fit_error=10"]  # the search, not the fit
     probe = [f"output.dir={tmp_path / 'probe'}", f"output.cache_dir={cache}", *timing]
     summary = _run("latency.yaml", tmp_path, cache, *timing,
                    *reachable_latency(os.path.join(EXAMPLES, "latency.yaml"), probe))

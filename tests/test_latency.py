@@ -12,7 +12,8 @@ from prunetune.search.trials import TrialPayload, check_latency
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.groups import SpaceError
 from prunetune.workers import latency
-from prunetune.workers.latency import LatencyTable, LayerTable, build_table, load_or_build
+from prunetune.workers.files import write_json
+from prunetune.workers.latency import LatencyTable, LayerTable, build_table, load_or_build, read_table
 from prunetune.workers.models import build_model
 from prunetune.workers.record import CandidateRecord, best
 from prunetune.workers.space import PruningSpace
@@ -96,12 +97,13 @@ def test_interpolation_reads_channel_counts_as_the_next_multiple_of_eight_and_is
 def test_the_table_survives_json_and_is_cached_by_device_threads_and_architecture(resnet20, tmp_path):
     model, space = resnet20
     example = torch.zeros(1, 3, 32, 32)
-    first, path, built = load_or_build(model, space, example, str(tmp_path), threads=1, grid=2, repeats=3)
-    again, path2, built2 = load_or_build(model, space, example, str(tmp_path), threads=1, grid=2, repeats=3)
+    loose = {"grid": 2, "repeats": 3, "max_fit_error": 10.0}  # the cache is tested here, not the fit
+    first, path, built = load_or_build(model, space, example, str(tmp_path), threads=1, **loose)
+    again, path2, built2 = load_or_build(model, space, example, str(tmp_path), threads=1, **loose)
     assert built and not built2 and path == path2
     kept = space.kept_batch(np.random.default_rng(1).uniform(0, 0.7, (20, len(space.groups))))
     assert np.array_equal(first.predict(space, kept), again.predict(space, kept))
-    _, other, _ = load_or_build(model, space, example, str(tmp_path), threads=2, grid=2, repeats=3)
+    _, other, _ = load_or_build(model, space, example, str(tmp_path), threads=2, **loose)
     assert other != path
     assert LatencyTable.from_dict(first.to_dict()) == first
 
@@ -185,8 +187,36 @@ def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(
     from prunetune.search.cli import main
 
     code = main(["inspect", "--latency", "--set", "search.constraint=latency", "--set", "search.target=0.05",
-                 "--set", "latency.grid=3", "--set", "latency.repeats=3", "--set", f"output.cache_dir={tmp_path}",
+                 "--set", "latency.grid=3", "--set", "latency.repeats=3", "--set", "latency.max_fit_error=10",
+                 "--set", f"output.cache_dir={tmp_path}",
                  "--set", f"output.dir={tmp_path / 'run'}"])
     out, err = capsys.readouterr()
     assert code == 2 and "latency share" in out and "features.0" in out
     assert "search.target: latency 0.05 +- 0.02 is not reachable" in err and len(err.strip().splitlines()) <= 2
+
+
+def _noisy_time(model, example, repeats=30, warmup=5, threads=None) -> Timing:
+    """Modelled timings with a load spike on every other call: a table that cannot fit them."""
+    _noisy_time.calls += 1
+    modelled = _modelled_time(model, example, repeats, warmup, threads)
+    return Timing(modelled.median_ms * (1 + 3 * (_noisy_time.calls % 2)), 0.0, repeats)
+
+
+def test_a_table_over_the_fit_error_bound_is_timed_again_then_refused_and_never_cached_nor_read(resnet20, tmp_path,
+                                                                                                monkeypatch):
+    model, space = resnet20
+    example, small = torch.zeros(1, 3, 32, 32), {"threads": 1, "grid": 2, "repeats": 3}
+    _noisy_time.calls = 0
+    monkeypatch.setattr(latency, "time_forward", _noisy_time)
+    with pytest.raises(latency.UnreliableTable, match=r"^latency: the table's fit misses its own networks by up to "
+                       r"[\d.]+% \(first [\d.]+%, then with 6 passes per figure\), over latency.max_fit_error=0.15: "):
+        load_or_build(model, space, example, str(tmp_path), **small)
+    assert not (tmp_path / "latency").exists() or not list((tmp_path / "latency").iterdir())
+    monkeypatch.setattr(latency, "time_forward", _modelled_time)  # a quiet machine: the table fits, and is cached
+    table, path, built = load_or_build(model, space, example, str(tmp_path), **small)
+    assert built and table.worst_error <= 0.15 and read_table(path, table.key) == table
+    bad = {**table.to_dict(), "fit_errors": [0.0, 0.4]}  # a table cached before the bound existed, or by hand
+    write_json(path, bad)
+    assert read_table(path, table.key) is None
+    again, _, rebuilt = load_or_build(model, space, example, str(tmp_path), **small)
+    assert rebuilt and again.worst_error <= 0.15

@@ -332,7 +332,8 @@ def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(r
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(ray_session, tmp_path):
-    latency = ["search.constraint=latency", "search.limits={params: 0.7}", "latency.grid=3", "latency.repeats=5"]
+    latency = ["search.constraint=latency", "search.limits={params: 0.7}", "latency.grid=3", "latency.repeats=5",
+               "latency.max_fit_error=10"]  # what is tested is the search, not the fit of a 5-pass table
     target = reachable_latency(None, [*latency, f"output.dir={tmp_path / 'probe'}",
                                       f"output.cache_dir={tmp_path / 'cache'}"])
     assert main(run_args(tmp_path, *latency, *target, candidates=4, top_k=1)) == 0

@@ -6,8 +6,13 @@ target device with the configured batch size and CPU threads. A strategy's laten
 interpolation, summed, and mapped onto whole-network latency by a least-squares fit on a few pruned networks
 timed whole (the fit absorbs what the tables do not see: activations, additions, pooling, per-call overhead).
 The tables are made non-decreasing in every channel count, so a prediction never falls when a strategy keeps
-more channels: the sampler's walk relies on that. Tables are cached by architecture, input shape, device,
-batch size, threads and library versions (`load_or_build`).
+more channels: the sampler's walk relies on that. Tables are cached by architecture, input shape, runtime, device,
+machine, batch size, threads and library versions (`load_or_build`).
+
+Load spikes must not decide a table: every timing is taken in interleaved rounds (each round times every grid point,
+or every fitted network, a few passes) and the median of the rounds' medians is kept. A table whose fit still misses
+its own networks by more than the bound is timed again with twice the passes; if it misses still, it is refused in
+one line and never cached, and a cached or saved table over the bound is never used.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import BadInput
+from .errors import BadInput, RunFailed
 from .files import unwritable, write_json
 from .layers import IN, OUT, kind_of
 from .prune import PrunePlan
@@ -35,6 +40,9 @@ from .timing import time_forward
 # output channels takes about as long as one with 80 (steps of 16 measured at 64, 80, 96, 112). Tables are timed
 # at multiples of 8 and a count is read as the next multiple of 8.
 CHANNEL_MULTIPLE = 8
+ROUNDS = 5  # interleaved rounds of every timing: a spike lands in one round of each figure, not on one figure
+FIT_ERROR_BOUND = 0.15  # latency.max_fit_error's default: a table that predicts its own networks worse is refused
+RUNTIME = "torch-eager"  # what the tables are timed in (the cache key names it)
 
 
 @dataclass
@@ -161,11 +169,11 @@ def device_name(device: torch.device) -> str:
 
 def table_key(model: nn.Module, space: PruningSpace, example: torch.Tensor, threads: int | None, grid: int,
               repeats: int) -> str:
-    """The cache key of a table: architecture, pruned dimensions, input shape, device, batch size, threads,
-    library versions."""
+    """The cache key of a table: architecture, pruned dimensions, input shape, runtime and its version, device,
+    machine, batch size, threads."""
     parts = {"arch": str(model), "pruned": sorted(map(list, space.layer_rows)), "input": list(example.shape),
-             "device": device_name(example.device), "threads": threads, "grid": grid, "repeats": repeats,
-             "torch": torch.__version__, "format": 2}
+             "runtime": RUNTIME, "torch": torch.__version__, "device": device_name(example.device),
+             "machine": platform.node(), "threads": threads, "grid": grid, "repeats": repeats, "format": 3}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -210,18 +218,27 @@ def _layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[in
     return shapes
 
 
+def interleaved_ms(runs: list[tuple[nn.Module, torch.Tensor]], repeats: int, threads: int | None) -> list[float]:
+    """Milliseconds of each (model, input): ROUNDS rounds, each timing every one of them repeats / ROUNDS passes
+    (after one warm-up pass), and the median of each one's round medians."""
+    per_round = max(1, -(-repeats // ROUNDS))
+    medians = [[time_forward(model, x, repeats=per_round, warmup=1, threads=threads).median_ms for model, x in runs]
+               for _ in range(ROUNDS)]
+    return [float(v) for v in np.median(np.array(medians), axis=0)]
+
+
 def _time_layer(module: nn.Module, shape: tuple[int, ...], out_sizes: list[float], in_sizes: list[float],
                 coupled: bool, channel_axis: int, device: torch.device, repeats: int, threads: int | None
                 ) -> list[list[float]]:
-    """Milliseconds of the layer at every grid point, made non-decreasing along both axes."""
-    ms = np.zeros((len(in_sizes), len(out_sizes)))
-    for i, c_in in enumerate(in_sizes):
-        for j, c_out in enumerate(out_sizes):
+    """Milliseconds of the layer at every grid point (timed interleaved), made non-decreasing along both axes."""
+    runs = []
+    for c_in in in_sizes:
+        for c_out in out_sizes:
             sizes = {OUT: int(c_out)} if coupled else {OUT: int(c_out), IN: int(c_in)}
             x_shape = list(shape)
             x_shape[channel_axis] = int(c_out if coupled else c_in)
-            x = torch.randn(x_shape, device=device)
-            ms[i, j] = time_forward(_resized(module, sizes), x, repeats=repeats, warmup=3, threads=threads).median_ms
+            runs.append((_resized(module, sizes), torch.randn(x_shape, device=device)))
+    ms = np.array(interleaved_ms(runs, repeats, threads)).reshape(len(in_sizes), len(out_sizes))
     ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
     return ms.tolist()
 
@@ -260,7 +277,8 @@ def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, th
     strategies = [np.zeros(len(space.groups))] + [rng.uniform(0, max_ratio, len(space.groups)) * level
                                                   for level in np.linspace(0.2, 1.0, fit_strategies)]
     kept = space.kept_batch(np.array(strategies))
-    timed = np.array([table.time(plan.apply(r), device, tuple(example.shape[1:])).median_ms for r in strategies])
+    whole = torch.zeros(table.batch_size, *example.shape[1:], device=device)
+    timed = np.array(interleaved_ms([(plan.apply(r), whole) for r in strategies], repeats, threads))
     sums = table.layer_sum(space, kept)
     slope, intercept = np.polyfit(sums, timed, 1)
     if slope <= 0:  # the tables do not explain the spread: scale them onto the timings through the origin
@@ -274,32 +292,55 @@ class CacheError(BadInput, ValueError):
     """The cache directory cannot take a latency table that would be built."""
 
 
-def read_table(path: str, key: str) -> LatencyTable | None:
-    """The table saved at `path` if it is readable and has this key, else None."""
+class UnreliableTable(RunFailed):
+    """The latency table's fit misses its own networks by more than the bound, also when timed again."""
+
+
+def read_table(path: str, key: str, max_fit_error: float = FIT_ERROR_BOUND) -> LatencyTable | None:
+    """The table saved at `path` if it is readable, has this key and fits within `max_fit_error`, else None."""
     try:
         with open(path) as f:
             table = LatencyTable.from_dict(json.load(f))
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    return table if table.key == key else None
+    return table if table.key == key and table.worst_error <= max_fit_error else None
+
+
+def reliable_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, threads: int | None, grid: int,
+                   repeats: int, max_fit_error: float) -> LatencyTable:
+    """A table built now whose worst fit error is within `max_fit_error`: timed again with twice the passes if the
+    first one is not; UnreliableTable if neither is."""
+    table = build_table(model, space, example, threads, grid, repeats)
+    if table.worst_error > max_fit_error:
+        first = table.worst_error
+        table = build_table(model, space, example, threads, grid, 2 * repeats)
+        table.key, table.repeats = table_key(model, space, example, threads, grid, repeats), repeats
+        if table.worst_error > max_fit_error:
+            raise UnreliableTable(
+                f"latency: the table's fit misses its own networks by up to {100 * table.worst_error:.1f}% (first "
+                f"{100 * first:.1f}%, then with {2 * repeats} passes per figure), over latency.max_fit_error="
+                f"{max_fit_error:g}: the machine's load decides the timings; time it on an idle machine, raise "
+                "latency.repeats, or budget FLOPs instead (search.constraint=flops); nothing was cached")
+    return table
 
 
 def load_or_build(model: nn.Module, space: PruningSpace, example: torch.Tensor, cache_dir: str,
                   threads: int | None = None, grid: int = 6, repeats: int = 20,
-                  saved: str | None = None) -> tuple[LatencyTable, str, bool]:
+                  saved: str | None = None, max_fit_error: float = FIT_ERROR_BOUND) -> tuple[LatencyTable, str, bool]:
     """The table a run saved (`saved`, if it has this key), or the cached one for this architecture, input and
-    device, or one built now and cached; its path; and whether it was built now."""
+    device, or one built now (`reliable_table`) and cached; its path; and whether it was built now. A table over
+    `max_fit_error` is never read nor written."""
     key = table_key(model, space, example, threads, grid, repeats)
     path = os.path.join(cache_dir, "latency", f"{key}.json")
     for candidate in filter(None, (saved, path)):
-        table = read_table(candidate, key)
+        table = read_table(candidate, key, max_fit_error)
         if table is not None:
             return table, candidate, False
     reason = unwritable(os.path.dirname(path))  # before the minutes of timing, not after
     if reason:
         raise CacheError(f"output.cache_dir: cannot write the latency table to {os.path.dirname(path)} ({reason}); "
                          "make it writable, or set output.cache_dir to a directory you can write")
-    table = build_table(model, space, example, threads, grid, repeats)
+    table = reliable_table(model, space, example, threads, grid, repeats, max_fit_error)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, table.to_dict())
     return table, path, True
