@@ -220,3 +220,18 @@ def test_a_table_over_the_fit_error_bound_is_timed_again_then_refused_and_never_
     assert read_table(path, table.key) is None
     again, _, rebuilt = load_or_build(model, space, example, str(tmp_path), **small)
     assert rebuilt and again.worst_error <= 0.15
+
+
+def test_where_the_time_went_names_a_layer_whose_kept_count_misses_the_kernels_width(resnet20, table):
+    _, space = resnet20
+    full = space.kept_batch(np.zeros((1, len(space.groups))))[0]
+    g = next(i for i, grp in enumerate(space.groups) if grp.units == 16)
+    aligned, misaligned = full.copy(), full.copy()
+    aligned[g], misaligned[g] = 8, 13
+    costs = latency.where_time_went(table, space, misaligned)
+    assert sum(c.pruned_ms for c in costs) + table.intercept_ms == pytest.approx(table.predict(space, misaligned)[0])
+    named = [c for c in costs if c.why == "13 runs as 16"]
+    assert named and all(c.misaligned and 13 in c.channels for c in named)
+    shown = latency.describe_costs(costs, table.multiple, limit=len(costs))
+    assert all(f"| {c.name} |" in shown for c in named) and "set search.round_to=8 so that" in shown
+    assert not any(c.misaligned for c in latency.where_time_went(table, space, aligned))

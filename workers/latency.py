@@ -80,13 +80,18 @@ class LatencyTable:
 
     def layer_sum(self, space: PruningSpace, kept: np.ndarray) -> np.ndarray:
         """Sum of the interpolated per-layer latencies for a [S, G] batch of kept counts."""
-        total = np.zeros(len(kept))
+        return self.layer_ms(space, kept).sum(axis=1)
+
+    def layer_ms(self, space: PruningSpace, kept: np.ndarray) -> np.ndarray:
+        """The interpolated latency of every layer of the table ([S, L], milliseconds) for a [S, G] batch."""
+        kept = np.atleast_2d(np.asarray(kept, dtype=np.float64))
+        columns = []
         for t in self.layers:
             out = self._padded(space.layer_sizes(kept, t.name, OUT, t.full_out), t.full_out)
             inp = self._padded(space.layer_sizes(kept, t.name, IN, t.full_in), t.full_in) \
                 if len(t.in_sizes) > 1 else None
-            total += _interpolate(t, out, inp)
-        return total
+            columns.append(_interpolate(t, out, inp))
+        return np.stack(columns, axis=1) if columns else np.zeros((len(kept), 0))
 
     def _padded(self, channels: np.ndarray, full: int) -> np.ndarray:
         """Channel counts as the kernels run them: up to the next multiple of `multiple`, at most `full`."""
@@ -127,6 +132,69 @@ class LatencyTable:
     def from_dict(cls, d: dict) -> "LatencyTable":
         """A table from `to_dict`'s output."""
         return cls(**{**d, "layers": [LayerTable(**t) for t in d["layers"]]})
+
+
+# A pruned layer whose time fell by less than this fraction of what its channels fell is named as not faster.
+SLOW_TO_FALL = 0.5
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer's predicted latency before and after pruning, and why it may not have fallen with its channels."""
+
+    name: str
+    base_ms: float  # in the unpruned network (the table's share of the fit)
+    pruned_ms: float
+    channels: tuple[int, int]  # kept (out, in) channels of the pruned layer
+    full: tuple[int, int]  # (out, in) channels of the unpruned layer
+    misaligned: bool  # a kept count is not a multiple of the kernels' block: it runs as the next multiple
+    why: str  # empty, or what costs speed: "17 runs as 24", "time -25% for channels -50%"
+
+
+def where_time_went(table: LatencyTable, space: PruningSpace, kept: np.ndarray) -> list[LayerCost]:
+    """Per layer of the table, its predicted latency in the base and in the network that keeps `kept` ([G] counts),
+    and why a pruned layer is slower than its channels say: a kept count that is not a multiple of the kernels'
+    block (it runs as the next multiple), or time that fell by less than half what its channel products fell
+    (memory-bound, depthwise, or per-call overhead)."""
+    full_kept = space.kept_batch(np.zeros((1, len(space.groups))))
+    both = np.concatenate([full_kept, np.atleast_2d(np.asarray(kept, dtype=np.float64))])
+    ms = table.scale * table.layer_ms(space, both)
+    costs = []
+    for i, t in enumerate(table.layers):
+        out = int(space.layer_sizes(both[1:], t.name, OUT, t.full_out)[0])
+        inp = int(space.layer_sizes(both[1:], t.name, IN, t.full_in)[0])
+        pruned = [(n, full) for n, full in ((out, t.full_out), (inp, t.full_in)) if n < full]
+        misaligned = [n for n, _ in pruned if n % table.multiple]
+        channel_fall = 1 - float(np.prod([n / full for n, full in pruned])) if pruned else 0.0
+        time_fall = 1 - ms[1, i] / ms[0, i] if ms[0, i] > 0 else 0.0
+        why = ""
+        if misaligned:
+            runs = [int(-(-n // table.multiple) * table.multiple) for n in misaligned]
+            why = f"{', '.join(map(str, misaligned))} run{'s' * (len(runs) == 1)} as {', '.join(map(str, runs))}"
+        elif pruned and time_fall < SLOW_TO_FALL * channel_fall:
+            why = f"time -{100 * time_fall:.0f}% for channels -{100 * channel_fall:.0f}%"
+        costs.append(LayerCost(t.name, float(ms[0, i]), float(ms[1, i]), (out, inp), (t.full_out, t.full_in),
+                               bool(misaligned), why))
+    return costs
+
+
+def describe_costs(costs: list[LayerCost], multiple: int = CHANNEL_MULTIPLE, limit: int = 10) -> str:
+    """Where the time went (Markdown): the `limit` slowest layers of the pruned network, then what costs speed."""
+    lines = ["| layer | out, in channels kept | base ms | pruned ms | why not faster |", "|---|---|---:|---:|---|"]
+    for c in sorted(costs, key=lambda c: -c.pruned_ms)[:limit]:
+        lines.append(f"| {c.name} | {c.channels[0]}/{c.full[0]}, {c.channels[1]}/{c.full[1]} | {c.base_ms:.4f} | "
+                     f"{c.pruned_ms:.4f} | {c.why} |")
+    misaligned = [c for c in costs if c.misaligned]
+    slow = [c for c in costs if c.why and not c.misaligned]
+    if misaligned:
+        lines.append(f"\n{len(misaligned)} of {len(costs)} layers keep channel counts the kernels round up to blocks "
+                     f"of {multiple} ({', '.join(c.name for c in misaligned[:3])}{', ...' * (len(misaligned) > 3)}): "
+                     f"set search.round_to={multiple} so that what is pruned is also faster.")
+    if slow:
+        lines.append(f"\n{len(slow)} layers' time fell by less than half what their channels fell "
+                     f"({', '.join(c.name for c in slow[:3])}{', ...' * (len(slow) > 3)}): memory-bound, depthwise or "
+                     "per-call overhead; pruning them saves FLOPs more than time.")
+    return "\n".join(lines)
 
 
 def _interpolate(t: LayerTable, out: np.ndarray, inp: np.ndarray | None) -> np.ndarray:
