@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], mode: str 
                 model(x)
             used += 1
             if tolerance is not None:
-                current = [torch.cat([m.running_mean, m.running_var]).float() for m in layers]
+                current = [torch.cat([cast(torch.Tensor, m.running_mean), cast(torch.Tensor, m.running_var)]).float()
+                           for m in layers]  # reset above: a recalibrated layer tracks its statistics
                 if previous is not None and used > 2 and max(float((c - p).norm() / (p.norm() + 1e-12))
                                                              for c, p in zip(current, previous)) < tolerance:
                     break

@@ -256,6 +256,7 @@ def _grid(full: int, points: int, step: int) -> list[float]:
 def _resized(module: nn.Module, sizes: dict[str, int]) -> nn.Module:
     """A copy of a layer with the first `sizes[role]` channels of each dimension (the layer kinds' slicing)."""
     kind = kind_of(module)
+    assert kind is not None, "only layers of a known kind are timed"
     m = copy.deepcopy(module)
     for role, n in sizes.items():
         keep = torch.from_numpy(kind.local_index(m, role, np.arange(n)))

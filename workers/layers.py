@@ -9,9 +9,10 @@ layer type is one entry in KINDS, the way Torch-Pruning registers one pruner per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
+import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -125,3 +126,8 @@ def is_stateless(module: nn.Module) -> bool:
     if list(module.children()):
         return False
     return not list(module.parameters(recurse=False)) or isinstance(module, nn.PReLU) and module.num_parameters == 1
+
+
+def weight_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The `weight` tensor of layer `name` of `model` (typed: a module's attributes read as Tensor | Module)."""
+    return cast(torch.Tensor, model.get_submodule(name).weight)

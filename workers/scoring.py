@@ -32,6 +32,6 @@ def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, object]],
         statistics = task.statistics(prediction.float(), y).double().cpu()
         total = statistics if total is None else total + statistics
         n += len(x)
-    if n == 0:
+    if total is None:
         raise ValueError("score: no held-out samples")
     return {**task.score(total), "samples": n}

@@ -10,7 +10,7 @@ Task.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,9 @@ class Task:
 
     name: str
     metrics: tuple[str, ...]  # what score() returns, the primary metric first (and "loss")
-    select: Callable[[object], torch.Tensor]  # the model's output (tensor, tuple, list or dict) -> the prediction
-    loss: Callable[[torch.Tensor, object], torch.Tensor]  # (prediction, target batch) -> scalar training loss
-    statistics: Callable[[torch.Tensor, object], torch.Tensor]  # (prediction, target batch) -> 1-D, summable
+    select: Callable[[Any], torch.Tensor]  # the model's output (tensor, tuple, list or dict) -> the prediction
+    loss: Callable[[torch.Tensor, Any], torch.Tensor]  # (prediction, target batch) -> scalar training loss
+    statistics: Callable[[torch.Tensor, Any], torch.Tensor]  # (prediction, target batch) -> 1-D, summable
     score: Callable[[torch.Tensor], dict]  # summed statistics -> {primary: value, ..., "loss": value}
     # (prediction, the data's class count) -> why the prediction does not fit them, one sentence (None: it fits)
     check: Callable[[torch.Tensor, int], str | None] = lambda prediction, num_classes: None
@@ -46,7 +46,7 @@ def short_name(metric: str) -> str:
     return "acc" if metric == "accuracy" else metric
 
 
-def first_output(output: object) -> torch.Tensor:
+def first_output(output: Any) -> torch.Tensor:
     """The main output of a model: the tensor itself, the first of a tuple or list ((logits, aux)), or `out` of a
     dict (torchvision's segmenters; else its first value)."""
     if isinstance(output, dict):

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..finetune import finetune
+from ..layers import weight_of
 from ..preflight import Verdict
 from ..space import PruningSpace
 from ..sparsity import add_l1_subgradient
@@ -51,7 +52,7 @@ def stripe_importance(model: nn.Module, space: PruningSpace, criterion: str = "l
 
 def stripe_norms(model: nn.Module) -> np.ndarray:
     """The L1 norm of every stripe of every k x k conv (what Filter Skeleton training makes sparse)."""
-    return torch.cat([model.get_submodule(n).weight.detach().abs().sum(1).flatten().cpu()
+    return torch.cat([weight_of(model, n).detach().abs().sum(1).flatten().cpu()
                       for n in stripe_layers(model, [])]).numpy()
 
 
@@ -132,12 +133,13 @@ class Stripe:
     """Stripe-wise pruning: each k x k conv keeps its strongest 1 x 1 stripes and runs only them."""
 
     name, title, units = "stripe", "stripe-wise pruning", "stripes"
-    criteria = ("l1", "l2", "random")
+    criteria: tuple[str, ...] = ("l1", "l2", "random")
     comparable = False
     latency = False  # the latency table times dense layers by their channel counts
     round_to = False
-    sparsity = SparsityTraining("Filter Skeleton", "stripe L1 norm", stripe_norms, skeleton_train)
-    report_note = None
+    sparsity: SparsityTraining | None = SparsityTraining("Filter Skeleton", "stripe L1 norm", stripe_norms,
+                                                         skeleton_train)
+    report_note: str | None = None
 
     space = staticmethod(stripe_space)
     importance = staticmethod(stripe_importance)

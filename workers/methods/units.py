@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..criteria import CRITERIA
 from ..groups import Group, SpaceError, find_heads, refuse_compiled
+from ..layers import weight_of
 from ..preflight import (Verdict, as_refusal, check_output, output_shapes, strategies_to_prove,
                          within_tolerance)
 from ..prune import clone_module
@@ -63,7 +64,7 @@ def layer_importance(model: nn.Module, space: PruningSpace, criterion: str, seed
     problem = criterion_misuse(method, criterion)
     if problem:
         raise SpaceError(problem)
-    return [CRITERIA[criterion](rows(model.get_submodule(g.name).weight.detach()), seed, g.name)
+    return [CRITERIA[criterion](rows(weight_of(model, g.name).detach()), seed, g.name)
             for g in space.groups]
 
 

@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune as torch_prune
 
-from ..layers import kind_of
+from ..layers import kind_of, weight_of
 from ..preflight import Verdict
 from ..space import PruningSpace, count_flops, own_flops
 from ..tasks import CLASSIFICATION, Task
+from .protocol import SparsityTraining
 from .units import UnitPlan, layer_importance, linear_space, prove
 
 _PRUNABLE = ("conv", "dwconv", "grouped_conv", "linear")
@@ -30,7 +31,7 @@ _PRUNABLE = ("conv", "dwconv", "grouped_conv", "linear")
 def prunable_weights(model: nn.Module, ignored: list[str]) -> list[str]:
     """Names of the conv/linear layers whose weights an unstructured strategy prunes, in model order."""
     return [name for name, m in model.named_modules()
-            if kind_of(m) is not None and kind_of(m).name in _PRUNABLE and name not in ignored]
+            if (kind := kind_of(m)) is not None and kind.name in _PRUNABLE and name not in ignored]
 
 
 def unstructured_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
@@ -48,7 +49,7 @@ def weight_importance(model: nn.Module, space: PruningSpace, criterion: str = "l
 
 def _mask(pruned: nn.Module, base: nn.Module, name: str, kept: torch.Tensor) -> None:
     """Give layer `name` of the copy a torch.nn.utils.prune mask that keeps the weights `kept` (flat indices)."""
-    weight = base.get_submodule(name).weight
+    weight = weight_of(base, name)
     mask = torch.zeros(weight.numel(), device=weight.device)
     mask[kept.to(weight.device)] = 1
     torch_prune.custom_from_mask(pruned.get_submodule(name), "weight", mask.view_as(weight))
@@ -116,12 +117,12 @@ class Unstructured:
     """Unstructured pruning: masks on single weights, dense shapes (the gain is size, not speed)."""
 
     name, title, units = "unstructured", "unstructured pruning", "single weights"
-    criteria = ("l1", "l2", "random")
+    criteria: tuple[str, ...] = ("l1", "l2", "random")
     comparable = True  # weight magnitudes compare across layers as they are (global magnitude pruning)
     latency = False  # dense kernels run the zeros: a latency table of channel counts says nothing
     round_to = False
-    sparsity = None
-    report_note = ("Unstructured pruning: the pruned weights are zeros in dense tensors, and dense kernels do not "
+    sparsity: SparsityTraining | None = None
+    report_note: str | None = ("Unstructured pruning: the pruned weights are zeros in dense tensors, and dense kernels do not "
                    "run them faster, so latency is the dense network's; FLOPs and params count non-zero weights "
                    "only. The gain is size: `final/rankN.pt` stores each pruned weight tensor as a bit mask plus its "
                    "non-zero values.")
