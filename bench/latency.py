@@ -1,6 +1,7 @@
 """How well does the latency table predict, and does a latency budget buy faster models than a FLOPs budget?
 
     python bench/latency.py [--models resnet56:32,mobilenet_v1_224:224] [--strategies 50] [--threads 1]
+                            [--runtime torch|onnxruntime] [--batch 1]
     python bench/latency.py --compare --data /tmp/cifar10 --checkpoint bench/checkpoints/resnet20-cifar10.pt
 
 Prediction: for each model (random weights: latency does not depend on them), the latency table is built on
@@ -9,7 +10,9 @@ spread over 30-80% are pruned and timed whole with the same helper; the table pr
 |predicted - timed| / timed (and its signed mean: drift of the machine's speed since the table was built shows
 as a bias); the same for the fraction of the base's latency (what budgets are written in), with the base timed
 right beside each network so that drift cancels; and how much the same networks' timings move when timed a
-second time (the noise floor no prediction can beat). Saves bench/results/latency.json.
+second time (the noise floor no prediction can beat). Saves bench/results/latency.json (eager torch, batch 1), else
+bench/results/latency-RUNTIME-bBATCH.json: `--runtime onnxruntime` times the layers, the fit and every strategy in
+ONNX Runtime, as a deployment runs them.
 
 Comparison (`--compare`): on a trained model, two searches of the same size at the same latency budget, one
 with `search.constraint: latency`, one with FLOPs at the same fraction (the usual stand-in), each candidate
@@ -39,14 +42,14 @@ from prunetune.workers.latency import build_table  # noqa: E402
 from prunetune.workers.prune import PrunePlan  # noqa: E402
 
 
-def prediction(name: str, size: int, strategies: int, threads: int) -> dict:
-    """Build the table of one model and compare its predictions with whole-network timings."""
+def prediction(name: str, size: int, strategies: int, threads: int, runtime: str = "torch", batch: int = 1) -> dict:
+    """Build the table of one model in `runtime` and compare its predictions with whole-network timings there."""
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, in_channels=3).eval()
-    example = torch.zeros(1, 3, size, size)
-    space = PruningSpace.from_model(model, example)
+    example = torch.zeros(batch, 3, size, size)
+    space = PruningSpace.from_model(model, example[:1])
     start = time.perf_counter()
-    space.latency = build_table(model, space, example, threads=threads)
+    space.latency = build_table(model, space, example, threads=threads, runtime=runtime)
     build_s = time.perf_counter() - start
     plan = PrunePlan(model, space)
     base_predicted = float(space.latency.predict(space, space.kept_batch(np.zeros((1, len(space.groups)))))[0])
@@ -69,7 +72,8 @@ def prediction(name: str, size: int, strategies: int, threads: int) -> dict:
         row["retimed_ms"] = again
         retest.append(abs(again - row["timed_ms"]) / row["timed_ms"])
     worst = int(np.argmax(errors))
-    return {"model": f"{name} ({size} px)", "groups": len(space.groups), "layers": len(space.latency.layers),
+    return {"model": f"{name} ({size} px)", "runtime": runtime, "batch": batch, "groups": len(space.groups),
+            "layers": len(space.latency.layers), "fit_worst_error": round(space.latency.worst_error, 4),
             "table_s": round(build_s, 1), "base_ms": round(space.latency.base_ms, 3),
             "median_error": round(median(errors), 4), "worst_error": round(max(errors), 4),
             "worst_at_flops": round(rows[worst]["flops_ratio"], 3),
@@ -114,6 +118,8 @@ def main() -> None:
     parser.add_argument("--models", default="resnet56:32,mobilenet_v1_224:224")
     parser.add_argument("--strategies", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"))
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--compare", action="store_true")
     parser.add_argument("--data", help="CIFAR-10 image folder (--compare)")
     parser.add_argument("--checkpoint", default=CHECKPOINT, help="trained state dict (--compare)")
@@ -132,16 +138,19 @@ def main() -> None:
     results = []
     for spec in args.models.split(","):
         name, size = spec.split(":")
-        results.append(prediction(name, int(size), args.strategies, args.threads))
-        print(table(results[-1:], ["model", "groups", "layers", "table_s", "base_ms", "median_error", "worst_error",
-                                   "signed_mean_error", "fraction_median_error", "fraction_worst_error", "retest_median", "retest_worst"]),
-              flush=True)
-    print(table(results, ["model", "groups", "layers", "table_s", "base_ms", "median_error", "worst_error",
-                          "signed_mean_error", "fraction_median_error", "fraction_worst_error", "retest_median",
-                          "retest_worst"]))
-    print("saved", save("latency", {"threads": args.threads, "strategies": args.strategies, "results": results}))
+        results.append(prediction(name, int(size), args.strategies, args.threads, args.runtime, args.batch))
+        print(table(results[-1:], COLUMNS), flush=True)
+    print(table(results, COLUMNS))
+    name = "latency" if (args.runtime, args.batch) == ("torch", 1) else f"latency-{args.runtime}-b{args.batch}"
+    print("saved", save(name, {"threads": args.threads, "strategies": args.strategies, "runtime": args.runtime,
+                               "batch": args.batch, "results": results}))
     if args.smoke:
         report_comparison(args)
+
+
+COLUMNS = ["model", "runtime", "batch", "groups", "layers", "table_s", "base_ms", "fit_worst_error", "median_error",
+           "worst_error", "signed_mean_error", "fraction_median_error", "fraction_worst_error", "retest_median",
+           "retest_worst"]
 
 
 def report_comparison(args) -> None:

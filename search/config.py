@@ -1,6 +1,7 @@
 """Search configuration: one YAML file per search, read into pydantic models, every key overridable with --set."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Annotated
@@ -12,6 +13,7 @@ from prunetune.workers.criteria import CRITERIA
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.files import write_text
 from prunetune.workers.latency import FIT_ERROR_BOUND
+from prunetune.workers.timing import RUNTIMES
 from prunetune.workers.methods import METHODS, PruningMethod, misuse
 from prunetune.workers.tasks import TASKS
 
@@ -117,6 +119,8 @@ class FinetuneConfig(Section):
 
 class LatencyConfig(Section):
     device: Annotated[str, Choice(("cpu", "cuda"))] = "cpu"  # where latency is timed
+    # what it is timed in: eager PyTorch, or ONNX Runtime (the model exported to ONNX, as it will be deployed)
+    runtime: Annotated[str, Choice(RUNTIMES)] = "torch"
     batch_size: int = Field(1, ge=1)  # the latency budget's batch
     throughput_batch_size: int = Field(32, ge=1)  # the report's second figure
     threads: int | None = Field(1, ge=1)  # CPU threads of every timing (none: torch's)
@@ -242,6 +246,11 @@ def _cross_check(cfg: Config) -> None:
                                                                                           cfg.model.sparsity)):
             if value:
                 raise ConfigError(f"{key}: classification only; model.task is {task}")
+    runtime = RUNTIMES[cfg.latency.runtime]
+    if needs_latency(cfg) and runtime.package and importlib.util.find_spec(runtime.name) is None:
+        raise ConfigError(f"latency.runtime: {runtime.name} is not installed; install {runtime.package}")
+    if needs_latency(cfg) and runtime.cpu_only and cfg.latency.device != "cpu":
+        raise ConfigError(f"latency.runtime: {runtime.name} times on the CPU here; set latency.device: cpu")
     if cfg.finetune.nesterov and cfg.finetune.momentum == 0:
         raise ConfigError("finetune.momentum: 0 does not go with finetune.nesterov: true; set a momentum > 0 or "
                           "finetune.nesterov: false")

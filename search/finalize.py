@@ -16,7 +16,7 @@ from prunetune.workers.prune import clone_module
 from prunetune.workers.record import CandidateRecord
 from prunetune.workers.scoring import score
 from prunetune.workers.tasks import search_score
-from prunetune.workers.timing import time_forward
+from prunetune.workers.timing import RUNTIMES, time_forward
 
 from .artifacts import pruned_record, save_pruned
 from .prepare import Prepared
@@ -37,13 +37,16 @@ def state_dict_mb(model: nn.Module) -> float:
 
 def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
     """Latency at batch 1 (median and spread), the throughput batch's latency, and the latency table's prediction
-    when there is one (`ratios`: the strategy; None: the base), all timed with the configured threads."""
+    when there is one (`ratios`: the strategy; None: the base), all timed in latency.runtime with the configured
+    threads."""
     lat = prep.cfg.latency
     model = METHODS[prep.cfg.search.granularity].deployable(clone_module(model, {}))  # timed as deployed
     device = next(model.parameters()).device
-    one = time_forward(model, prep.space.example_input(1).to(device), lat.repeats, threads=lat.threads)
+    runtime = lat.runtime if device.type == "cpu" or not RUNTIMES[lat.runtime].cpu_only else "torch"
+    one = time_forward(model, prep.space.example_input(1).to(device), lat.repeats, threads=lat.threads,
+                       runtime=runtime)
     many = time_forward(model, prep.space.example_input(lat.throughput_batch_size).to(device),
-                        max(3, lat.repeats // 4), threads=lat.threads)
+                        max(3, lat.repeats // 4), threads=lat.threads, runtime=runtime)
     found = {"latency_ms_batch1": one.median_ms, "latency_iqr_ms": one.iqr_ms,
              "throughput_batch": lat.throughput_batch_size, "latency_ms_throughput": many.median_ms,
              "images_per_s": 1000.0 * lat.throughput_batch_size / many.median_ms}

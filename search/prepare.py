@@ -109,9 +109,11 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
     start = time.perf_counter()
     saved = os.path.join(expand(cfg.output.dir), LATENCY_TABLE)  # a run keeps its table: resume predicts alike
     space.latency, path, built = load_or_build(model, space, example, expand(cfg.output.cache_dir), lat.threads,
-                                               lat.grid, lat.repeats, saved=saved, max_fit_error=lat.max_fit_error)
+                                               lat.grid, lat.repeats, saved=saved, max_fit_error=lat.max_fit_error,
+                                               runtime=lat.runtime)
     how = f"timed in {time.perf_counter() - start:.1f} s, cached at" if built else "loaded from"
-    print(f"latency table ({space.latency.device}, batch {lat.batch_size}, threads {lat.threads}): {how} {path}; "
+    print(f"latency table ({lat.runtime} on {space.latency.device}, batch {lat.batch_size}, threads {lat.threads}): "
+          f"{how} {path}; "
           f"base {space.latency.base_ms:.2f} ms, worst fit error {100 * space.latency.worst_error:.1f}%",
           file=log or LineStream(), flush=True)
 

@@ -30,7 +30,7 @@ def resnet20():
     return model, space
 
 
-def _modelled_time(model, example, repeats=30, warmup=5, threads=None) -> Timing:
+def _modelled_time(model, example, repeats=30, warmup=5, threads=None, runtime="torch") -> Timing:
     """A CPU's latency as a model, not a clock (the same on every machine, busy or not): a fixed cost per layer
     run, 40% of the base's latency on resnet20, and a cost per multiply-accumulate of its convs and linears."""
     cost = []
@@ -195,7 +195,7 @@ def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(
     assert "search.target: latency 0.05 +- 0.02 is not reachable" in err and len(err.strip().splitlines()) <= 2
 
 
-def _noisy_time(model, example, repeats=30, warmup=5, threads=None) -> Timing:
+def _noisy_time(model, example, repeats=30, warmup=5, threads=None, runtime="torch") -> Timing:
     """Modelled timings with a load spike on every other call: a table that cannot fit them."""
     _noisy_time.calls += 1
     modelled = _modelled_time(model, example, repeats, warmup, threads)
@@ -235,3 +235,36 @@ def test_where_the_time_went_names_a_layer_whose_kept_count_misses_the_kernels_w
     shown = latency.describe_costs(costs, table.multiple, limit=len(costs))
     assert all(f"| {c.name} |" in shown for c in named) and "set search.round_to=8 so that" in shown
     assert not any(c.misaligned for c in latency.where_time_went(table, space, aligned))
+
+
+def test_a_table_timed_in_onnx_runtime_times_layers_networks_and_candidates_there(tmp_path):
+    from prunetune.workers import timing
+
+    model = GroupedSE().eval()
+    example = torch.zeros(1, 3, 16, 16)
+    space = PruningSpace.from_model(model, example)
+    loose = {"threads": 1, "grid": 2, "repeats": 3, "max_fit_error": 10.0}  # what is tested is where it is timed
+    table, _, built = load_or_build(model, space, example, str(tmp_path), runtime="onnxruntime", **loose)
+    assert built and table.runtime == "onnxruntime" and LatencyTable.from_dict(table.to_dict()) == table
+    torch_table, _, _ = load_or_build(model, space, example, str(tmp_path), **loose)
+    assert torch_table.runtime == "torch" and torch_table.key != table.key  # one cache entry per runtime
+    pruned = build_model("digits_cnn", 10, 3).eval()
+    before = len(timing._SESSIONS)
+    assert table.time(pruned, torch.device("cpu"), (3, 16, 16)).median_ms > 0
+    assert pruned in timing._SESSIONS and len(timing._SESSIONS) == before + 1  # exported and run by ONNX Runtime
+    torch_table.time(pruned, torch.device("cpu"), (3, 16, 16))
+    assert len(timing._SESSIONS[pruned]) == 1  # eager PyTorch exports nothing
+
+
+def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_anything_is_timed(monkeypatch):
+    from prunetune.workers import timing
+
+    absent = timing.Runtime("nosuchruntime", timing.RUNTIMES["torch"].call, lambda: "0", cpu_only=True,
+                            package="nosuchruntime (pip install nosuchruntime)")
+    monkeypatch.setitem(timing.RUNTIMES, "nosuchruntime", absent)
+    with pytest.raises(ConfigError, match=r"^latency.runtime: nosuchruntime is not installed; install nosuchruntime "
+                                          r"\(pip install nosuchruntime\)$"):
+        load_config(None, ["latency.runtime=nosuchruntime", "search.constraint=latency"])
+    with pytest.raises(ConfigError, match=r"^latency.runtime: onnxruntime times on the CPU here; set latency.device"):
+        load_config(None, ["latency.runtime=onnxruntime", "search.constraint=latency", "latency.device=cuda"])
+    assert load_config(None, ["latency.runtime=nosuchruntime"]).latency.runtime == "nosuchruntime"  # no latency budget

@@ -7,7 +7,8 @@ interpolation, summed, and mapped onto whole-network latency by a least-squares 
 timed whole (the fit absorbs what the tables do not see: activations, additions, pooling, per-call overhead).
 The tables are made non-decreasing in every channel count, so a prediction never falls when a strategy keeps
 more channels: the sampler's walk relies on that. Tables are cached by architecture, input shape, runtime, device,
-machine, batch size, threads and library versions (`load_or_build`).
+machine, batch size, threads and library versions (`load_or_build`). The runtime is eager PyTorch or ONNX Runtime
+(`latency.runtime`): the layers, the fitted networks and every candidate are timed in it, as they will be deployed.
 
 Load spikes must not decide a table: every timing is taken in interleaved rounds (each round times every grid point,
 or every fitted network, a few passes) and the median of the rounds' medians is kept. A table whose fit still misses
@@ -34,7 +35,7 @@ from .files import unwritable, write_json
 from .layers import IN, OUT, kind_of
 from .prune import PrunePlan
 from .space import PruningSpace
-from .timing import time_forward
+from .timing import RUNTIMES, time_forward
 
 # Kernels run channels in vector-width blocks: on this AVX-512 CPU a 3x3 conv (56 px, 128 inputs) with 65-80
 # output channels takes about as long as one with 80 (steps of 16 measured at 64, 80, 96, 112). Tables are timed
@@ -42,7 +43,6 @@ from .timing import time_forward
 CHANNEL_MULTIPLE = 8
 ROUNDS = 5  # interleaved rounds of every timing: a spike lands in one round of each figure, not on one figure
 FIT_ERROR_BOUND = 0.15  # latency.max_fit_error's default: a table that predicts its own networks worse is refused
-RUNTIME = "torch-eager"  # what the tables are timed in (the cache key names it)
 
 
 @dataclass
@@ -72,6 +72,7 @@ class LatencyTable:
     scale: float = 1.0
     base_ms: float = 0.0  # the unpruned network, timed whole
     fit_errors: list[float] = field(default_factory=list)  # |predicted - timed| / timed on the fit's networks
+    runtime: str = "torch"  # what every figure is timed in (timing.RUNTIMES): eager PyTorch, ONNX Runtime
 
     def predict(self, space: PruningSpace, kept: np.ndarray) -> np.ndarray:
         """Predicted latency in milliseconds for a [S, G] batch of kept counts of `space`."""
@@ -100,7 +101,7 @@ class LatencyTable:
     def time(self, model: nn.Module, device: torch.device, input_shape: tuple[int, ...]):
         """Time a (pruned) network as the table was timed: its batch size, threads and repeats (a Timing)."""
         example = torch.zeros(self.batch_size, *input_shape, device=device)
-        return time_forward(model, example, repeats=self.repeats, threads=self.threads)
+        return time_forward(model, example, repeats=self.repeats, threads=self.threads, runtime=self.runtime)
 
     def describe(self, space: PruningSpace) -> str:
         """Per group, the share of the base's predicted latency that scales with its channels; then the fit."""
@@ -112,8 +113,8 @@ class LatencyTable:
             fewest = full.copy()
             fewest[0, i] = space.kept_batch(np.full((1, len(space.groups)), 0.999))[0, i]
             lines.append(f"{g.name:<{width}}  {100 * (base - float(self.predict(space, fewest)[0])) / base:>12.2f}%")
-        lines.append(f"latency ({self.device}, batch {self.batch_size}, threads {self.threads}): base "
-                     f"{self.base_ms:.3f} ms timed, {base:.3f} ms predicted; {len(self.layers)} layers in the table; "
+        lines.append(f"latency ({self.runtime} on {self.device}, batch {self.batch_size}, threads {self.threads}): "
+                     f"base {self.base_ms:.3f} ms timed, {base:.3f} ms predicted; {len(self.layers)} layers in the table; "
                      f"fit on the base and {len(self.fit_errors) - 1} pruned networks, worst error "
                      f"{100 * self.worst_error:.1f}%")
         lines.append("latency share: what the base's predicted latency loses when the group keeps its fewest channels")
@@ -236,11 +237,12 @@ def device_name(device: torch.device) -> str:
 
 
 def table_key(model: nn.Module, space: PruningSpace, example: torch.Tensor, threads: int | None, grid: int,
-              repeats: int) -> str:
+              repeats: int, runtime: str = "torch") -> str:
     """The cache key of a table: architecture, pruned dimensions, input shape, runtime and its version, device,
     machine, batch size, threads."""
     parts = {"arch": str(model), "pruned": sorted(map(list, space.layer_rows)), "input": list(example.shape),
-             "runtime": RUNTIME, "torch": torch.__version__, "device": device_name(example.device),
+             "runtime": runtime, "version": RUNTIMES[runtime].version(), "torch": torch.__version__,
+             "device": device_name(example.device),
              "machine": platform.node(), "threads": threads, "grid": grid, "repeats": repeats, "format": 3}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -287,18 +289,19 @@ def _layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[in
     return shapes
 
 
-def interleaved_ms(runs: list[tuple[nn.Module, torch.Tensor]], repeats: int, threads: int | None) -> list[float]:
-    """Milliseconds of each (model, input): ROUNDS rounds, each timing every one of them repeats / ROUNDS passes
-    (after one warm-up pass), and the median of each one's round medians."""
+def interleaved_ms(runs: list[tuple[nn.Module, torch.Tensor]], repeats: int, threads: int | None,
+                   runtime: str = "torch") -> list[float]:
+    """Milliseconds of each (model, input) in `runtime`: ROUNDS rounds, each timing every one of them
+    repeats / ROUNDS passes (after one warm-up pass), and the median of each one's round medians."""
     per_round = max(1, -(-repeats // ROUNDS))
-    medians = [[time_forward(model, x, repeats=per_round, warmup=1, threads=threads).median_ms for model, x in runs]
-               for _ in range(ROUNDS)]
+    medians = [[time_forward(model, x, repeats=per_round, warmup=1, threads=threads, runtime=runtime).median_ms
+                for model, x in runs] for _ in range(ROUNDS)]
     return [float(v) for v in np.median(np.array(medians), axis=0)]
 
 
 def _time_layer(module: nn.Module, shape: tuple[int, ...], out_sizes: list[float], in_sizes: list[float],
-                coupled: bool, channel_axis: int, device: torch.device, repeats: int, threads: int | None
-                ) -> list[list[float]]:
+                coupled: bool, channel_axis: int, device: torch.device, repeats: int, threads: int | None,
+                runtime: str) -> list[list[float]]:
     """Milliseconds of the layer at every grid point (timed interleaved), made non-decreasing along both axes."""
     runs = []
     for c_in in in_sizes:
@@ -307,16 +310,17 @@ def _time_layer(module: nn.Module, shape: tuple[int, ...], out_sizes: list[float
             x_shape = list(shape)
             x_shape[channel_axis] = int(c_out if coupled else c_in)
             runs.append((_resized(module, sizes), torch.randn(x_shape, device=device)))
-    ms = np.array(interleaved_ms(runs, repeats, threads)).reshape(len(in_sizes), len(out_sizes))
+    ms = np.array(interleaved_ms(runs, repeats, threads, runtime)).reshape(len(in_sizes), len(out_sizes))
     ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
     return ms.tolist()
 
 
 def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, threads: int | None = None,
                 grid: int = 6, repeats: int = 20, fit_strategies: int = 16, max_ratio: float = 0.7,
-                seed: int = 0, multiple: int = CHANNEL_MULTIPLE) -> LatencyTable:
-    """Time every layer of `model` on `example`'s device and batch size over a grid of its channel counts
-    (multiples of `multiple`), then fit the sum of the tables to `fit_strategies` pruned networks timed whole."""
+                seed: int = 0, multiple: int = CHANNEL_MULTIPLE, runtime: str = "torch") -> LatencyTable:
+    """Time every layer of `model` in `runtime` on `example`'s device and batch size over a grid of its channel
+    counts (multiples of `multiple`), then fit the sum of the tables to `fit_strategies` pruned networks timed
+    whole."""
     device = example.device
     model = copy.deepcopy(model).to(device).eval()  # the caller's model stays where it is
     shapes = _layer_inputs(model, example)
@@ -337,17 +341,17 @@ def build_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, th
         signature = (repr(m), shapes[name], tuple(out_sizes), tuple(in_sizes))
         if signature not in measured:
             measured[signature] = _time_layer(m, shapes[name], out_sizes, in_sizes, kind.coupled, channel_axis,
-                                              device, repeats, threads)
+                                              device, repeats, threads, runtime)
         layers.append(LayerTable(name, full_out, full_in, out_sizes, in_sizes, measured[signature]))
-    table = LatencyTable(table_key(model, space, example, threads, grid, repeats), device_name(device),
-                         int(example.shape[0]), threads, repeats, multiple, layers)
+    table = LatencyTable(table_key(model, space, example, threads, grid, repeats, runtime), device_name(device),
+                         int(example.shape[0]), threads, repeats, multiple, layers, runtime=runtime)
     plan = PrunePlan(model, space, order=[np.arange(g.units // g.blocks) for g in space.groups])
     rng = np.random.default_rng(seed)
     strategies = [np.zeros(len(space.groups))] + [rng.uniform(0, max_ratio, len(space.groups)) * level
                                                   for level in np.linspace(0.2, 1.0, fit_strategies)]
     kept = space.kept_batch(np.array(strategies))
     whole = torch.zeros(table.batch_size, *example.shape[1:], device=device)
-    timed = np.array(interleaved_ms([(plan.apply(r), whole) for r in strategies], repeats, threads))
+    timed = np.array(interleaved_ms([(plan.apply(r), whole) for r in strategies], repeats, threads, runtime))
     sums = table.layer_sum(space, kept)
     slope, intercept = np.polyfit(sums, timed, 1)
     if slope <= 0:  # the tables do not explain the spread: scale them onto the timings through the origin
@@ -376,14 +380,14 @@ def read_table(path: str, key: str, max_fit_error: float = FIT_ERROR_BOUND) -> L
 
 
 def reliable_table(model: nn.Module, space: PruningSpace, example: torch.Tensor, threads: int | None, grid: int,
-                   repeats: int, max_fit_error: float) -> LatencyTable:
+                   repeats: int, max_fit_error: float, runtime: str = "torch") -> LatencyTable:
     """A table built now whose worst fit error is within `max_fit_error`: timed again with twice the passes if the
     first one is not; UnreliableTable if neither is."""
-    table = build_table(model, space, example, threads, grid, repeats)
+    table = build_table(model, space, example, threads, grid, repeats, runtime=runtime)
     if table.worst_error > max_fit_error:
         first = table.worst_error
-        table = build_table(model, space, example, threads, grid, 2 * repeats)
-        table.key, table.repeats = table_key(model, space, example, threads, grid, repeats), repeats
+        table = build_table(model, space, example, threads, grid, 2 * repeats, runtime=runtime)
+        table.key, table.repeats = table_key(model, space, example, threads, grid, repeats, runtime), repeats
         if table.worst_error > max_fit_error:
             raise UnreliableTable(
                 f"latency: the table's fit misses its own networks by up to {100 * table.worst_error:.1f}% (first "
@@ -395,11 +399,12 @@ def reliable_table(model: nn.Module, space: PruningSpace, example: torch.Tensor,
 
 def load_or_build(model: nn.Module, space: PruningSpace, example: torch.Tensor, cache_dir: str,
                   threads: int | None = None, grid: int = 6, repeats: int = 20,
-                  saved: str | None = None, max_fit_error: float = FIT_ERROR_BOUND) -> tuple[LatencyTable, str, bool]:
+                  saved: str | None = None, max_fit_error: float = FIT_ERROR_BOUND,
+                  runtime: str = "torch") -> tuple[LatencyTable, str, bool]:
     """The table a run saved (`saved`, if it has this key), or the cached one for this architecture, input and
     device, or one built now (`reliable_table`) and cached; its path; and whether it was built now. A table over
     `max_fit_error` is never read nor written."""
-    key = table_key(model, space, example, threads, grid, repeats)
+    key = table_key(model, space, example, threads, grid, repeats, runtime)
     path = os.path.join(cache_dir, "latency", f"{key}.json")
     for candidate in filter(None, (saved, path)):
         table = read_table(candidate, key, max_fit_error)
@@ -409,7 +414,7 @@ def load_or_build(model: nn.Module, space: PruningSpace, example: torch.Tensor, 
     if reason:
         raise CacheError(f"output.cache_dir: cannot write the latency table to {os.path.dirname(path)} ({reason}); "
                          "make it writable, or set output.cache_dir to a directory you can write")
-    table = reliable_table(model, space, example, threads, grid, repeats, max_fit_error)
+    table = reliable_table(model, space, example, threads, grid, repeats, max_fit_error, runtime)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, table.to_dict())
     return table, path, True

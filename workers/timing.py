@@ -3,12 +3,18 @@
 Warm-up passes first (allocator, lazy kernels, cuDNN choices), the CUDA device synchronised around every pass,
 a fixed thread count on the CPU for the duration, and the median over repeats with its interquartile range. A
 figure whose spread is large next to its median is marked unstable (a busy machine), not passed off as a fact.
+
+A figure is timed in a runtime (`RUNTIMES`): eager PyTorch, or ONNX Runtime on the CPU, where the model is exported
+to ONNX once (its session kept while the model object lives) and run as a deployment would run it.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import time
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,20 +49,68 @@ def cpu_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+def _torch_call(model: nn.Module, example: torch.Tensor, threads: int | None) -> Callable[[], object]:
+    return lambda: model(example)
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(shape, threads): ONNX session}
+
+
+def _onnxruntime_call(model: nn.Module, example: torch.Tensor, threads: int | None) -> Callable[[], object]:
+    import onnxruntime
+
+    sessions = _SESSIONS.setdefault(model, {})
+    key = (tuple(example.shape), threads)
+    if key not in sessions:
+        graph = io.BytesIO()
+        torch.onnx.export(model, (example.cpu(),), graph, input_names=["input"], dynamo=False)
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
+        sessions[key] = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+    session, feed = sessions[key], {"input": example.detach().cpu().numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a figure is timed: `call(model, example, threads)` gives one forward pass to time; its version."""
+
+    name: str
+    call: Callable[[nn.Module, torch.Tensor, int | None], Callable[[], object]]
+    version: Callable[[], str]
+    cpu_only: bool = False
+    package: str | None = None  # what to install when it does not import
+
+
+RUNTIMES = {
+    "torch": Runtime("torch", _torch_call, lambda: torch.__version__),
+    "onnxruntime": Runtime("onnxruntime", _onnxruntime_call, _onnxruntime_version, cpu_only=True,
+                           package="onnxruntime (pip install 'prunetune[deploy]')"),
+}
+
+
 def time_forward(model: nn.Module, example: torch.Tensor, repeats: int = 30, warmup: int = 5,
-                 threads: int | None = None) -> Timing:
-    """Time `model(example)` in eval mode without gradients, on the device of `example`."""
+                 threads: int | None = None, runtime: str = "torch") -> Timing:
+    """Time `model(example)` in eval mode without gradients, in `runtime` on the device of `example`."""
     cuda = example.device.type == "cuda"
     was_training = model.training
     model.eval()
     times = []
     try:
         with cpu_threads(None if cuda else threads), torch.no_grad():
+            forward = RUNTIMES[runtime].call(model, example, threads)
             for i in range(warmup + repeats):
                 if cuda:
                     torch.cuda.synchronize(example.device)
                 start = time.perf_counter()
-                model(example)
+                forward()
                 if cuda:
                     torch.cuda.synchronize(example.device)
                 if i >= warmup:
