@@ -399,10 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from prunetune.workers.finetune import TrainingDiverged
 
+        from .cluster import RayStartFailed
         from .finalize import NoFinalModel
         from .stages import SearchFailed
 
-        if isinstance(e, (SearchFailed, NoFinalModel, TrainingDiverged, DiskFull)):
+        if isinstance(e, (SearchFailed, NoFinalModel, TrainingDiverged, DiskFull, RayStartFailed)):
             print(f"prunetune: {e}", file=sys.stderr)
             return 1
         raise
