@@ -196,3 +196,22 @@ def test_defaults_derived_from_the_config():
     assert loader_workers(cfg) == 0  # one CPU per trial: read in the trial's process
     assert loader_workers(load_config(None, ["resources.cpus_per_trial=4"])) == 3
     assert loader_workers(load_config(None, ["resources.cpus_per_trial=4", "data.num_workers=1"])) == 1
+
+
+def test_when_every_finalist_fails_the_error_names_the_first_finalists_cause():
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayTaskError
+
+    from prunetune.search.finalize import NoFinalModel, finalize
+
+    def failed(rank, cause):  # a Tune result whose trial raised in its worker: Ray wraps the exception
+        error = RayTaskError("finetune_trial", "Traceback (most recent call last):\n  ...", cause)
+        return SimpleNamespace(config={"rank": rank}, checkpoint=None, error=error.as_instanceof_cause())
+
+    grid = [failed(2, RuntimeError("injected")), failed(1, TrainingDiverged(
+        "fine-tuning: the loss became nan at epoch 1/5, step 3 (lr 1e+03)\nmore detail"))]
+    with pytest.raises(NoFinalModel) as e:
+        finalize(SimpleNamespace(cfg=None), None, [None, None], grid, [])
+    assert str(e.value) == ("fine-tuning produced no model (every fine-tuning trial failed; finalist 1: "
+                            "TrainingDiverged: fine-tuning: the loss became nan at epoch 1/5, step 3 (lr 1e+03))")

@@ -37,8 +37,8 @@ def _imagefolder(root, bad_name, bad_bytes):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["search.seed=-1"], "search.seed: -1 is outside the allowed range [0, inf]"),
-    (["evaluation.seed=-3"], "evaluation.seed: -3 is outside the allowed range [0, inf]"),
+    (["search.seed=-1"], "search.seed: -1 is outside the allowed range [0, inf)"),
+    (["evaluation.seed=-3"], "evaluation.seed: -3 is outside the allowed range [0, inf)"),
     (["finetune.momentum=0"], "finetune.momentum: 0 does not go with finetune.nesterov: true"),
     (["model.kwargs={foo: 1}"], "model.kwargs: building digits_cnn with"),
     (["model.kwargs={width: 0}"], "model: the forward pass fails on an input of shape (1, 1, 8, 8)"),
