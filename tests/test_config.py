@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from prunetune.search.config import ConfigError, load_config
+from prunetune.search.config import ConfigError, from_dict, load_config
 from prunetune.search.cli import main
 
 
@@ -252,6 +252,7 @@ def test_a_submitted_job_leaves_paths_to_the_cluster(tmp_path, monkeypatch):
     monkeypatch.setattr(jobs, "client", lambda address: Cluster())
     monkeypatch.setenv("SCRATCH", str(tmp_path))
     assert jobs.submit(None, "http://head:8265", ["data.path=$SCRATCH/data", "output.cache_dir=~/cache",
-                                                  "output.dir=runs/a"]) == "job-1"
+                                                  "output.dir=runs/a", "search.top_k=0x10"]) == "job-1"
     assert staged["data"] == {"path": "$SCRATCH/data"}
     assert staged["output"] == {"cache_dir": "~/cache", "dir": "~/prunetune-runs/a"}
+    assert from_dict(staged).search.top_k == 16  # a number staged as typed is read as the cluster reads it
