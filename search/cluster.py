@@ -104,7 +104,8 @@ def start_embedded(**kwargs):
 def _ending_new_processes_on_failure():
     """If the block fails or is interrupted, end the processes it started (a failed ray.init leaves its GCS, raylet
     and dashboard running until this process exits)."""
-    import psutil  # a dependency of Ray
+    import ray  # noqa: F401 (puts its own copy of psutil, ray/thirdparty_files, on the path)
+    import psutil
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     try:
