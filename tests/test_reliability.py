@@ -219,6 +219,35 @@ def test_an_embedded_ray_that_never_starts_is_tried_again_then_refused_in_one_li
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_the_api_servers_start_up_errors_are_dropped_when_the_dashboard_is_off(dashboard, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    import ray
+
+    from prunetune.search.cluster import connect
+
+    logger, shown = logging.getLogger("ray._private.services"), logging.Handler()
+    shown.emit = lambda record: messages.append(record.getMessage())
+    messages = []
+
+    def start_api_server():  # as Ray's services.py logs a slow API server, whose start ray.init does not need
+        logger.error("Failed to start the dashboard , return code 1")
+
+    def init(**kwargs):
+        start_api_server()
+        return SimpleNamespace(dashboard_url="")
+
+    monkeypatch.setattr(ray, "init", init)
+    logger.addHandler(shown)
+    try:
+        assert connect(load_config(None, [f"ray.dashboard={str(dashboard).lower()}"]))
+    finally:
+        logger.removeHandler(shown)
+    assert messages == (["Failed to start the dashboard , return code 1"] if dashboard else [])
+
+
 _SLOW_RAY_START = """
 import os, signal, sys, time
 import ray
