@@ -168,8 +168,9 @@ class _AsWritten(str):
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split `section.key=value` into the dotted key and its value: a number, boolean, null, quoted string or flow
-    list/map as YAML reads it; any other text exactly as typed (a ' #' is no comment there, a date no date)."""
+    """Split `section.key=value` into the dotted key and its value: a boolean, null, quoted string or flow list/map
+    as YAML reads it; any other text exactly as typed (a ' #' is no comment there, a date no date, and a number is
+    read by its key: a number key as YAML reads it, a text key as typed)."""
     key, sep, value = text.partition("=")
     if not sep or key.count(".") != 1:
         raise ConfigError(f"--set {text}: expected section.key=value (e.g. search.target=0.4)")
@@ -187,8 +188,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _typed(node: yaml.Node | None, text: str) -> bool:
-    """True if YAML gives the --set value `text` (composed as `node`) a meaning of its own: all of it is one number,
-    boolean, null, quoted string or flow list/map (not a plain string, a comment, a date or a block of YAML)."""
+    """True if YAML gives the --set value `text` (composed as `node`) a meaning of its own: all of it is one boolean,
+    null, quoted string or flow list/map (not a plain string or number, a comment, a date or a block of YAML)."""
     if node is None or node.start_mark.index != 0 or node.end_mark.index != len(text):
         return False
     if isinstance(node, yaml.CollectionNode):
