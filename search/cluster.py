@@ -111,10 +111,11 @@ def _ending_new_processes_on_failure():
     try:
         yield
     except BaseException:
-        for process in psutil.Process().children(recursive=True):
-            if process.pid not in before:
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        for process in started:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(started, timeout=5)  # reaped: no zombie stays behind for the next try
         raise
 
 
