@@ -12,6 +12,9 @@ import threading
 
 import yaml
 
+from prunetune.workers.errors import RunFailed
+from prunetune.workers.logs import RUN
+
 from .config import Config, ConfigError
 
 
@@ -62,25 +65,100 @@ def connect(cfg: Config, address: str | None = None) -> bool:
         raise ConfigError(f"ray.num_gpus: {gpus} GPU declared, but torch sees {_cuda_devices()} CUDA device on this "
                           "machine; trials would run on the CPU")
     _private_token()
-    context = _init_keeping_signal_handlers(
-        address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.dashboard,
+    context = start_embedded(
+        num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.dashboard,
         dashboard_host=cfg.ray.dashboard_host, log_to_driver=False, logging_level=logging.ERROR)
     dashboard = f" (dashboard http://{context.dashboard_url})" if context.dashboard_url else ""
-    print(f"[ray] started an embedded Ray for this run{dashboard}", flush=True)
+    RUN.info(f"[ray] started an embedded Ray for this run{dashboard}")
     return True
 
 
-def _init_keeping_signal_handlers(**kwargs):
-    """ray.init, then the SIGTERM handler the caller had: ray.init replaces it with its own (exit 15) and its C++
-    core adds one that prints a stack dump; prunetune stops on SIGTERM as on Ctrl-C (cli._stop)."""
+class RayStartFailed(RunFailed, RuntimeError):
+    """The embedded Ray did not start on any try; the message says why and what to do."""
+
+
+START_TRIES = 3  # Ray 2.60 waits a fixed 30 s for its raylet to register (hard-coded in ray/_private/node.py, no
+# setting): on a loaded machine only another try helps
+_START_TIMED_OUT = "timed out during startup"  # in the Exception ray.init raises then
+
+
+def start_embedded(**kwargs):
+    """ray.init of a new local Ray, tried again (START_TRIES in all) when its raylet does not register in time;
+    RayStartFailed in one line after the last try. The processes of a failed or interrupted try are ended."""
     import ray
+
+    for attempt in range(1, START_TRIES + 1):
+        try:
+            with _ending_new_processes_on_failure(), _without_unused_dashboard_errors(kwargs["include_dashboard"]):
+                return _init_keeping_signal_handlers(address="local", **kwargs)
+        except Exception as e:
+            if _START_TIMED_OUT not in str(e):
+                raise
+            ray.shutdown()
+            if attempt < START_TRIES:
+                RUN.info(f"[ray] the embedded Ray did not start in time (try {attempt} of {START_TRIES}); trying again")
+    raise RayStartFailed(f"ray: the embedded Ray did not start: its raylet did not register within Ray's fixed 30 s, "
+                         f"{START_TRIES} times (the machine is probably overloaded: see `uptime`); run again when "
+                         "it is less busy, or join a running cluster with --address")
+
+
+@contextlib.contextmanager
+def _ending_new_processes_on_failure():
+    """If the block fails or is interrupted, end the processes it started (a failed ray.init leaves its GCS, raylet
+    and dashboard running until this process exits)."""
+    import ray  # noqa: F401 (puts its own copy of psutil, ray/thirdparty_files, on the path)
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        yield
+    except BaseException:
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        for process in started:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(started, timeout=5)  # reaped: no zombie stays behind for the next try
+        raise
+
+
+class _DropDashboardStart(logging.Filter):
+    """Drops the errors of the API server's start-up (`Failed to start the dashboard` and its log's last lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "start_api_server"
+
+
+@contextlib.contextmanager
+def _without_unused_dashboard_errors(dashboard: bool):
+    """Without the dashboard, Ray 2.60 still starts its API server with usage statistics only, and logs errors when
+    that is slow to start on a loaded machine; prunetune uses none of it, so those errors are dropped."""
+    logger, drop = logging.getLogger("ray._private.services"), _DropDashboardStart()
+    if not dashboard:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _init_keeping_signal_handlers(**kwargs):
+    """ray.init, keeping the SIGTERM handler the caller had: ray.init sets its own (exit 15, or a node drain) while it
+    starts, and its C++ core adds one that prints a stack dump; prunetune stops on SIGTERM as on Ctrl-C (cli._stop),
+    during the start-up too."""
+    import ray
+    import ray._private.utils as ray_utils  # private: wrapped here only
 
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
-    context = ray.init(**kwargs)
-    if before is not None:  # None: off the main thread, or a handler not set from Python (it cannot be put back)
+    if before is None:  # off the main thread, or a handler not set from Python (it cannot be put back)
+        return ray.init(**kwargs)
+    set_handler = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        return ray.init(**kwargs)
+    finally:
+        ray_utils.set_sigterm_handler = set_handler
         signal.signal(signal.SIGTERM, before)
-    return context
 
 
 def _private_token() -> None:

@@ -30,6 +30,15 @@ def _auto(value: object) -> object:
 Timeout = Annotated[float | None, BeforeValidator(_auto)]  # seconds; none or auto: derived
 
 
+# Counts a run holds in memory and on disk, bounded by what one run can hold: a candidate costs the driver ~64 ms and
+# its store a record (README "Measured"), so a million is ~18 hours of driver time alone; more is a typo, and a count
+# of a billion would have the run build structures of that size before it could refuse anything.
+MAX_CANDIDATES = 1_000_000
+MAX_FINALISTS = 1_000  # each one fine-tuned and written as a model file
+MAX_IMAGES = 10_000_000  # a synthetic split (its tensors are built in memory)
+MAX_CLASSES = 100_000  # the classifier's outputs (ImageNet-21k has 21,841)
+
+
 class ModelConfig(Section):
     name: str = "digits_cnn"  # registry name or package.module:function
     checkpoint: ExpandedPath | None = None  # state dict of the trained model; none: train one (cached)
@@ -47,9 +56,9 @@ class DataConfig(Section):
     name: str = "digits"  # digits | cifar10 | imagefolder | synthetic | package.module:function
     path: ExpandedPath | None = None
     image_size: int | None = Field(None, ge=4)
-    num_classes: int | None = Field(None, ge=2)
-    train_size: int = Field(2048, ge=2)  # synthetic only
-    test_size: int = Field(512, ge=1)  # synthetic only
+    num_classes: int | None = Field(None, ge=2, le=MAX_CLASSES)
+    train_size: int = Field(2048, ge=2, le=MAX_IMAGES)  # synthetic only
+    test_size: int = Field(512, ge=1, le=MAX_IMAGES)  # synthetic only
     seed: int = Field(0, ge=0)  # synthetic data
     num_workers: int | None = Field(None, ge=0)  # processes reading images from files; none: resources' CPUs - 1
     kwargs: dict = {}  # factory only
@@ -62,16 +71,16 @@ class SearchConfig(Section):
     tolerance: float = Field(0.02, gt=0, le=1)
     limits: dict = {}  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
     algorithm: Annotated[str, Choice(ALGORITHMS, SearchAlgorithm)] = "tpe"  # how strategies are proposed
-    population: int = Field(16, ge=2)  # evolution's population, TPE's random start
+    population: int = Field(16, ge=2, le=MAX_CANDIDATES)  # evolution's population, TPE's random start
     granularity: Annotated[str, Choice(METHODS, PruningMethod)] = "channel"  # what a ratio prunes
     max_ratio: float = Field(0.7, gt=0, lt=1)
-    num_candidates: int = Field(32, ge=1)
+    num_candidates: int = Field(32, ge=1, le=MAX_CANDIDATES)
     seed: int = Field(0, ge=0)
     criterion: Annotated[str, Choice(CRITERIA)] = "l1"
     round_to: int = Field(1, ge=1)
-    top_k: int = Field(3, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)  # candidates per trial: Tune's per-trial cost is paid once per batch
+    top_k: int = Field(3, ge=1, le=MAX_FINALISTS)
+    max_concurrent_trials: int = Field(2, ge=1, le=MAX_CANDIDATES)
+    batch_size: int = Field(8, ge=1, le=MAX_CANDIDATES)  # candidates per trial: Tune's per-trial cost paid once
     time_budget_s: float | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=0)
     max_failed_fraction: float = Field(0.5, gt=0, le=1)

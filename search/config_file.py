@@ -1,7 +1,7 @@
 """From YAML text to a validated config: the file (a key given twice is an error, aliases that expand past
-MAX_VALUES values are refused), `--set` overrides (plain text unless YAML gives it a type), the section base class that
-reads a value as YAML 1.1 and --set write it, path keys with ~ and $VARIABLES expanded, and pydantic's errors as one
-line that names the key."""
+MAX_VALUES values are refused), `--set` overrides (plain text unless YAML gives it a type; a number stays text until
+its key reads it), the section base class that reads a value as YAML 1.1 and --set write it (finite numbers only),
+path keys with ~ and $VARIABLES expanded, and pydantic's errors as one line that names the key."""
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +18,10 @@ from prunetune.workers.messages import shown
 
 MAX_VALUES = 100_000  # values of one config file or --set value, once its YAML aliases are expanded
 _VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")  # $NAME or ${NAME}, as os.path.expandvars reads them
-# The tags of the plain --set values YAML gives a type; any other plain text is taken as typed (a date, a ' #').
-_TYPED = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "null")}
+# The tags of the plain --set values YAML gives a type; any other plain text is taken as typed (a date, a ' #', and a
+# number: its key reads it, so that a text key keeps `2024` or `0042` as written).
+_TYPED = {f"tag:yaml.org,2002:{kind}" for kind in ("bool", "null")}
+_NUMBERS = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float")}
 
 
 class ConfigError(BadInput, ValueError):
@@ -79,9 +81,9 @@ ExpandedPath = Annotated[str, AfterValidator(expand_path)]
 
 
 class Section(BaseModel):
-    """A config section: unknown keys refused, strict types (an int is not 1.5 or true; a float may be 2), checked on
-    assignment too."""
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    """A config section: unknown keys refused, strict types (an int is not 1.5 or true; a float may be 2, never inf
+    or nan), checked on assignment too."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -92,10 +94,33 @@ class Section(BaseModel):
             return None  # --set key=none clears an optional key (YAML's own null is `null` or `~`)
         if isinstance(value, bool) and any("off" in getattr(m, "values", ()) for m in field.metadata):
             return "on" if value else "off"  # YAML 1.1 reads on/off as booleans
-        if float in types and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
-            with contextlib.suppress(ValueError):
-                return float(value)
+        if isinstance(value, str) and (int in types or float in types):  # a number given as text (--set)
+            number = _number(value)
+            if number is not None and (float in types or isinstance(number, int)):
+                return number
         return value
+
+
+def _number(text: str) -> int | float | None:
+    """The number YAML 1.1 reads in `text` (2024, 0x1F, .inf), else Python's float of it (5e-4, 1.0e3: YAML 1.1
+    leaves them text), else None."""
+    loader = yaml.SafeLoader("")
+    try:
+        tag = loader.resolve(yaml.ScalarNode, text.strip(), (True, False))
+        if tag in _NUMBERS:
+            return loader.construct_object(yaml.ScalarNode(tag, text.strip()))
+    finally:
+        loader.dispose()
+    with contextlib.suppress(ValueError):
+        return float(text)
+    return None
+
+
+def _allowed_range(field) -> str:
+    """A number field's bounds as an interval, e.g. (0, 1] or [1, 1000000] ([0, inf) when unbounded above)."""
+    bounds = {k: getattr(m, k) for m in field.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+    lo, hi = bounds.get("gt", bounds.get("ge", "-inf")), bounds.get("lt", bounds.get("le", "inf"))
+    return f"{'(' if 'ge' not in bounds else '['}{lo}, {hi}{']' if 'le' in bounds else ')'}"
 
 
 def _one_line(error: dict, root: type[BaseModel], renamed: dict[str, str]) -> str:
@@ -114,11 +139,10 @@ def _one_line(error: dict, root: type[BaseModel], renamed: dict[str, str]) -> st
     if kind in ("path", "protocol"):
         return f"{key}: {error['msg']}"
     field = fields[loc[1]]
-    bounds = {k: getattr(m, k) for m in field.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):  # the field's own bounds
-        lo, hi = bounds.get("gt", bounds.get("ge", "-inf")), bounds.get("lt", bounds.get("le", "inf"))
-        return (f"{key}: {shown(value)} is outside the allowed range {'(' if 'gt' in bounds else '['}{lo}, {hi}"
-                f"{')' if 'lt' in bounds else ']'}")
+        return f"{key}: {shown(value)} is outside the allowed range {_allowed_range(field)}"
+    if kind == "finite_number":
+        return f"{key}: {shown(value)} is not a finite number; allowed: {_allowed_range(field)}"
     expected = next(t for t in get_args(field.annotation) or (field.annotation,) if t is not type(None)).__name__
     return f"{key}: null is not allowed; expected {expected}" if value is None else \
         f"{key}: {shown(value)} is not a valid {expected}"
@@ -145,14 +169,23 @@ def validate(root: type[BaseModel], raw: Any, renamed: dict[str, str]) -> BaseMo
             return sections.index(loc[0]), keys.index(loc[1]) if loc[1] in keys else len(keys)
 
         error = min(e.errors(), key=lambda error: where(error["loc"]))
-        if len(error["loc"]) == 2 and isinstance(error["input"], float):  # as written: '5e-4' (YAML 1.1 read a str)
-            error["input"] = raw[error["loc"][0]][error["loc"][1]]
+        if len(error["loc"]) == 2 and isinstance(error["input"], (int, float)) and not isinstance(error["input"], bool):
+            written = raw[error["loc"][0]][error["loc"][1]]  # a number as written: 5e-4, 0x10 (given as text)
+            error["input"] = _AsWritten(written) if isinstance(written, str) else written
         raise ConfigError(_one_line(error, root, renamed)) from None
 
 
+class _AsWritten(str):
+    """A number's text as the user wrote it: an error shows it without quotes, as a number."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split `section.key=value` into the dotted key and its value: a number, boolean, null, quoted string or flow
-    list/map as YAML reads it; any other text exactly as typed (a ' #' is no comment there, a date no date)."""
+    """Split `section.key=value` into the dotted key and its value: a boolean, null, quoted string or flow list/map
+    as YAML reads it; any other text exactly as typed (a ' #' is no comment there, a date no date, and a number is
+    read by its key: a number key as YAML reads it, a text key as typed)."""
     key, sep, value = text.partition("=")
     if not sep or key.count(".") != 1:
         raise ConfigError(f"--set {text}: expected section.key=value (e.g. search.target=0.4)")
@@ -170,8 +203,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _typed(node: yaml.Node | None, text: str) -> bool:
-    """True if YAML gives the --set value `text` (composed as `node`) a meaning of its own: all of it is one number,
-    boolean, null, quoted string or flow list/map (not a plain string, a comment, a date or a block of YAML)."""
+    """True if YAML gives the --set value `text` (composed as `node`) a meaning of its own: all of it is one boolean,
+    null, quoted string or flow list/map (not a plain string or number, a comment, a date or a block of YAML)."""
     if node is None or node.start_mark.index != 0 or node.end_mark.index != len(text):
         return False
     if isinstance(node, yaml.CollectionNode):

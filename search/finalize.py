@@ -28,6 +28,18 @@ class NoFinalModel(RunFailed, RuntimeError):
     """Fine-tuning produced no model."""
 
 
+def first_failure(grid) -> str:
+    """`; finalist N: Cause: its first line` for the best-ranked finalist whose fine-tuning raised (a Ray task error
+    names the worker's own exception), else ''."""
+    failed = sorted((r for r in grid if r.error is not None), key=lambda r: r.config.get("rank") or float("inf"))
+    if not failed:
+        return ""
+    error = getattr(failed[0].error, "cause", None) or failed[0].error
+    line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    rank = failed[0].config.get("rank")
+    return f"; finalist {rank if rank else '?'}: {type(error).__name__}: {line}"[:400]
+
+
 def state_dict_mb(model: nn.Module) -> float:
     """Size of the model's state dict as torch.save writes it, in MiB."""
     buffer = io.BytesIO()
@@ -67,7 +79,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
         with result.checkpoint.as_directory() as d:
             outcomes.append((top[rank - 1], rank, result.metrics, load_finetuned(d)))
     if not outcomes:
-        raise NoFinalModel("fine-tuning produced no model (every fine-tuning trial failed)")
+        raise NoFinalModel(f"fine-tuning produced no model (every fine-tuning trial failed{first_failure(grid)})")
     task = prep.task
     metric, sign = task.metric, 1 if task.higher_is_better else -1
     outcomes.sort(key=lambda o: (-sign * o[2].get(f"best_val_{metric}", -sign * float("inf")), -o[0].score))

@@ -223,13 +223,27 @@ def figure(records: list[CandidateRecord], summary: dict):
         shown = [f for f in finals if (f["epochs"] < planned) == stopped]
         b.scatter([f["adaptive_bn_score"] for f in shown], [f[f"val_{metric}"] for f in shown], c="tab:red",
                   marker="x" if stopped else "o", label="stopped early" if stopped else f"{planned} epochs")
-    for f in finals:
-        b.annotate(f"#{f['candidate']}", (f["adaptive_bn_score"], f[f"val_{metric}"]), fontsize=8)
     b.set_xlabel("adaptive-BN score (before fine-tuning)")
     b.set_ylabel(f"val {metric} after fine-tuning")
     b.legend()
     fig.tight_layout()
+    _label_finalists(b, finals, metric)
     return fig
+
+
+def _label_finalists(ax, finals: list[dict], metric: str) -> None:
+    """Each finalist's point labelled with its candidate number, a label moved up past the labels already placed
+    (finalists with close figures would print over one another)."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    for f in sorted(finals, key=lambda f: (f[f"val_{metric}"], f["adaptive_bn_score"])):
+        label = ax.annotate(f"#{f['candidate']}", (f["adaptive_bn_score"], f[f"val_{metric}"]), xytext=(4, 4),
+                            textcoords="offset points", fontsize=8)
+        box = label.get_window_extent(renderer)
+        while any(box.overlaps(other) for other in placed):
+            label.xyann = (label.xyann[0], label.xyann[1] + box.height * 72 / ax.figure.dpi + 1)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:

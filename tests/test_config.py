@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from prunetune.search.config import ConfigError, load_config
+from prunetune.search.config import ConfigError, from_dict, load_config
 from prunetune.search.cli import main
 
 
@@ -40,6 +40,17 @@ def test_overrides_are_typed(tmp_path):
     (["evaluation.bn_mode=magic"], "evaluation.bn_mode", "allowed: cumulative, ema, none"),
     (["search.tolerance=0.6"], "search.tolerance", "below search.target"),
     (["data.name=cifar10"], "data.path", "needs a path"),
+    (["search.num_candidates=1000000000"], "search.num_candidates",
+     "1000000000 is outside the allowed range [1, 1000000]"),
+    (["search.population=1000000000"], "search.population", "outside the allowed range [2, 1000000]"),
+    (["search.top_k=5000", "search.num_candidates=10000"], "search.top_k", "outside the allowed range [1, 1000]"),
+    (["data.name=synthetic", "data.train_size=100000000000"], "data.train_size",
+     "outside the allowed range [2, 10000000]"),
+    (["finetune.lr=1e400"], "finetune.lr", "1e400 is not a finite number; allowed: (0, inf)"),
+    (["model.pretrain_lr=1e400"], "model.pretrain_lr", "1e400 is not a finite number"),
+    (["finetune.lr=.inf"], "finetune.lr", ".inf is not a finite number"),
+    (["search.time_budget_s=.inf"], "search.time_budget_s", "not a finite number"),
+    (["finetune.momentum=nan"], "finetune.momentum", "nan is not a finite number; allowed: [0, 1)"),
 ])
 def test_bad_values_name_the_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as e:
@@ -155,6 +166,18 @@ def _billion_laughs(levels: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_a_number_given_to_a_text_key_is_taken_as_written(tmp_path):
+    assert load_config(None, ["output.dir=2024"]).output.dir == "2024"
+    assert load_config(None, ["output.dir=0042", "model.name=1:20"]).output.dir == "0042"  # YAML 1.1: 34, 80
+    assert load_config(None, ["model.name=1:20"]).model.name == "1:20"
+    cfg = load_config(None, ["search.top_k=0x10", "search.num_candidates=1_000", "finetune.lr=1.0e-3"])
+    assert (cfg.search.top_k, cfg.search.num_candidates, cfg.finetune.lr) == (16, 1000, 0.001)  # numbers as YAML
+    path = tmp_path / "c.yaml"
+    path.write_text("search:\n  num_candidates: 1e3\n")
+    with pytest.raises(ConfigError, match=r"search.num_candidates: '1e3' is not a valid int"):
+        load_config(str(path))
+
+
 def test_a_yaml_alias_bomb_is_refused_in_one_line_naming_the_key(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(_billion_laughs(5))  # 9^6 strings once expanded (8 levels: 9^9 strings, 2.7 GB before)
@@ -229,6 +252,7 @@ def test_a_submitted_job_leaves_paths_to_the_cluster(tmp_path, monkeypatch):
     monkeypatch.setattr(jobs, "client", lambda address: Cluster())
     monkeypatch.setenv("SCRATCH", str(tmp_path))
     assert jobs.submit(None, "http://head:8265", ["data.path=$SCRATCH/data", "output.cache_dir=~/cache",
-                                                  "output.dir=runs/a"]) == "job-1"
+                                                  "output.dir=runs/a", "search.top_k=0x10"]) == "job-1"
     assert staged["data"] == {"path": "$SCRATCH/data"}
     assert staged["output"] == {"cache_dir": "~/cache", "dir": "~/prunetune-runs/a"}
+    assert from_dict(staged).search.top_k == 16  # a number staged as typed is read as the cluster reads it

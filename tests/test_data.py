@@ -310,3 +310,27 @@ def test_a_training_set_too_small_for_the_held_out_split_says_so(tmp_path):
                                         "out 300 and keep 128 for calibration and fine-tuning; it needs 428 \\(at the "
                                         "least 129, with evaluation.heldout_size=1\\)"):
         prepare(cfg)
+
+
+def test_an_image_folders_normalisation_is_the_whole_folders_though_its_files_are_sorted_by_class(tmp_path,
+                                                                                                   monkeypatch):
+    colours = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]  # class a red, b green, c blue: file order is by class
+    for c, cls in enumerate("abc"):
+        for split, count in (("train", 20), ("test", 1)):
+            os.makedirs(tmp_path / "f" / split / cls, exist_ok=True)
+            for i in range(count):
+                colour = tuple(v + 4 * (i % 2) for v in colours[c])
+                Image.new("RGB", (8, 8), colour).save(tmp_path / "f" / split / cls / f"{i}.png")
+    monkeypatch.setattr(data_module, "NORMALISATION_SAMPLE", 30)  # half the folder, as 10,000 of CIFAR-10's 50,000
+    data = load_data("imagefolder", path=str(tmp_path / "f"), cache_dir=str(tmp_path / "cache"))
+    everything = data.train.images.float() / 255
+    mean, std = everything.mean(dim=(0, 2, 3)), everything.std(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(data.contract.mean), mean, rtol=0.01)
+    assert torch.allclose(torch.tensor(data.contract.std), std, rtol=0.01)
+    first = everything[:30].mean(dim=(0, 2, 3))  # the first images in file order: reds and greens, no blue
+    assert not torch.allclose(first, mean, rtol=0.01)
+    cfg = load_config(None, ["data.name=imagefolder", f"data.path={tmp_path / 'f'}"])
+    monkeypatch.setattr(data_module, "NORMALISATION", "another way")  # a base model cached with it is not reused
+    other = load_data("imagefolder", path=str(tmp_path / "f"), cache_dir=str(tmp_path / "cache"))
+    spec = model_spec(cfg, 3, 3)
+    assert base_cache_path(cfg, spec, data.fingerprint) != base_cache_path(cfg, spec, other.fingerprint)

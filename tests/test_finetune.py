@@ -111,6 +111,17 @@ def test_a_terminal_gets_a_progress_bar_inside_each_epoch_and_a_file_plain_lines
     assert "\r" not in plain.getvalue() and plain.getvalue().startswith("base training: epoch 1/1 train_loss")
 
 
+def test_the_progress_bar_fits_the_terminal_so_that_redrawing_it_leaves_no_copy(monkeypatch):
+    monkeypatch.setattr(finetune_module, "BAR_EVERY_S", 0.0)
+    terminal = _Terminal()  # its size cannot be told: 80 columns
+    bar = finetune_module._StepBar(terminal, "sparsity training", 10, 10, 220)  # the longest stage name
+    for k in (1, 219, 220):
+        bar.step(k)
+    drawn = [d.removesuffix("\x1b[K") for d in terminal.getvalue().split("\r")[1:]]
+    assert len(drawn) == 3 and drawn[-1].startswith("sparsity training: epoch 10/10 [####################] step")
+    assert max(map(len, drawn)) <= 79  # a line of 80 or more wraps, and \r redraws only its last row
+
+
 def test_the_base_trained_here_never_sees_the_held_out_split(tmp_path, monkeypatch):
     cfg = load_config(None, [f"output.cache_dir={tmp_path}", "model.pretrain_epochs=1"])
     data = load_data("digits")
@@ -196,3 +207,22 @@ def test_defaults_derived_from_the_config():
     assert loader_workers(cfg) == 0  # one CPU per trial: read in the trial's process
     assert loader_workers(load_config(None, ["resources.cpus_per_trial=4"])) == 3
     assert loader_workers(load_config(None, ["resources.cpus_per_trial=4", "data.num_workers=1"])) == 1
+
+
+def test_when_every_finalist_fails_the_error_names_the_first_finalists_cause():
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayTaskError
+
+    from prunetune.search.finalize import NoFinalModel, finalize
+
+    def failed(rank, cause):  # a Tune result whose trial raised in its worker: Ray wraps the exception
+        error = RayTaskError("finetune_trial", "Traceback (most recent call last):\n  ...", cause)
+        return SimpleNamespace(config={"rank": rank}, checkpoint=None, error=error.as_instanceof_cause())
+
+    grid = [failed(2, RuntimeError("injected")), failed(1, TrainingDiverged(
+        "fine-tuning: the loss became nan at epoch 1/5, step 3 (lr 1e+03)\nmore detail"))]
+    with pytest.raises(NoFinalModel) as e:
+        finalize(SimpleNamespace(cfg=None), None, [None, None], grid, [])
+    assert str(e.value) == ("fine-tuning produced no model (every fine-tuning trial failed; finalist 1: "
+                            "TrainingDiverged: fine-tuning: the loss became nan at epoch 1/5, step 3 (lr 1e+03))")

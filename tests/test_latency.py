@@ -183,9 +183,10 @@ def test_a_candidate_timed_over_the_budget_is_stored_but_never_a_finalist(resnet
         space.latency = None
 
 
-def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(tmp_path, capsys):
+def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(tmp_path, capsys, monkeypatch):
     from prunetune.search.cli import main
 
+    monkeypatch.setattr(latency, "time_forward", _modelled_time)  # a table as the machine's load never makes it
     code = main(["inspect", "--latency", "--set", "search.constraint=latency", "--set", "search.target=0.05",
                  "--set", "latency.grid=3", "--set", "latency.repeats=3", "--set", "latency.max_fit_error=10",
                  "--set", f"output.cache_dir={tmp_path}",

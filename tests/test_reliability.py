@@ -37,8 +37,8 @@ def _imagefolder(root, bad_name, bad_bytes):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["search.seed=-1"], "search.seed: -1 is outside the allowed range [0, inf]"),
-    (["evaluation.seed=-3"], "evaluation.seed: -3 is outside the allowed range [0, inf]"),
+    (["search.seed=-1"], "search.seed: -1 is outside the allowed range [0, inf)"),
+    (["evaluation.seed=-3"], "evaluation.seed: -3 is outside the allowed range [0, inf)"),
     (["finetune.momentum=0"], "finetune.momentum: 0 does not go with finetune.nesterov: true"),
     (["model.kwargs={foo: 1}"], "model.kwargs: building digits_cnn with"),
     (["model.kwargs={width: 0}"], "model: the forward pass fails on an input of shape (1, 1, 8, 8)"),
@@ -196,6 +196,83 @@ def test_an_address_where_no_cluster_answers_is_refused_in_seconds(tmp_path, cap
                      "--address: no Ray cluster answers at 127.0.0.1:1")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
     assert time.monotonic() - started < 60  # refused before the base model is trained
+
+
+def test_an_embedded_ray_that_never_starts_is_tried_again_then_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from prunetune.search.cluster import START_TRIES
+
+    tries = []
+
+    def timed_out(**kwargs):  # Ray's own exception when its raylet does not register within 30 s
+        tries.append(kwargs)
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "init", timed_out)
+    assert main(run_args(tmp_path)) == 1
+    captured = capsys.readouterr()
+    assert len(tries) == START_TRIES > 1 and captured.out.count("trying again") == START_TRIES - 1
+    assert captured.err.startswith("prunetune: ray: the embedded Ray did not start") and \
+        len(captured.err.strip().splitlines()) == 1 and "--address" in captured.err, captured.err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_the_api_servers_start_up_errors_are_dropped_when_the_dashboard_is_off(dashboard, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    import ray
+
+    from prunetune.search.cluster import connect
+
+    logger, shown = logging.getLogger("ray._private.services"), logging.Handler()
+    shown.emit = lambda record: messages.append(record.getMessage())
+    messages = []
+
+    def start_api_server():  # as Ray's services.py logs a slow API server, whose start ray.init does not need
+        logger.error("Failed to start the dashboard , return code 1")
+
+    def init(**kwargs):
+        start_api_server()
+        return SimpleNamespace(dashboard_url="")
+
+    monkeypatch.setattr(ray, "init", init)
+    logger.addHandler(shown)
+    try:
+        assert connect(load_config(None, [f"ray.dashboard={str(dashboard).lower()}"]))
+    finally:
+        logger.removeHandler(shown)
+    assert messages == (["Failed to start the dashboard , return code 1"] if dashboard else [])
+
+
+_SLOW_RAY_START = """
+import os, signal, sys, time
+import ray
+import ray._private.utils
+from prunetune.search.cli import main
+
+def slow_init(**kwargs):  # as ray.init: its own SIGTERM handler first, then a start-up that takes long
+    ray._private.utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
+    os.kill(os.getpid(), {signum})
+    time.sleep(600)
+
+ray.init = slow_init
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_embedded_ray_starts_ends_the_run_in_one_line(tmp_path, signum):
+    code = _SLOW_RAY_START.format(signum=int(signum), argv=run_args(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=sigint_as_in_a_terminal)  # generous: the 600 s start-up must not be waited for
+    how = "interrupted" if signum == signal.SIGINT else "interrupted by SIGTERM"
+    assert proc.returncode == 128 + signum, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"prunetune: {how} before the run started; nothing was written", proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_report_and_status_do_not_import_ray_tune(tmp_path):

@@ -1,6 +1,7 @@
 """Bad input refused with one clear line and nothing written; locks; storage integrity; safe loading."""
 import json
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -37,6 +38,10 @@ def checkpoints(tmp_path):
     paths["corrupt"].write_bytes(paths["corrupt"].read_bytes()[:200])  # cut short
     torch.save(build_model("resnet20", 10).state_dict(), paths["mismatch"])
     torch.save({"weights": _Code()}, paths["code"])
+    paths["legacy code"] = tmp_path / "legacy.pt"  # torch's format before 1.6: pickles, no zip
+    torch.save({"weights": _Code()}, paths["legacy code"], _use_new_zipfile_serialization=False)
+    paths["pickled code"] = tmp_path / "plain.pkl"
+    paths["pickled code"].write_bytes(pickle.dumps({"weights": _Code()}, protocol=4))
     return paths
 
 
@@ -45,6 +50,8 @@ def checkpoints(tmp_path):
     ("corrupt", "model.checkpoint: cannot read"),
     ("mismatch", "model.checkpoint:"),
     ("code", "model.checkpoint: cannot read"),
+    ("legacy code", "model.checkpoint: cannot read"),
+    ("pickled code", "model.checkpoint: cannot read"),
 ])
 def test_bad_checkpoints(tmp_path, capsys, checkpoints, case, fragment):
     path = checkpoints.get(case, tmp_path / "nope.pt")
@@ -54,8 +61,8 @@ def test_bad_checkpoints(tmp_path, capsys, checkpoints, case, fragment):
     assert not (tmp_path / "run").exists()
     if case == "mismatch":
         assert "does not match the model" in err
-    if case == "code":
-        assert "weights-only" in err and "pwned" not in err
+    if case.endswith("code"):  # named, never run, and never the advice to load it with weights_only=False
+        assert "pickled objects of posix.system" in err and "pwned" not in err and "weights_only" not in err
 
 
 @pytest.mark.parametrize("overrides, fragment", [

@@ -440,6 +440,24 @@ def test_the_reports_score_panel_is_filled_by_the_candidates_and_the_base_has_a_
     assert any(1.0 in c.get_offsets()[:, 0] for c in overview.collections)  # it is on the overview
 
 
+def test_the_reports_finalist_labels_do_not_print_over_one_another():
+    from prunetune.search.report import figure
+    from prunetune.workers.record import CandidateRecord
+
+    summary = _summary(0.2, 0.01, 0.1, 0.01)
+    close = [{"rank": k + 1, "candidate": 10 + k, "adaptive_bn_score": 0.55 + 1e-4 * k, "val_accuracy": 0.97 - 1e-4 * k}
+             for k in range(4)]  # four finalists with close figures, and one far from them
+    far = {"rank": 5, "candidate": 14, "adaptive_bn_score": 0.2, "val_accuracy": 0.5}
+    summary["final"] = [{**summary["final"][0], **f} for f in [*close, far]]
+    records = [CandidateRecord(index=i, ratios=[0.3], flops=500_000, flops_ratio=0.5, params=5_000, score=0.5 + 0.1 * i,
+                               accuracy=0.5) for i in range(2)]
+    fig = figure(records, summary)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[2].texts]
+    assert sorted(t.get_text() for t in fig.axes[2].texts) == ["#10", "#11", "#12", "#13", "#14"]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
 def test_the_report_gives_the_base_no_held_out_figure_since_it_trained_on_that_split():
     from prunetune.search.report import finals_table
 

@@ -26,6 +26,11 @@ DECODER_VERSION = 2  # in the decoded-image cache key: a change in how files dec
 # Up to this total, the files' bytes join the decoded-image cache key (reading and hashing CIFAR-10's 60,000 PNGs,
 # 55 MB, costs about a tenth of decoding them; every process that loads the data pays it)
 HASHED_BYTES = 256 * 2**20
+# An image folder's mean and std come from this many training images, each class in its share of the set, drawn with
+# a fixed seed (the first ones in file order would be the first classes only). NORMALISATION names the way: it is in
+# the data's fingerprint, so a base model cached with another normalisation is never reused.
+NORMALISATION_SAMPLE = 10_000
+NORMALISATION = "stratified-seeded-v1"
 
 
 def _fast_jpeg():
@@ -380,7 +385,7 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
                           len(classes), shape, train.augmented(), contract, notes)
     (train_x, test_x), keys = _decode_small([files, test_files], size, cache_dir, max_pixels, notes,
                                             num_workers)
-    scaled = train_x[: min(len(train_x), 10000)].float() / 255
+    scaled = train_x[torch.from_numpy(normalisation_sample(labels, NORMALISATION_SAMPLE))].float() / 255
     mean = scaled.mean(dim=(0, 2, 3)).tolist()
     std = scaled.std(dim=(0, 2, 3)).tolist()
     if max(std) == 0:
@@ -391,8 +396,24 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
     test = TensorImages(test_x, torch.tensor(test_labels), mean, std)
     contract = InputContract((3, size, size), 1 / 255, tuple(mean), tuple(std), tuple(classes),
                              f"a centre crop of {size} px (a bilinear resize if smaller)")
-    fingerprint = hashlib.sha256(repr((keys, labels, test_labels, classes)).encode()).hexdigest() if cache_dir else None
+    fingerprint = hashlib.sha256(repr((keys, labels, test_labels, classes, NORMALISATION)).encode()).hexdigest() \
+        if cache_dir else None
     return DataBundle(train, test, len(classes), (3, size, size), train.augmented(), contract, notes, fingerprint)
+
+
+def normalisation_sample(labels: list[int], size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `size` images (all of them when fewer): each class in its share of the set (largest
+    remainders rounded up), drawn within the class with `seed`."""
+    labels = np.asarray(labels)
+    if len(labels) <= size:
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * size / len(labels)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[:size - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
+                                   for c, k in zip(classes, take)]))
 
 
 def _open_image(path: str, max_pixels: int | None = None):

@@ -67,6 +67,14 @@ def _progress(stage: str, metrics: dict, epochs: int, seconds: list[float], metr
             f"ETA {_duration(per_epoch * (epochs - metrics['epoch']))})")
 
 
+def _columns(terminal) -> int:
+    """The width of the terminal `terminal` writes to (80 when it cannot be told: no size, or a size of 0)."""
+    try:
+        return os.get_terminal_size(terminal.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return 80
+
+
 class _StepBar:
     """Progress inside an epoch where `log` is a terminal: one line redrawn in place (steps, time left in the
     epoch), at most every BAR_EVERY_S, cleared before the epoch's own line; elsewhere nothing (plain lines only)."""
@@ -74,6 +82,7 @@ class _StepBar:
     def __init__(self, log, stage: str, epoch: int, epochs: int, steps: int):
         self.log, self.label, self.steps = log, f"{stage}: epoch {epoch}/{epochs}", steps
         self.on = bool(getattr(log, "isatty", lambda: False)())
+        self.width = _columns(log) - 1 if self.on else 0  # a longer line wraps, and \r redraws only its last row
         self.start = self.shown = time.perf_counter()
 
     def step(self, k: int) -> None:
@@ -82,8 +91,8 @@ class _StepBar:
             return
         self.shown, filled = now, int(20 * k / self.steps)
         left = (now - self.start) / k * (self.steps - k)
-        self.log.write(f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] step {k}/{self.steps} "
-                       f"(epoch ETA {_duration(left)})\x1b[K")
+        line = f"{self.label} [{'#' * filled}{'.' * (20 - filled)}] step {k}/{self.steps} (epoch ETA {_duration(left)})"
+        self.log.write(f"\r{line[:self.width]}\x1b[K")
         self.log.flush()
 
     def clear(self) -> None:

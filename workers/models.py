@@ -5,7 +5,10 @@ import argparse
 import importlib
 import inspect
 import os
+import pickletools
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -252,13 +255,37 @@ def _read_safetensors(path: str, field: str) -> dict:
         raise ModelError(f"{field}: cannot read {path} as a safetensors file ({_first_line(e)})") from None
 
 
+def _pickled_globals(path: str, pickles: int = 4) -> list[str]:
+    """The globals (module.name) that the first pickles of a file name, read without running them (a legacy,
+    non-zip torch.save file is a few pickles in a row: magic number, protocol, system info, the object); those of
+    tensors and state dicts (torch's own outside torch.nn, OrderedDict) left out. [] where the file holds no pickle."""
+    found = []
+    with open(path, "rb") as f:
+        for _ in range(pickles):
+            strings = []
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        found.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(".".join(strings[-2:]))
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # the end of the pickles, or no pickle
+                break
+    plain = lambda n: (n.startswith("torch.") and not n.startswith("torch.nn.")) or n == "collections.OrderedDict"
+    return [n for n in dict.fromkeys(found) if not plain(n)]
+
+
 def _why_refused(path: str, e: Exception) -> str:
     """Why torch's weights-only loading refused `path`, in one line: a whole pickled model, pickled code, or
-    torch's own first line."""
+    torch's own first line (never its advice to load with weights_only=False, which runs the file's code)."""
     try:
-        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in _SAFE_NAMES]
-    except Exception:  # not a zip checkpoint, or a torch without the function
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else \
+            _pickled_globals(path)
+    except Exception:  # a damaged zip, or a torch without the function
         names = []
+    names = [n for n in names if n not in _SAFE_NAMES]
     if any(n.startswith("torch.nn.modules.") for n in names):
         model_class = next((n for n in names if not n.startswith("torch.")), names[0])
         return (f"{path} holds a whole pickled model ({model_class}), not a state dict; save the weights with "
@@ -266,7 +293,10 @@ def _why_refused(path: str, e: Exception) -> str:
     if names:
         return (f"cannot read {path} as a weights-only state dict (it holds pickled objects of "
                 f"{', '.join(names[:3])}, which weights-only loading does not run)")
-    return f"cannot read {path} as a weights-only state dict ({_first_line(e)})"
+    reason = _first_line(e)
+    if "weights_only" in reason:
+        reason = "torch's weights-only loading refused it: a pickle of other objects than tensors, or a damaged file"
+    return f"cannot read {path} as a weights-only state dict ({reason})"
 
 
 _SAFE_GLOBALS = [argparse.Namespace]  # harmless objects training scripts save beside the weights ("args")
@@ -283,7 +313,8 @@ def read_weights(path: str, field: str):
     if _is_safetensors(path):
         return _read_safetensors(path, field)
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")  # a plain pickle: refused in one line below
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, refused globals
         raise ModelError(f"{field}: {_why_refused(path, e)}") from None
