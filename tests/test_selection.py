@@ -138,7 +138,8 @@ def test_the_report_and_terminal_say_each_models_epoch_flag_one_not_fine_tuned_a
     table = finals_table(summary).splitlines()
     assert "| kept epoch |" in table[0]
     assert table[3].startswith("| rank1.pt (candidate 11) | 98.90% ± 1.15 | 98.50% | -0.50 pts | 5 | 5 |")
-    assert table[5].startswith("| rank3.pt (candidate 13) | 98.70% ± 1.15 | 98.50% | -0.50 pts | 0 (**NOT fine-tuned**) |")
+    assert table[5].startswith("| rank3.pt (candidate 13) | 98.70% ± 1.15 | 98.50% | -0.50 pts | "
+                               "0 (**NOT fine-tuned**) |")
     note = ranking_note(summary)
     assert "validation split: 288 training images" in note
     assert "rank1.pt, rank2.pt are not distinguishable from the best" in note
