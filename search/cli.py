@@ -160,14 +160,15 @@ def _cmd_resume(args) -> int:
 
 
 def _print_done(run, summary: dict) -> None:
-    from .report import metric_of
+    from .report import finals_lines, kept, metric_of
 
     best, base, metric = summary["final"][0], summary["base"], metric_of(summary)
     latency = (f", {100 * best['latency_predicted_ms'] / base['latency_predicted_ms']:.1f}% of its predicted latency"
                if best.get("latency_predicted_ms") and base.get("latency_predicted_ms") else "")
-    print(f"\nbest model: {best['path']} (candidate {best['candidate']}): test {metric} "
+    print(f"\nbest model: {best['path']} (candidate {best['candidate']}, {kept(best)}): test {metric} "
           f"{100 * best[f'test_{metric}']:.2f}% at {100 * best['flops_ratio']:.1f}% of base FLOPs{latency} "
           f"(base {100 * base[f'test_{metric}']:.2f}%)")
+    print("final models:\n" + "\n".join(finals_lines(summary)))
     print(f"report: {os.path.join(run.path, 'report.md')}")
     out = shlex.quote(run.path)
     steps = [(f"prunetune report {out}", "the tables again, in the terminal"),

@@ -89,7 +89,10 @@ class SearchConfig(Section):
 
 
 class EvaluationConfig(Section):
-    heldout_size: int = Field(300, ge=1)  # seeded subset of the training split
+    heldout_size: int = Field(300, ge=1)  # seeded subset of the training split: ranks the candidates
+    # the finalists' own split (judges their epochs, ranks them); none: a fifth of the training split, at most 5,000
+    # (workers/splits.py: the binomial standard error that gives)
+    validation_size: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)  # held-out and calibration draws
     bn_mode: Annotated[str, Choice(("cumulative", "ema", "none"))] = "cumulative"
     calibration_batches: int = Field(50, ge=1)

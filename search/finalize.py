@@ -1,4 +1,4 @@
-"""The end of a run: final models (best validation accuracy first), their summary, and the report."""
+"""The end of a run: final models (the recommended first: see ranked), their summary, and the report."""
 from __future__ import annotations
 
 import io
@@ -8,13 +8,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from prunetune.workers.data import heldout_split, iterate_batches
+from prunetune.workers.data import iterate_batches
 from prunetune.workers.errors import RunFailed
 from prunetune.workers.finetune import load_finetuned
 from prunetune.workers.methods import METHODS
 from prunetune.workers.prune import clone_module
 from prunetune.workers.record import CandidateRecord
 from prunetune.workers.scoring import score
+from prunetune.workers.selection import margin, tied
+from prunetune.workers.splits import splits_of
 from prunetune.workers.tasks import search_score
 from prunetune.workers.timing import RUNTIMES, time_forward
 
@@ -68,8 +70,28 @@ def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
     return found
 
 
+def ranked(outcomes: list, metric: str, n: int, higher_is_better: bool = True) -> tuple[list, int]:
+    """Finalists (candidate, search rank, metrics, state) in their final order, and how many lead it tied with the
+    best validation figure (selection.tied on n images): fine-tuned before one left at epoch 0, then fewer FLOPs.
+    The others follow by validation figure; a finalist without a figure comes last."""
+    sign = 1 if higher_is_better else -1
+    val = lambda o: o[2].get(f"best_val_{metric}")  # noqa: E731
+    by_val = sorted(outcomes, key=lambda o: (val(o) is None, -sign * (val(o) or 0.0), -o[0].score))
+    close = [_tied(val(by_val[0]), val(o), metric, n) for o in by_val]
+    lead = sorted((o for o, c in zip(by_val, close) if c), key=lambda o: (not o[2].get("best_epoch"), o[0].flops))
+    return lead + [o for o, c in zip(by_val, close) if not c], len(lead)
+
+
+def _tied(best: float | None, value: float | None, metric: str, n: int) -> bool:
+    return best is not None and value is not None and tied(best, value, metric, n)
+
+
+def _margin(metric: str, value: float | None, n: int) -> float | None:
+    return None if value is None else margin(metric, value, n)
+
+
 def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, records: list[CandidateRecord]) -> dict:
-    """Write final/rankN.pt (best validation metric first), final/summary.json and report.md; the summary."""
+    """Write final/rankN.pt (in `ranked` order), final/summary.json and report.md; the summary."""
     cfg = prep.cfg
     outcomes = []
     for result in grid:
@@ -81,14 +103,15 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
     if not outcomes:
         raise NoFinalModel(f"fine-tuning produced no model (every fine-tuning trial failed{first_failure(grid)})")
     task = prep.task
-    metric, sign = task.metric, 1 if task.higher_is_better else -1
-    outcomes.sort(key=lambda o: (-sign * o[2].get(f"best_val_{metric}", -sign * float("inf")), -o[0].score))
+    metric = task.metric
+    splits = splits_of(len(prep.data.train), cfg.evaluation)
+    n = len(splits.validation)
+    outcomes, lead = ranked(outcomes, metric, n, task.higher_is_better)
     run.record(*(os.path.join(run.final_path, f"rank{place}.pt") for place in range(1, len(outcomes) + 1)))
     os.makedirs(run.final_path, exist_ok=True)
     pruner = METHODS[cfg.search.granularity].plan(prep.model, prep.space, cfg.search.criterion, cfg.evaluation.seed)
     base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500), task=task)
-    heldout, _ = heldout_split(len(prep.data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
-    base_val = score(prep.model, iterate_batches(prep.data.train, heldout, 500), task=task)
+    base_val = score(prep.model, iterate_batches(prep.data.train, splits.heldout, 500), task=task)
     finals = []
     for place, (cand, search_rank, metrics, state) in enumerate(outcomes, 1):
         model = pruner.apply(cand.ratios)
@@ -99,7 +122,10 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                  f"val_{metric}_before_finetune": metrics.get(f"start_val_{metric}"),
                  f"val_{metric}": metrics.get(f"best_val_{metric}"),
                  f"test_{metric}": metrics.get(f"best_test_{metric}"),
+                 f"val_{metric}_margin": _margin(metric, metrics.get(f"best_val_{metric}"), n),
+                 "tied_with_best": place <= lead,
                  "epochs": metrics.get("epoch"), "kept_epoch": metrics.get("best_epoch"),
+                 "fine_tuned": bool(metrics.get("best_epoch")),
                  "flops": record["flops"], "flops_ratio": record["flops"] / prep.space.base_flops,
                  "params": record["params"], "path": os.path.join(run.final_path, f"rank{place}.pt")}
         entry.update(timings(model, prep, cand.ratios))
@@ -115,6 +141,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                "task": {"name": task.name, "metric": metric, "metrics": list(task.metrics),
                         "higher_is_better": task.higher_is_better},
                "finetune": {"epochs": cfg.finetune.epochs, "scheduler": cfg.finetune.scheduler},
+               "splits": {"heldout": len(splits.heldout), "validation": n, "rest": len(splits.rest)},
                "device": "cuda" if next(prep.model.parameters()).is_cuda else "cpu",
                "granularity": cfg.search.granularity,
                "search": {"candidates": len(records), "ok": sum(r.ok for r in records),

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.criteria import BATCHNORM, CRITERIA
-from prunetune.workers.data import DataBundle, heldout_split, iterate_batches, load_data
+from prunetune.workers.data import DataBundle, iterate_batches, load_data
 from prunetune.workers.files import atomic_write, unwritable, write_text
 from prunetune.workers.finetune import finetune
 from prunetune.workers.groups import SpaceError
@@ -31,6 +31,7 @@ from prunetune.workers.preflight import Verdict
 from prunetune.workers.scoring import score
 from prunetune.workers.sparsity import batchnorms, histogram
 from prunetune.workers.space import PruningSpace
+from prunetune.workers.splits import splits_of
 from prunetune.workers.tasks import Task, TaskError, resolve_task
 
 from .config import Config, ConfigError, budgets, expand, loader_workers, needs_latency, training_recipe
@@ -161,7 +162,7 @@ def prepare(cfg: Config, log=None) -> Checked:
     data = load_data(**data_kwargs(cfg), num_workers=loader_workers(cfg))
     for note in data.notes:
         warn(note, log)
-    heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed, cfg.evaluation.batch_size)
+    splits_of(len(data.train), cfg.evaluation)
     spec = model_spec(cfg, data.num_classes, data.input_shape[0])
     torch.manual_seed(cfg.finetune.seed)  # the initial weights of a base model trained here: same seed, same model
     model = build_model(**spec)
@@ -230,12 +231,14 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
 
 def base_cache_path(cfg: Config, spec: dict, data_fingerprint: str | None = None) -> str:
     """Where a base model trained for this recipe is cached (keyed by what shapes it, nothing else: the data's
-    content too, where the data set knows its fingerprint, and the held-out split it is trained without)."""
+    content too, where the data set knows its fingerprint, and the held-out and validation splits it is trained
+    without)."""
     data = {k: v for k, v in data_kwargs(cfg).items() if k not in ("cache_dir", "max_image_pixels")}
     recipe = {"model": spec, "data": {**data, "content": data_fingerprint} if data_fingerprint else data,
               "epochs": cfg.model.pretrain_epochs,
               "training": {k: getattr(training_recipe(cfg), k) for k in BASE_RECIPE_KEYS},
-              "without_heldout": [cfg.evaluation.heldout_size, cfg.evaluation.seed]}
+              "without_heldout": [cfg.evaluation.heldout_size, cfg.evaluation.seed],
+              "without_validation": cfg.evaluation.validation_size}
     if cfg.model.task != "classification":  # what it was trained for (classification's keys stay as they were)
         recipe["task"] = cfg.model.task
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -244,8 +247,8 @@ def base_cache_path(cfg: Config, spec: dict, data_fingerprint: str | None = None
 
 def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None, task: Task | None = None) -> str:
     """Load a cached base model for this recipe into `model`, or train one and cache it; its path. The base trains
-    on the training split without the held-out images, so that they stay unseen: the search's scores and the
-    fine-tuning's validation (epoch 0, the pruned base, included) are measured on data no weight was fitted to."""
+    on the training split without the held-out and validation images, so that they stay unseen: the search's scores
+    and the fine-tuning's validation (epoch 0, the pruned base, included) are measured on data no weight saw."""
     log, task = log or LineStream(), task or task_of(cfg)
     path = base_cache_path(cfg, model_spec(cfg, data.num_classes, data.input_shape[0]), data.fingerprint)
     if _cached(path, model, "base model", log):
@@ -253,7 +256,7 @@ def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None, task
         return path
     print(f"base model: no model.checkpoint given and none cached for this recipe; training {cfg.model.name} for "
           f"{cfg.model.pretrain_epochs} epochs (cached at {path})", file=log)
-    _, rest = heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
+    rest = splits_of(len(data.train), cfg.evaluation).rest
     result = finetune(model, data, training_recipe(cfg), "cuda" if torch.cuda.is_available() else "cpu",
                       epochs=cfg.model.pretrain_epochs, log=log, train_indices=rest, stage="base training",
                       num_workers=loader_workers(cfg), task=task)

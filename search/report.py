@@ -141,14 +141,60 @@ def recommendation(summary: dict) -> str:
     change = 100 * (top[f"test_{metric}"] - base[f"test_{metric}"])
     versus = (f"{abs(change):.2f} points {'below' if change < 0 else 'above'} the base's "
               if abs(change) >= 0.005 else "equal to the base's ") + _pct(base[f"test_{metric}"])
-    return (f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}): test {metric} "
+    epoch = f", {kept(top)}" if top.get("kept_epoch") is not None else ""  # older summaries do not say
+    return (f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}{epoch}): test {metric} "
             f"{_pct(top[f'test_{metric}'])}, {versus}; {_pct(top['flops_ratio'])} of the base's FLOPs and "
             f"{_pct(top['params'] / base['params'])} of its params; {speed_claim(summary)}")
 
 
-VAL_NOTE = ("val {short}: {metric} on the held-out split, the part of the training split the finalists were scored "
-            "on and not fine-tuned on; the base was trained on the whole training split (a checkpoint you give most "
-            "likely was too), so it has no such figure.")
+def kept(entry: dict) -> str:
+    """Which epoch a final model is: fine-tuned (epoch k), or flagged as the pruned network before fine-tuning."""
+    epoch = entry.get("kept_epoch")
+    if epoch is None:
+        return "kept epoch unknown"
+    return f"fine-tuned, epoch {epoch}" if epoch else "NOT fine-tuned: epoch 0, the pruned network before fine-tuning"
+
+
+def _val(entry: dict, metric: str) -> str:
+    """The validation figure with its margin (± the smallest difference it can tell apart)."""
+    margin = entry.get(f"val_{metric}_margin")
+    return _pct(entry[f"val_{metric}"]) + (f" ± {100 * margin:.2f}" if margin is not None else "")
+
+
+def ranking_note(summary: dict) -> str:
+    """How the finalists were ranked: the validation split, its margin, which are tied with the best and why the
+    first of them leads (empty for a summary written before the finalists had a validation split of their own)."""
+    n, metric = summary.get("splits", {}).get("validation"), metric_of(summary)
+    if not n:
+        return ""
+    finals = summary["final"]
+    lead = [f"rank{f['rank']}.pt" for f in finals if f.get("tied_with_best")]
+    rule = ("binomial: 1.96 standard errors sqrt(p(1-p)/n), at least one image" if metric == "accuracy"
+            else "one image's share of the figure")
+    text = (f"Finalists are judged on their own validation split: {n} training images that neither trained a weight "
+            f"nor chose a candidate; ± is the smallest difference it tells apart ({rule}). A fine-tuned epoch is "
+            "kept unless epoch 0 is better by more than that.")
+    if len(lead) > 1:
+        text += (f" {', '.join(lead)} are not distinguishable from the best on validation; rank1.pt leads them by "
+                 "the rule: fine-tuned before not fine-tuned, then the fewest FLOPs.")
+    flagged = [f"rank{f['rank']}.pt" for f in finals if f.get("kept_epoch") == 0]
+    if flagged:
+        text += f" **Not fine-tuned** (epoch 0 kept): {', '.join(flagged)}."
+    return text
+
+
+def finals_lines(summary: dict) -> list[str]:
+    """One line per final model for the terminal: rank, candidate, kept epoch, validation and test figures."""
+    metric, short = metric_of(summary), short_name(metric_of(summary))
+    tie = " (tied with the best)" if sum(bool(f.get("tied_with_best")) for f in summary["final"]) > 1 else ""
+    return [f"  rank{f['rank']}.pt (candidate {f['candidate']}, {kept(f)}): val {short} {_val(f, metric)} "
+            f"test {short} {_pct(f[f'test_{metric}'])}{tie if f.get('tied_with_best') else ''}"
+            for f in summary["final"]]
+
+
+VAL_NOTE = ("val {short}: {metric} of the kept epoch on the finalists' validation split, a part of the training "
+            "split no finalist was chosen or fine-tuned on; the base was trained on the whole training split (a "
+            "checkpoint you give most likely was too), so it has no such figure.")
 
 
 def _planned_epochs(summary: dict) -> int:
@@ -160,18 +206,19 @@ def finals_table(summary: dict) -> str:
     """Markdown table of the fine-tuned models against the base model (early-stopped finalists marked)."""
     base, planned, metric = summary["base"], _planned_epochs(summary), metric_of(summary)
     batch, short = base.get("throughput_batch", "n/a"), short_name(metric)
-    lines = [f"| model | val {short} | test {short} | test {short} vs base | epochs | FLOPs | params | size on disk | "
-             f"latency (batch 1) | throughput (batch {batch}) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
-             f"| base | n/a | {_pct(base[f'test_{metric}'])} | | | 100.00% "
+    lines = [f"| model | val {short} | test {short} | test {short} vs base | kept epoch | epochs | FLOPs | params | "
+             f"size on disk | latency (batch 1) | throughput (batch {batch}) |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+             f"| base | n/a | {_pct(base[f'test_{metric}'])} | | | | 100.00% "
              f"({base['flops'] / 1e6:.2f} M) | {base['params'] / 1e6:.3f} M | {_size(base)} | {_latency(base)} | "
              f"{_throughput(base)} |"]
     for f in summary["final"]:
         epochs = f"{f['epochs']}" if f["epochs"] == planned else f"{f['epochs']} of {planned} (stopped early)"
-        lines.append(f"| rank{f['rank']}.pt (candidate {f['candidate']}) | {_pct(f[f'val_{metric}'])} | "
+        epoch = {None: "n/a", 0: "0 (**NOT fine-tuned**)"}.get(f.get("kept_epoch"), f.get("kept_epoch"))
+        lines.append(f"| rank{f['rank']}.pt (candidate {f['candidate']}) | {_val(f, metric)} | "
                      f"{_pct(f[f'test_{metric}'])} | {100 * (f[f'test_{metric}'] - base[f'test_{metric}']):+.2f} pts | "
-                     f"{epochs} | {_pct(f['flops_ratio'])} ({f['flops'] / 1e6:.2f} M) | {f['params'] / 1e6:.3f} M | "
-                     f"{_size(f)} | {_latency(f)} | {_throughput(f)} |")
+                     f"{epoch} | {epochs} | {_pct(f['flops_ratio'])} ({f['flops'] / 1e6:.2f} M) | "
+                     f"{f['params'] / 1e6:.3f} M | {_size(f)} | {_latency(f)} | {_throughput(f)} |")
     return "\n".join(lines + ["", VAL_NOTE.format(short=short, metric=metric)])
 
 
@@ -274,7 +321,8 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
     text = [f"# prunetune report: {run.path}", "", recommendation(summary), "",
             f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); "
             f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}.", "",
-            f"## Fine-tuned models (best validation {metric_of(summary)} first)", "", finals_table(summary), "",
+            "## Fine-tuned models (the recommended first)", "", finals_table(summary), "",
+            *([ranking_note(summary), ""] if ranking_note(summary) else []),
             "Latency: median of repeated batch-1 forward passes on this machine (PyTorch, the configured threads), "
             "± half the interquartile range; throughput: images per second at the throughput batch.", "",
             *([note, ""] if note else []),
@@ -306,7 +354,8 @@ def print_report(output_dir: str) -> str:
             summary = json.load(f)
         if summary["final"]:
             out += ["", recommendation(summary).replace("**", "").replace("`", "")]
-        out += ["", "Fine-tuned models:", finals_table(summary)]
+        out += ["", "Fine-tuned models:", finals_table(summary), *([ranking_note(summary)] if ranking_note(summary)
+                                                                    else [])]
         if int8_table(summary):
             out += ["", int8_table(summary).replace("## ", "")]
     return "\n".join(out)

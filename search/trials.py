@@ -141,7 +141,7 @@ def _finetune_finalist(rank: int, payload: TrialPayload, restored, report, data_
         finetune(model, _data(payload), payload.finetune, evaluator.device, ckpt, teacher=teacher,
                  on_epoch=lambda epoch, metrics, path: report({**metrics, "index": candidate.index, "rank": rank},
                                                               workdir),
-                 train_indices=evaluator.rest_indices, val_indices=evaluator.heldout_indices,
+                 train_indices=evaluator.rest_indices, val_indices=evaluator.validation_indices,
                  stage=f"fine-tuning finalist {rank}", num_workers=payload.num_workers, data_parallel=data_parallel,
                  task=evaluator.task,
                  log=io.StringIO() if data_parallel and torch.distributed.get_rank() > 0 else None)  # rank 0 speaks

@@ -1,5 +1,5 @@
-"""Fine-tuning: the best epoch is kept (epoch 0 included), divergence stops it, progress names the stage, the base
-never sees the held-out split, parallel batch reading, mixed precision flags."""
+"""Fine-tuning: the kept epoch (epoch 0 included), divergence stops it, progress names the stage, the base never sees
+the held-out or validation split, parallel batch reading, mixed precision flags."""
 import dataclasses
 import io
 
@@ -15,6 +15,8 @@ from prunetune.search.config import ConfigError, grace_epochs, loader_workers, t
 from prunetune.search.prepare import base_cache_path, model_spec, trained_base
 from prunetune.workers.data import BatchReader, TensorImages, heldout_split
 from prunetune.workers.finetune import TrainingDiverged, load_finetuned
+from prunetune.workers.selection import kept_epoch
+from prunetune.workers.splits import splits_of
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_finetuning_that_only_hurts_returns_the_model_it_started_from(trained, t
         assert torch.equal(a, b), k  # the model in memory is the one it started as
     for (k, a), b in zip(model.state_dict().items(), load_finetuned(ckpt).values()):
         assert torch.equal(a, b), k  # and so is what the checkpoint hands to final/rankN.pt
-    assert "fine-tuning: kept epoch 0" in log.getvalue()
+    assert "fine-tuning: kept epoch 0, NOT fine-tuned" in log.getvalue()
 
 
 def test_finetuning_that_helps_keeps_a_trained_epoch_and_reports_the_best_so_far(trained):
@@ -71,7 +73,10 @@ def test_finetuning_that_helps_keeps_a_trained_epoch_and_reports_the_best_so_far
                       on_epoch=lambda epoch, metrics, path: reported.append(metrics))
     vals = [h["val_accuracy"] for h in result["history"]]
     assert result["best_epoch"] > 0 and result["best_val_accuracy"] == max(vals) > vals[0]
-    assert [m["best_val_accuracy"] for m in reported] == [max(vals[:i + 2]) for i in range(3)]
+    # the kept epoch so far: the best fine-tuned one unless epoch 0 beats it beyond the margin (test_selection.py)
+    kept = [kept_epoch(vals[:i + 2], "accuracy", len(heldout)) for i in range(3)]
+    assert [m["best_epoch"] for m in reported] == kept
+    assert [m["best_val_accuracy"] for m in reported] == [vals[k] for k in kept]
     assert all(m["start_val_accuracy"] == vals[0] for m in reported)
 
 
@@ -122,7 +127,7 @@ def test_the_progress_bar_fits_the_terminal_so_that_redrawing_it_leaves_no_copy(
     assert max(map(len, drawn)) <= 79  # a line of 80 or more wraps, and \r redraws only its last row
 
 
-def test_the_base_trained_here_never_sees_the_held_out_split(tmp_path, monkeypatch):
+def test_the_base_trained_here_never_sees_the_held_out_or_validation_split(tmp_path, monkeypatch):
     cfg = load_config(None, [f"output.cache_dir={tmp_path}", "model.pretrain_epochs=1"])
     data = load_data("digits")
     seen = {}
@@ -133,13 +138,15 @@ def test_the_base_trained_here_never_sees_the_held_out_split(tmp_path, monkeypat
 
     monkeypatch.setattr(prepare_module, "finetune", record)
     trained_base(cfg, build_model("digits_cnn", 10, 1), data, io.StringIO())
-    heldout, rest = heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
-    assert sorted(seen["train_indices"]) == sorted(rest) and not set(seen["train_indices"]) & set(heldout)
+    splits = splits_of(len(data.train), cfg.evaluation)
+    assert sorted(seen["train_indices"]) == sorted(splits.rest)
+    assert not set(seen["train_indices"]) & (set(splits.heldout) | set(splits.validation))
     assert seen["stage"] == "base training" and seen["lr"] == cfg.model.pretrain_lr != cfg.finetune.lr
     # another held-out split is another base model
     spec = model_spec(cfg, 10, 1)
-    other = load_config(None, [f"output.cache_dir={tmp_path}", "evaluation.heldout_size=200"])
-    assert base_cache_path(cfg, spec) != base_cache_path(other, spec)
+    for change in ("evaluation.heldout_size=200", "evaluation.validation_size=200"):
+        other = load_config(None, [f"output.cache_dir={tmp_path}", change])
+        assert base_cache_path(cfg, spec) != base_cache_path(other, spec)
 
 
 def test_a_diverging_base_training_caches_nothing(tmp_path):

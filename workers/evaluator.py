@@ -13,13 +13,14 @@ import torch
 import torch.nn as nn
 
 from .adaptive_bn import recalibrate_bn
-from .data import DataBundle, TensorImages, heldout_split, iterate_batches, join_targets
+from .data import DataBundle, TensorImages, iterate_batches, join_targets
 from .errors import RunFailed
 from .methods import METHODS, PruningMethod
 from .latency import device_name
 from .record import CandidateRecord
 from .scoring import precision, score
 from .space import PruningSpace
+from .splits import splits_of
 from .tasks import CLASSIFICATION, Task, search_score
 
 
@@ -52,8 +53,9 @@ class EvaluationData:
     mean: np.ndarray
     std: np.ndarray
     heldout_indices: np.ndarray  # indices into the training split
-    rest_indices: np.ndarray  # the training split without the held-out images (calibration, fine-tuning)
+    rest_indices: np.ndarray  # the training split less the held-out and validation images (calibration, fine-tuning)
     calibration_indices: np.ndarray  # the calibration images' indices into the training split
+    validation_indices: np.ndarray  # the finalists' validation split (workers/splits.py)
 
     @property
     def nbytes(self) -> int:
@@ -63,9 +65,10 @@ class EvaluationData:
 
 
 def evaluation_data(data: DataBundle, cfg, num_workers: int = 0) -> EvaluationData:
-    """The EvaluationData of `data` for an evaluation config (held-out size and seed, calibration batches); images
+    """The EvaluationData of `data` for an evaluation config (split sizes and seed, calibration batches); images
     not held in memory are read by `num_workers` processes (0: this one)."""
-    heldout, rest = heldout_split(len(data.train), cfg.heldout_size, cfg.seed)
+    splits = splits_of(len(data.train), cfg)
+    heldout, rest = splits.heldout, splits.rest
     order = np.random.default_rng([cfg.seed, 11]).permutation(rest)
     calibration = np.resize(order, cfg.calibration_batches * cfg.batch_size)  # wraps round a small training split
     train = data.train
@@ -73,13 +76,15 @@ def evaluation_data(data: DataBundle, cfg, num_workers: int = 0) -> EvaluationDa
         labels = train.labels[torch.as_tensor(heldout)].numpy()
         return EvaluationData(train.images[torch.as_tensor(calibration)].numpy(),
                               train.images[torch.as_tensor(heldout)].numpy(), labels, float(train.scale),
-                              train.mean.flatten().numpy(), train.std.flatten().numpy(), heldout, rest, calibration)
+                              train.mean.flatten().numpy(), train.std.flatten().numpy(), heldout, rest, calibration,
+                              splits.validation)
     # batches of 64: several for the workers to share even with a few hundred images (the values are per image)
     calibration_x = torch.cat([x for x, _ in iterate_batches(train, calibration, 64, num_workers)]).float().numpy()
     xs, ys = zip(*iterate_batches(train, heldout, 64, num_workers))
     channels = calibration_x.shape[1]
     return EvaluationData(calibration_x, torch.cat(xs).float().numpy(), join_targets(ys), 1.0,
-                          np.zeros(channels, np.float32), np.ones(channels, np.float32), heldout, rest, calibration)
+                          np.zeros(channels, np.float32), np.ones(channels, np.float32), heldout, rest, calibration,
+                          splits.validation)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -115,7 +120,7 @@ class CandidateEvaluator:
         self.plan = method.plan(self.base, space, criterion, cfg.seed)
         data = data if isinstance(data, EvaluationData) else evaluation_data(data, cfg)
         self.heldout_indices, self.rest_indices = data.heldout_indices, data.rest_indices
-        self.calibration_indices = data.calibration_indices
+        self.calibration_indices, self.validation_indices = data.calibration_indices, data.validation_indices
         self.calibration, self.heldout_x = self._stage(data.calibration), self._stage(data.heldout_x)
         self.heldout_y = _tensor(data.heldout_y).to(self.device) if isinstance(data.heldout_y, np.ndarray) \
             else data.heldout_y

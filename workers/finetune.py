@@ -1,5 +1,6 @@
-"""Fine-tune (or train) a network: SGD + nesterov, cosine schedule with warm-up, resumable every epoch; keeps the
-best epoch (epoch 0 included) when validating; stops on a non-finite loss."""
+"""Fine-tune (or train) a network: SGD + nesterov, cosine schedule with warm-up, resumable every epoch; when
+validating, keeps the best fine-tuned epoch unless epoch 0 is better beyond the validation split's margin
+(workers/selection.py); stops on a non-finite loss."""
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ from .errors import RunFailed
 from .files import atomic_write
 from .logs import LineStream
 from .scoring import precision, score
+from .selection import best_trained, kept_epoch, margin
 from .tasks import CLASSIFICATION, Task, short_name
 
 EpochCallback = Callable[[int, dict, str | None], None]
@@ -35,7 +37,7 @@ def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 
 def load_finetuned(path: str) -> dict:
-    """The kept model state dict (the best epoch when validating) from a fine-tuning checkpoint file (or a
+    """The kept model state dict (the kept epoch when validating) from a fine-tuning checkpoint file (or a
     directory holding one)."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_NAME)
@@ -101,7 +103,7 @@ class _StepBar:
 
 
 def _with_best(metrics: dict, history: list[dict], best: int, metric: str) -> dict:
-    """Epoch metrics plus the best epoch so far (by the validation metric; epoch 0 = before any training)."""
+    """Epoch metrics plus the kept epoch so far (selection.kept_epoch; epoch 0 = before any training)."""
     return {**metrics, "best_epoch": history[best]["epoch"], f"best_val_{metric}": history[best][f"val_{metric}"],
             f"best_test_{metric}": history[best][f"test_{metric}"], f"start_val_{metric}": history[0][f"val_{metric}"]}
 
@@ -117,8 +119,9 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
     label_smoothing, distill_weight, distill_temperature, amp, channels_last, seed). `train_indices` limits
     training to part of the training split. With `val_indices` (images of the training split that `model` was not
-    trained on, e.g. the held-out split) the model is validated before the first epoch (epoch 0) and after each,
-    and the best epoch is kept: `model` ends with its weights, never worse on validation than it started.
+    trained on, e.g. the finalists' validation split) the model is validated before the first epoch (epoch 0) and
+    after each, and `model` ends with the kept epoch's weights: the best fine-tuned epoch, unless epoch 0 is better
+    than it by more than the margin on len(val_indices) images (selection.kept_epoch).
     `after_backward()` runs after every backward pass (sparsity training adds its L1 subgradients there);
     `num_workers` processes read the training images (datasets not held in memory). `on_epoch(epoch, metrics,
     checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports from there; raising stops the
@@ -130,7 +133,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     the kept epoch's metrics (with best_* fields when validating) plus the per-epoch history.
     """
     log = log or LineStream()
-    metric, sign = task.metric, 1 if task.higher_is_better else -1
+    metric = task.metric
     device = torch.device(device)
     epochs = cfg.epochs if epochs is None else epochs
     autocast, channels_last = precision(cfg, device)
@@ -148,7 +151,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
-    start, history, best, best_state = 0, [], 0, None
+    start, history, best, start_state, trained_state = 0, [], 0, None, None
     torch.manual_seed(cfg.seed)
     if checkpoint_path and os.path.isfile(checkpoint_path):
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -159,11 +162,11 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
         if torch.cuda.is_available() and "cuda_rng" in state:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start, history = state["epoch"] + 1, state["history"]
-        best, best_state = state.get("best_index", 0), state.get("best")
+        best, start_state, trained_state = state.get("best_index", 0), state.get("start"), state.get("trained")
         print(f"{stage}: resumed after epoch {start} of {epochs}", file=log)
     elif val_indices is not None:  # epoch 0: the model as it came, the result to beat
         history = [{"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers, task)}]
-        best_state = _copy_state(model)
+        start_state = _copy_state(model)
         print(f"{stage}: before epoch 1 val_{short_name(metric)} {history[0][f'val_{metric}']:.4f} "
               f"test_{short_name(metric)} {history[0][f'test_{metric}']:.4f}", file=log)
     if teacher is not None:
@@ -216,31 +219,44 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                    "epoch_seconds": seconds[-1]}
         history.append(metrics)
         if val_indices is not None:
-            if sign * metrics[f"val_{metric}"] >= sign * history[best][f"val_{metric}"]:  # a tie: the trained weights
-                best, best_state = len(history) - 1, _copy_state(model)
+            figures = [h[f"val_{metric}"] for h in history]
+            if best_trained(figures, task.higher_is_better) == len(history) - 1:
+                trained_state = _copy_state(model)
+            best = kept_epoch(figures, metric, len(val_indices), task.higher_is_better)
             metrics = _with_best(metrics, history, best, metric)
         print(_progress(stage, metrics, epochs, seconds, metric), file=log, flush=True)
         if checkpoint_path and rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                      "rng": torch.get_rng_state()}
-            if best_state is not None:
-                state.update(best=best_state, best_index=best)
+            if start_state is not None:  # torch.save writes the kept state's tensors once
+                state.update(best=trained_state if best else start_state, best_index=best, start=start_state,
+                             trained=trained_state)
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp), durable=True)
         if on_epoch is not None:
             on_epoch(epoch, metrics, checkpoint_path)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        if best != len(history) - 1:
-            print(f"{stage}: kept epoch {history[best]['epoch']} (val_{short_name(metric)} "
-                  f"{history[best][f'val_{metric}']:.4f}, the best; the last epoch reached "
-                  f"{history[-1][f'val_{metric}']:.4f})", file=log)
+    if start_state is not None:
+        model.load_state_dict(trained_state if best else start_state)
+        print(_kept_line(stage, history, best, task, len(val_indices)), file=log, flush=True)
         return {**_with_best(history[best], history, best, metric), "history": history}
     if not history:
         history.append({"epoch": 0, **_evaluate(model, data, val_indices, device, autocast, num_workers, task)})
     return {**history[-1], "history": history}
+
+
+def _kept_line(stage: str, history: list[dict], best: int, task: Task, n: int) -> str:
+    """Which epoch a validated fine-tuning keeps, and why; a model left as it came (epoch 0) is flagged."""
+    metric = task.metric
+    figures, name = [h[f"val_{metric}"] for h in history], f"val_{short_name(metric)}"
+    if best == 0 and len(history) > 1:
+        trained = best_trained(figures, task.higher_is_better)  # what epoch 0 beat
+        return (f"{stage}: kept epoch 0, NOT fine-tuned: {name} {figures[0]:.4f} before fine-tuning beats the best "
+                f"fine-tuned epoch {trained} ({figures[trained]:.4f}) by more than the margin "
+                f"{margin(metric, figures[0], n):.4f} on {n} validation images")
+    last = f"; the last epoch reached {figures[-1]:.4f}" if best != len(history) - 1 else ""
+    return f"{stage}: kept epoch {history[best]['epoch']} ({name} {figures[best]:.4f}, epoch 0 {figures[0]:.4f}{last})"
 
 
 def _copy_state(model: nn.Module) -> dict:
