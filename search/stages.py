@@ -5,17 +5,17 @@ import os
 import shutil
 
 from prunetune.workers.constraints import CONSTRAINTS
-from prunetune.workers.criteria import BATCHNORM, CRITERIA
 from prunetune.workers.errors import RunFailed
 from prunetune.workers.evaluator import evaluation_data
 from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord
 
 from .algorithms import ALGORITHMS
-from .baselines import baselines
+from .baselines import baselines, run_baselines
 from .cluster import tune_settings
 from .config import Config, grace_epochs, loader_workers
 from .prepare import Prepared, data_kwargs
+from .rankings import rankings
 from .rundir import RunDir
 from .store import CandidateStore
 from .trials import TrialPayload, evaluate_candidates, finetune_candidate
@@ -109,11 +109,10 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     tune_settings()
     run.record(os.path.join(run.tune_path, "search"), leaderboard_path(run.path))  # what this stage writes
     shutil.rmtree(os.path.join(run.tune_path, "search"), ignore_errors=True)
-    method = METHODS[s.granularity]
-    importance = method.importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
-    comparable = method.comparable or CRITERIA[s.criterion].source == BATCHNORM  # |gamma| compares across layers
+    names = run_baselines(run.manifest().get("baselines"), bool(CandidateStore(run.path).records()))
+    run.update(baselines=list(names))  # a resumed run proposes the same ones, whatever this prunetune's set
     searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
-                                baselines(prep.sampler, importance, comparable), s.num_candidates,
+                                baselines(prep.sampler, rankings(prep, names)), s.num_candidates,
                                 CandidateStore(run.path), s.batch_size, s.max_concurrent_trials,
                                 retry_lost=s.max_failures > 0)
     callback = StoreCallback(run.path, s.num_candidates, searcher)
