@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from prunetune import build_model, load_config, load_data, load_pruned
+from prunetune.search.baselines import BASELINES
 from prunetune.search.cli import main
 from prunetune.search.prepare import base_cache_path, model_spec, prepare, trained_base
 from prunetune.search.store import CandidateStore
@@ -35,6 +36,8 @@ def test_every_candidate_lands_once_in_the_store(finished_run):
     assert all(r.ok and r.error is None for r in records)
     assert all(abs(r.flops_ratio - 0.5) <= 0.02 and len(r.ratios) == 4 for r in records)
     assert all(r.node and r.device == "cpu" and r.t_calibrate > 0 and r.trial_id for r in records)
+    assert json.load(open(run / "manifest.json"))["baselines"] == list(BASELINES)
+    assert [r.source for r in sorted(records, key=lambda r: r.index)] == [*BASELINES, "random"]  # baselines first
 
 
 @pytest.mark.ray
