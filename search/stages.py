@@ -156,8 +156,9 @@ def unfinished_search(records: list[CandidateRecord], cfg: Config, run: RunDir) 
             f"{run.path}` evaluates the other {n - stored}")
 
 
-def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restore: bool):
-    """Stage 2: fine-tune the finalists in parallel (ASHA or FIFO); return Tune's ResultGrid.
+def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restore: bool, name: str = "finetune"):
+    """Stage 2: fine-tune the finalists in parallel (ASHA or FIFO) as the Tune experiment tune/`name`; return Tune's
+    ResultGrid.
 
     When resuming, Tune's experiment is restored: every finalist continues from its last epoch checkpoint.
     """
@@ -172,7 +173,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     tune_settings()
     trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg, data_parallel=f.workers_per_finalist > 1)
     finalists = {"rank": tune.grid_search(list(range(1, len(top) + 1)))}
-    path = os.path.join(run.tune_path, "finetune")
+    path = os.path.join(run.tune_path, name)
     run.record(path)
     if restore and tune.Tuner.can_restore(path):
         print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
@@ -194,7 +195,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
             trainable, param_space=finalists,
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=_finalists_at_once(cfg),
                                         reuse_actors=True, trial_dirname_creator=_finalist_dirname),
-            run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[FinetuneProgress(prep.task.metric), EpochTimeouts(f.epoch_timeout_s),
