@@ -89,3 +89,13 @@ def test_a_run_keeps_the_baselines_it_started_with():
     assert run_baselines(["uniform", "global-taylor"], started=True) == ("uniform", "global-taylor")
     with pytest.raises(ConfigError, match="baseline 'global-lamp' is unknown"):
         run_baselines(["uniform", "global-lamp"], started=True)
+
+
+def test_taylor_gradients_of_a_partly_frozen_model_are_zero_where_it_is_frozen():
+    model = build_model("digits_cnn", 10, 1)
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    batch = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    gradients = loss_gradients(model, batch, lambda out: out, F.cross_entropy)
+    name = next(n for n, p in model.named_parameters() if p is frozen)
+    assert not gradients[name].any() and gradients["fc.weight"].abs().sum() > 0

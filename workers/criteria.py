@@ -61,9 +61,9 @@ def group_importance(model: nn.Module, groups: list, kinds: tuple[str, ...] = GR
             if not isinstance(weight, torch.Tensor):
                 continue
             axis = 0 if m.role == "out" else 1
-            values = weight.detach().double()
+            values = weight.detach().double().cpu()
             if gradients is not None:
-                values = values * gradients[f"{m.module}.weight"].double()
+                values = values * gradients[f"{m.module}.weight"].double().cpu()
             per_index = values.abs().transpose(0, axis).flatten(1).sum(1) if values.dim() > 1 else values.abs()
             # a grouped conv's weight holds in_channels / groups inputs per filter: every block reads the same ones
             np.add.at(importance, m.units, per_index[torch.as_tensor(m.idxs % len(per_index))].numpy())
@@ -75,13 +75,14 @@ def group_importance(model: nn.Module, groups: list, kinds: tuple[str, ...] = GR
 
 
 def loss_gradients(model: nn.Module, batches, select, loss) -> dict[str, torch.Tensor]:
-    """The gradient of the loss summed over `batches` of (x, y) w.r.t. every parameter of `model` by name, in eval
-    mode (running statistics untouched), without writing `.grad`: the model is left as it was."""
+    """The gradient of the loss summed over `batches` of (x, y) w.r.t. every parameter of `model` by name (zero for
+    a frozen one), in eval mode (running statistics untouched), without writing `.grad`: the model is left as it
+    was."""
     was_training = model.training
     model.eval()
-    params = dict(model.named_parameters())
-    device = next(iter(params.values())).device
-    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    device = next(model.parameters()).device
     try:
         for x, y in batches:
             y = y.to(device) if isinstance(y, torch.Tensor) else y
