@@ -31,7 +31,7 @@ from bench.common import (CIFAR_SMOKE, cifar_arguments, cifar_model, median, par
                           results_path, save, table)
 from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, finetune, load_config  # noqa: E402
 from prunetune.search.algorithms import ALGORITHMS  # noqa: E402
-from prunetune.search.baselines import baselines  # noqa: E402
+from prunetune.search.baselines import Ranking, baselines  # noqa: E402
 from prunetune.workers.prune import position_importance  # noqa: E402
 from prunetune.workers.record import CandidateRecord  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
         sampler = StrategySampler(space, 0.5, 0.01, 0.7, seed=seed)
-        starts = baselines(sampler, importance, comparable=False)
+        starts = baselines(sampler, [Ranking("global threshold", importance, False)])
         for name in args.algorithms.split(","):
             batch = 1 if name == "random" else args.batch_size
             label = name if batch == 1 else f"{name}/b{batch}"

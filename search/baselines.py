@@ -1,17 +1,27 @@
-"""Baseline strategies every search evaluates first, so its report shows where the searched ones rank.
+"""Baseline strategies every search evaluates first (candidates 0, 1, ...), so its best score is at least theirs,
+its report shows where the searched ones rank, and a learning algorithm refines around them.
 
 - `uniform`: one ratio for every group (the same fraction of every layer pruned), at the middle of the band;
 - `global threshold`: one threshold on the criterion across all groups, as Network Slimming prunes: a group
   keeps the channels whose importance (normalised by the group's mean, except |gamma| for `bn_scale` and weight
   magnitudes for unstructured pruning, which are comparable across layers as they are: global magnitude
   pruning, as `torch.nn.utils.prune.global_unstructured` does) reaches the threshold, at most max_ratio of them
-  pruned; the threshold is the one that puts the network at the middle of the band.
-A baseline whose channel steps cannot reach the band (or that breaks a further budget there) is left out.
+  pruned; the threshold is the one that puts the network at the middle of the band;
+- the strongest one-shot rules, each one global threshold on its own importance (channel pruning only):
+  `global-l1-normalised` (Torch-Pruning's default global pruning: the L1 of each channel's weights in every layer
+  of its group, divided by the group's mean), `global-taylor` (|w * dL/dw| likewise, from a few training batches)
+  and `global-bn-scale` (the mean |gamma| of the group's BatchNorms, as it is).
+A baseline whose channel steps cannot reach the band (or that breaks a further budget there), whose importance
+the method or model does not have, or whose strategy an earlier baseline already has, is left out. A run keeps
+the baselines it started with (`run_baselines`): which index is which never changes on resume.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from .config_file import ConfigError
 from .sampler import StrategySampler
 
 _MAX_THRESHOLDS = 4001
@@ -49,11 +59,40 @@ def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], com
     return _closest(sampler, rows)
 
 
-BASELINES = ("uniform", "global threshold")
+UNIFORM = "uniform"
+BASELINES = (UNIFORM, "global threshold", "global-l1-normalised", "global-taylor", "global-bn-scale")
+LEGACY = BASELINES[:2]  # what a run started before runs recorded their baselines proposed
 
 
-def baselines(sampler: StrategySampler, importance: list[np.ndarray], comparable: bool
-              ) -> list[tuple[str, list[float]]]:
-    """The baselines that land in the band, as (name, strategy)."""
-    found = list(zip(BASELINES, (uniform(sampler), global_threshold(sampler, importance, comparable))))
-    return [(name, ratios) for name, ratios in found if ratios is not None]
+@dataclass(frozen=True)
+class Ranking:
+    """One global rule's importance: per group, one value per unit (block position); None where it has none."""
+
+    name: str
+    importance: list[np.ndarray] | None
+    comparable: bool  # compared across groups as it is, not divided by each group's mean
+
+
+def run_baselines(recorded: list[str] | None, started: bool) -> tuple[str, ...]:
+    """The baselines a run proposes: those its manifest records, LEGACY for a run that stored candidates before
+    manifests recorded them, or all of BASELINES for a new run."""
+    if recorded is not None:
+        unknown = [name for name in recorded if name not in BASELINES]
+        if unknown:
+            raise ConfigError(f"output.dir: the run's baseline '{unknown[0]}' is unknown to this prunetune; resume "
+                              "it with the version that started it")
+        return tuple(recorded)
+    return LEGACY if started else BASELINES
+
+
+def baselines(sampler: StrategySampler, rankings: list[Ranking]) -> list[tuple[str, list[float]]]:
+    """The uniform baseline and one global threshold per ranking, as (name, strategy), those that land in the band
+    and differ from every earlier one, in that order."""
+    found = [(UNIFORM, uniform(sampler))] + [
+        (r.name, global_threshold(sampler, r.importance, r.comparable) if r.importance is not None else None)
+        for r in rankings]
+    kept: list[tuple[str, list[float]]] = []
+    for name, ratios in found:
+        if ratios is not None and all(ratios != other for _, other in kept):
+            kept.append((name, ratios))
+    return kept

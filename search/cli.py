@@ -159,6 +159,33 @@ def _cmd_resume(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from .cluster import check_address
+    from .config import RESUMABLE, resumable
+    from .driver import launch
+    from .prepare import prepare
+    from .refinetune import candidate_path, refinetune, stored_candidate
+
+    run = _run_dir(args.output)
+    run.check_free()
+    for override in args.set:
+        key = override.partition("=")[0].strip()
+        if not (key.startswith("finetune.") or resumable(key)):
+            allowed = ", ".join(k if "." in k else f"{k}.*" for k in ("finetune", *RESUMABLE))
+            raise ConfigError(f"--set {key}: a candidate is fine-tuned again as the run found it; only {allowed} "
+                              "may change")
+    cfg = _config(run.config_path, args.set)
+    record = stored_candidate(run, args.candidate)
+    candidate_path(run, args.candidate, cfg)  # refused before Ray starts if it is there already
+    check_address(args.address or cfg.ray.address)
+    figures = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=True,
+                                          body=lambda prep, run, restore: refinetune(prep, run, record)))
+    metric = next(k[5:] for k in figures if k.startswith("test_"))
+    print(f"\ncandidate {args.candidate} fine-tuned for {figures['epochs']} epochs: test {metric} "
+          f"{100 * figures[f'test_{metric}']:.2f}% (val {100 * figures[f'val_{metric}']:.2f}%): {figures['path']}")
+    return 0
+
+
 def _print_done(run, summary: dict) -> None:
     from .report import finals_lines, kept, metric_of
 
@@ -319,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--address")
     with_config(rs, positional=False)
     rs.set_defaults(fn=_cmd_resume)
+
+    ft = sub.add_parser("finetune", help="fine-tune a stored candidate again (e.g. another recipe: --set "
+                        "finetune.epochs=30) into the run's final/, beside what is there")
+    ft.add_argument("output", help="the run's output directory")
+    ft.add_argument("--candidate", type=int, required=True, help="the candidate's index (the report's table)")
+    ft.add_argument("--address")
+    with_config(ft, positional=False)
+    ft.set_defaults(fn=_cmd_finetune)
 
     i = sub.add_parser("inspect", help="print the prunable channel groups and FLOPs of a model")
     with_config(i)

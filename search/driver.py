@@ -6,6 +6,7 @@ stages.run_search() -> stages.run_finetune() -> finalize.finalize().
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from prunetune.workers.files import write_json
 from prunetune.workers.record import best
@@ -20,11 +21,12 @@ from .store import CandidateStore
 RAY_LOG = "ray.log"  # Ray's own messages during the run (OUTPUT/ray.log): the terminal gets prunetune's lines only
 
 
-def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, overwrite: bool = False) -> dict:
+def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, overwrite: bool = False,
+           body: Callable[[Prepared, RunDir, bool], dict] | None = None) -> dict:
     """Connect to Ray (or start it) and check that it can run the trials, get the trained base model, then take
-    the run lock, run or continue both stages, and let go of both. Nothing is written before the cluster has
-    answered, and no base model is trained for trials that could never run. While the stages run, Ray's own
-    messages go to OUTPUT/ray.log."""
+    the run lock, run or continue both stages (or `body`, e.g. fine-tuning a candidate again), and let go of both.
+    Nothing is written before the cluster has answered, and no base model is trained for trials that could never
+    run. While the stages run, Ray's own messages go to OUTPUT/ray.log."""
     started = connect(checked.cfg, address)
     try:
         check_resources(checked.cfg)
@@ -38,7 +40,7 @@ def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, ov
                     write_json(os.path.join(run.path, LATENCY_TABLE), prep.space.latency.to_dict())
             run.record(RAY_LOG)
             with ray_output_to(os.path.join(run.path, RAY_LOG)):
-                return execute(prep, run, restore)
+                return (body or execute)(prep, run, restore)
         finally:
             run.release()
     finally:

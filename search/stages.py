@@ -5,17 +5,17 @@ import os
 import shutil
 
 from prunetune.workers.constraints import CONSTRAINTS
-from prunetune.workers.criteria import BATCHNORM, CRITERIA
 from prunetune.workers.errors import RunFailed
 from prunetune.workers.evaluator import evaluation_data
 from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord
 
 from .algorithms import ALGORITHMS
-from .baselines import baselines
+from .baselines import baselines, run_baselines
 from .cluster import tune_settings
 from .config import Config, grace_epochs, loader_workers
 from .prepare import Prepared, data_kwargs
+from .rankings import rankings
 from .rundir import RunDir
 from .store import CandidateStore
 from .trials import TrialPayload, evaluate_candidates, finetune_candidate
@@ -109,11 +109,10 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     tune_settings()
     run.record(os.path.join(run.tune_path, "search"), leaderboard_path(run.path))  # what this stage writes
     shutil.rmtree(os.path.join(run.tune_path, "search"), ignore_errors=True)
-    method = METHODS[s.granularity]
-    importance = method.importance(prep.model, prep.space, s.criterion, cfg.evaluation.seed)
-    comparable = method.comparable or CRITERIA[s.criterion].source == BATCHNORM  # |gamma| compares across layers
+    names = run_baselines(run.manifest().get("baselines"), bool(CandidateStore(run.path).records()))
+    run.update(baselines=list(names))  # a resumed run proposes the same ones, whatever this prunetune's set
     searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
-                                baselines(prep.sampler, importance, comparable), s.num_candidates,
+                                baselines(prep.sampler, rankings(prep, names)), s.num_candidates,
                                 CandidateStore(run.path), s.batch_size, s.max_concurrent_trials,
                                 retry_lost=s.max_failures > 0)
     callback = StoreCallback(run.path, s.num_candidates, searcher)
@@ -157,8 +156,9 @@ def unfinished_search(records: list[CandidateRecord], cfg: Config, run: RunDir) 
             f"{run.path}` evaluates the other {n - stored}")
 
 
-def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restore: bool):
-    """Stage 2: fine-tune the finalists in parallel (ASHA or FIFO); return Tune's ResultGrid.
+def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restore: bool, name: str = "finetune"):
+    """Stage 2: fine-tune the finalists in parallel (ASHA or FIFO) as the Tune experiment tune/`name`; return Tune's
+    ResultGrid.
 
     When resuming, Tune's experiment is restored: every finalist continues from its last epoch checkpoint.
     """
@@ -173,7 +173,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     tune_settings()
     trainable = _trainable(finetune_candidate, payload(prep, run, top), cfg, data_parallel=f.workers_per_finalist > 1)
     finalists = {"rank": tune.grid_search(list(range(1, len(top) + 1)))}
-    path = os.path.join(run.tune_path, "finetune")
+    path = os.path.join(run.tune_path, name)
     run.record(path)
     if restore and tune.Tuner.can_restore(path):
         print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
@@ -195,7 +195,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
             trainable, param_space=finalists,
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=_finalists_at_once(cfg),
                                         reuse_actors=True, trial_dirname_creator=_finalist_dirname),
-            run_config=tune.RunConfig(name="finetune", storage_path=run.tune_path, verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[FinetuneProgress(prep.task.metric), EpochTimeouts(f.epoch_timeout_s),

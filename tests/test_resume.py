@@ -16,6 +16,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
+from prunetune.search.baselines import BASELINES
 from prunetune.search.store import CandidateStore
 from tests.faults import ROOT, sigint_as_in_a_terminal
 from tests.runs import as_args, small
@@ -217,4 +218,4 @@ def test_a_learning_search_killed_and_resumed_proposes_what_it_would_have(refere
     _finish(run, log_path)
     ours, theirs = CandidateStore(str(run)).records(), CandidateStore(str(uninterrupted)).records()
     assert [(r.index, r.source, r.ratios) for r in ours] == [(r.index, r.source, r.ratios) for r in theirs]
-    assert {r.source for r in ours} == {"uniform", "global threshold", "tpe"}
+    assert {r.source for r in ours} == {*BASELINES, "tpe"}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from prunetune import build_model, load_config, load_data, load_pruned
+from prunetune.search.baselines import BASELINES
 from prunetune.search.cli import main
 from prunetune.search.prepare import base_cache_path, model_spec, prepare, trained_base
 from prunetune.search.store import CandidateStore
@@ -35,6 +36,8 @@ def test_every_candidate_lands_once_in_the_store(finished_run):
     assert all(r.ok and r.error is None for r in records)
     assert all(abs(r.flops_ratio - 0.5) <= 0.02 and len(r.ratios) == 4 for r in records)
     assert all(r.node and r.device == "cpu" and r.t_calibrate > 0 and r.trial_id for r in records)
+    assert json.load(open(run / "manifest.json"))["baselines"] == list(BASELINES)
+    assert [r.source for r in sorted(records, key=lambda r: r.index)] == [*BASELINES, "random"]  # baselines first
 
 
 @pytest.mark.ray
@@ -104,6 +107,30 @@ def test_resume_of_a_finished_run_does_nothing(finished_run, capsys):
     run, _ = finished_run
     assert main(["resume", str(run)]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_stored_candidate_is_fine_tuned_again_beside_the_run_s_own_models(finished_run, capsys):
+    run, _ = finished_run
+    final = run / "final"
+    before = {p.name: p.read_bytes() for p in [*final.iterdir(), run / "report.md"]}
+    assert main(["finetune", str(run), "--candidate", "3", "--set", "search.target=0.4"]) == 2
+    assert "--set search.target: a candidate is fine-tuned again as the run found it" in capsys.readouterr().err
+    assert main(["finetune", str(run), "--candidate", "6"]) == 2
+    assert "stores no candidate 6 (it holds 6: 0 to 5)" in capsys.readouterr().err
+    assert main(["finetune", str(run), "--candidate", "3", "--set", "finetune.epochs=1"]) == 0
+    added = sorted(set(os.listdir(final)) - set(before))
+    assert len(added) == 1 and re.fullmatch(r"candidate-3-[0-9a-f]{8}\.pt", added[0])
+    assert all((final / name).read_bytes() == data for name, data in before.items() if name != "report.md")
+    assert (run / "report.md").read_bytes() == before["report.md"]  # the run's own models and report untouched
+    model, record, metrics = load_pruned(str(final / added[0]))
+    assert record["ratios"] == next(r for r in CandidateStore(str(run)).records() if r.index == 3).ratios
+    assert metrics["candidate"] == 3 and metrics["epochs"] == 1 and metrics["finetune"]["epochs"] == 1
+    assert sum(p.numel() for p in model.parameters()) == record["params"]
+    assert "candidate 3 fine-tuned for 1 epochs: test accuracy" in capsys.readouterr().out
+    assert main(["finetune", str(run), "--candidate", "3", "--set", "finetune.epochs=1"]) == 2  # that recipe again
+    assert "fine-tuned with this recipe already" in capsys.readouterr().err
 
 
 def test_a_base_model_trained_here_is_the_same_in_every_process(tmp_path):
