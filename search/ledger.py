@@ -277,6 +277,11 @@ class LedgerStopper(Stopper):
     def stop_all(self) -> bool:
         return self.ledger.too_many_failed()
 
+    def __getstate__(self) -> dict:
+        """Tune pickles its stopper into the experiment state every few seconds: the ledger (its records, an open
+        curves writer) stays out, since the search's Tune experiment is never restored (the store is its state)."""
+        return {}
+
 
 def _error_of(trial) -> str:
     """The last line of a trial's error file ("trial errored" without one)."""
