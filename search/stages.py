@@ -8,7 +8,7 @@ from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.criteria import BATCHNORM, CRITERIA
 from prunetune.workers.evaluator import evaluation_data
 from prunetune.workers.methods import METHODS
-from prunetune.workers.record import Candidate, CandidateRecord
+from prunetune.workers.record import CandidateRecord
 
 from .algorithms import ALGORITHMS
 from .baselines import baselines
@@ -69,8 +69,8 @@ def _finalists_at_once(cfg: Config) -> int:
 
 
 def _candidate_dirname(trial) -> str:
-    candidates = trial.config.get("candidates") or [Candidate(0, (), "")]
-    return f"cand-{candidates[0].index:06d}-{trial.trial_id}"
+    candidates = trial.config.get("candidates")
+    return f"cand-{candidates[0].index if candidates else 0:06d}-{trial.trial_id}"
 
 
 def _finalist_dirname(trial) -> str:
@@ -115,8 +115,9 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
                                 baselines(prep.sampler, importance, comparable), s.num_candidates,
                                 CandidateStore(run.path), s.batch_size, s.max_concurrent_trials,
                                 retry_lost=s.max_failures > 0)
-    ledger = Ledger(run.path, s.num_candidates, searcher, s.top_k, s.max_failed_fraction,
-                    min(s.num_candidates, max(4, s.num_candidates // 10)), s.candidate_timeout_s, have_tensorboardx())
+    ledger = Ledger(run.path, s.num_candidates, searcher, top_k=s.top_k, max_failed_fraction=s.max_failed_fraction,
+                    minimum=min(s.num_candidates, max(4, s.num_candidates // 10)), timeout_s=s.candidate_timeout_s,
+                    curves=have_tensorboardx())
     tuner = tune.Tuner(
         _trainable(evaluate_candidates, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(

@@ -18,7 +18,7 @@ from prunetune.workers.evaluator import CandidateEvaluator
 from prunetune.workers.methods import PruningMethod
 from prunetune.workers.finetune import CHECKPOINT_NAME, finetune
 from prunetune.workers.models import build_model
-from prunetune.workers.record import Candidate, CandidateRecord
+from prunetune.workers.record import CandidateRecord
 from prunetune.workers.space import PruningSpace
 from prunetune.workers.tasks import resolve_task
 
@@ -76,14 +76,13 @@ def evaluator_for(payload: TrialPayload) -> CandidateEvaluator:
 
 
 def evaluate_candidates(config: dict, payload: TrialPayload) -> None:
-    """Tune trainable of the search stage: evaluate config["candidates"] (a batch of Candidates), reporting each
+    """Tune trainable of the search stage: evaluate config["candidates"] (a batch of `Candidate`s), reporting each
     record as it is done."""
     import ray
     from ray import tune
 
     torch.set_num_threads(max(1, int(payload.cpus_per_trial)))
     node = ray.get_runtime_context().get_node_id()[:12]
-    candidate: Candidate
     for candidate in config["candidates"]:
         try:
             record = evaluator_for(payload).evaluate(list(candidate.ratios), candidate.index)
