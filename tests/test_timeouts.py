@@ -200,3 +200,20 @@ def test_a_search_its_time_budget_ended_early_is_not_complete_and_resume_complet
     assert json.load(open(run / "manifest.json"))["stage"] == "done"
     assert json.load(open(run / "final" / "summary.json"))["search"]["candidates"] == 24
     assert main(["resume", str(run)]) == 0 and "already complete" in capsys.readouterr().out
+
+
+def test_an_unfinished_search_is_counted_without_a_set_of_every_candidate_number(tmp_path):
+    import tracemalloc
+
+    from prunetune.search.stages import unfinished_search
+
+    cfg = SimpleNamespace(search=SimpleNamespace(num_candidates=10**6, time_budget_s=20.0))
+    records = [CandidateRecord(i, [0.1], score=0.5) for i in (0, 3, 10**6 + 5)]  # the last: beyond num_candidates
+    tracemalloc.start()
+    try:
+        message = unfinished_search(records, cfg, RunDir(str(tmp_path)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "with 2/1000000 candidates" in message and "evaluates the other 999998" in message
+    assert peak < 1_000_000  # a set of range(10**6) alone takes tens of MB
