@@ -70,8 +70,8 @@ def _finalists_at_once(cfg: Config) -> int:
 
 
 def _candidate_dirname(trial) -> str:
-    first = trial.config.get("candidates", [{"index": 0}])[0]["index"]
-    return f"cand-{first:06d}-{trial.trial_id}"
+    candidates = trial.config.get("candidates")
+    return f"cand-{candidates[0].index if candidates else 0:06d}-{trial.trial_id}"
 
 
 def _finalist_dirname(trial) -> str:
@@ -100,9 +100,9 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from .tensorboard import search_callbacks
-    from .tune_search import (CandidateTimeouts, FailureStopper, StoreCallback, StrategySearcher, TopKScheduler,
-                              leaderboard_path)
+    from .ledger import Ledger, LedgerStopper, leaderboard_path
+    from .tensorboard import have_tensorboardx
+    from .tune_search import StrategySearcher
 
     cfg = prep.cfg
     s = cfg.search
@@ -115,22 +115,22 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
                                 baselines(prep.sampler, rankings(prep, names)), s.num_candidates,
                                 CandidateStore(run.path), s.batch_size, s.max_concurrent_trials,
                                 retry_lost=s.max_failures > 0)
-    callback = StoreCallback(run.path, s.num_candidates, searcher)
-    stopper = FailureStopper(s.max_failed_fraction, min(s.num_candidates, max(4, s.num_candidates // 10)))
+    ledger = Ledger(run.path, s.num_candidates, searcher, top_k=s.top_k, max_failed_fraction=s.max_failed_fraction,
+                    minimum=min(s.num_candidates, max(4, s.num_candidates // 10)), timeout_s=s.candidate_timeout_s,
+                    curves=have_tensorboardx())
     tuner = tune.Tuner(
         _trainable(evaluate_candidates, payload(prep, run), cfg),
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, s.max_concurrent_trials), scheduler=TopKScheduler(s.top_k, run.path),
-            num_samples=-1, reuse_actors=True, trial_dirname_creator=_candidate_dirname, time_budget_s=s.time_budget_s),
+            search_alg=ConcurrencyLimiter(searcher, s.max_concurrent_trials), num_samples=-1, reuse_actors=True,
+            trial_dirname_creator=_candidate_dirname, time_budget_s=s.time_budget_s),
         run_config=tune.RunConfig(
             name="search", storage_path=run.tune_path, verbose=0,
-            failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[callback, CandidateTimeouts(s.candidate_timeout_s, callback, stopper),
-                       *search_callbacks(run.path)], stop=stopper))
+            failure_config=tune.FailureConfig(max_failures=s.max_failures), callbacks=[ledger],
+            stop=LedgerStopper(ledger)))
     try:
         tuner.fit()
     finally:
-        callback.flush()  # a Ctrl-C leaves Tune's loop without its on_experiment_end: commit what was received
+        ledger.flush()  # a Ctrl-C leaves Tune's loop without its on_experiment_end: commit what was received
     store = CandidateStore(run.path)
     store.compact()
     records = store.records()
@@ -147,7 +147,7 @@ def unfinished_search(records: list[CandidateRecord], cfg: Config, run: RunDir) 
     """None when every candidate 0..num_candidates-1 is stored (ok or failed): only then is the search complete.
     Otherwise (the time budget ended it) what is missing and how to continue it."""
     n = cfg.search.num_candidates
-    stored = len({r.index for r in records} & set(range(n)))
+    stored = len({r.index for r in records if r.index < n})  # no set of all n: n may be huge
     if stored == n:
         return None
     why = f"on its time budget (search.time_budget_s={cfg.search.time_budget_s:g})" if cfg.search.time_budget_s \
@@ -166,7 +166,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .tensorboard import finetune_callbacks
-    from .tune_search import EpochTimeouts, FinetuneProgress
+    from .tune_search import EPOCH_TIMEOUT, EpochTimeouts, FinetuneProgress
 
     cfg = prep.cfg
     f = cfg.finetune
@@ -175,16 +175,14 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     finalists = {"rank": tune.grid_search(list(range(1, len(top) + 1)))}
     path = os.path.join(run.tune_path, name)
     run.record(path)
+    # Tuner.restore runs the callbacks pickled when the stage first started and takes no run config: EpochTimeouts
+    # reads the limit in force from here at each start (finetune.epoch_timeout_s may change on resume)
+    run.update(**{EPOCH_TIMEOUT: f.epoch_timeout_s})
     if restore and tune.Tuner.can_restore(path):
         print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
         # param_space again: a state file torn by a SIGKILL makes Tune restart the experiment from it
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=finalists)
-        # Tuner.restore runs the callbacks pickled when the stage started and takes no run config: the restored
-        # tuner's own run config gets this resume's epoch timeout (finetune.epoch_timeout_s may change on resume).
-        run_config = tuner._local_tuner.get_run_config()
-        run_config.callbacks = [c for c in run_config.callbacks or [] if not isinstance(c, EpochTimeouts)] + \
-            [EpochTimeouts(f.epoch_timeout_s)]
     else:
         shutil.rmtree(path, ignore_errors=True)
         scheduler = (ASHAScheduler(time_attr="epoch", metric=f"best_val_{prep.task.metric}",
@@ -198,7 +196,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
             run_config=tune.RunConfig(name=name, storage_path=run.tune_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      callbacks=[FinetuneProgress(prep.task.metric), EpochTimeouts(f.epoch_timeout_s),
+                                      callbacks=[FinetuneProgress(prep.task.metric), EpochTimeouts(run.path),
                                                  *finetune_callbacks()]))
     ddp = f", {f.workers_per_finalist} DDP workers each" if f.workers_per_finalist > 1 else ""
     print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler}{ddp})", flush=True)

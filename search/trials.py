@@ -76,19 +76,20 @@ def evaluator_for(payload: TrialPayload) -> CandidateEvaluator:
 
 
 def evaluate_candidates(config: dict, payload: TrialPayload) -> None:
-    """Tune trainable of the search stage: evaluate a batch of strategies, reporting each record as it is done."""
+    """Tune trainable of the search stage: evaluate config["candidates"] (a batch of `Candidate`s), reporting each
+    record as it is done."""
     import ray
     from ray import tune
 
     torch.set_num_threads(max(1, int(payload.cpus_per_trial)))
     node = ray.get_runtime_context().get_node_id()[:12]
     for candidate in config["candidates"]:
-        index, ratios = candidate["index"], candidate["ratios"]
         try:
-            record = evaluator_for(payload).evaluate(ratios, index)
+            record = evaluator_for(payload).evaluate(list(candidate.ratios), candidate.index)
+            record.source = candidate.source
         except Exception as e:  # recorded as a failed candidate; the search goes on
-            record = CandidateRecord.failed(index, ratios, f"{type(e).__name__}: {e}")
-        record.node, record.source = node, candidate["source"]
+            record = candidate.failed(f"{type(e).__name__}: {e}")
+        record.node = node
         check_latency(record, payload)
         if payload.gpus_per_trial > 0 and record.device == "cpu":
             record.warning = "; ".join(filter(None, [record.warning, "the trial holds a Ray GPU but this node has no "

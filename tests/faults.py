@@ -5,7 +5,8 @@ log every evaluation started, slow them down, make candidate k (or every one: `a
 with SIGKILL (once, or `crashes` times), or make candidate k, or the end of fine-tuning epoch n, stop its worker
 process with SIGSTOP (a hung worker; once). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune`
 command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two
-stages of the run; with PRUNETUNE_TEST_DISK_FULL=FILE, the driver's disk is full while FILE exists.
+stages of the run; with PRUNETUNE_TEST_DISK_FULL=FILE, the driver's disk is full while FILE exists; with
+PRUNETUNE_TEST_KILL_AT_COMMIT=N, the driver kills itself just before its N-th group commit of search results.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import tests.faults from here
-LOG, DELAY, FAIL_AT, CRASH_AT, CRASHES, MARKERS, HANG_AT, HANG_EPOCH, DISK_FULL = (f"PRUNETUNE_TEST_{k}" for k in (
-    "LOG", "DELAY_S", "FAIL_AT", "CRASH_AT", "CRASHES", "MARKERS", "HANG_AT", "HANG_EPOCH", "DISK_FULL"))
+LOG, DELAY, FAIL_AT, CRASH_AT, CRASHES, MARKERS, HANG_AT, HANG_EPOCH, DISK_FULL, KILL_AT_COMMIT = (
+    f"PRUNETUNE_TEST_{k}" for k in ("LOG", "DELAY_S", "FAIL_AT", "CRASH_AT", "CRASHES", "MARKERS", "HANG_AT",
+                                    "HANG_EPOCH", "DISK_FULL", "KILL_AT_COMMIT"))
+UNCOMMITTED = "uncommitted.json"  # in the MARKERS folder: what the driver had received when kill_at_commit killed it
 
 
 def sigint_as_in_a_terminal() -> None:
@@ -152,6 +155,26 @@ def fill_the_disk_while(marker: str) -> None:
     builtins.open = open_on_a_full_disk
 
 
+def kill_at_commit(n: int, markers: str) -> None:
+    """In this driver, the search ledger's n-th group commit never happens: the indices of the records it would
+    commit go to MARKERS/uncommitted.json, then the driver's process group (its Ray with it) is killed with SIGKILL."""
+    import json
+
+    from prunetune.search.ledger import Ledger
+
+    commit, commits = Ledger._commit, []
+
+    def killed_before(self, now):
+        commits.append(now)
+        if len(commits) == n:
+            with open(os.path.join(markers, UNCOMMITTED), "w") as f:
+                json.dump([r.index for r in self.pending], f)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return commit(self, now)
+
+    Ledger._commit = killed_before
+
+
 def main(argv: list[str]) -> int:
     """Start Ray with the worker faults of the environment, optionally pause between stages, run the command."""
     import logging
@@ -171,6 +194,8 @@ def main(argv: list[str]) -> int:
     driver.run_finetune = paused
     if os.environ.get(DISK_FULL):
         fill_the_disk_while(os.environ.pop(DISK_FULL))
+    if os.environ.get(KILL_AT_COMMIT):
+        kill_at_commit(int(os.environ.pop(KILL_AT_COMMIT)), os.environ[MARKERS])
     faults = {k[len("PRUNETUNE_TEST_"):].lower(): v for k, v in os.environ.items() if k.startswith("PRUNETUNE_TEST_")}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
              runtime_env=worker_faults(**faults))  # as prunetune's own embedded Ray

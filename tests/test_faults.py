@@ -3,12 +3,16 @@ import json
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import ray
 from ray.tune.search import Searcher
 
 from prunetune.search.cli import main
+from prunetune.search.config import load_config
+from prunetune.search.ledger import Ledger
+from prunetune.search.rundir import RunDir
 from prunetune.search.store import CandidateStore
 from prunetune.search.tune_search import StrategySearcher
 from prunetune.workers.record import CandidateRecord
@@ -81,7 +85,7 @@ class _Numbered:
 
 
 def _indices(config: dict) -> list[int]:
-    return [c["index"] for c in config["candidates"]]
+    return [c.index for c in config["candidates"]]
 
 
 def test_the_searcher_hands_a_lost_candidate_out_once_more_and_finishes_when_no_trial_runs(tmp_path):
@@ -89,12 +93,12 @@ def test_the_searcher_hands_a_lost_candidate_out_once_more_and_finishes_when_no_
     first, second = searcher.suggest("a"), searcher.suggest("b")
     assert [_indices(first), _indices(second)] == [[0], [1]]
     assert searcher.suggest("c") is None  # every candidate handed out, two trials still running
-    searcher.on_trial_complete("a", error=True)  # lost before it reported
-    assert searcher.handing_out_again(0)
-    assert searcher.suggest("c") == first and not searcher.handing_out_again(0)
-    searcher.on_trial_complete("c", error=True)  # lost again: now its error is its result
-    assert not searcher.handing_out_again(0) and searcher.suggest("d") is None
-    searcher.on_trial_complete("b", result=CandidateRecord(1, [0.1], score=0.5, flops=1).to_dict())
+    assert searcher.trial_ended("a", first["candidates"]) == []  # lost before it reported: handed out again
+    assert searcher.suggest("c") == first
+    assert searcher.trial_ended("c", first["candidates"]) == first["candidates"]  # lost again: its error is its result
+    assert searcher.suggest("d") is None
+    searcher.observe(CandidateRecord(1, [0.1], score=0.5, flops=1))
+    assert searcher.trial_ended("b", []) == []
     assert searcher.suggest("d") == Searcher.FINISHED
 
 
@@ -102,17 +106,42 @@ def test_a_trial_evaluates_a_batch_and_only_what_it_had_not_reported_is_handed_o
     searcher = StrategySearcher(_Numbered(), "numbered", [], 10, CandidateStore(str(tmp_path)), batch_size=4,
                                 concurrency=2)
     # batches of 4 consecutive candidates, none larger than its slot's share of what is left (6 over 2 slots: 3)
-    assert [_indices(searcher.suggest(t)) for t in "ab"] == [[0, 1, 2, 3], [4, 5, 6]]
-    searcher.on_trial_result("a", CandidateRecord(0, [0.0], score=0.5, flops=1).to_dict())
-    searcher.on_trial_complete("a", error=True)  # its worker died while it evaluated candidate 1
-    assert [searcher.handing_out_again(i) for i in range(4)] == [False, True, True, True]
+    batches = [searcher.suggest(t)["candidates"] for t in "ab"]
+    assert [[c.index for c in batch] for batch in batches] == [[0, 1, 2, 3], [4, 5, 6]]
+    searcher.observe(CandidateRecord(0, [0.0], score=0.5, flops=1))
+    assert searcher.trial_ended("a", batches[0][1:]) == []  # its worker died while it evaluated candidate 1
     assert _indices(searcher.suggest("c")) == [1, 2, 3]
     assert [_indices(searcher.suggest(t)) for t in "def"] == [[7], [8], [9]]  # the batch's rest, then the tail
     assert searcher.suggest("g") is None
-    once = StrategySearcher(_Numbered(), "numbered", [], 1, CandidateStore(str(tmp_path)), retry_lost=False)  # max_failures=0
-    once.suggest("a")
-    once.on_trial_complete("a", error=True)
-    assert not once.handing_out_again(0) and once.suggest("b") == Searcher.FINISHED
+    # search.max_failures=0: a lost trial's candidates are not handed out again
+    once = StrategySearcher(_Numbered(), "numbered", [], 1, CandidateStore(str(tmp_path)), retry_lost=False)
+    lost = once.suggest("a")["candidates"]
+    assert once.trial_ended("a", lost) == lost and once.suggest("b") == Searcher.FINISHED
+
+
+def test_the_ledger_says_each_lost_candidate_is_evaluated_again_and_stores_it_failed_when_lost_twice(tmp_path, capsys):
+    RunDir(str(tmp_path)).create(load_config(None), overwrite=False)
+    searcher = StrategySearcher(_Numbered(), "numbered", [], 2, CandidateStore(str(tmp_path)), batch_size=2)
+    ledger = Ledger(str(tmp_path), 2, searcher)
+    error = tmp_path / "error.txt"
+    error.write_text("Traceback ...\nray.exceptions.ActorDiedError: The actor died unexpectedly. More text.\n")
+    a = SimpleNamespace(trial_id="a", config=searcher.suggest("a"), error_file=str(error))
+    ledger.on_trial_result(0, [], a, CandidateRecord(0, [0.0], score=0.5, flops=1).to_dict())
+    ledger.on_trial_recover(0, [], a)  # Tune retries the trial itself
+    searcher.on_trial_complete("a", error=True)  # Tune's notice to the searcher changes nothing, before or after
+    ledger.on_trial_error(0, [], a)  # past Tune's retries: handed out again by the searcher
+    b = SimpleNamespace(trial_id="b", config=searcher.suggest("b"), error_file=str(error))
+    assert _indices(b.config) == [1]
+    ledger.on_trial_error(0, [], b)  # lost again: its error is its result
+    ledger.flush()
+    lost = [ln for ln in capsys.readouterr().out.splitlines() if "its trial was lost" in ln]
+    assert lost == ["[search] candidate 1: its trial was lost (ray.exceptions.ActorDiedError: The actor died "
+                    "unexpectedly); evaluating it again"] * 2
+    records = CandidateStore(str(tmp_path)).records()
+    died = "ray.exceptions.ActorDiedError: The actor died unexpectedly. More text."
+    assert [(r.index, r.status, r.error, r.trial_id) for r in records] == [(0, "ok", None, "a"),
+                                                                           (1, "failed", died, "b")]
+    assert searcher.suggest("c") == Searcher.FINISHED
 
 
 @pytest.mark.ray

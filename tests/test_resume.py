@@ -18,7 +18,8 @@ import pytest
 
 from prunetune.search.baselines import BASELINES
 from prunetune.search.store import CandidateStore
-from tests.faults import ROOT, sigint_as_in_a_terminal
+from prunetune.workers.record import best
+from tests.faults import ROOT, UNCOMMITTED, sigint_as_in_a_terminal
 from tests.runs import as_args, small
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -141,6 +142,20 @@ def test_driver_killed_during_the_search(reference, tmp_path):
     assert all(counts[i] == 1 for i in stored_before)  # nothing already stored was evaluated again
     assert set(counts) == set(range(N))
     _assert_same_result(run, reference[0])
+
+
+def test_a_kill_between_results_and_their_group_commit_leaves_a_leaderboard_of_committed_candidates(tmp_path):
+    """The driver kills itself (SIGKILL, its Ray with it) just before its second group commit, with the results
+    received since the first in its buffer: they are lost, and leaderboard.json names only stored candidates."""
+    run, log_path = tmp_path / "run", tmp_path / "driver.log"
+    with open(log_path, "ab") as log:
+        proc = _start(_run_args(run, tmp_path / "cache"), log, kill_at_commit=2, markers=tmp_path)
+        assert proc.wait(timeout=300) == -signal.SIGKILL, log_path.read_text()[-3000:]
+    uncommitted = json.load(open(tmp_path / UNCOMMITTED))
+    stored = CandidateStore(str(run)).records()
+    board = [row["index"] for row in json.load(open(run / "leaderboard.json"))]
+    assert uncommitted and stored and not {r.index for r in stored} & set(uncommitted)
+    assert board == [r.index for r in best(stored, 2)] and not set(board) & set(uncommitted)
 
 
 def test_driver_killed_between_the_stages(reference, tmp_path):

@@ -42,7 +42,7 @@ def test_every_candidate_lands_once_in_the_store(finished_run):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_scheduler_top_k_is_the_best_rows_of_the_store(finished_run):
+def test_the_leaderboard_is_the_best_rows_of_the_store(finished_run):
     run, _ = finished_run
     board = json.load(open(run / "leaderboard.json"))
     top = best(CandidateStore(str(run)).records(), 2)

@@ -1,4 +1,5 @@
-"""Group commit in the results store, without Ray: StoreCallback driven with fake results, as Tune would call it."""
+"""The search's ledger without Ray: driven with fake results, as Tune would call it (group commit, leaderboard,
+progress, failed fraction)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ from types import SimpleNamespace
 from prunetune.search.config import load_config
 from prunetune.search.rundir import RunDir
 from prunetune.search.store import CandidateStore, sha256
-from prunetune.search.tune_search import StoreCallback
+from prunetune.search.ledger import Ledger, LedgerStopper, leaderboard_path
+from prunetune.search.tune_search import StrategySearcher
 from prunetune.workers.record import CandidateRecord
 
 TOTAL = 300
@@ -34,9 +36,24 @@ def _result(index: int) -> dict:
     return CandidateRecord(index, [0.1, 0.2], score=index / TOTAL, flops=1000 - index, params=10).to_dict()
 
 
-def _feed(callback: StoreCallback, indices) -> None:
+class _Numbered:
+    """A search algorithm for the searcher's bookkeeping: candidate i is [i / 10]."""
+
+    def propose(self, index: int, horizon: int | None = None) -> list[float]:
+        return [index / 10]
+
+    def observe(self, record) -> None:
+        pass
+
+
+def _ledger(run: RunDir, clock, **kwargs) -> Ledger:
+    searcher = StrategySearcher(_Numbered(), "numbered", [], TOTAL, CandidateStore(run.path))
+    return Ledger(run.path, TOTAL, searcher, group_size=64, interval_s=1.0, clock=clock, **kwargs)
+
+
+def _feed(callback: Ledger, indices, result=_result) -> None:
     for i in indices:
-        callback.on_trial_result(0, [], SimpleNamespace(trial_id=f"t{i:05d}", config={}), _result(i))
+        callback.on_trial_result(0, [], SimpleNamespace(trial_id=f"t{i:05d}", config={}), result(i))
 
 
 def _manifest_parts(run: RunDir) -> dict:
@@ -53,7 +70,7 @@ def _assert_manifest_matches_disk(run: RunDir) -> None:
 
 def test_results_are_committed_in_groups_each_stored_once(tmp_path, capsys):
     run, clock = _run(tmp_path), FrozenClock()
-    callback = StoreCallback(run.path, TOTAL, searcher=None, group_size=64, interval_s=1.0, clock=clock)
+    callback = _ledger(run, clock)
     _feed(callback, range(TOTAL))
     _feed(callback, [5, 17, 250])  # Tune showing a result again: never stored twice
     callback.on_experiment_end(trials=[])
@@ -73,7 +90,7 @@ def test_results_are_committed_in_groups_each_stored_once(tmp_path, capsys):
 
 def test_the_interval_closes_a_group_and_a_quiet_step_commits_it(tmp_path, capsys):
     run, clock = _run(tmp_path), FrozenClock()
-    callback = StoreCallback(run.path, TOTAL, searcher=None, group_size=64, interval_s=1.0, clock=clock)
+    callback = _ledger(run, clock)
     _feed(callback, range(10))
     assert len(CandidateStore(run.path).parts()) == 1 and len(callback.pending) == 9  # under the bound: buffered
     clock.now += 1.0
@@ -86,7 +103,7 @@ def test_the_interval_closes_a_group_and_a_quiet_step_commits_it(tmp_path, capsy
 
 def test_a_flush_commits_the_buffer_as_on_an_interrupt_and_a_resume_continues(tmp_path):
     run, clock = _run(tmp_path), FrozenClock()
-    callback = StoreCallback(run.path, TOTAL, searcher=None, group_size=64, interval_s=1.0, clock=clock)
+    callback = _ledger(run, clock)
     _feed(callback, range(40))
     assert len(callback.pending) == 39
     callback.flush()  # what run_search's `finally` calls when Ctrl-C leaves Tune's loop
@@ -94,7 +111,7 @@ def test_a_flush_commits_the_buffer_as_on_an_interrupt_and_a_resume_continues(tm
     _assert_manifest_matches_disk(run)
 
     # a resumed search: a new callback seeds its counter and the manifest's part list once, then adds to them
-    resumed = StoreCallback(run.path, TOTAL, searcher=None, group_size=64, interval_s=1.0, clock=clock)
+    resumed = _ledger(run, clock)
     resumed.setup()
     _feed(resumed, range(30, 140))  # 30..39 already stored: not written again
     resumed.on_experiment_end(trials=[])
@@ -128,3 +145,54 @@ def pq_rows(path: str) -> int:
     import pyarrow.parquet as pq
 
     return pq.read_metadata(path).num_rows
+
+
+def _board(run: RunDir) -> list[int]:
+    return [row["index"] for row in json.load(open(leaderboard_path(run.path)))]
+
+
+def test_the_leaderboard_holds_the_best_committed_candidates_never_one_received_only(tmp_path):
+    run, clock = _run(tmp_path), FrozenClock()
+    ledger = _ledger(run, clock, top_k=3)
+    _feed(ledger, [0, 1])  # the first commits at once, the second waits for its group
+    assert _board(run) == [0] and len(ledger.pending) == 1
+    _feed(ledger, range(200, 210))  # better scores, received: not on the board before they are committed
+    assert _board(run) == [0] and CandidateStore(run.path).indices() == {0}
+    clock.now += 1.0
+    ledger.on_step_end(iteration=1, trials=[])
+    assert _board(run) == [209, 208, 207]
+    resumed = _ledger(run, clock, top_k=3)  # a resumed search's board starts from what the store holds
+    _feed(resumed, [100, 250])
+    resumed.flush()
+    assert _board(run) == [250, 209, 208]
+
+
+def test_the_rate_is_counted_from_the_first_candidate_and_the_line_shows_the_time_left(tmp_path, capsys):
+    run, clock = _run(tmp_path), FrozenClock()
+    ledger = _ledger(run, clock)
+    clock.now += 600.0  # Ray's start-up and the first trial's: not in the rate
+    _feed(ledger, [0])
+    for i in range(1, 11):
+        clock.now += 6.0
+        _feed(ledger, [i])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[search] candidates ")]
+    assert lines[0] == "[search] candidates 1/300 | best score 0.0000 | n/a candidates/min"
+    assert lines[-1] == "[search] candidates 11/300 | best score 0.0333 | 10.0 candidates/min | ETA 29 min"
+
+
+def test_the_ledger_stops_the_search_when_too_many_candidates_fail(tmp_path):
+    run, clock = _run(tmp_path), FrozenClock()
+    ledger = _ledger(run, clock, max_failed_fraction=0.5, minimum=4)
+    stopper = LedgerStopper(ledger)
+
+    def failed(i: int) -> dict:
+        return CandidateRecord.failed(i, [0.1], "RuntimeError: boom").to_dict()
+
+    _feed(ledger, [0, 1], failed)
+    _feed(ledger, [2])
+    _feed(ledger, [1], failed)  # a result shown again counts once
+    assert not stopper.stop_all()  # 2 of 3 failed, fewer than the minimum of 4 results
+    ledger.on_trial_result(0, [], SimpleNamespace(trial_id="t", config={}), {"done": True, "training_iteration": 1})
+    assert not stopper.stop_all()  # Tune's own result is no candidate
+    _feed(ledger, [3], failed)
+    assert stopper("t00003", failed(3)) is False and stopper.stop_all()  # 3 of 4 failed

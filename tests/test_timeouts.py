@@ -14,7 +14,8 @@ from prunetune.search.cli import main
 from prunetune.search.config import load_config, resumable
 from prunetune.search.rundir import RunDir
 from prunetune.search.store import CandidateStore
-from prunetune.search.tune_search import CandidateTimeouts, FailureStopper, StoreCallback, StrategySearcher, Timeouts
+from prunetune.search.ledger import Ledger, LedgerStopper
+from prunetune.search.tune_search import StrategySearcher, Timeouts
 from prunetune.workers.record import CandidateRecord
 from tests.faults import ROOT, embedded_ray, end_hung_workers
 from tests.runs import run_args
@@ -96,35 +97,43 @@ class _Numbered:
         pass
 
 
+def _ledger(tmp_path, total: int, searcher: StrategySearcher, **kwargs) -> Ledger:
+    RunDir(str(tmp_path)).create(load_config(None), overwrite=False)
+    return Ledger(str(tmp_path), total, searcher, **kwargs)
+
+
 def test_a_timed_out_trial_gives_its_hung_candidate_and_hands_out_the_rest_of_its_batch_again(tmp_path):
     searcher = StrategySearcher(_Numbered(), "numbered", [], 4, CandidateStore(str(tmp_path)), batch_size=4,
                                 retry_lost=False)  # search.max_failures=0: a lost trial's candidates are not retried
-    assert [c["index"] for c in searcher.suggest("a")["candidates"]] == [0, 1, 2, 3]
-    searcher.on_trial_result("a", CandidateRecord(0, [0.0], score=0.5, flops=1).to_dict())
-    assert searcher.time_out("a")["index"] == 1  # hung on its second candidate
-    searcher.on_trial_result("a", CandidateRecord(1, [0.1], score=0.5, flops=1).to_dict())  # a late result: ignored
+    ledger = _ledger(tmp_path, 4, searcher)
+    trial = SimpleNamespace(trial_id="a", config=searcher.suggest("a"), error_file=None)
+    assert [c.index for c in trial.config["candidates"]] == [0, 1, 2, 3]
+    ledger.on_trial_result(0, [], trial, CandidateRecord(0, [0.0], score=0.5, flops=1).to_dict())
+    ledger.time_out(trial, 5.0, "search.candidate_timeout_s")  # hung on its second candidate
+    ledger.on_trial_result(0, [], trial, CandidateRecord(2, [0.2], score=0.5, flops=1).to_dict())  # late: ignored
     assert searcher.suggest("b") is None  # the hung trial still runs until its worker is gone
-    searcher.on_trial_complete("a", error=True)
-    assert [searcher.handing_out_again(i) for i in range(4)] == [False, False, True, True]
-    assert [c["index"] for c in searcher.suggest("b")["candidates"]] == [2, 3]
+    ledger.on_trial_error(0, [], trial)
+    ledger.flush()
+    stored = [(r.index, r.status, r.error) for r in CandidateStore(str(tmp_path)).records()]
+    assert stored == [(0, "ok", None), (1, "failed", "timed out after 5 s")]
+    assert [c.index for c in searcher.suggest("b")["candidates"]] == [2, 3]  # handed out again, never stored failed
 
 
 def test_a_hung_candidate_is_stored_failed_and_counts_as_a_failure_for_stopping_the_search(tmp_path):
-    RunDir(str(tmp_path)).create(load_config(None), overwrite=False)
     searcher = StrategySearcher(_Numbered(), "numbered", [], 2, CandidateStore(str(tmp_path)), concurrency=2)
-    store, stopper, clock = StoreCallback(str(tmp_path), 2, searcher), FailureStopper(0.5, 2), [0.0]
-    stopped = []
-    timeouts = CandidateTimeouts(5.0, store, stopper, stop=stopped.append, clock=lambda: clock[0])
+    stopped, clock = [], [0.0]
+    ledger = _ledger(tmp_path, 2, searcher, max_failed_fraction=0.5, minimum=2, timeout_s=5.0, stop=stopped.append,
+                     clock=lambda: clock[0])
     trials = [SimpleNamespace(trial_id=t, status="RUNNING", config=searcher.suggest(t)) for t in "ab"]
     for trial in trials:
-        timeouts.on_trial_start(0, trials, trial)
+        ledger.on_trial_start(0, trials, trial)
     clock[0] = 6.0
-    timeouts.on_step_end(0, trials)  # both hang: each one's candidate is stored failed, each worker replaced
-    store.flush()
+    ledger.on_step_end(0, trials)  # both hang: each one's candidate is stored failed, each worker replaced
+    ledger.flush()
     records = CandidateStore(str(tmp_path)).records()
     assert [(r.index, r.status, r.error) for r in records] == [(0, "failed", "timed out after 5 s"),
                                                               (1, "failed", "timed out after 5 s")]
-    assert stopped == trials and stopper.stop_all()  # 2 of 2 failed: the search stops as with failing candidates
+    assert stopped == trials and LedgerStopper(ledger).stop_all()  # 2 of 2 failed: the search stops as with failures
 
 
 def test_the_timeouts_are_auto_by_default_and_may_change_on_resume():
@@ -191,3 +200,20 @@ def test_a_search_its_time_budget_ended_early_is_not_complete_and_resume_complet
     assert json.load(open(run / "manifest.json"))["stage"] == "done"
     assert json.load(open(run / "final" / "summary.json"))["search"]["candidates"] == 24
     assert main(["resume", str(run)]) == 0 and "already complete" in capsys.readouterr().out
+
+
+def test_an_unfinished_search_is_counted_without_a_set_of_every_candidate_number(tmp_path):
+    import tracemalloc
+
+    from prunetune.search.stages import unfinished_search
+
+    cfg = SimpleNamespace(search=SimpleNamespace(num_candidates=10**6, time_budget_s=20.0))
+    records = [CandidateRecord(i, [0.1], score=0.5) for i in (0, 3, 10**6 + 5)]  # the last: beyond num_candidates
+    tracemalloc.start()
+    try:
+        message = unfinished_search(records, cfg, RunDir(str(tmp_path)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "with 2/1000000 candidates" in message and "evaluates the other 999998" in message
+    assert peak < 1_000_000  # a set of range(10**6) alone takes tens of MB

@@ -1,6 +1,7 @@
-"""The candidate record: one evaluated strategy, the single shape every part of a search shares.
+"""The candidate (one strategy to evaluate) and its record (the strategy evaluated): the two shapes a search shares.
 
-The evaluator fills it, the trial adds where it ran, Tune carries it as the trial's result, the store writes it
+The searcher hands out Candidates, Tune carries them in a trial's config to the worker, which evaluates each one.
+The evaluator fills the record, the trial adds where it ran, Tune carries it as the trial's result, the store writes it
 as a Parquet row (the schema is derived from these fields), and the leaderboard, the fine-tuning stage and the
 report read it back.
 """
@@ -8,6 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One strategy to evaluate: its number in the search, one pruning ratio per group, and who proposed it."""
+
+    index: int
+    ratios: tuple[float, ...]
+    source: str  # the search algorithm, or a baseline (uniform, global threshold)
+
+    def failed(self, error: str) -> "CandidateRecord":
+        """The record of this candidate when its evaluation failed (or never finished) with `error`."""
+        record = CandidateRecord.failed(self.index, self.ratios, error)
+        record.source = self.source
+        return record
 
 
 @dataclass
