@@ -9,13 +9,13 @@ curves, and writes OUTPUT/leaderboard.json from what is committed.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from prunetune.workers.files import write_json
+from prunetune.workers.logs import RUN
 from prunetune.workers.record import Candidate, CandidateRecord, best
 
 from .rundir import RunDir
@@ -184,8 +184,7 @@ class Ledger(Callback):
         best_score = "n/a" if self.best is None else f"{self.best:.4f}"
         speed = "n/a candidates/min" if rate is None else f"{rate:.1f} candidates/min | ETA " + \
             _duration((self.total - len(self.received)) / rate * 60)
-        print(f"[search] candidates {self.count}/{self.total} | best score {best_score} | {speed}", file=sys.stdout,
-              flush=True)
+        RUN.info(f"[search] candidates {self.count}/{self.total} | best score {best_score} | {speed}")
 
     def too_many_failed(self) -> bool:
         """True when more than max_failed_fraction of this experiment's candidates (at least `minimum`) failed."""
@@ -212,8 +211,8 @@ class Ledger(Callback):
         record = candidate.failed(f"timed out after {seconds(limit_s)} s")
         record.trial_id = trial.trial_id
         self.receive(record)
-        print(f"[search] candidate {record.index}: {record.error} ({key}); stored as failed, its worker is replaced",
-              file=sys.stdout, flush=True)
+        RUN.info(f"[search] candidate {record.index}: {record.error} ({key}); stored as failed, its worker is "
+                 "replaced")
 
     def _unreported(self, trial) -> list[Candidate]:
         self._store()
@@ -293,8 +292,8 @@ def _error_of(trial) -> str:
 
 def _say_again(candidates: list[Candidate], message: str) -> None:
     for candidate in candidates:
-        print(f"[search] candidate {candidate.index}: its trial was lost ({_brief(message)}); evaluating it again",
-              file=sys.stdout, flush=True)
+        RUN.info(f"[search] candidate {candidate.index}: its trial was lost ({_brief(message)}); evaluating it "
+                 "again")
 
 
 def _brief(message: str, limit: int = 160) -> str:

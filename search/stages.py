@@ -7,6 +7,7 @@ import shutil
 from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.errors import RunFailed
 from prunetune.workers.evaluator import evaluation_data
+from prunetune.workers.logs import RUN
 from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord
 
@@ -139,7 +140,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
         raise SearchFailed(verdict)
     unfinished = unfinished_search(records, cfg, run)
     if unfinished:
-        print(f"[search] {unfinished}; the best so far are fine-tuned", flush=True)
+        RUN.info(f"[search] {unfinished}; the best so far are fine-tuned")
     return records
 
 
@@ -179,7 +180,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     # reads the limit in force from here at each start (finetune.epoch_timeout_s may change on resume)
     run.update(**{EPOCH_TIMEOUT: f.epoch_timeout_s})
     if restore and tune.Tuner.can_restore(path):
-        print(f"[finetune] restoring the Tune experiment in {path}", flush=True)
+        RUN.info(f"[finetune] restoring the Tune experiment in {path}")
         # param_space again: a state file torn by a SIGKILL makes Tune restart the experiment from it
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=finalists)
@@ -199,5 +200,5 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
                                       callbacks=[FinetuneProgress(prep.task.metric), EpochTimeouts(run.path),
                                                  *finetune_callbacks()]))
     ddp = f", {f.workers_per_finalist} DDP workers each" if f.workers_per_finalist > 1 else ""
-    print(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler}{ddp})", flush=True)
+    RUN.info(f"[finetune] fine-tuning the top {len(top)} for up to {f.epochs} epochs ({f.scheduler}{ddp})")
     return tuner.fit()

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections import deque
 
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from prunetune.workers.logs import RUN
 from prunetune.workers.record import Candidate, CandidateRecord
 from prunetune.workers.tasks import short_name
 
@@ -214,8 +214,8 @@ class EpochTimeouts(Timeouts):
     def on_timeout(self, trial, limit_s: float) -> None:
         epoch = (trial.last_result or {}).get("epoch")
         kept = f"its epoch {epoch} model is kept" if epoch else "it has no finished epoch"
-        print(f"[finetune] finalist {trial.config.get('rank')}: no epoch finished within {seconds(limit_s)} s "
-              f"({self.key}); stopped, {kept}", file=sys.stdout, flush=True)
+        RUN.info(f"[finetune] finalist {trial.config.get('rank')}: no epoch finished within {seconds(limit_s)} s "
+                 f"({self.key}); stopped, {kept}")
 
 
 class FinetuneProgress(Callback):
@@ -227,6 +227,6 @@ class FinetuneProgress(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "epoch" in result and "rank" in result:
             metric, short = self.metric, short_name(self.metric)
-            print(f"[finetune] finalist {result['rank']} (candidate {result['index']}) epoch {result['epoch']}: "
-                  f"val {short} {result.get(f'val_{metric}', float('nan')):.4f}, "
-                  f"test {short} {result.get(f'test_{metric}', float('nan')):.4f}", file=sys.stdout, flush=True)
+            RUN.info(f"[finetune] finalist {result['rank']} (candidate {result['index']}) epoch {result['epoch']}: "
+                     f"val {short} {result.get(f'val_{metric}', float('nan')):.4f}, "
+                     f"test {short} {result.get(f'test_{metric}', float('nan')):.4f}")
