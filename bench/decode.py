@@ -107,8 +107,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=300, help="files timed per decoder")
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=5, help="runs per setting (the median is kept)")
-    args = parse_args(parser, {"per_class": 4, "size": 80, "eval_size": 72, "small_size": 16, "heldout": 4,
-                               "batch": 4, "files": 10, "workers": "0,2", "rounds": 1}, require=("data",))
+    args = parse_args(parser, {"per_class": 4, "size": 80, "eval_size": 72, "small_size": 16, "heldout": 2,
+                               "batch": 2, "files": 10, "workers": "0,2", "rounds": 1}, require=("data",))
     if args.smoke:
         args.data = make_smoke_source(os.path.join(smoke_dir(), "source"))
         args.jpeg_dir = os.path.join(smoke_dir(), "jpeg")
