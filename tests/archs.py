@@ -627,3 +627,37 @@ class YoloLike(nn.Module):
         n4 = self.bottom_up4(torch.cat((self.down3(n3), n4), 1))
         n5 = self.bottom_up5(torch.cat((self.down4(n4), p5), 1))
         return self.detect([n3, n4, n5])
+
+
+class FixedSplit(nn.Module):
+    """conv -> its channels split by `how` (a chunk into unequal parts, or split by sizes, equal or not: sizes written
+    in the code, which pruning cannot follow) -> the first part straight to a concat, the rest through a conv."""
+
+    SPLITS = {"chunk into 3": lambda x: x.chunk(3, 1), "split [4, 12]": lambda x: x.split([4, 12], 1),
+              "split (8, 8)": lambda x: x.split((8, 8), 1)}
+
+    def __init__(self, cin: int, how: str):
+        super().__init__()
+        self.how = how
+        self.cv1 = YoloConv(cin, 16)
+        rest = 16 - 6 if how == "chunk into 3" else 16 - {"split [4, 12]": 4, "split (8, 8)": 8}[how]
+        self.m = YoloConv(rest, rest, 3)
+        self.cv2 = YoloConv(16 + rest, cin)
+
+    def forward(self, x):
+        first, *rest = self.SPLITS[self.how](self.cv1(x))
+        rest = torch.cat(rest, 1)
+        return self.cv2(torch.cat((first, rest, self.m(rest)), 1))
+
+
+class BlockNet(nn.Module):
+    """A stem conv, `blocks` (YOLO blocks or FixedSplit) in a row, a global pool and a classifier."""
+
+    def __init__(self, *blocks: nn.Module, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        self.stem = YoloConv(3, width, 3, 2)
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
