@@ -213,9 +213,9 @@ class _ChannelOps:
                     parts.update({t.grad_fn: (where, i, count) for i, t in enumerate(out) if t.grad_fn is not None})
                     return out
                 out = func(*args, **kwargs)
-                if name == "cat" and isinstance(out, torch.Tensor) and out.dim() == 4 and out.grad_fn is not None and \
-                        kwargs.get("dim", args[1] if len(args) > 1 else 0) in (1, -3):
-                    cats[out.grad_fn] = [t.shape[1] for t in x]
+                if name in ("cat", "concat", "concatenate") and isinstance(out, torch.Tensor) and out.dim() == 4 and \
+                        out.grad_fn is not None and kwargs.get("dim", args[1] if len(args) > 1 else 0) in (1, -3):
+                    cats[out.grad_fn] = [t.shape[1] for t in kwargs.get("tensors", x)]
                 if not (isinstance(x, torch.Tensor) and x.dim() in (3, 4) and stack):
                     return out
                 if name == "group_norm" and isinstance(out, torch.Tensor) and out.grad_fn is not None:
