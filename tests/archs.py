@@ -661,3 +661,18 @@ class BlockNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class ChunkedConcat(nn.Module):
+    """Two convs concatenated, then chunked in two: each half is one conv's channels, so neither conv can be pruned
+    (the chunk would split elsewhere than where their channels meet)."""
+
+    def __init__(self, cin: int):
+        super().__init__()
+        self.a, self.b = YoloConv(cin, 8), YoloConv(cin, 8)
+        self.m = YoloConv(8, 8, 3)
+        self.cv2 = YoloConv(16, cin)
+
+    def forward(self, x):
+        first, second = torch.cat((self.a(x), self.b(x)), 1).chunk(2, 1)
+        return self.cv2(torch.cat((first, self.m(second)), 1))

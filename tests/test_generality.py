@@ -361,3 +361,14 @@ def test_splits_of_fixed_or_unequal_size_are_refused_in_one_line(how):
     message = str(e.value)
     assert "\n" not in message and message.startswith("model: 2 channel groups cannot be pruned exactly")
     assert "blocks.0 (FixedSplit) splits the channels into parts of fixed size" in message
+
+
+def test_an_equal_chunk_that_splits_where_two_groups_meet_is_left_out_with_a_warning():
+    torch.manual_seed(0)
+    model = archs.randomize_batchnorm(archs.BlockNet(archs.ChunkedConcat(16))).eval()
+    verdict = _verdict(model)
+    reason = ("blocks.0 (ChunkedConcat) chunks the channels into 2 equal parts, which the group's channels do not "
+              "fill alike")
+    assert sorted(verdict.left_out) == [("blocks.0.a.conv", reason), ("blocks.0.b.conv", reason)]
+    assert "blocks.0.m.conv" in [g.name for g in verdict.space.groups]
+    _assert_exact_on_sampled_strategies(model, verdict.space)

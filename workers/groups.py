@@ -399,16 +399,23 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
 
 
 def _size_concats(graph, cats: dict) -> None:
-    """Give Torch-Pruning the input sizes of every concat whose sizes it infers wrong, and map its indices again: it
-    cannot infer a slice's channels (it takes the sliced tensor's), so it maps none through a concat of a chunk's
-    parts."""
-    from torch_pruning.dependency.index_mapping import update_concat_index_mapping
+    """Map the indices through every concat of distinct inputs whose sizes Torch-Pruning infers wrong or not at all,
+    from the sizes seen: it cannot infer a slice's channels (it takes the sliced tensor's), so it maps none through a
+    concat of a chunk's parts or into a chunk, and merges what it should have offset."""
+    from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
 
     for node in graph.module2node.values():
         sizes = cats.get(node.grad_fn)
-        if sizes and len(sizes) == len(node.inputs) and node.module.concat_sizes != sizes:
-            node.module.concat_sizes = sizes
-            update_concat_index_mapping(graph, node)
+        if not sizes or len(sizes) != len({id(n) for n in node.inputs}) or node.module.offsets is not None and \
+                node.module.concat_sizes == sizes:
+            continue
+        offsets = np.cumsum([0] + sizes).tolist()
+        node.module.concat_sizes, node.module.offsets = sizes, offsets
+        for i, source in enumerate(node.inputs):  # the slots Torch-Pruning's own concat mapping fills
+            back = next(d for d in node.dependencies if d.target is source)
+            back.index_mapping[1] = _ConcatIndexMapping(offset=offsets[i:i + 2], reverse=True)
+            forward = next(d for d in source.dependencies if d.target is node)
+            forward.index_mapping[1] = _ConcatIndexMapping(offset=offsets[i:i + 2], reverse=False)
 
 
 def _chunked_first(graph, parts: dict) -> None:
