@@ -241,12 +241,12 @@ class _ChannelOps:
 
 
 def _equal_chunk(name: str, args: tuple, kwargs: dict) -> int:
-    """The part count of a chunk (or tensor_split by a count) of a feature map's channels into equal parts, else 0:
-    the only split whose parts follow the channel count (a split by sizes keeps the sizes in its code)."""
+    """The part count of a chunk of a feature map's channels into equal parts, else 0: the one split whose parts
+    follow the channel count (a split by sizes keeps the sizes written in its code)."""
     x = args[0] if args else None
-    count = kwargs.get("chunks", kwargs.get("sections", args[1] if len(args) > 1 else None))
-    if name not in ("chunk", "tensor_split") or not (isinstance(x, torch.Tensor) and x.dim() == 4) or \
-            not isinstance(count, int) or kwargs.get("dim", args[2] if len(args) > 2 else 0) not in (1, -3):
+    count = kwargs.get("chunks", args[1] if len(args) > 1 else None)
+    if name != "chunk" or not (isinstance(x, torch.Tensor) and x.dim() == 4) or not isinstance(count, int) or \
+            kwargs.get("dim", args[2] if len(args) > 2 else 0) not in (1, -3):
         return 0
     return count if count > 1 and x.shape[1] % count == 0 else 0
 
