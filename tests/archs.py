@@ -462,3 +462,217 @@ def compiled_block(num_classes: int = 10) -> nn.Module:
 def rolled(num_classes: int = 10) -> nn.Module:
     """Factory for `prunetune` runs: channels rolled between two convs (Permuted('roll'))."""
     return Permuted("roll", num_classes)
+
+
+# Issue 35: YOLO's blocks (Ultralytics' ultralytics/nn/modules/block.py and head.py, same ops, written here because
+# ultralytics does not import beside the CPU torch): a conv's output chunked into two equal halves consumed differently.
+
+class YoloConv(nn.Module):
+    """Ultralytics' Conv: conv (no bias) -> BatchNorm -> SiLU, one SiLU module shared by every Conv (default_act)."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, cin: int, cout: int, k: int = 1, s: int = 1, g: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = self.default_act
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class YoloBottleneck(nn.Module):
+    """Ultralytics' Bottleneck: two Convs, a residual add when `shortcut` and the widths match."""
+
+    def __init__(self, cin: int, cout: int, shortcut: bool = True, k: tuple[int, int] = (3, 3), e: float = 0.5):
+        super().__init__()
+        hidden = int(cout * e)
+        self.cv1, self.cv2 = YoloConv(cin, hidden, k[0]), YoloConv(hidden, cout, k[1])
+        self.add = shortcut and cin == cout
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x)) if self.add else self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: cv1's output chunked in two halves; one goes straight to the concat, the other through the
+    bottlenecks (each output joins the concat too)."""
+
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False, e: float = 0.5):
+        super().__init__()
+        self.c = int(cout * e)
+        self.cv1 = YoloConv(cin, 2 * self.c, 1)
+        self.cv2 = YoloConv((2 + n) * self.c, cout, 1)
+        self.m = nn.ModuleList(YoloBottleneck(self.c, self.c, shortcut, e=1.0) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class C3(nn.Module):
+    """YOLOv5's C3: two parallel 1x1 Convs, bottlenecks on one, concatenated into a third Conv."""
+
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = True, e: float = 0.5):
+        super().__init__()
+        hidden = int(cout * e)
+        self.cv1, self.cv2, self.cv3 = YoloConv(cin, hidden), YoloConv(cin, hidden), YoloConv(2 * hidden, cout)
+        self.m = nn.Sequential(*(YoloBottleneck(hidden, hidden, shortcut, (1, 3), e=1.0) for _ in range(n)))
+
+    def forward(self, x):
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+class C3k(C3):
+    """YOLO11's C3k: a C3 whose bottlenecks use k x k kernels."""
+
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = True, e: float = 0.5, k: int = 3):
+        super().__init__(cin, cout, n, shortcut, e)
+        hidden = int(cout * e)
+        self.m = nn.Sequential(*(YoloBottleneck(hidden, hidden, shortcut, (k, k), e=1.0) for _ in range(n)))
+
+
+class C3k2(C2f):
+    """YOLO11's C3k2: a C2f whose inner blocks are C3k blocks (c3k) or bottlenecks."""
+
+    def __init__(self, cin: int, cout: int, n: int = 1, c3k: bool = False, e: float = 0.5, shortcut: bool = True):
+        super().__init__(cin, cout, n, shortcut, e)
+        self.m = nn.ModuleList(C3k(self.c, self.c, 2, shortcut) if c3k else YoloBottleneck(self.c, self.c, shortcut)
+                               for _ in range(n))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling, fast: a 1x1 Conv, three chained 5x5 max-pools, all four concatenated."""
+
+    def __init__(self, cin: int, cout: int, k: int = 5):
+        super().__init__()
+        hidden = cin // 2
+        self.cv1, self.cv2 = YoloConv(cin, hidden), YoloConv(hidden * 4, cout)
+        self.m = nn.MaxPool2d(k, 1, k // 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class DFL(nn.Module):
+    """Distribution focal loss integral: a softmax over reg_max bins, then a fixed 1x1 conv with arange weights."""
+
+    def __init__(self, bins: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(bins, 1, 1, bias=False).requires_grad_(False)
+        self.conv.weight.data[:] = torch.arange(bins, dtype=torch.float).view(1, bins, 1, 1)
+        self.bins = bins
+
+    def forward(self, x):
+        b, _, a = x.shape
+        return self.conv(x.view(b, 4, self.bins, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+
+class Detect(nn.Module):
+    """YOLOv8's Detect head: per scale a box branch (4 * reg_max) and a class branch, decoded through the DFL on
+    anchor points; returns (decoded boxes and class scores, raw per-scale maps), as Ultralytics does in eval."""
+
+    def __init__(self, nc: int = 10, ch: tuple[int, ...] = (), reg_max: int = 8, strides: tuple[int, ...] = ()):
+        super().__init__()
+        self.nc, self.reg_max, self.no, self.strides = nc, reg_max, nc + 4 * reg_max, strides
+        c2, c3 = max(16, ch[0] // 4, 4 * reg_max), max(ch[0], min(nc, 100))
+        self.cv2 = nn.ModuleList(nn.Sequential(YoloConv(c, c2, 3), YoloConv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1))
+                                 for c in ch)
+        self.cv3 = nn.ModuleList(nn.Sequential(YoloConv(c, c3, 3), YoloConv(c3, c3, 3), nn.Conv2d(c3, nc, 1))
+                                 for c in ch)
+        self.dfl = DFL(reg_max)
+
+    def forward(self, x):
+        x = [torch.cat((box(f), cls(f)), 1) for f, box, cls in zip(x, self.cv2, self.cv3)]
+        anchors, strides = [], []
+        for f, stride in zip(x, self.strides):
+            h, w = f.shape[2:]
+            sy, sx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+            anchors.append(torch.stack((sx, sy), 0).view(2, -1))
+            strides.append(torch.full((1, h * w), float(stride)))
+        anchors, strides = torch.cat(anchors, 1), torch.cat(strides, 1)
+        box, cls = torch.cat([f.view(len(f), self.no, -1) for f in x], 2).split((4 * self.reg_max, self.nc), 1)
+        lt, rb = self.dfl(box).chunk(2, 1)
+        boxes = torch.cat(((anchors - lt + anchors + rb) / 2, rb + lt), 1) * strides
+        return torch.cat((boxes, cls.sigmoid()), 1), x
+
+
+class YoloLike(nn.Module):
+    """A small YOLOv8/11-shaped detector: a backbone of Convs and C2f / C3k2 / C3 blocks with SPPF, a PAN neck
+    (upsample + concat, then strided Convs + concat) and a Detect head on three scales (strides 8, 16, 32)."""
+
+    def __init__(self, nc: int = 10, w: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(YoloConv(3, w, 3, 2), YoloConv(w, 2 * w, 3, 2), C2f(2 * w, 2 * w, 1, True))
+        self.p3 = nn.Sequential(YoloConv(2 * w, 4 * w, 3, 2), C3k2(4 * w, 4 * w, 1, c3k=False, e=0.25))
+        self.p4 = nn.Sequential(YoloConv(4 * w, 8 * w, 3, 2), C3(8 * w, 8 * w, 1))
+        self.p5 = nn.Sequential(YoloConv(8 * w, 8 * w, 3, 2), C3k2(8 * w, 8 * w, 1, c3k=True), SPPF(8 * w, 8 * w))
+        self.up4, self.up3 = nn.Upsample(scale_factor=2), nn.Upsample(scale_factor=2)  # one module per call, as theirs
+        self.top_down4 = C2f(16 * w, 8 * w, 1)
+        self.top_down3 = C2f(12 * w, 4 * w, 1)
+        self.down3, self.bottom_up4 = YoloConv(4 * w, 4 * w, 3, 2), C2f(12 * w, 8 * w, 1)
+        self.down4, self.bottom_up5 = YoloConv(8 * w, 8 * w, 3, 2), C3k2(16 * w, 8 * w, 1, c3k=True)
+        self.detect = Detect(nc, (4 * w, 8 * w, 8 * w), strides=(8, 16, 32))
+
+    def forward(self, x):
+        p3 = self.p3(self.stem(x))
+        p4 = self.p4(p3)
+        p5 = self.p5(p4)
+        n4 = self.top_down4(torch.cat((self.up4(p5), p4), 1))
+        n3 = self.top_down3(torch.cat((self.up3(n4), p3), 1))
+        n4 = self.bottom_up4(torch.cat((self.down3(n3), n4), 1))
+        n5 = self.bottom_up5(torch.cat((self.down4(n4), p5), 1))
+        return self.detect([n3, n4, n5])
+
+
+class FixedSplit(nn.Module):
+    """conv -> its channels split by `how` (a chunk into unequal parts, or split by sizes, equal or not: sizes written
+    in the code, which pruning cannot follow) -> the first part straight to a concat, the rest through a conv."""
+
+    SPLITS = {"chunk into 3": lambda x: x.chunk(3, 1), "split [4, 12]": lambda x: x.split([4, 12], 1),
+              "split (8, 8)": lambda x: x.split((8, 8), 1)}
+
+    def __init__(self, cin: int, how: str):
+        super().__init__()
+        self.how = how
+        self.cv1 = YoloConv(cin, 16)
+        rest = 16 - 6 if how == "chunk into 3" else 16 - {"split [4, 12]": 4, "split (8, 8)": 8}[how]
+        self.m = YoloConv(rest, rest, 3)
+        self.cv2 = YoloConv(16 + rest, cin)
+
+    def forward(self, x):
+        first, *rest = self.SPLITS[self.how](self.cv1(x))
+        rest = torch.cat(rest, 1)
+        return self.cv2(torch.cat((first, rest, self.m(rest)), 1))
+
+
+class BlockNet(nn.Module):
+    """A stem conv, `blocks` (YOLO blocks or FixedSplit) in a row, a global pool and a classifier."""
+
+    def __init__(self, *blocks: nn.Module, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        self.stem = YoloConv(3, width, 3, 2)
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class ChunkedConcat(nn.Module):
+    """Two convs concatenated, then chunked in two: each half is one conv's channels, so neither conv can be pruned
+    (the chunk would split elsewhere than where their channels meet)."""
+
+    def __init__(self, cin: int):
+        super().__init__()
+        self.a, self.b = YoloConv(cin, 8), YoloConv(cin, 8)
+        self.m = YoloConv(8, 8, 3)
+        self.cv2 = YoloConv(16, cin)
+
+    def forward(self, x):
+        first, second = torch.cat((self.a(x), self.b(x)), 1).chunk(2, 1)
+        return self.cv2(torch.cat((first, self.m(second)), 1))

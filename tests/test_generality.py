@@ -5,6 +5,7 @@ is pruned by several strategies and checked against fvcore on the actually prune
 Torch-Pruning's own surgery on the same channels; each unsupported one is refused, or its one bad group left out.
 """
 import copy
+import dataclasses
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from prunetune.search.cli import main
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.preflight import FUNCTIONAL_TOLERANCE, functional_gap
 from prunetune.workers.space import count_flops
+from prunetune.workers.tasks import CLASSIFICATION, output_tensors
 from tests import archs
 from tests.reference import torch_pruning_surgery
 
@@ -28,9 +30,9 @@ SUPPORTED = {
 }
 
 
-def _verdict(model, target=0.5):
+def _verdict(model, target=0.5, **kwargs):
     return preflight(model, torch.zeros(1, 3, 32, 32), 10, 0.7,
-                     lambda space: StrategySampler(space, target, 0.05, 0.7).sample(0))
+                     lambda space: StrategySampler(space, target, 0.05, 0.7).sample(0), **kwargs)
 
 
 @pytest.mark.parametrize("name", list(SUPPORTED))
@@ -160,10 +162,10 @@ def _assert_exact_on_sampled_strategies(model, space, function=True):
         assert space.flops(ratios) == count_flops(pruned, x[:1]).total() < space.base_flops
         assert space.params(ratios) == sum(p.numel() for p in pruned.parameters())
         with torch.no_grad():
-            got = pruned(x)
+            got = output_tensors(pruned(x))
             if function:
-                want = _zeroed_reference(model, plan, ratios)(x)
-                assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+                for g, want in zip(got, output_tensors(_zeroed_reference(model, plan, ratios)(x)), strict=True):
+                    assert torch.allclose(g, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("permutation", list(archs.PERMUTATIONS))
@@ -308,3 +310,65 @@ def test_inspect_warns_of_a_permuted_group_and_says_what_the_preflight_proved(ca
     assert "preflight: warning: left the group of c1 out (the pruned network computes something other than the base " \
            "without the removed channels" in out
     assert out.count("and computes what the base computes without the removed channels") == 3  # the 3 strategies
+
+
+# Issue 35: YOLO's blocks, whose conv output is chunked into equal halves consumed differently (C2f, C3k2).
+
+RAW_OUTPUTS = dataclasses.replace(CLASSIFICATION, check=lambda prediction, num_classes: None)  # a detector's maps
+YOLO_BLOCKS = {  # name -> (block, whether it chunks its cv1's output in two)
+    "C2f with shortcuts": (lambda: archs.C2f(16, 16, 2, shortcut=True), True),
+    "C2f without shortcuts": (lambda: archs.C2f(16, 16, 1), True),
+    "C3k2 of bottlenecks": (lambda: archs.C3k2(16, 16, 1, c3k=False, e=0.25), True),
+    "C3k2 of C3k blocks": (lambda: archs.C3k2(16, 16, 1, c3k=True), True),
+    "C3": (lambda: archs.C3(16, 16, 2), False),
+    "SPPF": (lambda: archs.SPPF(16, 16), False),
+}
+
+
+@pytest.mark.parametrize("block", list(YOLO_BLOCKS))
+def test_a_yolo_block_is_pruned_exactly_with_no_group_left_out(block):
+    torch.manual_seed(0)
+    make, chunks = YOLO_BLOCKS[block]
+    model = archs.randomize_batchnorm(archs.BlockNet(make())).eval()
+    verdict = _verdict(model)
+    space = verdict.space
+    assert verdict.left_out == [] and space.rejected == []
+    halves = [i for i, g in enumerate(space.groups) if g.blocks == 2]
+    assert [space.groups[i].name for i in halves] == (["blocks.0.cv1.conv"] if chunks else [])
+    for ratios in _sampled(space):  # each half keeps as many channels, so the pruned chunk splits where they meet
+        assert all(space.kept_units(ratios)[i] % 2 == 0 for i in halves)
+    _assert_exact_on_sampled_strategies(model, space)
+
+
+def test_a_yolo_like_detector_is_pruned_exactly_with_its_chunks_in_two_blocks():
+    torch.manual_seed(0)
+    model = archs.randomize_batchnorm(archs.YoloLike()).eval()
+    verdict = _verdict(model, task=RAW_OUTPUTS)
+    space = verdict.space
+    assert verdict.left_out == [] and space.rejected == []
+    chunked = {"stem.2", "p3.1", "p5.1", "top_down4", "top_down3", "bottom_up4", "bottom_up5"}  # every C2f, C3k2
+    assert {g.name for g in space.groups if g.blocks == 2} == {f"{name}.cv1.conv" for name in chunked}
+    heads = {f"detect.{branch}.{i}.2" for branch in ("cv2", "cv3") for i in range(3)} | {"detect.dfl.conv"}
+    assert set(space.ignored_layers) == heads  # their outputs are never pruned (their inputs are)
+    assert not heads & {m.module for g in space.groups for m in g.members if m.role == "out"}
+    _assert_exact_on_sampled_strategies(model, space)
+
+
+@pytest.mark.parametrize("how", list(archs.FixedSplit.SPLITS))
+def test_splits_of_fixed_or_unequal_size_are_refused_in_one_line(how):
+    with pytest.raises(SpaceError) as e:
+        _verdict(archs.BlockNet(archs.FixedSplit(16, how), archs.FixedSplit(16, how)))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("model: 2 channel groups cannot be pruned exactly")
+    assert "blocks.0 (FixedSplit) splits the channels into parts of fixed size" in message
+
+
+def test_an_equal_chunk_that_splits_where_two_groups_meet_is_left_out_with_a_warning():
+    torch.manual_seed(0)
+    model = archs.randomize_batchnorm(archs.BlockNet(archs.ChunkedConcat(16))).eval()
+    verdict = _verdict(model)
+    reason = ("blocks.0 (ChunkedConcat) chunks the channels into 2 equal parts, which the group's channels do not "
+              "fill alike")
+    assert sorted(verdict.left_out) == [("blocks.0.a.conv", reason), ("blocks.0.b.conv", reason)]
+    assert "blocks.0.m.conv" in [g.name for g in verdict.space.groups]
+    _assert_exact_on_sampled_strategies(model, verdict.space)

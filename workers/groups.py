@@ -5,7 +5,9 @@ of Torch-Pruning root channels that always go together: usually one root channel
 module whose depthwise half copies the primary half. Every layer dimension in a group (a `Member`) follows
 the units, the same number of its channels per unit, so the channels a layer keeps are linear in the units a
 group keeps, whatever the ranking. A group where that does not hold (a channel split or a slice that only part
-of the group reaches) is not a valid group and is reported instead.
+of the group reaches) is not a valid group and is reported instead. A chunk of the channels into equal parts
+(YOLO's C2f: `cv1(x).chunk(2, 1)`, its halves consumed differently) is the exception: the group splits into as
+many blocks, each keeping the same units, so that after pruning the chunk still splits where the parts meet.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ class Member:
 
     `module` is the layer's name (for a bare parameter, the parameter's name); `kind` is a layer kind, `op` or
     `parameter`; `role` is `out` or `in`; `idxs` are the dimension's indices governed by this group and `units`
-    the group unit each of them follows; `axis` is the pruned axis of a bare parameter.
+    the group unit each of them follows; `axis` is the pruned axis of a bare parameter; `per_unit` its channels
+    per group unit (1 for most layers, 2 after a GhostNet concat, 1/2 for a layer that sees one half of a chunk).
     """
 
     module: str
@@ -49,11 +52,7 @@ class Member:
     idxs: np.ndarray
     units: np.ndarray
     axis: int = 0
-
-    @property
-    def per_unit(self) -> int:
-        """Channels of this dimension per group unit (1 for most layers, 2 after a GhostNet concat)."""
-        return len(self.idxs) // (int(self.units.max()) + 1)
+    per_unit: float = 1.0
 
 
 @dataclass
@@ -62,9 +61,9 @@ class Group:
     stripes of one layer (methods that prune within a layer, whose groups have no members).
 
     A channel group is named after its producer (the first conv/linear, in model order, whose filters it
-    prunes); `root` is the layer Torch-Pruning enumerates it by. `blocks` > 1 when a grouped conv or GroupNorm
-    splits the channels into blocks that must keep the same units (unit u is position u % (units / blocks) of
-    block u // (units / blocks)).
+    prunes); `root` is the layer Torch-Pruning enumerates it by. `blocks` > 1 when a grouped conv, GroupNorm or an
+    equal chunk splits the channels into blocks that must keep the same units (unit u is position
+    u % (units / blocks) of block u // (units / blocks)).
     """
 
     name: str
@@ -89,6 +88,7 @@ class Trace:
     aliases: dict  # stateless leaf that passed its input on -> the call whose output (and channels) it is
     channel_ops: dict  # grad_fn -> what a channel shuffle or fixed-size split does where (pruning cannot follow)
     norm_blocks: dict  # grad_fn of a functional group_norm -> (its group count, where): the channels split into blocks
+    chunk_parts: dict  # grad_fn of one part of an equal chunk -> (where, the part, the part count)
 
 
 @contextlib.contextmanager
@@ -165,8 +165,9 @@ def find_heads(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
 class _ChannelOps:
     """Records the modules whose forward moves a feature map's channels in a way pruning cannot follow: into groups
     (a channel shuffle, by reshape or by op), into pixels (PixelShuffle) or into parts of fixed size (their sizes are
-    numbers in the module, not the tensor's); and the group count of every functional group_norm, which a group's
-    kept channels must split into, as a GroupNorm layer's."""
+    numbers in the module, not the tensor's); the group count of every functional group_norm, which a group's
+    kept channels must split into, as a GroupNorm layer's; and every chunk of the channels into equal parts, which
+    it runs as slices (Torch-Pruning maps a slice's channels; a chunk's parts it confuses when they meet again)."""
 
     RESHAPES = {"view", "reshape", "unflatten"}
     SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split"}
@@ -180,6 +181,8 @@ class _ChannelOps:
         self.found: dict = {}  # grad_fn of the op's output -> "module (Type) does what"
         self.windows: dict = {}  # "found" -> the first module that reshapes feature maps into windows
         self.blocks: dict = {}  # grad_fn of a functional group_norm's output -> (its number of groups, where)
+        self.parts: dict = {}  # grad_fn of one part of an equal chunk -> (where, the part, the part count)
+        self.cats: dict = {}  # grad_fn of a concat of feature maps' channels -> the channels of each input
 
     def refuse_windows(self) -> None:
         """SpaceError naming the first module that reshaped feature maps into windows, if one did: Torch-Pruning's
@@ -192,13 +195,27 @@ class _ChannelOps:
         """Record during the forward passes run inside this context."""
         from torch.overrides import TorchFunctionMode
 
-        found, windows, blocks, model = self.found, self.windows, self.blocks, self.model
+        found, windows, blocks, parts, cats, model = (self.found, self.windows, self.blocks, self.parts, self.cats,
+                                                      self.model)
+        chunks: dict[str, int] = {}
 
         class Watch(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                out = func(*args, **kwargs)
                 x, name = (args[0] if args else None), getattr(func, "__name__", "")
+                count = _equal_chunk(name, args, kwargs)
+                if count and stack:
+                    size = x.shape[1] // count
+                    out = tuple(x[:, i * size:(i + 1) * size] for i in range(count))
+                    where = describe_module(model, stack[-1])
+                    chunks[where] = chunks.get(where, 0) + 1  # a module that chunks twice: each chunk on its own
+                    where += f" (its chunk {chunks[where]})" if chunks[where] > 1 else ""
+                    parts.update({t.grad_fn: (where, i, count) for i, t in enumerate(out) if t.grad_fn is not None})
+                    return out
+                out = func(*args, **kwargs)
+                if name in ("cat", "concat", "concatenate") and isinstance(out, torch.Tensor) and out.dim() == 4 and \
+                        out.grad_fn is not None and kwargs.get("dim", args[1] if len(args) > 1 else 0) in (1, -3):
+                    cats[out.grad_fn] = [t.shape[1] for t in kwargs.get("tensors", x)]
                 if not (isinstance(x, torch.Tensor) and x.dim() in (3, 4) and stack):
                     return out
                 if name == "group_norm" and isinstance(out, torch.Tensor) and out.grad_fn is not None:
@@ -221,6 +238,17 @@ class _ChannelOps:
 
         with module_stack(model) as stack, Watch():
             yield
+
+
+def _equal_chunk(name: str, args: tuple, kwargs: dict) -> int:
+    """The part count of a chunk of a feature map's channels into equal parts, else 0: the one split whose parts
+    follow the channel count (a split by sizes keeps the sizes written in its code)."""
+    x = args[0] if args else None
+    count = kwargs.get("chunks", args[1] if len(args) > 1 else None)
+    if name != "chunk" or not (isinstance(x, torch.Tensor) and x.dim() == 4) or not isinstance(count, int) or \
+            kwargs.get("dim", args[2] if len(args) > 2 else 0) not in (1, -3):
+        return 0
+    return count if count > 1 and x.shape[1] % count == 0 else 0
 
 
 # Torch-Pruning's grouping is quadratic in a group's size: some models never finish, or fill the memory. Bounded in
@@ -344,6 +372,9 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
         for h in hooks:
             h.remove()
     channel_ops.refuse_windows()
+    if channel_ops.parts:
+        _size_concats(graph, channel_ops.cats)
+        _chunked_first(graph, channel_ops.parts)
     ignored_modules = [model.get_submodule(n) for n in ignored]
     roots: list[nn.Module] = []  # the layers whose groups Torch-Pruning built, the last to name if that fails
     build_group = graph.get_pruning_group
@@ -364,7 +395,45 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     groups = [(root, g) for root, g in groups if len(g[0].idxs) > 1]  # Torch-Pruning skips 1-channel groups
     axes = {u.parameters: u.pruning_dim for u in graph.unwrapped_parameters}
     return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, aliases, channel_ops.found,
-                 channel_ops.blocks)
+                 channel_ops.blocks, channel_ops.parts)
+
+
+def _size_concats(graph, cats: dict) -> None:
+    """Map the indices through every concat of distinct inputs whose sizes Torch-Pruning infers wrong or not at all,
+    from the sizes seen: it cannot infer a slice's channels (it takes the sliced tensor's), so it maps none through a
+    concat of a chunk's parts or into a chunk, and merges what it should have offset."""
+    from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
+
+    for node in graph.module2node.values():
+        sizes = cats.get(node.grad_fn)
+        if not sizes or len(sizes) != len({id(n) for n in node.inputs}) or node.module.offsets is not None and \
+                node.module.concat_sizes == sizes:
+            continue
+        offsets = np.cumsum([0] + sizes).tolist()
+        node.module.concat_sizes, node.module.offsets = sizes, offsets
+        for i, source in enumerate(node.inputs):  # the slots Torch-Pruning's own concat mapping fills
+            back = next(d for d in node.dependencies if d.target is source)
+            back.index_mapping[1] = _ConcatIndexMapping(offset=offsets[i:i + 2], reverse=True)
+            forward = next(d for d in source.dependencies if d.target is node)
+            forward.index_mapping[1] = _ConcatIndexMapping(offset=offsets[i:i + 2], reverse=False)
+
+
+def _chunked_first(graph, parts: dict) -> None:
+    """Let the layer whose output an equal chunk splits root its group before any layer that only one part reaches
+    (Torch-Pruning roots a group at each layer no earlier group reached, in the order of its graph): its group is then
+    the whole chunked tensor, with everything each part reaches."""
+    import torch_pruning as tp
+
+    first = []
+    for node in graph.module2node.values():
+        producer = node.inputs[0] if node.grad_fn in parts and node.inputs else None
+        while producer is not None and not isinstance(producer.module, (nn.modules.conv._ConvNd, nn.Linear)):
+            # back through norms, activations and adds to the layer that made the chunked channels; not past a concat
+            producer = producer.inputs[0] if producer.inputs and producer.type != tp.ops.OPTYPE.CONCAT else None
+        if producer is not None:
+            first.append(producer.module)
+    order = list(dict.fromkeys(first)) + [m for m in graph.module2node if m not in first]
+    graph.module2node = {m: graph.module2node[m] for m in order}
 
 
 def _grouping_failed(model: nn.Module, root: str | None, e: Exception) -> SpaceError:
@@ -399,18 +468,26 @@ COUNTED_FUNCTIONAL = ("AdaptiveAvgPool2D", "MeanBackward", "BatchNorm", "GroupNo
                       "Addmm", "MmBackward", "Bmm")
 
 
-def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool, dict[str, int]]:
+def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool, dict[str, int], dict[str, dict]]:
     """(name, kind, role, axis) -> [(index, root index)] for every layer dimension the Torch-Pruning group items
-    reach, whether they reach a functional op that fvcore counts, and the blocks of the functional group_norms they
-    reach (where -> group count)."""
+    reach, whether they reach a functional op that fvcore counts, the blocks of the functional group_norms and equal
+    chunks they reach (where -> group or part count), and what each chunk's parts hold (where -> {(part, index
+    in the part): root index})."""
     raw: dict[tuple, list] = {}
     counted = False
-    norm_blocks: dict[str, int] = {}
+    blocks: dict[str, int] = {}
+    parts: dict[str, dict] = {}
     for item in items:
         node = item.dep.target
         target = node.module
         if node.grad_fn in trace.channel_ops:  # a channel shuffle (by reshape, or by a stateless module's op)
             raise _Irregular(trace.channel_ops[node.grad_fn])
+        if node.grad_fn in trace.chunk_parts:  # one part of an equal chunk: indices within the part
+            where, part, count = trace.chunk_parts[node.grad_fn]
+            blocks[where] = count
+            for idx, root in zip(item.idxs, item.root_idxs):
+                parts.setdefault(where, {}).setdefault((part, int(idx)), int(root))
+            continue
         if isinstance(target, nn.Parameter):
             key = (trace.param_names[target], PARAMETER, OUT, trace.param_axes.get(target, 0))
         elif target in trace.names:
@@ -427,11 +504,11 @@ def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool, dict[str, 
         else:  # functional op (add, cat, view, group_norm...): nothing to slice
             if node.grad_fn in trace.norm_blocks:
                 groups, where = trace.norm_blocks[node.grad_fn]
-                norm_blocks[where] = groups
+                blocks[where] = groups
             counted = counted or any(op in type(node.grad_fn).__name__ for op in COUNTED_FUNCTIONAL)
             continue
         raw.setdefault(key, []).extend(zip(item.idxs, item.root_idxs))
-    return raw, counted, norm_blocks
+    return raw, counted, blocks, parts
 
 
 def _items_per_root(trace: Trace, root: nn.Module, group) -> list:
@@ -484,10 +561,15 @@ def _check_blocks(members: list[Member], blocks: dict[str, int], units: int, lcm
             raise _Irregular(f"the channel blocks of {m.module} do not line up with the group's blocks")
 
 
-def _members(items: dict[tuple, list], n_roots: int) -> tuple[list[Member], int]:
-    """The group's members and its unit count; _Irregular if a member does not see every unit equally often."""
+def _members(items: dict[tuple, list], n_roots: int, parts: int = 1) -> tuple[list[Member], np.ndarray]:
+    """The group's members and the unit of every root channel. A member must see every unit equally often; in a
+    group of `parts` blocks (equal chunks), every position of a block equally often (a layer that one part of a
+    chunk reaches sees one block): either way its pruned channels follow the units kept. _Irregular if not."""
     unit_of_root = _units(items, n_roots)
     n_units = int(unit_of_root.max()) + 1
+    if n_units % parts:
+        raise _Irregular(f"its {n_units} channels do not split into the {parts} equal parts of a chunk")
+    width = n_units // parts
     members = []
     for (name, kind, role, axis), pairs in items.items():
         idx_of = {}
@@ -495,20 +577,36 @@ def _members(items: dict[tuple, list], n_roots: int) -> tuple[list[Member], int]
             idx_of.setdefault(int(idx), int(unit_of_root[root_idx]))
         idxs = np.array(sorted(idx_of), dtype=np.int64)
         units = np.array([idx_of[i] for i in idxs], dtype=np.int64)
-        counts = np.bincount(units, minlength=n_units)
+        counts = np.bincount(units % width, minlength=width)
         if counts.min() != counts.max():
             raise _Irregular(f"{name} sees only part of the group's channels (a channel split or slice)")
-        members.append(Member(name, kind, role, idxs, units, axis))
-    return members, n_units
+        members.append(Member(name, kind, role, idxs, units, axis, len(idxs) / n_units))
+    return members, unit_of_root
+
+
+def _check_parts(parts: dict[str, dict], counts: dict[str, int], unit_of_root: np.ndarray, blocks: int) -> None:
+    """Raise _Irregular unless pruning the same positions in every block prunes as many channels of each part of
+    every equal chunk the group reaches (so the pruned chunk still splits where its parts meet)."""
+    width = (int(unit_of_root.max()) + 1) // blocks
+    for where, seen in parts.items():
+        positions = np.zeros((counts[where], width), dtype=np.int64)
+        for (part, _), root in seen.items():
+            positions[part, unit_of_root[root] % width] += 1
+        if (positions != positions[0]).any():
+            raise _Irregular(f"{where} chunks the channels into {counts[where]} equal parts, which the group's "
+                             "channels do not fill alike")
 
 
 def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tuple[Group, bool]:
-    items, counted, blocks = _raw_items(trace, group)
+    items, counted, blocks, parts = _raw_items(trace, group)
+    chunks = math.lcm(*(blocks[where] for where in parts)) if parts else 1
     try:
-        members, n_units = _members(items, len(group[0].idxs))
+        members, unit_of_root = _members(items, len(group[0].idxs), chunks)
     except _Irregular:  # maybe only Torch-Pruning's merge hid which root channels go together: look per root
-        members, n_units = _members(_raw_items(trace, _items_per_root(trace, root, group))[0], len(group[0].idxs))
-    for m in members:  # and the blocks of grouped convs and GroupNorm layers beside those of functional group_norms
+        items, _, _, parts = _raw_items(trace, _items_per_root(trace, root, group))
+        members, unit_of_root = _members(items, len(group[0].idxs), chunks)
+    n_units = int(unit_of_root.max()) + 1
+    for m in members:  # and the blocks of grouped convs and GroupNorm layers beside those of functional ops
         if m.kind not in (OP, PARAMETER):
             module = model.get_submodule(m.module)
             b = kind_of(module).blocks(module)
@@ -518,6 +616,7 @@ def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tu
     if n_units % lcm:
         raise _Irregular(f"its {n_units} channels do not split into the {lcm} blocks of {', '.join(blocks)}")
     _check_blocks(members, blocks, n_units, lcm)
+    _check_parts(parts, blocks, unit_of_root, lcm)
     position = {n: i for i, n in enumerate(trace.names.values())}
     producers = [m.module for m in members if m.role == OUT and m.kind in ("conv", "grouped_conv", "linear")]
     name = min(producers, key=position.__getitem__) if producers else trace.names[root]

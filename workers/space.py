@@ -1,8 +1,8 @@
 """The strategy space: prunable groups of a model and an exact analytic FLOPs/params model.
 
 A strategy is one pruning ratio per group. Group g keeps `floor(C_g * (1 - r_g))` of its C_g channels, rounded
-down to a multiple of its step (the `round_to` multiple, and its block count when grouped convs or GroupNorm
-split it into blocks), at least one step: exactly what `PrunePlan` keeps. FLOPs are fvcore's count (one
+down to a multiple of its step (the `round_to` multiple, and its block count when grouped convs, GroupNorm or
+an equal chunk split it into blocks), at least one step: exactly what `PrunePlan` keeps. FLOPs are fvcore's count (one
 multiply-add = 1). Every layer's own FLOPs and every parameter's size are products of at most two channel
 dimensions (the layer kinds in `layers.py` say which), and each dimension is linear in the kept counts, so the
 pruned network's count is a small quadratic form evaluated in microseconds. FLOPs that fvcore counts inside a
