@@ -1,0 +1,160 @@
+"""The documentation's generated pages, built from the code and the committed bench results at `mkdocs build` time
+(a hook in mkdocs.yml): the CLI from the argument parser, the config from the pydantic models, the Python API from
+`prunetune.__all__`, one page per `bench/results/*.json`. Nothing here is written into the source tree."""
+from __future__ import annotations
+
+import argparse
+import glob
+import inspect
+import json
+import os
+import re
+
+from pydantic import BaseModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_ROWS = 100  # rows of one bench table shown on its page (the JSON holds them all)
+MAX_CELL = 80  # characters of one table cell
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's annotated_types bounds
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """field name -> the comment written beside it in the class's source."""
+    found = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def _cell(value: object) -> str:
+    """A value as one Markdown table cell: compact JSON, shortened, pipes escaped."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    text = text if len(text) <= MAX_CELL else text[:MAX_CELL - 3] + "..."
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def config_page(config_cls: type[BaseModel]) -> str:
+    """The config reference: every section's keys with type, default and the note beside the field."""
+    out = ["# Configuration reference\n",
+           f"Generated from the pydantic models in `{inspect.getmodule(config_cls).__name__}` at build time. Every key "
+           "can be set in the YAML file or with `--set section.key=value`.\n"]
+    for section, field in config_cls.model_fields.items():
+        cls = field.annotation
+        notes = _comments(cls)
+        out.append(f"## `{section}`\n")
+        rows = []
+        for name, f in cls.model_fields.items():
+            kind = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            limits = ", ".join(f"{op} {getattr(m, attr)}" for m in f.metadata for attr, op in _BOUNDS
+                               if getattr(m, attr, None) is not None)
+            rows.append([f"`{section}.{name}`", kind, json.dumps(f.get_default(call_default_factory=True),
+                                                                  default=str), limits,
+                         f.description or notes.get(name, "")])
+        out.append(_table(["key", "type", "default", "limits", "what it is"], rows))
+    return "\n".join(out)
+
+
+def cli_page(parser: argparse.ArgumentParser) -> str:
+    """The CLI reference: the help of the command and of each subcommand, as argparse prints it."""
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "110"  # argparse wraps at the terminal's width: one width for every build
+    try:
+        out = ["# Command line reference\n", "Generated from `build_parser()` in `search/cli.py` at build time.\n",
+               f"```text\n{parser.format_help()}```\n"]
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for name, sp in subs.choices.items():
+            out.append(f"## `prunetune {name}`\n\n```text\n{sp.format_help()}```\n")
+    finally:
+        if before is None:
+            os.environ.pop("COLUMNS")
+        else:
+            os.environ["COLUMNS"] = before
+    return "\n".join(out)
+
+
+def _source_path(module: str) -> str:
+    """The dotted path of an installed module in the source tree: prunetune.search and prunetune.workers are the
+    top-level folders search/ and workers/ (pyproject's package-dir), which is where mkdocstrings reads them."""
+    return re.sub(r"^prunetune\.(search|workers)\b", r"\1", module)
+
+
+def api_page(package: object) -> str:
+    """The Python API reference: mkdocstrings renders the signature and docstring of each name in __all__."""
+    out = ["# Python API reference\n", f"Generated from `{package.__name__}.__all__`; see the *Python API* guide "
+           "for a worked example.\n"]
+    for name in package.__all__:
+        obj = getattr(package, name)
+        module = getattr(obj, "__module__", None) if inspect.isclass(obj) or inspect.isfunction(obj) else None
+        module = module or _defining_module(package, name)
+        out.append(f"::: {_source_path(module)}.{name}\n")
+    return "\n".join(out)
+
+
+def _defining_module(package: object, name: str) -> str:
+    """The module the package's source imports `name` from (for values, which carry no __module__)."""
+    return re.search(rf"^from ([\w.]+) import .*\b{name}\b", inspect.getsource(package), re.M).group(1)
+
+
+def _render(value: object, depth: int) -> list[str]:
+    """A JSON value as Markdown: tables for records and flat maps, sections for nested maps."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        header = list(dict.fromkeys(k for v in value for k in v))
+        shown = [[v.get(k, "") for k in header] for v in value[:MAX_ROWS]]
+        more = [f"({len(value) - MAX_ROWS} more rows in the JSON)\n"] if len(value) > MAX_ROWS else []
+        return [_table(header, shown)] + more
+    if isinstance(value, dict):
+        flat = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
+        out = [_table(["key", "value"], [[k, v] for k, v in flat.items()])] if flat else []
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and depth < 4:
+                out += [f"{'#' * (depth + 2)} {k}\n"] + _render(v, depth + 1)
+            elif isinstance(v, (dict, list)):
+                out.append(f"`{k}`: {_cell(v)}\n")
+        return out
+    return [f"`{_cell(value)}`\n"]
+
+
+def bench_page(path: str) -> str:
+    """One bench result's page: its JSON file rendered as tables, naming the file."""
+    name = os.path.relpath(path, ROOT)
+    data = json.load(open(path))
+    return "\n".join([f"# {os.path.basename(path)[:-5]}\n", f"Rendered from `{name}` at build time.\n"]
+                     + _render(data, 0))
+
+
+def pages() -> dict[str, str]:
+    """Every generated page, by its path under docs/."""
+    import prunetune
+    from prunetune.search.cli import build_parser
+    from prunetune.search.config import Config
+
+    out = {"reference/config.md": config_page(Config), "reference/cli.md": cli_page(build_parser()),
+           "reference/api.md": api_page(prunetune)}
+    results = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
+    out |= {f"bench/results/{os.path.basename(p)[:-5]}.md": bench_page(p) for p in results}
+    index = ["# Bench results\n", "One page per committed `bench/results/*.json`, rendered from it at build time.\n"]
+    index += [f"- [{os.path.basename(p)[:-5]}]({os.path.basename(p)[:-5]}.md)" for p in results]
+    out["bench/results/index.md"] = "\n".join(index) + "\n"
+    return out
+
+
+def on_files(files, config):
+    """mkdocs hook: add the generated pages to the site's files."""
+    from mkdocs.structure.files import File
+
+    for path, text in pages().items():
+        files.append(File.generated(config, path, content=text))
+    for png in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.png"))):  # the figures bench pages show
+        files.append(File.generated(config, f"bench/results/{os.path.basename(png)}", abs_src_path=png))
+    return files
