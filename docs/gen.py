@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_ROWS = 100  # rows of one bench table shown on its page (the JSON holds them all)
-MAX_CELL = 80  # characters of one table cell
+MAX_CELL = 160  # characters of one table cell
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's annotated_types bounds
 
 
@@ -106,6 +106,32 @@ def _defining_module(package: object, name: str) -> str:
     return re.search(rf"^from ([\w.]+) import .*\b{name}\b", inspect.getsource(package), re.M).group(1)
 
 
+def _family(cls: type) -> list[type]:
+    """cls and its subclasses, depth first, each once."""
+    out = [cls]
+    for sub in sorted(cls.__subclasses__(), key=lambda c: c.__name__):
+        out += [c for c in _family(sub) if c not in out]
+    return out
+
+
+def errors_page(packages: list[object]) -> str:
+    """The error classes: every PrunetuneError defined in the packages, with its exit status and docstring."""
+    import importlib
+    import pkgutil
+
+    from prunetune.workers.errors import PrunetuneError
+
+    for package in packages:  # every module imported, so that every subclass is known
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            importlib.import_module(info.name)
+    rows = [[f"`{c.__name__}`", f"`{c.__module__}`", ", ".join(b.__name__ for b in c.__bases__), c.exit_code,
+             (c.__doc__ or "").strip().split("\n")[0]] for c in _family(PrunetuneError)]
+    return "\n".join(["# Error classes\n", "Generated from the subclasses of `PrunetuneError` "
+                      "(`workers/errors.py`) at build time. The command line prints the message after "
+                      "`prunetune: error: ` and exits with the class's status; the [bad input](errors.md) page "
+                      "lists the messages.\n", _table(["class", "module", "bases", "exit", "what it means"], rows)])
+
+
 def _render(value: object, depth: int) -> list[str]:
     """A JSON value as Markdown: tables for records and flat maps, sections for nested maps."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
@@ -136,11 +162,14 @@ def bench_page(path: str) -> str:
 def pages() -> dict[str, str]:
     """Every generated page, by its path under docs/."""
     import prunetune
+    import prunetune.search
+    import prunetune.workers
     from prunetune.search.cli import build_parser
     from prunetune.search.config import Config
 
     out = {"reference/config.md": config_page(Config), "reference/cli.md": cli_page(build_parser()),
-           "reference/api.md": api_page(prunetune)}
+           "reference/api.md": api_page(prunetune),
+           "reference/error-classes.md": errors_page([prunetune.search, prunetune.workers])}
     results = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
     out |= {f"bench/results/{os.path.basename(p)[:-5]}.md": bench_page(p) for p in results}
     index = ["# Bench results\n", "One page per committed `bench/results/*.json`, rendered from it at build time.\n"]

@@ -115,3 +115,16 @@ def test_each_bench_page_names_its_json_and_shows_its_figures():
     results = glob.glob(os.path.join(ROOT, "bench", "results", "*.json"))
     pages = gen.pages()
     assert {f"bench/results/{os.path.basename(p)[:-5]}.md" for p in results} <= set(pages)
+
+
+def test_the_error_classes_page_lists_every_prunetune_error_with_its_exit_status():
+    import prunetune.search
+    import prunetune.workers
+    from prunetune.workers.errors import BadInput
+
+    class CatalogProbe(BadInput):
+        """A probe this test defines."""
+
+    page = _gen().errors_page([prunetune.search, prunetune.workers])
+    assert f"| `CatalogProbe` | `{__name__}` | BadInput | 2 | A probe this test defines. |" in page
+    assert re.search(r"^\| `TrainingDiverged` \| `prunetune\.workers\.finetune` \| .* \| 1 \|", page, re.M)
