@@ -57,7 +57,7 @@ def test_every_include_names_a_file_and_section_that_exist():
 
 def test_no_page_pastes_a_code_block_it_could_include():
     sources = [open(p).read() for p in glob.glob(os.path.join(ROOT, "examples", "*.*"))
-               + glob.glob(os.path.join(ROOT, "tests", "toy_method.py")) + glob.glob(os.path.join(DOCS, "snippets", "*"))]
+               + [os.path.join(ROOT, "tests", "toy_method.py")] + glob.glob(os.path.join(DOCS, "snippets", "*"))]
     for path, text in _pages().items():
         for block in re.findall(r"```\w*\n(.*?)```", text, re.S):
             lines = [line for line in block.splitlines() if line.strip() and not line.startswith("--8<--")]
