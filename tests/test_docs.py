@@ -128,3 +128,13 @@ def test_the_error_classes_page_lists_every_prunetune_error_with_its_exit_status
     page = _gen().errors_page([prunetune.search, prunetune.workers])
     assert f"| `CatalogProbe` | `{__name__}` | BadInput | 2 | A probe this test defines. |" in page
     assert re.search(r"^\| `TrainingDiverged` \| `prunetune\.workers\.finetune` \| .* \| 1 \|", page, re.M)
+
+
+def test_the_configuration_guide_names_every_key_of_every_section():
+    from prunetune.search.config import Config
+
+    guide = open(os.path.join(DOCS, "guides", "configuration.md")).read()
+    rows = dict(re.findall(r"^\| (\w+) \| (.*) \|$", guide, re.M))
+    for section, field in Config.model_fields.items():
+        named = set(re.findall(r"`(\w+)`", rows[section]))
+        assert set(field.annotation.model_fields) <= named, (section, set(field.annotation.model_fields) - named)
