@@ -132,6 +132,34 @@ def errors_page(packages: list[object]) -> str:
                       "lists the messages.\n", _table(["class", "module", "bases", "exit", "what it means"], rows)])
 
 
+def refusals_page(rows: list[tuple[list[str], str, str]]) -> str:
+    """The config values refused: each row's overrides and the message load_config gives for them, as it is now."""
+    from prunetune.search.config import ConfigError, load_config
+
+    table = []
+    for overrides, _key, _fragment in rows:
+        try:
+            load_config(None, overrides)
+            message = "(accepted)"
+        except ConfigError as e:
+            message = str(e)
+        table.append([" ".join(f"`--set {o}`" for o in overrides), f"`prunetune: error: {message}`"])
+    return "\n".join(["# Config values refused\n", "Each row is a case of `tests/bad_values.py`, which "
+                      "`tests/test_config.py` checks; the message is the one `load_config` gives now, generated at "
+                      "build time. Exit status 2, nothing written. More bad input: [bad input](errors.md).\n",
+                      _table(["overrides", "what you see"], table)])
+
+
+def _bad_values() -> list:
+    """The table of refused config values the tests check (tests/bad_values.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bad_values", os.path.join(ROOT, "tests", "bad_values.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BAD_VALUES
+
+
 def _render(value: object, depth: int) -> list[str]:
     """A JSON value as Markdown: tables for records and flat maps, sections for nested maps."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
@@ -169,7 +197,8 @@ def pages() -> dict[str, str]:
 
     out = {"reference/config.md": config_page(Config), "reference/cli.md": cli_page(build_parser()),
            "reference/api.md": api_page(prunetune),
-           "reference/error-classes.md": errors_page([prunetune.search, prunetune.workers])}
+           "reference/error-classes.md": errors_page([prunetune.search, prunetune.workers]),
+           "reference/refused-values.md": refusals_page(_bad_values())}
     results = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
     out |= {f"bench/results/{os.path.basename(p)[:-5]}.md": bench_page(p) for p in results}
     index = ["# Bench results\n", "One page per committed `bench/results/*.json`, rendered from it at build time.\n"]

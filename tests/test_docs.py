@@ -138,3 +138,12 @@ def test_the_configuration_guide_names_every_key_of_every_section():
     for section, field in Config.model_fields.items():
         named = set(re.findall(r"`(\w+)`", rows[section]))
         assert set(field.annotation.model_fields) <= named, (section, set(field.annotation.model_fields) - named)
+
+
+def test_the_refused_values_page_shows_each_tested_rows_message_as_the_code_gives_it():
+    from tests.bad_values import BAD_VALUES
+
+    page = _gen().refusals_page(BAD_VALUES)
+    assert page.count("| `--set ") == len(BAD_VALUES) and "(accepted)" not in page
+    assert "| `--set search.target=1.5` | `prunetune: error: search.target: 1.5 is outside the allowed range" in page
+    assert "(accepted)" in _gen().refusals_page([(["search.target=0.4"], "search.target", "")])
