@@ -147,3 +147,10 @@ def test_the_refused_values_page_shows_each_tested_rows_message_as_the_code_give
     assert page.count("| `--set ") == len(BAD_VALUES) and "(accepted)" not in page
     assert "| `--set search.target=1.5` | `prunetune: error: search.target: 1.5 is outside the allowed range" in page
     assert "(accepted)" in _gen().refusals_page([(["search.target=0.4"], "search.target", "")])
+
+
+def test_no_code_block_is_written_twice():
+    texts = [*_pages().values(), open(os.path.join(ROOT, "README.md")).read()]
+    blocks = [b.strip() for text in texts for b in re.findall(r"```\w*\n(.*?)```", text, re.S)]
+    blocks = [b for b in blocks if len(b.splitlines()) >= 2 and not b.startswith("--8<--")]
+    assert len(blocks) == len(set(blocks)), [b[:80] for b in blocks if blocks.count(b) > 1]

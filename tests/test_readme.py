@@ -3,6 +3,8 @@ checkpoints the docs describe load."""
 import os
 import re
 
+import yaml
+
 from tests.faults import ROOT
 
 
@@ -25,6 +27,15 @@ def test_the_readme_is_one_screen_and_its_result_is_the_committed_bench_json():
     budget, needed, seeds = map(int, found.groups())
     args = json.load(open(os.path.join(ROOT, "bench", "results", "search_quality.json")))["args"]
     assert (budget, needed, seeds) == (args["budget"], tpe["candidates_to_random_best"], len(args["seeds"].split(",")))
+
+
+def test_the_readme_config_for_your_own_cnn_is_valid():
+    from prunetune.search.config import from_dict
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"```yaml\n(.*?)```", readme[readme.index("## Your own CNN"):], re.S).group(1)
+    cfg = from_dict(yaml.safe_load(block))  # every key exists, every value is allowed
+    assert (cfg.data.name, cfg.output.dir) == ("imagefolder", "runs/mine")
 
 
 def test_ci_runs_exactly_the_readme_quick_start_commands():
