@@ -13,8 +13,8 @@ import re
 from pydantic import BaseModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_ROWS = 100  # rows of one bench table shown on its page (the JSON holds them all)
-MAX_CELL = 160  # characters of one table cell
+MAX_ROWS = 200  # rows of one bench table shown on its page (the JSON holds them all)
+MAX_CELL = 300  # characters of one table cell (a refusal message fits)
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's annotated_types bounds
 
 
