@@ -187,6 +187,20 @@ def bench_page(path: str) -> str:
                      + _render(data, 0))
 
 
+BENCH_TABLE = re.compile(r"^<!-- bench-table: ([\w.-]+\.json) (\w+) -->$", re.M)  # a JSON's table, in a page
+
+
+def bench_tables(markdown: str, prefix: str) -> str:
+    """Each `<!-- bench-table: NAME.json KEY -->` line replaced by the table of that JSON's KEY, naming its page;
+    `prefix` is the path from the page to the site's root."""
+    def table(m: re.Match) -> str:
+        name, key = m.groups()
+        data = json.load(open(os.path.join(ROOT, "bench", "results", name)))
+        link = f"{prefix}bench/results/{name[:-5]}.md"
+        return "".join(_render(data[key], 0)) + f"\n(`{key}` of [`bench/results/{name}`]({link}))"
+    return BENCH_TABLE.sub(table, markdown)
+
+
 def pages() -> dict[str, str]:
     """Every generated page, by its path under docs/."""
     import prunetune
@@ -216,3 +230,8 @@ def on_files(files, config):
     for png in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.png"))):  # the figures bench pages show
         files.append(File.generated(config, f"bench/results/{os.path.basename(png)}", abs_src_path=png))
     return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    """mkdocs hook: the bench tables a hand-written page names, rendered from their JSON."""
+    return bench_tables(markdown, "../" * page.file.src_uri.count("/"))

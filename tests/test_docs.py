@@ -154,3 +154,14 @@ def test_no_code_block_is_written_twice():
     blocks = [b.strip() for text in texts for b in re.findall(r"```\w*\n(.*?)```", text, re.S)]
     blocks = [b for b in blocks if len(b.splitlines()) >= 2 and not b.startswith("--8<--")]
     assert len(blocks) == len(set(blocks)), [b[:80] for b in blocks if blocks.count(b) > 1]
+
+
+def test_the_bench_tables_pages_name_are_rendered_from_their_json():
+    gen = _gen()
+    directives = [(path, m.groups()) for path, text in _pages().items() for m in gen.BENCH_TABLE.finditer(text)]
+    assert len(directives) >= 3
+    for path, (name, key) in directives:  # every one names a JSON and a key it holds
+        out = gen.bench_tables(f"<!-- bench-table: {name} {key} -->", "../")
+        assert f"(`{key}` of [`bench/results/{name}`](../bench/results/{name[:-5]}.md))" in out, path
+    out = gen.bench_tables("<!-- bench-table: prune.json rows -->", "../")
+    assert re.search(r"^\| resnet50 \| 0\.06733 \| 51\.85 \| 333\.8 \| 6\.438 \|$", out, re.M), out
