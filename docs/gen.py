@@ -19,13 +19,24 @@ _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's a
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """field name -> the comment written beside it in the class's source."""
+    """field name -> the comment written beside it in the source of the class (or of the class it extends)."""
     found = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            found[m.group(1)] = m.group(2).strip()
+    for klass in reversed([k for k in cls.__mro__ if issubclass(k, BaseModel) and k.__module__ != "pydantic.main"]):
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+            if m:
+                found[m.group(1)] = m.group(2).strip()
     return found
+
+
+def _type_name(annotation: object) -> str:
+    """A field's type as a reader writes it: `int`, `float | None`, `list` (validators left out)."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = re.sub(r"\btyping\.|\bpydantic\.\w+\.|\bNoneType\b", lambda m: "None" if "None" in m[0] else "",
+                  str(annotation))
+    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)
+    return re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
 
 
 def _cell(value: object) -> str:
@@ -55,7 +66,7 @@ def config_page(config_cls: type[BaseModel]) -> str:
         out.append(f"## `{section}`\n")
         rows = []
         for name, f in cls.model_fields.items():
-            kind = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            kind = _type_name(f.annotation)
             limits = ", ".join(f"{op} {getattr(m, attr)}" for m in f.metadata for attr, op in _BOUNDS
                                if getattr(m, attr, None) is not None)
             rows.append([f"`{section}.{name}`", kind, json.dumps(f.get_default(call_default_factory=True),
