@@ -73,6 +73,7 @@ def test_the_config_page_follows_the_models():
     for section, field in Config.model_fields.items():
         assert all(f"`{section}.{name}`" in page for name in field.annotation.model_fields)
     assert "| `search.target` | float | 0.5 | > 0, < 1 | fraction of the base |" in page
+    assert "| `data.path` | str \\| None | null |  |  |" in page  # a validated path type, as a reader writes it
 
     class Patched(SearchConfig):
         patience: int = Field(7, ge=2, description="candidates without progress before stopping")
