@@ -105,7 +105,7 @@ def test_the_cifar10_resnet56_example_runs_from_the_committed_checkpoint(ray_ses
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_torchvision_example_runs_on_an_image_folder(ray_session, tmp_path, cache):
-    pytest.importorskip("torchvision", reason="no torchvision that imports beside this torch (see the README)")
+    pytest.importorskip("torchvision", reason="no torchvision that imports beside this torch (docs: getting started)")
     data = tmp_path / "images"
     _write_images(str(data), 40, per_class=50)  # 3 classes, train/ and test/
     summary = _run("torchvision-resnet18.yaml", tmp_path, cache, f"data.path={data}", "data.image_size=32",
