@@ -66,3 +66,9 @@ def test_the_committed_cifar_checkpoints_load_into_the_models_they_name():
         load_checkpoint(model, path)  # every tensor present with its shape, read with weights_only
         with torch.no_grad():
             assert torch.isfinite(model.eval()(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_the_readmes_links_into_the_docs_exist():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    links = re.findall(r"\]\((docs/[^)#]+)", readme)
+    assert len(links) >= 5 and all(os.path.isfile(os.path.join(ROOT, link)) for link in links), links
