@@ -3,7 +3,7 @@ never in the repository): images/s of Pillow and of simplejpeg (when installed) 
 by the eval resize + centre crop to 224 px, and the largest pixel difference between the two decoders; then
 images/s of the driver's decode with each --workers count (data.num_workers): the calibration and held-out
 images of 224 px input (evaluation_data) and an image folder decoded into memory at 64 px (load_data). Median
-of --rounds interleaved runs. Figures for the README "Reading images" paragraph.
+of --rounds interleaved runs. Figures for the "Reading images" paragraph of docs/guides/data.md.
 
     python bench/decode.py --data /tmp/cifar10 --jpeg-dir /tmp/prunetune-jpeg256   (or --smoke)
 """

@@ -2,8 +2,8 @@
 repository): JPEG decode rate per decoder, then images/s of one training epoch through prunetune's finetune() and
 through a plain PyTorch loop (DataLoader with the same workers, the same model, data and batches), for each
 --workers count; then images/s of finetune() data-parallel over --ddp processes (DistributedDataParallel, gloo,
-as a Ray Train finalist's workers run it; batch_size stays the global batch). Figures for the README
-"Fine-tuning" section.
+as a Ray Train finalist's workers run it; batch_size stays the global batch). Figures for docs/guides/data.md
+("Reading images") and docs/guides/finetuning.md ("Data-parallel finalists").
 
     python bench/finetune.py --data /tmp/cifar10 --jpeg-dir /tmp/prunetune-jpeg224   (or --smoke)
 """

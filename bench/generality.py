@@ -10,7 +10,7 @@ model | groups | left out | FLOPs error | params error | function error | prune 
 saves JSON. The function error is the largest difference between a pruned network's output and the base's with
 the removed channels zeroed at every conv and linear input, relative to the largest output (preflight.functional_gap).
 Needs torchvision (and timm) that import beside the installed torch: the CPU wheel of torch does not take
-PyPI's torchvision (see the README); a torch 2.14.1 + torchvision 0.29.1 virtualenv runs it on a CPU.
+PyPI's torchvision (see docs/getting-started.md); a torch 2.14.1 + torchvision 0.29.1 virtualenv runs it on a CPU.
 """
 from __future__ import annotations
 

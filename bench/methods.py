@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--finetune-images", type=int, default=10000)
     parser.add_argument("--sparsity", type=float, default=0.01, help="lambda of the sparsity training (0.01: median "
                         "|gamma| of the ResNet-20 checkpoint 0.34 -> 0.27, test 87.2%% -> 86.2%%; 0.1 wrecks it: the "
-                        "sweep in the README)")
+                        "sweep in docs/bench/studies.md)")
     parser.add_argument("--sparsity-epochs", type=int, default=2)
     parser.add_argument("--out", default="methods", help="results name: bench/results/OUT.json")
     # smoke: resnet20 (digits_cnn's classifier holds too many of its weights for 30% of the params)

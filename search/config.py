@@ -31,7 +31,7 @@ Timeout = Annotated[float | None, BeforeValidator(_auto)]  # seconds; none or au
 
 
 # Counts a run holds in memory and on disk, bounded by what one run can hold: a candidate costs the driver ~64 ms and
-# its store a record (README "Measured"), so a million is ~18 hours of driver time alone; more is a typo, and a count
+# its store a record (docs: studies), so a million is ~18 hours of driver time alone; more is a typo, and a count
 # of a billion would have the run build structures of that size before it could refuse anything.
 MAX_CANDIDATES = 1_000_000
 MAX_FINALISTS = 1_000  # each one fine-tuned and written as a model file
@@ -109,7 +109,7 @@ class EvaluationConfig(Section):
 class FinetuneConfig(Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.01, gt=0)  # a fifth of the base's training lr: README "Fine-tuning" measures it
+    lr: float = Field(0.01, gt=0)  # a fifth of the base's training lr: docs/guides/finetuning.md measures it
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(1e-4, ge=0)
@@ -220,7 +220,7 @@ def loader_workers(cfg: Config) -> int:
 
 def grace_epochs(cfg: Config) -> int:
     """Epochs before ASHA first judges a finalist: finetune.grace_epochs, or the warm-up and two epochs more (the
-    first epoch after it dips and recovers: README "Fine-tuning")."""
+    first epoch after it dips and recovers: docs/guides/finetuning.md)."""
     f = cfg.finetune
     return min(f.epochs, f.grace_epochs or math.ceil(f.warmup_epochs) + 2)
 

@@ -1,5 +1,5 @@
 """Every config in examples/ runs end to end (with small overrides: few candidates, one epoch, tiny data), and the
-README shows exactly these examples."""
+docs' getting-started page shows exactly these examples."""
 import glob
 import json
 import os
@@ -11,6 +11,7 @@ import torch
 
 from examples.shapes import shapes
 from prunetune.search.cli import main
+from prunetune.search.config import load_config
 from prunetune.search.store import CandidateStore
 from tests.faults import ROOT
 from tests.runs import as_args, reachable_latency
@@ -56,12 +57,14 @@ def _scalars(folder) -> dict:
     return found
 
 
-def test_the_readme_shows_exactly_the_examples_the_tests_run():
-    readme = open(os.path.join(ROOT, "README.md")).read()
+def test_the_docs_show_exactly_the_examples_the_tests_run_each_into_its_own_output_dir():
+    page = open(os.path.join(ROOT, "docs", "getting-started.md")).read()
     configs = {name for name in os.listdir(EXAMPLES) if name.endswith(".yaml")}  # (beside them, their modules)
-    assert set(re.findall(r"examples/([\w.-]+\.yaml)", readme)) == configs == TESTED
-    cifar = open(os.path.join(EXAMPLES, "cifar10-resnet56.yaml")).read()
-    assert f"```yaml\n{cifar}```" in readme  # the Configuration section shows the file as it is
+    assert set(re.findall(r"examples/([\w.-]+\.yaml)", page)) == configs == TESTED
+    guide = open(os.path.join(ROOT, "docs", "guides", "configuration.md")).read()
+    assert '```yaml\n--8<-- "examples/cifar10-resnet56.yaml"\n```' in guide  # the file itself, included at build
+    dirs = [load_config(os.path.join(EXAMPLES, name)).output.dir for name in sorted(configs)]
+    assert len(set(dirs)) == len(dirs) and load_config(None).output.dir not in dirs  # no run overwrites another
 
 
 @pytest.mark.ray
@@ -102,7 +105,7 @@ def test_the_cifar10_resnet56_example_runs_from_the_committed_checkpoint(ray_ses
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_torchvision_example_runs_on_an_image_folder(ray_session, tmp_path, cache):
-    pytest.importorskip("torchvision", reason="no torchvision that imports beside this torch (see the README)")
+    pytest.importorskip("torchvision", reason="no torchvision that imports beside this torch (docs: getting started)")
     data = tmp_path / "images"
     _write_images(str(data), 40, per_class=50)  # 3 classes, train/ and test/
     summary = _run("torchvision-resnet18.yaml", tmp_path, cache, f"data.path={data}", "data.image_size=32",

@@ -12,7 +12,7 @@ from prunetune.workers.errors import BadInput, PrunetuneError, RunFailed
 from tests.faults import ROOT
 from tests.test_walls import modules
 
-# The README's Python API example, shortened: base training (progress lines), preflight, one candidate.
+# The Python API example (docs/snippets/python_api.py), shortened: base training, preflight, one candidate.
 API = """
 import logging, sys, torch
 from prunetune import CandidateEvaluator, StrategySampler, build_model, finetune, load_config, load_data, preflight

@@ -1,4 +1,4 @@
-"""A toy pruning method, added through the registry alone (tests/test_method_registry.py; the README shows it):
+"""A toy pruning method, added through the registry alone (tests/test_method_registry.py; the docs show it):
 channel pruning that never prunes the stem, the model's first conv."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def _with_stem(model: nn.Module, ignored: list[str] | None) -> list[str]:
     return [*(ignored or []), stem]
 
 
+# --8<-- [start:method] (docs/concepts/architecture.md shows this class)
 class KeepStem:
     """Channel pruning with the first conv's channels left whole."""
 
@@ -32,3 +33,4 @@ class KeepStem:
                   task=CLASSIFICATION):
         return preflight(model, example_inputs, num_classes, max_ratio, first, round_to,
                          _with_stem(model, ignored_layers), task)
+# --8<-- [end:method]

@@ -1,7 +1,7 @@
 """The pruning methods, by the name `search.granularity` gives: one module each, one line each here.
 
 Every method implements `protocol.PruningMethod`; the driver never names one. A new method is a module with a
-`METHOD` object and a line in METHODS (see the README's "Adding a pruning method").
+`METHOD` object and a line in METHODS (see "Adding a pruning method" in docs/concepts/architecture.md).
 """
 from __future__ import annotations
 
