@@ -219,7 +219,8 @@ def verdict(cands: list[dict], uniform: dict, scores: list[str], seed: int = 0) 
         rho, tau = spearman_kendall(s, finetuned)
         boot = [spearmanr(s[i], finetuned[i]).statistic for i in resamples]
         order = np.argsort(-s, kind="stable")
-        rows.append({"score": name, "spearman": rho, "spearman_ci95": [float(v) for v in np.nanpercentile(boot, [2.5, 97.5])],
+        rows.append({"score": name, "spearman": rho,
+                     "spearman_ci95": [float(v) for v in np.nanpercentile(boot, [2.5, 97.5])],
                      "spearman_p": float(spearmanr(s, finetuned).pvalue), "kendall": tau,
                      "top1_finetuned": float(finetuned[order[0]]), "best_of_top5": float(finetuned[order[:5]].max()),
                      "heldout_acc_min": float(s.min()), "heldout_acc_max": float(s.max())})
@@ -244,7 +245,8 @@ def preferences(cands: list[dict], keys: list[str]) -> dict[str, list[float]]:
 def preference_table(per_group: dict[str, list[float]]) -> str:
     """One row per group, one column per key of `preferences`."""
     groups = len(next(iter(per_group.values())))
-    return table([{"group": g, **{k: v[g] for k, v in per_group.items()}} for g in range(groups)], ["group", *per_group])
+    return table([{"group": g, **{k: v[g] for k, v in per_group.items()}} for g in range(groups)],
+                 ["group", *per_group])
 
 
 def report(rows: list[dict], summary: dict) -> None:

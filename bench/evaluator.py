@@ -116,7 +116,8 @@ def main() -> None:
     print(f"{args.model} {args.image_size}px on {device}: {args.candidates} candidates (+1 warm-up), "
           f"calibration N={n} (naive and ema: {2 * n}) of {batch}, held-out {heldout}; "
           f"evaluator set-up {setup_s:.2f}s once")
-    print(table(rows, ["path", "median_s", "candidates_per_s", "prune_s", "calibrate_s", "score_s", "speedup_vs_naive"]))
+    print(table(rows, ["path", "median_s", "candidates_per_s", "prune_s", "calibrate_s", "score_s",
+                       "speedup_vs_naive"]))
     name = f"evaluator-{args.model}-{args.image_size}-{device.type}"
     print("saved", save(name, {"args": vars(args), "device": str(device), "calibration_batches": n,
                                "batch_size": batch, "heldout": heldout, "setup_s": setup_s, "rows": rows}))

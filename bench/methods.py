@@ -120,7 +120,8 @@ def main() -> None:
         rows.append({"method": name, "test_accuracy": round(test_accuracy(pruned, data), 4),
                      "flops_ratio": round(space.flops(best) / space.base_flops, 4),
                      "params_ratio": round(space.params(best) / space.base_params, 4),
-                     "size_mb": round(size_mb(pruned, method), 3), "minutes": round((time.perf_counter() - start) / 60, 1)})
+                     "size_mb": round(size_mb(pruned, method), 3),
+                     "minutes": round((time.perf_counter() - start) / 60, 1)})
         print(table(rows[-1:], list(rows[-1])), flush=True)
         save(f"{args.out}.partial", {**result, "rows": rows})
     timed = time_side_by_side({"base": base, **deployed}, data.example_input(), threads=1)

@@ -75,12 +75,14 @@ def main() -> None:
                                                        args.rejection_draws)
         spread = np.array(strategies)
         rows.append({"model": name, "groups": len(space.groups), "valid_per_s": rate,
-                     "flops_model_us": flops_us, "band_misses": int(np.sum(np.abs(fractions - args.target) > args.tolerance)),
+                     "flops_model_us": flops_us,
+                     "band_misses": int(np.sum(np.abs(fractions - args.target) > args.tolerance)),
                      "max_abs_err_vs_target": float(np.abs(fractions - args.target).max()),
                      "max_rel_err_vs_fvcore": max(errors), "fvcore_checks": len(errors),
                      "eagleeye_acceptance": accept, "eagleeye_valid_per_s": rejection_valid_per_s,
                      "per_group_std": float(spread.std(0).mean()), "within_strategy_std": float(spread.std(1).mean())})
-    print(f"sampler: target {args.target} +- {args.tolerance}, max_ratio {args.max_ratio}, {args.samples} samples, 1 thread")
+    print(f"sampler: target {args.target} +- {args.tolerance}, max_ratio {args.max_ratio}, {args.samples} samples, "
+          "1 thread")
     print(table(rows, ["model", "groups", "valid_per_s", "flops_model_us", "band_misses", "max_rel_err_vs_fvcore",
                        "eagleeye_acceptance", "eagleeye_valid_per_s", "per_group_std", "within_strategy_std"]))
     print("saved", save(f"sampler-target{args.target}", {"args": vars(args), "rows": rows}))

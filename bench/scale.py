@@ -232,8 +232,10 @@ class Watch:
                    if hasattr(self.machine1, f))
         cpu = {"driver": driver_cpu, **dict(sorted(used.items()))}
         cpu["rest of the machine (not this bench)"] = max(0.0, busy - sum(cpu.values()))
-        started = sum(kind.startswith("ray workers") and pid not in self.baseline for pid, (kind, _) in self.cpu.items())
-        return {"cpu_s": cpu, "worker_processes_started": started, "machine_busy_cpu_s": busy, "machine_cpu_s": (self.wall1 - self.wall0) * os.cpu_count(),
+        started = sum(kind.startswith("ray workers") and pid not in self.baseline
+                      for pid, (kind, _) in self.cpu.items())
+        return {"cpu_s": cpu, "worker_processes_started": started, "machine_busy_cpu_s": busy,
+                "machine_cpu_s": (self.wall1 - self.wall0) * os.cpu_count(),
                 "min_available_gib": self.min_available / 2 ** 30, "max_rss_gib": self.max_rss / 2 ** 30}
 
 

@@ -325,7 +325,8 @@ def _cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
-    p = argparse.ArgumentParser(prog="prunetune", description="Search the best way to prune a CNN (EagleEye on Ray Tune).")
+    p = argparse.ArgumentParser(prog="prunetune",
+                                description="Search the best way to prune a CNN (EagleEye on Ray Tune).")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp, positional=True):

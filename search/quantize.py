@@ -3,8 +3,8 @@
 The path is ONNX plus ONNX Runtime's static quantization (QDQ format, int8 weights per output channel, int8
 activations), calibrated on the run's own calibration split: the images adaptive BN used. ONNX Runtime because
 it runs the int8 model itself on the CPU, and because the ONNX export already carries the input contract (PyTorch's
-PT2E flow was not tried). Both models are measured on the run's test split, read back as raw pixel values (what the exported
-models take): test accuracy, size on disk, batch-1 latency with the configured threads. A model that loses
+PT2E flow was not tried). Both models are measured on the run's test split, read back as raw pixel values (what the
+exported models take): test accuracy, size on disk, batch-1 latency with the configured threads. A model that loses
 more than `max_drop` points of test accuracy is reported and not written.
 """
 from __future__ import annotations
@@ -143,7 +143,8 @@ def figures_table(figures: dict) -> str:
     lines = [f"{'model':<6} {'test acc':>9} {'size':>9} {'latency (batch 1)':>18}"]
     for name in ("fp32", "int8"):
         f = figures[name]
-        lines.append(f"{name:<6} {100 * f['test_accuracy']:>8.2f}% {f['size_mb']:>6.2f} MB {f['latency_ms_batch1']:>15.3f} ms")
+        lines.append(f"{name:<6} {100 * f['test_accuracy']:>8.2f}% {f['size_mb']:>6.2f} MB "
+                     f"{f['latency_ms_batch1']:>15.3f} ms")
     verdict = (f"written to {figures['path']}" if figures["written"] else
                f"NOT written: int8 loses {figures['accuracy_drop_points']:.2f} points of test accuracy, more than "
                f"--max-accuracy-drop {figures['max_drop_points']:g}")

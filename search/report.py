@@ -49,11 +49,13 @@ def int8_table(summary: dict) -> str:
     if not rows:
         return ""
     lines = ["## int8 (ONNX Runtime static quantization)", "",
-             "| model | fp32 test acc | int8 test acc | fp32 size | int8 size | fp32 latency | int8 latency | written |",
+             "| model | fp32 test acc | int8 test acc | fp32 size | int8 size | fp32 latency | int8 latency | "
+             "written |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for f, q in rows:
         lines.append(f"| rank{f['rank']}.pt | {_pct(q['fp32']['test_accuracy'])} | {_pct(q['test_accuracy'])} | "
-                     f"{q['fp32']['size_mb']:.2f} MB | {q['size_mb']:.2f} MB | {q['fp32']['latency_ms_batch1']:.3g} ms | "
+                     f"{q['fp32']['size_mb']:.2f} MB | {q['size_mb']:.2f} MB | "
+                     f"{q['fp32']['latency_ms_batch1']:.3g} ms | "
                      f"{q['latency_ms_batch1']:.3g} ms | {'yes' if q['written'] else 'no: over the accuracy margin'} |")
     return "\n".join(lines + ["", "ONNX Runtime on this CPU, batch 1, the configured threads; accuracy on the test "
                               "split given as raw pixel values.", ""])

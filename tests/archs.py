@@ -290,8 +290,8 @@ class MixNetLike(nn.Module):
         super().__init__()
         layers, cin = [], 3
         for _ in range(mixes):
-            layers += [nn.Conv2d(cin, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), MixConv(16), nn.BatchNorm2d(16),
-                       nn.ReLU()]
+            layers += [nn.Conv2d(cin, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), MixConv(16),
+                       nn.BatchNorm2d(16), nn.ReLU()]
             cin = 16
         self.features = nn.Sequential(*layers, nn.Conv2d(cin, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
         self.fc = nn.Linear(32, num_classes)

@@ -1,10 +1,10 @@
 """Faults injected from the tests (the shipped code has none): Ray runs `install` in every worker process.
 
 `ray.init(runtime_env=worker_faults(...))` makes each worker wrap the evaluator and the fine-tuning loop:
-log every evaluation started, slow them down, make candidate k (or every one: `all`) raise, make candidate k kill its worker process
-with SIGKILL (once, or `crashes` times), or make candidate k, or the end of fine-tuning epoch n, stop its worker
-process with SIGSTOP (a hung worker; once). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the `prunetune`
-command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two
+log every evaluation started, slow them down, make candidate k (or every one: `all`) raise, make candidate k kill its
+worker process with SIGKILL (once, or `crashes` times), or make candidate k, or the end of fine-tuning epoch n, stop
+its worker process with SIGSTOP (a hung worker; once). `python -m tests.faults DRIVER_PAUSE_S ARGS...` runs the
+`prunetune` command with such a Ray (configured by PRUNETUNE_TEST_* variables) and, optionally, a pause between the two
 stages of the run; with PRUNETUNE_TEST_DISK_FULL=FILE, the driver's disk is full while FILE exists; with
 PRUNETUNE_TEST_KILL_AT_COMMIT=N, the driver kills itself just before its N-th group commit of search results.
 """

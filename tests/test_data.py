@@ -250,7 +250,8 @@ def test_a_cached_entry_that_fails_its_check_is_decoded_again_with_one_line(tmp_
     second = load_data("imagefolder", path=str(root), cache_dir=str(cache))
     assert torch.equal(second.train.images, first.train.images)
     assert len(second.notes) == 1
-    assert second.notes[0].startswith(f"output.cache_dir: the decoded images cached in {train_entry} failed their check")
+    assert second.notes[0].startswith(
+        f"output.cache_dir: the decoded images cached in {train_entry} failed their check")
     assert load_data("imagefolder", path=str(root), cache_dir=str(cache)).notes == []  # rebuilt
 
 

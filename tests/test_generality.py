@@ -123,7 +123,8 @@ def test_a_factory_gets_the_data_class_count_or_is_refused(tmp_path, capsys):
 ])
 def test_an_unsupported_model_is_refused_before_the_base_model_is_trained(tmp_path, capsys, factory, fragment):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    code = main(["run", "--set", f"model.name={factory}", "--set", "data.name=synthetic", "--set", "data.num_classes=10",
+    code = main(["run", "--set", f"model.name={factory}", "--set", "data.name=synthetic",
+                 "--set", "data.num_classes=10",
                  "--set", f"output.dir={out}", "--set", f"output.cache_dir={cache}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"prunetune: error: {fragment}")

@@ -426,8 +426,9 @@ def test_the_cached_base_model_is_reused_when_only_the_fine_tuning_schedule_chan
 
 def _summary(base_ms: float, base_iqr: float, model_ms: float, model_iqr: float, granularity: str = "channel") -> dict:
     """A run summary as finalize writes it, with the given batch-1 timings (median, interquartile range)."""
-    timing = lambda ms, iqr: {"latency_ms_batch1": ms, "latency_iqr_ms": iqr, "throughput_batch": 32,
-                              "latency_ms_throughput": 10 * ms, "images_per_s": 3200 / ms}
+    def timing(ms: float, iqr: float) -> dict:
+        return {"latency_ms_batch1": ms, "latency_iqr_ms": iqr, "throughput_batch": 32,
+                "latency_ms_throughput": 10 * ms, "images_per_s": 3200 / ms}
     return {"base": {"flops": 1_000_000, "params": 10_000, "test_accuracy": 0.99, "val_accuracy": 1.0, "score": 1.0,
                      **timing(base_ms, base_iqr)},
             "granularity": granularity, "finetune": {"epochs": 2},

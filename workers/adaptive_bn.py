@@ -46,7 +46,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], mode: str 
     used, previous = 0, None
     try:
         for x in batches:
-            with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
                 model(x)
             used += 1
             if tolerance is not None:

@@ -365,7 +365,8 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
         extra = sorted(set(_class_folders(test_root)) - set(classes))
         if extra:
             notes.append(f"data.path: test class{'es' if len(extra) > 1 else ''} {', '.join(extra)} of {test_root} "
-                         f"{'have' if len(extra) > 1 else 'has'} no training images and {'are' if len(extra) > 1 else 'is'} left out")
+                         f"{'have' if len(extra) > 1 else 'has'} no training images and "
+                         f"{'are' if len(extra) > 1 else 'is'} left out")
     else:  # no test split on disk: hold out a seeded 10%
         perm = np.random.default_rng(0).permutation(len(files))
         cut = max(1, len(files) // 10)
@@ -380,7 +381,8 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
         shape = (3, size, size)
         train = LazyImageFolder(files, labels, size, max_pixels=max_pixels)
         contract = InputContract(shape, 1 / 255, IMAGENET_MEAN, IMAGENET_STD, tuple(classes),
-                                 f"shorter side to {round(size / 0.875)} px (bilinear), then a centre crop of {size} px")
+                                 f"shorter side to {round(size / 0.875)} px (bilinear), then a centre crop of "
+                                 f"{size} px")
         return DataBundle(train, LazyImageFolder(test_files, test_labels, size, max_pixels=max_pixels),
                           len(classes), shape, train.augmented(), contract, notes)
     (train_x, test_x), keys = _decode_small([files, test_files], size, cache_dir, max_pixels, notes,

@@ -234,7 +234,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                              trained=trained_state)
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp), durable=True)
+            atomic_write(checkpoint_path, lambda tmp, state=state: torch.save(state, tmp), durable=True)
         if on_epoch is not None:
             on_epoch(epoch, metrics, checkpoint_path)
     if start_state is not None:

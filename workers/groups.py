@@ -464,8 +464,8 @@ class _Irregular(Exception):
 
 # Functional ops fvcore counts, by the name of their autograd node (a global average pool runs as a mean):
 # outside a layer their FLOPs still scale with the channels.
-COUNTED_FUNCTIONAL = ("AdaptiveAvgPool2D", "MeanBackward", "BatchNorm", "GroupNorm", "LayerNorm", "Upsample", "Convolution",
-                      "Addmm", "MmBackward", "Bmm")
+COUNTED_FUNCTIONAL = ("AdaptiveAvgPool2D", "MeanBackward", "BatchNorm", "GroupNorm", "LayerNorm", "Upsample",
+                      "Convolution", "Addmm", "MmBackward", "Bmm")
 
 
 def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool, dict[str, int], dict[str, dict]]:

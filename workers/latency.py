@@ -114,7 +114,8 @@ class LatencyTable:
             fewest[0, i] = space.kept_batch(np.full((1, len(space.groups)), 0.999))[0, i]
             lines.append(f"{g.name:<{width}}  {100 * (base - float(self.predict(space, fewest)[0])) / base:>12.2f}%")
         lines.append(f"latency ({self.runtime} on {self.device}, batch {self.batch_size}, threads {self.threads}): "
-                     f"base {self.base_ms:.3f} ms timed, {base:.3f} ms predicted; {len(self.layers)} layers in the table; "
+                     f"base {self.base_ms:.3f} ms timed, {base:.3f} ms predicted; {len(self.layers)} layers in the "
+                     "table; "
                      f"fit on the base and {len(self.fit_errors) - 1} pruned networks, worst error "
                      f"{100 * self.worst_error:.1f}%")
         lines.append("latency share: what the base's predicted latency loses when the group keeps its fewest channels")

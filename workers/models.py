@@ -199,7 +199,8 @@ def check_model_name(name: str) -> None:
     if ":" in name:
         resolve_factory(name, "model.name")
     elif name not in REGISTRY:
-        raise ModelError(f"model.name: unknown model '{name}'; allowed: {', '.join(REGISTRY)} or package.module:function")
+        raise ModelError(f"model.name: unknown model '{name}'; allowed: {', '.join(REGISTRY)} or "
+                         "package.module:function")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, kwargs: dict | None = None,
@@ -273,7 +274,9 @@ def _pickled_globals(path: str, pickles: int = 4) -> list[str]:
                         strings.append(arg)
             except Exception:  # the end of the pickles, or no pickle
                 break
-    plain = lambda n: (n.startswith("torch.") and not n.startswith("torch.nn.")) or n == "collections.OrderedDict"
+    def plain(n: str) -> bool:
+        return (n.startswith("torch.") and not n.startswith("torch.nn.")) or n == "collections.OrderedDict"
+
     return [n for n in dict.fromkeys(found) if not plain(n)]
 
 

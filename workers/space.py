@@ -207,8 +207,8 @@ class PruningSpace:
             blocks = f"  ({g.blocks} blocks)" if g.blocks > 1 else ""
             lines.append(f"{g.name:<{width}}  {g.units:>8}  {layers:>6}  {100 * g.flops_share:>10.2f}%{blocks}")
         lines.append(f"{len(self.groups)} groups; not pruned: {', '.join(self.ignored_layers)} (classifier first)")
-        lines.append("FLOPs share: the FLOPs that scale with the group's channels; a layer scales with the group of its "
-                     "input and of its output, so the column sums to more than 100%" if self.unit == "channels" else
+        lines.append("FLOPs share: the FLOPs that scale with the group's channels; a layer scales with the group of "
+                     "its input and of its output, so the column sums to more than 100%" if self.unit == "channels" else
                      f"FLOPs share: the layer's FLOPs, which scale with its kept {self.unit}")
         lines += [f"left out: the group of {root}: {reason}" for root, reason in self.rejected]
         lines.append(f"FLOPs {self.base_flops:,} ({self.base_flops / 1e6:.2f} M, fvcore); "

@@ -115,6 +115,7 @@ def prove(method: PruningMethod, model: nn.Module, example_inputs: torch.Tensor,
         flops, params = count(pruned, example_inputs)
         if not within_tolerance(space.flops(ratios), flops) or params != space.params(ratios):
             raise SpaceError(f"model: the {name} strategy is not modelled exactly (FLOPs {space.flops(ratios):,} by "
-                             f"the space, {flops:,.0f} by {counted_by}; params {space.params(ratios):,} and {params:,})")
+                             f"the space, {flops:,.0f} by {counted_by}; params {space.params(ratios):,} and "
+                             f"{params:,})")
         checked.append((name, space.flops(ratios), space.params(ratios)))
     return Verdict(space, [], checked, counted_by)

@@ -122,10 +122,10 @@ class Unstructured:
     latency = False  # dense kernels run the zeros: a latency table of channel counts says nothing
     round_to = False
     sparsity: SparsityTraining | None = None
-    report_note: str | None = ("Unstructured pruning: the pruned weights are zeros in dense tensors, and dense kernels do not "
-                   "run them faster, so latency is the dense network's; FLOPs and params count non-zero weights "
-                   "only. The gain is size: `final/rankN.pt` stores each pruned weight tensor as a bit mask plus its "
-                   "non-zero values.")
+    report_note: str | None = (
+        "Unstructured pruning: the pruned weights are zeros in dense tensors, and dense kernels do not run them "
+        "faster, so latency is the dense network's; FLOPs and params count non-zero weights only. The gain is size: "
+        "`final/rankN.pt` stores each pruned weight tensor as a bit mask plus its non-zero values.")
 
     space = staticmethod(unstructured_space)
     importance = staticmethod(weight_importance)
