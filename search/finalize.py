@@ -1,6 +1,7 @@
 """The end of a run: final models (the recommended first: see ranked), their summary, and the report."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 from prunetune.workers.data import iterate_batches
 from prunetune.workers.errors import RunFailed
 from prunetune.workers.finetune import load_finetuned
+from prunetune.workers.latency import where_time_went
 from prunetune.workers.methods import METHODS
 from prunetune.workers.prune import clone_module
 from prunetune.workers.record import CandidateRecord
@@ -47,6 +49,16 @@ def state_dict_mb(model: nn.Module) -> float:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.tell() / 2 ** 20
+
+
+def layer_costs(prep: Prepared, ratios) -> list[dict] | None:
+    """Where the recommended model's time went, per layer, as the latency table predicts it (None without a table):
+    what report.md's "Where the time went" shows."""
+    table = prep.space.latency
+    if table is None:
+        return None
+    kept = prep.space.kept_batch(np.asarray(ratios, dtype=np.float64)[None])[0]
+    return [dataclasses.asdict(c) for c in where_time_went(table, prep.space, kept)]
 
 
 def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
@@ -148,9 +160,10 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                           "failed": sum(not r.ok for r in records), "constraint": cfg.search.constraint,
                           "target": cfg.search.target, "tolerance": cfg.search.tolerance,
                           "limits": dict(cfg.search.limits)},
-               "latency": {"threads": cfg.latency.threads, "device": cfg.latency.device,
+               "latency": {"threads": cfg.latency.threads, "device": cfg.latency.device, "runtime": cfg.latency.runtime,
                            "table": prep.space.latency.key if prep.space.latency else None,
-                           "table_worst_error": prep.space.latency.worst_error if prep.space.latency else None},
+                           "table_worst_error": prep.space.latency.worst_error if prep.space.latency else None,
+                           "layers": layer_costs(prep, outcomes[0][0].ratios)},
                "sparsity": prep.sparsity,
                "final": finals}
     run.record(*report_files(run, summary))

@@ -5,6 +5,7 @@ import json
 import os
 
 from prunetune.workers.files import write_json, write_text
+from prunetune.workers.latency import LayerCost, describe_costs
 from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord, best
 from prunetune.workers.tasks import short_name
@@ -310,6 +311,23 @@ def report_files(run: RunDir, summary: dict) -> list[str]:
             os.path.join(run.path, "report.md")]
 
 
+def _runtime(summary: dict) -> str:
+    """The runtime the latency figures were timed in, as the report names it."""
+    return {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}.get(summary["latency"].get("runtime", "torch"),
+                                                                   summary["latency"].get("runtime"))
+
+
+def time_went(summary: dict) -> list[str]:
+    """The report's "Where the time went" section (a latency table's run): the recommended model's slowest layers,
+    before and after pruning, and the layers whose channel counts cost speed; nothing without a table."""
+    layers = summary["latency"].get("layers")
+    if not layers:
+        return []
+    costs = [LayerCost(**{**c, "channels": tuple(c["channels"]), "full": tuple(c["full"])}) for c in layers]
+    return ["## Where the time went (the recommended model, as the latency table predicts it)", "",
+            describe_costs(costs), ""]
+
+
 def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> str:
     """Write final/summary.json, report.png (report-gamma.png) and report.md; return the report path."""
     summary_path, png, *gamma, path = report_files(run, summary)
@@ -325,8 +343,9 @@ def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> 
             f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}.", "",
             "## Fine-tuned models (the recommended first)", "", finals_table(summary), "",
             *([ranking_note(summary), ""] if ranking_note(summary) else []),
-            "Latency: median of repeated batch-1 forward passes on this machine (PyTorch, the configured threads), "
-            "± half the interquartile range; throughput: images per second at the throughput batch.", "",
+            f"Latency: median of repeated batch-1 forward passes on this machine ({_runtime(summary)}, the configured "
+            "threads), ± half the interquartile range; throughput: images per second at the throughput batch.", "",
+            *time_went(summary),
             *([note, ""] if note else []),
             int8_table(summary), sparsity_section(summary),
             "## Best candidates by adaptive-BN score", "", candidates_table(records), "",

@@ -374,6 +374,10 @@ def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(r
     summary = json.load(open(run / "final" / "summary.json"))
     assert all(r.params / summary["base"]["params"] <= 0.7 + 1e-9 for r in records)
     assert summary["base"]["latency_predicted_ms"] > 0 and summary["final"][0]["latency_predicted_ms"] > 0
+    layers = summary["latency"]["layers"]  # where the recommended model's time went, layer by layer
+    assert {c["name"] for c in layers} >= {"features.0"} and all(c["base_ms"] >= c["pruned_ms"] >= 0 for c in layers)
+    report = open(run / "report.md").read()
+    assert "## Where the time went" in report and "| features.0 |" in report
     shutil.rmtree(tmp_path / "cache" / "latency")  # the run's own copy is what a resume predicts with
     prep = prepare(load_config(str(run / "config.yaml")))
     assert prep.space.latency.to_dict() == json.load(open(run / "latency-table.json"))
