@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import re
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
@@ -198,17 +199,56 @@ def bench_page(path: str) -> str:
                      + _render(data, 0))
 
 
-BENCH_TABLE = re.compile(r"^<!-- bench-table: ([\w.-]+\.json) (\w+) -->$", re.M)  # a JSON's table, in a page
+# a JSON's table in a page: `<!-- bench-table: A.json[,B.json] KEY [columns=PATH[:FORMAT],...] -->`; KEY and PATH are
+# dotted paths (`.` the whole file), `file` the JSON a row comes from
+BENCH_TABLE = re.compile(r"^<!-- bench-table: ([\w.,-]+\.json) ([\w.-]+)(?: columns=(\S+))? -->$", re.M)
+FORMATS: dict[str, Callable[[Any], str]] = {  # how a column's values are shown: the one place formats are declared
+    "pct": lambda v: f"{v:.2%}", "f1": lambda v: f"{v:.1f}", "f2": lambda v: f"{v:.2f}", "f3": lambda v: f"{v:.3f}",
+    "int": lambda v: f"{v:,.0f}", "x": lambda v: f"{v:.2f}x", "ci": lambda v: f"[{v[0]:.2f}, {v[1]:.2f}]",
+}
+
+
+def _lookup(value: Any, path: str) -> Any:
+    """The value at a dotted path (`.` the value itself); None where the JSON holds nothing there."""
+    for part in [] if path == "." else path.split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            return None
+    return value
+
+
+def _records(names: list[str], key: str) -> list[tuple[str, Any]]:
+    """(file, record) for each record at KEY of each JSON: the rows of a list, or the value itself."""
+    out = []
+    for name in names:
+        value = _lookup(json.load(open(os.path.join(ROOT, "bench", "results", name))), key)
+        out += [(name, v) for v in value] if isinstance(value, list) else [(name, value)]
+    return out
+
+
+def _column(file: str, record: Any, spec: str) -> str:
+    """One cell of a selected column: `file`, or the record's value at PATH shown in FORMAT; empty if not saved."""
+    path, _, fmt = spec.partition(":")
+    value = file if path == "file" else _lookup(record, path)
+    return "(not saved)" if value is None else FORMATS[fmt](value) if fmt else value
 
 
 def bench_tables(markdown: str, prefix: str) -> str:
-    """Each `<!-- bench-table: NAME.json KEY -->` line replaced by the table of that JSON's KEY, naming its page;
+    """Each bench-table line replaced by the table of its JSONs' KEY, naming each JSON's page;
     `prefix` is the path from the page to the site's root."""
     def table(m: re.Match) -> str:
-        name, key = m.groups()
-        data = json.load(open(os.path.join(ROOT, "bench", "results", name)))
-        link = f"{prefix}bench/results/{name[:-5]}.md"
-        return "".join(_render(data[key], 0)) + f"\n(`{key}` of [`bench/results/{name}`]({link}))"
+        names, key, columns = m.group(1).split(","), m.group(2), m.group(3)
+        if columns:
+            specs = columns.split(",")
+            rows = [[_column(f, r, spec) for spec in specs] for f, r in _records(names, key)]
+            body = _table([spec.partition(":")[0] for spec in specs], rows)
+        else:
+            body = "".join(_render(_lookup(json.load(open(os.path.join(ROOT, "bench", "results", names[0]))), key), 0))
+        links = ", ".join(f"[`bench/results/{n}`]({prefix}bench/results/{n[:-5]}.md)" for n in names)
+        return body + f"\n(`{key}` of {links})"
     return BENCH_TABLE.sub(table, markdown)
 
 
