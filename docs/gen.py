@@ -162,14 +162,24 @@ def refusals_page(rows: list[tuple[list[str], str, str]]) -> str:
                       _table(["overrides", "what you see"], table)])
 
 
-def _bad_values() -> list:
-    """The table of refused config values the tests check (tests/bad_values.py)."""
+def _catalog(name: str) -> list:
+    """A table of bad input the tests check, from the catalog tests/bad_values.py."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bad_values", os.path.join(ROOT, "tests", "bad_values.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.BAD_VALUES
+    return getattr(module, name)
+
+
+BAD_INPUTS = re.compile(r"^<!-- bad-inputs -->$", re.M)  # the catalog's BAD_INPUTS table, in a page
+
+
+def bad_inputs_table(rows: list[tuple[str, list[str], str]]) -> str:
+    """The bad input `prunetune run` refuses: what it is, its overrides and the fragment the test finds in the line."""
+    table = [[what, " ".join(f"`--set {o}`" for o in overrides), f"`{fragment}`"] for what, overrides, fragment in rows]
+    return (_table(["bad input", "overrides", "the one line holds"], table)
+            + "\n(`BAD_INPUTS` of `tests/bad_values.py`, each row a case of `tests/test_reliability.py`)")
 
 
 def _render(value: object, depth: int) -> list[str]:
@@ -263,7 +273,7 @@ def pages() -> dict[str, str]:
     out = {"reference/config.md": config_page(Config), "reference/cli.md": cli_page(build_parser()),
            "reference/api.md": api_page(prunetune),
            "reference/error-classes.md": errors_page([prunetune.search, prunetune.workers]),
-           "reference/refused-values.md": refusals_page(_bad_values())}
+           "reference/refused-values.md": refusals_page(_catalog("BAD_VALUES"))}
     results = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
     out |= {f"bench/results/{os.path.basename(p)[:-5]}.md": bench_page(p) for p in results}
     index = ["# Bench results\n", "One page per committed `bench/results/*.json`, rendered from it at build time.\n"]
@@ -284,5 +294,6 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
-    """mkdocs hook: the bench tables a hand-written page names, rendered from their JSON."""
+    """mkdocs hook: the bench tables and the bad-input catalog a hand-written page names, rendered at build time."""
+    markdown = BAD_INPUTS.sub(lambda m: bad_inputs_table(_catalog("BAD_INPUTS")), markdown)
     return bench_tables(markdown, "../" * page.file.src_uri.count("/"))

@@ -182,3 +182,14 @@ def test_a_bench_table_selects_columns_formats_them_and_joins_files():
                           "| sweep-0.1.json | 0.1 | (not saved) | (not saved) |\n"), out
     assert out.endswith("(`.` of [`bench/results/sweep-0.01.json`](bench/results/sweep-0.01.md), "
                         "[`bench/results/sweep-0.1.json`](bench/results/sweep-0.1.md))")
+
+
+def test_the_errors_page_shows_the_bad_input_catalog_the_tests_run():
+    from tests.bad_values import BAD_INPUTS
+
+    page = open(os.path.join(DOCS, "reference", "errors.md")).read()
+    assert page.count("<!-- bad-inputs -->") == 1
+    table = _gen().bad_inputs_table(BAD_INPUTS)
+    for what, overrides, fragment in BAD_INPUTS:
+        assert f"| {what} | {' '.join(f'`--set {o}`' for o in overrides)} | `{fragment}` |" in table
+        assert f"`{fragment}`" not in page, fragment  # shown once, from the catalog, not typed again beside it
