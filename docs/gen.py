@@ -172,14 +172,14 @@ def _catalog(name: str) -> list:
     return getattr(module, name)
 
 
-BAD_INPUTS = re.compile(r"^<!-- bad-inputs -->$", re.M)  # the catalog's BAD_INPUTS table, in a page
+BAD_INPUTS = re.compile(r"^<!-- bad-inputs: (\w+) ([\w/.]+) -->$", re.M)  # a catalog's table and its test, in a page
 
 
-def bad_inputs_table(rows: list[tuple[str, list[str], str]]) -> str:
-    """The bad input `prunetune run` refuses: what it is, its overrides and the fragment the test finds in the line."""
+def bad_inputs_table(rows: list[tuple[str, list[str], str]], name: str, test: str) -> str:
+    """A catalog's bad input: what it is, its overrides and the fragment its test finds in the one-line error."""
     table = [[what, " ".join(f"`--set {o}`" for o in overrides), f"`{fragment}`"] for what, overrides, fragment in rows]
     return (_table(["bad input", "overrides", "the one line holds"], table)
-            + "\n(`BAD_INPUTS` of `tests/bad_values.py`, each row a case of `tests/test_reliability.py`)")
+            + f"\n(`{name}` of `tests/bad_values.py`, each row a case of `{test}`)")
 
 
 def _render(value: object, depth: int) -> list[str]:
@@ -295,5 +295,5 @@ def on_files(files, config):
 
 def on_page_markdown(markdown, page, config, files):
     """mkdocs hook: the bench tables and the bad-input catalog a hand-written page names, rendered at build time."""
-    markdown = BAD_INPUTS.sub(lambda m: bad_inputs_table(_catalog("BAD_INPUTS")), markdown)
+    markdown = BAD_INPUTS.sub(lambda m: bad_inputs_table(_catalog(m[1]), m[1], m[2]), markdown)
     return bench_tables(markdown, "../" * page.file.src_uri.count("/"))

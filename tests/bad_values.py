@@ -2,7 +2,8 @@
 BAD_VALUES: config values load_config refuses, with the key its one-line message starts with and a fragment of it
 (tests/test_config.py). BAD_INPUTS: what the input is, the overrides of a `prunetune run` and a fragment of the one
 line it prints before exiting 2 with nothing written (tests/test_reliability.py); `{file}`, `{dir}` and
-`{folder:NAME}` stand for a file, a directory and an image folder holding a broken image NAME, made by the test."""
+`{folder:NAME}` stand for a file, a directory and an image folder holding a broken image NAME, made by the test.
+BAD_DATA: the same for data sets load_data refuses (tests/test_data.py)."""
 
 BAD_VALUES = [
     (["search.target=1.5"], "search.target", "outside the allowed range"),
@@ -56,4 +57,14 @@ BAD_INPUTS = [
     ("a held-out set that leaves too few images (64 stay: evaluation.batch_size)", ["evaluation.heldout_size=1400"],
      "evaluation.heldout_size: must be in [1, 1374]"),
     ("a renamed key", ["search.flops_target=0.4"], "search.flops_target: renamed to search.target"),
+]
+
+BAD_DATA = [
+    ("a data directory that does not exist", ["data.name=cifar10", "data.path=/nonexistent/cifar"],
+     "data.path: directory not found"),
+    ("an image folder without a path", ["data.name=imagefolder"], "data.path: this data set needs a path"),
+    ("synthetic data without a class count", ["data.name=synthetic"], "data.num_classes"),
+    ("a data factory whose module does not import", ["data.name=nosuch.module:make"],
+     "data.name: cannot import module"),
+    ("an unknown data set", ["data.name=mnist"], "data.name: unknown data set 'mnist'"),
 ]

@@ -184,12 +184,14 @@ def test_a_bench_table_selects_columns_formats_them_and_joins_files():
                         "[`bench/results/sweep-0.1.json`](bench/results/sweep-0.1.md))")
 
 
-def test_the_errors_page_shows_the_bad_input_catalog_the_tests_run():
-    from tests.bad_values import BAD_INPUTS
+def test_the_errors_page_shows_the_bad_input_catalogs_the_tests_run():
+    import tests.bad_values as catalog
 
     page = open(os.path.join(DOCS, "reference", "errors.md")).read()
-    assert page.count("<!-- bad-inputs -->") == 1
-    table = _gen().bad_inputs_table(BAD_INPUTS)
-    for what, overrides, fragment in BAD_INPUTS:
-        assert f"| {what} | {' '.join(f'`--set {o}`' for o in overrides)} | `{fragment}` |" in table
-        assert f"`{fragment}`" not in page, fragment  # shown once, from the catalog, not typed again beside it
+    typed = "\n".join(line for line in page.splitlines() if not line.startswith("| a long value"))  # its own case
+    for name, test in (("BAD_INPUTS", "tests/test_reliability.py"), ("BAD_DATA", "tests/test_data.py")):
+        assert page.count(f"<!-- bad-inputs: {name} {test} -->") == 1
+        table = _gen().bad_inputs_table(getattr(catalog, name), name, test)
+        for what, overrides, fragment in getattr(catalog, name):
+            assert f"| {what} | {' '.join(f'`--set {o}`' for o in overrides)} | `{fragment}` |" in table
+            assert f"`{fragment}" not in typed, fragment  # shown once, from the catalog, not typed again beside it
