@@ -3,7 +3,8 @@ BAD_VALUES: config values load_config refuses, with the key its one-line message
 (tests/test_config.py). BAD_INPUTS: what the input is, the overrides of a `prunetune run` and a fragment of the one
 line it prints before exiting 2 with nothing written (tests/test_reliability.py); `{file}`, `{dir}` and
 `{folder:NAME}` stand for a file, a directory and an image folder holding a broken image NAME, made by the test.
-BAD_DATA: the same for data sets load_data refuses (tests/test_data.py)."""
+BAD_DATA: the same for data sets load_data refuses (tests/test_data.py). BAD_MODELS: models `prunetune run` refuses
+before the base model is trained (tests/test_generality.py)."""
 
 BAD_VALUES = [
     (["search.target=1.5"], "search.target", "outside the allowed range"),
@@ -67,4 +68,14 @@ BAD_DATA = [
     ("a data factory whose module does not import", ["data.name=nosuch.module:make"],
      "data.name: cannot import module"),
     ("an unknown data set", ["data.name=mnist"], "data.name: unknown data set 'mnist'"),
+]
+
+_SYNTHETIC = ["data.name=synthetic", "data.num_classes=10"]
+BAD_MODELS = [
+    ("a factory whose output width is not the data's class count", ["model.name=tests.archs:fixed_head", *_SYNTHETIC],
+     "model: the model returns 1000 outputs but the data has 10 classes"),
+    ("a model the pruner cannot model exactly (MixConv)", ["model.name=tests.archs:mixnet_like", *_SYNTHETIC],
+     "model: 4 channel groups cannot be pruned exactly"),
+    ("a torch.compile'd submodule", ["model.name=tests.archs:compiled_block", *_SYNTHETIC],
+     "model: block (OptimizedModule) is wrapped in torch.compile"),
 ]

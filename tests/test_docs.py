@@ -189,7 +189,9 @@ def test_the_errors_page_shows_the_bad_input_catalogs_the_tests_run():
 
     page = open(os.path.join(DOCS, "reference", "errors.md")).read()
     typed = "\n".join(line for line in page.splitlines() if not line.startswith("| a long value"))  # its own case
-    for name, test in (("BAD_INPUTS", "tests/test_reliability.py"), ("BAD_DATA", "tests/test_data.py")):
+    catalogs = [("BAD_INPUTS", "tests/test_reliability.py"), ("BAD_DATA", "tests/test_data.py"),
+                ("BAD_MODELS", "tests/test_generality.py")]
+    for name, test in catalogs:
         assert page.count(f"<!-- bad-inputs: {name} {test} -->") == 1
         table = _gen().bad_inputs_table(getattr(catalog, name), name, test)
         for what, overrides, fragment in getattr(catalog, name):
