@@ -239,7 +239,7 @@ def _records(names: list[str], key: str) -> list[tuple[str, Any]]:
     return out
 
 
-def _column(file: str, record: Any, spec: str) -> str:
+def _column(file: str, record: Any, spec: str) -> object:
     """One cell of a selected column: `file`, or the record's value at PATH shown in FORMAT; empty if not saved."""
     path, _, fmt = spec.partition(":")
     value = file if path == "file" else _lookup(record, path)
