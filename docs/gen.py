@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import re
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
@@ -161,14 +162,24 @@ def refusals_page(rows: list[tuple[list[str], str, str]]) -> str:
                       _table(["overrides", "what you see"], table)])
 
 
-def _bad_values() -> list:
-    """The table of refused config values the tests check (tests/bad_values.py)."""
+def _catalog(name: str) -> list:
+    """A table of bad input the tests check, from the catalog tests/bad_values.py."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bad_values", os.path.join(ROOT, "tests", "bad_values.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.BAD_VALUES
+    return getattr(module, name)
+
+
+BAD_INPUTS = re.compile(r"^<!-- bad-inputs: (\w+) ([\w/.]+) -->$", re.M)  # a catalog's table and its test, in a page
+
+
+def bad_inputs_table(rows: list[tuple[str, list[str], str]], name: str, test: str) -> str:
+    """A catalog's bad input: what it is, its overrides and the fragment its test finds in the one-line error."""
+    table = [[what, " ".join(f"`--set {o}`" for o in overrides), f"`{fragment}`"] for what, overrides, fragment in rows]
+    return (_table(["bad input", "overrides", "the one line holds"], table)
+            + f"\n(`{name}` of `tests/bad_values.py`, each row a case of `{test}`)")
 
 
 def _render(value: object, depth: int) -> list[str]:
@@ -198,17 +209,56 @@ def bench_page(path: str) -> str:
                      + _render(data, 0))
 
 
-BENCH_TABLE = re.compile(r"^<!-- bench-table: ([\w.-]+\.json) (\w+) -->$", re.M)  # a JSON's table, in a page
+# a JSON's table in a page: `<!-- bench-table: A.json[,B.json] KEY [columns=PATH[:FORMAT],...] -->`; KEY and PATH are
+# dotted paths (`.` the whole file), `file` the JSON a row comes from
+BENCH_TABLE = re.compile(r"^<!-- bench-table: ([\w.,-]+\.json) ([\w.-]+)(?: columns=(\S+))? -->$", re.M)
+FORMATS: dict[str, Callable[[Any], str]] = {  # how a column's values are shown: the one place formats are declared
+    "pct": lambda v: f"{v:.2%}", "f1": lambda v: f"{v:.1f}", "f2": lambda v: f"{v:.2f}", "f3": lambda v: f"{v:.3f}",
+    "int": lambda v: f"{v:,.0f}", "x": lambda v: f"{v:.2f}x", "ci": lambda v: f"[{v[0]:.2f}, {v[1]:.2f}]",
+}
+
+
+def _lookup(value: Any, path: str) -> Any:
+    """The value at a dotted path (`.` the value itself); None where the JSON holds nothing there."""
+    for part in [] if path == "." else path.split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            return None
+    return value
+
+
+def _records(names: list[str], key: str) -> list[tuple[str, Any]]:
+    """(file, record) for each record at KEY of each JSON: the rows of a list, or the value itself."""
+    out = []
+    for name in names:
+        value = _lookup(json.load(open(os.path.join(ROOT, "bench", "results", name))), key)
+        out += [(name, v) for v in value] if isinstance(value, list) else [(name, value)]
+    return out
+
+
+def _column(file: str, record: Any, spec: str) -> object:
+    """One cell of a selected column: `file`, or the record's value at PATH shown in FORMAT; empty if not saved."""
+    path, _, fmt = spec.partition(":")
+    value = file if path == "file" else _lookup(record, path)
+    return "(not saved)" if value is None else FORMATS[fmt](value) if fmt else value
 
 
 def bench_tables(markdown: str, prefix: str) -> str:
-    """Each `<!-- bench-table: NAME.json KEY -->` line replaced by the table of that JSON's KEY, naming its page;
+    """Each bench-table line replaced by the table of its JSONs' KEY, naming each JSON's page;
     `prefix` is the path from the page to the site's root."""
     def table(m: re.Match) -> str:
-        name, key = m.groups()
-        data = json.load(open(os.path.join(ROOT, "bench", "results", name)))
-        link = f"{prefix}bench/results/{name[:-5]}.md"
-        return "".join(_render(data[key], 0)) + f"\n(`{key}` of [`bench/results/{name}`]({link}))"
+        names, key, columns = m.group(1).split(","), m.group(2), m.group(3)
+        if columns:
+            specs = columns.split(",")
+            rows = [[_column(f, r, spec) for spec in specs] for f, r in _records(names, key)]
+            body = _table([spec.partition(":")[0] for spec in specs], rows)
+        else:
+            body = "".join(_render(_lookup(json.load(open(os.path.join(ROOT, "bench", "results", names[0]))), key), 0))
+        links = ", ".join(f"[`bench/results/{n}`]({prefix}bench/results/{n[:-5]}.md)" for n in names)
+        return body + f"\n(`{key}` of {links})"
     return BENCH_TABLE.sub(table, markdown)
 
 
@@ -223,7 +273,7 @@ def pages() -> dict[str, str]:
     out = {"reference/config.md": config_page(Config), "reference/cli.md": cli_page(build_parser()),
            "reference/api.md": api_page(prunetune),
            "reference/error-classes.md": errors_page([prunetune.search, prunetune.workers]),
-           "reference/refused-values.md": refusals_page(_bad_values())}
+           "reference/refused-values.md": refusals_page(_catalog("BAD_VALUES"))}
     results = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
     out |= {f"bench/results/{os.path.basename(p)[:-5]}.md": bench_page(p) for p in results}
     index = ["# Bench results\n", "One page per committed `bench/results/*.json`, rendered from it at build time.\n"]
@@ -244,5 +294,6 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
-    """mkdocs hook: the bench tables a hand-written page names, rendered from their JSON."""
+    """mkdocs hook: the bench tables and the bad-input catalog a hand-written page names, rendered at build time."""
+    markdown = BAD_INPUTS.sub(lambda m: bad_inputs_table(_catalog(m[1]), m[1], m[2]), markdown)
     return bench_tables(markdown, "../" * page.file.src_uri.count("/"))

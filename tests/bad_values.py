@@ -1,6 +1,10 @@
-"""Config values prunetune refuses: the overrides, the key the one-line message starts with, and a fragment of it.
-tests/test_config.py checks each row; the docs' generated error catalog (docs/gen.py) shows each row's message as
-load_config prints it."""
+"""The catalog of bad input the tests check and the docs show (docs/gen.py renders both tables at build time).
+BAD_VALUES: config values load_config refuses, with the key its one-line message starts with and a fragment of it
+(tests/test_config.py). BAD_INPUTS: what the input is, the overrides of a `prunetune run` and a fragment of the one
+line it prints before exiting 2 with nothing written (tests/test_reliability.py); `{file}`, `{dir}` and
+`{folder:NAME}` stand for a file, a directory and an image folder holding a broken image NAME, made by the test.
+BAD_DATA: the same for data sets load_data refuses (tests/test_data.py). BAD_MODELS: models `prunetune run` refuses
+before the base model is trained (tests/test_generality.py)."""
 
 BAD_VALUES = [
     (["search.target=1.5"], "search.target", "outside the allowed range"),
@@ -26,4 +30,52 @@ BAD_VALUES = [
     (["finetune.lr=.inf"], "finetune.lr", ".inf is not a finite number"),
     (["search.time_budget_s=.inf"], "search.time_budget_s", "not a finite number"),
     (["finetune.momentum=nan"], "finetune.momentum", "nan is not a finite number; allowed: [0, 1)"),
+]
+
+BAD_INPUTS = [
+    ("a negative seed", ["search.seed=-1"], "search.seed: -1 is outside the allowed range [0, inf)"),
+    ("a negative evaluation seed", ["evaluation.seed=-3"], "evaluation.seed: -3 is outside the allowed range [0, inf)"),
+    ("momentum 0 with Nesterov", ["finetune.momentum=0"],
+     "finetune.momentum: 0 does not go with finetune.nesterov: true"),
+    ("model kwargs the factory does not take", ["model.kwargs={foo: 1}"], "model.kwargs: building digits_cnn with"),
+    ("a model whose forward fails", ["model.kwargs={width: 0}"],
+     "model: the forward pass fails on an input of shape (1, 1, 8, 8)"),
+    ("a model factory that returns something else", ["model.name=os:getcwd"],
+     "model.name: os:getcwd returned a str, not a torch.nn.Module"),
+    ("a data factory that returns something else", ["data.name=os:getloadavg"],
+     "data.name: os:getloadavg must return a DataBundle or (train, test, num_classes)"),
+    ("a broken JPEG among the images", ["data.name=imagefolder", "data.path={folder:broken.jpg}"],
+     "data.path: cannot read image"),
+    ("a text file named .png among the images", ["data.name=imagefolder", "data.path={folder:notes.png}"],
+     "data.path: cannot read image"),
+    ("an output directory that is a file", ["output.dir={file}"], "is a file, not a directory"),
+    ("an output directory that cannot be written", ["output.dir=/proc/prunetune-test/run"],
+     "output.dir: cannot write to /proc/prunetune-test/run"),
+    ("a cache directory that cannot be written", ["output.cache_dir=/proc/prunetune-test"],
+     "output.cache_dir: cannot write to /proc/prunetune-test"),
+    ("a checkpoint that is a directory", ["model.checkpoint={dir}"],
+     "model.checkpoint: {dir} is a directory, not a checkpoint file"),
+    ("a held-out set that leaves too few images (64 stay: evaluation.batch_size)", ["evaluation.heldout_size=1400"],
+     "evaluation.heldout_size: must be in [1, 1374]"),
+    ("a renamed key", ["search.flops_target=0.4"], "search.flops_target: renamed to search.target"),
+]
+
+BAD_DATA = [
+    ("a data directory that does not exist", ["data.name=cifar10", "data.path=/nonexistent/cifar"],
+     "data.path: directory not found"),
+    ("an image folder without a path", ["data.name=imagefolder"], "data.path: this data set needs a path"),
+    ("synthetic data without a class count", ["data.name=synthetic"], "data.num_classes"),
+    ("a data factory whose module does not import", ["data.name=nosuch.module:make"],
+     "data.name: cannot import module"),
+    ("an unknown data set", ["data.name=mnist"], "data.name: unknown data set 'mnist'"),
+]
+
+_SYNTHETIC = ["data.name=synthetic", "data.num_classes=10"]
+BAD_MODELS = [
+    ("a factory whose output width is not the data's class count", ["model.name=tests.archs:fixed_head", *_SYNTHETIC],
+     "model: the model returns 1000 outputs but the data has 10 classes"),
+    ("a model the pruner cannot model exactly (MixConv)", ["model.name=tests.archs:mixnet_like", *_SYNTHETIC],
+     "model: 4 channel groups cannot be pruned exactly"),
+    ("a torch.compile'd submodule", ["model.name=tests.archs:compiled_block", *_SYNTHETIC],
+     "model: block (OptimizedModule) is wrapped in torch.compile"),
 ]

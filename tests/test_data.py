@@ -1,6 +1,7 @@
 """Data sources on tiny data the tests make themselves."""
 import os
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ from prunetune.search.config import load_config
 from prunetune.search.prepare import base_cache_path, data_kwargs, model_spec, prepare
 from prunetune.workers import data as data_module
 from prunetune.workers.data import DataError, heldout_split, iterate_batches, load_data
+from tests.bad_values import BAD_DATA
 
 
 def test_digits_ships_with_sklearn():
@@ -161,16 +163,12 @@ def test_factory():
     assert data.num_classes == 3 and len(data.train) == 30 and data.input_shape == (1, 8, 8)
 
 
-@pytest.mark.parametrize("name, path, fragment", [
-    ("cifar10", "/nonexistent/cifar", "data.path: directory not found"),
-    ("imagefolder", None, "data.path: this data set needs a path"),
-    ("synthetic", None, "data.num_classes"),
-    ("nosuch.module:make", None, "data.name: cannot import module"),
-    ("mnist", None, "data.name: unknown data set 'mnist'"),
-])
-def test_clear_errors(name, path, fragment):
-    with pytest.raises(DataError, match=fragment):
-        load_data(name, path=path)
+@pytest.mark.parametrize("what, overrides, fragment", BAD_DATA)
+def test_clear_errors(what, overrides, fragment):
+    given = dict(o.split("=", 1) for o in overrides)
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        load_data(given["data.name"], path=given.get("data.path"))
+
 
 
 def test_empty_imagefolder(tmp_path):

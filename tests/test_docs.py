@@ -159,10 +159,41 @@ def test_no_code_block_is_written_twice():
 
 def test_the_bench_tables_pages_name_are_rendered_from_their_json():
     gen = _gen()
-    directives = [(path, m.groups()) for path, text in _pages().items() for m in gen.BENCH_TABLE.finditer(text)]
-    assert len(directives) >= 3
-    for path, (name, key) in directives:  # every one names a JSON and a key it holds
-        out = gen.bench_tables(f"<!-- bench-table: {name} {key} -->", "../")
-        assert f"(`{key}` of [`bench/results/{name}`](../bench/results/{name[:-5]}.md))" in out, path
+    directives = [(path, m) for path, text in _pages().items() for m in gen.BENCH_TABLE.finditer(text)]
+    assert len(directives) >= 10
+    for path, m in directives:  # every one names JSONs and a key they hold, and each column is saved somewhere
+        names, key, columns = m.group(1).split(","), m.group(2), m.group(3)
+        out = gen.bench_tables(m.group(0), "../")
+        links = ", ".join(f"[`bench/results/{n}`](../bench/results/{n[:-5]}.md)" for n in names)
+        assert f"(`{key}` of {links})" in out, path
+        rows = [line.split(" | ") for line in out.splitlines()[2:] if line.startswith("| ")]
+        for i in range(len(columns.split(",")) if columns else 0):
+            assert any(row[i].strip("| ") != "(not saved)" for row in rows), (path, m.group(0), i)
     out = gen.bench_tables("<!-- bench-table: prune.json rows -->", "../")
     assert re.search(r"^\| resnet50 \| 0\.06733 \| 51\.85 \| 333\.8 \| 6\.438 \|$", out, re.M), out
+
+
+def test_a_bench_table_selects_columns_formats_them_and_joins_files():
+    gen = _gen()
+    out = gen.bench_tables("<!-- bench-table: sweep-0.01.json,sweep-0.1.json . columns=file,args.sparsity,"
+                           "sparse_test_accuracy:pct,sparse_gammas.median:f3 -->", "")
+    assert out.startswith("| file | args.sparsity | sparse_test_accuracy | sparse_gammas.median |\n|---|---|---|---|\n"
+                          "| sweep-0.01.json | 0.01 | 86.24% | 0.275 |\n"
+                          "| sweep-0.1.json | 0.1 | (not saved) | (not saved) |\n"), out
+    assert out.endswith("(`.` of [`bench/results/sweep-0.01.json`](bench/results/sweep-0.01.md), "
+                        "[`bench/results/sweep-0.1.json`](bench/results/sweep-0.1.md))")
+
+
+def test_the_errors_page_shows_the_bad_input_catalogs_the_tests_run():
+    import tests.bad_values as catalog
+
+    page = open(os.path.join(DOCS, "reference", "errors.md")).read()
+    typed = "\n".join(line for line in page.splitlines() if not line.startswith("| a long value"))  # its own case
+    catalogs = [("BAD_INPUTS", "tests/test_reliability.py"), ("BAD_DATA", "tests/test_data.py"),
+                ("BAD_MODELS", "tests/test_generality.py")]
+    for name, test in catalogs:
+        assert page.count(f"<!-- bad-inputs: {name} {test} -->") == 1
+        table = _gen().bad_inputs_table(getattr(catalog, name), name, test)
+        for what, overrides, fragment in getattr(catalog, name):
+            assert f"| {what} | {' '.join(f'`--set {o}`' for o in overrides)} | `{fragment}` |" in table
+            assert f"`{fragment}" not in typed, fragment  # shown once, from the catalog, not typed again beside it

@@ -19,7 +19,9 @@ from prunetune.workers.preflight import FUNCTIONAL_TOLERANCE, functional_gap
 from prunetune.workers.space import count_flops
 from prunetune.workers.tasks import CLASSIFICATION, output_tensors
 from tests import archs
+from tests.bad_values import BAD_MODELS
 from tests.reference import torch_pruning_surgery
+from tests.runs import as_args
 
 SUPPORTED = {
     "grouped conv + squeeze-excitation": archs.GroupedSE,
@@ -116,16 +118,10 @@ def test_a_factory_gets_the_data_class_count_or_is_refused(tmp_path, capsys):
         _verdict(build_model("tests.archs:fixed_head", 10))
 
 
-@pytest.mark.parametrize("factory, fragment", [
-    ("tests.archs:fixed_head", "model: the model returns 1000 outputs but the data has 10 classes"),
-    ("tests.archs:mixnet_like", "model: 4 channel groups cannot be pruned exactly"),
-    ("tests.archs:compiled_block", "model: block (OptimizedModule) is wrapped in torch.compile"),
-])
-def test_an_unsupported_model_is_refused_before_the_base_model_is_trained(tmp_path, capsys, factory, fragment):
+@pytest.mark.parametrize("what, overrides, fragment", BAD_MODELS)
+def test_an_unsupported_model_is_refused_before_the_base_model_is_trained(tmp_path, capsys, what, overrides, fragment):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    code = main(["run", "--set", f"model.name={factory}", "--set", "data.name=synthetic",
-                 "--set", "data.num_classes=10",
-                 "--set", f"output.dir={out}", "--set", f"output.cache_dir={cache}"])
+    code = main(["run", *as_args([*overrides, f"output.dir={out}", f"output.cache_dir={cache}"])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"prunetune: error: {fragment}")
     assert len(err.splitlines()) == 1 and not out.exists() and not cache.exists()  # nothing trained, nothing written

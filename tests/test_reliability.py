@@ -16,6 +16,7 @@ from prunetune.search.cli import main
 from prunetune.search.rundir import RunDir
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import CandidateRecord
+from tests.bad_values import BAD_INPUTS
 from tests.faults import ROOT, sigint_as_in_a_terminal
 from tests.runs import as_args, run_args
 
@@ -36,24 +37,8 @@ def _imagefolder(root, bad_name, bad_bytes):
     return root
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["search.seed=-1"], "search.seed: -1 is outside the allowed range [0, inf)"),
-    (["evaluation.seed=-3"], "evaluation.seed: -3 is outside the allowed range [0, inf)"),
-    (["finetune.momentum=0"], "finetune.momentum: 0 does not go with finetune.nesterov: true"),
-    (["model.kwargs={foo: 1}"], "model.kwargs: building digits_cnn with"),
-    (["model.kwargs={width: 0}"], "model: the forward pass fails on an input of shape (1, 1, 8, 8)"),
-    (["model.name=os:getcwd"], "model.name: os:getcwd returned a str, not a torch.nn.Module"),
-    (["data.name=os:getloadavg"], "data.name: os:getloadavg must return a DataBundle or (train, test, num_classes)"),
-    (["data.name=imagefolder", "data.path={folder:broken.jpg}"], "data.path: cannot read image"),
-    (["data.name=imagefolder", "data.path={folder:notes.png}"], "data.path: cannot read image"),
-    (["output.dir={file}"], "is a file, not a directory"),
-    (["output.dir=/proc/prunetune-test/run"], "output.dir: cannot write to /proc/prunetune-test/run"),
-    (["output.cache_dir=/proc/prunetune-test"], "output.cache_dir: cannot write to /proc/prunetune-test"),
-    (["model.checkpoint={dir}"], "model.checkpoint: {dir} is a directory, not a checkpoint file"),
-    (["evaluation.heldout_size=1400"], "evaluation.heldout_size: must be in [1, 1374]"),  # 64 stay (batch_size)
-    (["search.flops_target=0.4"], "search.flops_target: renamed to search.target"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, overrides, fragment):
+@pytest.mark.parametrize("what, overrides, fragment", BAD_INPUTS)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, what, overrides, fragment):
     (tmp_path / "file").write_text("a file\n")
     (tmp_path / "dir").mkdir()
     folders = {"broken.jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "notes.png": b"meeting notes\n"}
