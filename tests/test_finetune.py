@@ -2,6 +2,7 @@
 the held-out or validation split, parallel batch reading, mixed precision flags."""
 import dataclasses
 import io
+import re
 
 import numpy as np
 import pytest
@@ -114,6 +115,25 @@ def test_a_terminal_gets_a_progress_bar_inside_each_epoch_and_a_file_plain_lines
     assert "\rbase training: epoch 1/1 [" in shown and "step 3/4 (epoch ETA " in shown
     assert shown.split("\r\x1b[K")[-1].startswith("base training: epoch 1/1 train_loss")  # cleared, then the line
     assert "\r" not in plain.getvalue() and plain.getvalue().startswith("base training: epoch 1/1 train_loss")
+
+
+def test_a_log_that_is_no_terminal_gets_plain_lines_inside_an_epoch_only_when_they_are_due(trained, monkeypatch):
+    from prunetune.workers import progress
+
+    data, cfg, model, heldout, rest = trained
+    short = cfg.finetune.model_copy(update={"epochs": 1, "batch_size": 50})
+    shown = {}
+    for every_s in (0.0, 1e9):
+        monkeypatch.setattr(progress, "PROGRESS_EVERY_S", every_s)
+        log = io.StringIO()
+        finetune(_copy(model), data, short, train_indices=rest[:200], stage="base training", log=log)
+        shown[every_s] = log.getvalue().splitlines()
+    steps = shown[0.0][:-1]
+    assert [line.split(" (epoch ETA ")[0] for line in steps] == [f"base training: epoch 1/1 step {k}/4"
+                                                                  for k in (1, 2, 3)]
+    assert all(re.fullmatch(r".* \(epoch ETA \d+:\d\d\)", line) for line in steps)
+    assert len(shown[1e9]) == 1 and shown[1e9][0].startswith("base training: epoch 1/1 train_loss")
+    assert shown[0.0][-1].startswith("base training: epoch 1/1 train_loss")
 
 
 def test_the_progress_bar_fits_the_terminal_so_that_redrawing_it_leaves_no_copy(monkeypatch):
