@@ -29,13 +29,20 @@ def test_work_shorter_than_every_s_says_nothing():
     assert lines == []
 
 
-def test_steps_are_named_once_a_line_is_due_with_the_time_so_far():
+def test_steps_are_named_once_a_line_is_due_with_the_time_so_far_and_long_work_says_its_end():
     now, lines = [0.0], _Lines()
     steps = Steps("preflight", lines, every_s=10, clock=lambda: now[0])
     for t, name in ((2, "tracing"), (12, "proving a"), (15, "proving b"), (90, "proving c")):
         now[0] = t
         steps.step(name)
-    assert lines == ["preflight: proving a (0:12 so far)", "preflight: proving c (1:30 so far)"]
+    now[0] = 95
+    steps.done()
+    assert lines == ["preflight: proving a (0:12 so far)", "preflight: proving c (1:30 so far)",
+                     "preflight: done in 1:35"]
+    quick = Steps("preflight", lines, every_s=10, clock=lambda: now[0])
+    quick.step("tracing")
+    quick.done()
+    assert len(lines) == 3
 
 
 def test_durations_read_as_minutes_or_hours():

@@ -267,6 +267,7 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
             strategies = {**strategies_to_prove(space, max_ratio, first), "least pruned": space.least_pruned()}
             found, checked = as_refusal(model, _check, model, space, example_inputs, shapes, strategies, steps)
             if not found:
+                steps.done()
                 return Verdict(space, left_out, checked, functional=True)
         causes = list(dict.fromkeys(reason for _, reason in left_out + found))
         if left_out or len(causes) > 1:

@@ -59,8 +59,8 @@ class Progress:
 
 @dataclass
 class Steps:
-    """Names each step of a long piece of work `what` as it starts (`WHAT: STEP (m:ss so far)`), once a line is due:
-    a piece of work done in under `every_s` says nothing."""
+    """Names each step of a long piece of work `what` as it starts (`WHAT: STEP (m:ss so far)`), once a line is due,
+    and its end: a piece of work done in under `every_s` says nothing."""
 
     what: str
     logger: logging.Logger = PREPARE
@@ -76,3 +76,9 @@ class Steps:
         if due(self.shown, now, self.every_s):
             self.shown = now
             self.logger.info(f"{self.what}: {name} ({duration(now - self.start)} so far)")
+
+    def done(self) -> None:
+        """The closing line, when the work took longer than `every_s`."""
+        took = self.clock() - self.start
+        if took > (PROGRESS_EVERY_S if self.every_s is None else self.every_s):
+            self.logger.info(f"{self.what}: done in {duration(took)}")
