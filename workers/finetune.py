@@ -75,18 +75,20 @@ def _columns(terminal) -> int:
 
 class _StepBar:
     """Progress inside an epoch. Where `log` is a terminal: one line redrawn in place (steps, time left in the
-    epoch), at most every BAR_EVERY_S, cleared before the epoch's own line; elsewhere a plain line at most every
-    progress.PROGRESS_EVERY_S (none in an epoch shorter than that)."""
+    epoch), at most every BAR_EVERY_S, cleared before the epoch's own line; elsewhere a plain line about every
+    progress.PROGRESS_EVERY_S (one step early when waiting for the next step would make it late; none in an epoch
+    shorter than that)."""
 
     def __init__(self, log, stage: str, epoch: int, epochs: int, steps: int):
         self.log, self.label, self.steps = log, f"{stage}: epoch {epoch}/{epochs}", steps
         self.on = bool(getattr(log, "isatty", lambda: False)())
         self.width = _columns(log) - 1 if self.on else 0  # a longer line wraps, and \r redraws only its last row
-        self.start = self.shown = time.perf_counter()
+        self.start = self.shown = self.last = time.perf_counter()
 
     def step(self, k: int) -> None:
         now = time.perf_counter()
-        if not due(self.shown, now, BAR_EVERY_S if self.on else None) or (k >= self.steps and not self.on):
+        ahead, self.last = (0.0 if self.on else now - self.last), now  # plain lines: the next step's time, foreseen
+        if not due(self.shown, now + ahead, BAR_EVERY_S if self.on else None) or (k >= self.steps and not self.on):
             return
         self.shown, filled = now, int(20 * k / self.steps)
         eta = f"(epoch ETA {duration((now - self.start) / k * (self.steps - k))})"
