@@ -93,6 +93,24 @@ def test_imagefolder_small_images_decode_once_and_cache(tmp_path):
     assert torch.equal(again.train.images, data.train.images)
 
 
+def test_an_image_folder_says_how_far_its_hashing_and_decoding_are_once_lines_are_due(tmp_path, monkeypatch, capsys):
+    from prunetune.workers import progress
+
+    root = str(tmp_path / "folder")
+    _write_images(root, 16)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 1e9)
+    load_data("imagefolder", path=root, cache_dir=str(tmp_path / "quiet"))
+    assert "data: " not in capsys.readouterr().err
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
+    load_data("imagefolder", path=root, cache_dir=str(tmp_path / "cache"))
+    err = capsys.readouterr().err.splitlines()
+    hashed = [line.split(" (")[0] for line in err if line.startswith("data: hashing image files: ")]
+    one_split = [f"data: hashing image files: {k}/18" for k in range(1, 19)]
+    one_split[-1] += " done in 0:00"
+    assert hashed == 2 * one_split  # the training and the test images
+    assert sum(line.startswith("data: decoding images: 18/18 done in 0:00 (") for line in err) == 2
+
+
 def test_the_driver_decodes_the_same_arrays_and_errors_with_worker_processes(tmp_path):
     from prunetune.workers.evaluator import evaluation_data
 

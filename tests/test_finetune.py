@@ -2,6 +2,8 @@
 the held-out or validation split, parallel batch reading, mixed precision flags."""
 import dataclasses
 import io
+import re
+import types
 
 import numpy as np
 import pytest
@@ -114,6 +116,39 @@ def test_a_terminal_gets_a_progress_bar_inside_each_epoch_and_a_file_plain_lines
     assert "\rbase training: epoch 1/1 [" in shown and "step 3/4 (epoch ETA " in shown
     assert shown.split("\r\x1b[K")[-1].startswith("base training: epoch 1/1 train_loss")  # cleared, then the line
     assert "\r" not in plain.getvalue() and plain.getvalue().startswith("base training: epoch 1/1 train_loss")
+
+
+def test_a_log_that_is_no_terminal_gets_plain_lines_inside_an_epoch_only_when_they_are_due(trained, monkeypatch):
+    from prunetune.workers import progress
+
+    data, cfg, model, heldout, rest = trained
+    short = cfg.finetune.model_copy(update={"epochs": 1, "batch_size": 50})
+    shown = {}
+    for every_s in (0.0, 1e9):
+        monkeypatch.setattr(progress, "PROGRESS_EVERY_S", every_s)
+        log = io.StringIO()
+        finetune(_copy(model), data, short, train_indices=rest[:200], stage="base training", log=log)
+        shown[every_s] = log.getvalue().splitlines()
+    steps = shown[0.0][:-1]
+    assert [line.split(" (epoch ETA ")[0] for line in steps] == [f"base training: epoch 1/1 step {k}/4"
+                                                                  for k in (1, 2, 3)]
+    assert all(re.fullmatch(r".* \(epoch ETA \d+:\d\d\)", line) for line in steps)
+    assert len(shown[1e9]) == 1 and shown[1e9][0].startswith("base training: epoch 1/1 train_loss")
+    assert shown[0.0][-1].startswith("base training: epoch 1/1 train_loss")
+
+
+def test_a_plain_line_comes_a_step_early_when_waiting_for_the_next_step_would_make_it_late(monkeypatch):
+    from prunetune.workers import progress
+
+    now, log = [0.0], io.StringIO()
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 10.0)
+    monkeypatch.setattr(finetune_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    bar = finetune_module._StepBar(log, "fine-tuning", 2, 5, 100)
+    for k, t in enumerate((4, 8, 9, 20, 22), 1):  # steps of 4 s: the line at 8 s, not at 12 s
+        now[0] = t
+        bar.step(k)
+    assert log.getvalue().splitlines() == ["fine-tuning: epoch 2/5 step 2/100 (epoch ETA 6:32)",
+                                           "fine-tuning: epoch 2/5 step 4/100 (epoch ETA 8:00)"]
 
 
 def test_the_progress_bar_fits_the_terminal_so_that_redrawing_it_leaves_no_copy(monkeypatch):

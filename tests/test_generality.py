@@ -54,6 +54,20 @@ def test_flops_params_and_forward_are_exact_on_the_pruned_network(name):
             assert torch.allclose(pruned(x), reference(x), atol=1e-5)  # the same channels removed the same way
 
 
+def test_the_preflight_names_its_steps_once_lines_are_due(monkeypatch, capsys):
+    from prunetune.workers import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 1e9)
+    _verdict(archs.GroupedSE())
+    assert "preflight:" not in capsys.readouterr().err
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
+    _verdict(archs.GroupedSE())
+    said = [line.split(" (0:")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("preflight:")]
+    assert said == ["preflight: tracing the channel groups"] + [
+        f"preflight: proving the {name} strategy (counts and function)"
+        for name in ("most pruned", "first sampled", "least pruned")] + ["preflight: done in 0:00"]
+
+
 def test_a_grouped_conv_keeps_whole_blocks():
     space = _verdict(archs.GroupedSE()).space
     grouped = {g.name: g for g in space.groups}

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .errors import BadInput
 from .files import atomic_write
 from .messages import shown
+from .progress import Progress
 from .seeds import generator
 
 SOURCES = ("digits", "cifar10", "imagefolder", "synthetic")
@@ -482,9 +483,12 @@ def _content_key(files: list[str], size: int) -> str:
         stats = [os.stat(path) for path in files]
         digest.update("".join(f"{p}|{st.st_size}|{st.st_mtime_ns}\n" for p, st in zip(files, stats)).encode())
         if sum(st.st_size for st in stats) <= HASHED_BYTES:
+            progress = Progress("data: hashing image files", len(files))
             for path in files:
                 with open(path, "rb") as f:
                     digest.update(f.read())
+                progress.advance()
+            progress.done()
     except OSError as e:
         raise DataError(f"data.path: cannot read image {e.filename} ({e.strerror or e})") from None
     return digest.hexdigest()
@@ -546,8 +550,11 @@ def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None,
         if arr is None:
             arr = np.empty(shape, dtype=np.uint8)
             reader = BatchReader(_SmallImages(files, size, max_pixels), 64, num_workers, persistent=False)
+            progress = Progress("data: decoding images", len(files))
             for x, idx in reader(range(len(files))):
                 arr[idx.numpy()] = x.numpy()
+                progress.advance(len(idx))
+            progress.done()
             if cache:
                 to_write.append((cache, arr))
         arrays.append(arr)

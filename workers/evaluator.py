@@ -7,6 +7,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from .data import DataBundle, TensorImages, iterate_batches, join_targets
 from .errors import RunFailed
 from .methods import METHODS, PruningMethod
 from .latency import device_name
+from .progress import Progress
 from .record import CandidateRecord
 from .scoring import precision, score
 from .space import PruningSpace
@@ -79,8 +81,16 @@ def evaluation_data(data: DataBundle, cfg, num_workers: int = 0) -> EvaluationDa
                               train.mean.flatten().numpy(), train.std.flatten().numpy(), heldout, rest, calibration,
                               splits.validation)
     # batches of 64: several for the workers to share even with a few hundred images (the values are per image)
-    calibration_x = torch.cat([x for x, _ in iterate_batches(train, calibration, 64, num_workers)]).float().numpy()
-    xs, ys = zip(*iterate_batches(train, heldout, 64, num_workers))
+    progress = Progress("data: decoding calibration and held-out images", len(calibration) + len(heldout))
+
+    def read(indices) -> Iterator[tuple[torch.Tensor, object]]:
+        for x, y in iterate_batches(train, indices, 64, num_workers):
+            progress.advance(len(x))
+            yield x, y
+
+    calibration_x = torch.cat([x for x, _ in read(calibration)]).float().numpy()
+    xs, ys = zip(*read(heldout))
+    progress.done()
     channels = calibration_x.shape[1]
     return EvaluationData(calibration_x, torch.cat(xs).float().numpy(), join_targets(ys), 1.0,
                           np.zeros(channels, np.float32), np.ones(channels, np.float32), heldout, rest, calibration,

@@ -18,6 +18,7 @@ from .data import BatchReader, DataBundle, iterate_batches
 from .errors import RunFailed
 from .files import atomic_write
 from .logs import LineStream
+from .progress import due, duration
 from .scoring import precision, score
 from .selection import best_trained, kept_epoch, margin
 from .tasks import CLASSIFICATION, Task, short_name
@@ -55,18 +56,13 @@ class TrainingDiverged(RunFailed, RuntimeError):
     """A training's loss or weights became non-finite (nan or inf): the weights are useless; nothing is kept."""
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
-
-
 def _progress(stage: str, metrics: dict, epochs: int, seconds: list[float], metric: str) -> str:
     """One line per epoch: the stage, epoch i/N, its figures, time per epoch and the time left."""
     per_epoch = sum(seconds) / len(seconds)
     val = f" val_{short_name(metric)} {metrics[f'val_{metric}']:.4f}" if f"val_{metric}" in metrics else ""
     return (f"{stage}: epoch {metrics['epoch']}/{epochs} train_loss {metrics['train_loss']:.4f}{val} "
             f"test_{short_name(metric)} {metrics[f'test_{metric}']:.4f} ({per_epoch:.1f} s/epoch, "
-            f"ETA {_duration(per_epoch * (epochs - metrics['epoch']))})")
+            f"ETA {duration(per_epoch * (epochs - metrics['epoch']))})")
 
 
 def _columns(terminal) -> int:
@@ -78,22 +74,28 @@ def _columns(terminal) -> int:
 
 
 class _StepBar:
-    """Progress inside an epoch where `log` is a terminal: one line redrawn in place (steps, time left in the
-    epoch), at most every BAR_EVERY_S, cleared before the epoch's own line; elsewhere nothing (plain lines only)."""
+    """Progress inside an epoch. Where `log` is a terminal: one line redrawn in place (steps, time left in the
+    epoch), at most every BAR_EVERY_S, cleared before the epoch's own line; elsewhere a plain line about every
+    progress.PROGRESS_EVERY_S (one step early when waiting for the next step would make it late; none in an epoch
+    shorter than that)."""
 
     def __init__(self, log, stage: str, epoch: int, epochs: int, steps: int):
         self.log, self.label, self.steps = log, f"{stage}: epoch {epoch}/{epochs}", steps
         self.on = bool(getattr(log, "isatty", lambda: False)())
         self.width = _columns(log) - 1 if self.on else 0  # a longer line wraps, and \r redraws only its last row
-        self.start = self.shown = time.perf_counter()
+        self.start = self.shown = self.last = time.perf_counter()
 
     def step(self, k: int) -> None:
         now = time.perf_counter()
-        if not self.on or now - self.shown < BAR_EVERY_S:
+        ahead, self.last = (0.0 if self.on else now - self.last), now  # plain lines: the next step's time, foreseen
+        if not due(self.shown, now + ahead, BAR_EVERY_S if self.on else None) or (k >= self.steps and not self.on):
             return
         self.shown, filled = now, int(20 * k / self.steps)
-        left = (now - self.start) / k * (self.steps - k)
-        line = f"{self.label} [{'#' * filled}{'.' * (20 - filled)}] step {k}/{self.steps} (epoch ETA {_duration(left)})"
+        eta = f"(epoch ETA {duration((now - self.start) / k * (self.steps - k))})"
+        if not self.on:
+            print(f"{self.label} step {k}/{self.steps} {eta}", file=self.log, flush=True)
+            return
+        line = f"{self.label} [{'#' * filled}{'.' * (20 - filled)}] step {k}/{self.steps} {eta}"
         self.log.write(f"\r{line[:self.width]}\x1b[K")
         self.log.flush()
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .groups import IN, SpaceError, describe_module, error_line, module_stack, refuse_compiled
+from .progress import Steps
 from .prune import PrunePlan, clone_module
 from .space import PruningSpace, count_flops
 from .tasks import CLASSIFICATION, Task, output_tensors
@@ -214,15 +215,20 @@ def _problem(plan: PrunePlan, ratios, example_inputs: torch.Tensor, inputs: torc
 
 
 def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, shapes: list[tuple[int, ...]],
-           strategies: dict[str, np.ndarray]) -> tuple[list[tuple[str, str]], list[tuple[str, int, int]]]:
+           strategies: dict[str, np.ndarray], steps: Steps
+           ) -> tuple[list[tuple[str, str]], list[tuple[str, int, int]]]:
     """(culprit groups, checked strategies): groups that break a strategy, each found by pruning it alone with its
-    ratios in the strategies that fail."""
+    ratios in the strategies that fail; each step named on `steps`."""
     plan = PrunePlan(probe_copy(model), space, order=[np.arange(g.units // g.blocks) for g in space.groups])
     inputs = torch.randn(example_inputs.shape, generator=torch.Generator().manual_seed(0)).to(example_inputs)
-    failures = {name: _problem(plan, r, example_inputs, inputs, shapes) for name, r in strategies.items()}
+    failures = {}
+    for name, r in strategies.items():
+        steps.step(f"proving the {name} strategy (counts and function)")
+        failures[name] = _problem(plan, r, example_inputs, inputs, shapes)
     if not any(failures.values()):
         return [], [(name, space.flops(r), space.params(r)) for name, r in strategies.items()]
     failing = [strategies[name] for name, problem in failures.items() if problem]
+    steps.step("pruning each group alone to find the ones that break it")
     culprits = []
     for gi, g in enumerate(space.groups):
         for ratios in failing:
@@ -249,16 +255,19 @@ def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, 
     `task` and `num_classes`, and every output of a pruned network keeps its shape.
     """
     refuse_compiled(model)
+    steps = Steps("preflight")
     check_output(model, example_inputs, num_classes, task)
     shapes = output_shapes(model, example_inputs)
     ignored, left_out = list(ignored_layers or []), []
     while True:  # at most twice: once more after leaving out the groups of a single cause
+        steps.step("tracing the channel groups")
         space = as_refusal(model, PruningSpace.from_model, model, example_inputs, round_to, ignored)
         found = space.rejected  # groups discovery could not model: no strategy needed to know
         if not found:
             strategies = {**strategies_to_prove(space, max_ratio, first), "least pruned": space.least_pruned()}
-            found, checked = as_refusal(model, _check, model, space, example_inputs, shapes, strategies)
+            found, checked = as_refusal(model, _check, model, space, example_inputs, shapes, strategies, steps)
             if not found:
+                steps.done()
                 return Verdict(space, left_out, checked, functional=True)
         causes = list(dict.fromkeys(reason for _, reason in left_out + found))
         if left_out or len(causes) > 1:

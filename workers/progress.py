@@ -1,0 +1,84 @@
+"""Progress lines for long loops that would otherwise say nothing (decoding a folder, an epoch outside a terminal):
+`WHAT: k/total (x/s, ETA m:ss)` at most every PROGRESS_EVERY_S seconds, and one closing line when the work took
+longer than that."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .logs import PREPARE
+
+PROGRESS_EVERY_S = 5.0  # at most one progress line this often (tests patch it: 0 prints every step)
+
+
+def duration(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def due(last: float, now: float, every_s: float | None = None) -> bool:
+    """Whether a progress line is due at `now`, the last one (or the start) having been at `last`."""
+    return now - last >= (PROGRESS_EVERY_S if every_s is None else every_s)
+
+
+@dataclass
+class Progress:
+    """Counts `total` items of work named `what`, saying how far it is on `logger`."""
+
+    what: str
+    total: int
+    logger: logging.Logger = PREPARE
+    every_s: float | None = None  # None: PROGRESS_EVERY_S as it is when the work starts
+    clock: Callable[[], float] = time.monotonic
+    done_n: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.every_s = PROGRESS_EVERY_S if self.every_s is None else self.every_s
+        self.start = self.shown = self.clock()
+
+    def advance(self, n: int = 1) -> None:
+        """`n` more items done; a line if one is due."""
+        self.done_n += n
+        now = self.clock()
+        if due(self.shown, now, self.every_s) and self.done_n < self.total:
+            self.shown = now
+            rate = self.done_n / max(now - self.start, 1e-9)
+            self.logger.info(f"{self.what}: {self.done_n}/{self.total} ({rate:.0f}/s, "
+                             f"ETA {duration((self.total - self.done_n) / rate)})")
+
+    def done(self) -> None:
+        """The closing line, when the work took longer than `every_s`."""
+        took = self.clock() - self.start
+        if took > self.every_s:
+            self.logger.info(f"{self.what}: {self.done_n}/{self.total} done in {duration(took)} "
+                             f"({self.done_n / took:.0f}/s)")
+
+
+@dataclass
+class Steps:
+    """Names each step of a long piece of work `what` as it starts (`WHAT: STEP (m:ss so far)`), once a line is due,
+    and its end: a piece of work done in under `every_s` says nothing."""
+
+    what: str
+    logger: logging.Logger = PREPARE
+    every_s: float | None = None  # None: PROGRESS_EVERY_S as it is at each step
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        self.start = self.shown = self.clock()
+
+    def step(self, name: str) -> None:
+        """Step `name` starts; a line if one is due."""
+        now = self.clock()
+        if due(self.shown, now, self.every_s):
+            self.shown = now
+            self.logger.info(f"{self.what}: {name} ({duration(now - self.start)} so far)")
+
+    def done(self) -> None:
+        """The closing line, when the work took longer than `every_s`."""
+        took = self.clock() - self.start
+        if took > (PROGRESS_EVERY_S if self.every_s is None else self.every_s):
+            self.logger.info(f"{self.what}: done in {duration(took)}")
