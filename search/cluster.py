@@ -87,6 +87,7 @@ def start_embedded(**kwargs):
     RayStartFailed in one line after the last try. The processes of a failed or interrupted try are ended."""
     import ray
 
+    RUN.info("[ray] starting an embedded Ray for this run")
     for attempt in range(1, START_TRIES + 1):
         try:
             with _ending_new_processes_on_failure(), _without_unused_dashboard_errors(kwargs["include_dashboard"]):

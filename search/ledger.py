@@ -15,6 +15,7 @@ from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from prunetune.workers.files import write_json
+from prunetune.workers import progress
 from prunetune.workers.logs import RUN
 from prunetune.workers.record import Candidate, CandidateRecord, best
 
@@ -110,6 +111,7 @@ class Ledger(Callback):
         self.writer: SearchCurves | None = None
         self.committed_at = self.printed_at = float("-inf")
         self.shown: tuple | None = None  # (count, best) of the last progress line
+        self.started = self.waited = self.clock()  # the experiment's start, and the last line while waiting
 
     def _store(self) -> CandidateStore:
         """The store, opened at the first use: what a resumed run holds seeds the counters, board and curves."""
@@ -153,6 +155,10 @@ class Ledger(Callback):
             self._commit(now)
         if now - self.printed_at >= self.interval_s:
             self._progress(now)
+        if self.first_at is None and progress.due(self.waited, now):  # the trials' start-up: not silent either
+            self.waited = now
+            RUN.info(f"[search] waiting for the first candidate ({progress.duration(now - self.started)}): the trials "
+                     "start and load the model and data")
 
     def _commit(self, now: float) -> None:
         written = self._store().write_part(self.pending)  # the buffer is kept if the write raises

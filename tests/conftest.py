@@ -6,6 +6,9 @@ import sys
 
 # Multi-node clusters on one machine (ray.cluster_utils.Cluster) need this before ray is first imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Progress lines come when work takes longer than PROGRESS_EVERY_S: on a busy machine they would add lines to what
+# tests compare; the tests of those lines set it themselves. Child processes inherit it.
+os.environ.setdefault("PRUNETUNE_PROGRESS_EVERY_S", "1e9")
 
 import pytest
 import torch

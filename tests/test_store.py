@@ -196,3 +196,21 @@ def test_the_ledger_stops_the_search_when_too_many_candidates_fail(tmp_path):
     assert not stopper.stop_all()  # Tune's own result is no candidate
     _feed(ledger, [3], failed)
     assert stopper("t00003", failed(3)) is False and stopper.stop_all()  # 3 of 4 failed
+
+
+def test_while_the_trials_start_the_ledger_says_it_waits_for_the_first_candidate_and_stops_once_it_came(
+        tmp_path, capsys, monkeypatch):
+    from prunetune.workers import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 10.0)
+    run, clock = _run(tmp_path), FrozenClock()
+    ledger = _ledger(run, clock)
+    for _ in range(3):  # Tune's loop steps while Ray starts the trials: a line every 10 s, none in between
+        clock.now += 6.0
+        ledger.on_step_end(iteration=0, trials=[])
+    waiting = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[search] waiting")]
+    assert waiting == ["[search] waiting for the first candidate (0:12): the trials start and load the model and data"]
+    _feed(ledger, [0])
+    clock.now += 60.0
+    ledger.on_step_end(iteration=1, trials=[])
+    assert "waiting" not in capsys.readouterr().out
