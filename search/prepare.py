@@ -200,14 +200,17 @@ def ensure_base(checked: Checked, log=None) -> Prepared:
 
 def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str, dict]:
     """The method's sparsity training before the search (e.g. Network Slimming's L1 on every BatchNorm scale).
-    Trains `prep.model` (weights of `base_checkpoint`) in place; cached by the base it starts from and its recipe,
+    Trains `prep.model` (weights of `base_checkpoint`) in place on the training split without the held-out and
+    validation images, as the base trains; cached by the base it starts from, its recipe and those splits,
     resumable. Returns the sparse model's cache path and what was done (the penalised values before and after)."""
     log, cfg = log or LineStream(), prep.cfg
     training = METHODS[cfg.search.granularity].sparsity
     recipe = {"base": sha256(base_checkpoint), "lambda": cfg.model.sparsity, "epochs": cfg.model.sparsity_epochs,
               "method": training.name,
-              "training": {k: getattr(training_recipe(cfg), k) for k in BASE_RECIPE_KEYS}}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+              "training": {k: getattr(training_recipe(cfg), k) for k in BASE_RECIPE_KEYS},
+              "without_heldout": [cfg.evaluation.heldout_size, cfg.evaluation.seed],
+              "without_validation": cfg.evaluation.validation_size}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = os.path.join(expand(cfg.output.cache_dir), f"sparse-{cfg.model.name.replace(':', '_')}-{key}.pt")
     before = histogram(training.measure(prep.model))
     start_accuracy = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))["accuracy"]
@@ -217,8 +220,9 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
         print(f"sparsity training ({training.name}): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
               f"{cfg.model.sparsity:g} (cached at {path}; resumable)", file=log)
         resume, device = path + ".resume", "cuda" if torch.cuda.is_available() else "cpu"
+        rest = splits_of(len(prep.data.train), cfg.evaluation).rest  # the evaluation splits stay unseen
         training.train(prep.model, prep.data, training_recipe(cfg), cfg.model.sparsity, cfg.model.sparsity_epochs,
-                       device, resume, log)
+                       device, resume, log, train_indices=rest)
         _cache(path, prep.model, "sparsity training")
         os.remove(resume)
         prep.model.cpu()

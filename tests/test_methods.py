@@ -11,13 +11,16 @@ import torch
 from prunetune.search.artifacts import load_pruned, pruned_record, save_pruned
 from prunetune.search.baselines import global_threshold
 from prunetune.search.config import ConfigError, load_config, training_recipe
-from prunetune.search.prepare import ensure_base, prepare, trained_base
+from prunetune.search.prepare import ensure_base, prepare, sparsity_trained, trained_base
 from prunetune.search.sampler import StrategySampler
 from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.data import load_data
 from prunetune.workers.finetune import finetune
 from prunetune.workers.models import build_model
+from prunetune.workers import sparsity as sparsity_module
+from prunetune.workers.methods import stripe as stripe_module
 from prunetune.workers.sparsity import add_l1_subgradient, batchnorms
+from prunetune.workers.splits import splits_of
 from prunetune.workers.space import count_flops
 from prunetune.workers.prune import clone_module
 from prunetune.workers.methods import METHODS
@@ -47,6 +50,29 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.parametrize("granularity, criterion", [("channel", "bn_scale"), ("stripe", "l1")])
+def test_sparsity_training_never_sees_the_held_out_or_validation_split(tmp_path, monkeypatch, granularity, criterion):
+    cfg = load_config(None, small(tmp_path / "run", tmp_path / "cache", "model.sparsity=5e-3",
+                                  "model.sparsity_epochs=1", f"search.granularity={granularity}",
+                                  f"search.criterion={criterion}"))
+    checked = prepare(cfg)
+    base = tmp_path / "base.pt"
+    torch.save(checked.model.state_dict(), base)
+    seen = {}
+
+    def record(model, data, recipe, device, checkpoint_path, **kwargs):  # instead of the training itself
+        seen.update(kwargs)
+        os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
+        open(checkpoint_path, "w").close()
+
+    monkeypatch.setattr(sparsity_module, "finetune", record)
+    monkeypatch.setattr(stripe_module, "finetune", record)
+    sparsity_trained(checked, str(base))
+    splits = splits_of(len(checked.data.train), cfg.evaluation)
+    assert seen["stage"] == "sparsity training" and sorted(seen["train_indices"]) == sorted(splits.rest)
+    assert not set(seen["train_indices"]) & (set(splits.heldout) | set(splits.validation))
+
+
 def test_sparsity_training_runs_after_the_base_is_cached_and_resumes(tmp_path, capsys):
     cfg = load_config(None, small(tmp_path / "run", tmp_path / "cache", "model.sparsity=5e-3",
                                   "model.sparsity_epochs=2", "search.criterion=bn_scale"))
@@ -65,8 +91,9 @@ def test_sparsity_training_runs_after_the_base_is_cached_and_resumes(tmp_path, c
     with pytest.raises(_Stop):
         scales = [m.weight for m in batchnorms(interrupted.model)]
         finetune(interrupted.model, interrupted.data, training_recipe(cfg),
-                 checkpoint_path=first["checkpoint"] + ".resume",
-                 epochs=2, after_backward=lambda: add_l1_subgradient(scales, 5e-3), on_epoch=stop)
+                 checkpoint_path=first["checkpoint"] + ".resume", epochs=2,
+                 train_indices=splits_of(len(interrupted.data.train), cfg.evaluation).rest,
+                 after_backward=lambda: add_l1_subgradient(scales, 5e-3), on_epoch=stop)
     capsys.readouterr()
     prep = ensure_base(prepare(cfg))
     assert "sparsity training: resumed after epoch 1 of 2" in capsys.readouterr().err

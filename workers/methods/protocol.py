@@ -35,7 +35,8 @@ class SparsityTraining:
     name: str  # e.g. Network Slimming
     values: str  # what the penalty makes sparse, as the report names it (|gamma|, stripe L1 norm)
     measure: Callable[[nn.Module], np.ndarray]  # those values of a model
-    train: Callable  # (model, data, finetune_cfg, strength, epochs, device, checkpoint_path, log) -> None, in place
+    # (model, data, finetune_cfg, strength, epochs, device, checkpoint_path, log, train_indices) -> None, in place
+    train: Callable
     needs_batchnorm: bool = False  # refused up front for a model without an affine BatchNorm
     criterion: str | None = None  # the criterion that reads what it trains (a warning if another is chosen)
 

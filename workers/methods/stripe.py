@@ -104,9 +104,10 @@ def _stripe_conv(pruned: nn.Module, base: nn.Module, name: str, kept: torch.Tens
 
 
 def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, device="cpu", checkpoint_path=None,
-                   log=None) -> None:
+                   log=None, train_indices=None) -> None:
     """Filter Skeleton training: learn one scale per stripe (initialised to 1, L1-penalised) multiplied onto
-    every k x k conv's weight, then fold the scales into the weights (in place)."""
+    every k x k conv's weight, then fold the scales into the weights (in place; on part of the training split if
+    `train_indices`)."""
     from torch.nn.utils import parametrize
 
     class Skeleton(nn.Module):
@@ -122,7 +123,7 @@ def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, de
         parametrize.register_parametrization(conv, "weight", Skeleton(conv))
     scales = [c.parametrizations.weight[0].scale for c in convs]
     try:
-        finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log,
+        finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log, train_indices=train_indices,
                  after_backward=lambda: add_l1_subgradient(scales, strength), stage="sparsity training")
     finally:
         for conv in convs:
