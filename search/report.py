@@ -196,8 +196,9 @@ def finals_lines(summary: dict) -> list[str]:
 
 
 VAL_NOTE = ("val {short}: {metric} of the kept epoch on the finalists' validation split, a part of the training "
-            "split no finalist was chosen or fine-tuned on; the base was trained on the whole training split (a "
-            "checkpoint you give most likely was too), so it has no such figure.")
+            "split no finalist was chosen or fine-tuned on; the base shows no such figure: a checkpoint you give was "
+            "most likely trained on the whole training split (a base prunetune trains leaves the held-out and "
+            "validation splits out).")
 
 
 def _planned_epochs(summary: dict) -> int:

@@ -496,9 +496,10 @@ def test_the_reports_finalist_labels_do_not_print_over_one_another():
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
-def test_the_report_gives_the_base_no_held_out_figure_since_it_trained_on_that_split():
+def test_the_report_gives_the_base_no_held_out_figure_since_a_given_checkpoint_most_likely_trained_on_it():
     from prunetune.search.report import finals_table
 
     table = finals_table(_summary(0.2, 0.01, 0.1, 0.01))
     assert re.search(r"^\| base \| n/a \| 99.00% \|", table, re.M) and "100.00%" not in table.split("\n")[2][:20]
-    assert "the base was trained on the whole training split" in table
+    assert "a checkpoint you give was most likely trained on the whole training split" in table
+    assert "a base prunetune trains leaves the held-out and validation splits out" in table
