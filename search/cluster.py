@@ -13,6 +13,7 @@ import threading
 import yaml
 
 from prunetune.workers.errors import RunFailed
+from prunetune.workers import progress
 from prunetune.workers.logs import RUN
 
 from .config import Config, ConfigError
@@ -90,7 +91,8 @@ def start_embedded(**kwargs):
     RUN.info("[ray] starting an embedded Ray for this run")
     for attempt in range(1, START_TRIES + 1):
         try:
-            with _ending_new_processes_on_failure(), _without_unused_dashboard_errors(kwargs["include_dashboard"]):
+            with _ending_new_processes_on_failure(), _without_unused_dashboard_errors(kwargs["include_dashboard"]), \
+                    progress.waiting("[ray] still starting", RUN):
                 return _init_keeping_signal_handlers(address="local", **kwargs)
         except Exception as e:
             if _START_TIMED_OUT not in str(e):

@@ -47,3 +47,28 @@ def test_steps_are_named_once_a_line_is_due_with_the_time_so_far_and_long_work_s
 
 def test_durations_read_as_minutes_or_hours():
     assert [duration(s) for s in (0, 59.6, 83, 3600 + 62)] == ["0:00", "1:00", "1:23", "1:01:02"]
+
+
+def test_a_silent_call_is_not_silent_while_it_waits(monkeypatch):
+    import logging
+    import time
+
+    from prunetune.workers import progress
+
+    lines = []
+
+    class Lines(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("prunetune.test.waiting")
+    logger.addHandler(Lines())
+    logger.setLevel(logging.INFO)
+    with progress.waiting("[ray] still starting", logger, every_s=0.05):
+        deadline = time.monotonic() + 60
+        while len(lines) < 2 and time.monotonic() < deadline:  # however busy the machine, two lines come
+            time.sleep(0.01)
+    count = len(lines)
+    time.sleep(0.2)
+    assert count >= 2 and all(line.startswith("[ray] still starting (0:0") for line in lines)
+    assert len(lines) == count  # none after the block

@@ -3,8 +3,10 @@
 longer than that."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -85,3 +87,24 @@ class Steps:
         took = self.clock() - self.start
         if took > (PROGRESS_EVERY_S if self.every_s is None else self.every_s):
             self.logger.info(f"{self.what}: done in {duration(took)}")
+
+
+@contextlib.contextmanager
+def waiting(what: str, logger: logging.Logger = PREPARE, every_s: float | None = None):
+    """While the block runs (one call that says nothing, e.g. ray.init), `WHAT (m:ss)` every `every_s` seconds from
+    a background thread, so that a slow start is not silent."""
+    interval = PROGRESS_EVERY_S if every_s is None else every_s
+    start, finished = time.monotonic(), threading.Event()
+
+    def tell() -> None:
+        while not finished.wait(interval):
+            logger.info(f"{what} ({duration(time.monotonic() - start)})")
+
+    thread = threading.Thread(target=tell, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join()
+
