@@ -10,6 +10,7 @@ import sys
 import threading
 
 from prunetune.workers.errors import BadInput, PrunetuneError, RunFailed
+from prunetune.workers.progress import never_silent
 
 from .config import ConfigError, load_config
 
@@ -120,7 +121,9 @@ def _cmd_run(args) -> int:
     run = RunDir(cfg.output.dir)
     run.check_new(cfg, args.overwrite)
     check_address(args.address or cfg.ray.address)  # seconds, before the base model is trained
-    summary = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=False, overwrite=args.overwrite))
+    with never_silent():
+        summary = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=False,
+                                              overwrite=args.overwrite))
     _print_done(run, summary)
     return 0
 
@@ -155,7 +158,9 @@ def _cmd_resume(args) -> int:
         print(f"{run.path}: the run is already complete")
         return 0
     print(f"resuming {run.path} at stage '{'search' if lost else manifest.get('stage')}'", flush=True)
-    _print_done(run, _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=True)))
+    with never_silent():
+        summary = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=True))
+    _print_done(run, summary)
     return 0
 
 

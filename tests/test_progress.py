@@ -72,3 +72,22 @@ def test_a_silent_call_is_not_silent_while_it_waits(monkeypatch):
     time.sleep(0.2)
     assert count >= 2 and all(line.startswith("[ray] still starting (0:0") for line in lines)
     assert len(lines) == count  # none after the block
+
+
+def test_a_command_is_never_silent_for_longer_than_the_interval(capsys):
+    import time
+
+    from prunetune.workers import progress
+    from prunetune.workers.logs import RUN
+
+    with progress.never_silent(every_s=0.05):
+        RUN.info("[search] a line")
+        deadline = time.monotonic() + 60
+        while "still working" not in capsys.readouterr().err and time.monotonic() < deadline:  # however busy
+            time.sleep(0.01)
+    assert time.monotonic() < deadline
+    time.sleep(0.2)
+    assert "still working" not in capsys.readouterr().err  # the watch ends with the block
+    with progress.never_silent(every_s=3600):  # lines keep coming: nothing is added
+        RUN.info("[search] another line")
+    assert capsys.readouterr() == ("[search] another line\n", "")

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .logs import PREPARE
+from .logs import CONSOLE, PREPARE
 
 # At most one progress line this often; PRUNETUNE_PROGRESS_EVERY_S sets it (the test suite sets it high, so that no
 # line depends on how fast the machine is; tests of the lines patch it: 0 prints every step).
@@ -108,3 +108,38 @@ def waiting(what: str, logger: logging.Logger = PREPARE, every_s: float | None =
         finished.set()
         thread.join()
 
+
+class _LastLine(logging.Filter):
+    """Remembers when the console last printed a line of the prunetune logger, and which (a filter that keeps all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at, self.text = time.monotonic(), ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.at, self.text = time.monotonic(), record.getMessage()
+        return True
+
+
+@contextlib.contextmanager
+def never_silent(every_s: float | None = None):
+    """While the block runs (a whole command), whenever the console has printed nothing for `every_s` seconds,
+    `prunetune: still working (m:ss since: LAST LINE)` on stderr: no step of a run is silent for long."""
+    interval = PROGRESS_EVERY_S if every_s is None else every_s
+    last, finished = _LastLine(), threading.Event()
+    CONSOLE.addFilter(last)
+
+    def watch() -> None:
+        while not finished.wait(max(0.05, min(interval, 1.0))):
+            if time.monotonic() - last.at >= interval:
+                PREPARE.info(f"prunetune: still working ({duration(time.monotonic() - last.at)} since: "
+                             f"{last.text[:80]})")
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join()
+        CONSOLE.removeFilter(last)
