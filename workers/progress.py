@@ -123,17 +123,18 @@ class _LastLine(logging.Filter):
 
 @contextlib.contextmanager
 def never_silent(every_s: float | None = None):
-    """While the block runs (a whole command), whenever the console has printed nothing for `every_s` seconds,
+    """While the block runs (a whole command), whenever the console has printed nothing for `every_s` seconds (by
+    default 1.5 x PROGRESS_EVERY_S, so that progress lines that come on time are not doubled),
     `prunetune: still working (m:ss since: LAST LINE)` on stderr: no step of a run is silent for long."""
-    interval = PROGRESS_EVERY_S if every_s is None else every_s
+    interval = 1.5 * PROGRESS_EVERY_S if every_s is None else every_s
     last, finished = _LastLine(), threading.Event()
     CONSOLE.addFilter(last)
 
     def watch() -> None:
         while not finished.wait(max(0.05, min(interval, 1.0))):
             if time.monotonic() - last.at >= interval:
-                PREPARE.info(f"prunetune: still working ({duration(time.monotonic() - last.at)} since: "
-                             f"{last.text[:80]})")
+                since = f"since: {last.text[:80]}" if last.text else "since the start"
+                PREPARE.info(f"prunetune: still working ({duration(time.monotonic() - last.at)} {since})")
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
