@@ -161,6 +161,7 @@ def where_time_went(table: LatencyTable, space: PruningSpace, kept: np.ndarray) 
     full_kept = space.kept_batch(np.zeros((1, len(space.groups))))
     both = np.concatenate([full_kept, np.atleast_2d(np.asarray(kept, dtype=np.float64))])
     ms = table.scale * table.layer_ms(space, both)
+    ms[1] = np.minimum(ms[1], ms[0])  # on a flat stretch of a table, interpolation can exceed it by a rounding error
     costs = []
     for i, t in enumerate(table.layers):
         out = int(space.layer_sizes(both[1:], t.name, OUT, t.full_out)[0])
