@@ -90,23 +90,31 @@ class Steps:
 
 
 @contextlib.contextmanager
-def waiting(what: str, logger: logging.Logger = PREPARE, every_s: float | None = None):
-    """While the block runs (one call that says nothing, e.g. ray.init), `WHAT (m:ss)` every `every_s` seconds from
-    a background thread, so that a slow start is not silent."""
-    interval = PROGRESS_EVERY_S if every_s is None else every_s
-    start, finished = time.monotonic(), threading.Event()
+def _every(seconds: float, tick: Callable[[], None]):
+    """While the block runs, `tick()` every `seconds` from a background thread (stopped and joined after it)."""
+    finished = threading.Event()
 
-    def tell() -> None:
-        while not finished.wait(interval):
-            logger.info(f"{what} ({duration(time.monotonic() - start)})")
+    def run() -> None:
+        while not finished.wait(seconds):
+            tick()
 
-    thread = threading.Thread(target=tell, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         yield
     finally:
         finished.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def waiting(what: str, logger: logging.Logger = PREPARE, every_s: float | None = None):
+    """While the block runs (one call that says nothing, e.g. ray.init), `WHAT (m:ss)` every `every_s` seconds from
+    a background thread, so that a slow start is not silent."""
+    start = time.monotonic()
+    with _every(PROGRESS_EVERY_S if every_s is None else every_s,
+                lambda: logger.info(f"{what} ({duration(time.monotonic() - start)})")):
+        yield
 
 
 class _LastLine(logging.Filter):
@@ -127,20 +135,16 @@ def never_silent(every_s: float | None = None):
     default 1.5 x PROGRESS_EVERY_S, so that progress lines that come on time are not doubled),
     `prunetune: still working (m:ss since: LAST LINE)` on stderr: no step of a run is silent for long."""
     interval = 1.5 * PROGRESS_EVERY_S if every_s is None else every_s
-    last, finished = _LastLine(), threading.Event()
+    last = _LastLine()
+
+    def check() -> None:
+        if time.monotonic() - last.at >= interval:
+            since = f"since: {last.text[:80]}" if last.text else "since the start"
+            PREPARE.info(f"prunetune: still working ({duration(time.monotonic() - last.at)} {since})")
+
     CONSOLE.addFilter(last)
-
-    def watch() -> None:
-        while not finished.wait(max(0.05, min(interval, 1.0))):
-            if time.monotonic() - last.at >= interval:
-                since = f"since: {last.text[:80]}" if last.text else "since the start"
-                PREPARE.info(f"prunetune: still working ({duration(time.monotonic() - last.at)} {since})")
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
     try:
-        yield
+        with _every(max(0.05, min(interval, 1.0)), check):
+            yield
     finally:
-        finished.set()
-        thread.join()
         CONSOLE.removeFilter(last)
