@@ -409,8 +409,9 @@ def test_the_report_opens_with_a_recommendation(finished_run):
     assert report[2].startswith(f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}, {epoch}): "
                                 "test accuracy")
     assert re.search(r"(points below|points above|equal to) the base's [\d.]+%", report[2])
-    assert re.search(r"batch-1 latency [\d.]+x (faster|slower) than the base's|no measurable batch-1 speed-up",
-                     report[2])
+    # which of the four it says depends on the machine's timings (a busy one can time the pruned model slower)
+    assert re.search(r"batch-1 latency [\d.]+x (faster|slower) than the base's|"
+                     r"no measurable batch-1 (speed-up|slow-down)", report[2])
     assert "| test acc vs base |" in "\n".join(report)
     assert re.search(r"^\| base \| n/a \|", "\n".join(report), re.M)  # no held-out figure: the base trained on it
 
