@@ -9,8 +9,9 @@ from typing import Callable
 import numpy as np
 
 from prunetune.workers.criteria import BATCHNORM, CRITERIA, NORM_KINDS, TAYLOR_KINDS, group_importance, loss_gradients
-from prunetune.workers.data import heldout_split, iterate_batches
+from prunetune.workers.data import iterate_batches
 from prunetune.workers.methods import METHODS
+from prunetune.workers.splits import splits_of
 
 from .baselines import Ranking
 from .prepare import Checked
@@ -20,12 +21,12 @@ TAYLOR_BATCHES, TAYLOR_BATCH_SIZE = 4, 64  # training images (not held out) whos
 
 def taylor_importance(prep: Checked) -> list[np.ndarray] | None:
     """Group Taylor importance of the base model, from its loss gradients over TAYLOR_BATCHES seeded batches of the
-    training split without the held-out images (evaluation.seed); None, and no gradient computed, where a group
-    has no weights it reads."""
+    training split without the held-out and validation images (evaluation.seed); None, and no gradient computed,
+    where a group has no weights it reads."""
     model, groups, e = prep.model, prep.space.groups, prep.cfg.evaluation
     if group_importance(model, groups, TAYLOR_KINDS) is None:
         return None
-    _, rest = heldout_split(len(prep.data.train), e.heldout_size, e.seed)
+    rest = splits_of(len(prep.data.train), e).rest
     images = np.resize(rest, TAYLOR_BATCHES * TAYLOR_BATCH_SIZE)  # wraps round a small training split
     gradients = loss_gradients(model, iterate_batches(prep.data.train, images, TAYLOR_BATCH_SIZE), prep.task.select,
                                prep.task.loss)
