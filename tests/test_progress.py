@@ -80,12 +80,17 @@ def test_a_command_is_never_silent_for_longer_than_the_interval(capsys):
     from prunetune.workers import progress
     from prunetune.workers.logs import RUN
 
+    err = ""
     with progress.never_silent(every_s=0.05):
         RUN.info("[search] a line")
         deadline = time.monotonic() + 60
-        while "still working" not in capsys.readouterr().err and time.monotonic() < deadline:  # however busy
+        while err.count("still working") < 2 and time.monotonic() < deadline:  # however busy
+            err += capsys.readouterr().err
             time.sleep(0.01)
     assert time.monotonic() < deadline
+    # each names the last line of the run, not the one before it (they never nest)
+    assert all(line.startswith("prunetune: still working (0:0") and line.endswith(" since: [search] a line)")
+               for line in err.splitlines()), err
     time.sleep(0.2)
     assert "still working" not in capsys.readouterr().err  # the watch ends with the block
     with progress.never_silent(every_s=3600):  # lines keep coming: nothing is added

@@ -118,14 +118,18 @@ def waiting(what: str, logger: logging.Logger = PREPARE, every_s: float | None =
 
 
 class _LastLine(logging.Filter):
-    """Remembers when the console last printed a line of the prunetune logger, and which (a filter that keeps all)."""
+    """Remembers when the console last printed a line of the prunetune logger, and which line (and when) other than
+    never_silent's own (a filter that keeps all)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.at, self.text = time.monotonic(), ""
+        self.at = self.text_at = time.monotonic()
+        self.text = ""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.at, self.text = time.monotonic(), record.getMessage()
+        self.at = time.monotonic()
+        if not getattr(record, "still_working", False):
+            self.text, self.text_at = record.getMessage(), self.at
         return True
 
 
@@ -138,9 +142,11 @@ def never_silent(every_s: float | None = None):
     last = _LastLine()
 
     def check() -> None:
-        if time.monotonic() - last.at >= interval:
+        now = time.monotonic()
+        if now - last.at >= interval:
             since = f"since: {last.text[:80]}" if last.text else "since the start"
-            PREPARE.info(f"prunetune: still working ({duration(time.monotonic() - last.at)} {since})")
+            PREPARE.info(f"prunetune: still working ({duration(now - last.text_at)} {since})",
+                         extra={"still_working": True})
 
     CONSOLE.addFilter(last)
     try:
