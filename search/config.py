@@ -95,7 +95,7 @@ class SearchConfig(Section):
     front_points: int = Field(5, ge=2, le=MAX_FINALISTS)  # the budgets a target range is split into
     limits: dict = {}  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
     algorithm: Annotated[str, Choice(ALGORITHMS, SearchAlgorithm)] = "tpe"  # how strategies are proposed
-    population: int = Field(16, ge=2, le=MAX_CANDIDATES)  # evolution's population, TPE's random start
+    population: int = Field(16, ge=2, le=MAX_CANDIDATES)  # evolution's population, TPE's random start (per budget)
     granularity: Annotated[str, Choice(METHODS, PruningMethod)] = "channel"  # what a ratio prunes
     max_ratio: float = Field(0.7, gt=0, lt=1)
     num_candidates: int = Field(32, ge=1, le=MAX_CANDIDATES)

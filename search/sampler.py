@@ -17,6 +17,8 @@ budget (`budget_bands`); the level v of the cube is split evenly among them (the
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from prunetune.workers.constraints import CONSTRAINTS, Budget, Constraint
@@ -85,6 +87,15 @@ class StrategySampler:
         values = self.measure(ratios)[:, None]
         lo, hi = (np.array([band[end] for band in self.bands]) for end in (0, 1))
         return np.argmin(np.maximum(lo - values, 0) + np.maximum(values - hi, 0), axis=1)
+
+    def within(self, budget: int) -> "StrategySampler":
+        """This sampler with budget `budget`'s band alone (itself when it has one band): what a learning algorithm
+        proposes in when it improves one budget of a front."""
+        if len(self.bands) == 1:
+            return self
+        view = copy.copy(self)
+        view.budgets, view.bands = [self.budgets[budget]], [self.bands[budget]]
+        return view
 
     def within_limits(self, ratios: np.ndarray) -> np.ndarray:
         """For a [S, G] batch of ratios, True where every further budget (`search.limits`) is met."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prunetune import CONSTRAINTS, PruningSpace, StrategySampler, build_model, load_config, load_pruned
-from prunetune.search.algorithms import RandomSearch
+from prunetune.search.algorithms import ALGORITHMS, RandomSearch
 from prunetune.search.baselines import BASELINES, baselines
 from prunetune.search.cli import main
 from prunetune.search.config import ConfigError, config_warnings
@@ -75,6 +75,26 @@ def test_every_candidate_of_a_list_is_checked_against_its_own_budget(space, tmp_
     assert [c.latency_budget_ms for c in handed] == pytest.approx([100 * sampler.bound("params", c.ratios)
                                                                    for c in handed])
     assert len({round(c.latency_budget_ms, 6) for c in handed}) > 1  # not one budget for all
+
+
+@pytest.mark.parametrize("name", ["evolution", "tpe"])
+def test_a_learning_search_improves_every_budget_of_a_front(space, name):
+    """Scores that rise with the budget would draw one search over the whole range to its top budget; each budget
+    is searched apart, from its own records, and resumes exactly."""
+    sampler = StrategySampler(space, [0.3, 0.7], 0.02, 0.7, seed=3)
+
+    def run(algorithm, start, stop, proposals):
+        for i in range(start, stop):
+            ratios = proposals[i] if i < len(proposals) else algorithm.propose(i)
+            proposals[i:i + 1] = [ratios]
+            algorithm.observe(CandidateRecord(i, ratios, score=space.flops(ratios) / space.base_flops, flops=1))
+        return proposals
+
+    proposals = run(ALGORITHMS[name](sampler, population=4), 0, 40, [])
+    assert all(sampler.contains(r) for r in proposals) and len({tuple(r) for r in proposals}) == 40
+    assert sampler.budget_of(np.array(proposals)).tolist() == [i % 5 for i in range(40)]
+    resumed = ALGORITHMS[name](sampler, population=4)
+    assert run(resumed, 0, 40, proposals[:24]) == proposals  # the first 24 replayed, the rest proposed again
 
 
 def test_an_unreachable_budget_of_a_front_is_named(space):
