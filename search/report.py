@@ -417,7 +417,7 @@ def front_section(run: RunDir, summary: dict) -> list[str]:
     if not summary.get("front"):
         return []
     return ["## The accuracy-vs-cost front", "", front_table(summary), "", FRONT_NOTE.format(run=run.path), "",
-            "![held-out score against FLOPs, params and predicted latency](report-front.png)", ""]
+            "![held-out score against each cost, the baselines and the base](report-front.png)", ""]
 
 
 def _runtime(summary: dict) -> str:

@@ -187,3 +187,26 @@ def test_every_point_exports_with_the_report_s_figures(front_run, capsys, tmp_pa
     assert capsys.readouterr().out.strip() == points[2]["path"]
     assert main(["export", str(front_run), "--budget", "0.45"]) == 2
     assert "--budget: 0.45 is not a budget of the front" in capsys.readouterr().err
+
+
+def test_the_front_table_has_a_latency_column_when_a_table_is_in_use_and_a_row_per_budget():
+    from prunetune.search.report import front_figure, front_table
+
+    base = {"flops": 1000, "params": 100, "score": 0.9, "test_accuracy": 0.95, "latency_predicted_ms": 2.0}
+    rule = {"candidate": 0, "source": "uniform", "score": 0.5, "flops": 300, "flops_ratio": 0.3, "params": 30,
+            "params_ratio": 0.3, "latency_predicted_ms": 0.8, "latency_ratio": 0.4}
+    points = [{**rule, "point": 1, "budget": 0.3, "tolerance": 0.05, "band": [0.25, 0.35], "candidate": 7,
+               "source": "tpe", "score": 0.6, "rank": 2, "path": "final/rank2.pt", "val_accuracy": 0.7,
+               "test_accuracy": 0.71, "baselines": {"uniform": rule}},
+              {"point": 2, "budget": 0.7, "tolerance": 0.05, "band": [0.65, 0.75], "candidate": None, "rank": None,
+               "path": None, "val_accuracy": None, "test_accuracy": None, "baselines": {}}]
+    summary = {"base": base, "front": {"constraint": "latency", "points": points}, "task": {"metric": "accuracy"}}
+    rows = front_table(summary).splitlines()
+    assert "predicted latency" in rows[0] and len({row.count("|") for row in rows}) == 1  # every row 13 cells
+    assert rows[3].startswith("| 1 | 30.00% | 7 | tpe | 0.6000 | 0.00 M (30.00%) | 0.000 M (30.00%) | 0.8 ms (40.00%) "
+                              "| rank2.pt | 70.00% | 71.00% | uniform 0.5000 |")
+    assert "no candidate in this budget" in rows[4]
+    records = [CandidateRecord(0, [0.5], score=0.5, flops=300, params=30, latency_predicted_ms=0.8)]
+    figure = front_figure(records, summary)
+    assert len(figure.axes) == 3  # FLOPs, params and predicted latency
+    figure.clf()
