@@ -15,6 +15,10 @@ have without the interruption.
   observed: uniform crossover, Gaussian mutation, projected into the band.
 - `tpe`: Optuna's multivariate TPE over the cube, after `population` random draws; candidates still in flight
   count as running trials (constant liar), so parallel trials do not all propose the same point.
+
+With a front (several budgets) a learning algorithm improves each budget apart: candidate i is proposed in budget
+i mod n (`StrategySampler.within`), from that budget's records alone, so a higher budget's higher scores do not
+draw every proposal to it. With one budget this is the search it always was.
 """
 from __future__ import annotations
 
@@ -65,27 +69,39 @@ class _Learning:
         """Remember a finished candidate (the first record of each candidate counts)."""
         self.observed.setdefault(record.index, record)
 
+    def budget(self, ratios) -> int:
+        """The budget (of a front) a strategy is in; 0 with one budget."""
+        if len(self.sampler.bands) == 1 or not len(ratios):
+            return 0
+        return int(self.sampler.budget_of(np.asarray(ratios, dtype=np.float64)[None])[0])
+
     def propose(self, index: int, horizon: int | None = None) -> list[float]:
-        """A random draw until `population` candidates before the horizon have scores, then the algorithm's own
-        proposal from those."""
+        """A random draw until `population` candidates of its budget before the horizon have scores, then the
+        algorithm's own proposal from those."""
         horizon = index if horizon is None else horizon
-        scored = [r for r in self.observed.values() if r.ok and r.index < horizon]
+        budget = index % len(self.sampler.bands)
+        sampler = self.sampler.within(budget)
+        scored = [r for r in self.observed.values() if r.ok and r.index < horizon and self.budget(r.ratios) == budget]
         ratios = None
         if len(scored) >= self.population:
             rng = np.random.default_rng([self.sampler.seed, int(index), 1])
-            ratios = next((r for r in (self._point(scored, index, horizon, rng) for _ in range(_ATTEMPTS))
+            ratios = next((r for r in (self._point(scored, index, horizon, rng, sampler) for _ in range(_ATTEMPTS))
                            if r is not None), None)
-        ratios = self.sampler.sample(index) if ratios is None else [float(r) for r in ratios]
+        ratios = sampler.sample(index) if ratios is None else [float(r) for r in ratios]
         self.proposed[index] = ratios
         return ratios
 
     def in_flight(self, index: int, horizon: int) -> dict[int, list[float]]:
         """The strategies of the candidates in flight when candidate `index` is proposed, by number: those of its
-        batch before it (from the horizon on, finished or not), and earlier ones proposed but not observed."""
+        batch before it (from the horizon on, finished or not), and earlier ones proposed but not observed; of its
+        own budget."""
         known = {**{i: r.ratios for i, r in self.observed.items()}, **self.proposed}
-        return {i: known[i] for i in sorted(known) if i < index and (i >= horizon or i not in self.observed)}
+        budget = index % len(self.sampler.bands)
+        return {i: known[i] for i in sorted(known) if i < index and (i >= horizon or i not in self.observed)
+                and self.budget(known[i]) == budget}
 
-    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator):
+    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator,
+               sampler: StrategySampler):
         raise NotImplementedError
 
 
@@ -94,14 +110,15 @@ class Evolution(_Learning):
 
     tournament, mutation = 3, 0.15
 
-    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator):
+    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator,
+               sampler: StrategySampler):
         pool = best(scored, self.population)
         parents = [int(rng.choice(len(pool), self.tournament).min()) for _ in range(2)]  # the pool is best first
-        (ua, va), (ub, vb) = (self.sampler.position(pool[p].ratios) for p in parents)
+        (ua, va), (ub, vb) = (sampler.position(pool[p].ratios) for p in parents)
         take = rng.random(len(ua)) < 0.5
         u = np.clip(np.where(take, ua, ub) + rng.normal(0, self.mutation, len(ua)), 0.0, 1.0)
         v = float(np.clip((va if rng.random() < 0.5 else vb) + rng.normal(0, self.mutation), 0.0, 1.0))
-        return self.sampler.strategy(u, v)
+        return sampler.strategy(u, v)
 
 
 class TPE(_Learning):
@@ -109,15 +126,16 @@ class TPE(_Learning):
 
     The window is the `window_best` best records and the `window_recent` most recent others (all of them in a search
     of up to window_best + window_recent candidates), so a proposal costs the same at 300 or 5,000 records. The
-    study is built once per batch (per horizon) and reused for the batch's proposals; candidates in flight are
-    running trials at their strategies' positions (constant liar), and each proposal re-seeds the sampler from its
-    own number, so the study a proposal sees, and the proposal, do not depend on how the batch was reached."""
+    study is built once per batch (per horizon, and per budget of a front) and reused for the batch's proposals;
+    candidates in flight are running trials at their strategies' positions (constant liar), and each proposal
+    re-seeds the sampler from its own number, so the study a proposal sees, and the proposal, do not depend on how
+    the batch was reached."""
 
     window_best, window_recent = 64, 192
 
     def __init__(self, sampler: StrategySampler, population: int = 16):
         super().__init__(sampler, population)
-        self._study, self._built_for, self._lying = None, None, set()  # the study, its horizon, the indices in it
+        self._studies: dict[int, tuple[int, object, set]] = {}  # per budget: its horizon, study, indices lying in it
 
     def _window(self, scored: list[CandidateRecord]) -> list[CandidateRecord]:
         """The records the study is fitted to, in candidate order."""
@@ -126,33 +144,36 @@ class TPE(_Learning):
         recent = sorted((r for r in scored if r.index not in chosen), key=lambda r: r.index)[-self.window_recent:]
         return sorted(top + recent, key=lambda r: r.index)
 
-    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator):
+    def _point(self, scored: list[CandidateRecord], index: int, horizon: int, rng: np.random.Generator,
+               sampler: StrategySampler):
         import optuna
         from optuna.distributions import FloatDistribution
         from optuna.trial import TrialState, create_trial
 
-        groups = len(self.sampler.space.groups)
+        groups = len(sampler.space.groups)
         space = {**{f"u{g}": FloatDistribution(0.0, 1.0) for g in range(groups)}, "v": FloatDistribution(0.0, 1.0)}
 
         def params(ratios) -> dict:
-            u, v = self.sampler.position(ratios)
+            u, v = sampler.position(ratios)
             return {**{f"u{g}": float(x) for g, x in enumerate(u)}, "v": v}
 
-        if self._built_for != horizon or self._study is None:
+        budget = index % len(self.sampler.bands)
+        if budget not in self._studies or self._studies[budget][0] != horizon:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            self._study = optuna.create_study(direction="maximize")
-            self._study.add_trials([create_trial(params=params(r.ratios), distributions=space, value=r.score)
-                                    for r in self._window(scored)])
-            self._built_for, self._lying = horizon, set()
-        new = {i: r for i, r in self.in_flight(index, horizon).items() if i not in self._lying}
-        self._study.add_trials([create_trial(params=params(r), distributions=space, state=TrialState.RUNNING)
-                                for r in new.values()])
-        self._lying |= set(new)
-        self._study.sampler = optuna.samplers.TPESampler(seed=int(rng.integers(2 ** 31)), n_startup_trials=0,
-                                                         multivariate=True, constant_liar=True)
-        trial = self._study.ask(space)
-        self._study.tell(trial, state=TrialState.FAIL)  # ignored by TPE; its strategy lies as a running trial next
-        return self.sampler.strategy([trial.params[f"u{g}"] for g in range(groups)], trial.params["v"])
+            study = optuna.create_study(direction="maximize")
+            study.add_trials([create_trial(params=params(r.ratios), distributions=space, value=r.score)
+                              for r in self._window(scored)])
+            self._studies[budget] = (horizon, study, set())
+        _, study, lying = self._studies[budget]
+        new = {i: r for i, r in self.in_flight(index, horizon).items() if i not in lying}
+        study.add_trials([create_trial(params=params(r), distributions=space, state=TrialState.RUNNING)
+                          for r in new.values()])
+        lying |= set(new)
+        study.sampler = optuna.samplers.TPESampler(seed=int(rng.integers(2 ** 31)), n_startup_trials=0,
+                                                   multivariate=True, constant_liar=True)
+        trial = study.ask(space)
+        study.tell(trial, state=TrialState.FAIL)  # ignored by TPE; its strategy lies as a running trial next
+        return sampler.strategy([trial.params[f"u{g}"] for g in range(groups)], trial.params["v"])
 
 
 ALGORITHMS: dict[str, Callable[..., SearchAlgorithm]] = {"random": RandomSearch, "evolution": Evolution,

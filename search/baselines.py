@@ -11,6 +11,8 @@ its report shows where the searched ones rank, and a learning algorithm refines 
   `global-l1-normalised` (Torch-Pruning's default global pruning: the L1 of each channel's weights in every layer
   of its group, divided by the group's mean), `global-taylor` (|w * dL/dw| likewise, from a few training batches)
   and `global-bn-scale` (the mean |gamma| of the group's BatchNorms, as it is).
+With a front (search.target a range or a list of budgets) every baseline is proposed at the middle of each budget's
+band, the uniform ones at every budget first, so the report draws each rule's own curve beside the front.
 A baseline whose channel steps cannot reach the band (or that breaks a further budget there), whose importance
 the method or model does not have, or whose strategy an earlier baseline already has, is left out. A run keeps
 the baselines it started with (`run_baselines`): which index is which never changes on resume.
@@ -27,26 +29,27 @@ from .sampler import StrategySampler
 _MAX_THRESHOLDS = 4001
 
 
-def _closest(sampler: StrategySampler, candidates: np.ndarray) -> list[float] | None:
-    """The candidate strategy (rows of [S, G]) closest to the middle of the band, if one is inside the band and
+def _closest(sampler: StrategySampler, candidates: np.ndarray, band: int = 0) -> list[float] | None:
+    """The candidate strategy (rows of [S, G]) closest to the middle of band `band`, if one is inside that band and
     under every further budget."""
     values = sampler.measure(candidates)
-    middle = sum(sampler.band) / 2
-    inside = np.flatnonzero(sampler.feasible(candidates))
+    middle = sum(sampler.bands[band]) / 2
+    inside = np.flatnonzero(sampler.feasible(candidates) & (sampler.budget_of(candidates) == band))
     if not len(inside):
         return None
     return [float(r) for r in candidates[inside[np.argmin(np.abs(values[inside] - middle))]]]
 
 
-def uniform(sampler: StrategySampler) -> list[float] | None:
-    """One ratio for every group, at the middle of the band (None if no single ratio lands in the band)."""
+def uniform(sampler: StrategySampler, band: int = 0) -> list[float] | None:
+    """One ratio for every group, at the middle of band `band` (None if no single ratio lands in the band)."""
     grid = np.linspace(0.0, sampler.max_ratio, 1401)
-    return _closest(sampler, np.repeat(grid[:, None], len(sampler.space.groups), axis=1))
+    return _closest(sampler, np.repeat(grid[:, None], len(sampler.space.groups), axis=1), band)
 
 
-def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], comparable: bool) -> list[float] | None:
+def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], comparable: bool,
+                     band: int = 0) -> list[float] | None:
     """One importance threshold across all groups (importance per unit, as the method's `importance` gives
-    it; divided by each group's mean unless `comparable`), at the middle of the band (None if no threshold lands
+    it; divided by each group's mean unless `comparable`), at the middle of band `band` (None if no threshold lands
     in the band). Up to _MAX_THRESHOLDS thresholds are tried: every distinct value, or evenly spaced quantiles."""
     scaled = importance if comparable else [imp / max(imp.mean(), 1e-12) for imp in importance]
     values = np.unique(np.concatenate(scaled))
@@ -56,7 +59,7 @@ def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], com
         reaching = len(imp) - np.searchsorted(np.sort(imp), thresholds, side="left")  # units at or above t
         kept = np.maximum(reaching, max(int(np.ceil(len(imp) * (1 - sampler.max_ratio))), 1)) * g.blocks
         rows[:, i] = np.clip(1.0 - (kept + 0.5) / g.units, 0.0, sampler.max_ratio)
-    return _closest(sampler, rows)
+    return _closest(sampler, rows, band)
 
 
 UNIFORM = "uniform"
@@ -86,11 +89,12 @@ def run_baselines(recorded: list[str] | None, started: bool) -> tuple[str, ...]:
 
 
 def baselines(sampler: StrategySampler, rankings: list[Ranking]) -> list[tuple[str, list[float]]]:
-    """The uniform baseline and one global threshold per ranking, as (name, strategy), those that land in the band
-    and differ from every earlier one, in that order."""
-    found = [(UNIFORM, uniform(sampler))] + [
-        (r.name, global_threshold(sampler, r.importance, r.comparable) if r.importance is not None else None)
-        for r in rankings]
+    """The uniform baseline and one global threshold per ranking, each at every budget's band, as (name, strategy),
+    those that land in the band and differ from every earlier one, in that order."""
+    bands = range(len(sampler.bands))
+    found = [(UNIFORM, uniform(sampler, b)) for b in bands] + [
+        (r.name, global_threshold(sampler, r.importance, r.comparable, b) if r.importance is not None else None)
+        for r in rankings for b in bands]
     kept: list[tuple[str, list[float]]] = []
     for name, ratios in found:
         if ratios is not None and all(ratios != other for _, other in kept):

@@ -192,7 +192,7 @@ def _cmd_finetune(args) -> int:
 
 
 def _print_done(run, summary: dict) -> None:
-    from .report import finals_lines, kept, metric_of
+    from .report import finals_lines, front_lines, kept, metric_of
 
     best, base, metric = summary["final"][0], summary["base"], metric_of(summary)
     latency = (f", {100 * best['latency_predicted_ms'] / base['latency_predicted_ms']:.1f}% of its predicted latency"
@@ -201,11 +201,15 @@ def _print_done(run, summary: dict) -> None:
           f"{100 * best[f'test_{metric}']:.2f}% at {100 * best['flops_ratio']:.1f}% of base FLOPs{latency} "
           f"(base {100 * base[f'test_{metric}']:.2f}%)")
     print("final models:\n" + "\n".join(finals_lines(summary)))
+    if summary.get("front"):
+        print("front (held-out score before fine-tuning):\n" + "\n".join(front_lines(summary)))
     print(f"report: {os.path.join(run.path, 'report.md')}")
     out = shlex.quote(run.path)
     steps = [(f"prunetune report {out}", "the tables again, in the terminal"),
              (f"prunetune export {out} --rank 1 --format onnx", "the best model for deployment (or torchscript)"),
              (f"prunetune export {out} --test-split DIR", "the test images, to check a model yourself")]
+    if summary.get("front"):
+        steps.insert(2, (f"prunetune export {out} --point K", "the model of the front's point K (or --budget X)"))
     width = max(len(command) for command, _ in steps)
     print("what next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
 
@@ -309,7 +313,26 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _front_rank(args) -> int:
+    """The final model rank to export: --rank, or the rank of the front point --point or --budget names."""
+    import json
+
+    from .front import point_rank
+
+    if args.point is None and args.budget is None:
+        return args.rank
+    path = os.path.join(_run_dir(args.output).final_path, "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        raise ConfigError(f"{'--point' if args.point is not None else '--budget'}: {path} cannot be read (has the "
+                          "run finished? see `prunetune report`)") from None
+    return point_rank(summary, args.point, args.budget)
+
+
 def _cmd_export(args) -> int:
+    args.rank = _front_rank(args)
     if args.test_split:
         from .export import export_test_split
 
@@ -395,7 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a final model as pt, torchscript or onnx, or int8 ONNX")
     ex.add_argument("output")
-    ex.add_argument("--rank", type=int, default=1)
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument("--rank", type=int, default=1)
+    which.add_argument("--point", type=int, help="the model of point K (1, 2, ...) of the run's front (a run whose "
+                       "search.target is a range or a list of budgets)")
+    which.add_argument("--budget", type=float, help="the model of the front's point at budget X (e.g. 0.4)")
     ex.add_argument("--format", choices=("pt", "torchscript", "onnx"), default="pt")
     ex.add_argument("--to", help="destination file (default: next to the model)")
     ex.add_argument("--quantize", choices=("int8",), help="int8 ONNX through ONNX Runtime's static quantization, "

@@ -8,16 +8,19 @@ from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from prunetune.workers.criteria import CRITERIA
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.files import write_text
 from prunetune.workers.latency import FIT_ERROR_BOUND
+from prunetune.workers.messages import shown
 from prunetune.workers.timing import RUNTIMES
 from prunetune.workers.methods import METHODS, PruningMethod, misuse
 from prunetune.workers.tasks import TASKS
 
 from .algorithms import ALGORITHMS, SearchAlgorithm
+from .sampler import budget_bands
 from .config_file import (Choice, ConfigError, ExpandedPath, Section, parse_override, read_config,  # noqa: F401 (API)
                           validate)
 
@@ -28,6 +31,26 @@ def _auto(value: object) -> object:
 
 
 Timeout = Annotated[float | None, BeforeValidator(_auto)]  # seconds; none or auto: derived
+
+
+def _target(value: object) -> object:
+    """search.target as given: one fraction, a range [low, high], or a rising list of 3 or more budgets, each in
+    (0, 1)."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                             for v in values):
+        raise PydanticCustomError("target", "{value} is not a fraction, a range [low, high] or a list of budgets "
+                                  "[a, b, c, ...]", {"value": shown(value)})
+    if not all(0 < v < 1 for v in values):
+        raise PydanticCustomError("target", "{value} is outside the allowed range (0, 1)", {"value": shown(value)})
+    if isinstance(value, list) and (len(values) < 2 or any(a >= b for a, b in zip(values, values[1:]))):
+        raise PydanticCustomError("target", "{value} is not a range [low, high] nor a list of budgets [a, b, c, ...] "
+                                  "(rising, each in (0, 1))", {"value": shown(value)})
+    return [float(v) for v in values] if isinstance(value, list) else value
+
+
+# one fraction of the base; a range [low, high] (search.front_points budgets) or a list of 3 or more: a front
+Target = Annotated[float | list[float], BeforeValidator(_target)]
 
 
 # Counts a run holds in memory and on disk, bounded by what one run can hold: a candidate costs the driver ~64 ms and
@@ -67,11 +90,12 @@ class DataConfig(Section):
 
 class SearchConfig(Section):
     constraint: Annotated[str, Choice(CONSTRAINTS)] = "flops"  # what the budget limits
-    target: float = Field(0.5, gt=0, lt=1)  # fraction of the base
+    target: Target = 0.5  # fraction of the base, in (0, 1); [low, high] or [a, b, c, ...]: a front of budgets
     tolerance: float = Field(0.02, gt=0, le=1)
+    front_points: int = Field(5, ge=2, le=MAX_FINALISTS)  # the budgets a target range is split into
     limits: dict = {}  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
     algorithm: Annotated[str, Choice(ALGORITHMS, SearchAlgorithm)] = "tpe"  # how strategies are proposed
-    population: int = Field(16, ge=2, le=MAX_CANDIDATES)  # evolution's population, TPE's random start
+    population: int = Field(16, ge=2, le=MAX_CANDIDATES)  # evolution's population, TPE's random start (per budget)
     granularity: Annotated[str, Choice(METHODS, PruningMethod)] = "channel"  # what a ratio prunes
     max_ratio: float = Field(0.7, gt=0, lt=1)
     num_candidates: int = Field(32, ge=1, le=MAX_CANDIDATES)
@@ -242,9 +266,7 @@ def _cross_check(cfg: Config) -> None:
                      cfg.model.sparsity is not None, METHODS)
     if problem:
         raise ConfigError(problem)
-    if cfg.search.tolerance >= cfg.search.target:
-        raise ConfigError(f"search.tolerance: {cfg.search.tolerance} must be below search.target "
-                          f"({cfg.search.target})")
+    _check_target(cfg.search)
     if cfg.search.top_k > cfg.search.num_candidates:
         raise ConfigError(f"search.top_k: {cfg.search.top_k} is more than search.num_candidates "
                           f"({cfg.search.num_candidates})")
@@ -268,6 +290,25 @@ def _cross_check(cfg: Config) -> None:
                           "finetune.nesterov: false")
 
 
+def front(cfg: Config) -> bool:
+    """True when search.target is a range or a list of budgets: the run searches and reports a front."""
+    return isinstance(cfg.search.target, list)
+
+
+def _check_target(s: SearchConfig) -> None:
+    """search.tolerance below the (lowest) budget, and a list's bands apart (a candidate is in one budget)."""
+    if isinstance(s.target, list) and len(s.target) == 2:
+        return  # a range's bands reach half way to their neighbours: the tolerance is not used
+    lowest = min(s.target) if isinstance(s.target, list) else s.target
+    if s.tolerance >= lowest:
+        raise ConfigError(f"search.tolerance: {s.tolerance} must be below search.target ({shown(s.target)})")
+    budgets = [b for b, _ in budget_bands(s.target, s.tolerance)]
+    close = next(((a, b) for a, b in zip(budgets, budgets[1:]) if b - a < 2 * s.tolerance), None)
+    if close:
+        raise ConfigError(f"search.target: budgets {close[0]} and {close[1]} are closer than twice search.tolerance "
+                          f"({s.tolerance}): their bands would overlap; space them further or lower the tolerance")
+
+
 # The data keys each data source reads (a factory reads kwargs; every source reads num_workers).
 _DATA_KEYS = {"digits": set(), "cifar10": {"path"}, "imagefolder": {"path", "image_size", "max_image_pixels"},
               "synthetic": {"image_size", "num_classes", "train_size", "test_size", "seed"}}
@@ -285,6 +326,10 @@ def config_warnings(cfg: Config) -> list[str]:
         found.append(f"model.sparsity makes {sparsity.values} meaningful, but search.criterion is "
                      f"{cfg.search.criterion}; {sparsity.name} ranks {METHODS[cfg.search.granularity].units} with "
                      f"search.criterion: {sparsity.criterion}")
+    if front(cfg) and cfg.finetune.scheduler == "asha":
+        found.append("search.target is a front of budgets and finetune.scheduler is asha: ASHA judges every budget's "
+                     "finalists against one another and stops the smaller budgets' early; finetune.scheduler: fifo "
+                     "fine-tunes each one for finetune.epochs")
     if cfg.ray.dashboard and cfg.ray.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         found.append(f"ray.dashboard_host: {cfg.ray.dashboard_host} opens Ray's dashboard and job API to the network; "
                      "anyone who reaches it can run code on this machine")

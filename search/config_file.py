@@ -136,7 +136,7 @@ def _one_line(error: dict, root: type[BaseModel], renamed: dict[str, str]) -> st
             f"{key}: unknown key; allowed: {', '.join(fields)}"
     if kind == "choice":
         return f"{key}: {shown(value)} is not allowed; {error['msg']}"
-    if kind in ("path", "protocol"):
+    if kind in ("path", "protocol", "target"):
         return f"{key}: {error['msg']}"
     field = fields[loc[1]]
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):  # the field's own bounds

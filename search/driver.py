@@ -9,10 +9,10 @@ import os
 from typing import Callable
 
 from prunetune.workers.files import write_json
-from prunetune.workers.record import best
 
 from .cluster import check_resources, connect, ray_output_to
 from .finalize import finalize
+from .front import finalists
 from .prepare import LATENCY_TABLE, Checked, Prepared, ensure_base, warn
 from .rundir import RunDir, no_space
 from .stages import run_finetune, run_search, unfinished_search
@@ -67,7 +67,7 @@ def execute(prep: Prepared, run: RunDir, restore: bool) -> dict:
     records = store.records()
     unfinished = unfinished_search(records, prep.cfg, run)  # the time budget ended it: it stays in stage search
     run.update(stage="search" if unfinished else "finetune", candidates=store.manifest())
-    top = best(records, prep.cfg.search.top_k)
+    top = finalists(prep.sampler, records, prep.cfg.search.top_k)  # with a front: the top_k of each budget
     grid = run_finetune(prep, run, top, restore)
     full = next(filter(None, (no_space(result.error) for result in grid)), None)
     if full is not None:  # a finalist's checkpoint did not fit: stop resumably, not with the epochs it had

@@ -23,6 +23,8 @@ from prunetune.workers.tasks import search_score
 from prunetune.workers.timing import RUNTIMES, time_forward
 
 from .artifacts import pruned_record, save_pruned
+from .config import front
+from .front import front_summary
 from .prepare import Prepared
 from .report import report_files, write_report
 from .rundir import RunDir
@@ -166,6 +168,8 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
                            "layers": layer_costs(prep, outcomes[0][0].ratios)},
                "sparsity": prep.sparsity,
                "final": finals}
+    if front(cfg):
+        summary["front"] = front_summary(prep.sampler, records, finals, summary["base"], metric)
     run.record(*report_files(run, summary))
     write_report(run, summary, records)
     return summary

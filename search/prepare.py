@@ -95,7 +95,7 @@ def make_sampler(cfg: Config, space: PruningSpace) -> StrategySampler:
     """The search's sampler in `space` (SpaceError if a budget cannot be met)."""
     s = cfg.search
     return StrategySampler(space, s.target, s.tolerance, s.max_ratio, s.seed, CONSTRAINTS[s.constraint],
-                           budgets(cfg))
+                           budgets(cfg), s.front_points)
 
 
 def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None) -> None:

@@ -1,4 +1,5 @@
-"""The run report: summary.json, report.md (a recommendation, then tables), and a PNG with two scatter plots."""
+"""The run report: summary.json, report.md (a recommendation, then tables), and a PNG with two scatter plots (and,
+for a front, report-front.png: held-out score against FLOPs, params and predicted latency)."""
 from __future__ import annotations
 
 import json
@@ -247,6 +248,98 @@ def candidates_table(records: list[CandidateRecord], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+_COSTS = (("flops_ratio", "FLOPs"), ("params_ratio", "params"), ("latency_ratio", "predicted latency"))
+
+
+def target_line(summary: dict) -> str:
+    """The report's line on the budget and the candidates: one target +- its tolerance, or the front's budgets."""
+    s = summary["search"]
+    counts = f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}."
+    if "front" not in summary:
+        return f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); {counts}"
+    points = summary["front"]["points"]
+    budgets = ", ".join(f"{_pct(p['budget'])} (+- {_pct(p['tolerance'])})" for p in points)
+    return f"Front of {len(points)} budgets of base {s['constraint']}: {budgets}; {counts}"
+
+
+def _share(value: float | None, ratio: float | None, unit: str, digits: str) -> str:
+    return "n/a" if value is None else f"{value:{digits}} {unit} ({_pct(ratio)})"
+
+
+def front_table(summary: dict) -> str:
+    """Markdown table of the front: the base, then per budget its model (point K), its held-out score and costs,
+    its fine-tuned figures, and the baselines' held-out scores at that budget."""
+    base, points, metric = summary["base"], summary["front"]["points"], metric_of(summary)
+    short, timed = short_name(metric), base.get("latency_predicted_ms") is not None
+    latency = " predicted latency |" if timed else ""
+    lines = [f"| point | budget | candidate | proposed by | held-out score | FLOPs | params |{latency} model | "
+             f"val {short} | test {short} | baselines here (held-out score) |",
+             "|---:|---:|---:|---|---:|---:|---:|" + ("---:|" if timed else "") + "---|---:|---:|---|",
+             f"| base | | | | {base['score']:.4f} | {_share(base['flops'] / 1e6, 1.0, 'M', '.2f')} | "
+             f"{_share(base['params'] / 1e6, 1.0, 'M', '.3f')} |"
+             + (f" {_share(base['latency_predicted_ms'], 1.0, 'ms', '.3g')} |" if timed else "")
+             + f" | n/a | {_pct(base[f'test_{metric}'])} | |"]
+    for p in points:
+        if p["candidate"] is None:
+            lines.append(f"| {p['point']} | {_pct(p['budget'])} | no candidate in this budget |" + " |" * (8 + timed))
+            continue
+        rules = "; ".join(f"{name} {b['score']:.4f}" for name, b in p["baselines"].items())
+        model = f"rank{p['rank']}.pt" if p["rank"] else "none"
+        lines.append(f"| {p['point']} | {_pct(p['budget'])} | {p['candidate']} | {p['source'] or ''} | "
+                     f"{p['score']:.4f} | {_share(p['flops'] / 1e6, p['flops_ratio'], 'M', '.2f')} | "
+                     f"{_share(p['params'] / 1e6, p['params_ratio'], 'M', '.3f')} |"
+                     + (f" {_share(p['latency_predicted_ms'], p['latency_ratio'], 'ms', '.3g')} |" if timed else "")
+                     + f" {model} | "
+                     f"{_pct(p[f'val_{metric}'])} | {_pct(p[f'test_{metric}'])} | {rules} |")
+    return "\n".join(lines)
+
+
+def front_lines(summary: dict) -> list[str]:
+    """One line per point of the front for the terminal: budget, candidate, held-out score, costs, model file."""
+    lines = []
+    for p in summary["front"]["points"]:
+        head = f"  point {p['point']} (budget {_pct(p['budget'])})"
+        if p["candidate"] is None:
+            lines.append(f"{head}: no candidate in this budget")
+            continue
+        model = f"rank{p['rank']}.pt" if p["rank"] else "no fine-tuned model"
+        lines.append(f"{head}: candidate {p['candidate']}, score {p['score']:.4f}, {_pct(p['flops_ratio'])} of base "
+                     f"FLOPs, {_pct(p['params_ratio'])} of its params: {model}")
+    return lines
+
+
+def front_figure(records: list[CandidateRecord], summary: dict):
+    """The front's figure: held-out score against each cost (FLOPs, params, predicted latency with a latency table),
+    the candidates in grey, each baseline rule's points, the front's points (numbered) and the base (star)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, points = summary["base"], [p for p in summary["front"]["points"] if p["candidate"] is not None]
+    costs = [(key, name) for key, name in _COSTS if key != "latency_ratio" or base.get("latency_predicted_ms")]
+    ok = [r for r in records if r.ok]
+    spent = {"flops_ratio": [r.flops / base["flops"] for r in ok],
+             "params_ratio": [r.params / base["params"] for r in ok],
+             "latency_ratio": [(r.latency_predicted_ms or 0.0) / (base.get("latency_predicted_ms") or 1.0) for r in ok]}
+    fig, axes = plt.subplots(1, len(costs), figsize=(5 * len(costs), 4), squeeze=False)
+    for ax, (key, name) in zip(axes[0], costs):
+        ax.scatter(spent[key], [r.score for r in ok], s=8, c="lightgray", label="candidates")
+        for rule, marker in zip(BASELINES, "sv^<>"):
+            shown = [p["baselines"][rule] for p in points if rule in p["baselines"]]
+            if shown:
+                ax.plot([b[key] for b in shown], [b["score"] for b in shown], marker=marker, lw=0.8, ms=5, label=rule)
+        ax.plot([p[key] for p in points], [p["score"] for p in points], "o-", c="tab:red", lw=2, label="front")
+        for p in points:
+            ax.annotate(str(p["point"]), (p[key], p["score"]), xytext=(4, -10), textcoords="offset points", fontsize=8)
+        ax.scatter([1.0], [base["score"]], marker="*", s=150, c="black", label="base", zorder=3)
+        ax.set_xlabel(f"{name} (fraction of base)")
+        ax.set_ylabel("score on the held-out split")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def figure(records: list[CandidateRecord], summary: dict):
     """The report's figure: the base beside the candidates (its own small panel, so the candidates fill the next
     one), score vs FLOPs of the candidates, and adaptive-BN score vs fine-tuned validation accuracy."""
@@ -297,10 +390,10 @@ def _label_finalists(ax, finals: list[dict], metric: str) -> None:
         placed.append(box)
 
 
-def _plot(path: str, records: list[CandidateRecord], summary: dict) -> None:
+def _plot(path: str, records: list[CandidateRecord], summary: dict, draw=figure) -> None:
     import matplotlib.pyplot as plt
 
-    fig = figure(records, summary)
+    fig = draw(records, summary)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -309,7 +402,22 @@ def report_files(run: RunDir, summary: dict) -> list[str]:
     """The files write_report writes (the run lists them in its manifest first)."""
     return [os.path.join(run.final_path, "summary.json"), os.path.join(run.path, "report.png"),
             *([os.path.join(run.path, "report-gamma.png")] if summary.get("sparsity") else []),
+            *([os.path.join(run.path, "report-front.png")] if summary.get("front") else []),
             os.path.join(run.path, "report.md")]
+
+
+FRONT_NOTE = ("Each point is its budget's model: the first of the budget's fine-tuned finalists (search.top_k per "
+              "budget) in the final order; held-out score: the adaptive-BN score before fine-tuning, as the search "
+              "ranked it (the base's is on images it trained on). `prunetune export {run} --point K` (or "
+              "`--budget X`) exports point K's model.")
+
+
+def front_section(run: RunDir, summary: dict) -> list[str]:
+    """The report's front section (a run whose target is a range or a list of budgets); nothing otherwise."""
+    if not summary.get("front"):
+        return []
+    return ["## The accuracy-vs-cost front", "", front_table(summary), "", FRONT_NOTE.format(run=run.path), "",
+            "![held-out score against each cost, the baselines and the base](report-front.png)", ""]
 
 
 def _runtime(summary: dict) -> str:
@@ -331,17 +439,18 @@ def time_went(summary: dict) -> list[str]:
 
 def write_report(run: RunDir, summary: dict, records: list[CandidateRecord]) -> str:
     """Write final/summary.json, report.png (report-gamma.png) and report.md; return the report path."""
-    summary_path, png, *gamma, path = report_files(run, summary)
+    summary_path, png, *pictures, path = report_files(run, summary)
     write_json(summary_path, summary, durable=True)
     _plot(png, records, summary)
-    if gamma:
-        _plot_gammas(gamma[0], summary["sparsity"])
-    s = summary["search"]
+    if summary.get("sparsity"):
+        _plot_gammas(pictures[0], summary["sparsity"])
+    if summary.get("front"):
+        _plot(pictures[-1], records, summary, front_figure)
     method = METHODS.get(summary.get("granularity", "channel"))
     note = method.report_note if method else None
     text = [f"# prunetune report: {run.path}", "", recommendation(summary), "",
-            f"Target {_pct(s['target'])} of base {s['constraint']} (+- {_pct(s['tolerance'])}); "
-            f"{s['candidates']} candidates ({s['ok']} ok, {s['failed']} failed); device {summary['device']}.", "",
+            target_line(summary), "",
+            *front_section(run, summary),
             "## Fine-tuned models (the recommended first)", "", finals_table(summary), "",
             *([ranking_note(summary), ""] if ranking_note(summary) else []),
             f"Latency: median of repeated batch-1 forward passes on this machine ({_runtime(summary)}, the configured "
@@ -378,6 +487,9 @@ def print_report(output_dir: str) -> str:
             out += ["", recommendation(summary).replace("**", "").replace("`", "")]
         out += ["", "Fine-tuned models:", finals_table(summary), *([ranking_note(summary)] if ranking_note(summary)
                                                                     else [])]
+        if summary.get("front"):
+            out += ["", "The accuracy-vs-cost front:", front_table(summary), FRONT_NOTE.format(run=run.path)
+                    .replace("`", "")]
         if int8_table(summary):
             out += ["", int8_table(summary).replace("## ", "")]
     return "\n".join(out)

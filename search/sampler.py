@@ -10,8 +10,14 @@ draw survive; strategies the uniform draw already put in the band are reachable 
 channel counts make the measure a step function of s; a draw whose steps jump over the band is redrawn from
 the same seeded stream. Further budgets (`search.limits`: params and latency under 60%, say) are upper bounds
 on the same path: every measure rises with s, so they cut the path at a largest s, and the walk stays below it.
+
+A target that is a range or a list of budgets (the accuracy-vs-cost front from one search) gives one band per
+budget (`budget_bands`); the level v of the cube is split evenly among them (the budget i of n takes v in
+[i/n, (i+1)/n)), so candidates spread evenly over the budgets and every candidate is inside its own budget's band.
 """
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -25,12 +31,25 @@ _PASSES = 4
 _MAX_DRAWS = 64
 
 
+def budget_bands(target: float | list[float], tolerance: float, points: int = 5) -> list[tuple[float, float]]:
+    """The search's budgets as (budget, half width of its band): one target +- tolerance; a range [low, high] as
+    `points` budgets evenly spaced from low to high, each band reaching half way to its neighbours; a list of 3 or
+    more budgets, each +- tolerance."""
+    if not isinstance(target, (list, tuple)):
+        return [(target, tolerance)]
+    if len(target) == 2:
+        step = (target[1] - target[0]) / (points - 1)
+        return [(round(target[0] + i * step, 12), round(step / 2, 12)) for i in range(points)]
+    return [(float(b), tolerance) for b in target]
+
+
 class StrategySampler:
     """Draws valid strategies: sample(i) is the i-th strategy of this seed, the same on every machine."""
 
-    def __init__(self, space: PruningSpace, target: float, tolerance: float, max_ratio: float, seed: int = 0,
-                 constraint: Constraint = CONSTRAINTS["flops"], limits: list[Budget] = ()):
-        if not 0 < target < 1:
+    def __init__(self, space: PruningSpace, target: float | list[float], tolerance: float, max_ratio: float,
+                 seed: int = 0, constraint: Constraint = CONSTRAINTS["flops"], limits: list[Budget] = (),
+                 points: int = 5):
+        if not all(0 < t < 1 for t in (target if isinstance(target, (list, tuple)) else [target])):
             raise SpaceError(f"search.target: {target} is outside (0, 1)")
         if not tolerance > 0:
             raise SpaceError(f"search.tolerance: {tolerance} must be > 0")
@@ -39,12 +58,13 @@ class StrategySampler:
         self.space, self.seed, self.constraint = space, int(seed), constraint
         self.target, self.tolerance, self.max_ratio = target, tolerance, max_ratio
         lowest = float(self.measure(np.full((1, len(space.groups)), max_ratio))[0])
-        self.band = (max(target - tolerance, lowest), min(target + tolerance, 1.0))
-        if self.band[0] > self.band[1]:
-            raise SpaceError(
-                f"search.target: {constraint.name} {target} +- {tolerance} is not reachable with "
-                f"search.max_ratio={max_ratio}; the reachable {constraint.name} range is [{lowest:.4f}, 1.0000] "
-                f"of the unpruned network")
+        self.budgets = budget_bands(target, tolerance, points)
+        self.bands = [(max(b - t, lowest), min(b + t, 1.0)) for b, t in self.budgets]  # one per budget, rising
+        for (b, t), (lo, hi) in zip(self.budgets, self.bands):
+            if lo > hi:
+                raise SpaceError(
+                    f"search.target: {constraint.name} {b} +- {t} is not reachable with search.max_ratio={max_ratio}; "
+                    f"the reachable {constraint.name} range is [{lowest:.4f}, 1.0000] of the unpruned network")
         self.limits = [(CONSTRAINTS[b.name], b.fraction(space)) for b in limits]
         most_pruned = space.kept_batch(np.full((1, len(space.groups)), max_ratio))
         for (limit, bound), budget in zip(self.limits, limits):
@@ -53,11 +73,29 @@ class StrategySampler:
                 raise SpaceError(f"search.limits.{budget.name}: {bound:.4f} of the unpruned network is not reachable "
                                  f"with search.max_ratio={max_ratio}; the most pruned network is at {least:.4f}")
 
-    def bound(self, name: str) -> float | None:
-        """The tightest upper bound on constraint `name` (the band's top, a limit), as a fraction; None if none."""
-        bounds = [b for c, b in self.limits if c.name == name] + ([self.band[1]] if self.constraint.name == name
-                                                                   else [])
+    def bound(self, name: str, ratios=None) -> float | None:
+        """The tightest upper bound on constraint `name` (a limit; the top of the band of the strategy `ratios`, of
+        the highest band without one), as a fraction; None if none."""
+        band = -1 if ratios is None else int(self.budget_of(np.asarray(ratios, dtype=np.float64)[None])[0])
+        top = self.bands[band][1]
+        bounds = [b for c, b in self.limits if c.name == name] + ([top] if self.constraint.name == name else [])
         return min(bounds) if bounds else None
+
+    def budget_of(self, ratios: np.ndarray) -> np.ndarray:
+        """For a [S, G] batch of ratios, the index of the budget each strategy belongs to: the band it is in, else
+        the nearest one."""
+        values = self.measure(ratios)[:, None]
+        lo, hi = (np.array([band[end] for band in self.bands]) for end in (0, 1))
+        return np.argmin(np.maximum(lo - values, 0) + np.maximum(values - hi, 0), axis=1)
+
+    def within(self, budget: int) -> "StrategySampler":
+        """This sampler with budget `budget`'s band alone (itself when it has one band): what a learning algorithm
+        proposes in when it improves one budget of a front."""
+        if len(self.bands) == 1:
+            return self
+        view = copy.copy(self)
+        view.budgets, view.bands = [self.budgets[budget]], [self.bands[budget]]
+        return view
 
     def within_limits(self, ratios: np.ndarray) -> np.ndarray:
         """For a [S, G] batch of ratios, True where every further budget (`search.limits`) is met."""
@@ -71,8 +109,9 @@ class StrategySampler:
 
     def feasible(self, ratios: np.ndarray) -> np.ndarray:
         """For a [S, G] batch of ratios, True where the target's band and every further budget are met."""
-        values = self.measure(ratios)
-        return (values >= self.band[0]) & (values <= self.band[1]) & self.within_limits(ratios)
+        values = self.measure(ratios)[:, None]
+        inside = ((values >= [lo for lo, _ in self.bands]) & (values <= [hi for _, hi in self.bands])).any(axis=1)
+        return inside & self.within_limits(ratios)
 
     def measure(self, ratios: np.ndarray) -> np.ndarray:
         """The constraint's value of a [S, G] batch of ratios, as a fraction of the unpruned network."""
@@ -90,17 +129,22 @@ class StrategySampler:
 
     def strategy(self, u: np.ndarray, v: float) -> np.ndarray | None:
         """The strategy at point (u, v) of the unit cube [0, 1]^(G+1): ratios on the path max_ratio * u**s whose
-        measure is at level v of the band (0 its low end, 1 its high end), or None where integer channel counts
-        jump over the band. Any algorithm that proposes points of the cube proposes only valid strategies."""
-        lo, hi = self.band
-        return self._walk(np.asarray(u, dtype=np.float64), lo + float(v) * (hi - lo), lo, hi)
+        measure is at level v of the bands (0 the low end of the lowest, 1 the high end of the highest; each band
+        takes an equal share of v), or None where integer channel counts jump over the band. Any algorithm that
+        proposes points of the cube proposes only valid strategies."""
+        n = len(self.bands)
+        i = min(int(float(v) * n), n - 1)
+        lo, hi = self.bands[i]
+        return self._walk(np.asarray(u, dtype=np.float64), lo + (float(v) * n - i) * (hi - lo), lo, hi)
 
     def position(self, ratios) -> tuple[np.ndarray, float]:
         """A point (u, v) of the unit cube whose strategy is `ratios` (u = ratios / max_ratio, at s = 1)."""
         r = self.space.check(ratios)
         measure = float(self.measure(r[None, :])[0])
-        lo, hi = self.band
-        return np.clip(r / self.max_ratio, 0.0, 1.0), float(np.clip((measure - lo) / max(hi - lo, 1e-12), 0.0, 1.0))
+        i = int(self.budget_of(r[None, :])[0])
+        lo, hi = self.bands[i]
+        within = float(np.clip((measure - lo) / max(hi - lo, 1e-12), 0.0, 1.0))
+        return np.clip(r / self.max_ratio, 0.0, 1.0), (i + within) / len(self.bands)
 
     def contains(self, ratios) -> bool:
         """True if the strategy's measure is inside the band and under every further budget."""

@@ -32,16 +32,21 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
 
     cfg = prep.cfg
     state = {k: v.detach().cpu() for k, v in prep.model.state_dict().items()}
-    bound = prep.sampler.bound("latency")
-    latency_budget = bound * CONSTRAINTS["latency"].base(prep.space) if bound is not None else None
     heldout = evaluation_data(prep.data, cfg.evaluation, loader_workers(cfg))  # decoded here, once per run
     return TrialPayload(run_id=run.manifest().get("run_id", "run"), model=prep.spec, base_state=[ray.put(state)],
                         space=prep.space, evaluation_data=[ray.put(heldout)],
                         data=data_kwargs(cfg), evaluation=cfg.evaluation, finetune=cfg.finetune,
                         criterion=cfg.search.criterion, method=METHODS[cfg.search.granularity],
                         cpus_per_trial=cfg.resources.cpus_per_trial, gpus_per_trial=cfg.resources.gpus_per_trial,
-                        finalists=finalists or [], latency_budget_ms=latency_budget, num_workers=loader_workers(cfg),
+                        finalists=finalists or [], num_workers=loader_workers(cfg),
                         task=cfg.model.task)
+
+
+def latency_budget_ms(prep: Prepared, ratios) -> float | None:
+    """The latency bound of a candidate's strategy in milliseconds (a limit, or the top of its own budget's band),
+    when a budget names latency."""
+    bound = prep.sampler.bound("latency", ratios)
+    return bound * CONSTRAINTS["latency"].base(prep.space) if bound is not None else None
 
 
 def _trainable(fn, trial_payload: TrialPayload, cfg: Config, data_parallel: bool = False):
@@ -115,7 +120,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
                                 baselines(prep.sampler, rankings(prep, names)), s.num_candidates,
                                 CandidateStore(run.path), s.batch_size, s.max_concurrent_trials,
-                                retry_lost=s.max_failures > 0)
+                                retry_lost=s.max_failures > 0, latency_budget=lambda r: latency_budget_ms(prep, r))
     ledger = Ledger(run.path, s.num_candidates, searcher, top_k=s.top_k, max_failed_fraction=s.max_failed_fraction,
                     minimum=min(s.num_candidates, max(4, s.num_candidates // 10)), timeout_s=s.candidate_timeout_s,
                     curves=have_tensorboardx())

@@ -44,7 +44,6 @@ class TrialPayload:
     cpus_per_trial: float
     gpus_per_trial: float
     finalists: list[CandidateRecord] = field(default_factory=list)  # the fine-tuning stage's candidates, best first
-    latency_budget_ms: float | None = None  # the search's latency bound, when a budget names latency
     num_workers: int = 0  # processes reading training images from files in the fine-tuning stage
     task: str = "classification"  # model.task, resolved in the worker (a user's task module imports there)
 
@@ -90,19 +89,19 @@ def evaluate_candidates(config: dict, payload: TrialPayload) -> None:
         except Exception as e:  # recorded as a failed candidate; the search goes on
             record = candidate.failed(f"{type(e).__name__}: {e}")
         record.node = node
-        check_latency(record, payload)
+        check_latency(record, candidate.latency_budget_ms, payload.space)
         if payload.gpus_per_trial > 0 and record.device == "cpu":
             record.warning = "; ".join(filter(None, [record.warning, "the trial holds a Ray GPU but this node has no "
                                                                       "CUDA device: evaluated on the CPU"]))
         tune.report(record.to_dict())
 
 
-def check_latency(record: CandidateRecord, payload: TrialPayload) -> None:
-    """Mark a candidate timed over the latency budget by more than the latency table's worst fit error: it is
+def check_latency(record: CandidateRecord, budget_ms: float | None, space: PruningSpace) -> None:
+    """Mark a candidate timed over its latency budget by more than the latency table's worst fit error: it is
     stored, but never kept for fine-tuning."""
-    if record.latency_ms is None or payload.latency_budget_ms is None:
+    if record.latency_ms is None or budget_ms is None:
         return
-    allowed = payload.latency_budget_ms * (1 + payload.space.latency.worst_error)
+    allowed = budget_ms * (1 + space.latency.worst_error)
     record.within_budget = record.latency_ms <= allowed
     if not record.within_budget:
         record.warning = "; ".join(filter(None, [record.warning, f"timed at {record.latency_ms:.2f} ms, over the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
+from typing import Callable
 
 from ray.tune import Callback
 from ray.tune.search import Searcher
@@ -37,11 +38,12 @@ class StrategySearcher(Searcher):
 
     def __init__(self, algorithm: SearchAlgorithm, name: str, baselines: list[tuple[str, list[float]]],
                  num_candidates: int, store: CandidateStore, batch_size: int = 1, concurrency: int = 1,
-                 retry_lost: bool = True, metric: str = "score", mode: str = "max"):
+                 retry_lost: bool = True, metric: str = "score", mode: str = "max",
+                 latency_budget: Callable[[list[float]], float | None] = lambda ratios: None):
         super().__init__(metric=metric, mode=mode)
         self.algorithm, self.name, self.baselines = algorithm, name, baselines
         self.num_candidates, self.store, self.retry_lost = num_candidates, store, retry_lost
-        self.batch_size, self.concurrency = batch_size, concurrency
+        self.batch_size, self.concurrency, self.latency_budget = batch_size, concurrency, latency_budget
         self.next_index = 0
         self._stored: set[int] | None = None
         self._running: dict[str, list[Candidate]] = {}  # trial id -> the candidates it evaluates
@@ -64,7 +66,7 @@ class StrategySearcher(Searcher):
             source, ratios = self.baselines[index]
         else:
             source, ratios = self.name, self.algorithm.propose(index, horizon)
-        return Candidate(index, tuple(float(r) for r in ratios), source)
+        return Candidate(index, tuple(float(r) for r in ratios), source, self.latency_budget(ratios))
 
     def _next_batch(self) -> list[Candidate]:
         """The next candidates to hand out: those of the current aligned batch not stored yet, at most this slot's

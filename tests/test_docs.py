@@ -72,7 +72,8 @@ def test_the_config_page_follows_the_models():
     page = gen.config_page(Config)
     for section, field in Config.model_fields.items():
         assert all(f"`{section}.{name}`" in page for name in field.annotation.model_fields)
-    assert "| `search.target` | float | 0.5 | > 0, < 1 | fraction of the base |" in page
+    assert "| `search.front_points` | int | 5 | >= 2, <= 1000 | the budgets a target range is split into |" in page
+    assert "| `search.target` | float \\| list[float] | 0.5 |  | fraction of the base, in (0, 1);" in page
     assert "| `data.path` | str \\| None | null |  |  |" in page  # a validated path type, as a reader writes it
 
     class Patched(SearchConfig):

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from prunetune.search.config import ConfigError, load_config
 from prunetune.search.sampler import StrategySampler
-from prunetune.search.trials import TrialPayload, check_latency
+from prunetune.search.trials import check_latency
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.groups import SpaceError
 from prunetune.workers import latency
@@ -170,12 +170,10 @@ def test_a_candidate_timed_over_the_budget_is_stored_but_never_a_finalist(resnet
     _, space = resnet20
     space.latency = table
     try:
-        payload = TrialPayload("r", {}, [], space, [], {}, None, None, "l1", "channel", 1, 0,
-                               latency_budget_ms=10.0)
         slow = CandidateRecord(0, [0.1], score=0.9, flops=1, latency_ms=10.0 * (1 + table.worst_error) + 0.01)
         fast = CandidateRecord(1, [0.1], score=0.5, flops=1, latency_ms=9.0)
         for record in (slow, fast):
-            check_latency(record, payload)
+            check_latency(record, 10.0, space)
         assert slow.within_budget is False and "over the latency budget" in slow.warning
         assert fast.within_budget is True and fast.warning is None
         assert best([slow, fast], 2) == [fast]

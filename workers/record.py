@@ -18,6 +18,7 @@ class Candidate:
     index: int
     ratios: tuple[float, ...]
     source: str  # the search algorithm, or a baseline (uniform, global threshold)
+    latency_budget_ms: float | None = None  # its latency bound, when a budget names latency (its own budget's band)
 
     def failed(self, error: str) -> "CandidateRecord":
         """The record of this candidate when its evaluation failed (or never finished) with `error`."""
