@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import median, parse_args, save, table  # noqa: E402
 from examples import detection  # noqa: E402
-from tests.coco import coco_map50  # noqa: E402
+from tests.coco import coco_map  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -65,7 +65,7 @@ def main() -> None:
             summed = summed + detection.statistics(prediction, boxes)
             times["statistics"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            detection.map_statistics(detection.detections(prediction), boxes)
+            detection.map_statistics(detection.detections(prediction), boxes, detection.CLASSES)
             times["counts"].append(time.perf_counter() - t)
             found += detection.detections(prediction)
             truths += boxes
@@ -73,7 +73,7 @@ def main() -> None:
         ours = detection.score(summed)["map50"]
         times["score"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        coco = coco_map50(found, truths)
+        coco = coco_map(found, truths)
         times["pycocotools"].append((time.perf_counter() - t) / len(batches))
     rows = [{"what": what, "per": per, "median_ms": 1000 * median(times[key])} for what, per, key in
             [("detector forward", "batch", "forward"), ("statistics (loss + mAP counts)", "batch", "statistics"),

@@ -76,7 +76,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    name: str = "digits"  # digits | cifar10 | imagefolder | synthetic | package.module:function
+    name: str = "digits"  # digits | cifar10 | imagefolder | synthetic | yolo | package.module:function
     path: ExpandedPath | None = None
     image_size: int | None = Field(None, ge=4)
     num_classes: int | None = Field(None, ge=2, le=MAX_CLASSES)
@@ -270,7 +270,7 @@ def _cross_check(cfg: Config) -> None:
     if cfg.search.top_k > cfg.search.num_candidates:
         raise ConfigError(f"search.top_k: {cfg.search.top_k} is more than search.num_candidates "
                           f"({cfg.search.num_candidates})")
-    if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.path:
+    if cfg.data.name in ("cifar10", "imagefolder", "yolo") and not cfg.data.path:
         raise ConfigError(f"data.path: data set '{cfg.data.name}' needs a path")
     task = cfg.model.task
     if task not in TASKS and ":" not in task:
@@ -280,6 +280,9 @@ def _cross_check(cfg: Config) -> None:
                                                                                           cfg.model.sparsity)):
             if value:
                 raise ConfigError(f"{key}: classification only; model.task is {task}")
+    if cfg.evaluation.metric == "loss" and task in TASKS and "loss" not in TASKS[task].metrics:
+        raise ConfigError(f"evaluation.metric: task {task} gives no held-out loss; allowed: accuracy (its "
+                          f"{TASKS[task].metric})")
     runtime = RUNTIMES[cfg.latency.runtime]
     if needs_latency(cfg) and runtime.package and importlib.util.find_spec(runtime.name) is None:
         raise ConfigError(f"latency.runtime: {runtime.name} is not installed; install {runtime.package}")
@@ -311,7 +314,8 @@ def _check_target(s: SearchConfig) -> None:
 
 # The data keys each data source reads (a factory reads kwargs; every source reads num_workers).
 _DATA_KEYS = {"digits": set(), "cifar10": {"path"}, "imagefolder": {"path", "image_size", "max_image_pixels"},
-              "synthetic": {"image_size", "num_classes", "train_size", "test_size", "seed"}}
+              "synthetic": {"image_size", "num_classes", "train_size", "test_size", "seed"},
+              "yolo": {"path", "image_size", "max_image_pixels"}}
 
 
 def config_warnings(cfg: Config) -> list[str]:

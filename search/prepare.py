@@ -159,6 +159,9 @@ def prepare(cfg: Config, log=None) -> Checked:
             raise ConfigError(f"{field}: cannot write to {expand(path)} ({reason})")
     check_model_name(cfg.model.name)
     task = task_of(cfg)
+    untrainable = task.cannot_train()  # a run trains: fine-tuning always, the base model without a checkpoint
+    if untrainable:
+        raise ConfigError(f"model.task: {untrainable}")
     data = load_data(**data_kwargs(cfg), num_workers=loader_workers(cfg))
     for note in data.notes:
         warn(note, log)

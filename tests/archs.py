@@ -574,11 +574,15 @@ class DFL(nn.Module):
 
 class Detect(nn.Module):
     """YOLOv8's Detect head: per scale a box branch (4 * reg_max) and a class branch, decoded through the DFL on
-    anchor points; returns (decoded boxes and class scores, raw per-scale maps), as Ultralytics does in eval."""
+    anchor points. As Ultralytics' Detect: in training the raw prediction alone, in eval (decoded boxes and class
+    scores, the raw prediction); the raw prediction is the per-scale maps [N, 4 * reg_max + nc, H, W] (`returns`
+    "maps": Ultralytics 8.3 and before) or {"boxes": [N, 4 * reg_max, A], "scores": [N, nc, A], "feats": the
+    head's inputs} ("dict": Ultralytics 8.4)."""
 
-    def __init__(self, nc: int = 10, ch: tuple[int, ...] = (), reg_max: int = 8, strides: tuple[int, ...] = ()):
+    def __init__(self, nc: int = 10, ch: tuple[int, ...] = (), reg_max: int = 8, strides: tuple[int, ...] = (),
+                 returns: str = "maps"):
         super().__init__()
-        self.nc, self.reg_max, self.no, self.strides = nc, reg_max, nc + 4 * reg_max, strides
+        self.nc, self.reg_max, self.no, self.strides, self.returns = nc, reg_max, nc + 4 * reg_max, strides, returns
         c2, c3 = max(16, ch[0] // 4, 4 * reg_max), max(ch[0], min(nc, 100))
         self.cv2 = nn.ModuleList(nn.Sequential(YoloConv(c, c2, 3), YoloConv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1))
                                  for c in ch)
@@ -586,8 +590,12 @@ class Detect(nn.Module):
                                  for c in ch)
         self.dfl = DFL(reg_max)
 
-    def forward(self, x):
-        x = [torch.cat((box(f), cls(f)), 1) for f, box, cls in zip(x, self.cv2, self.cv3)]
+    def forward(self, feats):
+        x = [torch.cat((box(f), cls(f)), 1) for f, box, cls in zip(feats, self.cv2, self.cv3)]
+        box, cls = torch.cat([f.view(len(f), self.no, -1) for f in x], 2).split((4 * self.reg_max, self.nc), 1)
+        raw = {"boxes": box, "scores": cls, "feats": feats} if self.returns == "dict" else x
+        if self.training:
+            return raw
         anchors, strides = [], []
         for f, stride in zip(x, self.strides):
             h, w = f.shape[2:]
@@ -595,17 +603,16 @@ class Detect(nn.Module):
             anchors.append(torch.stack((sx, sy), 0).view(2, -1))
             strides.append(torch.full((1, h * w), float(stride)))
         anchors, strides = torch.cat(anchors, 1), torch.cat(strides, 1)
-        box, cls = torch.cat([f.view(len(f), self.no, -1) for f in x], 2).split((4 * self.reg_max, self.nc), 1)
         lt, rb = self.dfl(box).chunk(2, 1)
         boxes = torch.cat(((anchors - lt + anchors + rb) / 2, rb + lt), 1) * strides
-        return torch.cat((boxes, cls.sigmoid()), 1), x
+        return torch.cat((boxes, cls.sigmoid()), 1), raw
 
 
 class YoloLike(nn.Module):
     """A small YOLOv8/11-shaped detector: a backbone of Convs and C2f / C3k2 / C3 blocks with SPPF, a PAN neck
     (upsample + concat, then strided Convs + concat) and a Detect head on three scales (strides 8, 16, 32)."""
 
-    def __init__(self, nc: int = 10, w: int = 8):
+    def __init__(self, nc: int = 10, w: int = 8, reg_max: int = 8, returns: str = "maps"):
         super().__init__()
         self.stem = nn.Sequential(YoloConv(3, w, 3, 2), YoloConv(w, 2 * w, 3, 2), C2f(2 * w, 2 * w, 1, True))
         self.p3 = nn.Sequential(YoloConv(2 * w, 4 * w, 3, 2), C3k2(4 * w, 4 * w, 1, c3k=False, e=0.25))
@@ -616,7 +623,7 @@ class YoloLike(nn.Module):
         self.top_down3 = C2f(12 * w, 4 * w, 1)
         self.down3, self.bottom_up4 = YoloConv(4 * w, 4 * w, 3, 2), C2f(12 * w, 8 * w, 1)
         self.down4, self.bottom_up5 = YoloConv(8 * w, 8 * w, 3, 2), C3k2(16 * w, 8 * w, 1, c3k=True)
-        self.detect = Detect(nc, (4 * w, 8 * w, 8 * w), strides=(8, 16, 32))
+        self.detect = Detect(nc, (4 * w, 8 * w, 8 * w), reg_max, (8, 16, 32), returns)
 
     def forward(self, x):
         p3 = self.p3(self.stem(x))
@@ -627,6 +634,11 @@ class YoloLike(nn.Module):
         n4 = self.bottom_up4(torch.cat((self.down3(n3), n4), 1))
         n5 = self.bottom_up5(torch.cat((self.down4(n4), p5), 1))
         return self.detect([n3, n4, n5])
+
+
+def yolo_like(num_classes: int = 2, returns: str = "maps") -> nn.Module:
+    """YoloLike with Ultralytics' reg_max of 16 (what model.task yolo decodes), as a model factory."""
+    return YoloLike(num_classes, reg_max=16, returns=returns)
 
 
 class FixedSplit(nn.Module):

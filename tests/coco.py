@@ -1,4 +1,4 @@
-"""The reference the detection example's binned mAP@0.5 is checked and timed against: pycocotools' COCOeval
+"""The reference prunetune's binned mAP (workers/detection.py) is checked and timed against: pycocotools' COCOeval
 (the COCO evaluation itself; torchmetrics' MeanAveragePrecision wraps it but needs torchvision, which does not
 import beside torch 2.13.0+cpu), and random boxes with detections to compare on."""
 from __future__ import annotations
@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 
-def coco_map50(found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], truths: list[torch.Tensor]) -> float:
-    """COCOeval's AP at IoU 0.5 (area all, 100 detections per image, 101 recall points) of detections (boxes
-    x0, y0, x1, y1; scores; classes per image) against box lists [m, 5] (class, x0, y0, x1, y1)."""
+def coco_map(found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], truths: list[torch.Tensor],
+             ious: tuple[float, ...] = (0.5,)) -> float:
+    """COCOeval's AP averaged over the IoU thresholds `ious` (0.5: mAP@0.5; area all, 100 detections per image,
+    101 recall points) of detections (boxes x0, y0, x1, y1; scores; classes per image) against box lists [m, 5]
+    (class, x0, y0, x1, y1)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -34,17 +36,19 @@ def coco_map50(found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], tru
                       "categories": [{"id": c} for c in classes]}
         gt.createIndex()
         evaluation = COCOeval(gt, gt.loadRes(results), "bbox")
-        evaluation.params.iouThrs = np.array([0.5])
+        evaluation.params.iouThrs = np.array(ious)
         evaluation.evaluate()
         evaluation.accumulate()
-    precision = evaluation.eval["precision"][0, :, :, 0, -1]  # [recall points, classes] at area all, 100 dets
-    present = precision[:, (precision > -1).all(0)]
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]  # [thresholds, recall points, classes]: area all,
+    # 100 detections
+    present = precision[:, :, (precision > -1).all((0, 1))]
     return float(present.mean()) if present.size else 0.0
 
 
-def random_detections(seed: int, images: int = 24, classes: int = 3) -> tuple[list, list]:
-    """Detections and box lists on 56 px images: each box found jittered (or, 1 in 5, missed; 1 in 10 with a random
-    class), plus up to 3 random false boxes per image, at random scores crowding near 0 and 1 as a detector's do."""
+def random_detections(seed: int, images: int = 24, classes: int = 3, jitter: float = 1.5) -> tuple[list, list]:
+    """Detections and box lists on 56 px images: each box found with its corners moved by N(0, jitter) px (or, 1 in
+    5, missed; 1 in 10 with a random class), plus up to 3 random false boxes per image, at random scores crowding
+    near 0 and 1 as a detector's do."""
     g = torch.Generator().manual_seed(seed)
     found, truths = [], []
     for _ in range(images):
@@ -53,7 +57,7 @@ def random_detections(seed: int, images: int = 24, classes: int = 3) -> tuple[li
         truth = torch.cat([torch.randint(0, classes, (k, 1), generator=g).float(), xy,
                            xy + 4 + torch.rand(k, 2, generator=g) * 12], 1)
         keep = torch.rand(k, generator=g) < 0.8
-        boxes = truth[keep, 1:] + torch.randn(int(keep.sum()), 4, generator=g) * 1.5
+        boxes = truth[keep, 1:] + torch.randn(int(keep.sum()), 4, generator=g) * jitter
         labels = torch.where(torch.rand(len(boxes), generator=g) < 0.9, truth[keep, 0].long(),
                              torch.randint(0, classes, (len(boxes),), generator=g))
         extra = int(torch.randint(0, 4, (), generator=g))

@@ -12,6 +12,7 @@ from examples import detection
 from examples.shapes import Segmenter
 from prunetune.search.config import ConfigError, load_config
 from prunetune.search.prepare import task_of
+from prunetune.workers.detection import map_statistics, mean_average_precision
 from prunetune.workers.data import collate, iterate_batches, load_data
 from prunetune.workers.evaluator import CandidateEvaluator
 from prunetune.workers.groups import SpaceError
@@ -21,7 +22,7 @@ from prunetune.workers.scoring import score
 from prunetune.workers.space import count_flops
 from prunetune.workers.tasks import CLASSIFICATION, IGNORE_INDEX, SEGMENTATION, segmentation_score, \
     segmentation_statistics
-from tests.coco import coco_map50, random_detections
+from tests.coco import coco_map, random_detections
 
 
 class AuxClassifier(nn.Module):
@@ -120,7 +121,7 @@ class _First(nn.Module):
 
 def test_a_task_that_names_none_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError, match="^model.task: unknown task 'detection'; allowed: classification, "
-                                          "segmentation or package.module:function$"):
+                                          "segmentation, yolo or package.module:function$"):
         load_config(None, ["model.task=detection"])
     with pytest.raises(ConfigError, match=r"^model.task: os:getcwd\(\) must return a prunetune.workers.tasks.Task, "
                                           "it returned str$"):
@@ -140,22 +141,21 @@ def test_map_statistics_sum_exactly_over_images_and_give_the_all_point_ap():
               torch.tensor([0.9, 0.8, 0.6, 0.7, 0.05]), torch.tensor([0, 0, 0, 0, 1])),  # hit, duplicate, hit,
              # overlaps the class-1 box at IoU 0.6 with the wrong class, and the class-1 box at low score
              (torch.tensor([[12., 0, 16, 4], [0, 0, 4, 4]]), torch.tensor([0.55, 0.95]), torch.tensor([0, 1]))]
-    whole = detection.map_statistics(found, truths)
-    assert torch.equal(whole, detection.map_statistics(found[:1], truths[:1])
-                       + detection.map_statistics(found[1:], truths[1:]))
+    whole = map_statistics(found, truths, 2)
+    assert torch.equal(whole, map_statistics(found[:1], truths[:1], 2) + map_statistics(found[1:], truths[1:], 2))
     assert whole[:2].tolist() == [3, 1]
     # class 0 by score: 0.9 TP, 0.8 FP, 0.7 FP, 0.6 TP, 0.55 TP -> recall 1/3, 1/3, 1/3, 2/3, 1 at precision
     # 1, 1/2, 1/3, 1/2, 3/5: envelope 1, 3/5, 3/5, 3/5, 3/5 -> AP 1/3 + 1/3 * 3/5 + 1/3 * 3/5
     # class 1: 0.95 FP (no class-1 box there), 0.05 TP -> recall 1 at precision 1/2 -> AP 1/2
-    assert detection.mean_average_precision(whole) == pytest.approx(((1 + 3 / 5 + 3 / 5) / 3 + 1 / 2) / 2)
+    assert mean_average_precision(whole, 2) == pytest.approx(((1 + 3 / 5 + 3 / 5) / 3 + 1 / 2) / 2)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_binned_map_agrees_with_pycocotools_on_random_boxes(seed):
     pytest.importorskip("pycocotools", reason="pycocotools not installed (the test extra has it)")
     found, truths = random_detections(seed)
-    want = coco_map50(found, truths)
-    got = detection.mean_average_precision(detection.map_statistics(found, truths, classes=3), classes=3)
+    want = coco_map(found, truths)
+    got = mean_average_precision(map_statistics(found, truths, classes=3), classes=3)
     # COCOeval orders every detection and interpolates at 101 recall points; ours takes the all-point area over
     # 1000 score bins
     assert 0.2 < want < 0.95 and got == pytest.approx(want, abs=0.01)

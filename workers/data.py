@@ -1,4 +1,5 @@
-"""Data sources (digits, cifar10, imagefolder, synthetic, factory), the held-out split, and batching."""
+"""Data sources (digits, cifar10, imagefolder, synthetic, yolo: workers/yolo_data.py, factory), the held-out split,
+and batching."""
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,7 @@ from .messages import shown
 from .progress import Progress
 from .seeds import generator
 
-SOURCES = ("digits", "cifar10", "imagefolder", "synthetic")
+SOURCES = ("digits", "cifar10", "imagefolder", "synthetic", "yolo")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -239,6 +240,10 @@ def load_data(name: str, path: str | None = None, image_size: int | None = None,
         return _cifar10(_existing_dir(path, "data.path"))
     if name == "imagefolder":
         return _imagefolder(_existing_dir(path, "data.path"), image_size, cache_dir, max_image_pixels, num_workers)
+    if name == "yolo":
+        from .yolo_data import load_yolo  # it builds on this module
+
+        return load_yolo(path or "", image_size, max_image_pixels)
     if name == "synthetic":
         if not num_classes or num_classes < 2:
             raise DataError("data.num_classes: synthetic data needs num_classes >= 2")

@@ -200,7 +200,7 @@ class CandidateEvaluator:
             index, [float(r) for r in ratios], kept_units=self.space.kept_units(ratios), flops=flops,
             flops_ratio=flops / self.space.base_flops, params=self.space.params(ratios),
             score=search_score(self.task, result, self.cfg.metric), accuracy=result.get("accuracy"),
-            metrics={name: result[name] for name in self.task.metrics}, loss=result["loss"],
+            metrics={name: result[name] for name in self.task.metrics}, loss=result.get("loss"),
             bn_recalibrated=recalibrated > 0,
             calibration_batches=recalibrated,
             warning="; ".join(str(w.message) for w in caught) or None, t_prune=t1 - t0, t_calibrate=t2 - t1,

@@ -21,7 +21,7 @@ from .logs import LineStream
 from .progress import due, duration
 from .scoring import precision, score
 from .selection import best_trained, kept_epoch, margin
-from .tasks import CLASSIFICATION, Task, short_name
+from .tasks import CLASSIFICATION, Task, as_float, short_name
 
 EpochCallback = Callable[[int, dict, str | None], None]
 CHECKPOINT_NAME = "finetune.pt"  # the checkpoint file finetune() writes (inside a Tune checkpoint directory too)
@@ -190,7 +190,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                 logits = task.select(net(x))
-                loss = criterion(logits.float(), y)
+                loss = criterion(as_float(logits), y)
                 if distill:
                     with torch.no_grad():
                         target = task.select(teacher(x)).float()

@@ -60,8 +60,9 @@ class Verdict:
 
 
 def prediction_shape(model: nn.Module, example_inputs: torch.Tensor, task: Task = CLASSIFICATION
-                     ) -> tuple[int, ...]:
-    """Shape of the model's prediction (the output `task` selects), from one forward pass in eval mode."""
+                     ) -> tuple[int, ...] | list[tuple[int, ...]]:
+    """Shape of the model's prediction (the output `task` selects; of each tensor where it is a list), from one
+    forward pass in eval mode."""
     was_training = model.training
     try:
         with torch.no_grad():
@@ -76,6 +77,8 @@ def prediction_shape(model: nn.Module, example_inputs: torch.Tensor, task: Task 
     except Exception as e:
         raise SpaceError(f"model: task {task.name} finds no prediction in the forward pass's output "
                          f"({type(out).__name__}: {error_line(e)})") from None
+    if isinstance(prediction, list) and prediction and all(isinstance(p, torch.Tensor) for p in prediction):
+        return [tuple(p.shape) for p in prediction]
     if not isinstance(prediction, torch.Tensor):
         raise SpaceError(f"model: task {task.name} finds no prediction tensor in the forward pass's output "
                          f"({type(out).__name__}; it selects {type(prediction).__name__})")
@@ -83,11 +86,13 @@ def prediction_shape(model: nn.Module, example_inputs: torch.Tensor, task: Task 
 
 
 def check_output(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, task: Task = CLASSIFICATION
-                 ) -> tuple[int, ...]:
+                 ) -> tuple[int, ...] | list[tuple[int, ...]]:
     """The shape of the model's prediction, which must fit the task and the data's class count (SpaceError saying
     what the task expects if not)."""
     shape = prediction_shape(model, example_inputs, task)
-    problem = task.check(torch.empty(shape, device="meta"), num_classes)
+    meta = [torch.empty(s, device="meta") for s in shape] if isinstance(shape, list) else \
+        torch.empty(shape, device="meta")
+    problem = task.check(meta, num_classes)
     if problem:
         raise SpaceError(f"model: {problem}")
     return shape

@@ -6,7 +6,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .tasks import CLASSIFICATION, Task
+from .tasks import CLASSIFICATION, Task, as_float
 
 
 def precision(cfg, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -29,7 +29,7 @@ def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, object]],
     for x, y in batches:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             prediction = task.select(model(x))
-        statistics = task.statistics(prediction.float(), y).double().cpu()
+        statistics = task.statistics(as_float(prediction), y).double().cpu()
         total = statistics if total is None else total + statistics
         n += len(x)
     if total is None:

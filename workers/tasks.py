@@ -1,11 +1,12 @@
 """What a network is for: its loss, its held-out metric and which of its outputs to use (config `model.task`).
 
-A Task is a frozen dataclass of plain functions. `statistics(prediction, target)` returns a 1-D float64 tensor
-that sums over batches (counts exactly, float sums such as the loss's up to rounding), and `score(summed)` turns
-the sum into the task's figures, the primary metric first and `loss` (the mean held-out loss) among them. Built
-in: classification (accuracy, loss) and segmentation (mIoU, pixel accuracy, loss: cross-entropy over pixels whose
-target is not `IGNORE_INDEX`); anything else is `package.module:function`, a function of no arguments returning a
-Task.
+A Task is a frozen dataclass of plain functions. The prediction is a tensor or a list of tensors (a detector's
+per-scale maps). `statistics(prediction, target)` returns a 1-D float64 tensor that sums over batches (counts
+exactly, float sums such as the loss's up to rounding), and `score(summed)` turns the sum into the task's figures,
+the primary metric first and `loss` (the mean held-out loss) among them where the task has one. Built in:
+classification (accuracy, loss), segmentation (mIoU, pixel accuracy, loss: cross-entropy over pixels whose target
+is not `IGNORE_INDEX`) and yolo (workers/yolo.py: mAP@0.5:0.95, mAP@0.5); anything else is
+`package.module:function`, a function of no arguments returning a Task.
 """
 from __future__ import annotations
 
@@ -26,14 +27,16 @@ class Task:
 
     name: str
     metrics: tuple[str, ...]  # what score() returns, the primary metric first (and "loss")
-    select: Callable[[Any], torch.Tensor]  # the model's output (tensor, tuple, list or dict) -> the prediction
-    loss: Callable[[torch.Tensor, Any], torch.Tensor]  # (prediction, target batch) -> scalar training loss
-    statistics: Callable[[torch.Tensor, Any], torch.Tensor]  # (prediction, target batch) -> 1-D, summable
+    select: Callable[[Any], Any]  # the model's output (tensor, tuple, list or dict) -> the prediction (a tensor or
+    # a list of tensors)
+    loss: Callable[[Any, Any], torch.Tensor]  # (prediction, target batch) -> scalar training loss
+    statistics: Callable[[Any, Any], torch.Tensor]  # (prediction, target batch) -> 1-D, summable
     score: Callable[[torch.Tensor], dict]  # summed statistics -> {primary: value, ..., "loss": value}
     # (prediction, the data's class count) -> why the prediction does not fit them, one sentence (None: it fits)
-    check: Callable[[torch.Tensor, int], str | None] = lambda prediction, num_classes: None
+    check: Callable[[Any, int], str | None] = lambda prediction, num_classes: None
     higher_is_better: bool = True  # of the primary metric
     distill: bool = True  # fine-tuning may distil the base's predictions (softened over dim 1, per position)
+    cannot_train: Callable[[], str | None] = lambda: None  # why `loss` cannot run here, one sentence (None: it can)
 
     @property
     def metric(self) -> str:
@@ -62,6 +65,13 @@ def output_tensors(output: object) -> list[torch.Tensor]:
         return [output]
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
     return [t for v in values for t in output_tensors(v)]
+
+
+def as_float(prediction: Any) -> Any:
+    """A prediction (a tensor, or a list or tuple of them) in float32."""
+    if isinstance(prediction, (list, tuple)):
+        return [as_float(p) for p in prediction]
+    return prediction.float()
 
 
 _HINT = "; give the factory a num_classes argument (or set it in model.kwargs)"
@@ -131,7 +141,9 @@ SEGMENTATION = Task("segmentation", ("miou", "pixel_accuracy", "loss"), first_ou
                     lambda logits, mask: F.cross_entropy(logits, mask.long(), ignore_index=IGNORE_INDEX),
                     segmentation_statistics, segmentation_score, _segmentation_check)
 
-TASKS = {"classification": CLASSIFICATION, "segmentation": SEGMENTATION}
+from .yolo import YOLO  # noqa: E402 (it builds on Task, defined above)
+
+TASKS = {"classification": CLASSIFICATION, "segmentation": SEGMENTATION, "yolo": YOLO}
 
 
 class TaskError(BadInput, ValueError):
@@ -161,7 +173,8 @@ def resolve_task(spec: str) -> Task:
 
 def search_score(task: Task, figures: dict, metric: str = "accuracy") -> float:
     """What the search maximises of a task's figures: its metric (evaluation.metric `accuracy`, the default; negated
-    where lower is better) or, with `loss`, minus the loss."""
+    where lower is better) or, with `loss`, minus the loss (a task whose figures have none is refused by the
+    config)."""
     if metric == "loss":
         return -figures["loss"]
     return figures[task.metric] if task.higher_is_better else -figures[task.metric]
