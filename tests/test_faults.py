@@ -33,13 +33,17 @@ def _assert_rays_messages_went_to_the_log(capfd, run):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_worker_process_that_dies_is_retried(tmp_path, capfd):
-    with embedded_ray(crash_at=3, markers=tmp_path):
+def test_a_worker_process_that_dies_is_retried_and_a_failing_candidate_is_recorded(tmp_path, capfd):
+    """One search: candidate 2 raises (stored failed, the search goes on); candidate 3 kills its worker process
+    (SIGKILL) once, and Tune's retry evaluates it."""
+    with embedded_ray(fail_at=2, crash_at=3, markers=tmp_path):
         assert main(run_args(tmp_path, "search.max_failures=2")) == 0
     assert (tmp_path / "crashed-3").exists()  # the worker was killed (SIGKILL) on candidate 3
-    records = CandidateStore(str(tmp_path / "run")).records()
-    assert [r.index for r in records] == list(range(8))
-    assert all(r.ok for r in records)
+    records = {r.index: r for r in CandidateStore(str(tmp_path / "run")).records()}
+    assert sorted(records) == list(range(8))
+    assert records[2].status == "failed" and records[2].error == "RuntimeError: injected failure"
+    assert records[2].ratios and records[2].score is None
+    assert all(records[i].ok for i in records if i != 2)
     _assert_rays_messages_went_to_the_log(capfd, tmp_path / "run")
 
 
@@ -142,18 +146,6 @@ def test_the_ledger_says_each_lost_candidate_is_evaluated_again_and_stores_it_fa
     assert [(r.index, r.status, r.error, r.trial_id) for r in records] == [(0, "ok", None, "a"),
                                                                            (1, "failed", died, "b")]
     assert searcher.suggest("c") == Searcher.FINISHED
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path):
-    with embedded_ray(fail_at=2):
-        assert main(run_args(tmp_path)) == 0
-    records = {r.index: r for r in CandidateStore(str(tmp_path / "run")).records()}
-    assert sorted(records) == list(range(8))
-    assert records[2].status == "failed" and records[2].error == "RuntimeError: injected failure"
-    assert records[2].ratios and records[2].score is None
-    assert all(records[i].ok for i in records if i != 2)
 
 
 @pytest.mark.ray
