@@ -65,27 +65,21 @@ def _decoys(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_users_search_py_and_workers_package_do_not_shadow_prunetune(tmp_path):
+def test_a_plain_run_starts_its_own_ray_whatever_ray_address_says_and_no_users_module_shadows_prunetune(tmp_path):
+    """One plain `python -m prunetune run` with a stale RAY_ADDRESS (someone else's cluster) in the environment, from
+    a folder whose search.py and workers/ (also on PYTHONPATH) would fail if imported."""
     decoys = _decoys(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(decoys)}
-    proc = subprocess.run([sys.executable, "-m", "prunetune", *run_args(tmp_path, "ray.num_cpus=2")], cwd=decoys,
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(decoys), "RAY_ADDRESS": "127.0.0.1:1"}
+    proc = subprocess.run([sys.executable, "-m", "prunetune", *run_args(tmp_path, "ray.num_cpus=2", candidates=2)],
+                          cwd=decoys, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "decoy" not in proc.stdout + proc.stderr and "best model:" in proc.stdout
+    assert "Connecting to existing Ray cluster" not in proc.stderr
+    assert "[ray] started an embedded Ray for this run" in proc.stdout  # said once, in our words
+    assert "Token authentication is enabled" not in proc.stderr
     proc = subprocess.run([sys.executable, "-c", "import search, sys"], cwd=decoys, env=env, capture_output=True,
                           text=True)
     assert "the decoy search.py was imported" in proc.stderr  # the decoys would be found if anything asked
-
-
-@pytest.mark.slow
-def test_a_plain_run_starts_its_own_ray_whatever_ray_address_says(tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # a stale address of someone else's cluster
-    proc = subprocess.run([sys.executable, "-m", "prunetune", *run_args(tmp_path, "ray.num_cpus=2", candidates=2)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Connecting to existing Ray cluster" not in proc.stderr and "best model:" in proc.stdout
-    assert "[ray] started an embedded Ray for this run" in proc.stdout  # said once, in our words
-    assert "Token authentication is enabled" not in proc.stderr
 
 
 def _free_port() -> int:
