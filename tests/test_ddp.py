@@ -7,7 +7,7 @@ import pytest
 
 from tests.faults import end_hung_workers
 from tests.runs import as_args, small
-from tests.test_resume import _finish, _kill, _start, _wait_for
+from tests.stops import finish, kill, start, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -50,11 +50,11 @@ def _interrupt_and_resume(run, log_path, markers, args):
     with open(log_path, "ab") as log:
         # 3 s before each epoch's report: Ray Train polls its workers every 2 s, so epoch 1 reaches Tune before the
         # hang stops a worker that the poll would then wait on
-        proc = _start(args, log, markers=markers, hang_epoch=2, delay_s=3)
-        _wait_for(_epoch_1_checkpoint_recorded(run), proc, 240, "Tune's record of an epoch-1 checkpoint")
-        _kill(proc)
+        proc = start(args, log, markers=markers, hang_epoch=2, delay_s=3)
+        wait_for(_epoch_1_checkpoint_recorded(run), proc, 240, "Tune's record of an epoch-1 checkpoint")
+        kill(proc)
     (rank, _), = ((r, m) for r, m in _finalists(run).items() if m["epoch"] == 1)
-    _finish(run, log_path, markers=markers)
+    finish(run, log_path, markers=markers)
     resumed = log_path.read_text().split("[finetune] restoring the Tune experiment")[1]
     assert f"[finetune] finalist {rank} " in resumed
     epochs = [line.split(" epoch ")[1].split(":")[0] for line in resumed.splitlines()
