@@ -201,8 +201,11 @@ def test_exports_and_a_users_files_survive_overwrite_which_removes_exactly_the_r
     (run / "NOTES.txt").write_text("mine")
     kept = {name: (run / name).read_bytes() for name in ("final/rank1.onnx", "final/rank1.torchscript.pt",
                                                           "final/rank1.int8.onnx", "final/rank7.pt", "NOTES.txt")}
-    overrides = [o for o in finished_run[1] if not o.startswith("output.dir=")] + [f"output.dir={run}"]
+    # a smaller run (fewer candidates, one epoch) than the one it overwrites: what it does not write again must go too
+    overrides = [o for o in finished_run[1] if not o.startswith("output.dir=")] + [
+        f"output.dir={run}", "search.num_candidates=2", "finetune.epochs=1"]
     assert main(["run", *as_args(overrides), "--overwrite"]) == 0
+    assert json.load(open(run / "final" / "summary.json"))["search"]["candidates"] == 2
     assert {name: (run / name).read_bytes() for name in kept} == kept
     listed = json.load(open(run / "manifest.json"))["files"]
     assert {"leaderboard.json", "report.md", "report.png", "final/rank1.pt", "final/rank2.pt", "final/summary.json",
