@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,12 +35,23 @@ def run_args(run, cache, *extra):
 
 
 def uninterrupted(tmp_path_factory):
-    """The run, uninterrupted, and the cache of its base model (which the stopped runs share): (run, cache)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    with open(tmp / "driver.log", "ab") as log:
-        proc = start(run_args(tmp / "run", tmp_path_factory.getbasetemp() / "cache"), log)
-        assert proc.wait(timeout=300) == 0, (tmp / "driver.log").read_text()[-3000:]
-    return tmp / "run", tmp_path_factory.getbasetemp() / "cache"
+    """The run, uninterrupted, and the cache of its base model (which the stopped runs share): (run, cache). One per
+    session: under xdist the first worker to ask runs it in the workers' common folder while the others wait for it
+    (xdist's recipe for a session fixture that runs once)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, above each worker's popen-gwK/
+    tmp, cache = root / "uninterrupted", root / "uninterrupted-cache"
+    with FileLock(str(root / "uninterrupted.lock")):
+        if not (tmp / "run" / "final" / "summary.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # what a failed try left
+            tmp.mkdir()
+            with open(tmp / "driver.log", "ab") as log:
+                proc = start(run_args(tmp / "run", cache), log)
+                assert proc.wait(timeout=300) == 0, (tmp / "driver.log").read_text()[-3000:]
+    return tmp / "run", cache
 
 
 def kill(proc):
