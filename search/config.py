@@ -131,7 +131,7 @@ class FinetuneConfig(Section):
 
 class LatencyConfig(Section):
     device: Annotated[str, Choice(("cpu", "cuda"))] = "cpu"  # where latency is timed
-    # what it is timed in: eager PyTorch, or ONNX Runtime (the model exported to ONNX, as it will be deployed)
+    # what it is timed in: eager PyTorch, or ONNX Runtime or OpenVINO (exported to ONNX, as it will be deployed)
     runtime: Annotated[str, Choice(RUNTIMES)] = "torch"
     batch_size: int = Field(1, ge=1)  # the latency budget's batch
     throughput_batch_size: int = Field(32, ge=1)  # the report's second figure

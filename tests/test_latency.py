@@ -1,6 +1,8 @@
 """Latency budgets: the timing helper, the latency table, budgets in the sampler, the over-budget rule."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -238,21 +240,24 @@ def test_where_the_time_went_names_a_layer_whose_kept_count_misses_the_kernels_w
     assert not any(c.misaligned for c in latency.where_time_went(table, space, aligned))
 
 
-def test_a_table_timed_in_onnx_runtime_times_layers_networks_and_candidates_there(tmp_path):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_table_timed_in_an_onnx_runtime_times_layers_networks_and_candidates_there(runtime, tmp_path):
     from prunetune.workers import timing
 
+    pytest.importorskip(runtime)  # openvino is an extra of its own, not the test extra's
     model = GroupedSE().eval()
     example = torch.zeros(1, 3, 16, 16)
     space = PruningSpace.from_model(model, example)
     loose = {"threads": 1, "grid": 2, "repeats": 3, "max_fit_error": 10.0}  # what is tested is where it is timed
-    table, _, built = load_or_build(model, space, example, str(tmp_path), runtime="onnxruntime", **loose)
-    assert built and table.runtime == "onnxruntime" and LatencyTable.from_dict(table.to_dict()) == table
+    table, _, built = load_or_build(model, space, example, str(tmp_path), runtime=runtime, **loose)
+    assert built and table.runtime == runtime and LatencyTable.from_dict(table.to_dict()) == table
     torch_table, _, _ = load_or_build(model, space, example, str(tmp_path), **loose)
     assert torch_table.runtime == "torch" and torch_table.key != table.key  # one cache entry per runtime
     pruned = build_model("digits_cnn", 10, 3).eval()
     before = len(timing._SESSIONS)
     assert table.time(pruned, torch.device("cpu"), (3, 16, 16)).median_ms > 0
-    assert pruned in timing._SESSIONS and len(timing._SESSIONS) == before + 1  # exported and run by ONNX Runtime
+    assert pruned in timing._SESSIONS and len(timing._SESSIONS) == before + 1  # exported and run by the runtime
+    assert [key[0] for key in timing._SESSIONS[pruned]] == [runtime]
     torch_table.time(pruned, torch.device("cpu"), (3, 16, 16))
     assert len(timing._SESSIONS[pruned]) == 1  # eager PyTorch exports nothing
 
@@ -260,7 +265,7 @@ def test_a_table_timed_in_onnx_runtime_times_layers_networks_and_candidates_ther
 def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_anything_is_timed(monkeypatch):
     from prunetune.workers import timing
 
-    absent = timing.Runtime("nosuchruntime", timing.RUNTIMES["torch"].call, lambda: "0", cpu_only=True,
+    absent = timing.Runtime("nosuchruntime", timing.RUNTIMES["torch"].call, lambda: "0", "No Such", cpu_only=True,
                             package="nosuchruntime (pip install nosuchruntime)")
     monkeypatch.setitem(timing.RUNTIMES, "nosuchruntime", absent)
     with pytest.raises(ConfigError, match=r"^latency.runtime: nosuchruntime is not installed; install nosuchruntime "
@@ -269,3 +274,8 @@ def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_
     with pytest.raises(ConfigError, match=r"^latency.runtime: onnxruntime times on the CPU here; set latency.device"):
         load_config(None, ["latency.runtime=onnxruntime", "search.constraint=latency", "latency.device=cuda"])
     assert load_config(None, ["latency.runtime=nosuchruntime"]).latency.runtime == "nosuchruntime"  # no latency budget
+    found = importlib.util.find_spec  # openvino absent, as where only the test extra is installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else found(name, *a))
+    with pytest.raises(ConfigError, match=r"^latency.runtime: openvino is not installed; install openvino \(pip "
+                                          r"install 'prunetune\[openvino\]'\)$"):
+        load_config(None, ["latency.runtime=openvino", "search.constraint=latency"])
