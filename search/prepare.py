@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,7 +24,7 @@ from prunetune.workers.finetune import finetune
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.methods import METHODS
 from prunetune.workers import logs
-from prunetune.workers.latency import load_or_build
+from prunetune.workers.latency import describe_costs, load_or_build, where_time_went
 from prunetune.workers.logs import LineStream
 from prunetune.workers.models import ModelError, build_model, check_model_name, load_checkpoint, nonfinite, \
     read_state_dict
@@ -117,6 +118,24 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
           f"{how} {path}; "
           f"base {space.latency.base_ms:.2f} ms, worst fit error {100 * space.latency.worst_error:.1f}%",
           file=log or LineStream(), flush=True)
+
+
+def where_time_goes(cfg: Config, space: PruningSpace) -> str:
+    """`inspect --latency`'s per-layer table: the latency of each layer before and after pruning at the configured
+    target (the uniform strategy, or the search's first draw where no single ratio lands in the band), as the
+    space's latency table predicts it, and the layers whose channel counts cost speed."""
+    from .baselines import uniform
+
+    sampler, table = make_sampler(cfg, space), space.latency
+    ratios = uniform(sampler)
+    which = f"the uniform strategy (ratio {ratios[0]:.3f} in every group)" if ratios else "the search's first draw"
+    kept = space.kept_batch(np.asarray(ratios or sampler.sample(0), dtype=np.float64)[None])
+    full = space.kept_batch(np.zeros((1, len(space.groups))))
+    s = cfg.search
+    return (f"where the time goes at search.target={s.target:g} ({s.constraint}): {which}, "
+            f"{100 * CONSTRAINTS['flops'].fraction(space, kept)[0]:.1f}% of the FLOPs, "
+            f"{100 * table.predict(space, kept)[0] / table.predict(space, full)[0]:.1f}% of the base's predicted "
+            f"latency\n{describe_costs(where_time_went(table, space, kept[0]), table.multiple)}")
 
 
 def task_of(cfg: Config) -> Task:

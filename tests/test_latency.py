@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -196,6 +197,32 @@ def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(
     out, err = capsys.readouterr()
     assert code == 2 and "latency share" in out and "features.0" in out
     assert "search.target: latency 0.05 +- 0.02 is not reachable" in err and len(err.strip().splitlines()) <= 2
+
+
+def test_inspect_latency_names_each_layer_whose_kept_count_misses_the_kernels_width(tmp_path, capsys, monkeypatch):
+    from prunetune.search.cli import main
+
+    monkeypatch.setattr(latency, "time_forward", _modelled_time)  # the same table on every machine
+    shown = {}
+    for round_to in (1, 8):  # digits at 50% of the FLOPs keeps 22 of 32 and 45 of 64 channels; rounded: 8, 16, ...
+        code = main(["inspect", "--latency", "--set", "latency.grid=2", "--set", "latency.repeats=3",
+                     "--set", "latency.max_fit_error=10", "--set", f"output.cache_dir={tmp_path}",
+                     "--set", f"output.dir={tmp_path / 'run'}", "--set", f"search.round_to={round_to}"])
+        out = capsys.readouterr().out
+        assert code == 0 and "where the time goes at search.target=0.5 (flops): " in out
+        rows = re.findall(r"^\| (\S+) \| (\d+)/(\d+), (\d+)/(\d+) \| [\d.]+ \| [\d.]+ \| (.*) \|$", out, re.M)
+        assert {r[0] for r in rows} == {"features.0", "features.1", "features.3", "features.4", "features.6",
+                                        "features.7", "features.9", "features.10", "fc"}  # every layer, before/after
+        shown[round_to] = out
+        for name, out_kept, out_full, in_kept, in_full, why in rows:
+            misaligned = [k for k, full in ((int(out_kept), int(out_full)), (int(in_kept), int(in_full)))
+                          if k < full and k % 8]
+            runs = ", ".join(str(-(-k // 8) * 8) for k in misaligned)
+            assert (why.startswith(f"{', '.join(map(str, misaligned))} run") and why.endswith(f" as {runs}")
+                    if misaligned else " as " not in why), (name, why)
+    assert re.search(r"^\| \S+ \| \d+/\d+, \d+/\d+ \| [\d.]+ \| [\d.]+ \| \d+(, \d+)? runs? as ", shown[1], re.M)
+    assert "set search.round_to=8 so that what is pruned is also faster" in shown[1]
+    assert " runs as " not in shown[8] and "search.round_to=8 so that" not in shown[8]
 
 
 def _noisy_time(model, example, repeats=30, warmup=5, threads=None, runtime="torch") -> Timing:
