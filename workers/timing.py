@@ -88,6 +88,7 @@ def _openvino_request(graph: bytes, threads: int | None) -> Callable[[np.ndarray
 
     core = openvino.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",  # fp32 as exported, never bf16
+              "ENABLE_CPU_PINNING": False,  # pinned to a core other jobs share, a pass waits for that core
               **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})}
     request = core.compile_model(core.read_model(graph), "CPU", config).create_infer_request()
     return lambda array: request.infer({0: array})
