@@ -231,6 +231,13 @@ def training_recipe(cfg: Config) -> FinetuneConfig:
     return cfg.finetune.model_copy(update={"lr": cfg.model.pretrain_lr, "warmup_epochs": 1.0})
 
 
+def check_runtime(cfg: Config) -> None:
+    """ConfigError naming the extra to install if latency.runtime does not import here."""
+    runtime = RUNTIMES[cfg.latency.runtime]
+    if runtime.package and importlib.util.find_spec(runtime.name) is None:
+        raise ConfigError(f"latency.runtime: {runtime.name} is not installed; install {runtime.package}")
+
+
 def needs_latency(cfg: Config) -> bool:
     """True when a budget of the search names latency (the latency table is built before the search)."""
     return cfg.search.constraint == "latency" or "latency" in cfg.search.limits
@@ -259,8 +266,8 @@ def _cross_check(cfg: Config) -> None:
             if value:
                 raise ConfigError(f"{key}: classification only; model.task is {task}")
     runtime = RUNTIMES[cfg.latency.runtime]
-    if needs_latency(cfg) and runtime.package and importlib.util.find_spec(runtime.name) is None:
-        raise ConfigError(f"latency.runtime: {runtime.name} is not installed; install {runtime.package}")
+    if needs_latency(cfg):
+        check_runtime(cfg)
     if needs_latency(cfg) and runtime.cpu_only and cfg.latency.device != "cpu":
         raise ConfigError(f"latency.runtime: {runtime.name} times on the CPU here; set latency.device: cpu")
     if cfg.finetune.nesterov and cfg.finetune.momentum == 0:

@@ -35,7 +35,7 @@ from prunetune.workers.space import PruningSpace
 from prunetune.workers.splits import splits_of
 from prunetune.workers.tasks import Task, TaskError, resolve_task
 
-from .config import Config, ConfigError, budgets, expand, loader_workers, needs_latency, training_recipe
+from .config import Config, ConfigError, budgets, check_runtime, expand, loader_workers, needs_latency, training_recipe
 from .sampler import StrategySampler
 from .store import sha256
 
@@ -176,6 +176,7 @@ def prepare(cfg: Config, log=None) -> Checked:
         reason = unwritable(expand(path))
         if reason:
             raise ConfigError(f"{field}: cannot write to {expand(path)} ({reason})")
+    check_runtime(cfg)  # the final models are timed in it, whatever the budget: refused now, not after the search
     check_model_name(cfg.model.name)
     task = task_of(cfg)
     data = load_data(**data_kwargs(cfg), num_workers=loader_workers(cfg))

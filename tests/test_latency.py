@@ -289,7 +289,9 @@ def test_a_table_timed_in_an_onnx_runtime_times_layers_networks_and_candidates_t
     assert len(timing._SESSIONS[pruned]) == 1  # eager PyTorch exports nothing
 
 
-def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_anything_is_timed(monkeypatch):
+def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_anything_is_timed(monkeypatch,
+                                                                                                   tmp_path):
+    from prunetune.search.prepare import prepare
     from prunetune.workers import timing
 
     absent = timing.Runtime("nosuchruntime", timing.RUNTIMES["torch"].call, lambda: "0", "No Such", cpu_only=True,
@@ -303,6 +305,10 @@ def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_
     assert load_config(None, ["latency.runtime=nosuchruntime"]).latency.runtime == "nosuchruntime"  # no latency budget
     found = importlib.util.find_spec  # openvino absent, as where only the test extra is installed
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else found(name, *a))
-    with pytest.raises(ConfigError, match=r"^latency.runtime: openvino is not installed; install openvino \(pip "
-                                          r"install 'prunetune\[openvino\]'\)$"):
+    missing = r"^latency.runtime: openvino is not installed; install openvino \(pip install 'prunetune\[openvino\]'\)$"
+    with pytest.raises(ConfigError, match=missing):
         load_config(None, ["latency.runtime=openvino", "search.constraint=latency"])
+    flops = load_config(None, ["latency.runtime=openvino", f"output.dir={tmp_path / 'run'}",
+                               f"output.cache_dir={tmp_path}"])  # a FLOPs budget: the final models are timed in it
+    with pytest.raises(ConfigError, match=missing):
+        prepare(flops)
