@@ -153,7 +153,8 @@ def main() -> None:
             print(table(results[-1:], COLUMNS), flush=True)
         print(table(results, COLUMNS))
         print("saved", save(f"latency-{runtime}", {"threads": args.threads, "strategies": args.strategies,
-                                                   "runtime": runtime, "results": results}))
+                                                   "runtime": runtime, "version": RUNTIMES[runtime].version(),
+                                                   "results": results}))
     if args.smoke:
         report_comparison(args)
 
