@@ -260,10 +260,11 @@ def _cmd_inspect(args) -> int:
     print(verdict.space.describe())
     print(verdict.describe())
     if args.latency:
-        from .prepare import attach_latency
+        from .prepare import attach_latency, where_time_goes
 
         attach_latency(cfg, model, verdict.space)
         print(verdict.space.latency.describe(verdict.space))
+        print(where_time_goes(cfg, verdict.space))
     return 0
 
 
@@ -391,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-classes", type=int, default=10)
     i.add_argument("--round-to", type=int, default=1)
     i.add_argument("--latency", action="store_true", help="build (or load from the cache) the latency table on "
-                   "latency.device and show each group's share of the latency")
+                   "latency.device and show each group's share of the latency, then each layer's latency before and "
+                   "after pruning at the target and the layers whose channel counts cost speed")
     i.set_defaults(fn=_cmd_inspect)
 
     s = sub.add_parser("submit", help="submit a search to a Ray cluster as a Ray Job")

@@ -155,7 +155,7 @@ class FinetuneConfig(Section):
 
 class LatencyConfig(Section):
     device: Annotated[str, Choice(("cpu", "cuda"))] = "cpu"  # where latency is timed
-    # what it is timed in: eager PyTorch, or ONNX Runtime (the model exported to ONNX, as it will be deployed)
+    # what it is timed in: eager PyTorch, or ONNX Runtime or OpenVINO (exported to ONNX, as it will be deployed)
     runtime: Annotated[str, Choice(RUNTIMES)] = "torch"
     batch_size: int = Field(1, ge=1)  # the latency budget's batch
     throughput_batch_size: int = Field(32, ge=1)  # the report's second figure
@@ -255,6 +255,13 @@ def training_recipe(cfg: Config) -> FinetuneConfig:
     return cfg.finetune.model_copy(update={"lr": cfg.model.pretrain_lr, "warmup_epochs": 1.0})
 
 
+def check_runtime(cfg: Config) -> None:
+    """ConfigError naming the extra to install if latency.runtime does not import here."""
+    runtime = RUNTIMES[cfg.latency.runtime]
+    if runtime.package and importlib.util.find_spec(runtime.name) is None:
+        raise ConfigError(f"latency.runtime: {runtime.name} is not installed; install {runtime.package}")
+
+
 def needs_latency(cfg: Config) -> bool:
     """True when a budget of the search names latency (the latency table is built before the search)."""
     return cfg.search.constraint == "latency" or "latency" in cfg.search.limits
@@ -284,8 +291,8 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError(f"evaluation.metric: task {task} gives no held-out loss; allowed: accuracy (its "
                           f"{TASKS[task].metric})")
     runtime = RUNTIMES[cfg.latency.runtime]
-    if needs_latency(cfg) and runtime.package and importlib.util.find_spec(runtime.name) is None:
-        raise ConfigError(f"latency.runtime: {runtime.name} is not installed; install {runtime.package}")
+    if needs_latency(cfg):
+        check_runtime(cfg)
     if needs_latency(cfg) and runtime.cpu_only and cfg.latency.device != "cpu":
         raise ConfigError(f"latency.runtime: {runtime.name} times on the CPU here; set latency.device: cpu")
     if cfg.finetune.nesterov and cfg.finetune.momentum == 0:

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,7 +24,7 @@ from prunetune.workers.finetune import finetune
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.methods import METHODS
 from prunetune.workers import logs
-from prunetune.workers.latency import load_or_build
+from prunetune.workers.latency import describe_costs, load_or_build, where_time_went
 from prunetune.workers.logs import LineStream
 from prunetune.workers.models import ModelError, build_model, check_model_name, load_checkpoint, nonfinite, \
     read_state_dict
@@ -34,7 +35,7 @@ from prunetune.workers.space import PruningSpace
 from prunetune.workers.splits import splits_of
 from prunetune.workers.tasks import Task, TaskError, resolve_task
 
-from .config import Config, ConfigError, budgets, expand, loader_workers, needs_latency, training_recipe
+from .config import Config, ConfigError, budgets, check_runtime, expand, loader_workers, needs_latency, training_recipe
 from .sampler import StrategySampler
 from .store import sha256
 
@@ -119,6 +120,24 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
           file=log or LineStream(), flush=True)
 
 
+def where_time_goes(cfg: Config, space: PruningSpace) -> str:
+    """`inspect --latency`'s per-layer table: the latency of each layer before and after pruning at the configured
+    target (the uniform strategy, or the search's first draw where no single ratio lands in the band), as the
+    space's latency table predicts it, and the layers whose channel counts cost speed."""
+    from .baselines import uniform
+
+    sampler, table = make_sampler(cfg, space), space.latency
+    ratios = uniform(sampler)
+    which = f"the uniform strategy (ratio {ratios[0]:.3f} in every group)" if ratios else "the search's first draw"
+    kept = space.kept_batch(np.asarray(ratios or sampler.sample(0), dtype=np.float64)[None])
+    full = space.kept_batch(np.zeros((1, len(space.groups))))
+    s = cfg.search
+    return (f"where the time goes at search.target={s.target:g} ({s.constraint}): {which}, "
+            f"{100 * CONSTRAINTS['flops'].fraction(space, kept)[0]:.1f}% of the FLOPs, "
+            f"{100 * table.predict(space, kept)[0] / table.predict(space, full)[0]:.1f}% of the base's predicted "
+            f"latency\n{describe_costs(where_time_went(table, space, kept[0]), table.multiple)}")
+
+
 def task_of(cfg: Config) -> Task:
     """model.task's Task (ConfigError naming the field if it names none)."""
     try:
@@ -157,6 +176,7 @@ def prepare(cfg: Config, log=None) -> Checked:
         reason = unwritable(expand(path))
         if reason:
             raise ConfigError(f"{field}: cannot write to {expand(path)} ({reason})")
+    check_runtime(cfg)  # the final models are timed in it, whatever the budget: refused now, not after the search
     check_model_name(cfg.model.name)
     task = task_of(cfg)
     untrainable = task.cannot_train()  # a run trains: fine-tuning always, the base model without a checkpoint

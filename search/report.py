@@ -10,7 +10,7 @@ from prunetune.workers.latency import LayerCost, describe_costs
 from prunetune.workers.methods import METHODS
 from prunetune.workers.record import CandidateRecord, best
 from prunetune.workers.tasks import short_name
-from prunetune.workers.timing import UNSTABLE_SPREAD
+from prunetune.workers.timing import RUNTIMES, UNSTABLE_SPREAD
 
 from .baselines import BASELINES
 from .rundir import RunDir
@@ -422,8 +422,8 @@ def front_section(run: RunDir, summary: dict) -> list[str]:
 
 def _runtime(summary: dict) -> str:
     """The runtime the latency figures were timed in, as the report names it."""
-    return {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}.get(summary["latency"].get("runtime", "torch"),
-                                                                   summary["latency"].get("runtime"))
+    name = summary["latency"].get("runtime", "torch")
+    return RUNTIMES[name].title if name in RUNTIMES else name
 
 
 def time_went(summary: dict) -> list[str]:
