@@ -14,6 +14,7 @@ from PIL import Image
 from prunetune import load_config
 from prunetune.search.cli import main
 from prunetune.search.rundir import RunDir
+from prunetune.search.runfiles import StoredParts
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import CandidateRecord
 from tests.bad_values import BAD_INPUTS
@@ -92,7 +93,7 @@ def _finished_looking_run(tmp_path) -> RunDir:
     run = RunDir(str(tmp_path / "run"))
     run.create(load_config(None, [f"output.dir={run.path}"]), overwrite=False)
     part = CandidateStore(run.path).append([CandidateRecord(0, [0.1] * 4, score=0.5, flops=1, params=1)])
-    run.update(candidates={"rows": 1, "parts": {os.path.basename(part): "x"}}, stage="done")
+    run.update(candidates=StoredParts(rows=1, parts={os.path.basename(part): "x"}), stage="done")
     run.record("leaderboard.json", "report.md", "report.png", "final/rank1.pt", "final/summary.json", "tune/search")
     for name in ("leaderboard.json", "report.md", "report.png"):
         (tmp_path / "run" / name).write_text("written by the run")
