@@ -26,7 +26,7 @@ from .artifacts import load_pruned
 from .config import ConfigError
 from .prepare import data_kwargs
 from .rundir import RunDir
-from .runfiles import Export, ModelRecord, read_exports, write_exports
+from .runfiles import Export, ModelRecord, read_exports, write
 from .store import sha256
 
 
@@ -58,7 +58,7 @@ def record_export(run: RunDir, path: str, fmt: str, rank: int) -> None:
     exports = read_exports(run.path)
     exports.files[_key(run, path)] = Export(run_id=run.manifest().run_id or None, sha256=sha256(path), format=fmt,
                                             rank=rank, written=time.time())
-    write_exports(run.path, exports)
+    write(run.path, exports)
 
 
 def _destination(run: RunDir, source: str, rank: int, suffix: str, to: str | None) -> str:

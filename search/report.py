@@ -12,7 +12,7 @@ from prunetune.workers.timing import UNSTABLE_SPREAD
 
 from .baselines import BASELINES
 from .rundir import RunDir
-from .runfiles import FinalModel, Summary, Timings, read_summary, summary_path, write_summary
+from .runfiles import FinalModel, Summary, Timings, read_summary, summary_path, write
 from .store import CandidateStore
 
 
@@ -317,7 +317,7 @@ def time_went(summary: Summary) -> list[str]:
 def write_report(run: RunDir, summary: Summary, records: list[CandidateRecord]) -> str:
     """Write the summary, report.png (report-gamma.png) and report.md; return the report path."""
     _, png, *gamma, path = report_files(run, summary)
-    write_summary(run.path, summary)
+    write(run.path, summary)
     _plot(png, records, summary)
     if gamma and summary.sparsity:
         _plot_gammas(gamma[0], summary.sparsity)

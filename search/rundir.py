@@ -14,7 +14,7 @@ import uuid
 from prunetune.workers.errors import BadInput
 
 from .config import Config, ConfigError, load_config, resumable, save_config
-from .runfiles import MANIFEST, SUMMARY, Manifest, manifest_path, read_manifest, write_manifest
+from .runfiles import MANIFEST, SUMMARY, Manifest, manifest_path, read_manifest, write
 from .store import PART_NAME
 
 
@@ -61,7 +61,7 @@ class RunDir:
     def update(self, **fields) -> Manifest:
         """Set fields of the manifest (atomic, durable write)."""
         manifest = dataclasses.replace(self.manifest(), **fields, updated=time.time())
-        write_manifest(self.path, manifest)
+        write(self.path, manifest)
         return manifest
 
     def load_config(self) -> Config:

@@ -33,7 +33,7 @@ class RunFile:
     """A typed JSON record: `to_json` writes its fields, `from_json` builds it from what `to_json` (or version 1)
     wrote; a required field missing is a ConfigError naming the file and the field."""
 
-    name: ClassVar[str] = "run file"  # how errors name the file
+    name: ClassVar[str] = "run file"  # how errors name the file (the run files' path in the run directory)
 
     def to_json(self) -> dict[str, Any]:
         """The record as JSON-ready dicts and lists."""
@@ -296,7 +296,7 @@ class LatencyInfo:
 class Summary(RunFile):
     """A finished run's figures: the base, the final models in the recommended order, how they were found."""
 
-    name: ClassVar[str] = "final/summary.json"
+    name: ClassVar[str] = SUMMARY
     schema_version: int = SCHEMA_VERSION  # 1 where absent: the layout before these types
     base: BaseFigures  # the unpruned model
     input: dict[str, Any] | None  # the input contract (None: a factory's data)
@@ -341,11 +341,6 @@ def read_summary(run_path: str) -> Summary | None:
         return Summary.from_json(_load(f, path))
 
 
-def write_summary(run_path: str, summary: Summary) -> None:
-    """Write the run's summary (atomic, durable)."""
-    write_json(summary_path(run_path), summary.to_json(), durable=True)
-
-
 def _load(f: typing.TextIO, path: str) -> Any:
     try:
         return json.load(f)
@@ -367,7 +362,7 @@ class StoredParts:
 class Manifest(RunFile):
     """A run's bookkeeping: which run it is, its stage, what it wrote, its stored candidates."""
 
-    name: ClassVar[str] = "manifest.json"
+    name: ClassVar[str] = MANIFEST
     schema_version: int = SCHEMA_VERSION  # 1 where absent: the layout before these types
     run_id: str = ""  # the run's identity (exports name it)
     config_hash: str = ""  # hash of the config keys a resume may not change
@@ -401,11 +396,6 @@ def read_manifest(run_path: str) -> Manifest | None:
     return Manifest.from_json(data)
 
 
-def write_manifest(run_path: str, manifest: Manifest) -> None:
-    """Write the run's manifest (atomic, durable)."""
-    write_json(manifest_path(run_path), manifest.to_json(), durable=True)
-
-
 # --- exports.json ---
 
 @dataclass(kw_only=True)
@@ -423,7 +413,7 @@ class Export:
 class Exports(RunFile):
     """What `prunetune export` of the run wrote (not the run's own files): an export replaces only these."""
 
-    name: ClassVar[str] = "exports.json"
+    name: ClassVar[str] = EXPORTS
     schema_version: int = SCHEMA_VERSION  # 1 where absent: the layout before these types
     files: dict[str, Export] = field(default_factory=dict)  # path relative to the run directory -> the export
 
@@ -444,9 +434,9 @@ def read_exports(run_path: str) -> Exports:
         return Exports()
 
 
-def write_exports(run_path: str, exports: Exports) -> None:
-    """Write the run's export record (atomic, durable)."""
-    write_json(os.path.join(run_path, EXPORTS), exports.to_json(), durable=True)
+def write(run_path: str, record: Summary | Manifest | Exports) -> None:
+    """Write a run file into the run directory (atomic, durable): its summary, manifest or export record."""
+    write_json(os.path.join(run_path, record.name), record.to_json(), durable=True)
 
 
 RUN_FILES: dict[str, type[RunFile]] = {  # every run file's type, for the reference page

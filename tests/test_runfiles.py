@@ -14,7 +14,7 @@ from prunetune.search.cli import main
 from prunetune.search.config_file import ConfigError
 from prunetune.search.rundir import RunDir
 from prunetune.search.runfiles import (SCHEMA_VERSION, Exports, Int8, Manifest, OnnxFigures, Summary, read_exports,
-                                       read_manifest, read_summary, write_exports, write_manifest, write_summary)
+                                       read_manifest, read_summary, write)
 from tests.summaries import final_model, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,19 +74,19 @@ def test_a_summary_from_before_schema_versions_reads_with_the_metric_as_a_field(
 
 def test_what_this_prunetune_writes_reads_back_equal(old_run, tmp_path):
     old = read_summary(str(old_run))
-    write_summary(str(tmp_path), old)
+    write(str(tmp_path), old)
     assert json.load(open(tmp_path / "final" / "summary.json"))["schema_version"] == SCHEMA_VERSION
     assert read_summary(str(tmp_path)) == old
     quantized = summary([final_model(int8=Int8(test_accuracy=0.9, size_mb=0.1, latency_ms_batch1=0.2, written=True,
                                                fp32=OnnxFigures(test_accuracy=0.91, size_mb=0.3, latency_ms_batch1=0.4),
                                                accuracy_drop_points=1.0, path="x.onnx"))])
-    write_summary(str(tmp_path), quantized)
+    write(str(tmp_path), quantized)
     assert read_summary(str(tmp_path)) == quantized
     manifest = read_manifest(str(old_run))
-    write_manifest(str(tmp_path), manifest)
+    write(str(tmp_path), manifest)
     assert read_manifest(str(tmp_path)) == manifest and isinstance(manifest, Manifest)
     exports = read_exports(str(old_run))
-    write_exports(str(tmp_path), exports)
+    write(str(tmp_path), exports)
     assert read_exports(str(tmp_path)) == exports and isinstance(exports, Exports)
     model, record, figures = load_pruned(str(old_run / "final" / "rank1.pt"), raw_input=False)
     assert figures == dataclasses.replace(old.final[0], size_mb=None)  # the file holds what the summary says
