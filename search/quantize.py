@@ -27,7 +27,7 @@ from .export import _destination, record_export, write_onnx
 from .prepare import data_kwargs
 from .report import write_report
 from .rundir import RunDir
-from .runfiles import Int8, OnnxFigures, read_summary
+from .runfiles import Int8, OnnxFigures, read_summary, summary_path
 from .store import CandidateStore
 
 
@@ -96,8 +96,7 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
             from None
     run = RunDir(output_dir)
     source = os.path.join(run.final_path, f"rank{rank}.pt")
-    summary = read_summary(run.path)
-    if not os.path.isfile(source) or summary is None:
+    if not os.path.isfile(source) or not os.path.isfile(summary_path(run.path)):
         raise ConfigError(f"--rank: {source} does not exist (has the run finished? see `prunetune report`)")
     path = _destination(run, source, rank, ".int8.onnx", destination)
     model, record, _ = load_pruned(source)
@@ -128,11 +127,13 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
             record_export(run, path, "int8", rank)
     figures.update(accuracy_drop_points=drop, max_drop_points=max_drop, written=written,
                    path=path if written else None, calibration_images=len(calibration))
-    for entry in summary.final:
-        if entry.rank == rank:
-            entry.int8 = Int8(**figures["int8"], fp32=OnnxFigures(**figures["fp32"]), written=written,
-                              accuracy_drop_points=drop, path=figures["path"])
-    write_report(run, summary, CandidateStore(run.path).records())
+    summary = read_summary(run.path)
+    if summary is not None:  # None only if it was removed meanwhile: then there is no report to add them to
+        for entry in summary.final:
+            if entry.rank == rank:
+                entry.int8 = Int8(**figures["int8"], fp32=OnnxFigures(**figures["fp32"]), written=written,
+                                  accuracy_drop_points=drop, path=figures["path"])
+        write_report(run, summary, CandidateStore(run.path).records())
     return (path if written else None), figures
 
 
