@@ -1,14 +1,17 @@
 """The documentation's generated pages, built from the code and the committed bench results at `mkdocs build` time
-(a hook in mkdocs.yml): the CLI from the argument parser, the config from the pydantic models, the Python API from
-`prunetune.__all__`, one page per `bench/results/*.json`. Nothing here is written into the source tree."""
+(a hook in mkdocs.yml): the CLI from the argument parser, the config from the pydantic models, the run files from
+their dataclasses, the Python API from `prunetune.__all__`, one page per `bench/results/*.json`. Nothing here is
+written into the source tree."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import inspect
 import json
 import os
 import re
+import typing
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -20,9 +23,10 @@ _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's a
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """field name -> the comment written beside it in the source of the class (or of the class it extends)."""
+    """field name -> the comment written beside it in the source of the class (or of the classes it extends)."""
     found = {}
-    for klass in reversed([k for k in cls.__mro__ if issubclass(k, BaseModel) and k.__module__ != "pydantic.main"]):
+    own = [k for k in cls.__mro__ if k.__module__ not in ("pydantic.main", "builtins") and k is not BaseModel]
+    for klass in reversed(own):
         for line in inspect.getsource(klass).splitlines():
             m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
             if m:
@@ -74,6 +78,36 @@ def config_page(config_cls: type[BaseModel]) -> str:
                                                                   default=str), limits,
                          f.description or notes.get(name, "")])
         out.append(_table(["key", "type", "default", "limits", "what it is"], rows))
+    return "\n".join(out)
+
+
+def _dataclass_rows(cls: type, prefix: str, seen: set) -> list[tuple[str, list[list[object]]]]:
+    """A dataclass's fields as table rows (name, type, what it is), then those of the dataclasses it holds."""
+    hints, notes = typing.get_type_hints(cls), _comments(cls)
+    rows, nested = [], []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        rows.append([f"`{prefix}{f.name}`", re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", _type_name(hint)),
+                     notes.get(f.name, "")])
+        for inner in [hint, *typing.get_args(hint)]:
+            if dataclasses.is_dataclass(inner) and inner not in seen:
+                seen.add(inner)
+                key = f"{prefix}{f.name}{'[]' if typing.get_origin(hint) is list else ''}."
+                nested += _dataclass_rows(inner, key, seen)
+    return [(f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}", rows), *nested]
+
+
+def runfiles_page(files: dict[str, type]) -> str:
+    """The run files reference: each file's fields, with type and the note beside the field, nested records after."""
+    from prunetune.search import runfiles
+
+    out = ["# Run files\n", f"Generated from the dataclasses in `search/runfiles.py` at build time. "
+           f"{runfiles.__doc__.split(chr(10) + chr(10))[1].strip()} This prunetune writes schema_version "
+           f"{runfiles.SCHEMA_VERSION}.\n"]
+    for path, cls in files.items():
+        out.append(f"## `{path}`\n")
+        for title, rows in _dataclass_rows(cls, "", {cls}):
+            out += [f"{title}\n", _table(["field", "type", "what it is"], rows)]
     return "\n".join(out)
 
 
@@ -269,8 +303,10 @@ def pages() -> dict[str, str]:
     import prunetune.workers
     from prunetune.search.cli import build_parser
     from prunetune.search.config import Config
+    from prunetune.search.runfiles import RUN_FILES
 
     out = {"reference/config.md": config_page(Config), "reference/cli.md": cli_page(build_parser()),
+           "reference/run-files.md": runfiles_page(RUN_FILES),
            "reference/api.md": api_page(prunetune),
            "reference/error-classes.md": errors_page([prunetune.search, prunetune.workers]),
            "reference/refused-values.md": refusals_page(_catalog("BAD_VALUES"))}

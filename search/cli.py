@@ -134,11 +134,12 @@ def _cmd_resume(args) -> int:
     from .driver import launch
     from .prepare import prepare, warn
     from .rundir import RunDir, config_hash
+    from .runfiles import MANIFEST
     from .store import CandidateStore
 
     run = RunDir(args.output)
     if not run.exists():
-        raise ConfigError(f"output: {run.path} holds no prunetune run to resume (no manifest.json)")
+        raise ConfigError(f"output: {run.path} holds no prunetune run to resume (no {MANIFEST})")
     manifest = run.manifest()
     run.check_free()
     for override in args.set:
@@ -151,13 +152,13 @@ def _cmd_resume(args) -> int:
         raise ConfigError(f"--config: {args.config} does not match the run in {run.path}; "
                           "resume it without --config, or start a new run")
     check_address(args.address or cfg.ray.address)
-    lost = CandidateStore(run.path).verify(manifest.get("candidates", {}))
+    lost = CandidateStore(run.path).verify(manifest.candidates)
     for problem in lost:
         warn(f"{problem}; its candidates are evaluated again (and the finalists chosen anew)")
-    if manifest.get("stage") == "done" and not lost:
+    if manifest.stage == "done" and not lost:
         print(f"{run.path}: the run is already complete")
         return 0
-    print(f"resuming {run.path} at stage '{'search' if lost else manifest.get('stage')}'", flush=True)
+    print(f"resuming {run.path} at stage '{'search' if lost else manifest.stage}'", flush=True)
     with never_silent():
         summary = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=True))
     _print_done(run, summary)
@@ -185,30 +186,29 @@ def _cmd_finetune(args) -> int:
     check_address(args.address or cfg.ray.address)
     figures = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=True,
                                           body=lambda prep, run, restore: refinetune(prep, run, record)))
-    metric = next(k[5:] for k in figures if k.startswith("test_"))
-    print(f"\ncandidate {args.candidate} fine-tuned for {figures['epochs']} epochs: test {metric} "
-          f"{100 * figures[f'test_{metric}']:.2f}% (val {100 * figures[f'val_{metric}']:.2f}%): {figures['path']}")
+    print(f"\ncandidate {args.candidate} fine-tuned for {figures.epochs} epochs: test {figures.metric} "
+          f"{100 * figures.test:.2f}% (val {100 * figures.val:.2f}%): {figures.path}")
     return 0
 
 
-def _print_done(run, summary: dict) -> None:
-    from .report import finals_lines, front_lines, kept, metric_of
+def _print_done(run, summary) -> None:
+    from .report import finals_lines, front_lines, kept
 
-    best, base, metric = summary["final"][0], summary["base"], metric_of(summary)
-    latency = (f", {100 * best['latency_predicted_ms'] / base['latency_predicted_ms']:.1f}% of its predicted latency"
-               if best.get("latency_predicted_ms") and base.get("latency_predicted_ms") else "")
-    print(f"\nbest model: {best['path']} (candidate {best['candidate']}, {kept(best)}): test {metric} "
-          f"{100 * best[f'test_{metric}']:.2f}% at {100 * best['flops_ratio']:.1f}% of base FLOPs{latency} "
-          f"(base {100 * base[f'test_{metric}']:.2f}%)")
+    best, base, metric = summary.final[0], summary.base, summary.metric
+    latency = (f", {100 * best.latency_predicted_ms / base.latency_predicted_ms:.1f}% of its predicted latency"
+               if best.latency_predicted_ms and base.latency_predicted_ms else "")
+    print(f"\nbest model: {best.path} (candidate {best.candidate}, {kept(best)}): test {metric} "
+          f"{100 * best.test:.2f}% at {100 * best.flops_ratio:.1f}% of base FLOPs{latency} "
+          f"(base {100 * base.test:.2f}%)")
     print("final models:\n" + "\n".join(finals_lines(summary)))
-    if summary.get("front"):
+    if summary.front:
         print("front (held-out score before fine-tuning):\n" + "\n".join(front_lines(summary)))
     print(f"report: {os.path.join(run.path, 'report.md')}")
     out = shlex.quote(run.path)
     steps = [(f"prunetune report {out}", "the tables again, in the terminal"),
              (f"prunetune export {out} --rank 1 --format onnx", "the best model for deployment (or torchscript)"),
              (f"prunetune export {out} --test-split DIR", "the test images, to check a model yourself")]
-    if summary.get("front"):
+    if summary.front:
         steps.insert(2, (f"prunetune export {out} --point K", "the model of the front's point K (or --budget X)"))
     width = max(len(command) for command, _ in steps)
     print("what next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
@@ -316,19 +316,16 @@ def _cmd_report(args) -> int:
 
 def _front_rank(args) -> int:
     """The final model rank to export: --rank, or the rank of the front point --point or --budget names."""
-    import json
-
     from .front import point_rank
+    from .runfiles import read_summary
 
     if args.point is None and args.budget is None:
         return args.rank
-    path = os.path.join(_run_dir(args.output).final_path, "summary.json")
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        raise ConfigError(f"{'--point' if args.point is not None else '--budget'}: {path} cannot be read (has the "
-                          "run finished? see `prunetune report`)") from None
+    run = _run_dir(args.output)
+    summary = read_summary(run.path)
+    if summary is None:
+        raise ConfigError(f"{'--point' if args.point is not None else '--budget'}: {run.final_path} has no summary "
+                          "(has the run finished? see `prunetune report`)")
     return point_rank(summary, args.point, args.budget)
 
 

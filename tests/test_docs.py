@@ -198,3 +198,20 @@ def test_the_errors_page_shows_the_bad_input_catalogs_the_tests_run():
         for what, overrides, fragment in getattr(catalog, name):
             assert f"| {what} | {' '.join(f'`--set {o}`' for o in overrides)} | `{fragment}` |" in table
             assert f"`{fragment}" not in typed, fragment  # shown once, from the catalog, not typed again beside it
+
+
+def test_the_run_files_page_follows_the_dataclasses():
+    import dataclasses
+
+    from prunetune.search.runfiles import RUN_FILES, Summary
+
+    page = _gen().runfiles_page(RUN_FILES)
+    assert all(f"## `{path}`" in page for path in RUN_FILES)
+    assert "| `final[].int8.fp32.test_accuracy` | float |" in page  # nested records, each field with its type
+    assert "| `final[].val` | float \\| None | `metric` on the validation split, the kept epoch |" in page
+
+    @dataclasses.dataclass(kw_only=True)
+    class Patched(Summary):
+        budget_front: list[float]  # a field added later
+
+    assert "| `budget_front` | list[float] | a field added later |" in _gen().runfiles_page({"s.json": Patched})

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prunetune.search.baselines import BASELINES
+from prunetune.search.runfiles import read_manifest, read_summary
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
 from tests.faults import ROOT, UNCOMMITTED, sigint_as_in_a_terminal
@@ -70,12 +71,11 @@ def _assert_same_result(run, reference):
     for i in ours:
         assert ours[i].ratios == theirs[i].ratios and ours[i].flops == theirs[i].flops
         assert abs(ours[i].score - theirs[i].score) < 1e-9 and abs(ours[i].loss - theirs[i].loss) < 1e-6
-    final = json.load(open(run / "final" / "summary.json"))["final"]
-    expected = json.load(open(reference / "final" / "summary.json"))["final"]
-    assert [f["candidate"] for f in final] == [f["candidate"] for f in expected]
-    assert all(f["epochs"] == 3 for f in final)
+    final, expected = read_summary(str(run)).final, read_summary(str(reference)).final
+    assert [f.candidate for f in final] == [f.candidate for f in expected]
+    assert all(f.epochs == 3 for f in final)
     for a, b in zip(final, expected):
-        assert abs(a["val_accuracy"] - b["val_accuracy"]) < 1e-9 and abs(a["test_accuracy"] - b["test_accuracy"]) < 1e-9
+        assert abs(a.val - b.val) < 1e-9 and abs(a.test - b.test) < 1e-9
     assert not (run / "run.lock").exists()
 
 
@@ -213,8 +213,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_resume_completes_it(refer
     assert ("output.dir: no space left on " in log
             and f"MB free); free space and continue with `prunetune resume {run}`" in log), log[-3000:]
     assert "Traceback" not in log and "Errno 28" not in log, log[-3000:]
-    manifest = json.load(open(run / "manifest.json"))
-    assert manifest["stage"] == "search" and CandidateStore(str(run)).verify(manifest["candidates"]) == []
+    manifest = read_manifest(str(run))
+    assert manifest.stage == "search" and CandidateStore(str(run)).verify(manifest.candidates) == []
     assert 3 <= len(CandidateStore(str(run)).indices()) < N
     assert not [*run.glob(".*.tmp"), *(run / "candidates.parquet").glob(".*.tmp")]  # no half-written file left
     full.unlink()
