@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence, TextIO
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,9 +23,11 @@ from .logs import LineStream
 from .progress import due, duration
 from .scoring import precision, score
 from .selection import best_trained, kept_epoch, margin
+from .settings import FinetuneSettings
 from .tasks import CLASSIFICATION, Task, short_name
 
 EpochCallback = Callable[[int, dict, str | None], None]
+Indices = Sequence[int] | np.ndarray | torch.Tensor  # images of a split, by index
 CHECKPOINT_NAME = "finetune.pt"  # the checkpoint file finetune() writes (inside a Tune checkpoint directory too)
 BAR_EVERY_S = 0.5  # a terminal's progress line inside an epoch is redrawn at most this often
 
@@ -110,34 +114,51 @@ def _with_best(metrics: dict, history: list[dict], best: int, metric: str) -> di
             f"best_test_{metric}": history[best][f"test_{metric}"], f"start_val_{metric}": history[0][f"val_{metric}"]}
 
 
-def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device = "cpu",
-             checkpoint_path: str | None = None, teacher: nn.Module | None = None,
-             on_epoch: EpochCallback | None = None, epochs: int | None = None,
-             train_indices=None, val_indices=None, log=None, after_backward: Callable[[], None] | None = None,
-             stage: str = "fine-tuning", num_workers: int = 0, data_parallel: bool = False,
-             task: Task = CLASSIFICATION) -> dict:
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """The circumstances of one training beside its recipe: where it runs, on which images, what it resumes from,
+    what it learns from and whom it tells."""
+
+    device: str | torch.device = "cpu"
+    train_indices: Indices | None = None  # part of the training split (None: all of it)
+    val_indices: Indices | None = None  # images of the training split to validate on (None: no validation)
+    checkpoint_path: str | None = None  # written every epoch, resumed from when it exists
+    teacher: nn.Module | None = None  # distilled from (with the recipe's distill_weight)
+    stage: str = "fine-tuning"  # what the progress lines call it
+    task: Task = CLASSIFICATION
+    num_workers: int = 0  # processes reading training images (datasets not held in memory)
+    data_parallel: bool = False  # torch.distributed is initialized: train through DistributedDataParallel
+    log: TextIO | None = None  # progress lines (None: the prunetune logger)
+    on_epoch: EpochCallback | None = None  # after each epoch's checkpoint
+    after_backward: Callable[[], None] | None = None  # after every backward pass
+
+
+def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
+             options: FinetuneOptions = FinetuneOptions()) -> dict:
     """Train `model` on the training split, test every epoch, checkpoint every epoch; resumes from the checkpoint.
 
-    cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
-    label_smoothing, distill_weight, distill_temperature, amp, channels_last, seed). `train_indices` limits
-    training to part of the training split. With `val_indices` (images of the training split that `model` was not
-    trained on, e.g. the finalists' validation split) the model is validated before the first epoch (epoch 0) and
-    after each, and `model` ends with the kept epoch's weights: the best fine-tuned epoch, unless epoch 0 is better
-    than it by more than the margin on len(val_indices) images (selection.kept_epoch).
-    `after_backward()` runs after every backward pass (sparsity training adds its L1 subgradients there);
-    `num_workers` processes read the training images (datasets not held in memory). `on_epoch(epoch, metrics,
-    checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports from there; raising stops the
-    run). Progress lines name `stage`. With `data_parallel` (torch.distributed initialized, as a Ray Train worker's
-    is) the model trains through DistributedDataParallel: each process reads its rank's share of every epoch's
-    shuffled order (as DistributedSampler does; batch_size stays the global batch) and only rank 0 writes the
-    checkpoint. A non-finite loss or weight raises TrainingDiverged. `task` gives the loss, the output to train
-    and the validation metric (METRIC in the figures' names val_METRIC, test_METRIC: accuracy by default). Returns
-    the kept epoch's metrics (with best_* fields when validating) plus the per-epoch history.
+    `settings` is the recipe (epochs, batch size, SGD, schedule, label smoothing, distillation, precision, seed),
+    `options` the rest. `options.train_indices` limits training to part of the training split. With
+    `options.val_indices` (images of the training split that `model` was not trained on, e.g. the finalists'
+    validation split) the model is validated before the first epoch (epoch 0) and after each, and `model` ends with
+    the kept epoch's weights: the best fine-tuned epoch, unless epoch 0 is better than it by more than the margin on
+    len(val_indices) images (selection.kept_epoch). `after_backward()` runs after every backward pass (sparsity
+    training adds its L1 subgradients there). `on_epoch(epoch, metrics, checkpoint_path)` runs after each epoch's
+    checkpoint is written (Tune reports from there; raising stops the run). Progress lines name `stage`. With
+    `data_parallel` (torch.distributed initialized, as a Ray Train worker's is) the model trains through
+    DistributedDataParallel: each process reads its rank's share of every epoch's shuffled order (as
+    DistributedSampler does; batch_size stays the global batch) and only rank 0 writes the checkpoint. A non-finite
+    loss or weight raises TrainingDiverged. `task` gives the loss, the output to train and the validation metric
+    (METRIC in the figures' names val_METRIC, test_METRIC: accuracy by default). Returns the kept epoch's metrics
+    (with best_* fields when validating) plus the per-epoch history.
     """
-    log = log or LineStream()
+    cfg, o = settings, options
+    checkpoint_path, teacher, task, stage = o.checkpoint_path, o.teacher, o.task, o.stage
+    train_indices, val_indices, num_workers = o.train_indices, o.val_indices, o.num_workers
+    log = o.log or LineStream()
     metric = task.metric
-    device = torch.device(device)
-    epochs = cfg.epochs if epochs is None else epochs
+    device = torch.device(o.device)
+    epochs = cfg.epochs
     autocast, channels_last = precision(cfg, device)
     model.to(device)
     if channels_last:
@@ -145,10 +166,10 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
     pool = torch.arange(len(data.train_augmented)) if train_indices is None else torch.as_tensor(train_indices)
     n = len(pool)
     steps_per_epoch = max(1, n // cfg.batch_size)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if data_parallel else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if o.data_parallel else (0, 1)
     batch_size = max(1, cfg.batch_size // world)  # per process
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if data_parallel else model
+        if o.data_parallel else model
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -203,8 +224,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                                        "holds non-finite values; nothing of it was kept")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if after_backward is not None:
-                after_backward()
+            if o.after_backward is not None:
+                o.after_backward()
             optimizer.step()
             scheduler.step()
             loss_sum += value * len(x)
@@ -237,8 +258,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             atomic_write(checkpoint_path, lambda tmp, state=state: torch.save(state, tmp), durable=True)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics, checkpoint_path)
+        if o.on_epoch is not None:
+            o.on_epoch(epoch, metrics, checkpoint_path)
     if start_state is not None:
         model.load_state_dict(trained_state if best else start_state)
         print(_kept_line(stage, history, best, task, len(val_indices)), file=log, flush=True)

@@ -10,19 +10,19 @@ per kept stripe and output pixel), which is what the space predicts.
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..finetune import finetune
+from ..data import DataBundle
+from ..finetune import FinetuneOptions, finetune
 from ..layers import weight_of
-from ..preflight import Verdict
+from ..preflight import PreflightOptions, Verdict
 from ..space import PruningSpace
-from ..sparsity import add_l1_subgradient
-from ..tasks import CLASSIFICATION, Task
+from ..settings import FinetuneSettings
+from ..sparsity import sparsity_options
 from .protocol import SparsityTraining, as_deployed, as_stored, plain_state
 from .units import UnitPlan, fvcore_counts, layer_importance, linear_space, prove
 
@@ -103,11 +103,11 @@ def _stripe_conv(pruned: nn.Module, base: nn.Module, name: str, kept: torch.Tens
     setattr(pruned.get_submodule(owner) if owner else pruned, attr, StripeConv2d(base.get_submodule(name), kept))
 
 
-def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, device="cpu", checkpoint_path=None,
-                   log=None, train_indices=None) -> None:
+def skeleton_train(model: nn.Module, data: DataBundle, settings: FinetuneSettings, strength: float,
+                   options: FinetuneOptions | None = None) -> None:
     """Filter Skeleton training: learn one scale per stripe (initialised to 1, L1-penalised) multiplied onto
-    every k x k conv's weight, then fold the scales into the weights (in place; on part of the training split if
-    `train_indices`)."""
+    every k x k conv's weight, then fold the scales into the weights (in place; on options.train_indices of the
+    training split if given)."""
     from torch.nn.utils import parametrize
 
     class Skeleton(nn.Module):
@@ -123,8 +123,7 @@ def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, de
         parametrize.register_parametrization(conv, "weight", Skeleton(conv))
     scales = [c.parametrizations.weight[0].scale for c in convs]
     try:
-        finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log, train_indices=train_indices,
-                 after_backward=lambda: add_l1_subgradient(scales, strength), stage="sparsity training")
+        finetune(model, data, settings, sparsity_options(options or FinetuneOptions(), scales, strength))
     finally:
         for conv in convs:
             parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
@@ -145,13 +144,10 @@ class Stripe:
     space = staticmethod(stripe_space)
     importance = staticmethod(stripe_importance)
 
-    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
-                  first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-                  ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
+    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, options: PreflightOptions) -> Verdict:
         """Build the space and prove it: the pruned networks run, have the right output width, and fvcore's FLOPs
         and their parameter counts equal the space's."""
-        return prove(self, model, example_inputs, num_classes, max_ratio, first, round_to, ignored_layers,
-                     fvcore_counts, "fvcore's count", task)
+        return prove(self, model, example_inputs, options, fvcore_counts, "fvcore's count")
 
     def plan(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> UnitPlan:
         """Copies of the base model whose k x k convs are StripeConv2d of their most important stripes."""
