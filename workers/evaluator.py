@@ -140,9 +140,9 @@ class CandidateEvaluator:
         self.mean = torch.as_tensor(data.mean, dtype=torch.float32).view(shape).to(self.device)
         self.std = torch.as_tensor(data.std, dtype=torch.float32).view(shape).to(self.device)
 
-    def _stage(self, x: np.ndarray) -> torch.Tensor:
+    def _stage(self, array: np.ndarray) -> torch.Tensor:
         """Raw inputs on the device once (pinned host memory if they do not fit); on the CPU they stay shared."""
-        x = _tensor(x)
+        x = _tensor(array)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return x.pin_memory() if x.numel() * x.element_size() > 0.4 * free else x.to(self.device)
@@ -167,8 +167,8 @@ class CandidateEvaluator:
     def prune(self, ratios) -> nn.Module:
         """The pruned network for `ratios` (on the evaluator's device)."""
         model = self.plan.apply(ratios)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        if self.channels_last:  # Module.to takes a memory format too; torch's overloads leave it out
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return model
 
     def recalibrate(self, model: nn.Module) -> int:

@@ -7,7 +7,8 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence, TextIO
+from functools import partial
+from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -161,8 +162,8 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
     epochs = cfg.epochs
     autocast, channels_last = precision(cfg, device)
     model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    if channels_last:  # Module.to takes a memory format too; torch's overloads leave it out
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     pool = torch.arange(len(data.train_augmented)) if train_indices is None else torch.as_tensor(train_indices)
     n = len(pool)
     steps_per_epoch = max(1, n // cfg.batch_size)
@@ -174,7 +175,9 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
-    start, history, best, start_state, trained_state = 0, [], 0, None, None
+    start, history, best = 0, [], 0
+    start_state: dict | None = None  # epoch 0's weights, when validating
+    trained_state: dict | None = None  # the best fine-tuned epoch's
     torch.manual_seed(cfg.seed)
     if checkpoint_path and os.path.isfile(checkpoint_path):
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -195,7 +198,7 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
     if teacher is not None:
         teacher.to(device).eval()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing) if cfg.label_smoothing else task.loss
-    distill = teacher is not None and cfg.distill_weight > 0 and task.distill
+    distill_from = teacher if teacher is not None and cfg.distill_weight > 0 and task.distill else None
     reader = BatchReader(data.train_augmented, batch_size, num_workers)
     seconds = []
     for epoch in range(start, epochs):
@@ -212,9 +215,9 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
             with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                 logits = task.select(net(x))
                 loss = criterion(logits.float(), y)
-                if distill:
+                if distill_from is not None:
                     with torch.no_grad():
-                        target = task.select(teacher(x)).float()
+                        target = task.select(distill_from(x)).float()
                     loss = (1 - cfg.distill_weight) * loss + \
                         cfg.distill_weight * _distill_loss(logits.float(), target, cfg.distill_temperature)
             value = float(loss.detach())
@@ -249,19 +252,21 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
             metrics = _with_best(metrics, history, best, metric)
         print(_progress(stage, metrics, epochs, seconds, metric), file=log, flush=True)
         if checkpoint_path and rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                     "rng": torch.get_rng_state()}
+            saved: dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                                     "rng": torch.get_rng_state()}
             if start_state is not None:  # torch.save writes the kept state's tensors once
-                state.update(best=trained_state if best else start_state, best_index=best, start=start_state,
+                saved.update(best=trained_state if best else start_state, best_index=best, start=start_state,
                              trained=trained_state)
             if torch.cuda.is_available():
-                state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            atomic_write(checkpoint_path, lambda tmp, state=state: torch.save(state, tmp), durable=True)
+                saved["cuda_rng"] = torch.cuda.get_rng_state_all()
+            atomic_write(checkpoint_path, partial(torch.save, saved), durable=True)
         if o.on_epoch is not None:
             o.on_epoch(epoch, metrics, checkpoint_path)
-    if start_state is not None:
-        model.load_state_dict(trained_state if best else start_state)
+    if start_state is not None and val_indices is not None:
+        kept = trained_state if best else start_state
+        assert kept is not None  # a fine-tuned epoch is kept only once one was trained
+        model.load_state_dict(kept)
         print(_kept_line(stage, history, best, task, len(val_indices)), file=log, flush=True)
         return {**_with_best(history[best], history, best, metric), "history": history}
     if not history:

@@ -8,6 +8,7 @@ Stripe-wise pruning's Filter Skeleton (`stripes.skeleton_train`) penalises one s
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,12 +22,12 @@ from .settings import FinetuneSettings
 HISTOGRAM_BINS = 20
 
 
-def batchnorms(model: nn.Module) -> list[nn.Module]:
+def batchnorms(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers of `model` that have a learnable scale."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
 
 
-def add_l1_subgradient(params: list[torch.Tensor], strength: float) -> None:
+def add_l1_subgradient(params: Sequence[torch.Tensor], strength: float) -> None:
     """Add strength * sign(p) to the gradient of each parameter (an L1 penalty; call after backward)."""
     for p in params:
         if p.grad is not None:
@@ -41,7 +42,7 @@ def slimming_train(model: nn.Module, data: DataBundle, settings: FinetuneSetting
     finetune(model, data, settings, sparsity_options(options or FinetuneOptions(), scales, strength))
 
 
-def sparsity_options(options: FinetuneOptions, scales: list[torch.Tensor], strength: float) -> FinetuneOptions:
+def sparsity_options(options: FinetuneOptions, scales: Sequence[torch.Tensor], strength: float) -> FinetuneOptions:
     """`options` for a sparsity training: its stage name, and `strength` * sign(scale) added after each backward."""
     return replace(options, stage="sparsity training", after_backward=lambda: add_l1_subgradient(scales, strength))
 

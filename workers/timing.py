@@ -63,7 +63,8 @@ def _onnxruntime_call(model: nn.Module, example: torch.Tensor, threads: int | No
     key = (tuple(example.shape), threads)
     if key not in sessions:
         graph = io.BytesIO()
-        torch.onnx.export(model, (example.cpu(),), graph, input_names=["input"], dynamo=False)
+        # the exporter (dynamo=False) writes to a file object too; torch's annotation names only paths
+        torch.onnx.export(model, (example.cpu(),), graph, input_names=["input"], dynamo=False)  # type: ignore[arg-type]
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1

@@ -35,7 +35,7 @@ def prunable_weights(model: nn.Module, ignored: list[str]) -> list[str]:
 def unstructured_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
                        ignored_layers: list[str] | None = None) -> PruningSpace:
     """The space of per-tensor sparsities: one group per prunable weight, FLOPs and params on non-zero weights."""
-    return linear_space(model, example_inputs, ignored_layers, prunable_weights, lambda m: m.weight.numel(),
+    return linear_space(model, example_inputs, ignored_layers, prunable_weights, lambda m: weight_of(m).numel(),
                         "no prunable weight (every conv/linear layer is the classifier or ignored)", "weights")
 
 
@@ -72,7 +72,7 @@ def direct_counts(pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[floa
             flops -= own_flops(by_module, pruned, name) * (1 - density)
     for name, p in pruned.named_parameters():
         owner = pruned.get_submodule(name.rsplit(".", 1)[0]) if "." in name else pruned
-        params += int(owner.weight_mask.sum()) if name.endswith("weight_orig") else p.numel()
+        params += int(owner.get_buffer("weight_mask").sum()) if name.endswith("weight_orig") else p.numel()
     return flops, params
 
 
