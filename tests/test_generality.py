@@ -6,6 +6,7 @@ Torch-Pruning's own surgery on the same channels; each unsupported one is refuse
 """
 import copy
 import dataclasses
+import re
 import time
 
 import numpy as np
@@ -63,10 +64,11 @@ def test_the_preflight_names_its_steps_once_lines_are_due(monkeypatch, capsys):
     assert "preflight:" not in capsys.readouterr().err
     monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
     _verdict(archs.GroupedSE())
-    said = [line.split(" (0:")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("preflight:")]
+    said = [re.sub(r" \(\d+:\d\d so far\)$| in \d+:\d\d$", "", line)  # times: as long as the machine takes
+            for line in capsys.readouterr().err.splitlines() if line.startswith("preflight:")]
     assert said == ["preflight: tracing the channel groups"] + [
         f"preflight: proving the {name} strategy (counts and function)"
-        for name in ("most pruned", "first sampled", "least pruned")] + ["preflight: done in 0:00"]
+        for name in ("most pruned", "first sampled", "least pruned")] + ["preflight: done"]
 
 
 def test_a_grouped_conv_keeps_whole_blocks():
