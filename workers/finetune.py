@@ -153,32 +153,31 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
     (METRIC in the figures' names val_METRIC, test_METRIC: accuracy by default). Returns the kept epoch's metrics
     (with best_* fields when validating) plus the per-epoch history.
     """
-    cfg, o = settings, options
-    checkpoint_path, teacher, task, stage = o.checkpoint_path, o.teacher, o.task, o.stage
-    train_indices, val_indices, num_workers = o.train_indices, o.val_indices, o.num_workers
-    log = o.log or LineStream()
+    checkpoint_path, teacher, task, stage = options.checkpoint_path, options.teacher, options.task, options.stage
+    train_indices, val_indices, num_workers = options.train_indices, options.val_indices, options.num_workers
+    log = options.log or LineStream()
     metric = task.metric
-    device = torch.device(o.device)
-    epochs = cfg.epochs
-    autocast, channels_last = precision(cfg, device)
+    device = torch.device(options.device)
+    epochs = settings.epochs
+    autocast, channels_last = precision(settings, device)
     model.to(device)
     if channels_last:  # Module.to takes a memory format too; torch's overloads leave it out
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     pool = torch.arange(len(data.train_augmented)) if train_indices is None else torch.as_tensor(train_indices)
     n = len(pool)
-    steps_per_epoch = max(1, n // cfg.batch_size)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if o.data_parallel else (0, 1)
-    batch_size = max(1, cfg.batch_size // world)  # per process
+    steps_per_epoch = max(1, n // settings.batch_size)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if options.data_parallel else (0, 1)
+    batch_size = max(1, settings.batch_size // world)  # per process
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if o.data_parallel else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+        if options.data_parallel else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                nesterov=settings.nesterov, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
+        optimizer, _schedule(epochs * steps_per_epoch, int(settings.warmup_epochs * steps_per_epoch)))
     start, history, best = 0, [], 0
     start_state: dict | None = None  # epoch 0's weights, when validating
     trained_state: dict | None = None  # the best fine-tuned epoch's
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(settings.seed)
     if checkpoint_path and os.path.isfile(checkpoint_path):
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -197,14 +196,14 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
               f"test_{short_name(metric)} {history[0][f'test_{metric}']:.4f}", file=log)
     if teacher is not None:
         teacher.to(device).eval()
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing) if cfg.label_smoothing else task.loss
-    distill_from = teacher if teacher is not None and cfg.distill_weight > 0 and task.distill else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing) if settings.label_smoothing else task.loss
+    distill_from = teacher if teacher is not None and settings.distill_weight > 0 and task.distill else None
     reader = BatchReader(data.train_augmented, batch_size, num_workers)
     seconds = []
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 10_007 + epoch))
         order = pool[order[: steps_per_epoch * batch_size * world]][rank::world]
         loss_sum, seen = 0.0, 0
         bar = _StepBar(log, stage, epoch + 1, epochs, steps_per_epoch)
@@ -218,8 +217,8 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
                 if distill_from is not None:
                     with torch.no_grad():
                         target = task.select(distill_from(x)).float()
-                    loss = (1 - cfg.distill_weight) * loss + \
-                        cfg.distill_weight * _distill_loss(logits.float(), target, cfg.distill_temperature)
+                    loss = (1 - settings.distill_weight) * loss + \
+                        settings.distill_weight * _distill_loss(logits.float(), target, settings.distill_temperature)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(f"{stage}: the loss became {value} at epoch {epoch + 1}/{epochs}, step {step} "
@@ -227,8 +226,8 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
                                        "holds non-finite values; nothing of it was kept")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if o.after_backward is not None:
-                o.after_backward()
+            if options.after_backward is not None:
+                options.after_backward()
             optimizer.step()
             scheduler.step()
             loss_sum += value * len(x)
@@ -261,8 +260,8 @@ def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
             if torch.cuda.is_available():
                 saved["cuda_rng"] = torch.cuda.get_rng_state_all()
             atomic_write(checkpoint_path, partial(torch.save, saved), durable=True)
-        if o.on_epoch is not None:
-            o.on_epoch(epoch, metrics, checkpoint_path)
+        if options.on_epoch is not None:
+            options.on_epoch(epoch, metrics, checkpoint_path)
     if start_state is not None and val_indices is not None:
         kept = trained_state if best else start_state
         assert kept is not None  # a fine-tuned epoch is kept only once one was trained
