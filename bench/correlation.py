@@ -137,7 +137,7 @@ def main() -> None:
     else:
         start = time.time()
         result = finetune(model, data, replace(cfg.finetune.settings(), epochs=proto.base_epochs),
-                          FinetuneOptions(device, rest, checkpoint_path=base_path + ".train"))
+                          FinetuneOptions(device, train_indices=rest, checkpoint_path=base_path + ".train"))
         torch.save(model.state_dict(), base_path)
         print(f"base model: {proto.base_epochs} epochs in {time.time() - start:.0f}s, "
               f"test accuracy {result['test_accuracy']:.4f}", flush=True)
@@ -173,7 +173,8 @@ def main() -> None:
             pruned = evaluators["cumulative"].prune(ratios)
             evaluators["cumulative"].recalibrate(pruned)
             torch.manual_seed(args.seed)
-            out = finetune(pruned.float(), data, ft_cfg, FinetuneOptions(device, subset, log=open(os.devnull, "w")))
+            out = finetune(pruned.float(), data, ft_cfg,
+                           FinetuneOptions(device, train_indices=subset, log=open(os.devnull, "w")))
             rec["finetuned"] = out["test_accuracy"]
         rec["seconds"] = time.time() - start
         with open(log_path, "a") as f:

@@ -222,7 +222,7 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
         resume, device = path + ".resume", "cuda" if torch.cuda.is_available() else "cpu"
         rest = splits_of(len(prep.data.train), cfg.evaluation.settings()).rest  # the evaluation splits stay unseen
         training.train(prep.model, prep.data, replace(training_recipe(cfg), epochs=cfg.model.sparsity_epochs),
-                       cfg.model.sparsity, FinetuneOptions(device, rest, checkpoint_path=resume, log=log))
+                       cfg.model.sparsity, FinetuneOptions(device, train_indices=rest, checkpoint_path=resume, log=log))
         _cache(path, prep.model, "sparsity training")
         os.remove(resume)
         prep.model.cpu()
@@ -262,7 +262,7 @@ def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None, task
           f"{cfg.model.pretrain_epochs} epochs (cached at {path})", file=log)
     rest = splits_of(len(data.train), cfg.evaluation.settings()).rest
     result = finetune(model, data, replace(training_recipe(cfg), epochs=cfg.model.pretrain_epochs), FinetuneOptions(
-        "cuda" if torch.cuda.is_available() else "cpu", rest, stage="base training", task=task,
+        "cuda" if torch.cuda.is_available() else "cpu", train_indices=rest, stage="base training", task=task,
         num_workers=loader_workers(cfg), log=log))
     print(f"base model: test {task.metric} {result[f'test_{task.metric}']:.4f}", file=log)
     _cache(path, model, "base model")
