@@ -101,7 +101,7 @@ def compare(args) -> dict:
     if args.smoke:  # a tiny network's table moves with the machine's load: aim at the middle of what it reaches
         most_pruned = space.kept_batch(np.full((1, len(space.groups)), 0.7))
         args.budget = round((1 + float(CONSTRAINTS["latency"].fraction(space, most_pruned)[0])) / 2, 3)
-    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
+    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation.settings(), "cpu")
     found = {}
     for constraint in ("latency", "flops"):
         sampler = StrategySampler(space, args.budget, 0.02, 0.7, seed=0, constraint=CONSTRAINTS[constraint])

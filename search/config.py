@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
+from dataclasses import replace
 from typing import Annotated
 
 import yaml
@@ -17,6 +17,7 @@ from prunetune.workers.latency import FIT_ERROR_BOUND
 from prunetune.workers.messages import shown
 from prunetune.workers.timing import RUNTIMES
 from prunetune.workers.methods import METHODS, PruningMethod, misuse
+from prunetune.workers.settings import EvaluationSettings, FinetuneSettings
 from prunetune.workers.tasks import TASKS
 
 from .algorithms import ALGORITHMS, SearchAlgorithm
@@ -60,6 +61,8 @@ MAX_CANDIDATES = 1_000_000
 MAX_FINALISTS = 1_000  # each one fine-tuned and written as a model file
 MAX_IMAGES = 10_000_000  # a synthetic split (its tensors are built in memory)
 MAX_CLASSES = 100_000  # the classifier's outputs (ImageNet-21k has 21,841)
+# The trial side's settings own their defaults; the sections below add the bounds, choices and notes.
+_E, _F = EvaluationSettings(), FinetuneSettings()
 
 
 class ModelConfig(Section):
@@ -113,44 +116,52 @@ class SearchConfig(Section):
 
 
 class EvaluationConfig(Section):
-    heldout_size: int = Field(300, ge=1)  # seeded subset of the training split: ranks the candidates
+    heldout_size: int = Field(_E.heldout_size, ge=1)  # seeded subset of the training split: ranks the candidates
     # the finalists' own split (judges their epochs, ranks them); none: a fifth of the training split, at most 5,000
     # (workers/splits.py: the binomial standard error that gives)
-    validation_size: int | None = Field(None, ge=1)
-    seed: int = Field(0, ge=0)  # held-out and calibration draws
-    bn_mode: Annotated[str, Choice(("cumulative", "ema", "none"))] = "cumulative"
-    calibration_batches: int = Field(50, ge=1)
+    validation_size: int | None = Field(_E.validation_size, ge=1)
+    seed: int = Field(_E.seed, ge=0)  # held-out and calibration draws
+    bn_mode: Annotated[str, Choice(("cumulative", "ema", "none"))] = _E.bn_mode
+    calibration_batches: int = Field(_E.calibration_batches, ge=1)
     # stop once no BatchNorm statistic moves by more than this (bench/calibration.py: 3.3x faster, same ranking)
-    calibration_tolerance: float | None = Field(0.02, gt=0)
-    batch_size: int = Field(128, ge=1)
-    score_batch_size: int = Field(500, ge=1)
+    calibration_tolerance: float | None = Field(_E.calibration_tolerance, gt=0)
+    batch_size: int = Field(_E.batch_size, ge=1)
+    score_batch_size: int = Field(_E.score_batch_size, ge=1)
     # accuracy: the task's own metric (classification: accuracy; segmentation: mIoU); loss: minus the held-out loss
-    metric: Annotated[str, Choice(("accuracy", "loss"))] = "accuracy"
-    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = "auto"
-    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = "auto"
+    metric: Annotated[str, Choice(("accuracy", "loss"))] = _E.metric
+    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = _E.amp
+    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = _E.channels_last
+
+    def settings(self) -> EvaluationSettings:
+        """What the trial side reads of this section (workers/settings.py)."""
+        return self.as_settings(EvaluationSettings)
 
 
 class FinetuneConfig(Section):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.01, gt=0)  # a fifth of the base's training lr: docs/guides/finetuning.md measures it
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(0.0, ge=0)  # a recalibrated network needs none
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    distill_weight: float = Field(0.5, ge=0, le=1)  # from the base (the teacher); 0: off
-    distill_temperature: float = Field(4.0, gt=0)
+    epochs: int = Field(_F.epochs, ge=1)
+    batch_size: int = Field(_F.batch_size, ge=1)
+    lr: float = Field(_F.lr, gt=0)  # a fifth of the base's training lr: docs/guides/finetuning.md measures it
+    momentum: float = Field(_F.momentum, ge=0, lt=1)
+    nesterov: bool = _F.nesterov
+    weight_decay: float = Field(_F.weight_decay, ge=0)
+    warmup_epochs: float = Field(_F.warmup_epochs, ge=0)  # a recalibrated network needs none
+    label_smoothing: float = Field(_F.label_smoothing, ge=0, lt=1)
+    distill_weight: float = Field(_F.distill_weight, ge=0, le=1)  # from the base (the teacher); 0: off
+    distill_temperature: float = Field(_F.distill_temperature, gt=0)
     scheduler: Annotated[str, Choice(("asha", "fifo"))] = "asha"
     grace_epochs: int | None = Field(None, ge=1)  # ASHA's first judgement; none: the warm-up + 2 epochs
-    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = "auto"  # auto: bf16 autocast on CUDA
-    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = "auto"  # auto: on CUDA
-    seed: int = Field(0, ge=0)
+    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = _F.amp  # auto: bf16 autocast on CUDA
+    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = _F.channels_last  # auto: on CUDA
+    seed: int = Field(_F.seed, ge=0)
     # > 1: each finalist fine-tunes as a Ray Train TorchTrainer of this many DDP workers (gloo on CPU, NCCL on GPU),
     # each with resources.cpus_per_trial/gpus_per_trial; batch_size stays the global batch
     workers_per_finalist: int = Field(1, ge=1)
     # a finalist whose epoch runs longer than this is stopped (its last epoch kept); none or auto: derived
     epoch_timeout_s: Timeout = Field(None, gt=0)
+
+    def settings(self) -> FinetuneSettings:
+        """The training recipe of this section (workers/settings.py); the rest is how the driver schedules it."""
+        return self.as_settings(FinetuneSettings)
 
 
 class LatencyConfig(Section):
@@ -249,10 +260,10 @@ def grace_epochs(cfg: Config) -> int:
     return min(f.epochs, f.grace_epochs or math.ceil(f.warmup_epochs) + 2)
 
 
-def training_recipe(cfg: Config) -> FinetuneConfig:
+def training_recipe(cfg: Config) -> FinetuneSettings:
     """The recipe of the trainings that start from scratch or the base (base and sparsity training): the fine-tuning
     recipe with model.pretrain_lr and one warm-up epoch."""
-    return cfg.finetune.model_copy(update={"lr": cfg.model.pretrain_lr, "warmup_epochs": 1.0})
+    return replace(cfg.finetune.settings(), lr=cfg.model.pretrain_lr, warmup_epochs=1.0)
 
 
 def check_runtime(cfg: Config) -> None:
@@ -356,7 +367,3 @@ def save_config(cfg: Config, path: str) -> None:
     """Write the config as YAML (atomically, durably: it identifies the run)."""
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), durable=True)
 
-
-def expand(path: str) -> str:
-    """A config path with ~ and environment variables expanded."""
-    return os.path.expandvars(os.path.expanduser(path))

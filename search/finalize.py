@@ -128,7 +128,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid,
         raise NoFinalModel(f"fine-tuning produced no model (every fine-tuning trial failed{first_failure(grid)})")
     task = prep.task
     metric = task.metric
-    splits = splits_of(len(prep.data.train), cfg.evaluation)
+    splits = splits_of(len(prep.data.train), cfg.evaluation.settings())
     n = len(splits.validation)
     outcomes, lead = ranked(outcomes, metric, n, task.higher_is_better)
     run.record(*(os.path.join(run.final_path, f"rank{place}.pt") for place in range(1, len(outcomes) + 1)))

@@ -110,7 +110,7 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
                           "images cannot be given to the exported model as raw pixel values")
     cfg = run.load_config()
     data = load_data(**data_kwargs(cfg), num_workers=loader_workers(cfg))
-    calibration = evaluation_data(data, cfg.evaluation, loader_workers(cfg)).calibration[:calibration_images]
+    calibration = evaluation_data(data, cfg.evaluation.settings(), loader_workers(cfg)).calibration[:calibration_images]
     reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calibration)
     with tempfile.TemporaryDirectory(prefix="prunetune-int8-") as tmp:
         fp32, ready, int8 = (os.path.join(tmp, name) for name in ("fp32.onnx", "ready.onnx", "int8.onnx"))

@@ -32,10 +32,11 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
 
     cfg = prep.cfg
     state = {k: v.detach().cpu() for k, v in prep.model.state_dict().items()}
-    heldout = evaluation_data(prep.data, cfg.evaluation, loader_workers(cfg))  # decoded here, once per run
+    heldout = evaluation_data(prep.data, cfg.evaluation.settings(), loader_workers(cfg))  # decoded here, once per run
     return TrialPayload(run_id=run.manifest().run_id or "run", model=prep.spec, base_state=[ray.put(state)],
                         space=prep.space, evaluation_data=[ray.put(heldout)],
-                        data=data_kwargs(cfg), evaluation=cfg.evaluation, finetune=cfg.finetune,
+                        data=data_kwargs(cfg), evaluation=cfg.evaluation.settings(), finetune=cfg.finetune.settings(),
+                        workers_per_finalist=cfg.finetune.workers_per_finalist,
                         criterion=cfg.search.criterion, method=METHODS[cfg.search.granularity],
                         cpus_per_trial=cfg.resources.cpus_per_trial, gpus_per_trial=cfg.resources.gpus_per_trial,
                         finalists=finalists or [], num_workers=loader_workers(cfg),

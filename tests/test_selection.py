@@ -14,7 +14,8 @@ from prunetune.search.runfiles import FinetuneInfo
 from prunetune.workers import finetune as finetune_module
 from prunetune.workers.data import DataError, heldout_split
 from prunetune.workers.evaluator import evaluation_data
-from prunetune.workers.finetune import load_finetuned
+from prunetune.workers.finetune import FinetuneOptions, load_finetuned
+from prunetune.workers.settings import EvaluationSettings
 from prunetune.workers.selection import kept_epoch, margin, standard_error, tied
 from prunetune.workers.splits import split_training, splits_of
 from tests.summaries import final_model, summary
@@ -46,7 +47,7 @@ def test_splits_that_do_not_fit_are_refused_naming_the_key(heldout, validation, 
 
 
 def test_the_evaluation_data_calibrates_on_the_rest_and_hands_the_validation_split_to_the_finalists():
-    cfg = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=64"]).evaluation
+    cfg = EvaluationSettings(calibration_batches=2, batch_size=64)
     data = load_data("digits")
     found, s = evaluation_data(data, cfg), splits_of(len(data.train), cfg)
     assert np.array_equal(found.validation_indices, s.validation) and np.array_equal(found.heldout_indices, s.heldout)
@@ -94,8 +95,8 @@ def test_finetune_keeps_the_weights_of_the_epoch_the_rule_keeps_and_flags_epoch_
     start = {k: v.clone() for k, v in model.state_dict().items()}
     _scripted(monkeypatch, vals)
     log, ckpt = io.StringIO(), str(tmp_path / "ft.pt")
-    result = finetune(model, data, cfg.finetune, checkpoint_path=ckpt, train_indices=np.arange(128),
-                      val_indices=np.arange(300), log=log)
+    result = finetune(model, data, cfg.finetune.settings(), FinetuneOptions(
+        train_indices=np.arange(128), val_indices=np.arange(300), checkpoint_path=ckpt, log=log))
     assert result["best_epoch"] == kept and result["best_val_accuracy"] == vals[kept]
     assert result["best_test_accuracy"] == 0.5 + kept / 100 and result["start_val_accuracy"] == vals[0]
     same = all(torch.equal(start[k], v) for k, v in model.state_dict().items())

@@ -66,7 +66,9 @@ def _exported_call(compile: Callable[[bytes, int | None], Callable[[np.ndarray],
         key = (runtime, tuple(example.shape), threads)
         if key not in compiled:
             graph = io.BytesIO()
-            torch.onnx.export(model, (example.cpu(),), graph, input_names=["input"], dynamo=False)
+            # the exporter (dynamo=False) writes to a file object too; torch's annotation names only paths
+            torch.onnx.export(model, (example.cpu(),), graph, input_names=["input"],  # type: ignore[arg-type]
+                              dynamo=False)
             compiled[key] = compile(graph.getvalue(), threads)
         run, array = compiled[key], example.detach().cpu().numpy()
         return lambda: run(array)
