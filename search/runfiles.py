@@ -16,9 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, Union
 
+from prunetune.workers.errors import BadInput
 from prunetune.workers.files import write_json
-
-from .config_file import ConfigError
 
 SCHEMA_VERSION = 2  # what this prunetune writes; it reads 1 (no schema_version) and 2
 SUMMARY = "final/summary.json"  # paths in the run directory
@@ -28,10 +27,14 @@ EXPORTS = "exports.json"
 T = TypeVar("T", bound="RunFile")
 
 
+class RunFileError(BadInput, ValueError):
+    """A run file (or model file) this prunetune cannot read: not JSON, not its own, or from a newer prunetune."""
+
+
 @dataclass(kw_only=True)
 class RunFile:
     """A typed JSON record: `to_json` writes its fields, `from_json` builds it from what `to_json` (or version 1)
-    wrote; a required field missing is a ConfigError naming the file and the field."""
+    wrote; a required field missing is a RunFileError naming the file and the field."""
 
     name: ClassVar[str] = "run file"  # how errors name the file (the run files' path in the run directory)
 
@@ -47,12 +50,12 @@ class RunFile:
 
 
 def _check_version(data: Any, name: str) -> int:
-    """The schema_version of a file's top-level object (1 where absent); newer than this prunetune: ConfigError."""
+    """The schema_version of a file's top-level object (1 where absent); newer than this prunetune: RunFileError."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{name}: not a prunetune file (expected a JSON object)")
+        raise RunFileError(f"{name}: not a prunetune file (expected a JSON object)")
     version = data.get("schema_version", 1)
     if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
-        raise ConfigError(f"{name}: schema_version {version!r} is not one this prunetune reads (1 to "
+        raise RunFileError(f"{name}: schema_version {version!r} is not one this prunetune reads (1 to "
                           f"{SCHEMA_VERSION}; a newer prunetune wrote it?)")
     return version
 
@@ -60,14 +63,14 @@ def _check_version(data: Any, name: str) -> int:
 def _build(cls: Any, data: Any, where: str) -> Any:
     """cls from a dict: nested dataclasses built from their own dicts, keys the class does not know left out."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object, found {type(data).__name__}")
+        raise RunFileError(f"{where}: expected a JSON object, found {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
             values[f.name] = _value(hints[f.name], data[f.name], f"{where}: {f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: no {f.name} (not a file this prunetune wrote?)")
+            raise RunFileError(f"{where}: no {f.name} (not a file this prunetune wrote?)")
     return cls(**values)
 
 
@@ -163,7 +166,7 @@ class Figures(Timings, RunFile):
     def from_json(cls, data: Any) -> Figures:
         """The figures of a model file: a final model's (it has a rank) or a refinetuned candidate's."""
         if not isinstance(data, dict):
-            raise ConfigError(f"{cls.name}: expected a JSON object")
+            raise RunFileError(f"{cls.name}: expected a JSON object")
         if _check_version(data, cls.name) == 1:
             metric = next((k[5:] for k in data if k.startswith("test_")), "accuracy")
             data = _unprefixed(data, metric)
@@ -217,11 +220,11 @@ def model_file(state: dict[str, Any], record: ModelRecord, figures: Figures | No
 
 
 def read_model_file(obj: Any, path: str) -> tuple[ModelRecord, Figures | None]:
-    """The record and figures of what torch.load read from a model file; ConfigError if it is not one."""
+    """The record and figures of what torch.load read from a model file; RunFileError if it is not one."""
     try:
         record, metrics = json.loads(obj["record_json"]), json.loads(obj["metrics_json"])
     except (TypeError, KeyError, ValueError) as e:
-        raise ConfigError(f"model file: {path} is not a prunetune model file (no {e})") from None
+        raise RunFileError(f"model file: {path} is not a prunetune model file (no {e})") from None
     return ModelRecord.from_json(record), (Figures.from_json(metrics) if metrics else None)
 
 
@@ -384,7 +387,7 @@ def _load(f: typing.TextIO, path: str) -> Any:
     try:
         return json.load(f)
     except ValueError as e:
-        raise ConfigError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
+        raise RunFileError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
 
 
 # --- manifest.json ---
@@ -420,7 +423,7 @@ def manifest_path(run_path: str) -> str:
 
 
 def read_manifest(run_path: str) -> Manifest | None:
-    """The run's manifest (None if there is none); ConfigError for a manifest.json prunetune did not write."""
+    """The run's manifest (None if there is none); RunFileError for a manifest.json prunetune did not write."""
     path = manifest_path(run_path)
     if not os.path.isfile(path):
         return None
@@ -428,9 +431,9 @@ def read_manifest(run_path: str) -> Manifest | None:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"output.dir: {path} is not a prunetune run manifest ({str(e).splitlines()[0]})") from None
+        raise RunFileError(f"output.dir: {path} is not a prunetune run manifest ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not {"run_id", "config_hash"} <= set(data):
-        raise ConfigError(f"output.dir: {path} was not written by prunetune; choose another directory for the run")
+        raise RunFileError(f"output.dir: {path} was not written by prunetune; choose another directory for the run")
     _check_version(data, path)
     return Manifest.from_json(data)
 
@@ -469,7 +472,7 @@ def read_exports(run_path: str) -> Exports:
     try:
         with open(os.path.join(run_path, EXPORTS)) as f:
             return Exports.from_json(json.load(f))
-    except (OSError, ValueError, ConfigError):
+    except (OSError, ValueError, RunFileError):
         return Exports()
 
 

@@ -11,10 +11,9 @@ import pytest
 from prunetune import load_pruned
 from prunetune.search.artifacts import save_pruned
 from prunetune.search.cli import main
-from prunetune.search.config_file import ConfigError
 from prunetune.search.rundir import RunDir
-from prunetune.search.runfiles import (SCHEMA_VERSION, Exports, Int8, Manifest, OnnxFigures, Summary, read_exports,
-                                       read_manifest, read_summary, write)
+from prunetune.search.runfiles import (SCHEMA_VERSION, Exports, Int8, Manifest, OnnxFigures, RunFileError, Summary,
+                                       read_exports, read_manifest, read_summary, write)
 from tests.summaries import final_model, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,10 +96,10 @@ def test_what_this_prunetune_writes_reads_back_equal(old_run, tmp_path):
 
 def test_a_run_file_from_a_newer_prunetune_is_refused_in_one_line(old_run):
     data = json.load(open(old_run / "final" / "summary.json"))
-    with pytest.raises(ConfigError, match=r"^final/summary.json: schema_version 3 is not one this prunetune reads"):
+    with pytest.raises(RunFileError, match=r"^final/summary.json: schema_version 3 is not one this prunetune reads"):
         Summary.from_json({**data, "schema_version": SCHEMA_VERSION + 1})
     del data["base"]
-    with pytest.raises(ConfigError, match=r"^final/summary.json: no base \(not a file this prunetune wrote\?\)$"):
+    with pytest.raises(RunFileError, match=r"^final/summary.json: no base \(not a file this prunetune wrote\?\)$"):
         Summary.from_json(data)
     RunDir(str(old_run)).update(stage="finetune")  # the manifest is rewritten in the new layout, fields kept
     assert read_manifest(str(old_run)).stage == "finetune" and read_manifest(str(old_run)).candidates.rows == 4
