@@ -292,3 +292,14 @@ def test_every_prunetune_command_of_a_page_parses_and_its_config_loads(monkeypat
         config = getattr(args, "config", None)
         if args.command in ("run", "inspect") or (config and os.path.isfile(config)):
             load_config(config if config and os.path.isfile(config) else None, args.set)  # every key and value allowed
+
+
+def test_the_architecture_page_places_every_module_and_names_only_modules_that_exist():
+    page = open(os.path.join(DOCS, "concepts", "architecture.md")).read()
+    modules = [p for folder in ("search", "workers", os.path.join("workers", "methods"))
+               for p in glob.glob(os.path.join(ROOT, folder, "*.py")) if not p.endswith("__init__.py")]
+    named = set(re.findall(r"\b(\w+)\.py\b", page))
+    assert [os.path.relpath(p, ROOT) for p in modules if os.path.basename(p)[:-3] not in named] == []
+    folders = [os.path.join(ROOT, f) for f in ("search", "workers", os.path.join("workers", "methods"), "tests")]
+    for name in named:
+        assert any(os.path.isfile(os.path.join(f, f"{name}.py")) for f in folders), name
