@@ -23,15 +23,23 @@ _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's a
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """field name -> the comment written beside it in the source of the class (or of the classes it extends)."""
+    """field name -> the comments written above it and beside it in the source of the class (or of the classes it
+    extends), joined."""
     found = {}
     own = [k for k in cls.__mro__ if k.__module__ not in ("pydantic.main", "builtins") and k is not BaseModel]
     for klass in reversed(own):
+        above: list[str] = []
         for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-            if m:
-                found[m.group(1)] = m.group(2).strip()
-    return found
+            comment = re.match(r"\s+#\s*(.*)$", line)
+            field = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+            if comment:
+                above.append(comment.group(1).strip())
+            elif field:
+                found[field.group(1)] = " ".join([*above, (field.group(2) or "").strip()]).strip()
+                above = []
+            else:
+                above = []
+    return {name: note for name, note in found.items() if note}
 
 
 def _type_name(annotation: object) -> str:
@@ -60,6 +68,11 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _is_choice(marker: object) -> bool:
+    """True for a Choice marker of a field (search/config_file.py): its allowed values, read live from a registry."""
+    return type(marker).__name__ == "Choice" and hasattr(marker, "values")
+
+
 def config_page(config_cls: type[BaseModel]) -> str:
     """The config reference: every section's keys with type, default and the note beside the field."""
     out = ["# Configuration reference\n",
@@ -72,8 +85,9 @@ def config_page(config_cls: type[BaseModel]) -> str:
         rows = []
         for name, f in cls.model_fields.items():
             kind = _type_name(f.annotation)
-            limits = ", ".join(f"{op} {getattr(m, attr)}" for m in f.metadata for attr, op in _BOUNDS
-                               if getattr(m, attr, None) is not None)
+            limits = ", ".join([f"{op} {getattr(m, attr)}" for m in f.metadata for attr, op in _BOUNDS
+                                if getattr(m, attr, None) is not None]
+                               + [f"one of {', '.join(m.values)}" for m in f.metadata if _is_choice(m)])
             rows.append([f"`{section}.{name}`", kind, json.dumps(f.get_default(call_default_factory=True),
                                                                   default=str), limits,
                          f.description or notes.get(name, "")])

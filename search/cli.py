@@ -12,7 +12,7 @@ import threading
 from prunetune.workers.errors import BadInput, PrunetuneError, RunFailed
 from prunetune.workers.progress import never_silent
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, resumable_keys
 
 class Interrupted(PrunetuneError):
     """Ctrl-C (or SIGTERM, SIGHUP) stopped a run where it was; the message says what is kept and how to continue;
@@ -130,7 +130,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_resume(args) -> int:
     from .cluster import check_address
-    from .config import RESUMABLE, resumable
+    from .config import resumable
     from .driver import launch
     from .prepare import prepare, warn
     from .rundir import RunDir, config_hash
@@ -145,7 +145,7 @@ def _cmd_resume(args) -> int:
     for override in args.set:
         key = override.partition("=")[0].strip()
         if not resumable(key):
-            allowed = ", ".join(k if "." in k else f"{k}.*" for k in RESUMABLE)
+            allowed = resumable_keys()
             raise ConfigError(f"--set {key}: a resumed run keeps its config; only {allowed} may change")
     cfg = _config(run.config_path, args.set)
     if args.config and config_hash(load_config(args.config)) != config_hash(cfg):
@@ -167,7 +167,7 @@ def _cmd_resume(args) -> int:
 
 def _cmd_finetune(args) -> int:
     from .cluster import check_address
-    from .config import RESUMABLE, resumable
+    from .config import resumable
     from .driver import launch
     from .prepare import prepare
     from .refinetune import candidate_path, refinetune, stored_candidate
@@ -177,7 +177,7 @@ def _cmd_finetune(args) -> int:
     for override in args.set:
         key = override.partition("=")[0].strip()
         if not (key.startswith("finetune.") or resumable(key)):
-            allowed = ", ".join(k if "." in k else f"{k}.*" for k in ("finetune", *RESUMABLE))
+            allowed = resumable_keys("finetune")
             raise ConfigError(f"--set {key}: a candidate is fine-tuned again as the run found it; only {allowed} "
                               "may change")
     cfg = _config(run.config_path, args.set)
@@ -367,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
     r.set_defaults(fn=_cmd_run)
 
-    rs = sub.add_parser("resume", help="continue an interrupted run (search or fine-tuning stage)")
+    rs = sub.add_parser("resume", help="continue an interrupted run (search or fine-tuning stage)",
+                        description="Continue an interrupted run, in the search or the fine-tuning stage. --set may "
+                        "change only how the run is scheduled: "
+                        + resumable_keys() + ".")
     rs.add_argument("output", help="the run's output directory")
     rs.add_argument("--config", help="check that this config matches the run's")
     rs.add_argument("--address")

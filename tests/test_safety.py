@@ -65,25 +65,6 @@ def test_bad_checkpoints(tmp_path, capsys, checkpoints, case, fragment):
         assert "pickled objects of posix.system" in err and "pwned" not in err and "weights_only" not in err
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["data.name=imagefolder", "data.path=/no/such/dir"], "data.path: directory not found: /no/such/dir"),
-    (["data.name=imagefolder", "data.path={empty}"], "data.path: no images found"),
-    (["data.name=nosuchpkg:load"], "data.name: cannot import module 'nosuchpkg'"),
-    (["search.criterion=taylor"], "search.criterion: 'taylor' is not allowed"),
-    (["search.tolerance=-0.1"], "search.tolerance: -0.1 is outside the allowed range"),
-    (["search.max_ratio=0"], "search.max_ratio: 0 is outside the allowed range (0, 1)"),
-    (["model.ignored_layers=[nothere]"], "model.ignored_layers: the model has no layer named 'nothere'"),
-    (["evaluation.heldout_size=5000"], "evaluation.heldout_size: must be in [1, "),
-])
-def test_bad_input_table(tmp_path, capsys, overrides, fragment):
-    os.makedirs(tmp_path / "empty" / "cls")
-    overrides = [o.replace("{empty}", str(tmp_path / "empty")) for o in overrides]
-    assert _run(tmp_path, *overrides) == 2
-    err = capsys.readouterr().err.strip()
-    assert fragment in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_live_lock_refuses_a_second_run(tmp_path, capsys):
     run = RunDir(str(tmp_path / "run"))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
