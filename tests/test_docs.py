@@ -1,6 +1,7 @@
 """The documentation cannot drift from the code: its snippets run and print what the pages show, its reference pages
 are generated from the code (a changed model changes the page), every page's includes exist, and no code block is
 pasted from a file a page could include."""
+import ast
 import glob
 import importlib.util
 import os
@@ -303,3 +304,74 @@ def test_the_architecture_page_places_every_module_and_names_only_modules_that_e
     folders = [os.path.join(ROOT, f) for f in ("search", "workers", os.path.join("workers", "methods"), "tests")]
     for name in named:
         assert any(os.path.isfile(os.path.join(f, f"{name}.py")) for f in folders), name
+
+
+# A quoted message's placeholders (a path X, counts N and K, a MOUNT, an OUTPUT folder, `...`, a figure, nan or inf, a
+# signal's name): each stands for what the code fills in.
+_HOLE = re.compile(r"\.\.\.|\b(?:X|N|K|MOUNT|OUTPUT|SIG[A-Z]+|nan|inf)\b|\d+(?:\.\d+)?")
+
+
+def _code_strings() -> set[str]:
+    """Every str constant of search/ and workers/ but their docstrings: string literals (implicit concatenation joined
+    by the parser) and the constant parts of f-strings."""
+    files = glob.glob(os.path.join(ROOT, "search", "**", "*.py"), recursive=True) + \
+        glob.glob(os.path.join(ROOT, "workers", "**", "*.py"), recursive=True)
+    nodes = [node for path in files for node in ast.walk(ast.parse(open(path).read()))]
+    docstrings = {id(node.value) for node in nodes if isinstance(node, ast.Expr)}
+    return {node.value for node in nodes
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+
+
+def _by_8_gram(strings: set[str]) -> dict[str, set[str]]:
+    """The strings that hold each run of 8 characters."""
+    index: dict[str, set[str]] = {}
+    for s in strings:
+        for i in range(len(s) - 7):
+            index.setdefault(s[i:i + 8], set()).add(s)
+    return index
+
+
+def _said_by_the_code(message: str, strings: set[str], index: dict[str, set[str]]) -> bool:
+    """Whether `message` is pieced together from the code's strings: each stretch of it is a placeholder, a stretch of
+    12 or more characters of one string, or a whole string of 4 or more characters, of no letters (an f-string's joint
+    such as "); ") or right after a placeholder (the " s" of f"{limit} s"), so that a changed or reworded string leaves
+    a stretch of the message unaccounted for."""
+    corpus = "\0".join(set().union(*(index.get(message[i:i + 8], ()) for i in range(len(message) - 7))))
+    reached, after_hole = [True] + [False] * len(message), [False] * (len(message) + 1)
+    for i in range(len(message)):
+        if not reached[i]:
+            continue
+        hole = _HOLE.match(message, i)
+        if hole:
+            reached[hole.end()] = after_hole[hole.end()] = True
+        for j in range(i + 1, len(message) + 1):
+            part = message[i:j]
+            whole = part in strings and (len(part) >= 4 or after_hole[i] or not re.search("[A-Za-z]", part))
+            if whole or (j - i >= 12 and part in corpus):
+                reached[j] = True
+            elif j - i >= 12:
+                break  # no longer stretch of one string starts here either; whole strings that do are shorter
+    return reached[-1]
+
+
+def test_each_message_the_faults_guide_quotes_is_the_codes_and_its_row_names_tests_that_exist():
+    strings = _code_strings()
+    index = _by_8_gram(strings)
+    page = open(os.path.join(DOCS, "guides", "faults.md")).read()
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in page.splitlines()
+            if line.startswith("| ") and not line.startswith("| fault |")]
+    assert len(rows) >= 20 and all(len(row) == 4 for row in rows)
+    messages = [q for row in rows for q in re.findall(r"`([^`]+)`", row[1])
+                if " " in q and not re.match(r"prunetune \w|resume\b", q)]  # not a key, a file or a command
+    assert len(messages) >= 20
+    for message in messages:
+        assert _said_by_the_code(message, strings, index), f"faults.md quotes a message no code says: `{message}`"
+        word = max(re.findall(r"[a-z]{5,}", message), key=len)
+        assert not _said_by_the_code(message.replace(word, word[::-1]), strings, index), message  # the check can fail
+    for fault, *_, tests in rows:
+        named = re.findall(r"`(test_\w+\.py)(?:::(\w+?)(\*?))?`", tests)
+        assert named, fault
+        for file, name, glob_ in named:
+            text = open(os.path.join(ROOT, "tests", file)).read()
+            tail = r"\w*\(" if glob_ else r"\("
+            assert not name or re.search(rf"^def {name}{tail}", text, re.M), (fault, file, name)
