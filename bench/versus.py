@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.utils.data import Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,19 +44,21 @@ from prunetune.search.driver import launch  # noqa: E402
 from prunetune.search.prepare import prepare  # noqa: E402
 from prunetune.search.rundir import RunDir  # noqa: E402
 from prunetune.search.stages import run_search  # noqa: E402
-from prunetune.workers.data import TensorImages, iterate_batches  # noqa: E402
+from prunetune.workers.data import iterate_batches  # noqa: E402
 from prunetune.workers.methods.units import fvcore_counts  # noqa: E402
 from prunetune.workers.record import best  # noqa: E402
 
-# name -> (Torch-Pruning importance, global pruning, isomorphic); each pruner steps to the FLOPs target
+# key -> (row name, Torch-Pruning importance, global pruning, isomorphic); each pruner steps to the FLOPs target
 TORCH_PRUNING = {
-    "TP global, GroupMagnitudeImportance(p=1)": (lambda: tp.importance.GroupMagnitudeImportance(p=1), True, False),
-    "TP global, GroupTaylorImportance": (lambda: tp.importance.GroupTaylorImportance(), True, False),
-    "TP global, BNScaleImportance": (lambda: tp.importance.BNScaleImportance(), True, False),
-    "TP global isomorphic, GroupMagnitudeImportance(p=1)": (lambda: tp.importance.GroupMagnitudeImportance(p=1), True,
-                                                            True),
-    "TP uniform (local), GroupMagnitudeImportance(p=1)": (lambda: tp.importance.GroupMagnitudeImportance(p=1), False,
-                                                          False)}
+    "tp-magnitude": ("TP global, GroupMagnitudeImportance(p=1)", lambda: tp.importance.GroupMagnitudeImportance(p=1),
+                     True, False),
+    "tp-taylor": ("TP global, GroupTaylorImportance", lambda: tp.importance.GroupTaylorImportance(), True, False),
+    "tp-bn-scale": ("TP global, BNScaleImportance", lambda: tp.importance.BNScaleImportance(), True, False),
+    "tp-isomorphic": ("TP global isomorphic, GroupMagnitudeImportance(p=1)",
+                      lambda: tp.importance.GroupMagnitudeImportance(p=1), True, True),
+    "tp-uniform": ("TP uniform (local), GroupMagnitudeImportance(p=1)",
+                   lambda: tp.importance.GroupMagnitudeImportance(p=1), False, False)}
+METHODS = ("search", *TORCH_PRUNING, "uniform", "random")  # --methods: the rows to measure
 TP_MAX_RATIO = 0.9  # MetaPruner's pruning ratio after its last step (--tp-steps of them; it stops at the target)
 TAYLOR_IMAGES = 64  # training images (not held out) whose loss gradients Taylor reads before each step
 BATCH = 128  # the reference recipe's batch; --steps counts its steps, and the prunetune recipe sees the same images
@@ -83,11 +86,11 @@ def classifier(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def torch_pruning(base: nn.Module, example: torch.Tensor, name: str, target: float, taylor_batches,
+def torch_pruning(base: nn.Module, example: torch.Tensor, key: str, target: float, taylor_batches,
                   steps: int) -> nn.Module:
-    """A copy of `base` pruned by Torch-Pruning's MetaPruner (TORCH_PRUNING[name]), stepped until its FLOPs (as
+    """A copy of `base` pruned by Torch-Pruning's MetaPruner (TORCH_PRUNING[key]), stepped until its FLOPs (as
     Torch-Pruning counts them) are at most `target` of the base's (`steps` steps to TP_MAX_RATIO)."""
-    importance, global_pruning, isomorphic = TORCH_PRUNING[name]
+    _, importance, global_pruning, isomorphic = TORCH_PRUNING[key]
     model = copy.deepcopy(base).eval()
     pruner = tp.pruner.MetaPruner(model, example, importance(), global_pruning=global_pruning, isomorphic=isomorphic,
                                   pruning_ratio=TP_MAX_RATIO, iterative_steps=steps,
@@ -113,12 +116,13 @@ def heldout_accuracy(evaluator: CandidateEvaluator, data, model: nn.Module) -> f
 
 
 def test_subset(data, images: int):
-    """The data with its test split cut to its first `images` images (all when it has no more)."""
+    """The data with its test split cut to a seeded random draw of `images` images, the same for every row (all
+    when it has no more; an image folder's test split is sorted by class, so its first images are not a sample)."""
     t = data.test
     if images >= len(t):
         return data
-    return dataclasses.replace(data, test=TensorImages(t.images[:images], t.labels[:images],
-                                                        t.mean.flatten().tolist(), t.std.flatten().tolist(), t.scale))
+    keep = np.sort(np.random.default_rng(0).choice(len(t), images, replace=False)).tolist()
+    return dataclasses.replace(data, test=Subset(t, keep))
 
 
 def spread(values: list[float]) -> float | None:
@@ -135,7 +139,9 @@ def strategies(args, target: float, workdir: str) -> tuple[dict, dict, list[dict
     evaluator = CandidateEvaluator(base, checked.space, data, cfg.evaluation, "cpu")
     nets, figures = {}, {}
 
-    def add(name: str, make, candidates: int | None) -> None:
+    def add(key: str, name: str, make, candidates: int | None) -> None:
+        if key not in args.methods.split(","):
+            return
         start = time.perf_counter()
         net, spent = make()
         seconds = time.perf_counter() - start
@@ -155,15 +161,15 @@ def strategies(args, target: float, workdir: str) -> tuple[dict, dict, list[dict
         records.extend(r for r in found if r.ok)
         return evaluator.prune(best(records, 1)[0].ratios), len(found)
 
-    add(f"prunetune search (TPE, {args.candidates} candidates)", searched, None)
+    add("search", f"prunetune search (TPE, {args.candidates} candidates)", searched, None)
     rng = np.random.default_rng(0)
     rest = evaluator.rest_indices
     taylor = list(iterate_batches(data.train, rng.choice(rest, min(TAYLOR_IMAGES, len(rest)), replace=False),
                                   TAYLOR_IMAGES))
-    for name in TORCH_PRUNING:
-        add(name, lambda name=name: (torch_pruning(base, example, name, target, taylor, args.tp_steps), None), 1)
-    add("prunetune uniform", lambda: (evaluator.prune(uniform(checked.sampler)), None), 1)
-    add("random valid strategy", lambda: (evaluator.prune(checked.sampler.sample(0)), None), 1)
+    for key, (name, *_) in TORCH_PRUNING.items():
+        add(key, name, lambda key=key: (torch_pruning(base, example, key, target, taylor, args.tp_steps), None), 1)
+    add("uniform", "prunetune uniform", lambda: (evaluator.prune(uniform(checked.sampler)), None), 1)
+    add("random", "random valid strategy", lambda: (evaluator.prune(checked.sampler.sample(0)), None), 1)
     top = [{"index": r.index, "source": r.source, "heldout": round(r.score, 4), "flops_ratio": round(r.flops_ratio, 4)}
            for r in best(records, 5)]
     return {"base": base, "evaluator": evaluator, "data": data, "nets": nets}, figures, top
@@ -184,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cifar_arguments(parser)
     parser.add_argument("--targets", default="0.5,0.3", help="FLOPs budgets, fractions of the base's")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"rows among {','.join(METHODS)}")
     parser.add_argument("--candidates", type=int, default=32, help="strategies the search scores")
     parser.add_argument("--heldout", type=int, default=2000, help="held-out images scoring the candidates")
     parser.add_argument("--calibration-batches", type=int, default=20)
@@ -191,13 +198,13 @@ def main() -> None:
                         f"{TP_MAX_RATIO} (it stops at the FLOPs target)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tunings of every row (seeds 0..N-1)")
     parser.add_argument("--steps", type=int, default=391, help=f"fine-tuning steps of {BATCH} images (391: an epoch)")
-    parser.add_argument("--test-images", type=int, default=10000, help="test images (the first N of the test split)")
+    parser.add_argument("--test-images", type=int, default=10000, help="test images (a seeded draw)")
     parser.add_argument("--recipes", default="reference", help=f"fine-tuning recipes among {','.join(RECIPES)}")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/prunetune"))
     parser.add_argument("--workdir", default="/tmp/prunetune-versus", help="the searches' run directories")
     parser.add_argument("--out", default="versus", help="results name: bench/results/OUT.json")
     args = parse_args(parser, {"model": "resnet20", "threads": 1, "targets": "0.5", "candidates": 6, "heldout": 64,
-                               "calibration_batches": 2, "tp_steps": 20, "seeds": 2, "steps": 2, "test_images": 64,
+                               "calibration_batches": 2, "tp_steps": 20, "seeds": 2, "steps": 2, "test_images": 32,
                                "recipes": ",".join(RECIPES)}, require=("data",))
     torch.set_num_threads(args.threads)
     if args.smoke:  # a random ResNet-20 as the base; every file in the smoke directory
@@ -211,9 +218,10 @@ def main() -> None:
                 nn.init.uniform_(m.weight, 0.1, 1.0)
         torch.save(model.state_dict(), args.checkpoint)
     recipes = args.recipes.split(",")
-    unknown = sorted(set(recipes) - set(RECIPES))
-    if unknown:
-        parser.error(f"--recipes: unknown {', '.join(unknown)} (allowed: {', '.join(RECIPES)})")
+    for option, given, allowed in (("recipes", recipes, RECIPES), ("methods", args.methods.split(","), METHODS)):
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            parser.error(f"--{option}: unknown {', '.join(unknown)} (allowed: {', '.join(allowed)})")
     result: dict = {"args": vars(args), "recipes": {r: RECIPES[r] for r in recipes}, "budgets": []}
     for target in [float(t) for t in args.targets.split(",")]:
         setup, figures, top = strategies(args, target, args.workdir)
