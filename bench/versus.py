@@ -37,7 +37,8 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import SMOKE_DATA, cifar_arguments, parse_args, save, smoke_dir, table  # noqa: E402
+from bench.common import (SMOKE_DATA, cifar_arguments, parse_args, results_path, save, smoke_dir,  # noqa: E402
+                          table)
 from prunetune import CandidateEvaluator, build_model, finetune, load_config, score  # noqa: E402
 from prunetune.search.baselines import uniform  # noqa: E402
 from prunetune.search.driver import launch  # noqa: E402
@@ -242,6 +243,7 @@ def main() -> None:
         print(table(budget["rows"], ["method", "recipe", "flops_pct", "params", "heldout_after_adaptive_bn",
                                      "test_mean", "test_spread", "seconds_to_strategy", "candidates"]))
     print("saved", save(args.out, result))
+    os.remove(results_path(f"{args.out}.partial.json"))  # the whole result is saved
 
 
 if __name__ == "__main__":
