@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+import yaml
 
 from prunetune import load_pruned
 from prunetune.search.artifacts import save_pruned
@@ -41,6 +42,18 @@ def test_a_run_written_before_schema_versions_reports_as_it_did(old_run, capsys)
 def test_a_run_written_before_schema_versions_is_complete_for_resume(old_run, capsys):
     assert main(["resume", str(old_run)]) == 0
     assert capsys.readouterr().out == f"{old_run}: the run is already complete\n"
+
+
+def test_resume_with_a_config_of_another_run_is_refused_in_one_line(old_run, tmp_path, capsys):
+    assert main(["resume", str(old_run), "--config", str(old_run / "config.yaml")]) == 0  # its own: resumes
+    other = tmp_path / "other.yaml"
+    config = yaml.safe_load((old_run / "config.yaml").read_text())
+    config["evaluation"]["seed"] += 1  # another run's
+    other.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["resume", str(old_run), "--config", str(other)]) == 2
+    assert capsys.readouterr().err == (f"prunetune: error: --config: {other} does not match the run in {old_run}; "
+                                       "resume it without --config, or start a new run\n")
     assert read_manifest(str(old_run)).stage == "done"
 
 
