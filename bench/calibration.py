@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (CIFAR_SMOKE, cifar_arguments, cifar_model, median, parse_args,  # noqa: E402
                           results_path, save, table)
-from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, finetune, load_config  # noqa: E402
+from prunetune import (CandidateEvaluator, FinetuneOptions, PruningSpace, StrategySampler, finetune,  # noqa: E402
+                       load_config)
 from prunetune.workers.evaluator import evaluation_data  # noqa: E402
 
 # name -> (batches, batch size, convergence tolerance, amp); the first is the reference
@@ -83,7 +84,7 @@ def main() -> None:
             continue
         cfg = load_config(None, [f"evaluation.calibration_batches={batches}", f"evaluation.batch_size={size}",
                                  f"evaluation.heldout_size={args.heldout}", f"evaluation.amp={amp}",
-                                 f"evaluation.calibration_tolerance={tolerance}"]).evaluation
+                                 f"evaluation.calibration_tolerance={tolerance}"]).evaluation.settings()
         evaluator = CandidateEvaluator(model, space, evaluation_data(data, cfg), cfg, "cpu")
         evaluator.evaluate(strategies[0])  # warm-up
         rows = []
@@ -99,15 +100,16 @@ def main() -> None:
         batches, size = settings_table[reference][:2]
         cfg = load_config(None, [f"evaluation.heldout_size={args.heldout}", f"evaluation.calibration_batches={batches}",
                                  f"evaluation.batch_size={size}"])
-        evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
+        evaluator = CandidateEvaluator(model, space, data, cfg.evaluation.settings(), "cpu")
         ft = load_config(None, [f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01",
-                                "finetune.batch_size=128", "finetune.warmup_epochs=0"]).finetune
+                                "finetune.batch_size=128", "finetune.warmup_epochs=0"]).finetune.settings()
         for i, ratios in enumerate(strategies):
             if str(i) in partial["finetuned"]:
                 continue
             pruned = evaluator.prune(ratios)
             evaluator.recalibrate(pruned)
-            out = finetune(pruned, data, ft, "cpu", train_indices=evaluator.rest_indices[: args.finetune_images])
+            subset = evaluator.rest_indices[: args.finetune_images]
+            out = finetune(pruned, data, ft, FinetuneOptions(train_indices=subset))
             partial["finetuned"][str(i)] = out["test_accuracy"]
             keep()
             print(f"strategy {i}: fine-tuned test accuracy {out['test_accuracy']:.4f}", flush=True)

@@ -24,7 +24,8 @@ _smoke_dir: str | None = None  # set by parse_args in smoke mode: every output g
 def machine() -> dict:
     """Where the figures were measured."""
     info = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "load_1_5_15_min": [round(v, 2) for v in os.getloadavg()]}  # uptime's load: other jobs on the CPUs
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

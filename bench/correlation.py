@@ -16,20 +16,19 @@ python bench/correlation.py --smoke    # seconds: ResNet-20 trained 1 epoch on t
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import parse_args, save, smoke_data, smoke_dir, table  # noqa: E402
-from prunetune import (CandidateEvaluator, PruningSpace, StrategySampler, build_model, finetune, load_config,  # noqa: E402
-                       load_data)
+from prunetune import (CandidateEvaluator, FinetuneOptions, PruningSpace, StrategySampler, build_model,  # noqa: E402
+                       finetune, load_config, load_data)
 from prunetune.workers.data import heldout_split  # noqa: E402
 from prunetune.workers.evaluator import resolve_device  # noqa: E402
 from prunetune.workers.models import read_state_dict  # noqa: E402
@@ -137,8 +136,8 @@ def main() -> None:
         model.load_state_dict(read_state_dict(base_path))
     else:
         start = time.time()
-        result = finetune(model, data, cfg.finetune, device, epochs=proto.base_epochs, train_indices=rest,
-                          checkpoint_path=base_path + ".train")
+        result = finetune(model, data, replace(cfg.finetune.settings(), epochs=proto.base_epochs),
+                          FinetuneOptions(device, train_indices=rest, checkpoint_path=base_path + ".train"))
         torch.save(model.state_dict(), base_path)
         print(f"base model: {proto.base_epochs} epochs in {time.time() - start:.0f}s, "
               f"test accuracy {result['test_accuracy']:.4f}", flush=True)
@@ -153,11 +152,10 @@ def main() -> None:
         modes["cumulative_bf16"] = ("cumulative", proto.cumulative_batches, True)
     evaluators = {}
     for name, (mode, batches, bf16) in modes.items():
-        ev_cfg = copy.deepcopy(cfg.evaluation)
-        ev_cfg.bn_mode, ev_cfg.calibration_batches, ev_cfg.amp = mode, batches, "bf16" if bf16 else "off"
+        ev_cfg = replace(cfg.evaluation.settings(), bn_mode=mode, calibration_batches=batches,
+                         amp="bf16" if bf16 else "off")
         evaluators[name] = CandidateEvaluator(model, space, data, ev_cfg, device)
-    ft_cfg = copy.deepcopy(cfg.finetune)
-    ft_cfg.lr, ft_cfg.epochs, ft_cfg.warmup_epochs = 0.02, proto.finetune_epochs, 0.0
+    ft_cfg = replace(cfg.finetune.settings(), lr=0.02, epochs=proto.finetune_epochs, warmup_epochs=0.0)
     subset = rest if proto.finetune_subset is None else rest[: proto.finetune_subset]
 
     # 2. candidates (and the uniform baseline as index -1), results appended as they finish
@@ -175,7 +173,8 @@ def main() -> None:
             pruned = evaluators["cumulative"].prune(ratios)
             evaluators["cumulative"].recalibrate(pruned)
             torch.manual_seed(args.seed)
-            out = finetune(pruned.float(), data, ft_cfg, device, train_indices=subset, log=open(os.devnull, "w"))
+            out = finetune(pruned.float(), data, ft_cfg,
+                           FinetuneOptions(device, train_indices=subset, log=open(os.devnull, "w")))
             rec["finetuned"] = out["test_accuracy"]
         rec["seconds"] = time.time() - start
         with open(log_path, "a") as f:

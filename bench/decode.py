@@ -69,11 +69,10 @@ def driver_rates(folder: str, counts: list[int], rounds: int, eval_size: int, sm
                  batch: int) -> list[dict]:
     """Images/s of the driver's decode for each num_workers: evaluation_data's calibration (2 batches) and
     held-out images at `eval_size`, and load_data's in-memory arrays at `small_size` (no cache)."""
-    from prunetune import load_config, load_data
+    from prunetune import EvaluationSettings, load_data
     from prunetune.workers.evaluator import evaluation_data
 
-    cfg = load_config(None, [f"evaluation.heldout_size={heldout}", f"evaluation.batch_size={batch}",
-                             "evaluation.calibration_batches=2"]).evaluation
+    cfg = EvaluationSettings(heldout_size=heldout, batch_size=batch, calibration_batches=2)
     data = load_data("imagefolder", path=folder, image_size=eval_size)
     n_eval = heldout + 2 * batch
     n_small = len(data.train) + len(data.test)

@@ -12,7 +12,7 @@ python bench/evaluator.py --smoke    # seconds: resnet20 at 16 px, 2 candidates,
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -85,9 +85,8 @@ def main() -> None:
     strategies = [sampler.sample(i) for i in range(args.candidates + 1)]  # one extra for warm-up
     overrides = [f"evaluation.heldout_size={heldout}", f"evaluation.batch_size={batch}",
                  f"evaluation.score_batch_size={min(500, heldout)}"]
-    cumulative = load_config(None, overrides + [f"evaluation.calibration_batches={n}"]).evaluation
-    ema = copy.deepcopy(cumulative)
-    ema.bn_mode, ema.calibration_batches = "ema", 2 * n
+    cumulative = load_config(None, overrides + [f"evaluation.calibration_batches={n}"]).evaluation.settings()
+    ema = dataclasses.replace(cumulative, bn_mode="ema", calibration_batches=2 * n)
     t = time.perf_counter()
     evaluators = {"evaluator_cumulative": CandidateEvaluator(model, space, data, cumulative, device),
                   "evaluator_ema": CandidateEvaluator(model, space, data, ema, device)}

@@ -120,13 +120,13 @@ def ddp_epoch(rank: int, world: int, port: int, folder: str, size: int, ft, thre
     """One process of a data-parallel epoch of finetune(); rank 0 writes the epoch's seconds to `out`."""
     from torch import distributed as dist
 
-    from prunetune import finetune, load_data
+    from prunetune import FinetuneOptions, finetune, load_data
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(threads)
     data = load_data("imagefolder", path=folder, image_size=size)
-    result = finetune(small_net(data.num_classes), data, ft, log=io.StringIO(), data_parallel=True)
+    result = finetune(small_net(data.num_classes), data, ft, FinetuneOptions(log=io.StringIO(), data_parallel=True))
     if rank == 0:
         with open(out, "w") as f:
             f.write(str(result["history"][-1]["epoch_seconds"]))
@@ -150,7 +150,7 @@ def ddp_seconds(world: int, folder: str, size: int, ft, threads: int) -> float:
 
 
 def main() -> None:
-    from prunetune import finetune, load_config, load_data
+    from prunetune import FinetuneOptions, FinetuneSettings, finetune, load_data
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="the CIFAR-10 image folder (train/, test/); not with --smoke")
@@ -174,15 +174,16 @@ def main() -> None:
     files = data.train.files[:200]
     rates = decode_rates(files, rounds=3)
     print(table([{"decoder": k, "images_per_s": v} for k, v in rates.items()], ["decoder", "images_per_s"]), flush=True)
-    ft = load_config(None, [f"finetune.batch_size={args.batch_size}", "finetune.epochs=1"]).finetune
+    ft = FinetuneSettings(batch_size=args.batch_size, epochs=1)
     n = (len(data.train_augmented) // ft.batch_size) * ft.batch_size
     counts = [int(w) for w in args.workers.split(",")]
     seconds = {(w, loop): [] for w in counts for loop in ("finetune", "reference")}
     for _ in range(args.rounds):  # interleaved, so every setting sees the same (shared) machine
         for workers in counts:
             seconds[workers, "reference"].append(reference_epoch(data, ft, workers))
-            seconds[workers, "finetune"].append(finetune(small_net(data.num_classes), data, ft, num_workers=workers,
-                                                         log=io.StringIO())["history"][-1]["epoch_seconds"])
+            result = finetune(small_net(data.num_classes), data, ft, FinetuneOptions(num_workers=workers,
+                                                                                     log=io.StringIO()))
+            seconds[workers, "finetune"].append(result["history"][-1]["epoch_seconds"])
     rows = [{"workers": w, "images": n, "finetune_images_per_s": n / median(seconds[w, "finetune"]),
              "reference_images_per_s": n / median(seconds[w, "reference"]),
              "ratio": median(seconds[w, "reference"]) / median(seconds[w, "finetune"])} for w in counts]

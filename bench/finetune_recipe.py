@@ -7,6 +7,7 @@ each, test accuracy of the last and of the kept (best-validation) epoch. No Ray.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 
 from common import CIFAR_SMOKE, cifar_arguments, cifar_model, parse_args, save, table
@@ -18,7 +19,7 @@ RECIPES = {"before: lr 0.05, 1 warm-up epoch": {"lr": 0.05, "warmup_epochs": 1.0
 
 
 def main() -> None:
-    from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, finetune, load_config
+    from prunetune import CandidateEvaluator, FinetuneOptions, PruningSpace, StrategySampler, finetune, load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cifar_arguments(parser)
@@ -33,7 +34,7 @@ def main() -> None:
     space = PruningSpace.from_model(model, data.example_input())
     cfg = load_config(None, [f"evaluation.heldout_size={args.heldout}", "evaluation.calibration_batches=20",
                              "finetune.batch_size=128", f"finetune.epochs={args.epochs}"])
-    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
+    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation.settings(), "cpu")
     sampler = StrategySampler(space, 0.5, 0.01, 0.7, seed=11)
     records = sorted((evaluator.evaluate(sampler.sample(i), i) for i in range(args.strategies)), key=lambda r: -r.score)
     rows = []
@@ -42,9 +43,9 @@ def main() -> None:
             pruned = evaluator.prune(record.ratios)
             evaluator.recalibrate(pruned)
             teacher = model if overrides.get("distill_weight") else None
-            out = finetune(pruned.float(), data, cfg.finetune.model_copy(update=overrides), "cpu", teacher=teacher,
-                           train_indices=evaluator.rest_indices[:args.images], val_indices=evaluator.heldout_indices,
-                           log=io.StringIO())
+            out = finetune(pruned.float(), data, dataclasses.replace(cfg.finetune.settings(), **overrides),
+                           FinetuneOptions(train_indices=evaluator.rest_indices[:args.images],
+                                           val_indices=evaluator.heldout_indices, teacher=teacher, log=io.StringIO()))
             history = out["history"]
             rows.append({"candidate": record.index, "recipe": name,
                          "val": [round(h["val_accuracy"], 4) for h in history],

@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import median, parse_args, results_path, save, table  # noqa: E402
-from prunetune import CandidateEvaluator, PrunePlan, StrategySampler, load_config, load_data, preflight  # noqa: E402
+from prunetune import (CandidateEvaluator, EvaluationSettings, PreflightOptions, PrunePlan, StrategySampler,  # noqa: E402
+                       load_data, preflight)
 from prunetune.workers.preflight import functional_gap  # noqa: E402
 from prunetune.workers.space import count_flops  # noqa: E402
 
@@ -75,7 +76,8 @@ def one(name: str, data, evaluation, max_params_m: float, image_size: int = 224)
     x = torch.zeros(1, 3, image_size, image_size)
     t = time.perf_counter()
     try:
-        verdict = preflight(model, x, 10, 0.7, lambda space: StrategySampler(space, 0.5, 0.02, 0.7).sample(0))
+        first = lambda space: StrategySampler(space, 0.5, 0.02, 0.7).sample(0)  # noqa: E731
+        verdict = preflight(model, x, PreflightOptions(10, 0.7, first))
     except Exception as e:
         return {**row, "refusal": str(e).splitlines()[0], "preflight_s": time.perf_counter() - t}
     space = verdict.space
@@ -117,8 +119,7 @@ def main() -> None:
     if args.one:
         torch.set_num_threads(os.cpu_count() or 1)
         data = load_data("synthetic", image_size=args.image_size, num_classes=10, train_size=48, test_size=8)
-        evaluation = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=8",
-                                        "evaluation.heldout_size=16", "evaluation.score_batch_size=16"]).evaluation
+        evaluation = EvaluationSettings(calibration_batches=2, batch_size=8, heldout_size=16, score_batch_size=16)
         print(json.dumps(one(args.one, data, evaluation, args.max_params_m, args.image_size)))
         return
     if args.models:

@@ -20,6 +20,7 @@ import io
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (CIFAR_SMOKE, cifar_arguments, cifar_model, parse_args, save, table,  # noqa: E402
                           time_side_by_side)
-from prunetune import CandidateEvaluator, StrategySampler, finetune, load_config  # noqa: E402
+from prunetune import CandidateEvaluator, FinetuneOptions, StrategySampler, finetune, load_config  # noqa: E402
 from prunetune.search.baselines import global_threshold  # noqa: E402
 from prunetune.workers.constraints import CONSTRAINTS  # noqa: E402
 from prunetune.workers.data import iterate_batches  # noqa: E402
@@ -89,7 +90,7 @@ def main() -> None:
     cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
                              f"evaluation.heldout_size={args.heldout}"])
     ft = load_config(None, [f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01", "finetune.batch_size=128",
-                            "finetune.warmup_epochs=0"]).finetune
+                            "finetune.warmup_epochs=0"]).finetune.settings()
     subset = np.random.default_rng(0).permutation(len(data.train))[: args.finetune_images]
     result = {"args": vars(args), "base_test_accuracy": test_accuracy(base, data), "base_gammas": gamma_summary(base)}
     sparse = None
@@ -99,13 +100,14 @@ def main() -> None:
         start = time.perf_counter()
         if sparsity and sparse is None:  # Network Slimming's sparsity training, once, on the fine-tuning budget
             sparse = clone_module(base, {})
-            slimming_train(sparse, data, ft, args.sparsity, args.sparsity_epochs, train_indices=subset)
+            slimming_train(sparse, data, replace(ft, epochs=args.sparsity_epochs), args.sparsity,
+                           FinetuneOptions(train_indices=subset))
             result.update(sparse_test_accuracy=test_accuracy(sparse, data), sparse_gammas=gamma_summary(sparse))
         model = (sparse if sparsity else base).eval()
         method = PRUNING_METHODS[granularity]
         space = method.space(model, data.example_input())
         sampler = StrategySampler(space, target, 0.01, 0.7, constraint=CONSTRAINTS[constraint])
-        evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu", criterion, method)
+        evaluator = CandidateEvaluator(model, space, data, cfg.evaluation.settings(), "cpu", criterion, method)
         if how == "global":
             importance = method.importance(model, space, criterion, 0)
             best = global_threshold(sampler, importance,
@@ -115,7 +117,7 @@ def main() -> None:
             best = max(records, key=lambda r: r.score).ratios
         pruned = evaluator.prune(best)
         evaluator.recalibrate(pruned)
-        finetune(pruned, data, ft, train_indices=subset)
+        finetune(pruned, data, ft, FinetuneOptions(train_indices=subset))
         deployed[name] = method.deployable(clone_module(pruned, {}))
         rows.append({"method": name, "test_accuracy": round(test_accuracy(pruned, data), 4),
                      "flops_ratio": round(space.flops(best) / space.base_flops, 4),

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (CIFAR_SMOKE, cifar_arguments, cifar_model, median, parse_args,  # noqa: E402
                           results_path, save, table)
-from prunetune import CandidateEvaluator, PruningSpace, StrategySampler, finetune, load_config  # noqa: E402
+from prunetune import (CandidateEvaluator, FinetuneOptions, PruningSpace, StrategySampler, finetune,  # noqa: E402
+                       load_config)
 from prunetune.search.algorithms import ALGORITHMS  # noqa: E402
 from prunetune.search.baselines import Ranking, baselines  # noqa: E402
 from prunetune.workers.prune import position_importance  # noqa: E402
@@ -70,7 +71,7 @@ def main() -> None:
     space = PruningSpace.from_model(model, data.example_input())
     cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
                              f"evaluation.heldout_size={args.heldout}", "evaluation.batch_size=128"])
-    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
+    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation.settings(), "cpu")
     importance = position_importance(model, space, "l1")
     settings = {k: getattr(args, k) for k in ("checkpoint", "model", "population", "calibration_batches", "heldout")}
     partial = json.load(open(partial_path)) if os.path.isfile(partial_path) else {}
@@ -146,11 +147,11 @@ def main() -> None:
     chosen += [(r["source"], r) for r in partial["runs"]["random/0"][:2]]
     rest = evaluator.rest_indices[: args.finetune_images]
     ft = load_config(None, [f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01", "finetune.batch_size=128",
-                            "finetune.warmup_epochs=0"]).finetune
+                            "finetune.warmup_epochs=0"]).finetune.settings()
     for label, cand in chosen:
         pruned = evaluator.prune(cand["ratios"])
         evaluator.recalibrate(pruned)
-        out = finetune(pruned, data, ft, "cpu", train_indices=rest, val_indices=evaluator.heldout_indices)
+        out = finetune(pruned, data, ft, FinetuneOptions(train_indices=rest, val_indices=evaluator.heldout_indices))
         finals.append({"top-1 of": label, "score": cand["score"], "flops_ratio": cand["flops_ratio"],
                        "val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"]})
         print(table(finals[-1:], list(finals[-1])), flush=True)

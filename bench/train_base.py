@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import checkpoints_dir, machine, parse_args, smoke_data  # noqa: E402
-from prunetune import build_model, finetune, load_config, load_data  # noqa: E402
+from prunetune import FinetuneOptions, build_model, finetune, load_config, load_data  # noqa: E402
 from prunetune.workers.files import atomic_write, write_json  # noqa: E402
 
 def main() -> None:
@@ -41,12 +41,13 @@ def main() -> None:
     folder = checkpoints_dir()
     os.makedirs(folder, exist_ok=True)
     cfg = load_config(None, [f"finetune.lr={args.lr}", "finetune.weight_decay=5e-4", "finetune.batch_size=128",
-                             "finetune.warmup_epochs=1", f"finetune.seed={args.seed}"]).finetune
+                             "finetune.warmup_epochs=1", f"finetune.seed={args.seed}",
+                             f"finetune.epochs={args.epochs}"]).finetune.settings()
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.num_classes, 3)
     checkpoint = os.path.join(folder, f"{args.model}-cifar10.resume.pt")  # resumable; removed at the end
     start = time.time()
-    result = finetune(model, data, cfg, device, checkpoint_path=checkpoint, epochs=args.epochs)
+    result = finetune(model, data, cfg, FinetuneOptions(device, checkpoint_path=checkpoint))
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     path = os.path.join(folder, f"{args.model}-cifar10.pt")
     atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)

@@ -39,7 +39,8 @@ def main() -> None:
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     prep = ensure_base(prepare(cfg))
     torch.set_num_threads(1)  # a trial with cpus_per_trial=0.5 gets one thread too
-    evaluator = CandidateEvaluator(prep.model, prep.space, prep.data, cfg.evaluation, "cpu", cfg.search.criterion)
+    evaluator = CandidateEvaluator(prep.model, prep.space, prep.data, cfg.evaluation.settings(), "cpu",
+                                   cfg.search.criterion)
     strategies = [prep.sampler.sample(i) for i in range(args.candidates)]
     evaluator.evaluate(strategies[0])
     start = time.perf_counter()

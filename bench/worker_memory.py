@@ -41,7 +41,7 @@ def one_mode(args) -> dict:
     torch.manual_seed(0)
     data = load_data("synthetic", image_size=args.image_size, num_classes=10, train_size=args.train_size, test_size=16)
     cfg = load_config(None, [f"evaluation.calibration_batches={args.calibration_batches}",
-                             f"evaluation.heldout_size={args.heldout}"]).evaluation
+                             f"evaluation.heldout_size={args.heldout}"]).evaluation.settings()
     model = build_model(args.model, 10)
     space = PruningSpace.from_model(model, data.example_input())
     sampler = StrategySampler(space, 0.5, 0.02, 0.7)

@@ -1,14 +1,17 @@
 """The documentation's generated pages, built from the code and the committed bench results at `mkdocs build` time
-(a hook in mkdocs.yml): the CLI from the argument parser, the config from the pydantic models, the Python API from
-`prunetune.__all__`, one page per `bench/results/*.json`. Nothing here is written into the source tree."""
+(a hook in mkdocs.yml): the CLI from the argument parser, the config from the pydantic models, the run files from
+their dataclasses, the Python API from `prunetune.__all__`, one page per `bench/results/*.json`. Nothing here is
+written into the source tree."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import inspect
 import json
 import os
 import re
+import typing
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -20,14 +23,23 @@ _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's a
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """field name -> the comment written beside it in the source of the class (or of the class it extends)."""
+    """field name -> the comments written above it and beside it in the source of the class (or of the classes it
+    extends), joined."""
     found = {}
-    for klass in reversed([k for k in cls.__mro__ if issubclass(k, BaseModel) and k.__module__ != "pydantic.main"]):
+    own = [k for k in cls.__mro__ if k.__module__ not in ("pydantic.main", "builtins") and k is not BaseModel]
+    for klass in reversed(own):
+        above: list[str] = []
         for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-            if m:
-                found[m.group(1)] = m.group(2).strip()
-    return found
+            comment = re.match(r"\s+#\s*(.*)$", line)
+            field = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+            if comment:
+                above.append(comment.group(1).strip())
+            elif field:
+                found[field.group(1)] = " ".join([*above, (field.group(2) or "").strip()]).strip()
+                above = []
+            else:
+                above = []
+    return {name: note for name, note in found.items() if note}
 
 
 def _type_name(annotation: object) -> str:
@@ -56,6 +68,11 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _is_choice(marker: object) -> bool:
+    """True for a Choice marker of a field (search/config_file.py): its allowed values, read live from a registry."""
+    return type(marker).__name__ == "Choice" and hasattr(marker, "values")
+
+
 def config_page(config_cls: type[BaseModel]) -> str:
     """The config reference: every section's keys with type, default and the note beside the field."""
     out = ["# Configuration reference\n",
@@ -68,12 +85,43 @@ def config_page(config_cls: type[BaseModel]) -> str:
         rows = []
         for name, f in cls.model_fields.items():
             kind = _type_name(f.annotation)
-            limits = ", ".join(f"{op} {getattr(m, attr)}" for m in f.metadata for attr, op in _BOUNDS
-                               if getattr(m, attr, None) is not None)
+            limits = ", ".join([f"{op} {getattr(m, attr)}" for m in f.metadata for attr, op in _BOUNDS
+                                if getattr(m, attr, None) is not None]
+                               + [f"one of {', '.join(m.values)}" for m in f.metadata if _is_choice(m)])
             rows.append([f"`{section}.{name}`", kind, json.dumps(f.get_default(call_default_factory=True),
                                                                   default=str), limits,
                          f.description or notes.get(name, "")])
         out.append(_table(["key", "type", "default", "limits", "what it is"], rows))
+    return "\n".join(out)
+
+
+def _dataclass_rows(cls: type, prefix: str, seen: set) -> list[tuple[str, list[list[object]]]]:
+    """A dataclass's fields as table rows (name, type, what it is), then those of the dataclasses it holds."""
+    hints, notes = typing.get_type_hints(cls), _comments(cls)
+    rows, nested = [], []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        rows.append([f"`{prefix}{f.name}`", re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", _type_name(hint)),
+                     notes.get(f.name, "")])
+        for inner in [hint, *typing.get_args(hint)]:
+            if dataclasses.is_dataclass(inner) and inner not in seen:
+                seen.add(inner)
+                key = f"{prefix}{f.name}{'[]' if typing.get_origin(hint) is list else ''}."
+                nested += _dataclass_rows(inner, key, seen)
+    return [(f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}", rows), *nested]
+
+
+def runfiles_page(files: dict[str, type]) -> str:
+    """The run files reference: each file's fields, with type and the note beside the field, nested records after."""
+    from prunetune.search import runfiles
+
+    out = ["# Run files\n", f"Generated from the dataclasses in `search/runfiles.py` at build time. "
+           f"{runfiles.__doc__.split(chr(10) + chr(10))[1].strip()} This prunetune writes schema_version "
+           f"{runfiles.SCHEMA_VERSION}.\n"]
+    for path, cls in files.items():
+        out.append(f"## `{path}`\n")
+        for title, rows in _dataclass_rows(cls, "", {cls}):
+            out += [f"{title}\n", _table(["field", "type", "what it is"], rows)]
     return "\n".join(out)
 
 
@@ -269,8 +317,10 @@ def pages() -> dict[str, str]:
     import prunetune.workers
     from prunetune.search.cli import build_parser
     from prunetune.search.config import Config
+    from prunetune.search.runfiles import RUN_FILES
 
     out = {"reference/config.md": config_page(Config), "reference/cli.md": cli_page(build_parser()),
+           "reference/run-files.md": runfiles_page(RUN_FILES),
            "reference/api.md": api_page(prunetune),
            "reference/error-classes.md": errors_page([prunetune.search, prunetune.workers]),
            "reference/refused-values.md": refusals_page(_catalog("BAD_VALUES"))}

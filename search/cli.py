@@ -12,7 +12,7 @@ import threading
 from prunetune.workers.errors import BadInput, PrunetuneError, RunFailed
 from prunetune.workers.progress import never_silent
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, resumable_keys
 
 class Interrupted(PrunetuneError):
     """Ctrl-C (or SIGTERM, SIGHUP) stopped a run where it was; the message says what is kept and how to continue;
@@ -130,34 +130,35 @@ def _cmd_run(args) -> int:
 
 def _cmd_resume(args) -> int:
     from .cluster import check_address
-    from .config import RESUMABLE, resumable
+    from .config import resumable
     from .driver import launch
     from .prepare import prepare, warn
     from .rundir import RunDir, config_hash
+    from .runfiles import MANIFEST
     from .store import CandidateStore
 
     run = RunDir(args.output)
     if not run.exists():
-        raise ConfigError(f"output: {run.path} holds no prunetune run to resume (no manifest.json)")
+        raise ConfigError(f"output: {run.path} holds no prunetune run to resume (no {MANIFEST})")
     manifest = run.manifest()
     run.check_free()
     for override in args.set:
         key = override.partition("=")[0].strip()
         if not resumable(key):
-            allowed = ", ".join(k if "." in k else f"{k}.*" for k in RESUMABLE)
+            allowed = resumable_keys()
             raise ConfigError(f"--set {key}: a resumed run keeps its config; only {allowed} may change")
     cfg = _config(run.config_path, args.set)
     if args.config and config_hash(load_config(args.config)) != config_hash(cfg):
         raise ConfigError(f"--config: {args.config} does not match the run in {run.path}; "
                           "resume it without --config, or start a new run")
     check_address(args.address or cfg.ray.address)
-    lost = CandidateStore(run.path).verify(manifest.get("candidates", {}))
+    lost = CandidateStore(run.path).verify(manifest.candidates)
     for problem in lost:
         warn(f"{problem}; its candidates are evaluated again (and the finalists chosen anew)")
-    if manifest.get("stage") == "done" and not lost:
+    if manifest.stage == "done" and not lost:
         print(f"{run.path}: the run is already complete")
         return 0
-    print(f"resuming {run.path} at stage '{'search' if lost else manifest.get('stage')}'", flush=True)
+    print(f"resuming {run.path} at stage '{'search' if lost else manifest.stage}'", flush=True)
     with never_silent():
         summary = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=True))
     _print_done(run, summary)
@@ -166,7 +167,7 @@ def _cmd_resume(args) -> int:
 
 def _cmd_finetune(args) -> int:
     from .cluster import check_address
-    from .config import RESUMABLE, resumable
+    from .config import resumable
     from .driver import launch
     from .prepare import prepare
     from .refinetune import candidate_path, refinetune, stored_candidate
@@ -176,7 +177,7 @@ def _cmd_finetune(args) -> int:
     for override in args.set:
         key = override.partition("=")[0].strip()
         if not (key.startswith("finetune.") or resumable(key)):
-            allowed = ", ".join(k if "." in k else f"{k}.*" for k in ("finetune", *RESUMABLE))
+            allowed = resumable_keys("finetune")
             raise ConfigError(f"--set {key}: a candidate is fine-tuned again as the run found it; only {allowed} "
                               "may change")
     cfg = _config(run.config_path, args.set)
@@ -185,30 +186,29 @@ def _cmd_finetune(args) -> int:
     check_address(args.address or cfg.ray.address)
     figures = _launch(run, lambda: launch(prepare(cfg), run, args.address, restore=True,
                                           body=lambda prep, run, restore: refinetune(prep, run, record)))
-    metric = next(k[5:] for k in figures if k.startswith("test_"))
-    print(f"\ncandidate {args.candidate} fine-tuned for {figures['epochs']} epochs: test {metric} "
-          f"{100 * figures[f'test_{metric}']:.2f}% (val {100 * figures[f'val_{metric}']:.2f}%): {figures['path']}")
+    print(f"\ncandidate {args.candidate} fine-tuned for {figures.epochs} epochs: test {figures.metric} "
+          f"{100 * figures.test:.2f}% (val {100 * figures.val:.2f}%): {figures.path}")
     return 0
 
 
-def _print_done(run, summary: dict) -> None:
-    from .report import finals_lines, front_lines, kept, metric_of
+def _print_done(run, summary) -> None:
+    from .report import finals_lines, front_lines, kept
 
-    best, base, metric = summary["final"][0], summary["base"], metric_of(summary)
-    latency = (f", {100 * best['latency_predicted_ms'] / base['latency_predicted_ms']:.1f}% of its predicted latency"
-               if best.get("latency_predicted_ms") and base.get("latency_predicted_ms") else "")
-    print(f"\nbest model: {best['path']} (candidate {best['candidate']}, {kept(best)}): test {metric} "
-          f"{100 * best[f'test_{metric}']:.2f}% at {100 * best['flops_ratio']:.1f}% of base FLOPs{latency} "
-          f"(base {100 * base[f'test_{metric}']:.2f}%)")
+    best, base, metric = summary.final[0], summary.base, summary.metric
+    latency = (f", {100 * best.latency_predicted_ms / base.latency_predicted_ms:.1f}% of its predicted latency"
+               if best.latency_predicted_ms and base.latency_predicted_ms else "")
+    print(f"\nbest model: {best.path} (candidate {best.candidate}, {kept(best)}): test {metric} "
+          f"{100 * best.test:.2f}% at {100 * best.flops_ratio:.1f}% of base FLOPs{latency} "
+          f"(base {100 * base.test:.2f}%)")
     print("final models:\n" + "\n".join(finals_lines(summary)))
-    if summary.get("front"):
+    if summary.front:
         print("front (held-out score before fine-tuning):\n" + "\n".join(front_lines(summary)))
     print(f"report: {os.path.join(run.path, 'report.md')}")
     out = shlex.quote(run.path)
     steps = [(f"prunetune report {out}", "the tables again, in the terminal"),
              (f"prunetune export {out} --rank 1 --format onnx", "the best model for deployment (or torchscript)"),
              (f"prunetune export {out} --test-split DIR", "the test images, to check a model yourself")]
-    if summary.get("front"):
+    if summary.front:
         steps.insert(2, (f"prunetune export {out} --point K", "the model of the front's point K (or --budget X)"))
     width = max(len(command) for command, _ in steps)
     print("what next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
@@ -260,10 +260,11 @@ def _cmd_inspect(args) -> int:
     print(verdict.space.describe())
     print(verdict.describe())
     if args.latency:
-        from .prepare import attach_latency
+        from .prepare import attach_latency, where_time_goes
 
         attach_latency(cfg, model, verdict.space)
         print(verdict.space.latency.describe(verdict.space))
+        print(where_time_goes(cfg, verdict.space))
     return 0
 
 
@@ -315,19 +316,16 @@ def _cmd_report(args) -> int:
 
 def _front_rank(args) -> int:
     """The final model rank to export: --rank, or the rank of the front point --point or --budget names."""
-    import json
-
     from .front import point_rank
+    from .runfiles import read_summary
 
     if args.point is None and args.budget is None:
         return args.rank
-    path = os.path.join(_run_dir(args.output).final_path, "summary.json")
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        raise ConfigError(f"{'--point' if args.point is not None else '--budget'}: {path} cannot be read (has the "
-                          "run finished? see `prunetune report`)") from None
+    run = _run_dir(args.output)
+    summary = read_summary(run.path)
+    if summary is None:
+        raise ConfigError(f"{'--point' if args.point is not None else '--budget'}: {run.final_path} has no summary "
+                          "(has the run finished? see `prunetune report`)")
     return point_rank(summary, args.point, args.budget)
 
 
@@ -369,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
     r.set_defaults(fn=_cmd_run)
 
-    rs = sub.add_parser("resume", help="continue an interrupted run (search or fine-tuning stage)")
+    rs = sub.add_parser("resume", help="continue an interrupted run (search or fine-tuning stage)",
+                        description="Continue an interrupted run, in the search or the fine-tuning stage. --set may "
+                        "change only how the run is scheduled: "
+                        + resumable_keys() + ".")
     rs.add_argument("output", help="the run's output directory")
     rs.add_argument("--config", help="check that this config matches the run's")
     rs.add_argument("--address")
@@ -391,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-classes", type=int, default=10)
     i.add_argument("--round-to", type=int, default=1)
     i.add_argument("--latency", action="store_true", help="build (or load from the cache) the latency table on "
-                   "latency.device and show each group's share of the latency")
+                   "latency.device and show each group's share of the latency, then each layer's latency before and "
+                   "after pruning at the target and the layers whose channel counts cost speed")
     i.set_defaults(fn=_cmd_inspect)
 
     s = sub.add_parser("submit", help="submit a search to a Ray cluster as a Ray Job")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
+from dataclasses import replace
 from typing import Annotated
 
 import yaml
@@ -17,6 +17,7 @@ from prunetune.workers.latency import FIT_ERROR_BOUND
 from prunetune.workers.messages import shown
 from prunetune.workers.timing import RUNTIMES
 from prunetune.workers.methods import METHODS, PruningMethod, misuse
+from prunetune.workers.settings import EvaluationSettings, FinetuneSettings
 from prunetune.workers.tasks import TASKS
 
 from .algorithms import ALGORITHMS, SearchAlgorithm
@@ -60,102 +61,140 @@ MAX_CANDIDATES = 1_000_000
 MAX_FINALISTS = 1_000  # each one fine-tuned and written as a model file
 MAX_IMAGES = 10_000_000  # a synthetic split (its tensors are built in memory)
 MAX_CLASSES = 100_000  # the classifier's outputs (ImageNet-21k has 21,841)
+# The trial side's settings own their defaults; the sections below add the bounds, choices and notes.
+_E, _F = EvaluationSettings(), FinetuneSettings()
 
 
 class ModelConfig(Section):
-    name: str = "digits_cnn"  # registry name or package.module:function
-    checkpoint: ExpandedPath | None = None  # state dict of the trained model; none: train one (cached)
+    # a registered model (workers/models.py: digits_cnn, resnet20, resnet56, vgg16_bn, mobilenet_v1 at 32x32,
+    # mobilenet_v1_224) or package.module:function (e.g. torchvision.models:resnet50; given num_classes if it takes it)
+    name: str = "digits_cnn"
+    # the trained model's weights: a torch.save file (read weights-only) or safetensors (guides: your model and
+    # checkpoint); none: train one (cached)
+    checkpoint: ExpandedPath | None = None
     checkpoint_key: str | None = None  # which state dict in the checkpoint, when several fit ('model_ema')
-    kwargs: dict = {}
-    task: str = "classification"  # classification | segmentation | package.module:function (returning a Task)
+    kwargs: dict = {}  # keyword arguments of the model's factory
+    task: str = "classification"  # classification | segmentation | yolo | package.module:function (returning a Task)
     pretrain_epochs: int = Field(30, ge=1)  # when no checkpoint is given
-    pretrain_lr: float = Field(0.05, gt=0)  # the base's training and sparsity training (one warm-up epoch)
-    ignored_layers: list = []  # layers never pruned (the heads, the classifier among them, never are)
-    sparsity: float | None = Field(None, gt=0)  # L1 lambda: slimming, skeleton
+    # the base's training and sparsity training, with one warm-up epoch and the other finetune keys
+    pretrain_lr: float = Field(0.05, gt=0)
+    # group names, as `prunetune inspect` lists them: never pruned (the heads, the classifier among them, never are)
+    ignored_layers: list = []
+    # the L1 lambda of a sparsity-training stage before the search: Network Slimming (granularity channel), Filter
+    # Skeleton (stripe); none: no such stage
+    sparsity: float | None = Field(None, gt=0)
     sparsity_epochs: int = Field(5, ge=1)  # sparsity training of the base, before the search
 
 
 class DataConfig(Section):
-    name: str = "digits"  # digits | cifar10 | imagefolder | synthetic | yolo | package.module:function
-    path: ExpandedPath | None = None
+    # digits | cifar10 (the cifar-10-batches-py directory, read without torchvision) | imagefolder (root/<class>/*.jpg
+    # or .png, or root/train and root/test or root/val holding those) | synthetic | yolo (a YOLO dataset YAML: guides:
+    # tasks) | package.module:function returning (train, test, num_classes) or a DataBundle
+    name: str = "digits"
+    path: ExpandedPath | None = None  # the data set's directory (cifar10, imagefolder) or YAML file (yolo)
+    # the side images are resized to (imagefolder, synthetic; yolo: a multiple of 32, none: 640)
     image_size: int | None = Field(None, ge=4)
-    num_classes: int | None = Field(None, ge=2, le=MAX_CLASSES)
+    num_classes: int | None = Field(None, ge=2, le=MAX_CLASSES)  # synthetic only
     train_size: int = Field(2048, ge=2, le=MAX_IMAGES)  # synthetic only
     test_size: int = Field(512, ge=1, le=MAX_IMAGES)  # synthetic only
     seed: int = Field(0, ge=0)  # synthetic data
-    num_workers: int | None = Field(None, ge=0)  # processes reading images from files; none: resources' CPUs - 1
-    kwargs: dict = {}  # factory only
-    max_image_pixels: int | None = Field(None, ge=1)  # larger image files are refused (None: Pillow's limit)
+    # processes that read and augment images from files in every training, and that decode an image folder's images
+    # in the driver (data held in memory is sliced in the training process); none: resources.cpus_per_trial - 1, at
+    # most 8
+    num_workers: int | None = Field(None, ge=0)
+    kwargs: dict = {}  # keyword arguments of a package.module:function data factory
+    # imagefolder, yolo: larger image files are refused (none: Pillow's limit, 178,956,970 pixels)
+    max_image_pixels: int | None = Field(None, ge=1)
 
 
 class SearchConfig(Section):
     constraint: Annotated[str, Choice(CONSTRAINTS)] = "flops"  # what the budget limits
-    target: Target = 0.5  # fraction of the base, in (0, 1); [low, high] or [a, b, c, ...]: a front of budgets
-    tolerance: float = Field(0.02, gt=0, le=1)
+    # a fraction of the unpruned network's cost, in (0, 1); a range [low, high] or a rising list [a, b, c, ...]: the
+    # front of several budgets (guides: budgets and latency)
+    target: Target = 0.5
+    tolerance: float = Field(0.02, gt=0, le=1)  # a candidate meets a budget within +- this fraction
     front_points: int = Field(5, ge=2, le=MAX_FINALISTS)  # the budgets a target range is split into
-    limits: dict = {}  # further upper bounds, e.g. {latency: 0.6, params: '1.5M'}
-    algorithm: Annotated[str, Choice(ALGORITHMS, SearchAlgorithm)] = "tpe"  # how strategies are proposed
+    # further upper bounds, e.g. {latency: 0.6, params: 1.5M}: a fraction, 60%, milliseconds (12ms) for latency, a
+    # count (2.1G, 300k) for flops and params
+    limits: dict = {}
+    # how strategies are proposed: tpe (Optuna's TPE), evolution, random (EagleEye's)
+    algorithm: Annotated[str, Choice(ALGORITHMS, SearchAlgorithm)] = "tpe"
     population: int = Field(16, ge=2, le=MAX_CANDIDATES)  # evolution's population, TPE's random start (per budget)
-    granularity: Annotated[str, Choice(METHODS, PruningMethod)] = "channel"  # what a ratio prunes
-    max_ratio: float = Field(0.7, gt=0, lt=1)
-    num_candidates: int = Field(32, ge=1, le=MAX_CANDIDATES)
-    seed: int = Field(0, ge=0)
-    criterion: Annotated[str, Choice(CRITERIA)] = "l1"
-    round_to: int = Field(1, ge=1)
-    top_k: int = Field(3, ge=1, le=MAX_FINALISTS)
-    max_concurrent_trials: int = Field(2, ge=1, le=MAX_CANDIDATES)
-    batch_size: int = Field(8, ge=1, le=MAX_CANDIDATES)  # candidates per trial: Tune's per-trial cost paid once
-    time_budget_s: float | None = Field(None, gt=0)
-    max_failures: int = Field(1, ge=0)
-    max_failed_fraction: float = Field(0.5, gt=0, le=1)
-    # a candidate still running after this is stored as failed and its worker replaced; none or auto: derived
+    granularity: Annotated[str, Choice(METHODS, PruningMethod)] = "channel"  # what a ratio prunes (guides: methods)
+    max_ratio: float = Field(0.7, gt=0, lt=1)  # the largest fraction of a layer's units a strategy prunes
+    num_candidates: int = Field(32, ge=1, le=MAX_CANDIDATES)  # strategies scored, the baselines included
+    seed: int = Field(0, ge=0)  # the strategies' draws
+    criterion: Annotated[str, Choice(CRITERIA)] = "l1"  # how a layer's units are ranked for pruning
+    round_to: int = Field(1, ge=1)  # channel counts kept in multiples of it
+    top_k: int = Field(3, ge=1, le=MAX_FINALISTS)  # finalists fine-tuned (per budget with a front)
+    max_concurrent_trials: int = Field(2, ge=1, le=MAX_CANDIDATES)  # Ray Tune trials at once
+    # candidates per trial (Tune's per-trial cost paid once); fewer at the end, spread over the trials
+    batch_size: int = Field(8, ge=1, le=MAX_CANDIDATES)
+    time_budget_s: float | None = Field(None, gt=0)  # the search's wall-clock limit; none: no limit
+    max_failures: int = Field(1, ge=0)  # times Ray Tune retries a failed trial
+    max_failed_fraction: float = Field(0.5, gt=0, le=1)  # more of the candidates failed: the search stops
+    # a candidate still running after this is stored as failed and its worker replaced; none or auto: 10x the median
+    # time between a trial's results so far, at least 60 s, no limit before the first result
     candidate_timeout_s: Timeout = Field(None, gt=0)
 
 
 class EvaluationConfig(Section):
-    heldout_size: int = Field(300, ge=1)  # seeded subset of the training split: ranks the candidates
+    heldout_size: int = Field(_E.heldout_size, ge=1)  # seeded subset of the training split: ranks the candidates
     # the finalists' own split (judges their epochs, ranks them); none: a fifth of the training split, at most 5,000
     # (workers/splits.py: the binomial standard error that gives)
-    validation_size: int | None = Field(None, ge=1)
-    seed: int = Field(0, ge=0)  # held-out and calibration draws
-    bn_mode: Annotated[str, Choice(("cumulative", "ema", "none"))] = "cumulative"
-    calibration_batches: int = Field(50, ge=1)
-    # stop once no BatchNorm statistic moves by more than this (bench/calibration.py: 3.3x faster, same ranking)
-    calibration_tolerance: float | None = Field(0.02, gt=0)
-    batch_size: int = Field(128, ge=1)
-    score_batch_size: int = Field(500, ge=1)
+    validation_size: int | None = Field(_E.validation_size, ge=1)
+    seed: int = Field(_E.seed, ge=0)  # held-out and calibration draws
+    # how BatchNorm statistics are recalibrated on training batches before a candidate is scored (adaptive BN)
+    bn_mode: Annotated[str, Choice(("cumulative", "ema", "none"))] = _E.bn_mode
+    calibration_batches: int = Field(_E.calibration_batches, ge=1)  # at most
+    # stop once no BatchNorm statistic moves by more than this (bench/calibration.py: 3.3x faster, same ranking);
+    # none: use every batch
+    calibration_tolerance: float | None = Field(_E.calibration_tolerance, gt=0)
+    batch_size: int = Field(_E.batch_size, ge=1)  # calibration batches
+    score_batch_size: int = Field(_E.score_batch_size, ge=1)  # held-out scoring batches
     # accuracy: the task's own metric (classification: accuracy; segmentation: mIoU); loss: minus the held-out loss
-    metric: Annotated[str, Choice(("accuracy", "loss"))] = "accuracy"
-    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = "auto"
-    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = "auto"
+    metric: Annotated[str, Choice(("accuracy", "loss"))] = _E.metric
+    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = _E.amp  # auto: bf16 autocast on CUDA
+    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = _E.channels_last  # auto: on CUDA
+
+    def settings(self) -> EvaluationSettings:
+        """What the trial side reads of this section (workers/settings.py)."""
+        return self.as_settings(EvaluationSettings)
 
 
 class FinetuneConfig(Section):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.01, gt=0)  # a fifth of the base's training lr: docs/guides/finetuning.md measures it
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(0.0, ge=0)  # a recalibrated network needs none
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    distill_weight: float = Field(0.5, ge=0, le=1)  # from the base (the teacher); 0: off
-    distill_temperature: float = Field(4.0, gt=0)
+    epochs: int = Field(_F.epochs, ge=1)  # each finalist's fine-tuning
+    batch_size: int = Field(_F.batch_size, ge=1)  # the global batch
+    lr: float = Field(_F.lr, gt=0)  # a fifth of the base's training lr: docs/guides/finetuning.md measures it
+    momentum: float = Field(_F.momentum, ge=0, lt=1)  # SGD's
+    nesterov: bool = _F.nesterov  # SGD's Nesterov momentum
+    weight_decay: float = Field(_F.weight_decay, ge=0)  # SGD's
+    warmup_epochs: float = Field(_F.warmup_epochs, ge=0)  # a recalibrated network needs none
+    label_smoothing: float = Field(_F.label_smoothing, ge=0, lt=1)  # classification only
+    distill_weight: float = Field(_F.distill_weight, ge=0, le=1)  # from the base (the teacher); 0: off
+    distill_temperature: float = Field(_F.distill_temperature, gt=0)  # of the distillation's softmax
+    # asha: ASHA stops the finalists that fall behind; fifo: each one is fine-tuned for finetune.epochs
     scheduler: Annotated[str, Choice(("asha", "fifo"))] = "asha"
     grace_epochs: int | None = Field(None, ge=1)  # ASHA's first judgement; none: the warm-up + 2 epochs
-    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = "auto"  # auto: bf16 autocast on CUDA
-    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = "auto"  # auto: on CUDA
-    seed: int = Field(0, ge=0)
+    amp: Annotated[str, Choice(("auto", "bf16", "off"))] = _F.amp  # auto: bf16 autocast on CUDA
+    channels_last: Annotated[str, Choice(("auto", "on", "off"))] = _F.channels_last  # auto: on CUDA
+    seed: int = Field(_F.seed, ge=0)  # the fine-tuning's draws (data order, augmentation)
     # > 1: each finalist fine-tunes as a Ray Train TorchTrainer of this many DDP workers (gloo on CPU, NCCL on GPU),
     # each with resources.cpus_per_trial/gpus_per_trial; batch_size stays the global batch
     workers_per_finalist: int = Field(1, ge=1)
-    # a finalist whose epoch runs longer than this is stopped (its last epoch kept); none or auto: derived
+    # a finalist whose epoch runs longer than this is stopped (its last epoch kept); none or auto: 10x the median
+    # time between a finalist's epochs so far, at least 60 s, no limit before the first epoch
     epoch_timeout_s: Timeout = Field(None, gt=0)
+
+    def settings(self) -> FinetuneSettings:
+        """The training recipe of this section (workers/settings.py); the rest is how the driver schedules it."""
+        return self.as_settings(FinetuneSettings)
 
 
 class LatencyConfig(Section):
-    device: Annotated[str, Choice(("cpu", "cuda"))] = "cpu"  # where latency is timed
-    # what it is timed in: eager PyTorch, or ONNX Runtime (the model exported to ONNX, as it will be deployed)
+    # where latency is timed: the table, the candidates, the report
+    device: Annotated[str, Choice(("cpu", "cuda"))] = "cpu"
+    # what it is timed in: eager PyTorch, or ONNX Runtime or OpenVINO (exported to ONNX, as it will be deployed)
     runtime: Annotated[str, Choice(RUNTIMES)] = "torch"
     batch_size: int = Field(1, ge=1)  # the latency budget's batch
     throughput_batch_size: int = Field(32, ge=1)  # the report's second figure
@@ -167,22 +206,23 @@ class LatencyConfig(Section):
 
 
 class ResourcesConfig(Section):
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0)  # CPUs Ray reserves for each trial
+    gpus_per_trial: float = Field(0.0, ge=0)  # GPUs Ray reserves for each trial; fractions share one GPU
     autoscaling: bool = False  # the cluster adds nodes on demand: do not refuse trials no current node can run
 
 
 class RayConfig(Section):
     address: str | None = None  # none: start an embedded local Ray for the run
-    num_cpus: int | None = Field(None, ge=1)
-    num_gpus: int | None = Field(None, ge=0)
+    num_cpus: int | None = Field(None, ge=1)  # what the embedded Ray may use; none: what it detects
+    num_gpus: int | None = Field(None, ge=0)  # what the embedded Ray may use; none: what it detects
     dashboard: bool = False  # the embedded Ray's dashboard (~0.9 GiB of processes); a cluster keeps its own
-    dashboard_host: str = "127.0.0.1"
+    dashboard_host: str = "127.0.0.1"  # where the embedded Ray's dashboard listens
 
 
 class OutputConfig(Section):
-    dir: ExpandedPath = Field("runs/default", validate_default=True)
-    # trained base models and decoded image caches
+    dir: ExpandedPath = Field("runs/default", validate_default=True)  # the run: its config, candidates, finalists
+    # trained base models, keyed by model, data (an imagefolder's content too) and training recipe; decoded images,
+    # keyed by the files' paths, sizes, times and, up to 256 MiB in all, bytes
     cache_dir: ExpandedPath = Field("~/.cache/prunetune", validate_default=True)
 
 
@@ -210,6 +250,11 @@ RENAMED = {"search.flops_target": "search.target (with search.constraint: flops,
 # other key, output.* aside: where the run lives, which a resume does not move either).
 RESUMABLE = ("ray", "resources", "search.time_budget_s", "search.max_failures", "search.max_concurrent_trials",
              "search.candidate_timeout_s", "finetune.epoch_timeout_s")
+
+
+def resumable_keys(*sections: str) -> str:
+    """The keys a resume may change (and `sections` besides), as a reader writes them: `ray.*, ...`."""
+    return ", ".join(k if "." in k else f"{k}.*" for k in (*sections, *RESUMABLE))
 
 
 def resumable(key: str) -> bool:
@@ -249,10 +294,17 @@ def grace_epochs(cfg: Config) -> int:
     return min(f.epochs, f.grace_epochs or math.ceil(f.warmup_epochs) + 2)
 
 
-def training_recipe(cfg: Config) -> FinetuneConfig:
+def training_recipe(cfg: Config) -> FinetuneSettings:
     """The recipe of the trainings that start from scratch or the base (base and sparsity training): the fine-tuning
     recipe with model.pretrain_lr and one warm-up epoch."""
-    return cfg.finetune.model_copy(update={"lr": cfg.model.pretrain_lr, "warmup_epochs": 1.0})
+    return replace(cfg.finetune.settings(), lr=cfg.model.pretrain_lr, warmup_epochs=1.0)
+
+
+def check_runtime(cfg: Config) -> None:
+    """ConfigError naming the extra to install if latency.runtime does not import here."""
+    runtime = RUNTIMES[cfg.latency.runtime]
+    if runtime.package and importlib.util.find_spec(runtime.name) is None:
+        raise ConfigError(f"latency.runtime: {runtime.name} is not installed; install {runtime.package}")
 
 
 def needs_latency(cfg: Config) -> bool:
@@ -284,8 +336,8 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError(f"evaluation.metric: task {task} gives no held-out loss; allowed: accuracy (its "
                           f"{TASKS[task].metric})")
     runtime = RUNTIMES[cfg.latency.runtime]
-    if needs_latency(cfg) and runtime.package and importlib.util.find_spec(runtime.name) is None:
-        raise ConfigError(f"latency.runtime: {runtime.name} is not installed; install {runtime.package}")
+    if needs_latency(cfg):
+        check_runtime(cfg)
     if needs_latency(cfg) and runtime.cpu_only and cfg.latency.device != "cpu":
         raise ConfigError(f"latency.runtime: {runtime.name} times on the CPU here; set latency.device: cpu")
     if cfg.finetune.nesterov and cfg.finetune.momentum == 0:
@@ -349,7 +401,3 @@ def save_config(cfg: Config, path: str) -> None:
     """Write the config as YAML (atomically, durably: it identifies the run)."""
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), durable=True)
 
-
-def expand(path: str) -> str:
-    """A config path with ~ and environment variables expanded."""
-    return os.path.expandvars(os.path.expanduser(path))

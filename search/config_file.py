@@ -5,9 +5,10 @@ path keys with ~ and $VARIABLES expanded, and pydantic's errors as one line that
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, TypeVar, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
@@ -22,6 +23,7 @@ _VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")  # $NAME or ${NAME}, as os.path.exp
 # number: its key reads it, so that a text key keeps `2024` or `0042` as written).
 _TYPED = {f"tag:yaml.org,2002:{kind}" for kind in ("bool", "null")}
 _NUMBERS = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float")}
+S = TypeVar("S")
 
 
 class ConfigError(BadInput, ValueError):
@@ -99,6 +101,10 @@ class Section(BaseModel):
             if number is not None and (float in types or isinstance(number, int)):
                 return number
         return value
+
+    def as_settings(self, kind: type[S]) -> S:
+        """This section's values of the fields of `kind`, a frozen dataclass of the trial side (workers/settings.py)."""
+        return kind(**{f.name: getattr(self, f.name) for f in dataclasses.fields(kind)})
 
 
 def _number(text: str) -> int | float | None:

@@ -6,7 +6,7 @@ stages.run_search() -> stages.run_finetune() -> finalize.finalize().
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 from prunetune.workers.files import write_json
 
@@ -15,6 +15,7 @@ from .finalize import finalize
 from .front import finalists
 from .prepare import LATENCY_TABLE, Checked, Prepared, ensure_base, warn
 from .rundir import RunDir, no_space
+from .runfiles import Summary
 from .stages import run_finetune, run_search, unfinished_search
 from .store import CandidateStore
 
@@ -22,7 +23,7 @@ RAY_LOG = "ray.log"  # Ray's own messages during the run (OUTPUT/ray.log): the t
 
 
 def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, overwrite: bool = False,
-           body: Callable[[Prepared, RunDir, bool], dict] | None = None) -> dict:
+           body: Callable[[Prepared, RunDir, bool], Any] | None = None) -> Any:
     """Connect to Ray (or start it) and check that it can run the trials, get the trained base model, then take
     the run lock, run or continue both stages (or `body`, e.g. fine-tuning a candidate again), and let go of both.
     Nothing is written before the cluster has answered, and no base model is trained for trials that could never
@@ -50,7 +51,7 @@ def launch(checked: Checked, run: RunDir, address: str | None, restore: bool, ov
             ray.shutdown()
 
 
-def execute(prep: Prepared, run: RunDir, restore: bool) -> dict:
+def execute(prep: Prepared, run: RunDir, restore: bool) -> Summary:
     """Run (or continue) both stages as the manifest says, then write the final models and report.
 
     When resuming, a stored result part the manifest lists but the disk no longer holds intact sends the run
@@ -60,8 +61,8 @@ def execute(prep: Prepared, run: RunDir, restore: bool) -> dict:
     """
     store = CandidateStore(run.path)
     manifest = run.manifest()
-    lost = store.verify(manifest.get("candidates", {})) if restore else []
-    if manifest.get("stage", "search") == "search" or lost:
+    lost = store.verify(manifest.candidates) if restore else []
+    if (manifest.stage or "search") == "search" or lost:
         run_search(prep, run)
         restore = False  # the fine-tuning stage starts afresh
     records = store.records()

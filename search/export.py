@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from prunetune.workers.files import atomic_write, write_json, write_text
+from prunetune.workers.files import atomic_write, write_text
 from prunetune.workers.methods import METHODS
 from prunetune.workers.tasks import Task, resolve_task
 
@@ -26,9 +26,8 @@ from .artifacts import load_pruned
 from .config import ConfigError
 from .prepare import data_kwargs
 from .rundir import RunDir
+from .runfiles import Export, ModelRecord, read_exports, write
 from .store import sha256
-
-EXPORTS = "exports.json"  # in the run directory: what `prunetune export` of the run wrote (not the run's own files)
 
 
 class Prediction(torch.nn.Module):
@@ -42,34 +41,24 @@ class Prediction(torch.nn.Module):
         return self.select(self.model(x))
 
 
-def _exports(run: RunDir) -> dict:
-    """The run's export record: path (relative to the run directory) -> run_id, sha256, format, rank."""
-    try:
-        with open(os.path.join(run.path, EXPORTS)) as f:
-            exports = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return exports if isinstance(exports, dict) else {}
-
-
 def _key(run: RunDir, path: str) -> str:
     return os.path.relpath(os.path.abspath(path), run.path)
 
 
 def _written_by_export(run: RunDir, path: str) -> bool:
     """True if `path` is a file an earlier `prunetune export` of this very run (same run_id) wrote, unchanged since."""
-    entry = _exports(run).get(_key(run, path))
-    run_id = run.manifest().get("run_id")
-    return (isinstance(entry, dict) and run_id is not None and entry.get("run_id") == run_id
-            and os.path.isfile(path) and entry.get("sha256") == sha256(path))
+    entry = read_exports(run.path).files.get(_key(run, path))
+    run_id = run.manifest().run_id
+    return (entry is not None and bool(run_id) and entry.run_id == run_id
+            and os.path.isfile(path) and entry.sha256 == sha256(path))
 
 
 def record_export(run: RunDir, path: str, fmt: str, rank: int) -> None:
-    """Add a file just written by an export to the run's export record (atomic rewrite of exports.json)."""
-    exports = _exports(run)
-    exports[_key(run, path)] = {"run_id": run.manifest().get("run_id"), "sha256": sha256(path), "format": fmt,
-                                "rank": rank, "written": time.time()}
-    write_json(os.path.join(run.path, EXPORTS), exports, durable=True)
+    """Add a file just written by an export to the run's export record (an atomic rewrite)."""
+    exports = read_exports(run.path)
+    exports.files[_key(run, path)] = Export(run_id=run.manifest().run_id or None, sha256=sha256(path), format=fmt,
+                                            rank=rank, written=time.time())
+    write(run.path, exports)
 
 
 def _destination(run: RunDir, source: str, rank: int, suffix: str, to: str | None) -> str:
@@ -108,12 +97,12 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
     model, record, _ = load_pruned(source)  # with the input contract's preprocessing: raw pixel values in
-    model = METHODS[record["granularity"]].deployable(model)  # e.g. masks made permanent: zeros, no mask at run time
-    model = Prediction(model, resolve_task(record.get("task", "classification"))).eval()
+    model = METHODS[record.granularity].deployable(model)  # e.g. masks made permanent: zeros, no mask at run time
+    model = Prediction(model, resolve_task(record.task)).eval()
     if fmt == "torchscript":
         with torch.no_grad():
-            scripted = torch.jit.trace(model, torch.zeros(1, *record["input_shape"]))
-        metadata = json.dumps(record)  # with record["input"], the input contract
+            scripted = torch.jit.trace(model, torch.zeros(1, *record.input_shape))
+        metadata = json.dumps(record.to_json())  # with record.input, the input contract
         atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files={"prunetune.json": metadata}))
     else:
         atomic_write(path, lambda tmp: write_onnx(model, record, tmp))
@@ -121,16 +110,16 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
     return path
 
 
-def write_onnx(model: torch.nn.Module, record: dict, path: str) -> None:
+def write_onnx(model: torch.nn.Module, record: ModelRecord, path: str) -> None:
     """Write `model` (raw pixel values in, its task's prediction out as `logits`, any batch size) as ONNX carrying
     `record` as metadata."""
     import onnx
 
-    example = torch.zeros(1, *record["input_shape"])
+    example = torch.zeros(1, *record.input_shape)
     torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     proto = onnx.load(path)
-    onnx.helper.set_model_props(proto, {"prunetune": json.dumps(record)})
+    onnx.helper.set_model_props(proto, {"prunetune": json.dumps(record.to_json())})
     onnx.save(proto, path)
 
 

@@ -28,6 +28,8 @@ from .front import front_summary
 from .prepare import Prepared
 from .report import report_files, write_report
 from .rundir import RunDir
+from .runfiles import (BaseFigures, FinalModel, FinetuneInfo, LatencyInfo, SearchInfo, Splits, Summary, TaskInfo,
+                       Timings)
 
 
 class NoFinalModel(RunFailed, RuntimeError):
@@ -63,7 +65,7 @@ def layer_costs(prep: Prepared, ratios) -> list[dict] | None:
     return [dataclasses.asdict(c) for c in where_time_went(table, prep.space, kept)]
 
 
-def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
+def timings(model: nn.Module, prep: Prepared, ratios=None) -> Timings:
     """Latency at batch 1 (median and spread), the throughput batch's latency, and the latency table's prediction
     when there is one (`ratios`: the strategy; None: the base), all timed in latency.runtime with the configured
     threads."""
@@ -75,13 +77,13 @@ def timings(model: nn.Module, prep: Prepared, ratios=None) -> dict:
                        runtime=runtime)
     many = time_forward(model, prep.space.example_input(lat.throughput_batch_size).to(device),
                         max(3, lat.repeats // 4), threads=lat.threads, runtime=runtime)
-    found = {"latency_ms_batch1": one.median_ms, "latency_iqr_ms": one.iqr_ms,
-             "throughput_batch": lat.throughput_batch_size, "latency_ms_throughput": many.median_ms,
-             "images_per_s": 1000.0 * lat.throughput_batch_size / many.median_ms}
+    predicted = None
     if prep.space.latency is not None:
         r = np.zeros(len(prep.space.groups)) if ratios is None else np.asarray(ratios)
-        found["latency_predicted_ms"] = float(prep.space.latency.predict(prep.space, prep.space.kept_batch(r[None]))[0])
-    return found
+        predicted = float(prep.space.latency.predict(prep.space, prep.space.kept_batch(r[None]))[0])
+    return Timings(latency_ms_batch1=one.median_ms, latency_iqr_ms=one.iqr_ms,
+                   throughput_batch=lat.throughput_batch_size, latency_ms_throughput=many.median_ms,
+                   images_per_s=1000.0 * lat.throughput_batch_size / many.median_ms, latency_predicted_ms=predicted)
 
 
 def ranked(outcomes: list, metric: str, n: int, higher_is_better: bool = True) -> tuple[list, int]:
@@ -104,8 +106,16 @@ def _margin(metric: str, value: float | None, n: int) -> float | None:
     return None if value is None else margin(metric, value, n)
 
 
-def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, records: list[CandidateRecord]) -> dict:
-    """Write final/rankN.pt (in `ranked` order), final/summary.json and report.md; the summary."""
+def finetuned(metric: str, metrics: dict) -> dict:
+    """A fine-tuning trial's last result (Tune's metrics) as the fields of a model's Figures it gives."""
+    return {"metric": metric, "val_before_finetune": metrics.get(f"start_val_{metric}"),
+            "val": metrics.get(f"best_val_{metric}"), "test": metrics.get(f"best_test_{metric}"),
+            "epochs": metrics.get("epoch"), "kept_epoch": metrics.get("best_epoch")}
+
+
+def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid,
+             records: list[CandidateRecord]) -> Summary:
+    """Write final/rankN.pt (in `ranked` order), the summary and report.md; the summary."""
     cfg = prep.cfg
     outcomes = []
     for result in grid:
@@ -118,7 +128,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
         raise NoFinalModel(f"fine-tuning produced no model (every fine-tuning trial failed{first_failure(grid)})")
     task = prep.task
     metric = task.metric
-    splits = splits_of(len(prep.data.train), cfg.evaluation)
+    splits = splits_of(len(prep.data.train), cfg.evaluation.settings())
     n = len(splits.validation)
     outcomes, lead = ranked(outcomes, metric, n, task.higher_is_better)
     run.record(*(os.path.join(run.final_path, f"rank{place}.pt") for place in range(1, len(outcomes) + 1)))
@@ -132,44 +142,39 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid, reco
         model.load_state_dict(state)
         record = pruned_record(prep.spec, prep.space, cand.ratios, cfg.search.criterion, cfg.search.granularity,
                                prep.base_checkpoint, prep.data.contract, cfg.model.task)
-        entry = {"rank": place, "candidate": cand.index, "search_rank": search_rank, "adaptive_bn_score": cand.score,
-                 f"val_{metric}_before_finetune": metrics.get(f"start_val_{metric}"),
-                 f"val_{metric}": metrics.get(f"best_val_{metric}"),
-                 f"test_{metric}": metrics.get(f"best_test_{metric}"),
-                 f"val_{metric}_margin": _margin(metric, metrics.get(f"best_val_{metric}"), n),
-                 "tied_with_best": place <= lead,
-                 "epochs": metrics.get("epoch"), "kept_epoch": metrics.get("best_epoch"),
-                 "fine_tuned": bool(metrics.get("best_epoch")),
-                 "flops": record["flops"], "flops_ratio": record["flops"] / prep.space.base_flops,
-                 "params": record["params"], "path": os.path.join(run.final_path, f"rank{place}.pt")}
-        entry.update(timings(model, prep, cand.ratios))
-        save_pruned(entry["path"], model, record, entry)
-        entry["size_mb"] = os.path.getsize(entry["path"]) / 2 ** 20
+        entry = FinalModel(rank=place, candidate=cand.index, search_rank=search_rank, adaptive_bn_score=cand.score,
+                           **finetuned(metric, metrics),
+                           val_margin=_margin(metric, metrics.get(f"best_val_{metric}"), n),
+                           tied_with_best=place <= lead, fine_tuned=bool(metrics.get("best_epoch")),
+                           flops=record.flops, flops_ratio=record.flops / prep.space.base_flops, params=record.params,
+                           path=os.path.join(run.final_path, f"rank{place}.pt"),
+                           **dataclasses.asdict(timings(model, prep, cand.ratios)))
+        save_pruned(entry.path, model, record, entry)
+        entry.size_mb = os.path.getsize(entry.path) / 2 ** 20
         finals.append(entry)
-    summary = {"base": {"flops": prep.space.base_flops, "params": prep.space.base_params,
-                        f"test_{metric}": base_test[metric], f"val_{metric}": base_val[metric],
-                        "score": search_score(task, base_val, cfg.evaluation.metric),
-                        "checkpoint": prep.base_checkpoint, "size_mb": state_dict_mb(prep.model),
-                        **timings(prep.model, prep)},
-               "input": prep.data.contract.to_dict() if prep.data.contract else None,
-               "task": {"name": task.name, "metric": metric, "metrics": list(task.metrics),
-                        "higher_is_better": task.higher_is_better},
-               "finetune": {"epochs": cfg.finetune.epochs, "scheduler": cfg.finetune.scheduler},
-               "splits": {"heldout": len(splits.heldout), "validation": n, "rest": len(splits.rest)},
-               "device": "cuda" if next(prep.model.parameters()).is_cuda else "cpu",
-               "granularity": cfg.search.granularity,
-               "search": {"candidates": len(records), "ok": sum(r.ok for r in records),
-                          "failed": sum(not r.ok for r in records), "constraint": cfg.search.constraint,
-                          "target": cfg.search.target, "tolerance": cfg.search.tolerance,
-                          "limits": dict(cfg.search.limits)},
-               "latency": {"threads": cfg.latency.threads, "device": cfg.latency.device, "runtime": cfg.latency.runtime,
-                           "table": prep.space.latency.key if prep.space.latency else None,
-                           "table_worst_error": prep.space.latency.worst_error if prep.space.latency else None,
-                           "layers": layer_costs(prep, outcomes[0][0].ratios)},
-               "sparsity": prep.sparsity,
-               "final": finals}
+    summary = Summary(
+        base=BaseFigures(flops=prep.space.base_flops, params=prep.space.base_params, test=base_test[metric],
+                         val=base_val[metric], score=search_score(task, base_val, cfg.evaluation.metric),
+                         checkpoint=prep.base_checkpoint, size_mb=state_dict_mb(prep.model),
+                         **dataclasses.asdict(timings(prep.model, prep))),
+        input=prep.data.contract.to_dict() if prep.data.contract else None,
+        task=TaskInfo(name=task.name, metric=metric, metrics=list(task.metrics),
+                      higher_is_better=task.higher_is_better),
+        finetune=FinetuneInfo(epochs=cfg.finetune.epochs, scheduler=cfg.finetune.scheduler),
+        splits=Splits(heldout=len(splits.heldout), validation=n, rest=len(splits.rest)),
+        device="cuda" if next(prep.model.parameters()).is_cuda else "cpu",
+        granularity=cfg.search.granularity,
+        search=SearchInfo(candidates=len(records), ok=sum(r.ok for r in records),
+                          failed=sum(not r.ok for r in records), constraint=cfg.search.constraint,
+                          target=cfg.search.target, tolerance=cfg.search.tolerance, limits=dict(cfg.search.limits)),
+        latency=LatencyInfo(threads=cfg.latency.threads, device=cfg.latency.device, runtime=cfg.latency.runtime,
+                            table=prep.space.latency.key if prep.space.latency else None,
+                            table_worst_error=prep.space.latency.worst_error if prep.space.latency else None,
+                            layers=layer_costs(prep, outcomes[0][0].ratios)),
+        sparsity=prep.sparsity,
+        final=finals)
     if front(cfg):
-        summary["front"] = front_summary(prep.sampler, records, finals, summary["base"], metric)
+        summary.front = front_summary(prep.sampler, records, finals, summary.base)
     run.record(*report_files(run, summary))
     write_report(run, summary, records)
     return summary

@@ -14,6 +14,7 @@ from prunetune.workers.record import CandidateRecord, best
 
 from .baselines import BASELINES
 from .config_file import ConfigError
+from .runfiles import BaseFigures, FinalModel, Front, FrontCost, FrontPoint, Summary
 from .sampler import StrategySampler
 
 
@@ -35,18 +36,19 @@ def finalists(sampler: StrategySampler, records: list[CandidateRecord], k: int) 
     return best(chosen, len(chosen))
 
 
-def _figures(record: CandidateRecord, base: dict) -> dict:
-    """A candidate's place on the front: its held-out score and costs, as fractions of the base's too."""
-    predicted = base.get("latency_predicted_ms")
+def _figures(record: CandidateRecord, base: BaseFigures) -> dict:
+    """A candidate's place on the front (FrontCost's fields): its held-out score and costs, as fractions of the
+    base's too."""
+    predicted = base.latency_predicted_ms
     return {"candidate": record.index, "source": record.source, "score": record.score, "flops": record.flops,
-            "flops_ratio": record.flops / base["flops"], "params": record.params,
-            "params_ratio": record.params / base["params"], "latency_predicted_ms": record.latency_predicted_ms,
+            "flops_ratio": record.flops / base.flops, "params": record.params,
+            "params_ratio": record.params / base.params, "latency_predicted_ms": record.latency_predicted_ms,
             "latency_ratio": record.latency_predicted_ms / predicted
             if record.latency_predicted_ms is not None and predicted else None}
 
 
-def front_summary(sampler: StrategySampler, records: list[CandidateRecord], finals: list[dict], base: dict,
-                  metric: str) -> dict:
+def front_summary(sampler: StrategySampler, records: list[CandidateRecord], finals: list[FinalModel],
+                  base: BaseFigures) -> Front:
     """The summary's `front`: per budget, rising, its point (the best fine-tuned model of the budget, else its best
     candidate, with no model) and the best candidate of each baseline rule at that budget."""
     ok = [r for r in records if r.ok and r.within_budget is not False]
@@ -54,40 +56,38 @@ def front_summary(sampler: StrategySampler, records: list[CandidateRecord], fina
     points = []
     for b, ((budget, half), band) in enumerate(zip(sampler.budgets, sampler.bands)):
         mine = [r for r in ok if where[r.index] == b]
-        final = next((f for f in finals if where.get(f["candidate"]) == b), None)  # finals: in their final order
-        top = next((r for r in mine if r.index == final["candidate"]), None) if final else next(iter(best(mine, 1)),
-                                                                                              None)
-        point = {"point": b + 1, "budget": budget, "tolerance": half, "band": list(band),
-                 **(_figures(top, base) if top else {"candidate": None}),
-                 "rank": final["rank"] if final else None, "path": final["path"] if final else None,
-                 f"val_{metric}": final.get(f"val_{metric}") if final else None,
-                 f"test_{metric}": final.get(f"test_{metric}") if final else None,
-                 "baselines": {name: _figures(rule[0], base) for name in BASELINES
-                               for rule in [best([r for r in mine if r.source == name], 1)] if rule}}
-        points.append(point)
-    return {"constraint": sampler.constraint.name, "points": points}
+        final = next((f for f in finals if where.get(f.candidate) == b), None)  # finals: in their final order
+        top = next((r for r in mine if r.index == final.candidate), None) if final else next(iter(best(mine, 1)),
+                                                                                            None)
+        points.append(FrontPoint(point=b + 1, budget=budget, tolerance=half, band=list(band),
+                                 **(_figures(top, base) if top else {"candidate": None}),
+                                 rank=final.rank if final else None, path=final.path if final else None,
+                                 val=final.val if final else None, test=final.test if final else None,
+                                 baselines={name: FrontCost(**_figures(rule[0], base)) for name in BASELINES
+                                            for rule in [best([r for r in mine if r.source == name], 1)] if rule}))
+    return Front(constraint=sampler.constraint.name, points=points)
 
 
-def point_rank(summary: dict, point: int | None, budget: float | None) -> int:
+def point_rank(summary: Summary, point: int | None, budget: float | None) -> int:
     """The final model rank (final/rankN.pt) of front point `point` (1, 2, ...) or of the point at `budget`;
     ConfigError naming the option when the run has no front, no such point, or the point has no model."""
     option = "--point" if point is not None else "--budget"
-    front = summary.get("front")
-    if not front:
+    if not summary.front:
         raise ConfigError(f"{option}: the run has no front (its search.target is one budget); use --rank")
-    points = front["points"]
+    points = summary.front.points
     if point is not None:
         if not 1 <= point <= len(points):
             raise ConfigError(f"--point: {point} is not a point of the front; it has points 1 to {len(points)}")
         chosen = points[point - 1]
     else:
-        chosen = next((p for p in points if abs(p["budget"] - budget) < 1e-9), None)
-        if chosen is None:
+        found = next((p for p in points if abs(p.budget - budget) < 1e-9), None) if budget is not None else None
+        if found is None:
             raise ConfigError(f"--budget: {budget:g} is not a budget of the front; its budgets are "
-                              f"{', '.join(format(p['budget'], 'g') for p in points)}")
-    if chosen["rank"] is None:
-        why = (f"its candidate {chosen['candidate']} has no fine-tuned model (its fine-tuning failed): "
-               f"`prunetune finetune RUN --candidate {chosen['candidate']}` fine-tunes it"
-               if chosen["candidate"] is not None else "no candidate landed in its budget")
-        raise ConfigError(f"{option}: point {chosen['point']} (budget {chosen['budget']:g}) has no model; {why}")
-    return chosen["rank"]
+                              f"{', '.join(format(p.budget, 'g') for p in points)}")
+        chosen = found
+    if chosen.rank is None:
+        why = (f"its candidate {chosen.candidate} has no fine-tuned model (its fine-tuning failed): "
+               f"`prunetune finetune RUN --candidate {chosen.candidate}` fine-tunes it"
+               if chosen.candidate is not None else "no candidate landed in its budget")
+        raise ConfigError(f"{option}: point {chosen.point} (budget {chosen.budget:g}) has no model; {why}")
+    return chosen.rank

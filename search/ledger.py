@@ -20,6 +20,7 @@ from prunetune.workers.logs import RUN
 from prunetune.workers.record import Candidate, CandidateRecord, best
 
 from .rundir import RunDir
+from .runfiles import StoredParts
 from .store import CandidateStore
 from .tensorboard import SearchCurves
 from .tune_search import StrategySearcher, Timeouts, replace_worker, seconds
@@ -168,11 +169,12 @@ class Ledger(Callback):
         path, digest, rows = written
         run = RunDir(self.output_dir)  # the manifest keeps a checksum per part for resume to verify
         if self.parts is None:
-            listed = run.manifest().get("candidates", {}).get("parts", {})
+            stored = run.manifest().candidates
+            listed = stored.parts if stored else {}
             self.parts = {name: d for name, d in listed.items() if os.path.isfile(os.path.join(self.store.path, name))}
         self.parts[os.path.basename(path)] = digest
         self.count, self.new = self.count + rows, self.new + rows
-        run.update(candidates={"rows": self.count, "parts": self.parts})
+        run.update(candidates=StoredParts(rows=self.count, parts=self.parts))
         self.board = best(self.board + committed, self.top_k)
         write_json(leaderboard_path(self.output_dir), [r.to_dict() for r in self.board])
 

@@ -10,8 +10,9 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -19,22 +20,22 @@ from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.criteria import BATCHNORM, CRITERIA
 from prunetune.workers.data import DataBundle, iterate_batches, load_data
 from prunetune.workers.files import atomic_write, unwritable, write_text
-from prunetune.workers.finetune import finetune
+from prunetune.workers.finetune import FinetuneOptions, finetune
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.methods import METHODS
 from prunetune.workers import logs
-from prunetune.workers.latency import load_or_build
+from prunetune.workers.latency import describe_costs, load_or_build, where_time_went
 from prunetune.workers.logs import LineStream
 from prunetune.workers.models import ModelError, build_model, check_model_name, load_checkpoint, nonfinite, \
     read_state_dict
-from prunetune.workers.preflight import Verdict
+from prunetune.workers.preflight import PreflightOptions, Verdict
 from prunetune.workers.scoring import score
 from prunetune.workers.sparsity import batchnorms, histogram
 from prunetune.workers.space import PruningSpace
 from prunetune.workers.splits import splits_of
 from prunetune.workers.tasks import Task, TaskError, resolve_task
 
-from .config import Config, ConfigError, budgets, expand, loader_workers, needs_latency, training_recipe
+from .config import Config, ConfigError, budgets, check_runtime, loader_workers, needs_latency, training_recipe
 from .sampler import StrategySampler
 from .store import sha256
 
@@ -79,9 +80,9 @@ def warn(message: str, log=None) -> None:
 def data_kwargs(cfg: Config) -> dict:
     """load_data arguments for this config, with absolute paths (trials may run elsewhere)."""
     d = cfg.data
-    return {"name": d.name, "path": os.path.abspath(expand(d.path)) if d.path else None,
+    return {"name": d.name, "path": os.path.abspath(d.path) if d.path else None,
             "image_size": d.image_size, "num_classes": d.num_classes, "train_size": d.train_size,
-            "test_size": d.test_size, "seed": d.seed, "cache_dir": expand(cfg.output.cache_dir),
+            "test_size": d.test_size, "seed": d.seed, "cache_dir": cfg.output.cache_dir,
             "kwargs": dict(d.kwargs), "max_image_pixels": d.max_image_pixels}
 
 
@@ -108,8 +109,8 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
                           "where the driver runs); use cpu or run the driver on a GPU node")
     example = space.example_input(lat.batch_size).to(lat.device)
     start = time.perf_counter()
-    saved = os.path.join(expand(cfg.output.dir), LATENCY_TABLE)  # a run keeps its table: resume predicts alike
-    space.latency, path, built = load_or_build(model, space, example, expand(cfg.output.cache_dir), lat.threads,
+    saved = os.path.join(cfg.output.dir, LATENCY_TABLE)  # a run keeps its table: resume predicts alike
+    space.latency, path, built = load_or_build(model, space, example, cfg.output.cache_dir, lat.threads,
                                                lat.grid, lat.repeats, saved=saved, max_fit_error=lat.max_fit_error,
                                                runtime=lat.runtime)
     how = f"timed in {time.perf_counter() - start:.1f} s, cached at" if built else "loaded from"
@@ -117,6 +118,24 @@ def attach_latency(cfg: Config, model: nn.Module, space: PruningSpace, log=None)
           f"{how} {path}; "
           f"base {space.latency.base_ms:.2f} ms, worst fit error {100 * space.latency.worst_error:.1f}%",
           file=log or LineStream(), flush=True)
+
+
+def where_time_goes(cfg: Config, space: PruningSpace) -> str:
+    """`inspect --latency`'s per-layer table: the latency of each layer before and after pruning at the configured
+    target (the uniform strategy, or the search's first draw where no single ratio lands in the band), as the
+    space's latency table predicts it, and the layers whose channel counts cost speed."""
+    from .baselines import uniform
+
+    sampler, table = make_sampler(cfg, space), space.latency
+    ratios = uniform(sampler)
+    which = f"the uniform strategy (ratio {ratios[0]:.3f} in every group)" if ratios else "the search's first draw"
+    kept = space.kept_batch(np.asarray(ratios or sampler.sample(0), dtype=np.float64)[None])
+    full = space.kept_batch(np.zeros((1, len(space.groups))))
+    s = cfg.search
+    return (f"where the time goes at search.target={s.target:g} ({s.constraint}): {which}, "
+            f"{100 * CONSTRAINTS['flops'].fraction(space, kept)[0]:.1f}% of the FLOPs, "
+            f"{100 * table.predict(space, kept)[0] / table.predict(space, full)[0]:.1f}% of the base's predicted "
+            f"latency\n{describe_costs(where_time_went(table, space, kept[0]), table.multiple)}")
 
 
 def task_of(cfg: Config) -> Task:
@@ -142,8 +161,8 @@ def prove_space(cfg: Config, model: nn.Module, example_inputs: torch.Tensor, num
             e.space = space  # `inspect --latency` shows the table that refused the target before the refusal
             raise
 
-    verdict = METHODS[s.granularity].preflight(model, example_inputs, num_classes, s.max_ratio, first_strategy,
-                                               s.round_to, cfg.model.ignored_layers, task_of(cfg))
+    verdict = METHODS[s.granularity].preflight(model, example_inputs, PreflightOptions(
+        num_classes, s.max_ratio, first_strategy, s.round_to, cfg.model.ignored_layers, task_of(cfg)))
     if needs_latency(cfg):
         attach_latency(cfg, model, verdict.space, log)
     return verdict
@@ -154,9 +173,10 @@ def prepare(cfg: Config, log=None) -> Checked:
     trained weights come later (ensure_base), unless a checkpoint was given."""
     log = log or LineStream()
     for field, path in (("output.dir", cfg.output.dir), ("output.cache_dir", cfg.output.cache_dir)):
-        reason = unwritable(expand(path))
+        reason = unwritable(path)
         if reason:
-            raise ConfigError(f"{field}: cannot write to {expand(path)} ({reason})")
+            raise ConfigError(f"{field}: cannot write to {path} ({reason})")
+    check_runtime(cfg)  # the final models are timed in it, whatever the budget: refused now, not after the search
     check_model_name(cfg.model.name)
     task = task_of(cfg)
     untrainable = task.cannot_train()  # a run trains: fine-tuning always, the base model without a checkpoint
@@ -165,7 +185,7 @@ def prepare(cfg: Config, log=None) -> Checked:
     data = load_data(**data_kwargs(cfg), num_workers=loader_workers(cfg))
     for note in data.notes:
         warn(note, log)
-    splits_of(len(data.train), cfg.evaluation)
+    splits_of(len(data.train), cfg.evaluation.settings())
     spec = model_spec(cfg, data.num_classes, data.input_shape[0])
     torch.manual_seed(cfg.finetune.seed)  # the initial weights of a base model trained here: same seed, same model
     model = build_model(**spec)
@@ -214,7 +234,7 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
               "without_heldout": [cfg.evaluation.heldout_size, cfg.evaluation.seed],
               "without_validation": cfg.evaluation.validation_size}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = os.path.join(expand(cfg.output.cache_dir), f"sparse-{cfg.model.name.replace(':', '_')}-{key}.pt")
+    path = os.path.join(cfg.output.cache_dir, f"sparse-{cfg.model.name.replace(':', '_')}-{key}.pt")
     before = histogram(training.measure(prep.model))
     start_accuracy = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500))["accuracy"]
     if _cached(path, prep.model, "sparsity training", log):
@@ -223,9 +243,9 @@ def sparsity_trained(prep: Checked, base_checkpoint: str, log=None) -> tuple[str
         print(f"sparsity training ({training.name}): {cfg.model.sparsity_epochs} epochs with an L1 penalty "
               f"{cfg.model.sparsity:g} (cached at {path}; resumable)", file=log)
         resume, device = path + ".resume", "cuda" if torch.cuda.is_available() else "cpu"
-        rest = splits_of(len(prep.data.train), cfg.evaluation).rest  # the evaluation splits stay unseen
-        training.train(prep.model, prep.data, training_recipe(cfg), cfg.model.sparsity, cfg.model.sparsity_epochs,
-                       device, resume, log, train_indices=rest)
+        rest = splits_of(len(prep.data.train), cfg.evaluation.settings()).rest  # the evaluation splits stay unseen
+        training.train(prep.model, prep.data, replace(training_recipe(cfg), epochs=cfg.model.sparsity_epochs),
+                       cfg.model.sparsity, FinetuneOptions(device, train_indices=rest, checkpoint_path=resume, log=log))
         _cache(path, prep.model, "sparsity training")
         os.remove(resume)
         prep.model.cpu()
@@ -249,7 +269,7 @@ def base_cache_path(cfg: Config, spec: dict, data_fingerprint: str | None = None
     if cfg.model.task != "classification":  # what it was trained for (classification's keys stay as they were)
         recipe["task"] = cfg.model.task
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return os.path.join(expand(cfg.output.cache_dir), f"base-{cfg.model.name.replace(':', '_')}-{key}.pt")
+    return os.path.join(cfg.output.cache_dir, f"base-{cfg.model.name.replace(':', '_')}-{key}.pt")
 
 
 def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None, task: Task | None = None) -> str:
@@ -263,10 +283,10 @@ def trained_base(cfg: Config, model: nn.Module, data: DataBundle, log=None, task
         return path
     print(f"base model: no model.checkpoint given and none cached for this recipe; training {cfg.model.name} for "
           f"{cfg.model.pretrain_epochs} epochs (cached at {path})", file=log)
-    rest = splits_of(len(data.train), cfg.evaluation).rest
-    result = finetune(model, data, training_recipe(cfg), "cuda" if torch.cuda.is_available() else "cpu",
-                      epochs=cfg.model.pretrain_epochs, log=log, train_indices=rest, stage="base training",
-                      num_workers=loader_workers(cfg), task=task)
+    rest = splits_of(len(data.train), cfg.evaluation.settings()).rest
+    result = finetune(model, data, replace(training_recipe(cfg), epochs=cfg.model.pretrain_epochs), FinetuneOptions(
+        "cuda" if torch.cuda.is_available() else "cpu", train_indices=rest, stage="base training", task=task,
+        num_workers=loader_workers(cfg), log=log))
     print(f"base model: test {task.metric} {result[f'test_{task.metric}']:.4f}", file=log)
     _cache(path, model, "base model")
     model.cpu()

@@ -9,7 +9,6 @@ more than `max_drop` points of test accuracy is reported and not written.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from .export import _destination, record_export, write_onnx
 from .prepare import data_kwargs
 from .report import write_report
 from .rundir import RunDir
+from .runfiles import Int8, OnnxFigures, read_summary, summary_path
 from .store import CandidateStore
 
 
@@ -85,7 +85,7 @@ class _Calibration:
 def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop: float,
                   calibration_images: int = 512) -> tuple[str | None, dict]:
     """Quantize final model `rank` of a run to int8; return the written path (None if over the accuracy margin)
-    and the fp32 vs int8 figures (also added to the run's summary.json and report.md)."""
+    and the fp32 vs int8 figures (also added to the run's summary and report.md)."""
     if not 0 <= max_drop <= 100:
         raise ConfigError(f"--max-accuracy-drop: {max_drop} is outside [0, 100] (points of test accuracy)")
     try:
@@ -96,22 +96,21 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
             from None
     run = RunDir(output_dir)
     source = os.path.join(run.final_path, f"rank{rank}.pt")
-    summary_path = os.path.join(run.final_path, "summary.json")
-    if not os.path.isfile(source) or not os.path.isfile(summary_path):
+    if not os.path.isfile(source) or not os.path.isfile(summary_path(run.path)):
         raise ConfigError(f"--rank: {source} does not exist (has the run finished? see `prunetune report`)")
     path = _destination(run, source, rank, ".int8.onnx", destination)
     model, record, _ = load_pruned(source)
-    if record.get("task", "classification") != "classification":
+    if record.task != "classification":
         raise ConfigError(f"--quantize: int8 export measures test accuracy, so it is for classification runs only "
-                          f"(this run's model.task is {record['task']})")
-    model = METHODS[record["granularity"]].deployable(model)
-    contract = record.get("input")
+                          f"(this run's model.task is {record.task})")
+    model = METHODS[record.granularity].deployable(model)
+    contract = record.input
     if not contract:
         raise ConfigError("--quantize: the run's data has no input contract (a data factory), so its calibration "
                           "images cannot be given to the exported model as raw pixel values")
     cfg = run.load_config()
     data = load_data(**data_kwargs(cfg), num_workers=loader_workers(cfg))
-    calibration = evaluation_data(data, cfg.evaluation, loader_workers(cfg)).calibration[:calibration_images]
+    calibration = evaluation_data(data, cfg.evaluation.settings(), loader_workers(cfg)).calibration[:calibration_images]
     reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calibration)
     with tempfile.TemporaryDirectory(prefix="prunetune-int8-") as tmp:
         fp32, ready, int8 = (os.path.join(tmp, name) for name in ("fp32.onnx", "ready.onnx", "int8.onnx"))
@@ -128,13 +127,13 @@ def quantize_int8(output_dir: str, rank: int, destination: str | None, max_drop:
             record_export(run, path, "int8", rank)
     figures.update(accuracy_drop_points=drop, max_drop_points=max_drop, written=written,
                    path=path if written else None, calibration_images=len(calibration))
-    with open(summary_path) as f:
-        summary = json.load(f)
-    for entry in summary["final"]:
-        if entry["rank"] == rank:
-            entry["int8"] = {**figures["int8"], "fp32": figures["fp32"], "written": written,
-                             "accuracy_drop_points": drop, "path": figures["path"]}
-    write_report(run, summary, CandidateStore(run.path).records())
+    summary = read_summary(run.path)
+    if summary is not None:  # None only if it was removed meanwhile: then there is no report to add them to
+        for entry in summary.final:
+            if entry.rank == rank:
+                entry.int8 = Int8(**figures["int8"], fp32=OnnxFigures(**figures["fp32"]), written=written,
+                                  accuracy_drop_points=drop, path=figures["path"])
+        write_report(run, summary, CandidateStore(run.path).records())
     return (path if written else None), figures
 
 

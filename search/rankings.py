@@ -23,7 +23,7 @@ def taylor_importance(prep: Checked) -> list[np.ndarray] | None:
     """Group Taylor importance of the base model, from its loss gradients over TAYLOR_BATCHES seeded batches of the
     training split without the held-out and validation images (evaluation.seed); None, and no gradient computed,
     where a group has no weights it reads."""
-    model, groups, e = prep.model, prep.space.groups, prep.cfg.evaluation
+    model, groups, e = prep.model, prep.space.groups, prep.cfg.evaluation.settings()
     if group_importance(model, groups, TAYLOR_KINDS) is None:
         return None
     rest = splits_of(len(prep.data.train), e).rest

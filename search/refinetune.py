@@ -4,6 +4,7 @@ experiment tune/finetune-candidate-N-<recipe hash>. The run's final models, summ
 experiments stay as they were."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,9 +15,10 @@ from prunetune.workers.record import CandidateRecord
 
 from .artifacts import pruned_record, save_pruned
 from .config import Config, ConfigError, resumable
-from .finalize import NoFinalModel, timings
+from .finalize import NoFinalModel, finetuned, timings
 from .prepare import Prepared
 from .rundir import RunDir
+from .runfiles import Refinetuned
 from .stages import run_finetune
 from .store import CandidateStore
 
@@ -51,9 +53,9 @@ def candidate_path(run: RunDir, index: int, cfg: Config) -> str:
     return path
 
 
-def refinetune(prep: Prepared, run: RunDir, record: CandidateRecord) -> dict:
+def refinetune(prep: Prepared, run: RunDir, record: CandidateRecord) -> Refinetuned:
     """Fine-tune `record` with prep's recipe as its own Tune experiment and save the kept model at its
-    `candidate_path`; its figures (what the model file stores as its metrics, `path` among them)."""
+    `candidate_path`; its figures (what the model file stores beside it, `path` among them)."""
     cfg, metric, stem = prep.cfg, prep.task.metric, _stem(record.index, prep.cfg)
     path = os.path.join(run.final_path, f"{stem}.pt")
     run.record(path)
@@ -67,14 +69,10 @@ def refinetune(prep: Prepared, run: RunDir, record: CandidateRecord) -> dict:
     model.load_state_dict(state)
     stored = pruned_record(prep.spec, prep.space, record.ratios, cfg.search.criterion, cfg.search.granularity,
                            prep.base_checkpoint, prep.data.contract, cfg.model.task)
-    m = result.metrics
-    figures = {"candidate": record.index, "adaptive_bn_score": record.score,
-               f"val_{metric}_before_finetune": m.get(f"start_val_{metric}"),
-               f"val_{metric}": m.get(f"best_val_{metric}"), f"test_{metric}": m.get(f"best_test_{metric}"),
-               "epochs": m.get("epoch"), "kept_epoch": m.get("best_epoch"),
-               "flops": stored["flops"], "flops_ratio": stored["flops"] / prep.space.base_flops,
-               "params": stored["params"], "path": path, "finetune": cfg.finetune.model_dump(),
-               **timings(model, prep, record.ratios)}
+    figures = Refinetuned(candidate=record.index, adaptive_bn_score=record.score, **finetuned(metric, result.metrics),
+                          flops=stored.flops, flops_ratio=stored.flops / prep.space.base_flops, params=stored.params,
+                          path=path, finetune=cfg.finetune.model_dump(),
+                          **dataclasses.asdict(timings(model, prep, record.ratios)))
     os.makedirs(run.final_path, exist_ok=True)
     save_pruned(path, model, stored, figures)
     return figures

@@ -1,6 +1,7 @@
 """A run's output directory: its manifest (config hash, stage, stored rows) and the lock that guards it."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -11,9 +12,9 @@ import time
 import uuid
 
 from prunetune.workers.errors import BadInput
-from prunetune.workers.files import write_json
 
 from .config import Config, ConfigError, load_config, resumable, save_config
+from .runfiles import MANIFEST, SUMMARY, Manifest, manifest_path, read_manifest, write
 from .store import PART_NAME
 
 
@@ -25,12 +26,12 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# What a run writes besides its config.yaml and manifest.json: `RunDir.record` lists each of these in the manifest
+# What a run writes besides its config.yaml and manifest: `RunDir.record` lists each of these in the manifest
 # (key "files", paths relative to the run directory) before writing it, and `--overwrite` removes exactly the
 # listed ones. A manifest from before that record (no "files") falls back to these fixed names, plus
 # final/rankN.pt for N up to the run's top_k: never a pattern that could match a file of the user's.
 LEGACY_FILES = ("leaderboard.json", "report.md", "report.png", "report-gamma.png", "latency-table.json",
-                "final/summary.json", "tune/search", "tune/finetune")
+                SUMMARY, "tune/search", "tune/finetune")
 
 
 class RunLockedError(BadInput, RuntimeError):
@@ -42,7 +43,7 @@ class RunDir:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(os.path.expanduser(path))
-        self.manifest_path = os.path.join(self.path, "manifest.json")
+        self.manifest_path = manifest_path(self.path)
         self.config_path = os.path.join(self.path, "config.yaml")
         self.lock_path = os.path.join(self.path, "run.lock")
         self.tune_path = os.path.join(self.path, "tune")
@@ -52,25 +53,15 @@ class RunDir:
         """True if the directory holds a run manifest (manifest() refuses one prunetune did not write)."""
         return os.path.isfile(self.manifest_path)
 
-    def manifest(self) -> dict:
-        """The run manifest (empty if none); ConfigError for a manifest.json that is not a prunetune one."""
-        if not self.exists():
-            return {}
-        try:
-            with open(self.manifest_path) as f:
-                manifest = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"output.dir: {self.manifest_path} is not a prunetune run manifest "
-                              f"({str(e).splitlines()[0]})") from None
-        if not isinstance(manifest, dict) or not {"run_id", "config_hash"} <= set(manifest):
-            raise ConfigError(f"output.dir: {self.manifest_path} was not written by prunetune; choose another "
-                              "directory for the run")
-        return manifest
+    def manifest(self) -> Manifest:
+        """The run manifest (an empty one, stage None, if there is none); ConfigError for a manifest file that is
+        not a prunetune one."""
+        return read_manifest(self.path) or Manifest()
 
-    def update(self, **fields) -> dict:
-        """Merge fields into the manifest (atomic, durable write)."""
-        manifest = {**self.manifest(), **fields, "updated": time.time()}
-        write_json(self.manifest_path, manifest, durable=True)
+    def update(self, **fields) -> Manifest:
+        """Set fields of the manifest (atomic, durable write)."""
+        manifest = dataclasses.replace(self.manifest(), **fields, updated=time.time())
+        write(self.path, manifest)
         return manifest
 
     def load_config(self) -> Config:
@@ -100,7 +91,7 @@ class RunDir:
                 raise ConfigError(f"output.dir: {self.path} is not empty and holds no prunetune run; choose a new or "
                                   "empty directory")
             return
-        same = self.manifest().get("config_hash") == config_hash(cfg)
+        same = self.manifest().config_hash == config_hash(cfg)
         if overwrite:
             return
         hint = f"continue it with `prunetune resume {self.path}`" if same else "it holds a different run"
@@ -117,9 +108,8 @@ class RunDir:
 
     def record(self, *paths: str) -> None:
         """List `paths` (inside the run directory) in the manifest as written by this run; call it before writing
-        them. `--overwrite` removes exactly what is listed (and config.yaml, manifest.json, the result parts)."""
-        manifest = self.manifest()
-        files = manifest.get("files")
+        them. `--overwrite` removes exactly what is listed (and config.yaml, the manifest, the result parts)."""
+        files = self.manifest().files
         files = list(self._legacy_files() if files is None else files)  # a run started by an older prunetune
         new = [self._relative(p) for p in paths]
         if not set(new) <= set(files):
@@ -141,8 +131,8 @@ class RunDir:
 
     def _remove_run_files(self) -> None:
         """Delete exactly what the run wrote: the files and Tune folders its manifest lists, its result parts,
-        config.yaml and manifest.json. A user's own files stay, exports (`prunetune export`) included."""
-        files = self.manifest().get("files")
+        config.yaml and the manifest. A user's own files stay, exports (`prunetune export`) included."""
+        files = self.manifest().files
         for rel in self._legacy_files() if files is None else files:
             try:
                 rel = self._relative(rel)
@@ -158,7 +148,7 @@ class RunDir:
         for name in os.listdir(store) if os.path.isdir(store) else []:
             if PART_NAME.fullmatch(name):
                 os.remove(os.path.join(store, name))
-        for name in ("config.yaml", "manifest.json"):
+        for name in ("config.yaml", MANIFEST):
             if os.path.isfile(os.path.join(self.path, name)):
                 os.remove(os.path.join(self.path, name))
         for folder in (self.tune_path, store, self.final_path):

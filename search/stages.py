@@ -32,10 +32,11 @@ def payload(prep: Prepared, run: RunDir, finalists: list[CandidateRecord] | None
 
     cfg = prep.cfg
     state = {k: v.detach().cpu() for k, v in prep.model.state_dict().items()}
-    heldout = evaluation_data(prep.data, cfg.evaluation, loader_workers(cfg))  # decoded here, once per run
-    return TrialPayload(run_id=run.manifest().get("run_id", "run"), model=prep.spec, base_state=[ray.put(state)],
+    heldout = evaluation_data(prep.data, cfg.evaluation.settings(), loader_workers(cfg))  # decoded here, once per run
+    return TrialPayload(run_id=run.manifest().run_id or "run", model=prep.spec, base_state=[ray.put(state)],
                         space=prep.space, evaluation_data=[ray.put(heldout)],
-                        data=data_kwargs(cfg), evaluation=cfg.evaluation, finetune=cfg.finetune,
+                        data=data_kwargs(cfg), evaluation=cfg.evaluation.settings(), finetune=cfg.finetune.settings(),
+                        workers_per_finalist=cfg.finetune.workers_per_finalist,
                         criterion=cfg.search.criterion, method=METHODS[cfg.search.granularity],
                         cpus_per_trial=cfg.resources.cpus_per_trial, gpus_per_trial=cfg.resources.gpus_per_trial,
                         finalists=finalists or [], num_workers=loader_workers(cfg),
@@ -115,7 +116,7 @@ def run_search(prep: Prepared, run: RunDir) -> list[CandidateRecord]:
     tune_settings()
     run.record(os.path.join(run.tune_path, "search"), leaderboard_path(run.path))  # what this stage writes
     shutil.rmtree(os.path.join(run.tune_path, "search"), ignore_errors=True)
-    names = run_baselines(run.manifest().get("baselines"), bool(CandidateStore(run.path).records()))
+    names = run_baselines(run.manifest().baselines, bool(CandidateStore(run.path).records()))
     run.update(baselines=list(names))  # a resumed run proposes the same ones, whatever this prunetune's set
     searcher = StrategySearcher(ALGORITHMS[s.algorithm](prep.sampler, s.population), s.algorithm,
                                 baselines(prep.sampler, rankings(prep, names)), s.num_candidates,
@@ -172,7 +173,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .tensorboard import finetune_callbacks
-    from .tune_search import EPOCH_TIMEOUT, EpochTimeouts, FinetuneProgress
+    from .tune_search import EpochTimeouts, FinetuneProgress
 
     cfg = prep.cfg
     f = cfg.finetune
@@ -183,7 +184,7 @@ def run_finetune(prep: Prepared, run: RunDir, top: list[CandidateRecord], restor
     run.record(path)
     # Tuner.restore runs the callbacks pickled when the stage first started and takes no run config: EpochTimeouts
     # reads the limit in force from here at each start (finetune.epoch_timeout_s may change on resume)
-    run.update(**{EPOCH_TIMEOUT: f.epoch_timeout_s})
+    run.update(epoch_timeout_s=f.epoch_timeout_s)
     if restore and tune.Tuner.can_restore(path):
         RUN.info(f"[finetune] restoring the Tune experiment in {path}")
         # param_space again: a state file torn by a SIGKILL makes Tune restart the experiment from it

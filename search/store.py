@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 from prunetune.workers.files import atomic_write
 from prunetune.workers.record import CandidateRecord
 
+from .runfiles import StoredParts
+
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_(),
           "list[float]": pa.list_(pa.float64()), "list[int]": pa.list_(pa.int64()),
           "dict[str, float]": pa.map_(pa.string(), pa.float64())}
@@ -132,15 +134,14 @@ class CandidateStore:
             os.remove(part)
         self._next_part = None
 
-    def manifest(self) -> dict:
+    def manifest(self) -> StoredParts:
         """Row count and per-part checksums, for the run manifest."""
-        return {"rows": len(self.indices()),
-                "parts": {os.path.basename(p): sha256(p) for p in self.parts()}}
+        return StoredParts(rows=len(self.indices()), parts={os.path.basename(p): sha256(p) for p in self.parts()})
 
-    def verify(self, manifest: dict) -> list[str]:
-        """Problems found comparing the parts on disk with a manifest written earlier."""
+    def verify(self, stored: StoredParts | None) -> list[str]:
+        """Problems found comparing the parts on disk with what a manifest recorded earlier (None: nothing)."""
         problems = []
-        for name, digest in manifest.get("parts", {}).items():
+        for name, digest in (stored.parts if stored else {}).items():
             path = os.path.join(self.path, name)
             if not os.path.isfile(path):
                 problems.append(f"{name}: listed in the manifest but missing")

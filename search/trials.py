@@ -16,13 +16,13 @@ import torch
 from prunetune.workers.data import load_data
 from prunetune.workers.evaluator import CandidateEvaluator
 from prunetune.workers.methods import PruningMethod
-from prunetune.workers.finetune import CHECKPOINT_NAME, finetune
+from prunetune.workers.finetune import CHECKPOINT_NAME, FinetuneOptions, finetune
 from prunetune.workers.models import build_model
 from prunetune.workers.record import CandidateRecord
+from prunetune.workers.settings import EvaluationSettings, FinetuneSettings
 from prunetune.workers.space import PruningSpace
 from prunetune.workers.tasks import resolve_task
 
-from .config import EvaluationConfig, FinetuneConfig
 
 _CACHE: dict = {}
 
@@ -37,8 +37,8 @@ class TrialPayload:
     space: PruningSpace
     evaluation_data: list  # [ObjectRef of the EvaluationData]: one read-only copy per node
     data: dict  # load_data arguments (the fine-tuning stage trains on the data set)
-    evaluation: EvaluationConfig
-    finetune: FinetuneConfig
+    evaluation: EvaluationSettings
+    finetune: FinetuneSettings
     criterion: str
     method: PruningMethod  # search.granularity's method, itself: a method registered only in the driver works too
     cpus_per_trial: float
@@ -46,6 +46,7 @@ class TrialPayload:
     finalists: list[CandidateRecord] = field(default_factory=list)  # the fine-tuning stage's candidates, best first
     num_workers: int = 0  # processes reading training images from files in the fine-tuning stage
     task: str = "classification"  # model.task, resolved in the worker (a user's task module imports there)
+    workers_per_finalist: int = 1  # > 1: each finalist fine-tunes as a Ray Train TorchTrainer of that many workers
 
     @property
     def device(self) -> str:
@@ -113,7 +114,7 @@ def finetune_candidate(config: dict, payload: TrialPayload) -> None:
     finetune.workers_per_finalist > 1 the finalist trains as a Ray Train TorchTrainer of that many DDP workers."""
     from ray import tune
 
-    if payload.finetune.workers_per_finalist > 1:
+    if payload.workers_per_finalist > 1:
         return _finetune_data_parallel(config, payload, tune.get_checkpoint())
 
     def report(metrics: dict, workdir: str) -> None:
@@ -138,13 +139,13 @@ def _finetune_finalist(rank: int, payload: TrialPayload, restored, report, data_
             shutil.copy(os.path.join(d, CHECKPOINT_NAME), ckpt)
     teacher = evaluator.base if payload.finetune.distill_weight > 0 else None
     try:
-        finetune(model, _data(payload), payload.finetune, evaluator.device, ckpt, teacher=teacher,
-                 on_epoch=lambda epoch, metrics, path: report({**metrics, "index": candidate.index, "rank": rank},
-                                                              workdir),
-                 train_indices=evaluator.rest_indices, val_indices=evaluator.validation_indices,
-                 stage=f"fine-tuning finalist {rank}", num_workers=payload.num_workers, data_parallel=data_parallel,
-                 task=evaluator.task,
-                 log=io.StringIO() if data_parallel and torch.distributed.get_rank() > 0 else None)  # rank 0 speaks
+        finetune(model, _data(payload), payload.finetune, FinetuneOptions(
+            device=evaluator.device, train_indices=evaluator.rest_indices, val_indices=evaluator.validation_indices,
+            checkpoint_path=ckpt, teacher=teacher, stage=f"fine-tuning finalist {rank}", task=evaluator.task,
+            num_workers=payload.num_workers, data_parallel=data_parallel,
+            log=io.StringIO() if data_parallel and torch.distributed.get_rank() > 0 else None,  # rank 0 speaks
+            on_epoch=lambda epoch, metrics, path: report({**metrics, "index": candidate.index, "rank": rank},
+                                                         workdir)))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -188,7 +189,7 @@ def _finetune_data_parallel(config: dict, payload: TrialPayload, restored) -> No
     trainer = TorchTrainer(
         _finetune_worker, train_loop_config={"rank": config["rank"], "payload": payload, "restored": restored},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=payload.finetune.workers_per_finalist, use_gpu=payload.gpus_per_trial > 0,
+            num_workers=payload.workers_per_finalist, use_gpu=payload.gpus_per_trial > 0,
             resources_per_worker={"CPU": payload.cpus_per_trial, "GPU": payload.gpus_per_trial}),
         run_config=ray.train.RunConfig(name=os.path.basename(relay), storage_path=os.path.dirname(relay),
                                        storage_filesystem=storage.storage_filesystem, callbacks=[ToTune(reports)],

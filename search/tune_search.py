@@ -193,14 +193,11 @@ class Timeouts(Callback):
         raise NotImplementedError
 
 
-EPOCH_TIMEOUT = "epoch_timeout_s"  # the manifest's record of the fine-tuning stage's epoch limit in force
-
-
 class EpochTimeouts(Timeouts):
     """finetune.epoch_timeout_s: a finalist whose epoch runs longer is stopped (its last finished epoch is its
     model) and said so; the others go on.
 
-    The limit is read from the run's manifest (EPOCH_TIMEOUT, written by run_finetune) each time the stage starts
+    The limit is read from the run's manifest (epoch_timeout_s, written by run_finetune) each time the stage starts
     (`setup`): a restored Tune experiment runs the callbacks pickled when it first started, and this way they
     apply the limit its resume was given."""
 
@@ -211,7 +208,7 @@ class EpochTimeouts(Timeouts):
     def setup(self, **info) -> None:
         """Called by Tune when the experiment (or its restore) starts: the limit in force is the manifest's."""
         super().setup(**info)
-        self.fixed_s = RunDir(self.output_dir).manifest().get(EPOCH_TIMEOUT)
+        self.fixed_s = RunDir(self.output_dir).manifest().epoch_timeout_s
 
     def on_timeout(self, trial, limit_s: float) -> None:
         epoch = (trial.last_result or {}).get("epoch")

@@ -34,6 +34,8 @@ BAD_VALUES = [
     (["finetune.lr=.inf"], "finetune.lr", ".inf is not a finite number"),
     (["search.time_budget_s=.inf"], "search.time_budget_s", "not a finite number"),
     (["finetune.momentum=nan"], "finetune.momentum", "nan is not a finite number; allowed: [0, 1)"),
+    (["model.checkpoint=~no-such-user-x/ck.pt"], "model.checkpoint",
+     "no home directory is known for ~no-such-user-x (in '~no-such-user-x/ck.pt'); write the directory out"),
 ]
 
 BAD_INPUTS = [
@@ -62,6 +64,14 @@ BAD_INPUTS = [
     ("a held-out set that leaves too few images (64 stay: evaluation.batch_size)", ["evaluation.heldout_size=1400"],
      "evaluation.heldout_size: must be in [1, 1374]"),
     ("a renamed key", ["search.flops_target=0.4"], "search.flops_target: renamed to search.target"),
+    ("an unknown model", ["model.name=resnet99"], "model.name: unknown model 'resnet99'; allowed: digits_cnn, "),
+    ("a model factory whose module does not import", ["model.name=nosuchpkg.mod:fn"],
+     "model.name: cannot import module 'nosuchpkg.mod'"),
+    ("an image folder with no images", ["data.name=imagefolder", "data.path={dir}"], "data.path: no images found in"),
+    ("a layer to leave unpruned that the model lacks", ["model.ignored_layers=[nothere]"],
+     "model.ignored_layers: the model has no layer named 'nothere'"),
+    ("a budget the space cannot reach", ["search.target=0.05", "search.tolerance=0.01"],
+     "search.target: flops 0.05 +- 0.01 is not reachable with search.max_ratio=0.7; the reachable flops range is ["),
 ]
 
 BAD_DATA = [

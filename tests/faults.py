@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import errno
 import os
 import signal
@@ -107,14 +108,14 @@ def install() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         return evaluate(self, ratios, index)
 
-    def slow_finetune(*args, on_epoch=None, **kwargs):
+    def slow_finetune(model, data, settings, options):
         def epoch_done(epoch, *a):
             _delay()
             if os.environ.get(HANG_EPOCH) == str(epoch + 1):  # before the epoch is reported
                 _hang(f"hung-epoch-{epoch + 1}")
-            on_epoch(epoch, *a)
+            options.on_epoch(epoch, *a)
 
-        return finetune(*args, on_epoch=epoch_done, **kwargs)
+        return finetune(model, data, settings, dataclasses.replace(options, on_epoch=epoch_done))
 
     CandidateEvaluator.evaluate = faulty_evaluate
     trials.finetune = slow_finetune

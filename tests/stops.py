@@ -13,6 +13,7 @@ import time
 
 import pyarrow.parquet as pq
 
+from prunetune.search.runfiles import read_summary
 from prunetune.search.store import CandidateStore
 from tests.faults import ROOT, sigint_as_in_a_terminal
 from tests.runs import as_args, small
@@ -96,12 +97,11 @@ def assert_same_result(run, reference):
     for i in ours:
         assert ours[i].ratios == theirs[i].ratios and ours[i].flops == theirs[i].flops
         assert abs(ours[i].score - theirs[i].score) < 1e-9 and abs(ours[i].loss - theirs[i].loss) < 1e-6
-    final = json.load(open(run / "final" / "summary.json"))["final"]
-    expected = json.load(open(reference / "final" / "summary.json"))["final"]
-    assert [f["candidate"] for f in final] == [f["candidate"] for f in expected]
-    assert all(f["epochs"] == 3 for f in final)
+    final, expected = read_summary(str(run)).final, read_summary(str(reference)).final
+    assert [f.candidate for f in final] == [f.candidate for f in expected]
+    assert all(f.epochs == 3 for f in final)
     for a, b in zip(final, expected):
-        assert abs(a["val_accuracy"] - b["val_accuracy"]) < 1e-9 and abs(a["test_accuracy"] - b["test_accuracy"]) < 1e-9
+        assert abs(a.val - b.val) < 1e-9 and abs(a.test - b.test) < 1e-9
     assert not (run / "run.lock").exists()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -32,7 +33,31 @@ def listing(folders: list[str]) -> dict[str, tuple[int, int, str]]:
     return files
 
 
-STARTS_RAY = ("scale.py", "tune_overhead.py")
+STARTS_RAY = ("scale.py", "tune_overhead.py", "versus.py")
+
+
+def versus_rows(out: str) -> None:
+    """bench/versus.py's smoke: every method of the comparison has a row per recipe, fine-tuned once per seed, within
+    the FLOPs budget (the Torch-Pruning rows at or under it, as they step until they reach it)."""
+    sys.path.insert(0, ROOT)
+    from bench.versus import RECIPES, TORCH_PRUNING
+
+    with open(os.path.join(out, "versus.json")) as f:
+        result = json.load(f)
+    (budget,) = result["budgets"]
+    rows = {(r["method"], r["recipe"]): r for r in budget["rows"]}
+    methods = {m for m, _ in rows}
+    tp_rows = {name for name, *_ in TORCH_PRUNING.values()}
+    assert tp_rows | {"prunetune uniform", "random valid strategy"} < methods, methods
+    assert any(m.startswith("prunetune search") for m in methods), methods
+    assert {r for _, r in rows} == set(RECIPES)
+    for (method, _), row in rows.items():
+        assert len(row["test"]) == result["args"]["seeds"] and all(0 <= t <= 1 for t in row["test"]), row
+        limit = 100 * budget["target"] + (0 if method in tp_rows else 1)  # search.tolerance 0.01
+        assert 0 < row["flops_pct"] <= limit, row
+
+
+CHECKS = {"versus.py": versus_rows}  # what a script's smoke output must hold, beyond running
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.ray) if s in STARTS_RAY else s
@@ -50,3 +75,5 @@ def test_bench_smoke_runs_and_leaves_results_alone(script, tmp_path):
                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     assert listing(COMMITTED) == before, f"bench/{script} --smoke changed bench/results or bench/checkpoints"
     assert os.listdir(tmp_path / "out"), f"bench/{script} --smoke wrote nothing to its smoke directory"
+    if script in CHECKS:
+        CHECKS[script](str(tmp_path / "out"))

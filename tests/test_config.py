@@ -1,10 +1,14 @@
+import dataclasses
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 
-from prunetune.search.config import ConfigError, from_dict, load_config
+from prunetune.search.config import Config, ConfigError, from_dict, load_config
+from prunetune.search.prepare import base_cache_path, data_kwargs, model_spec
+from prunetune.workers.settings import EvaluationSettings, FinetuneSettings
 from prunetune.search.cli import main
 from tests.bad_values import BAD_VALUES
 
@@ -48,23 +52,6 @@ def test_bad_files(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(None, ["target=0.3"])
-
-
-@pytest.mark.parametrize("overrides, fragment", [
-    (["search.target=2"], "search.target: 2 is outside"),
-    (["model.name=resnet99"], "model.name: unknown model 'resnet99'"),
-    (["model.name=nosuchpkg.mod:fn"], "model.name: cannot import module 'nosuchpkg.mod'"),
-    (["data.name=imagenet"], "data.name: unknown data set 'imagenet'"),
-    (["search.target=0.05", "search.tolerance=0.01"], "reachable flops range is ["),
-])
-def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, overrides, fragment):
-    out = tmp_path / "run"
-    code = main(["run", "--set", f"output.dir={out}", "--set", f"output.cache_dir={tmp_path / 'cache'}",
-                 *sum((["--set", o] for o in overrides), [])])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert fragment in err and len(err.splitlines()) == 1
-    assert not out.exists()
 
 
 def test_cli_entry_point_reports_errors_as_one_line(tmp_path):
@@ -197,6 +184,27 @@ def test_paths_expand_home_and_environment_variables(tmp_path, monkeypatch):
     assert cfg.output.dir == str(tmp_path / "data" / "runs" / "a")
     assert cfg.output.cache_dir == str(tmp_path / "home" / "cache")
     assert load_config().output.cache_dir == str(tmp_path / "home" / ".cache" / "prunetune")  # the default too
+
+
+def test_a_path_is_expanded_once_when_the_config_is_read_and_used_as_it_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA", str(tmp_path / "a$HOME"))  # a directory whose name holds a `$`: no variable
+    cfg = load_config(None, ["data.name=cifar10", "data.path=$DATA/images", "output.cache_dir=$DATA/cache"])
+    kwargs = data_kwargs(cfg)
+    assert kwargs["path"] == str(tmp_path / "a$HOME" / "images")
+    assert kwargs["cache_dir"] == str(tmp_path / "a$HOME" / "cache")
+    assert base_cache_path(cfg, model_spec(cfg, 10, 3)).startswith(str(tmp_path / "a$HOME" / "cache") + os.sep)
+
+
+@pytest.mark.parametrize("section, kind, driver_only", [
+    ("evaluation", EvaluationSettings, set()),
+    ("finetune", FinetuneSettings, {"scheduler", "grace_epochs", "workers_per_finalist", "epoch_timeout_s"})])
+def test_the_worker_settings_are_their_sections_keys_with_the_same_defaults_and_types(section, kind, driver_only):
+    keys, hints = Config.model_fields[section].annotation.model_fields, typing.get_type_hints(kind)
+    assert set(keys) - {f.name for f in dataclasses.fields(kind)} == driver_only  # how the driver schedules it
+    for f in dataclasses.fields(kind):
+        assert (keys[f.name].default, keys[f.name].annotation) == (f.default, hints[f.name]), f.name
+    got = getattr(load_config(None, [f"{section}.seed=7", f"{section}.amp=off"]), section).settings()
+    assert got == dataclasses.replace(kind(), seed=7, amp="off") and isinstance(got, kind)
 
 
 def test_an_unset_variable_in_a_path_is_refused_and_creates_nothing(tmp_path, monkeypatch, capsys):

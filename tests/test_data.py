@@ -13,6 +13,7 @@ from prunetune.search.config import load_config
 from prunetune.search.prepare import base_cache_path, data_kwargs, model_spec, prepare
 from prunetune.workers import data as data_module
 from prunetune.workers.data import DataError, heldout_split, iterate_batches, load_data
+from prunetune.workers.settings import EvaluationSettings
 from tests.bad_values import BAD_DATA
 
 
@@ -120,8 +121,7 @@ def test_the_driver_decodes_the_same_arrays_and_errors_with_worker_processes(tmp
     serial, parallel = (load_data("imagefolder", path=small, num_workers=w) for w in (0, 2))
     assert torch.equal(serial.train.images, parallel.train.images)
     assert torch.equal(serial.test.images, parallel.test.images)
-    cfg = load_config(None, ["evaluation.heldout_size=4", "evaluation.batch_size=3",
-                             "evaluation.calibration_batches=2"]).evaluation
+    cfg = EvaluationSettings(heldout_size=4, batch_size=3, calibration_batches=2)
     data = load_data("imagefolder", path=large, image_size=72)
     serial, parallel = (evaluation_data(data, cfg, num_workers=w) for w in (0, 2))
     assert serial.calibration.shape == (6, 3, 72, 72) and serial.heldout_x.shape == (4, 3, 72, 72)

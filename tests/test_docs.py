@@ -1,6 +1,7 @@
 """The documentation cannot drift from the code: its snippets run and print what the pages show, its reference pages
 are generated from the code (a changed model changes the page), every page's includes exist, and no code block is
 pasted from a file a page could include."""
+import ast
 import glob
 import importlib.util
 import os
@@ -65,25 +66,42 @@ def test_no_page_pastes_a_code_block_it_could_include():
                 assert not any(block.strip() in source for source in sources), (path, block[:200])
 
 
-def test_the_config_page_follows_the_models():
+def test_the_config_page_follows_the_models(monkeypatch):
     gen = _gen()
+    import prunetune.search.config as config
     from prunetune.search.config import Config, SearchConfig
 
     page = gen.config_page(Config)
     for section, field in Config.model_fields.items():
         assert all(f"`{section}.{name}`" in page for name in field.annotation.model_fields)
     assert "| `search.front_points` | int | 5 | >= 2, <= 1000 | the budgets a target range is split into |" in page
-    assert "| `search.target` | float \\| list[float] | 0.5 |  | fraction of the base, in (0, 1);" in page
-    assert "| `data.path` | str \\| None | null |  |  |" in page  # a validated path type, as a reader writes it
+    assert "| `search.criterion` | str | \"l1\" | one of l1, l2, bn_scale, random | how a layer's" in page  # live
+    assert "| `data.path` | str \\| None | null |  | the data set's directory" in page  # a validated path type
+    assert "none or auto: 10x the median time between a trial's results" in page  # the comment above a field
 
     class Patched(SearchConfig):
-        patience: int = Field(7, ge=2, description="candidates without progress before stopping")
+        # candidates without progress
+        patience: int = Field(7, ge=2)  # before stopping
 
     class PatchedConfig(Config):
         search: Patched = Patched()
 
-    page = gen.config_page(PatchedConfig)
-    assert "| `search.patience` | int | 7 | >= 2 | candidates without progress before stopping |" in page
+    assert "| `search.patience` | int | 7 | >= 2 | candidates without progress before stopping |" in \
+        gen.config_page(PatchedConfig)
+    monkeypatch.setattr(config, "Config", PatchedConfig)  # the site's build (the hook's pages()) reads the code now
+    assert "| `search.patience` | int | 7 | >= 2 | candidates without progress before stopping |" in \
+        gen.pages()["reference/config.md"]
+
+
+def test_every_config_key_says_what_it_is_and_the_guide_does_not_restate_them():
+    from prunetune.search.config import Config
+
+    page = _gen().config_page(Config)
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    assert len(rows) == sum(len(f.annotation.model_fields) for f in Config.model_fields.values())
+    assert [row for row in rows if row.endswith("|  |")] == []  # every key has its note in search/config.py
+    guide = open(os.path.join(DOCS, "guides", "configuration.md")).read()
+    assert "](../reference/config.md)" in guide and not re.search(r"^\|.*\|$", guide, re.M)  # no table by hand
 
 
 def test_the_cli_page_follows_the_parser():
@@ -130,16 +148,6 @@ def test_the_error_classes_page_lists_every_prunetune_error_with_its_exit_status
     page = _gen().errors_page([prunetune.search, prunetune.workers])
     assert f"| `CatalogProbe` | `{__name__}` | BadInput | 2 | A probe this test defines. |" in page
     assert re.search(r"^\| `TrainingDiverged` \| `prunetune\.workers\.finetune` \| .* \| 1 \|", page, re.M)
-
-
-def test_the_configuration_guide_names_every_key_of_every_section():
-    from prunetune.search.config import Config
-
-    guide = open(os.path.join(DOCS, "guides", "configuration.md")).read()
-    rows = dict(re.findall(r"^\| (\w+) \| (.*) \|$", guide, re.M))
-    for section, field in Config.model_fields.items():
-        named = set(re.findall(r"`(\w+)`", rows[section]))
-        assert set(field.annotation.model_fields) <= named, (section, set(field.annotation.model_fields) - named)
 
 
 def test_the_refused_values_page_shows_each_tested_rows_message_as_the_code_gives_it():
@@ -198,3 +206,172 @@ def test_the_errors_page_shows_the_bad_input_catalogs_the_tests_run():
         for what, overrides, fragment in getattr(catalog, name):
             assert f"| {what} | {' '.join(f'`--set {o}`' for o in overrides)} | `{fragment}` |" in table
             assert f"`{fragment}" not in typed, fragment  # shown once, from the catalog, not typed again beside it
+
+
+def test_the_run_files_page_follows_the_dataclasses():
+    import dataclasses
+
+    from prunetune.search.runfiles import RUN_FILES, Summary
+
+    page = _gen().runfiles_page(RUN_FILES)
+    assert all(f"## `{path}`" in page for path in RUN_FILES)
+    assert "| `final[].int8.fp32.test_accuracy` | float |" in page  # nested records, each field with its type
+    assert "| `final[].val` | float \\| None | `metric` on the validation split, the kept epoch |" in page
+
+    @dataclasses.dataclass(kw_only=True)
+    class Patched(Summary):
+        budget_front: list[float]  # a field added later
+
+    assert "| `budget_front` | list[float] | a field added later |" in _gen().runfiles_page({"s.json": Patched})
+
+
+_QUICK = "tests/test_readme.py::test_ci_runs_exactly_the_readme_quick_start_commands"
+_LOCAL_HEAD = "tests/test_cluster.py::test_submit_status_logs_against_a_local_head"
+# Each command of a ```bash block in the README and the pages, and the test that runs it or its equivalent (a full
+# run, a cluster, a machine's timings: too slow or too machine-bound to run here as written). The cheap part runs in
+# test_every_prunetune_command_of_a_page_parses_and_its_config_loads.
+COMMANDS = {
+    'pip install -e ".[test]"': _QUICK,
+    'pip install -e ".[test]" && prunetune run': _QUICK,  # CI runs the line itself
+    "pytest": _QUICK,
+    "prunetune inspect examples/latency.yaml --latency":
+        "tests/test_latency.py::test_inspect_latency_names_each_layer_whose_kept_count_misses_the_kernels_width",
+    "prunetune run examples/latency.yaml":
+        "tests/test_examples.py::test_the_latency_example_times_every_candidate_under_its_budget",
+    'prunetune run --set "search.target=[0.3, 0.7]" --set search.top_k=1 --set finetune.scheduler=fifo':
+        "tests/test_front.py::test_a_range_yields_a_front_of_five_budgets_in_the_report",
+    "prunetune export runs/default --point 2 --format onnx":
+        "tests/test_front.py::test_every_point_exports_with_the_report_s_figures",
+    "prunetune export runs/default --budget 0.7":
+        "tests/test_front.py::test_every_point_exports_with_the_report_s_figures",
+    # a cloud account's cluster: not run by a test; the prunetune commands that follow run against a local head
+    "ray get-auth-token --generate": None, "ray up cluster.yaml": None, "ray dashboard cluster.yaml &": None,
+    "export RAY_AUTH_MODE=token": None,
+    "prunetune submit my-search.yaml --address http://127.0.0.1:8265": _LOCAL_HEAD,
+    "prunetune status JOB_ID --address http://127.0.0.1:8265": _LOCAL_HEAD,
+    "prunetune logs JOB_ID --address http://127.0.0.1:8265 --follow": _LOCAL_HEAD,
+    "prunetune run examples/slimming.yaml":
+        "tests/test_examples.py::test_the_network_slimming_example_trains_sparsity_first",
+    "prunetune run examples/unstructured.yaml":
+        "tests/test_examples.py::test_the_unstructured_example_claims_no_speed_up",
+    "prunetune run examples/stripe.yaml":
+        "tests/test_examples.py::test_the_stripe_example_trains_the_filter_skeleton_first",
+}
+
+
+def _bash_commands() -> list[tuple[str, str]]:
+    """(file, command) for each line of each ```bash block of the README and the pages, its comment left out."""
+    texts = {os.path.join(ROOT, "README.md"): open(os.path.join(ROOT, "README.md")).read(), **_pages()}
+    return [(path, re.sub(r"\s+#.*$", "", line).strip()) for path, text in texts.items()
+            for block in re.findall(r"```(?:bash|console|sh|shell)\n(.*?)```", text, re.S)
+            for line in block.splitlines() if line.strip()]
+
+
+def test_every_command_of_a_page_is_run_by_a_test_that_exists():
+    found = _bash_commands()
+    assert len(found) >= 15
+    for path, command in found:
+        assert command in COMMANDS, f"{os.path.relpath(path, ROOT)}: `{command}`: no test runs it (add it to COMMANDS)"
+    assert {command for _, command in found} == set(COMMANDS)  # no entry for a command the pages no longer show
+    for test in filter(None, set(COMMANDS.values())):
+        file, _, name = test.partition("::")
+        assert f"def {name}(" in open(os.path.join(ROOT, file)).read(), test
+
+
+def test_every_prunetune_command_of_a_page_parses_and_its_config_loads(monkeypatch):
+    import shlex
+
+    from prunetune.search.cli import build_parser
+    from prunetune.search.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    parser = build_parser()
+    commands = [c.split("&&")[-1].strip() for _, c in _bash_commands() if "prunetune " in c]
+    assert len(commands) >= 10
+    for command in commands:
+        args = parser.parse_args(shlex.split(command.rstrip("&"))[1:])  # every option exists and takes its value
+        config = getattr(args, "config", None)
+        if args.command in ("run", "inspect") or (config and os.path.isfile(config)):
+            load_config(config if config and os.path.isfile(config) else None, args.set)  # every key and value allowed
+
+
+def test_the_architecture_page_places_every_module_and_names_only_modules_that_exist():
+    page = open(os.path.join(DOCS, "concepts", "architecture.md")).read()
+    modules = [p for folder in ("search", "workers", os.path.join("workers", "methods"))
+               for p in glob.glob(os.path.join(ROOT, folder, "*.py")) if not p.endswith("__init__.py")]
+    named = set(re.findall(r"\b(\w+)\.py\b", page))
+    assert [os.path.relpath(p, ROOT) for p in modules if os.path.basename(p)[:-3] not in named] == []
+    folders = [os.path.join(ROOT, f) for f in ("search", "workers", os.path.join("workers", "methods"), "tests")]
+    for name in named:
+        assert any(os.path.isfile(os.path.join(f, f"{name}.py")) for f in folders), name
+
+
+# A quoted message's placeholders (a path X, counts N and K, a MOUNT, an OUTPUT folder, `...`, a figure, nan or inf, a
+# signal's name): each stands for what the code fills in.
+_HOLE = re.compile(r"\.\.\.|\b(?:X|N|K|MOUNT|OUTPUT|SIG[A-Z]+|nan|inf)\b|\d+(?:\.\d+)?")
+
+
+def _code_strings() -> set[str]:
+    """Every str constant of search/ and workers/ but their docstrings: string literals (implicit concatenation joined
+    by the parser) and the constant parts of f-strings."""
+    files = glob.glob(os.path.join(ROOT, "search", "**", "*.py"), recursive=True) + \
+        glob.glob(os.path.join(ROOT, "workers", "**", "*.py"), recursive=True)
+    nodes = [node for path in files for node in ast.walk(ast.parse(open(path).read()))]
+    docstrings = {id(node.value) for node in nodes if isinstance(node, ast.Expr)}
+    return {node.value for node in nodes
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+
+
+def _by_8_gram(strings: set[str]) -> dict[str, set[str]]:
+    """The strings that hold each run of 8 characters."""
+    index: dict[str, set[str]] = {}
+    for s in strings:
+        for i in range(len(s) - 7):
+            index.setdefault(s[i:i + 8], set()).add(s)
+    return index
+
+
+def _said_by_the_code(message: str, strings: set[str], index: dict[str, set[str]]) -> bool:
+    """Whether `message` is pieced together from the code's strings: each stretch of it is a placeholder, a stretch of
+    12 or more characters of one string, or a whole string of 4 or more characters, of no letters (an f-string's joint
+    such as "); ") or right after a placeholder (the " s" of f"{limit} s"), so that a changed or reworded string leaves
+    a stretch of the message unaccounted for."""
+    corpus = "\0".join(set().union(*(index.get(message[i:i + 8], ()) for i in range(len(message) - 7))))
+    reached, after_hole = [True] + [False] * len(message), [False] * (len(message) + 1)
+    for i in range(len(message)):
+        if not reached[i]:
+            continue
+        hole = _HOLE.match(message, i)
+        if hole:
+            reached[hole.end()] = after_hole[hole.end()] = True
+        for j in range(i + 1, len(message) + 1):
+            part = message[i:j]
+            whole = part in strings and (len(part) >= 4 or after_hole[i] or not re.search("[A-Za-z]", part))
+            if whole or (j - i >= 12 and part in corpus):
+                reached[j] = True
+            elif j - i >= 12:
+                break  # no longer stretch of one string starts here either; whole strings that do are shorter
+    return reached[-1]
+
+
+def test_each_message_the_faults_guide_quotes_is_the_codes_and_its_row_names_tests_that_exist():
+    strings = _code_strings()
+    index = _by_8_gram(strings)
+    page = open(os.path.join(DOCS, "guides", "faults.md")).read()
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in page.splitlines()
+            if line.startswith("| ") and not line.startswith("| fault |")]
+    assert len(rows) >= 20 and all(len(row) == 4 for row in rows)
+    messages = [q for row in rows for q in re.findall(r"`([^`]+)`", row[1])
+                if " " in q and not re.match(r"prunetune \w|resume\b", q)]  # not a key, a file or a command
+    assert len(messages) >= 20
+    for message in messages:
+        assert _said_by_the_code(message, strings, index), f"faults.md quotes a message no code says: `{message}`"
+        word = max(re.findall(r"[a-z]{5,}", message), key=len)
+        assert not _said_by_the_code(message.replace(word, word[::-1]), strings, index), message  # the check can fail
+    for fault, *_, tests in rows:
+        named = re.findall(r"`(test_\w+\.py)(?:::(\w+?)(\*?))?`", tests)
+        assert named, fault
+        for file, name, glob_ in named:
+            text = open(os.path.join(ROOT, "tests", file)).read()
+            tail = r"\w*\(" if glob_ else r"\("
+            assert not name or re.search(rf"^def {name}{tail}", text, re.M), (fault, file, name)

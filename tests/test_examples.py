@@ -155,7 +155,8 @@ def test_the_segmentation_example_scores_miou_from_search_to_export(ray_session,
     assert summary["task"] == {"name": "segmentation", "metric": "miou", "metrics": ["miou", "pixel_accuracy", "loss"],
                                "higher_is_better": True}
     final = summary["final"][0]
-    assert 0 <= final["val_miou"] <= 1 and 0 <= final["test_miou"] <= 1 and 0 <= summary["base"]["test_miou"] <= 1
+    assert final["metric"] == "miou" and 0 <= final["val"] <= 1 and 0 <= final["test"] <= 1
+    assert 0 <= summary["base"]["test"] <= 1
     records = CandidateStore(str(tmp_path / "run")).records()
     assert all(list(r.metrics) == ["miou", "pixel_accuracy", "loss"] and r.score == r.metrics["miou"]
                and r.accuracy is None for r in records)
@@ -175,7 +176,8 @@ def test_the_detection_example_scores_map_through_its_user_task(ray_session, tmp
                    "evaluation.heldout_size=32", "evaluation.batch_size=16", "finetune.batch_size=16")
     assert summary["task"] == {"name": "detection", "metric": "map50", "metrics": ["map50", "loss"],
                                "higher_is_better": True}
-    assert 0 <= summary["final"][0]["test_map50"] <= 1 and "val_map50" in summary["final"][0]
+    assert summary["final"][0]["metric"] == "map50" and 0 <= summary["final"][0]["test"] <= 1 \
+        and summary["final"][0]["val"] is not None
     records = CandidateStore(str(tmp_path / "run")).records()
     assert len(records) == 4 and all(r.ok and list(r.metrics) == ["map50", "loss"] and r.score == r.metrics["map50"]
                                      for r in records)

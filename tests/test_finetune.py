@@ -4,13 +4,14 @@ import dataclasses
 import io
 import re
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from prunetune import build_model, finetune, load_config, load_data
+from prunetune import FinetuneOptions, FinetuneSettings, build_model, finetune, load_config, load_data
 from prunetune.search import prepare as prepare_module
 from prunetune.workers import finetune as finetune_module
 from prunetune.search.config import ConfigError, grace_epochs, loader_workers, training_recipe
@@ -29,7 +30,8 @@ def trained():
     cfg = load_config(None, ["finetune.batch_size=64"])
     heldout, rest = heldout_split(len(data.train), cfg.evaluation.heldout_size, cfg.evaluation.seed)
     model = build_model("digits_cnn", 10, 1)
-    finetune(model, data, training_recipe(cfg), epochs=3, train_indices=rest, log=io.StringIO())
+    finetune(model, data, replace(training_recipe(cfg), epochs=3),
+             FinetuneOptions(train_indices=rest, log=io.StringIO()))
     return data, cfg, model, heldout, rest
 
 
@@ -51,10 +53,10 @@ def _copy(model):
 def test_finetuning_that_only_hurts_returns_the_model_it_started_from(trained, tmp_path):
     data, cfg, model, heldout, rest = trained
     student, ckpt = _copy(model), str(tmp_path / "ft.pt")
-    ft = cfg.finetune.model_copy(update={"epochs": 2, "lr": 0.05})
+    ft = replace(cfg.finetune.settings(), epochs=2, lr=0.05)
     log = io.StringIO()
-    result = finetune(student, _scrambled(data), ft, checkpoint_path=ckpt, train_indices=rest, val_indices=heldout,
-                      log=log)
+    result = finetune(student, _scrambled(data), ft, FinetuneOptions(train_indices=rest, val_indices=heldout,
+                                                                     checkpoint_path=ckpt, log=log))
     history = result["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert max(h["val_accuracy"] for h in history[1:]) < history[0]["val_accuracy"]  # training made it worse
@@ -70,9 +72,9 @@ def test_finetuning_that_only_hurts_returns_the_model_it_started_from(trained, t
 def test_finetuning_that_helps_keeps_a_trained_epoch_and_reports_the_best_so_far(trained):
     data, cfg, model, heldout, rest = trained
     reported = []
-    result = finetune(_copy(model), data, cfg.finetune.model_copy(update={"epochs": 3, "lr": 0.05}),
-                      train_indices=rest, val_indices=heldout, log=io.StringIO(),
-                      on_epoch=lambda epoch, metrics, path: reported.append(metrics))
+    result = finetune(_copy(model), data, replace(cfg.finetune.settings(), epochs=3, lr=0.05), FinetuneOptions(
+        train_indices=rest, val_indices=heldout, log=io.StringIO(),
+        on_epoch=lambda epoch, metrics, path: reported.append(metrics)))
     vals = [h["val_accuracy"] for h in result["history"]]
     assert result["best_epoch"] > 0 and result["best_val_accuracy"] == max(vals) > vals[0]
     # the kept epoch so far: the best fine-tuned one unless epoch 0 beats it beyond the margin (test_selection.py)
@@ -84,16 +86,16 @@ def test_finetuning_that_helps_keeps_a_trained_epoch_and_reports_the_best_so_far
 
 def test_a_diverging_training_stops_with_one_line(trained):
     data, cfg, model, _, rest = trained
-    ft = cfg.finetune.model_copy(update={"lr": 1e30, "epochs": 3})
+    ft = replace(cfg.finetune.settings(), lr=1e30, epochs=3)
     with pytest.raises(TrainingDiverged, match=r"^base training: the loss became (nan|inf) at epoch 1/3, step \d+ "):
-        finetune(_copy(model), data, ft, train_indices=rest, stage="base training", log=io.StringIO())
+        finetune(_copy(model), data, ft, FinetuneOptions(train_indices=rest, stage="base training", log=io.StringIO()))
 
 
 def test_progress_lines_name_the_stage_with_time_per_epoch_and_eta(trained):
     data, cfg, model, heldout, rest = trained
     log = io.StringIO()
-    finetune(_copy(model), data, cfg.finetune.model_copy(update={"epochs": 2}), train_indices=rest[:200],
-             stage="sparsity training", log=log)
+    finetune(_copy(model), data, replace(cfg.finetune.settings(), epochs=2),
+             FinetuneOptions(train_indices=rest[:200], stage="sparsity training", log=log))
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and all(line.startswith(f"sparsity training: epoch {i}/2 ") for i, line in
                                    enumerate(lines, 1))
@@ -108,10 +110,10 @@ class _Terminal(io.StringIO):
 def test_a_terminal_gets_a_progress_bar_inside_each_epoch_and_a_file_plain_lines(trained, monkeypatch):
     data, cfg, model, heldout, rest = trained
     monkeypatch.setattr(finetune_module, "BAR_EVERY_S", 0.0)
-    short = cfg.finetune.model_copy(update={"epochs": 1, "batch_size": 50})
+    short = replace(cfg.finetune.settings(), epochs=1, batch_size=50)
     terminal, plain = _Terminal(), io.StringIO()
     for log in (terminal, plain):
-        finetune(_copy(model), data, short, train_indices=rest[:200], stage="base training", log=log)
+        finetune(_copy(model), data, short, FinetuneOptions(train_indices=rest[:200], stage="base training", log=log))
     shown = terminal.getvalue()
     assert "\rbase training: epoch 1/1 [" in shown and "step 3/4 (epoch ETA " in shown
     assert shown.split("\r\x1b[K")[-1].startswith("base training: epoch 1/1 train_loss")  # cleared, then the line
@@ -122,12 +124,12 @@ def test_a_log_that_is_no_terminal_gets_plain_lines_inside_an_epoch_only_when_th
     from prunetune.workers import progress
 
     data, cfg, model, heldout, rest = trained
-    short = cfg.finetune.model_copy(update={"epochs": 1, "batch_size": 50})
+    short = replace(cfg.finetune.settings(), epochs=1, batch_size=50)
     shown = {}
     for every_s in (0.0, 1e9):
         monkeypatch.setattr(progress, "PROGRESS_EVERY_S", every_s)
         log = io.StringIO()
-        finetune(_copy(model), data, short, train_indices=rest[:200], stage="base training", log=log)
+        finetune(_copy(model), data, short, FinetuneOptions(train_indices=rest[:200], stage="base training", log=log))
         shown[every_s] = log.getvalue().splitlines()
     steps = shown[0.0][:-1]
     assert [line.split(" (epoch ETA ")[0] for line in steps] == [f"base training: epoch 1/1 step {k}/4"
@@ -167,13 +169,13 @@ def test_the_base_trained_here_never_sees_the_held_out_or_validation_split(tmp_p
     data = load_data("digits")
     seen = {}
 
-    def record(model, data, recipe, device, **kwargs):
-        seen.update(kwargs, lr=recipe.lr)
+    def record(model, data, recipe, options):
+        seen.update(vars(options), lr=recipe.lr)
         return {"test_accuracy": 0.0}
 
     monkeypatch.setattr(prepare_module, "finetune", record)
     trained_base(cfg, build_model("digits_cnn", 10, 1), data, io.StringIO())
-    splits = splits_of(len(data.train), cfg.evaluation)
+    splits = splits_of(len(data.train), cfg.evaluation.settings())
     assert sorted(seen["train_indices"]) == sorted(splits.rest)
     assert not set(seen["train_indices"]) & (set(splits.heldout) | set(splits.validation))
     assert seen["stage"] == "base training" and seen["lr"] == cfg.model.pretrain_lr != cfg.finetune.lr
@@ -219,12 +221,12 @@ def test_finetune_reads_a_file_dataset_through_workers_like_in_process():
 
     data = load_data("digits")
     files = dataclasses.replace(data, train_augmented=Images(), train=Images(), test=Images())
-    ft = load_config(None, ["finetune.batch_size=8", "finetune.epochs=1"]).finetune
+    ft = FinetuneSettings(batch_size=8, epochs=1)
     results = []
     for workers in (0, 2):
         torch.manual_seed(0)
         model = build_model("digits_cnn", 3, 1)
-        finetune(model, files, ft, num_workers=workers, log=io.StringIO())
+        finetune(model, files, ft, FinetuneOptions(num_workers=workers, log=io.StringIO()))
         results.append(model.state_dict())
     for (k, a), b in zip(results[0].items(), results[1].values()):
         assert torch.equal(a, b), k
@@ -232,8 +234,9 @@ def test_finetune_reads_a_file_dataset_through_workers_like_in_process():
 
 def test_bf16_autocast_runs_on_the_cpu_when_asked(trained):
     data, cfg, model, heldout, rest = trained
-    ft = load_config(None, ["finetune.amp=bf16", "finetune.channels_last=on", "finetune.epochs=1"]).finetune
-    result = finetune(_copy(model), data, ft, train_indices=rest[:256], val_indices=heldout, log=io.StringIO())
+    ft = load_config(None, ["finetune.amp=bf16", "finetune.channels_last=on", "finetune.epochs=1"]).finetune.settings()
+    result = finetune(_copy(model), data, ft, FinetuneOptions(train_indices=rest[:256], val_indices=heldout,
+                                                              log=io.StringIO()))
     assert np.isfinite(result["history"][1]["train_loss"])
     assert result["best_val_accuracy"] > 0.5
     with pytest.raises(ConfigError, match="finetune.amp"):

@@ -1,5 +1,6 @@
 """The accuracy-vs-cost front from one search: search.target as a range or a list of budgets, the sampler's bands,
 baselines and finalists per budget, the report's front and `export --point/--budget`."""
+import dataclasses
 import json
 
 import numpy as np
@@ -14,12 +15,14 @@ from prunetune.search.config import ConfigError, config_warnings
 from prunetune.search.front import finalists, point_rank
 from prunetune.search.prepare import prepare
 from prunetune.search.rankings import rankings
+from prunetune.search.runfiles import Front, FrontCost, FrontPoint, Summary
 from prunetune.search.sampler import budget_bands
 from prunetune.search.store import CandidateStore
 from prunetune.search.tune_search import StrategySearcher
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.record import CandidateRecord, best
 from prunetune.workers.space import count_flops
+from tests import summaries
 from tests.runs import as_args, small
 
 RANGE = "search.target=[0.3, 0.7]"
@@ -126,10 +129,12 @@ def test_the_finalists_are_the_best_of_each_budget(space):
 
 
 def test_a_point_without_a_model_or_a_run_without_a_front_is_refused_in_one_line():
-    points = [{"point": 1, "budget": 0.3, "candidate": 4, "rank": None},
-              {"point": 2, "budget": 0.5, "candidate": None, "rank": None},
-              {"point": 3, "budget": 0.7, "candidate": 9, "rank": 2}]
-    summary = {"front": {"points": points}}
+    points = [FrontPoint(point=1, budget=0.3, tolerance=0.05, band=[0.25, 0.35], candidate=4),
+              FrontPoint(point=2, budget=0.5, tolerance=0.05, band=[0.45, 0.55], candidate=None),
+              FrontPoint(point=3, budget=0.7, tolerance=0.05, band=[0.65, 0.75], candidate=9, rank=2)]
+    front_summary = summaries.summary([], front=Front(constraint="flops", points=points))
+    summary = Summary.from_json(front_summary.to_json())  # as a run's summary.json reads back
+    assert summary == front_summary
     assert point_rank(summary, 3, None) == point_rank(summary, None, 0.7) == 2
     for args, message in [((1, None), "--point: point 1 (budget 0.3) has no model; its candidate 4 has no fine-tuned"),
                           ((None, 0.5), "--budget: point 2 (budget 0.5) has no model; no candidate landed"),
@@ -139,7 +144,7 @@ def test_a_point_without_a_model_or_a_run_without_a_front_is_refused_in_one_line
             point_rank(summary, *args)
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="^--point: the run has no front"):
-        point_rank({"final": []}, 1, None)
+        point_rank(summaries.summary([]), 1, None)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +184,9 @@ def test_every_point_exports_with_the_report_s_figures(front_run, capsys, tmp_pa
         target = tmp_path / f"point{p['point']}.pt"
         assert main(["export", str(front_run), "--point", str(p["point"]), "--to", str(target)]) == 0
         model, record, metrics = load_pruned(str(target), raw_input=False)
-        assert record["flops"] == p["flops"] == count_flops(model, torch.zeros(1, 1, 8, 8)).total()
-        assert record["params"] == p["params"] == sum(t.numel() for t in model.parameters())
-        assert metrics["adaptive_bn_score"] == p["score"] and metrics["candidate"] == p["candidate"]
+        assert record.flops == p["flops"] == count_flops(model, torch.zeros(1, 1, 8, 8)).total()
+        assert record.params == p["params"] == sum(t.numel() for t in model.parameters())
+        assert metrics.adaptive_bn_score == p["score"] and metrics.candidate == p["candidate"]
     capsys.readouterr()
     assert main(["export", str(front_run), "--budget", "0.5"]) == 0
     assert capsys.readouterr().out.strip() == points[2]["path"]
@@ -192,15 +197,15 @@ def test_every_point_exports_with_the_report_s_figures(front_run, capsys, tmp_pa
 def test_the_front_table_has_a_latency_column_when_a_table_is_in_use_and_a_row_per_budget():
     from prunetune.search.report import front_figure, front_table
 
-    base = {"flops": 1000, "params": 100, "score": 0.9, "test_accuracy": 0.95, "latency_predicted_ms": 2.0}
-    rule = {"candidate": 0, "source": "uniform", "score": 0.5, "flops": 300, "flops_ratio": 0.3, "params": 30,
-            "params_ratio": 0.3, "latency_predicted_ms": 0.8, "latency_ratio": 0.4}
-    points = [{**rule, "point": 1, "budget": 0.3, "tolerance": 0.05, "band": [0.25, 0.35], "candidate": 7,
-               "source": "tpe", "score": 0.6, "rank": 2, "path": "final/rank2.pt", "val_accuracy": 0.7,
-               "test_accuracy": 0.71, "baselines": {"uniform": rule}},
-              {"point": 2, "budget": 0.7, "tolerance": 0.05, "band": [0.65, 0.75], "candidate": None, "rank": None,
-               "path": None, "val_accuracy": None, "test_accuracy": None, "baselines": {}}]
-    summary = {"base": base, "front": {"constraint": "latency", "points": points}, "task": {"metric": "accuracy"}}
+    rule = FrontCost(candidate=0, source="uniform", score=0.5, flops=300, flops_ratio=0.3, params=30,
+                     params_ratio=0.3, latency_predicted_ms=0.8, latency_ratio=0.4)
+    points = [FrontPoint(**{**dataclasses.asdict(rule), "candidate": 7, "source": "tpe", "score": 0.6}, point=1,
+                         budget=0.3, tolerance=0.05, band=[0.25, 0.35], rank=2, path="final/rank2.pt", val=0.7,
+                         test=0.71, baselines={"uniform": rule}),
+              FrontPoint(point=2, budget=0.7, tolerance=0.05, band=[0.65, 0.75], candidate=None)]
+    summary = summaries.summary([], front=Front(constraint="latency", points=points))
+    summary.base = dataclasses.replace(summary.base, flops=1000, params=100, score=0.9, test=0.95,
+                                       latency_predicted_ms=2.0)
     rows = front_table(summary).splitlines()
     assert "predicted latency" in rows[0] and len({row.count("|") for row in rows}) == 1  # every row 13 cells
     assert rows[3].startswith("| 1 | 30.00% | 7 | tpe | 0.6000 | 0.00 M (30.00%) | 0.000 M (30.00%) | 0.8 ms (40.00%) "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunetune import PrunePlan, PruningSpace, StrategySampler, preflight
+from prunetune import PreflightOptions, PrunePlan, PruningSpace, StrategySampler, preflight
 from prunetune.search.cli import main
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.preflight import FUNCTIONAL_TOLERANCE, functional_gap
@@ -34,8 +34,9 @@ SUPPORTED = {
 
 
 def _verdict(model, target=0.5, **kwargs):
-    return preflight(model, torch.zeros(1, 3, 32, 32), 10, 0.7,
-                     lambda space: StrategySampler(space, target, 0.05, 0.7).sample(0), **kwargs)
+    return preflight(model, torch.zeros(1, 3, 32, 32),
+                     PreflightOptions(10, 0.7, lambda space: StrategySampler(space, target, 0.05, 0.7).sample(0),
+                                      **kwargs))
 
 
 @pytest.mark.parametrize("name", list(SUPPORTED))
@@ -312,8 +313,8 @@ def test_a_torch_compiled_submodule_is_refused_by_every_method(granularity):
     from prunetune.workers.methods import METHODS
 
     with pytest.raises(SpaceError, match=r"^model: block \(OptimizedModule\) is wrapped in torch.compile"):
-        METHODS[granularity].preflight(archs.CompiledBlock(), torch.zeros(1, 3, 32, 32), 10, 0.7,
-                                       lambda space: StrategySampler(space, 0.5, 0.05, 0.7).sample(0))
+        METHODS[granularity].preflight(archs.CompiledBlock(), torch.zeros(1, 3, 32, 32), PreflightOptions(
+            10, 0.7, lambda space: StrategySampler(space, 0.5, 0.05, 0.7).sample(0)))
 
 
 def test_inspect_warns_of_a_permuted_group_and_says_what_the_preflight_proved(capsys):

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 
+from prunetune.search.runfiles import read_manifest
 from prunetune.search.store import CandidateStore
 from tests.stops import (N, assert_one_line_with_the_resume_hint, assert_same_result, checkpointed, finish,
                          interrupted_run, stopped, stopper, stored, uninterrupted)
@@ -68,8 +69,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_resume_completes_it(refer
     assert ("output.dir: no space left on " in log
             and f"MB free); free space and continue with `prunetune resume {run}`" in log), log[-3000:]
     assert "Traceback" not in log and "Errno 28" not in log, log[-3000:]
-    manifest = json.load(open(run / "manifest.json"))
-    assert manifest["stage"] == "search" and CandidateStore(str(run)).verify(manifest["candidates"]) == []
+    manifest = read_manifest(str(run))
+    assert manifest.stage == "search" and CandidateStore(str(run)).verify(manifest.candidates) == []
     assert 3 <= len(CandidateStore(str(run)).indices()) < N
     assert not [*run.glob(".*.tmp"), *(run / "candidates.parquet").glob(".*.tmp")]  # no half-written file left
     full.unlink()

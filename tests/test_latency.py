@@ -1,6 +1,9 @@
 """Latency budgets: the timing helper, the latency table, budgets in the sampler, the over-budget rule."""
 from __future__ import annotations
 
+import importlib.util
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -194,6 +197,32 @@ def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(
     assert "search.target: latency 0.05 +- 0.02 is not reachable" in err and len(err.strip().splitlines()) <= 2
 
 
+def test_inspect_latency_names_each_layer_whose_kept_count_misses_the_kernels_width(tmp_path, capsys, monkeypatch):
+    from prunetune.search.cli import main
+
+    monkeypatch.setattr(latency, "time_forward", _modelled_time)  # the same table on every machine
+    shown = {}
+    for round_to in (1, 8):  # digits at 50% of the FLOPs keeps 22 of 32 and 45 of 64 channels; rounded: 8, 16, ...
+        code = main(["inspect", "--latency", "--set", "latency.grid=2", "--set", "latency.repeats=3",
+                     "--set", "latency.max_fit_error=10", "--set", f"output.cache_dir={tmp_path}",
+                     "--set", f"output.dir={tmp_path / 'run'}", "--set", f"search.round_to={round_to}"])
+        out = capsys.readouterr().out
+        assert code == 0 and "where the time goes at search.target=0.5 (flops): " in out
+        rows = re.findall(r"^\| (\S+) \| (\d+)/(\d+), (\d+)/(\d+) \| [\d.]+ \| [\d.]+ \| (.*) \|$", out, re.M)
+        assert {r[0] for r in rows} == {"features.0", "features.1", "features.3", "features.4", "features.6",
+                                        "features.7", "features.9", "features.10", "fc"}  # every layer, before/after
+        shown[round_to] = out
+        for name, out_kept, out_full, in_kept, in_full, why in rows:
+            misaligned = [k for k, full in ((int(out_kept), int(out_full)), (int(in_kept), int(in_full)))
+                          if k < full and k % 8]
+            runs = ", ".join(str(-(-k // 8) * 8) for k in misaligned)
+            assert (why.startswith(f"{', '.join(map(str, misaligned))} run") and why.endswith(f" as {runs}")
+                    if misaligned else " as " not in why), (name, why)
+    assert re.search(r"^\| \S+ \| \d+/\d+, \d+/\d+ \| [\d.]+ \| [\d.]+ \| \d+(, \d+)? runs? as ", shown[1], re.M)
+    assert "set search.round_to=8 so that what is pruned is also faster" in shown[1]
+    assert " runs as " not in shown[8] and "search.round_to=8 so that" not in shown[8]
+
+
 def _noisy_time(model, example, repeats=30, warmup=5, threads=None, runtime="torch") -> Timing:
     """Modelled timings with a load spike on every other call: a table that cannot fit them."""
     _noisy_time.calls += 1
@@ -236,29 +265,34 @@ def test_where_the_time_went_names_a_layer_whose_kept_count_misses_the_kernels_w
     assert not any(c.misaligned for c in latency.where_time_went(table, space, aligned))
 
 
-def test_a_table_timed_in_onnx_runtime_times_layers_networks_and_candidates_there(tmp_path):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_table_timed_in_an_onnx_runtime_times_layers_networks_and_candidates_there(runtime, tmp_path):
     from prunetune.workers import timing
 
+    pytest.importorskip(runtime)  # openvino is an extra of its own, not the test extra's
     model = GroupedSE().eval()
     example = torch.zeros(1, 3, 16, 16)
     space = PruningSpace.from_model(model, example)
     loose = {"threads": 1, "grid": 2, "repeats": 3, "max_fit_error": 10.0}  # what is tested is where it is timed
-    table, _, built = load_or_build(model, space, example, str(tmp_path), runtime="onnxruntime", **loose)
-    assert built and table.runtime == "onnxruntime" and LatencyTable.from_dict(table.to_dict()) == table
+    table, _, built = load_or_build(model, space, example, str(tmp_path), runtime=runtime, **loose)
+    assert built and table.runtime == runtime and LatencyTable.from_dict(table.to_dict()) == table
     torch_table, _, _ = load_or_build(model, space, example, str(tmp_path), **loose)
     assert torch_table.runtime == "torch" and torch_table.key != table.key  # one cache entry per runtime
     pruned = build_model("digits_cnn", 10, 3).eval()
     before = len(timing._SESSIONS)
     assert table.time(pruned, torch.device("cpu"), (3, 16, 16)).median_ms > 0
-    assert pruned in timing._SESSIONS and len(timing._SESSIONS) == before + 1  # exported and run by ONNX Runtime
+    assert pruned in timing._SESSIONS and len(timing._SESSIONS) == before + 1  # exported and run by the runtime
+    assert [key[0] for key in timing._SESSIONS[pruned]] == [runtime]
     torch_table.time(pruned, torch.device("cpu"), (3, 16, 16))
     assert len(timing._SESSIONS[pruned]) == 1  # eager PyTorch exports nothing
 
 
-def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_anything_is_timed(monkeypatch):
+def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_anything_is_timed(monkeypatch,
+                                                                                                   tmp_path):
+    from prunetune.search.prepare import prepare
     from prunetune.workers import timing
 
-    absent = timing.Runtime("nosuchruntime", timing.RUNTIMES["torch"].call, lambda: "0", cpu_only=True,
+    absent = timing.Runtime("nosuchruntime", timing.RUNTIMES["torch"].call, lambda: "0", "No Such", cpu_only=True,
                             package="nosuchruntime (pip install nosuchruntime)")
     monkeypatch.setitem(timing.RUNTIMES, "nosuchruntime", absent)
     with pytest.raises(ConfigError, match=r"^latency.runtime: nosuchruntime is not installed; install nosuchruntime "
@@ -267,3 +301,12 @@ def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_
     with pytest.raises(ConfigError, match=r"^latency.runtime: onnxruntime times on the CPU here; set latency.device"):
         load_config(None, ["latency.runtime=onnxruntime", "search.constraint=latency", "latency.device=cuda"])
     assert load_config(None, ["latency.runtime=nosuchruntime"]).latency.runtime == "nosuchruntime"  # no latency budget
+    found = importlib.util.find_spec  # openvino absent, as where only the test extra is installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else found(name, *a))
+    missing = r"^latency.runtime: openvino is not installed; install openvino \(pip install 'prunetune\[openvino\]'\)$"
+    with pytest.raises(ConfigError, match=missing):
+        load_config(None, ["latency.runtime=openvino", "search.constraint=latency"])
+    flops = load_config(None, ["latency.runtime=openvino", f"output.dir={tmp_path / 'run'}",
+                               f"output.cache_dir={tmp_path}"])  # a FLOPs budget: the final models are timed in it
+    with pytest.raises(ConfigError, match=missing):
+        prepare(flops)

@@ -15,18 +15,17 @@ from tests.test_walls import modules
 # The Python API example (docs/snippets/python_api.py), shortened: base training, preflight, one candidate.
 API = """
 import logging, sys, torch
-from prunetune import CandidateEvaluator, StrategySampler, build_model, finetune, load_config, load_data, preflight
-from prunetune.search.config import training_recipe
+from prunetune import (CandidateEvaluator, EvaluationSettings, FinetuneOptions, FinetuneSettings, PreflightOptions,
+                       StrategySampler, build_model, finetune, load_data, preflight)
 from prunetune.search.prepare import warn
 {setup}
 torch.manual_seed(0)
-cfg = load_config(None, ["search.target=0.4"])
 data = load_data("digits")
 model = build_model("digits_cnn", data.num_classes, in_channels=1)
-finetune(model, data, training_recipe(cfg), epochs=1, train_indices=list(range(300)))
-verdict = preflight(model, data.example_input(), data.num_classes, max_ratio=0.7,
-                    first=lambda space: StrategySampler(space, 0.4, 0.02, 0.7).sample(0))
-evaluator = CandidateEvaluator(model, verdict.space, data, cfg.evaluation, device="cpu")
+finetune(model, data, FinetuneSettings(epochs=1, lr=0.05, warmup_epochs=1), FinetuneOptions(train_indices=range(300)))
+verdict = preflight(model, data.example_input(), PreflightOptions(
+    data.num_classes, max_ratio=0.7, first=lambda space: StrategySampler(space, 0.4, 0.02, 0.7).sample(0)))
+evaluator = CandidateEvaluator(model, verdict.space, data, EvaluationSettings(), device="cpu")
 evaluator.evaluate(StrategySampler(verdict.space, 0.4, 0.02, 0.7, seed=0).sample(0), index=0)
 warn("a warning from the API")
 """

@@ -33,7 +33,7 @@ def test_a_method_added_to_the_registry_alone_is_searched_fine_tuned_and_saved(r
     assert len(records) == 3 and all(r.ok for r in records)
     model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"), raw_input=False)
     stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    assert record["granularity"] == "keep-stem" and stem.out_channels == 32  # digits_cnn's stem, never pruned
+    assert record.granularity == "keep-stem" and stem.out_channels == 32  # digits_cnn's stem, never pruned
     assert json.load(open(tmp_path / "run" / "final" / "summary.json"))["granularity"] == "keep-stem"
 
 

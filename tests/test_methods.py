@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from prunetune.search.prepare import ensure_base, prepare, sparsity_trained, tra
 from prunetune.search.sampler import StrategySampler
 from prunetune.workers.constraints import CONSTRAINTS
 from prunetune.workers.data import load_data
-from prunetune.workers.finetune import finetune
+from prunetune.workers.finetune import FinetuneOptions, finetune
 from prunetune.workers.models import build_model
+from prunetune.workers.settings import FinetuneSettings
 from prunetune.workers import sparsity as sparsity_module
 from prunetune.workers.methods import stripe as stripe_module
 from prunetune.workers.sparsity import add_l1_subgradient, batchnorms
@@ -36,12 +38,12 @@ def _gammas(model) -> np.ndarray:
 
 def test_the_l1_penalty_drives_batchnorm_scales_down():
     data = load_data("digits")
-    cfg = training_recipe(load_config(None, ["finetune.batch_size=128"]))
+    cfg = replace(training_recipe(load_config(None, ["finetune.batch_size=128"])), epochs=2)
     plain, slim = (build_model("digits_cnn", 10, 1) for _ in range(2))
     slim.load_state_dict(plain.state_dict())
-    finetune(plain, data, cfg, epochs=2)
-    finetune(slim, data, cfg, epochs=2, after_backward=lambda: add_l1_subgradient(
-        [m.weight for m in batchnorms(slim)], 3e-2))
+    finetune(plain, data, cfg)
+    finetune(slim, data, cfg, FinetuneOptions(after_backward=lambda: add_l1_subgradient(
+        [m.weight for m in batchnorms(slim)], 3e-2)))
     assert np.median(_gammas(slim)) < np.median(_gammas(plain)) - 0.05
     assert _gammas(slim).max() < _gammas(plain).min()  # every scale pulled towards zero
 
@@ -60,15 +62,15 @@ def test_sparsity_training_never_sees_the_held_out_or_validation_split(tmp_path,
     torch.save(checked.model.state_dict(), base)
     seen = {}
 
-    def record(model, data, recipe, device, checkpoint_path, **kwargs):  # instead of the training itself
-        seen.update(kwargs)
-        os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
-        open(checkpoint_path, "w").close()
+    def record(model, data, recipe, options):  # instead of the training itself
+        seen.update(vars(options))
+        os.makedirs(os.path.dirname(options.checkpoint_path), exist_ok=True)
+        open(options.checkpoint_path, "w").close()
 
     monkeypatch.setattr(sparsity_module, "finetune", record)
     monkeypatch.setattr(stripe_module, "finetune", record)
     sparsity_trained(checked, str(base))
-    splits = splits_of(len(checked.data.train), cfg.evaluation)
+    splits = splits_of(len(checked.data.train), cfg.evaluation.settings())
     assert seen["stage"] == "sparsity training" and sorted(seen["train_indices"]) == sorted(splits.rest)
     assert not set(seen["train_indices"]) & (set(splits.heldout) | set(splits.validation))
 
@@ -90,10 +92,10 @@ def test_sparsity_training_runs_after_the_base_is_cached_and_resumes(tmp_path, c
 
     with pytest.raises(_Stop):
         scales = [m.weight for m in batchnorms(interrupted.model)]
-        finetune(interrupted.model, interrupted.data, training_recipe(cfg),
-                 checkpoint_path=first["checkpoint"] + ".resume", epochs=2,
-                 train_indices=splits_of(len(interrupted.data.train), cfg.evaluation).rest,
-                 after_backward=lambda: add_l1_subgradient(scales, 5e-3), on_epoch=stop)
+        finetune(interrupted.model, interrupted.data, replace(training_recipe(cfg), epochs=2), FinetuneOptions(
+            train_indices=splits_of(len(interrupted.data.train), cfg.evaluation.settings()).rest,
+            checkpoint_path=first["checkpoint"] + ".resume", on_epoch=stop,
+            after_backward=lambda: add_l1_subgradient(scales, 5e-3)))
     capsys.readouterr()
     prep = ensure_base(prepare(cfg))
     assert "sparsity training: resumed after epoch 1 of 2" in capsys.readouterr().err
@@ -159,7 +161,7 @@ def test_masks_survive_fine_tuning_saving_and_export(unstructured, tmp_path):
     pruned = METHODS["unstructured"].plan(model, space).apply(ratios)
     zeros = {g.name: pruned.get_submodule(g.name).weight == 0 for g in space.groups}
     data = load_data("synthetic", image_size=32, num_classes=10, train_size=64, test_size=16)
-    finetune(pruned, data, load_config(None, ["finetune.batch_size=32"]).finetune, epochs=1)
+    finetune(pruned, data, FinetuneSettings(epochs=1, batch_size=32))
     assert all(bool((pruned.get_submodule(n).weight[z] == 0).all()) for n, z in zeros.items())
     record = pruned_record({"name": "resnet20", "num_classes": 10, "in_channels": 3, "kwargs": {}}, space, ratios,
                            "l1", "unstructured", "", None)
@@ -267,8 +269,8 @@ def test_filter_skeleton_training_shrinks_stripes_and_leaves_plain_convs():
     torch.manual_seed(0)
     model = build_model("digits_cnn", 10, 1)
     before = stripe_norms(model)
-    cfg = training_recipe(load_config(None, ["finetune.batch_size=128"]))
-    skeleton_train(model, load_data("digits"), cfg, 5e-2, 2)
+    cfg = replace(training_recipe(load_config(None, ["finetune.batch_size=128"])), epochs=2)
+    skeleton_train(model, load_data("digits"), cfg, 5e-2)
     after = stripe_norms(model)
     assert np.median(after) < 0.9 * np.median(before)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())

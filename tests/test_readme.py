@@ -29,6 +29,20 @@ def test_the_readme_is_one_screen_and_its_result_is_the_committed_bench_json():
     assert (budget, needed, seeds) == (args["budget"], tpe["candidates_to_random_best"], len(args["seeds"].split(",")))
 
 
+def test_the_readme_comparison_with_torch_pruning_is_the_committed_bench_json():
+    import json
+
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    found = re.search(r"\(([\d.]+)% vs ([\d.]+)%, (\d+) seeds of a short fine-tune\) at (\d+)x the time", readme)
+    assert found, "the README's comparison line"
+    rows = json.load(open(os.path.join(ROOT, "bench", "results", "versus.json")))["budgets"][0]["rows"]
+    ours = next(r for r in rows if r["method"].startswith("prunetune search"))
+    theirs = next(r for r in rows if r["method"].startswith("TP global, GroupMagnitude"))
+    assert (float(found[1]), float(found[2]), int(found[3])) == (round(100 * ours["test_mean"], 2),
+                                                                 round(100 * theirs["test_mean"], 2), len(ours["test"]))
+    assert int(found[4]) == int(ours["seconds_to_strategy"] / theirs["seconds_to_strategy"])
+
+
 def test_the_readme_config_for_your_own_cnn_is_valid():
     from prunetune.search.config import from_dict
 

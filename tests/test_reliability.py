@@ -1,6 +1,5 @@
 """Reliability without Ray: bad input refused in one line (never a traceback), nothing of the user's deleted or
 overwritten, read-only commands write nothing, and the cheap checks before anything expensive."""
-import json
 import os
 import signal
 import subprocess
@@ -14,9 +13,11 @@ from PIL import Image
 from prunetune import load_config
 from prunetune.search.cli import main
 from prunetune.search.rundir import RunDir
+from prunetune.search.runfiles import StoredParts, Timings, write
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import CandidateRecord
 from tests.bad_values import BAD_INPUTS
+from tests.summaries import summary, timings
 from tests.faults import ROOT, sigint_as_in_a_terminal
 from tests.runs import as_args, run_args
 
@@ -92,14 +93,13 @@ def _finished_looking_run(tmp_path) -> RunDir:
     run = RunDir(str(tmp_path / "run"))
     run.create(load_config(None, [f"output.dir={run.path}"]), overwrite=False)
     part = CandidateStore(run.path).append([CandidateRecord(0, [0.1] * 4, score=0.5, flops=1, params=1)])
-    run.update(candidates={"rows": 1, "parts": {os.path.basename(part): "x"}}, stage="done")
+    run.update(candidates=StoredParts(rows=1, parts={os.path.basename(part): "x"}), stage="done")
     run.record("leaderboard.json", "report.md", "report.png", "final/rank1.pt", "final/summary.json", "tune/search")
     for name in ("leaderboard.json", "report.md", "report.png"):
         (tmp_path / "run" / name).write_text("written by the run")
     os.makedirs(os.path.join(run.final_path))
     (tmp_path / "run" / "final" / "rank1.pt").write_text("written by the run")
-    base = {"test_accuracy": 0.9, "flops": 1, "params": 1, "latency_ms_batch1": 1.0}
-    (tmp_path / "run" / "final" / "summary.json").write_text(json.dumps({"base": base, "final": []}))
+    write(run.path, summary([]))
     os.makedirs(os.path.join(run.tune_path, "search", "cand-000000"))
     return run
 
@@ -315,8 +315,8 @@ def test_a_report_read_by_a_closed_pipe_ends_quietly(tmp_path):
 def test_a_latency_whose_spread_is_large_is_marked_unstable():
     from prunetune.search.report import _latency
 
-    assert _latency({"latency_ms_batch1": 2.0, "latency_iqr_ms": 0.2}) == "2 ms ± 0.1"
-    assert _latency({"latency_ms_batch1": 2.0, "latency_iqr_ms": 1.0}) == "2 ms ± 0.5 (unstable)"
+    assert _latency(Timings(**timings(2.0, 0.2))) == "2 ms ± 0.1"
+    assert _latency(Timings(**timings(2.0, 1.0))) == "2 ms ± 0.5 (unstable)"
 
 
 _INTERRUPTED_INSIDE = """

@@ -1,4 +1,5 @@
 """The search on an embedded Ray: end to end, top-k, report, export, refusing to clobber a run."""
+import dataclasses
 import json
 import os
 import re
@@ -12,9 +13,11 @@ from prunetune import build_model, load_config, load_data, load_pruned
 from prunetune.search.baselines import BASELINES
 from prunetune.search.cli import main
 from prunetune.search.prepare import base_cache_path, model_spec, prepare, trained_base
+from prunetune.search.runfiles import SCHEMA_VERSION, read_summary
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
 from tests.runs import as_args, reachable_latency, run_args, small
+from tests.summaries import final_model, summary, timings
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +57,20 @@ def test_the_leaderboard_is_the_best_rows_of_the_store(finished_run):
 @pytest.mark.slow
 def test_final_models_summary_and_report(finished_run):
     run, _ = finished_run
-    summary = json.load(open(run / "final" / "summary.json"))
-    finals = summary["final"]
-    assert [f["rank"] for f in finals] == [1, 2]
-    assert {f["candidate"] for f in finals} == {b["index"] for b in json.load(open(run / "leaderboard.json"))}
-    assert finals[0]["val_accuracy"] >= finals[1]["val_accuracy"] or finals[1]["tied_with_best"]
+    summary = read_summary(str(run))
+    finals = summary.final
+    assert json.load(open(run / "final" / "summary.json"))["schema_version"] == SCHEMA_VERSION
+    assert [f.rank for f in finals] == [1, 2] and summary.metric == "accuracy"
+    assert {f.candidate for f in finals} == {b["index"] for b in json.load(open(run / "leaderboard.json"))}
+    assert finals[0].val >= finals[1].val or finals[1].tied_with_best
     # a fine-tuned epoch is kept unless epoch 0 is better beyond the margin (test_selection.py)
-    assert all(f["val_accuracy"] >= f["val_accuracy_before_finetune"] - f["val_accuracy_margin"] and
-               f["kept_epoch"] in (0, 1, 2) and f["fine_tuned"] == (f["kept_epoch"] > 0) for f in finals)
-    assert summary["splits"]["validation"] == 288 and summary["splits"]["heldout"] == 150
-    assert all(f["epochs"] == 2 and f["latency_ms_batch1"] > 0 for f in finals)
+    assert all(f.val >= f.val_before_finetune - f.val_margin and
+               f.kept_epoch in (0, 1, 2) and f.fine_tuned == (f.kept_epoch > 0) for f in finals)
+    assert summary.splits.validation == 288 and summary.splits.heldout == 150
+    assert all(f.epochs == 2 and f.latency_ms_batch1 > 0 for f in finals)
     model, record, metrics = load_pruned(str(run / "final" / "rank1.pt"))
-    assert sum(p.numel() for p in model.parameters()) == record["params"] == finals[0]["params"]
-    assert metrics["test_accuracy"] == finals[0]["test_accuracy"]
+    assert sum(p.numel() for p in model.parameters()) == record.params == finals[0].params
+    assert metrics.test == finals[0].test and metrics == dataclasses.replace(finals[0], size_mb=None)
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     report = (run / "report.md").read_text()
@@ -125,9 +129,9 @@ def test_a_stored_candidate_is_fine_tuned_again_beside_the_run_s_own_models(fini
     assert all((final / name).read_bytes() == data for name, data in before.items() if name != "report.md")
     assert (run / "report.md").read_bytes() == before["report.md"]  # the run's own models and report untouched
     model, record, metrics = load_pruned(str(final / added[0]))
-    assert record["ratios"] == next(r for r in CandidateStore(str(run)).records() if r.index == 3).ratios
-    assert metrics["candidate"] == 3 and metrics["epochs"] == 1 and metrics["finetune"]["epochs"] == 1
-    assert sum(p.numel() for p in model.parameters()) == record["params"]
+    assert record.ratios == next(r for r in CandidateStore(str(run)).records() if r.index == 3).ratios
+    assert metrics.candidate == 3 and metrics.epochs == 1 and metrics.finetune["epochs"] == 1
+    assert sum(p.numel() for p in model.parameters()) == record.params
     assert "candidate 3 fine-tuned for 1 epochs: test accuracy" in capsys.readouterr().out
     assert main(["finetune", str(run), "--candidate", "3", "--set", "finetune.epochs=1"]) == 2  # that recipe again
     assert "fine-tuned with this recipe already" in capsys.readouterr().err
@@ -205,7 +209,7 @@ def test_exports_and_a_users_files_survive_overwrite_which_removes_exactly_the_r
     overrides = [o for o in finished_run[1] if not o.startswith("output.dir=")] + [
         f"output.dir={run}", "search.num_candidates=2", "finetune.epochs=1"]
     assert main(["run", *as_args(overrides), "--overwrite"]) == 0
-    assert json.load(open(run / "final" / "summary.json"))["search"]["candidates"] == 2
+    assert read_summary(str(run)).search.candidates == 2
     assert {name: (run / name).read_bytes() for name in kept} == kept
     listed = json.load(open(run / "manifest.json"))["files"]
     assert {"leaderboard.json", "report.md", "report.png", "final/rank1.pt", "final/rank2.pt", "final/summary.json",
@@ -271,7 +275,7 @@ def test_an_exported_model_takes_raw_test_images_and_scores_the_runs_test_accura
     raw, labels = test.images.float(), test.labels  # pixel values 0..16, as sklearn ships them
     if fmt == "pt":
         model, record, _ = load_pruned(str(path))
-        contract = record["input"]
+        contract = record.input
         logits = model(raw)
     elif fmt == "torchscript":
         files = {"prunetune.json": ""}
@@ -287,7 +291,7 @@ def test_an_exported_model_takes_raw_test_images_and_scores_the_runs_test_accura
         session = onnxruntime.InferenceSession(str(path))
         logits = torch.from_numpy(session.run(None, {"input": raw.numpy()})[0])
     accuracy = float((torch.as_tensor(logits).argmax(1) == labels).float().mean())
-    expected = json.load(open(run / "final" / "summary.json"))["final"][0]["test_accuracy"]
+    expected = read_summary(str(run)).final[0].test
     assert abs(accuracy - expected) < 1e-6
     assert contract["shape"] == [1, 8, 8] and contract["scale"] == 1 / 16 and contract["classes"] == list("0123456789")
 
@@ -311,7 +315,7 @@ def test_the_exported_test_split_gives_a_final_model_the_runs_test_accuracy(fini
     model, _, metrics = load_pruned(str(run / "final" / "rank1.pt"))  # raw pixel values in, as the PNGs hold them
     with torch.no_grad():
         accuracy = float((model(raw).argmax(1) == labels).float().mean())
-    assert abs(accuracy - metrics["test_accuracy"]) < 1e-6
+    assert abs(accuracy - metrics.test) < 1e-6
     assert main(["export", str(run), "--test-split", str(split)]) == 2  # never written over
     assert "--test-split: " in capsys.readouterr().err and len(list(csv.DictReader(open(split / "labels.csv")))) == 359
 
@@ -330,16 +334,16 @@ def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_s
     session = onnxruntime.InferenceSession(str(path))
     logits = session.run(None, {"input": test.images.float().numpy()})[0]
     accuracy = float((torch.from_numpy(logits).argmax(1) == test.labels).float().mean())
-    summary = json.load(open(run / "final" / "summary.json"))
-    int8 = summary["final"][0]["int8"]
-    assert abs(int8["test_accuracy"] - accuracy) < 1e-6 and int8["written"] and int8["path"] == str(path)
-    assert abs(int8["fp32"]["test_accuracy"] - summary["final"][0]["test_accuracy"]) < 1e-6  # the same model
-    assert int8["size_mb"] < int8["fp32"]["size_mb"]
+    summary = read_summary(str(run))
+    int8 = summary.final[0].int8
+    assert abs(int8.test_accuracy - accuracy) < 1e-6 and int8.written and int8.path == str(path)
+    assert abs(int8.fp32.test_accuracy - summary.final[0].test) < 1e-6  # the same model
+    assert int8.size_mb < int8.fp32.size_mb
     assert re.search(rf"^int8 +{100 * accuracy:.2f}% ", out, re.M)
     assert "## int8 (ONNX Runtime static quantization)" in (run / "report.md").read_text()
     code = main(["export", str(run), "--quantize", "int8", "--to", str(tmp_path / "strict.onnx"),
                  "--max-accuracy-drop", "0"])
-    drop = json.load(open(run / "final" / "summary.json"))["final"][0]["int8"]["accuracy_drop_points"]
+    drop = read_summary(str(run)).final[0].int8.accuracy_drop_points
     assert (code == 0) == (drop <= 0) == (tmp_path / "strict.onnx").is_file()  # over the margin: reported, not written
     path.write_bytes(b"edited by me")  # an export the user changed is theirs: never overwritten
     assert main(["export", str(run), "--quantize", "int8", "--to", str(path)]) == 2
@@ -352,13 +356,12 @@ def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(r
     assert main(run_args(tmp_path, "search.granularity=unstructured", "search.constraint=params",
                          "search.target=0.3", candidates=4, top_k=1)) == 0
     records = CandidateStore(str(tmp_path / "run")).records()
-    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
-    base_params = summary["base"]["params"]
+    base_params = read_summary(str(tmp_path / "run")).base.params
     assert len(records) == 4 and all(r.ok and abs(r.params / base_params - 0.3) <= 0.02 for r in records)
     assert {r.source for r in records} >= {"uniform", "global threshold"}
     model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
     nonzero = sum(int((m.weight != 0).sum()) for m in model.modules() if hasattr(m, "weight_mask"))
-    assert record["granularity"] == "unstructured" and nonzero == sum(record["kept_units"])
+    assert record.granularity == "unstructured" and nonzero == sum(record.kept_units)
     assert "dense kernels do not run them faster" in (tmp_path / "run" / "report.md").read_text()
 
 
@@ -374,10 +377,10 @@ def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(r
     records = CandidateStore(str(run)).records()
     assert all(r.ok and r.latency_ms > 0 and r.latency_predicted_ms > 0 and r.within_budget is not None
                for r in records)
-    summary = json.load(open(run / "final" / "summary.json"))
-    assert all(r.params / summary["base"]["params"] <= 0.7 + 1e-9 for r in records)
-    assert summary["base"]["latency_predicted_ms"] > 0 and summary["final"][0]["latency_predicted_ms"] > 0
-    layers = summary["latency"]["layers"]  # where the recommended model's time went, layer by layer
+    summary = read_summary(str(run))
+    assert all(r.params / summary.base.params <= 0.7 + 1e-9 for r in records)
+    assert summary.base.latency_predicted_ms > 0 and summary.final[0].latency_predicted_ms > 0
+    layers = summary.latency.layers  # where the recommended model's time went, layer by layer
     assert {c["name"] for c in layers} >= {"features.0"} and all(c["base_ms"] >= c["pruned_ms"] >= 0 for c in layers)
     report = open(run / "report.md").read()
     assert "## Where the time went" in report and "| features.0 |" in report
@@ -391,12 +394,12 @@ def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(r
 def test_a_stripe_search_with_filter_skeleton_training_runs_end_to_end(ray_session, tmp_path):
     assert main(run_args(tmp_path, "search.granularity=stripe", "model.sparsity=1e-3", "model.sparsity_epochs=1",
                          candidates=3, top_k=1)) == 0
-    summary = json.load(open(tmp_path / "run" / "final" / "summary.json"))
-    assert summary["sparsity"]["method"] == "Filter Skeleton" and summary["granularity"] == "stripe"
+    summary = read_summary(str(tmp_path / "run"))
+    assert summary.sparsity["method"] == "Filter Skeleton" and summary.granularity == "stripe"
     records = CandidateStore(str(tmp_path / "run")).records()
     assert all(r.ok and abs(r.flops_ratio - 0.5) <= 0.02 for r in records)
     model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
-    assert record["granularity"] == "stripe" and any(type(m).__name__ == "StripeConv2d" for m in model.modules())
+    assert record.granularity == "stripe" and any(type(m).__name__ == "StripeConv2d" for m in model.modules())
     assert "## Sparsity training (Filter Skeleton)" in (tmp_path / "run" / "report.md").read_text()
 
 
@@ -405,11 +408,10 @@ def test_a_stripe_search_with_filter_skeleton_training_runs_end_to_end(ray_sessi
 def test_the_report_opens_with_a_recommendation(finished_run):
     run, _ = finished_run
     report = (run / "report.md").read_text().splitlines()
-    summary = json.load(open(run / "final" / "summary.json"))
-    top = summary["final"][0]
-    epoch = f"fine-tuned, epoch {top['kept_epoch']}" if top["kept_epoch"] else \
+    top = read_summary(str(run)).final[0]
+    epoch = f"fine-tuned, epoch {top.kept_epoch}" if top.kept_epoch else \
         "NOT fine-tuned: epoch 0, the pruned network before fine-tuning"
-    assert report[2].startswith(f"**Recommended: `final/rank1.pt`** (candidate {top['candidate']}, {epoch}): "
+    assert report[2].startswith(f"**Recommended: `final/rank1.pt`** (candidate {top.candidate}, {epoch}): "
                                 "test accuracy")
     assert re.search(r"(points below|points above|equal to) the base's [\d.]+%", report[2])
     # which of the four it says depends on the machine's timings (a busy one can time the pruned model slower)
@@ -432,17 +434,9 @@ def test_the_cached_base_model_is_reused_when_only_the_fine_tuning_schedule_chan
     assert base_cache_path(cfg, model_spec(cfg, 10, 1)) != paths[0]  # a recipe change is another base model
 
 
-def _summary(base_ms: float, base_iqr: float, model_ms: float, model_iqr: float, granularity: str = "channel") -> dict:
+def _summary(base_ms: float, base_iqr: float, model_ms: float, model_iqr: float, granularity: str = "channel"):
     """A run summary as finalize writes it, with the given batch-1 timings (median, interquartile range)."""
-    def timing(ms: float, iqr: float) -> dict:
-        return {"latency_ms_batch1": ms, "latency_iqr_ms": iqr, "throughput_batch": 32,
-                "latency_ms_throughput": 10 * ms, "images_per_s": 3200 / ms}
-    return {"base": {"flops": 1_000_000, "params": 10_000, "test_accuracy": 0.99, "val_accuracy": 1.0, "score": 1.0,
-                     **timing(base_ms, base_iqr)},
-            "granularity": granularity, "finetune": {"epochs": 2},
-            "final": [{"rank": 1, "candidate": 5, "adaptive_bn_score": 0.55, "val_accuracy": 0.97,
-                       "test_accuracy": 0.98, "epochs": 2, "flops": 500_000, "flops_ratio": 0.5, "params": 5_000,
-                       **timing(model_ms, model_iqr)}]}
+    return summary([final_model(**timings(model_ms, model_iqr))], base_ms, base_iqr, granularity=granularity)
 
 
 @pytest.mark.parametrize("timings, granularity, claim", [
@@ -486,14 +480,12 @@ def test_the_reports_finalist_labels_do_not_print_over_one_another():
     from prunetune.search.report import figure
     from prunetune.workers.record import CandidateRecord
 
-    summary = _summary(0.2, 0.01, 0.1, 0.01)
-    close = [{"rank": k + 1, "candidate": 10 + k, "adaptive_bn_score": 0.55 + 1e-4 * k, "val_accuracy": 0.97 - 1e-4 * k}
+    close = [final_model(rank=k + 1, candidate=10 + k, adaptive_bn_score=0.55 + 1e-4 * k, val=0.97 - 1e-4 * k)
              for k in range(4)]  # four finalists with close figures, and one far from them
-    far = {"rank": 5, "candidate": 14, "adaptive_bn_score": 0.2, "val_accuracy": 0.5}
-    summary["final"] = [{**summary["final"][0], **f} for f in [*close, far]]
+    far = final_model(rank=5, candidate=14, adaptive_bn_score=0.2, val=0.5)
     records = [CandidateRecord(index=i, ratios=[0.3], flops=500_000, flops_ratio=0.5, params=5_000, score=0.5 + 0.1 * i,
                                accuracy=0.5) for i in range(2)]
-    fig = figure(records, summary)
+    fig = figure(records, summary([*close, far]))
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in fig.axes[2].texts]
     assert sorted(t.get_text() for t in fig.axes[2].texts) == ["#10", "#11", "#12", "#13", "#14"]

@@ -10,12 +10,15 @@ import torch
 from prunetune import build_model, finetune, load_config, load_data
 from prunetune.search.finalize import ranked
 from prunetune.search.report import finals_lines, finals_table, ranking_note, recommendation
+from prunetune.search.runfiles import FinetuneInfo
 from prunetune.workers import finetune as finetune_module
 from prunetune.workers.data import DataError, heldout_split
 from prunetune.workers.evaluator import evaluation_data
-from prunetune.workers.finetune import load_finetuned
+from prunetune.workers.finetune import FinetuneOptions, load_finetuned
+from prunetune.workers.settings import EvaluationSettings
 from prunetune.workers.selection import kept_epoch, margin, standard_error, tied
 from prunetune.workers.splits import split_training, splits_of
+from tests.summaries import final_model, summary
 
 
 def test_the_three_parts_are_disjoint_cover_the_training_split_and_keep_the_search_split():
@@ -44,7 +47,7 @@ def test_splits_that_do_not_fit_are_refused_naming_the_key(heldout, validation, 
 
 
 def test_the_evaluation_data_calibrates_on_the_rest_and_hands_the_validation_split_to_the_finalists():
-    cfg = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=64"]).evaluation
+    cfg = EvaluationSettings(calibration_batches=2, batch_size=64)
     data = load_data("digits")
     found, s = evaluation_data(data, cfg), splits_of(len(data.train), cfg)
     assert np.array_equal(found.validation_indices, s.validation) and np.array_equal(found.heldout_indices, s.heldout)
@@ -92,8 +95,8 @@ def test_finetune_keeps_the_weights_of_the_epoch_the_rule_keeps_and_flags_epoch_
     start = {k: v.clone() for k, v in model.state_dict().items()}
     _scripted(monkeypatch, vals)
     log, ckpt = io.StringIO(), str(tmp_path / "ft.pt")
-    result = finetune(model, data, cfg.finetune, checkpoint_path=ckpt, train_indices=np.arange(128),
-                      val_indices=np.arange(300), log=log)
+    result = finetune(model, data, cfg.finetune.settings(), FinetuneOptions(
+        train_indices=np.arange(128), val_indices=np.arange(300), checkpoint_path=ckpt, log=log))
     assert result["best_epoch"] == kept and result["best_val_accuracy"] == vals[kept]
     assert result["best_test_accuracy"] == 0.5 + kept / 100 and result["start_val_accuracy"] == vals[0]
     same = all(torch.equal(start[k], v) for k, v in model.state_dict().items())
@@ -121,15 +124,11 @@ def test_finalists_tied_with_the_best_lead_fine_tuned_first_then_fewer_flops():
     assert [o[0].index for o in order] == [1, 2, 3, 4] and lead == 1
 
 
-def _summary(kept_epochs: list[int], tied_with_best: list[bool]) -> dict:
-    timing = {"latency_ms_batch1": 0.1, "latency_iqr_ms": 0.01, "throughput_batch": 32, "latency_ms_throughput": 1.0,
-              "images_per_s": 32_000}
-    finals = [{"rank": i, "candidate": 10 + i, "adaptive_bn_score": 0.98, "val_accuracy": 0.99 - i / 1000,
-               "val_accuracy_margin": 0.0115, "test_accuracy": 0.985, "epochs": 5, "kept_epoch": k, "fine_tuned": k > 0,
-               "tied_with_best": t, "flops": 500_000, "flops_ratio": 0.5, "params": 5_000, **timing}
+def _summary(kept_epochs: list[int], tied_with_best: list[bool]):
+    finals = [final_model(rank=i, candidate=10 + i, adaptive_bn_score=0.98, val=0.99 - i / 1000, val_margin=0.0115,
+                          test=0.985, epochs=5, kept_epoch=k, fine_tuned=k > 0, tied_with_best=t)
               for i, (k, t) in enumerate(zip(kept_epochs, tied_with_best), 1)]
-    return {"base": {"flops": 1_000_000, "params": 10_000, "test_accuracy": 0.99, "score": 1.0, **timing},
-            "finetune": {"epochs": 5}, "splits": {"heldout": 300, "validation": 288, "rest": 850}, "final": finals}
+    return summary(finals, finetune=FinetuneInfo(epochs=5, scheduler="fifo"))
 
 
 def test_the_report_and_terminal_say_each_models_epoch_flag_one_not_fine_tuned_and_show_ties():

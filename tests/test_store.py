@@ -65,7 +65,7 @@ def _assert_manifest_matches_disk(run: RunDir) -> None:
     parts = _manifest_parts(run)
     assert sorted(parts) == sorted(os.path.basename(p) for p in store.parts())
     assert all(sha256(os.path.join(store.path, name)) == digest for name, digest in parts.items())
-    assert store.verify({"parts": parts}) == []
+    assert store.verify(run.manifest().candidates) == []
 
 
 def test_results_are_committed_in_groups_each_stored_once(tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_append_dedupes_many_records_within_and_across_parts(tmp_path):
     assert {r["index"]: r["score"] for r in rows}[7] == 7.0  # the first record of an index wins
     assert pq_rows(first) == 500 and pq_rows(second) == 50
     manifest = store.manifest()
-    assert manifest["rows"] == 550 and set(manifest["parts"]) == {os.path.basename(first), os.path.basename(second)}
+    assert manifest.rows == 550 and set(manifest.parts) == {os.path.basename(first), os.path.basename(second)}
     assert store.verify(manifest) == []
     store.compact()
     third = store.append([CandidateRecord(600, [0.1], score=0.0)])

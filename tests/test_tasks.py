@@ -16,9 +16,10 @@ from prunetune.workers.detection import map_statistics, mean_average_precision
 from prunetune.workers.data import collate, iterate_batches, load_data
 from prunetune.workers.evaluator import CandidateEvaluator
 from prunetune.workers.groups import SpaceError
-from prunetune.workers.preflight import preflight
+from prunetune.workers.preflight import PreflightOptions, preflight
 from prunetune.workers.prune import PrunePlan
 from prunetune.workers.scoring import score
+from prunetune.workers.settings import EvaluationSettings
 from prunetune.workers.space import count_flops
 from prunetune.workers.tasks import CLASSIFICATION, IGNORE_INDEX, SEGMENTATION, segmentation_score, \
     segmentation_statistics
@@ -74,7 +75,8 @@ def test_the_preflight_proves_flops_exact_and_never_prunes_a_head(name):
     make, shape, classes, task, heads = CASES[name]
     torch.manual_seed(0)
     model, example = make().eval(), torch.zeros(1, *shape)
-    verdict = preflight(model, example, classes, 0.7, lambda space: [0.4] * len(space.groups), task=task)
+    verdict = preflight(model, example, PreflightOptions(classes, 0.7, lambda space: [0.4] * len(space.groups),
+                                                         task=task))
     assert [n for n, _, _ in verdict.checked] == ["most pruned", "first sampled", "least pruned"]
     assert sorted(verdict.space.ignored_layers) == sorted(heads) and verdict.functional
     for ratios in np.random.default_rng(0).uniform(0, 0.7, (2, len(verdict.space.groups))):
@@ -92,20 +94,19 @@ def _tensors(out):
 def test_a_prediction_that_does_not_fit_the_task_is_refused_in_one_line():
     with pytest.raises(SpaceError, match=r"^model: task segmentation needs logits of shape \[batch, classes, "
                                          r"height, width\], got \(1, 3\)$"):
-        preflight(AuxClassifier(3), torch.zeros(1, 1, 8, 8), 3, 0.7, lambda s: [0.4] * len(s.groups),
-                  task=SEGMENTATION)
+        preflight(AuxClassifier(3), torch.zeros(1, 1, 8, 8),
+                  PreflightOptions(3, 0.7, lambda s: [0.4] * len(s.groups), task=SEGMENTATION))
     with pytest.raises(SpaceError, match="model: the model returns 2 classes per pixel but the data has 3 classes"):
-        preflight(Segmenter(2, 3, 4), torch.zeros(1, 3, 8, 8), 3, 0.7, lambda s: [0.4] * len(s.groups),
-                  task=SEGMENTATION)
+        preflight(Segmenter(2, 3, 4), torch.zeros(1, 3, 8, 8),
+                  PreflightOptions(3, 0.7, lambda s: [0.4] * len(s.groups), task=SEGMENTATION))
 
 
 def test_the_evaluator_scores_the_first_output_of_a_logits_aux_model():
     torch.manual_seed(0)
     model = AuxClassifier(3).eval()
     data = load_data("tests.data_factory:make", kwargs={"n": 60})
-    cfg = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=8",
-                             "evaluation.heldout_size=20", "evaluation.bn_mode=none"]).evaluation
-    space = preflight(model, torch.zeros(1, 1, 8, 8), 3, 0.7, lambda s: [0.0] * len(s.groups)).space
+    cfg = EvaluationSettings(calibration_batches=2, batch_size=8, heldout_size=20, bn_mode="none")
+    space = preflight(model, torch.zeros(1, 1, 8, 8), PreflightOptions(3, 0.7, lambda s: [0.0] * len(s.groups))).space
     evaluator = CandidateEvaluator(model, space, data, cfg, "cpu")
     record = evaluator.evaluate(np.zeros(len(space.groups)))
     heldout = iterate_batches(data.train, evaluator.heldout_indices, 8)

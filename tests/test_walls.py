@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
+import prunetune
 from prunetune.search.algorithms import ALGORITHMS
 from prunetune.search.config import ConfigError, load_config
 from prunetune.workers.methods import METHODS
@@ -112,3 +115,24 @@ def test_a_registered_entry_missing_a_protocol_member_is_refused_in_one_line(mon
     with pytest.raises(ConfigError, match=r"^search.granularity: the registered 'half' lacks comparable, criteria, "):
         load_config(overrides=["search.granularity=half"])
     assert load_config(overrides=["search.granularity=stripe"]).search.granularity == "stripe"
+
+
+SNIPPET = os.path.join(ROOT, "docs", "snippets", "python_api.py")
+DRIVER_CONFIG = ("load_config", "Config")  # prunetune's names from the driver's config (prunetune.search.config)
+
+
+def test_the_python_api_example_needs_no_driver_config():
+    imported = imports("snippet", SNIPPET)
+    assert {"prunetune.finetune", "prunetune.EvaluationSettings", "prunetune.FinetuneSettings"} <= imported
+    assert not [m for m in imported if m.startswith("prunetune.search")
+                or m in {f"prunetune.{name}" for name in DRIVER_CONFIG}]
+    # run: the example's imports and every other public name of prunetune load no module of the driver's config
+    worker_api = [name for name in prunetune.__all__ if name not in DRIVER_CONFIG]
+    code = (f"import ast, sys\ntree = ast.parse(open({SNIPPET!r}).read())\n"
+            "exec(compile(ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], []), "
+            f"'snippet', 'exec'))\nfrom prunetune import {', '.join(worker_api)}\n"
+            "loaded = lambda: sorted(m for m in sys.modules if m.startswith('prunetune.search.config'))\n"
+            "print(loaded())\nfrom prunetune import load_config\nprint(loaded())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["[]", "['prunetune.search.config', 'prunetune.search.config_file']"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prunetune import (CandidateEvaluator, PrunePlan, PruningSpace, StrategySampler, build_model, finetune, load_config,
-                       load_data, prune, recalibrate_bn, score)
+from prunetune import (CandidateEvaluator, EvaluationSettings, FinetuneOptions, PrunePlan, PruningSpace,
+                       StrategySampler, build_model, finetune, load_config, load_data, prune, recalibrate_bn, score)
 from prunetune.search.config import training_recipe
 from prunetune.workers.data import TensorImages, iterate_batches
 from prunetune.workers.evaluator import CandidateError
@@ -154,7 +154,7 @@ def test_model_without_batchnorm_is_scored_with_a_warning():
     with pytest.warns(UserWarning, match="no BatchNorm"):
         assert recalibrate_bn(model, [torch.randn(4, 1, 8, 8)], "cumulative") == 0
     data = load_data("digits")
-    cfg = load_config(None, ["evaluation.calibration_batches=2", "evaluation.batch_size=32"]).evaluation
+    cfg = EvaluationSettings(calibration_batches=2, batch_size=32)
     space = PruningSpace.from_model(model, data.example_input())
     evaluator = CandidateEvaluator(model, space, data, cfg, "cpu")
     result = evaluator.evaluate([0.3] * len(space.groups))
@@ -168,14 +168,14 @@ def digits_setup():
     cfg = load_config(None, ["evaluation.calibration_batches=5", "evaluation.batch_size=64",
                              "finetune.epochs=2", "finetune.batch_size=64"])
     model = build_model("digits_cnn", 10, 1)
-    finetune(model, data, training_recipe(cfg), epochs=4)
+    finetune(model, data, dataclasses.replace(training_recipe(cfg), epochs=4))
     space = PruningSpace.from_model(model, data.example_input())
     return data, cfg, model, space
 
 
 def test_evaluator_is_deterministic_and_complete(digits_setup):
     data, cfg, model, space = digits_setup
-    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation, "cpu")
+    evaluator = CandidateEvaluator(model, space, data, cfg.evaluation.settings(), "cpu")
     ratios = StrategySampler(space, 0.5, 0.02, 0.7).sample(1)
     a, b = evaluator.evaluate(ratios, index=1), evaluator.evaluate(ratios, index=1)
     for key in ("score", "accuracy", "loss", "flops", "params"):
@@ -191,9 +191,9 @@ def test_evaluator_is_deterministic_and_complete(digits_setup):
 
 def test_adaptive_bn_beats_inherited_statistics(digits_setup):
     data, cfg, model, space = digits_setup
-    vanilla_cfg = copy.deepcopy(cfg.evaluation)
-    vanilla_cfg.bn_mode = "none"
-    adaptive, vanilla = (CandidateEvaluator(model, space, data, c, "cpu") for c in (cfg.evaluation, vanilla_cfg))
+    settings = cfg.evaluation.settings()
+    adaptive, vanilla = (CandidateEvaluator(model, space, data, c, "cpu")
+                         for c in (settings, dataclasses.replace(settings, bn_mode="none")))
     sampler = StrategySampler(space, 0.4, 0.02, 0.7)
     gains = [adaptive.evaluate(sampler.sample(i)).accuracy - vanilla.evaluate(sampler.sample(i)).accuracy
              for i in range(6)]
@@ -205,7 +205,7 @@ def test_nan_loss_is_a_candidate_error(digits_setup):
     broken = copy.deepcopy(model)
     with torch.no_grad():
         broken.fc.bias.fill_(float("nan"))
-    evaluator = CandidateEvaluator(broken, space, data, cfg.evaluation, "cpu")
+    evaluator = CandidateEvaluator(broken, space, data, cfg.evaluation.settings(), "cpu")
     with pytest.raises(CandidateError, match="held-out loss is nan"):
         evaluator.evaluate([0.2] * len(space.groups))
 
@@ -226,7 +226,7 @@ def test_finetune_resumes_to_the_same_result(digits_setup, tmp_path):
         return prune(model, space, ratios)
 
     full = fresh()
-    finetune(full, data, cfg.finetune, checkpoint_path=str(tmp_path / "full.pt"))
+    finetune(full, data, cfg.finetune.settings(), FinetuneOptions(checkpoint_path=str(tmp_path / "full.pt")))
 
     class Stop(Exception):
         pass
@@ -237,9 +237,9 @@ def test_finetune_resumes_to_the_same_result(digits_setup, tmp_path):
 
     first = fresh()
     with pytest.raises(Stop):
-        finetune(first, data, cfg.finetune, checkpoint_path=ckpt, on_epoch=interrupt)
+        finetune(first, data, cfg.finetune.settings(), FinetuneOptions(checkpoint_path=ckpt, on_epoch=interrupt))
     resumed = fresh()
-    result = finetune(resumed, data, cfg.finetune, checkpoint_path=ckpt)
+    result = finetune(resumed, data, cfg.finetune.settings(), FinetuneOptions(checkpoint_path=ckpt))
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -254,10 +254,9 @@ def test_distillation_learns_from_the_teacher_not_the_labels(digits_setup):
         train.flip, augment=True))
     accuracy = {}
     for weight in (0.0, 1.0):
-        ft = copy.deepcopy(cfg.finetune)
-        ft.distill_weight, ft.epochs = weight, 2
+        ft = dataclasses.replace(cfg.finetune.settings(), distill_weight=weight, epochs=2)
         student = prune(model, space, [0.5] * len(space.groups))
-        accuracy[weight] = finetune(student, scrambled, ft, teacher=model)["test_accuracy"]
+        accuracy[weight] = finetune(student, scrambled, ft, FinetuneOptions(teacher=model))["test_accuracy"]
     assert accuracy[1.0] > 0.6 and accuracy[0.0] < 0.4, accuracy
 
 
@@ -265,7 +264,7 @@ def test_evaluation_data_stays_uint8_and_scores_as_normalised_floats_do(digits_s
     from prunetune.workers.evaluator import evaluation_data
 
     data, cfg, model, space = digits_setup
-    raw = evaluation_data(data, cfg.evaluation)
+    raw = evaluation_data(data, cfg.evaluation.settings())
     assert raw.calibration.dtype == np.uint8 and raw.heldout_x.dtype == np.uint8  # 4x less memory than float32
 
     def normalised(x):
@@ -275,8 +274,8 @@ def test_evaluation_data_stays_uint8_and_scores_as_normalised_floats_do(digits_s
     floats = dataclasses.replace(raw, calibration=normalised(raw.calibration), heldout_x=normalised(raw.heldout_x),
                                  scale=1.0, mean=np.zeros(1, np.float32), std=np.ones(1, np.float32))
     ratios = StrategySampler(space, 0.5, 0.02, 0.7).sample(4)
-    a = CandidateEvaluator(model, space, raw, cfg.evaluation, "cpu").evaluate(ratios)
-    b = CandidateEvaluator(model, space, floats, cfg.evaluation, "cpu").evaluate(ratios)
+    a = CandidateEvaluator(model, space, raw, cfg.evaluation.settings(), "cpu").evaluate(ratios)
+    b = CandidateEvaluator(model, space, floats, cfg.evaluation.settings(), "cpu").evaluate(ratios)
     assert (a.score, a.loss) == (b.score, b.loss)
 
 

@@ -2,13 +2,14 @@
 channel pruning that never prunes the stem, the model's first conv."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch.nn as nn
 
 from prunetune.workers.methods.protocol import as_deployed, as_stored, plain_state
-from prunetune.workers.preflight import preflight
+from prunetune.workers.preflight import PreflightOptions, preflight
 from prunetune.workers.prune import PrunePlan, position_importance
 from prunetune.workers.space import PruningSpace
-from prunetune.workers.tasks import CLASSIFICATION
 
 
 def _with_stem(model: nn.Module, ignored: list[str] | None) -> list[str]:
@@ -29,8 +30,7 @@ class KeepStem:
     def space(self, model, example_inputs, round_to=1, ignored_layers=None) -> PruningSpace:
         return PruningSpace.from_model(model, example_inputs, round_to, _with_stem(model, ignored_layers))
 
-    def preflight(self, model, example_inputs, num_classes, max_ratio, first, round_to=1, ignored_layers=None,
-                  task=CLASSIFICATION):
-        return preflight(model, example_inputs, num_classes, max_ratio, first, round_to,
-                         _with_stem(model, ignored_layers), task)
+    def preflight(self, model, example_inputs, options: PreflightOptions):
+        return preflight(model, example_inputs,
+                         replace(options, ignored_layers=_with_stem(model, list(options.ignored_layers))))
 # --8<-- [end:method]

@@ -7,7 +7,7 @@ import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -130,7 +130,7 @@ def _center_crop(im, size: int):
     short = int(round(size / 0.875))
     w, h = im.size
     scale = short / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
     return im.crop((left, top, left + size, top + size))
@@ -148,7 +148,7 @@ def _random_resized_crop(im, size: int):
         if 0 < cw <= w and 0 < ch <= h:
             left = int(torch.randint(0, w - cw + 1, ()))
             top = int(torch.randint(0, h - ch + 1, ()))
-            return im.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+            return im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
     return _center_crop(im, size)
 
 
@@ -197,6 +197,9 @@ class InputContract:
 class Preprocess(nn.Module):
     """The input contract as a layer: raw pixel values in, normalised input out (exported models start with it)."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, contract: dict):
         super().__init__()
         channels = len(contract["mean"])
@@ -208,15 +211,24 @@ class Preprocess(nn.Module):
         return (x.float() * self.scale - self.mean) / self.std
 
 
+class ImageDataset(Protocol):
+    """A map-style data set as prunetune reads it: item i, an (image, target) pair, and the number of items (torch's
+    Dataset declares no length). TensorImages and LazyImageFolder are; a data factory's data sets must be."""
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
 @dataclass
 class DataBundle:
     """A data set as the workers use it: eval-preprocessed train and test splits plus an augmented train view."""
 
-    train: Dataset
-    test: Dataset
+    train: ImageDataset
+    test: ImageDataset
     num_classes: int
     input_shape: tuple[int, int, int]
-    train_augmented: Dataset
+    train_augmented: ImageDataset
     contract: InputContract | None = None  # None: a factory's data, whose preprocessing prunetune does not know
     notes: list[str] = field(default_factory=list)  # what the loader noticed and the user should hear about
     fingerprint: str | None = None  # digest of the content (images, labels) where known: keys the base-model cache
@@ -385,12 +397,12 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
     size = image_size or (native if native <= 64 else 224)
     if size > 64:
         shape = (3, size, size)
-        train = LazyImageFolder(files, labels, size, max_pixels=max_pixels)
+        lazy = LazyImageFolder(files, labels, size, max_pixels=max_pixels)
         contract = InputContract(shape, 1 / 255, IMAGENET_MEAN, IMAGENET_STD, tuple(classes),
                                  f"shorter side to {round(size / 0.875)} px (bilinear), then a centre crop of "
                                  f"{size} px")
-        return DataBundle(train, LazyImageFolder(test_files, test_labels, size, max_pixels=max_pixels),
-                          len(classes), shape, train.augmented(), contract, notes)
+        return DataBundle(lazy, LazyImageFolder(test_files, test_labels, size, max_pixels=max_pixels),
+                          len(classes), shape, lazy.augmented(), contract, notes)
     (train_x, test_x), keys = _decode_small([files, test_files], size, cache_dir, max_pixels, notes,
                                             num_workers)
     scaled = train_x[torch.from_numpy(normalisation_sample(labels, NORMALISATION_SAMPLE))].float() / 255
@@ -409,18 +421,18 @@ def _imagefolder(root: str, image_size: int | None, cache_dir: str | None, max_p
     return DataBundle(train, test, len(classes), (3, size, size), train.augmented(), contract, notes, fingerprint)
 
 
-def normalisation_sample(labels: list[int], size: int, seed: int = 0) -> np.ndarray:
+def normalisation_sample(labels: Sequence[int], size: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of `size` images (all of them when fewer): each class in its share of the set (largest
     remainders rounded up), drawn within the class with `seed`."""
-    labels = np.asarray(labels)
     if len(labels) <= size:
         return np.arange(len(labels))
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * size / len(labels)
+    of = np.asarray(labels)
+    classes, counts = np.unique(of, return_counts=True)
+    quota = counts * size / len(of)
     take = np.floor(quota).astype(int)
     take[np.argsort(take - quota, kind="stable")[:size - take.sum()]] += 1
     rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(of == c), k, replace=False)
                                    for c, k in zip(classes, take)]))
 
 
@@ -511,7 +523,7 @@ def _cached_images(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None
         return None, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if images.shape != shape or images.dtype != np.uint8:
         return None, f"{images.dtype} {tuple(images.shape)}, expected uint8 {shape}"
-    if hashlib.sha256(np.ascontiguousarray(images)).hexdigest() != checksum:
+    if hashlib.sha256(np.ascontiguousarray(images).data).hexdigest() != checksum:
         return None, "checksum mismatch"
     return images, None
 
@@ -533,7 +545,8 @@ class _SmallImages(Dataset):
         with _open_image(self.files[i], self.max_pixels) as im:
             im = _rgb(im)
             if im.size != (size, size):
-                im = _center_crop(im, size) if min(im.size) > size else im.resize((size, size), Image.BILINEAR)
+                im = _center_crop(im, size) if min(im.size) > size else \
+                    im.resize((size, size), Image.Resampling.BILINEAR)
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()), i
 
 
@@ -547,7 +560,7 @@ def _decode_small(file_lists: list[list[str]], size: int, cache_dir: str | None,
     for files in file_lists:
         shape = (len(files), 3, size, size)
         key = _content_key(files, size) if cache_dir else None
-        cache = os.path.join(cache_dir, f"imagefolder-{key[:16]}.npz") if key else None
+        cache = os.path.join(cache_dir, f"imagefolder-{key[:16]}.npz") if cache_dir and key else None
         arr, failed = _cached_images(cache, shape) if cache else (None, None)
         if failed:
             notes.append(f"output.cache_dir: the decoded images cached in {cache} failed their check ({failed}); "
@@ -653,21 +666,26 @@ class BatchReader:
     this process; any other is read by one DataLoader with `num_workers` worker processes that persist across
     passes (pinned memory on CUDA), its targets collated by `collate`."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, persistent: bool = True):
-        self.dataset, self.batch_size = dataset, batch_size
+    def __init__(self, dataset: ImageDataset, batch_size: int, num_workers: int = 0, persistent: bool = True):
+        self.batch_size = batch_size
+        self._get_batch: Callable[[torch.Tensor], tuple[torch.Tensor, Any]] | None = getattr(dataset, "get_batch",
+                                                                                              None)
         self._order = _Order()
-        self._loader = None if hasattr(dataset, "get_batch") else DataLoader(
-            dataset, batch_size=batch_size, sampler=self._order, num_workers=num_workers,
-            persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available(),
-            collate_fn=collate)
+        self._loader: DataLoader | None = None
+        if self._get_batch is None:  # DataLoader reads any map-style data set; torch's annotation names Dataset only
+            self._loader = DataLoader(
+                dataset, batch_size=batch_size, sampler=self._order, num_workers=num_workers,  # type: ignore[arg-type]
+                persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available(),
+                collate_fn=collate)
 
     def __call__(self, indices) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over `indices`, in the given order."""
         indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        if self._loader is None:
+        if self._get_batch is not None:
             for start in range(0, len(indices), self.batch_size):
-                yield self.dataset.get_batch(indices[start:start + self.batch_size])
+                yield self._get_batch(indices[start:start + self.batch_size])
             return
+        assert self._loader is not None  # built for every data set without get_batch
         self._order.indices = indices.tolist()
         try:
             yield from self._loader
@@ -677,7 +695,7 @@ class BatchReader:
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
-def iterate_batches(dataset: Dataset, indices, batch_size: int, num_workers: int = 0
+def iterate_batches(dataset: ImageDataset, indices, batch_size: int, num_workers: int = 0
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) batches of `dataset` over `indices` in the given order (one pass)."""
     yield from BatchReader(dataset, batch_size, num_workers, persistent=False)(indices)

@@ -43,9 +43,9 @@ def matched(found: list[Detections], truths: list[torch.Tensor], ious: tuple[flo
     [m, 5] (class, x0, y0, x1, y1) that it overlaps most, if at IoU >= the threshold (a hit)."""
     boxes, scores, labels = (_padded([f[i] for f in found], -1) for i in range(3))
     truth = _padded(truths, -1) if max(len(t) for t in truths) else torch.full((len(truths), 1, 5), -1.0)
-    iou = box_iou(boxes, truth[..., 1:])
-    iou[(labels[:, :, None] != truth[:, None, :, 0]) | (labels[:, :, None] < 0)] = -1  # other class, padding
-    iou = iou.numpy()
+    overlap = box_iou(boxes, truth[..., 1:])
+    overlap[(labels[:, :, None] != truth[:, None, :, 0]) | (labels[:, :, None] < 0)] = -1  # other class, padding
+    iou = overlap.numpy()
     hit = np.zeros((len(ious),) + tuple(scores.shape), dtype=bool)
     for t, threshold in enumerate(ious):
         for i in np.flatnonzero((iou.max(-1) >= threshold).any(-1)):  # only images where some detection could hit

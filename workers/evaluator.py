@@ -21,6 +21,7 @@ from .latency import device_name
 from .progress import Progress
 from .record import CandidateRecord
 from .scoring import precision, score
+from .settings import EvaluationSettings
 from .space import PruningSpace
 from .splits import splits_of
 from .tasks import CLASSIFICATION, Task, search_score
@@ -66,13 +67,14 @@ class EvaluationData:
         return self.calibration.nbytes + self.heldout_x.nbytes + targets
 
 
-def evaluation_data(data: DataBundle, cfg, num_workers: int = 0) -> EvaluationData:
-    """The EvaluationData of `data` for an evaluation config (split sizes and seed, calibration batches); images
+def evaluation_data(data: DataBundle, settings: EvaluationSettings, num_workers: int = 0) -> EvaluationData:
+    """The EvaluationData of `data` for the evaluation settings (split sizes and seed, calibration batches); images
     not held in memory are read by `num_workers` processes (0: this one)."""
-    splits = splits_of(len(data.train), cfg)
+    splits = splits_of(len(data.train), settings)
     heldout, rest = splits.heldout, splits.rest
-    order = np.random.default_rng([cfg.seed, 11]).permutation(rest)
-    calibration = np.resize(order, cfg.calibration_batches * cfg.batch_size)  # wraps round a small training split
+    order = np.random.default_rng([settings.seed, 11]).permutation(rest)
+    # wraps round a small training split
+    calibration = np.resize(order, settings.calibration_batches * settings.batch_size)
     train = data.train
     if isinstance(train, TensorImages):  # raw uint8 images: normalised per batch on the device
         labels = train.labels[torch.as_tensor(heldout)].numpy()
@@ -118,17 +120,16 @@ class CandidateEvaluator:
     (channels_last on CUDA). Nothing is reloaded per candidate, and the worker's memory stays flat.
     """
 
-    def __init__(self, model: nn.Module, space: PruningSpace, data: DataBundle | EvaluationData, evaluation_config,
-                 device: str = "auto", criterion: str = "l1", method: PruningMethod = METHODS["channel"],
-                 task: Task = CLASSIFICATION):
-        cfg = evaluation_config
-        self.cfg, self.space, self.task = cfg, space, task
+    def __init__(self, model: nn.Module, space: PruningSpace, data: DataBundle | EvaluationData,
+                 settings: EvaluationSettings, device: str = "auto", criterion: str = "l1",
+                 method: PruningMethod = METHODS["channel"], task: Task = CLASSIFICATION):
+        self.settings, self.space, self.task = settings, space, task
         self.device = resolve_device(device)
-        self.autocast, self.channels_last = precision(cfg, self.device)
+        self.autocast, self.channels_last = precision(settings, self.device)
         self.base = model.to(self.device).eval()
         self.device_name = device_name(self.device) if space.latency is not None else None  # latency timing
-        self.plan = method.plan(self.base, space, criterion, cfg.seed)
-        data = data if isinstance(data, EvaluationData) else evaluation_data(data, cfg)
+        self.plan = method.plan(self.base, space, criterion, settings.seed)
+        data = data if isinstance(data, EvaluationData) else evaluation_data(data, settings)
         self.heldout_indices, self.rest_indices = data.heldout_indices, data.rest_indices
         self.calibration_indices, self.validation_indices = data.calibration_indices, data.validation_indices
         self.calibration, self.heldout_x = self._stage(data.calibration), self._stage(data.heldout_x)
@@ -139,9 +140,9 @@ class CandidateEvaluator:
         self.mean = torch.as_tensor(data.mean, dtype=torch.float32).view(shape).to(self.device)
         self.std = torch.as_tensor(data.std, dtype=torch.float32).view(shape).to(self.device)
 
-    def _stage(self, x: np.ndarray) -> torch.Tensor:
+    def _stage(self, array: np.ndarray) -> torch.Tensor:
         """Raw inputs on the device once (pinned host memory if they do not fit); on the CPU they stay shared."""
-        x = _tensor(x)
+        x = _tensor(array)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return x.pin_memory() if x.numel() * x.element_size() > 0.4 * free else x.to(self.device)
@@ -166,14 +167,14 @@ class CandidateEvaluator:
     def prune(self, ratios) -> nn.Module:
         """The pruned network for `ratios` (on the evaluator's device)."""
         model = self.plan.apply(ratios)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        if self.channels_last:  # Module.to takes a memory format too; torch's overloads leave it out
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return model
 
     def recalibrate(self, model: nn.Module) -> int:
         """Adaptive BN on the calibration batches (the configured mode); the batches used (0: nothing to do)."""
-        return recalibrate_bn(model, self._batches(self.calibration, self.cfg.batch_size), self.cfg.bn_mode,
-                              self.autocast, self.cfg.calibration_tolerance)
+        return recalibrate_bn(model, self._batches(self.calibration, self.settings.batch_size), self.settings.bn_mode,
+                              self.autocast, self.settings.calibration_tolerance)
 
     def evaluate(self, ratios, index: int = 0) -> CandidateRecord:
         """Prune, recalibrate and score one strategy (candidate `index`); raises CandidateError on a NaN loss."""
@@ -185,7 +186,7 @@ class CandidateEvaluator:
             warnings.simplefilter("always")
             recalibrated = self.recalibrate(model)
         t2 = self._sync()
-        size = self.cfg.score_batch_size
+        size = self.settings.score_batch_size
         targets = (self.heldout_y[start:start + size] for start in range(0, len(self.heldout_y), size))
         result = score(model, zip(self._batches(self.heldout_x, size), targets), self.autocast, self.task)
         t3 = self._sync()
@@ -199,7 +200,7 @@ class CandidateEvaluator:
         return CandidateRecord(
             index, [float(r) for r in ratios], kept_units=self.space.kept_units(ratios), flops=flops,
             flops_ratio=flops / self.space.base_flops, params=self.space.params(ratios),
-            score=search_score(self.task, result, self.cfg.metric), accuracy=result.get("accuracy"),
+            score=search_score(self.task, result, self.settings.metric), accuracy=result.get("accuracy"),
             metrics={name: result[name] for name in self.task.metrics}, loss=result.get("loss"),
             bn_recalibrated=recalibrated > 0,
             calibration_batches=recalibrated,

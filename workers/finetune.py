@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Sequence, TextIO
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,9 +24,11 @@ from .logs import LineStream
 from .progress import due, duration
 from .scoring import precision, score
 from .selection import best_trained, kept_epoch, margin
+from .settings import FinetuneSettings
 from .tasks import CLASSIFICATION, Task, as_float, short_name
 
 EpochCallback = Callable[[int, dict, str | None], None]
+Indices = Sequence[int] | np.ndarray | torch.Tensor  # images of a split, by index
 CHECKPOINT_NAME = "finetune.pt"  # the checkpoint file finetune() writes (inside a Tune checkpoint directory too)
 BAR_EVERY_S = 0.5  # a terminal's progress line inside an epoch is redrawn at most this often
 
@@ -110,51 +115,69 @@ def _with_best(metrics: dict, history: list[dict], best: int, metric: str) -> di
             f"best_test_{metric}": history[best][f"test_{metric}"], f"start_val_{metric}": history[0][f"val_{metric}"]}
 
 
-def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device = "cpu",
-             checkpoint_path: str | None = None, teacher: nn.Module | None = None,
-             on_epoch: EpochCallback | None = None, epochs: int | None = None,
-             train_indices=None, val_indices=None, log=None, after_backward: Callable[[], None] | None = None,
-             stage: str = "fine-tuning", num_workers: int = 0, data_parallel: bool = False,
-             task: Task = CLASSIFICATION) -> dict:
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """The circumstances of one training beside its recipe: where it runs, on which images, what it resumes from,
+    what it learns from and whom it tells."""
+
+    device: str | torch.device = "cpu"
+    train_indices: Indices | None = None  # part of the training split (None: all of it)
+    val_indices: Indices | None = None  # images of the training split to validate on (None: no validation)
+    checkpoint_path: str | None = None  # written every epoch, resumed from when it exists
+    teacher: nn.Module | None = None  # distilled from (with the recipe's distill_weight)
+    stage: str = "fine-tuning"  # what the progress lines call it
+    task: Task = CLASSIFICATION
+    num_workers: int = 0  # processes reading training images (datasets not held in memory)
+    data_parallel: bool = False  # torch.distributed is initialized: train through DistributedDataParallel
+    log: TextIO | None = None  # progress lines (None: the prunetune logger)
+    on_epoch: EpochCallback | None = None  # after each epoch's checkpoint
+    after_backward: Callable[[], None] | None = None  # after every backward pass
+
+
+def finetune(model: nn.Module, data: DataBundle, settings: FinetuneSettings,
+             options: FinetuneOptions = FinetuneOptions()) -> dict:
     """Train `model` on the training split, test every epoch, checkpoint every epoch; resumes from the checkpoint.
 
-    cfg is a FinetuneConfig (epochs, batch_size, lr, momentum, nesterov, weight_decay, warmup_epochs,
-    label_smoothing, distill_weight, distill_temperature, amp, channels_last, seed). `train_indices` limits
-    training to part of the training split. With `val_indices` (images of the training split that `model` was not
-    trained on, e.g. the finalists' validation split) the model is validated before the first epoch (epoch 0) and
-    after each, and `model` ends with the kept epoch's weights: the best fine-tuned epoch, unless epoch 0 is better
-    than it by more than the margin on len(val_indices) images (selection.kept_epoch).
-    `after_backward()` runs after every backward pass (sparsity training adds its L1 subgradients there);
-    `num_workers` processes read the training images (datasets not held in memory). `on_epoch(epoch, metrics,
-    checkpoint_path)` runs after each epoch's checkpoint is written (Tune reports from there; raising stops the
-    run). Progress lines name `stage`. With `data_parallel` (torch.distributed initialized, as a Ray Train worker's
-    is) the model trains through DistributedDataParallel: each process reads its rank's share of every epoch's
-    shuffled order (as DistributedSampler does; batch_size stays the global batch) and only rank 0 writes the
-    checkpoint. A non-finite loss or weight raises TrainingDiverged. `task` gives the loss, the output to train
-    and the validation metric (METRIC in the figures' names val_METRIC, test_METRIC: accuracy by default). Returns
-    the kept epoch's metrics (with best_* fields when validating) plus the per-epoch history.
+    `settings` is the recipe (epochs, batch size, SGD, schedule, label smoothing, distillation, precision, seed),
+    `options` the rest. `options.train_indices` limits training to part of the training split. With
+    `options.val_indices` (images of the training split that `model` was not trained on, e.g. the finalists'
+    validation split) the model is validated before the first epoch (epoch 0) and after each, and `model` ends with
+    the kept epoch's weights: the best fine-tuned epoch, unless epoch 0 is better than it by more than the margin on
+    len(val_indices) images (selection.kept_epoch). `after_backward()` runs after every backward pass (sparsity
+    training adds its L1 subgradients there). `on_epoch(epoch, metrics, checkpoint_path)` runs after each epoch's
+    checkpoint is written (Tune reports from there; raising stops the run). Progress lines name `stage`. With
+    `data_parallel` (torch.distributed initialized, as a Ray Train worker's is) the model trains through
+    DistributedDataParallel: each process reads its rank's share of every epoch's shuffled order (as
+    DistributedSampler does; batch_size stays the global batch) and only rank 0 writes the checkpoint. A non-finite
+    loss or weight raises TrainingDiverged. `task` gives the loss, the output to train and the validation metric
+    (METRIC in the figures' names val_METRIC, test_METRIC: accuracy by default). Returns the kept epoch's metrics
+    (with best_* fields when validating) plus the per-epoch history.
     """
-    log = log or LineStream()
+    checkpoint_path, teacher, task, stage = options.checkpoint_path, options.teacher, options.task, options.stage
+    train_indices, val_indices, num_workers = options.train_indices, options.val_indices, options.num_workers
+    log = options.log or LineStream()
     metric = task.metric
-    device = torch.device(device)
-    epochs = cfg.epochs if epochs is None else epochs
-    autocast, channels_last = precision(cfg, device)
+    device = torch.device(options.device)
+    epochs = settings.epochs
+    autocast, channels_last = precision(settings, device)
     model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    if channels_last:  # Module.to takes a memory format too; torch's overloads leave it out
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     pool = torch.arange(len(data.train_augmented)) if train_indices is None else torch.as_tensor(train_indices)
     n = len(pool)
-    steps_per_epoch = max(1, n // cfg.batch_size)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if data_parallel else (0, 1)
-    batch_size = max(1, cfg.batch_size // world)  # per process
+    steps_per_epoch = max(1, n // settings.batch_size)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if options.data_parallel else (0, 1)
+    batch_size = max(1, settings.batch_size // world)  # per process
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if data_parallel else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+        if options.data_parallel else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                nesterov=settings.nesterov, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
-    start, history, best, start_state, trained_state = 0, [], 0, None, None
-    torch.manual_seed(cfg.seed)
+        optimizer, _schedule(epochs * steps_per_epoch, int(settings.warmup_epochs * steps_per_epoch)))
+    start, history, best = 0, [], 0
+    start_state: dict | None = None  # epoch 0's weights, when validating
+    trained_state: dict | None = None  # the best fine-tuned epoch's
+    torch.manual_seed(settings.seed)
     if checkpoint_path and os.path.isfile(checkpoint_path):
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -173,14 +196,14 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
               f"test_{short_name(metric)} {history[0][f'test_{metric}']:.4f}", file=log)
     if teacher is not None:
         teacher.to(device).eval()
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing) if cfg.label_smoothing else task.loss
-    distill = teacher is not None and cfg.distill_weight > 0 and task.distill
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing) if settings.label_smoothing else task.loss
+    distill_from = teacher if teacher is not None and settings.distill_weight > 0 and task.distill else None
     reader = BatchReader(data.train_augmented, batch_size, num_workers)
     seconds = []
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 10_007 + epoch))
         order = pool[order[: steps_per_epoch * batch_size * world]][rank::world]
         loss_sum, seen = 0.0, 0
         bar = _StepBar(log, stage, epoch + 1, epochs, steps_per_epoch)
@@ -191,11 +214,11 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
             with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                 logits = task.select(net(x))
                 loss = criterion(as_float(logits), y)
-                if distill:
+                if distill_from is not None:
                     with torch.no_grad():
-                        target = task.select(teacher(x)).float()
-                    loss = (1 - cfg.distill_weight) * loss + \
-                        cfg.distill_weight * _distill_loss(logits.float(), target, cfg.distill_temperature)
+                        target = task.select(distill_from(x)).float()
+                    loss = (1 - settings.distill_weight) * loss + \
+                        settings.distill_weight * _distill_loss(logits.float(), target, settings.distill_temperature)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(f"{stage}: the loss became {value} at epoch {epoch + 1}/{epochs}, step {step} "
@@ -203,8 +226,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
                                        "holds non-finite values; nothing of it was kept")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if after_backward is not None:
-                after_backward()
+            if options.after_backward is not None:
+                options.after_backward()
             optimizer.step()
             scheduler.step()
             loss_sum += value * len(x)
@@ -228,19 +251,21 @@ def finetune(model: nn.Module, data: DataBundle, cfg, device: str | torch.device
             metrics = _with_best(metrics, history, best, metric)
         print(_progress(stage, metrics, epochs, seconds, metric), file=log, flush=True)
         if checkpoint_path and rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                     "rng": torch.get_rng_state()}
+            saved: dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                                     "rng": torch.get_rng_state()}
             if start_state is not None:  # torch.save writes the kept state's tensors once
-                state.update(best=trained_state if best else start_state, best_index=best, start=start_state,
+                saved.update(best=trained_state if best else start_state, best_index=best, start=start_state,
                              trained=trained_state)
             if torch.cuda.is_available():
-                state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            atomic_write(checkpoint_path, lambda tmp, state=state: torch.save(state, tmp), durable=True)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics, checkpoint_path)
-    if start_state is not None:
-        model.load_state_dict(trained_state if best else start_state)
+                saved["cuda_rng"] = torch.cuda.get_rng_state_all()
+            atomic_write(checkpoint_path, partial(torch.save, saved), durable=True)
+        if options.on_epoch is not None:
+            options.on_epoch(epoch, metrics, checkpoint_path)
+    if start_state is not None and val_indices is not None:
+        kept = trained_state if best else start_state
+        assert kept is not None  # a fine-tuned epoch is kept only once one was trained
+        model.load_state_dict(kept)
         print(_kept_line(stage, history, best, task, len(val_indices)), file=log, flush=True)
         return {**_with_best(history[best], history, best, metric), "history": history}
     if not history:

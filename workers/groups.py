@@ -19,14 +19,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .errors import BadInput
-from .layers import OUT, IN, is_stateless, kind_of
+from .layers import OUT, IN, is_stateless, kind_of, layer_kind
 from .tasks import output_tensors
 
 OP, PARAMETER = "op", "parameter"  # member kinds beside the layer kinds: stateless leaf module, bare nn.Parameter
@@ -78,7 +78,7 @@ class Group:
 class Trace:
     """Torch-Pruning's dependency graph of a model plus what prunetune needs to name its nodes."""
 
-    graph: object  # torch_pruning.DependencyGraph
+    graph: Any  # torch_pruning.DependencyGraph (Torch-Pruning has no type information)
     groups: list  # (root module, Torch-Pruning group)
     names: dict  # module -> name
     param_names: dict  # parameter -> name
@@ -115,11 +115,13 @@ def module_stack(model: nn.Module) -> Iterator[list[str]]:
 def dim_size(model: nn.Module, member: Member, op_channels: dict[str, int] | None = None) -> int:
     """Channels of the layer dimension a member is (a stateless op's from the channels seen when tracing)."""
     if member.kind == OP:
+        if op_channels is None:
+            raise ValueError(f"dim_size: op {member.module}'s channels are known from tracing only (op_channels)")
         return op_channels[member.module]
     if member.kind == PARAMETER:
         return model.get_parameter(member.module).shape[member.axis]
     module = model.get_submodule(member.module)
-    return kind_of(module).size(module, member.role)
+    return layer_kind(module).size(module, member.role)
 
 
 def describe_module(model: nn.Module, name: str) -> str:
@@ -149,7 +151,8 @@ def find_heads(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
             h.remove()
     if not order:
         raise SpaceError("model: no Conv or Linear layer found to prune")
-    heads, stack, visited = [order[-1]], [t.grad_fn for t in output_tensors(out) if t.grad_fn is not None], set()
+    heads, visited = [order[-1]], set()
+    stack: list[torch.autograd.graph.Node | None] = [t.grad_fn for t in output_tensors(out) if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or node in visited:
@@ -323,13 +326,13 @@ def _out_of_place(model: nn.Module) -> Iterator[None]:
     """Run in-place activations out of place: an in-place op on a view's output (an InstanceNorm's) hides the
     layer from Torch-Pruning's trace. The result is the same."""
     inplace = [m for m in model.modules() if getattr(m, "inplace", None) is True]
-    for m in inplace:
-        m.inplace = False
+    for m in inplace:  # a plain attribute: torch annotates a Module's attributes as tensors and modules only
+        m.inplace = False  # type: ignore[assignment]
     try:
         yield
     finally:
         for m in inplace:
-            m.inplace = True
+            m.inplace = True  # type: ignore[assignment]
 
 
 def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[str]) -> Trace:
@@ -554,7 +557,7 @@ def _check_blocks(members: list[Member], blocks: dict[str, int], units: int, lcm
         if b == 1:
             continue
         width = len(m.idxs) // b
-        patterns = {}
+        patterns: dict[int, set[tuple[int, int]]] = {}
         for idx, unit in zip(m.idxs, m.units):
             patterns.setdefault(idx // width, set()).add((unit % size, idx % width))
         if len({frozenset(p) for p in patterns.values()}) > 1:
@@ -572,7 +575,7 @@ def _members(items: dict[tuple, list], n_roots: int, parts: int = 1) -> tuple[li
     width = n_units // parts
     members = []
     for (name, kind, role, axis), pairs in items.items():
-        idx_of = {}
+        idx_of: dict[int, int] = {}
         for idx, root_idx in pairs:
             idx_of.setdefault(int(idx), int(unit_of_root[root_idx]))
         idxs = np.array(sorted(idx_of), dtype=np.int64)
@@ -609,7 +612,7 @@ def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tu
     for m in members:  # and the blocks of grouped convs and GroupNorm layers beside those of functional ops
         if m.kind not in (OP, PARAMETER):
             module = model.get_submodule(m.module)
-            b = kind_of(module).blocks(module)
+            b = layer_kind(module).blocks(module)
             if b > 1:
                 blocks[m.module] = b
     lcm = math.lcm(*blocks.values()) if blocks else 1

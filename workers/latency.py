@@ -7,8 +7,8 @@ interpolation, summed, and mapped onto whole-network latency by a least-squares 
 timed whole (the fit absorbs what the tables do not see: activations, additions, pooling, per-call overhead).
 The tables are made non-decreasing in every channel count, so a prediction never falls when a strategy keeps
 more channels: the sampler's walk relies on that. Tables are cached by architecture, input shape, runtime, device,
-machine, batch size, threads and library versions (`load_or_build`). The runtime is eager PyTorch or ONNX Runtime
-(`latency.runtime`): the layers, the fitted networks and every candidate are timed in it, as they will be deployed.
+machine, batch size, threads and library versions (`load_or_build`). The runtime is eager PyTorch, ONNX Runtime or
+OpenVINO (`latency.runtime`): the layers, the fitted networks and every candidate are timed in it, as deployed.
 
 Load spikes must not decide a table: every timing is taken in interleaved rounds (each round times every grid point,
 or every fitted network, a few passes) and the median of the rounds' medians is kept. A table whose fit still misses
@@ -72,7 +72,7 @@ class LatencyTable:
     scale: float = 1.0
     base_ms: float = 0.0  # the unpruned network, timed whole
     fit_errors: list[float] = field(default_factory=list)  # |predicted - timed| / timed on the fit's networks
-    runtime: str = "torch"  # what every figure is timed in (timing.RUNTIMES): eager PyTorch, ONNX Runtime
+    runtime: str = "torch"  # what every figure is timed in (timing.RUNTIMES): eager PyTorch, ONNX Runtime, OpenVINO
 
     def predict(self, space: PruningSpace, kept: np.ndarray) -> np.ndarray:
         """Predicted latency in milliseconds for a [S, G] batch of kept counts of `space`."""

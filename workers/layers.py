@@ -9,12 +9,12 @@ layer type is one entry in KINDS, the way Torch-Pruning registers one pruner per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, cast
+from typing import Callable, TypeGuard, cast
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
@@ -37,7 +37,7 @@ class LayerKind:
     local_index: Callable[[nn.Module, str, np.ndarray], np.ndarray] = lambda m, role, keep: keep  # keep -> axis
 
 
-def _is_conv(m: nn.Module) -> bool:
+def _is_conv(m: nn.Module) -> TypeGuard[_ConvNd]:
     return isinstance(m, _ConvNd) and not m.transposed
 
 
@@ -97,18 +97,22 @@ KINDS: tuple[LayerKind, ...] = (
     LayerKind("dwconv", _is_depthwise, _conv_size, _conv_tensors, _depthwise_resize),
     LayerKind("grouped_conv", lambda m: _is_conv(m) and m.groups > 1 and not _is_depthwise(m), _conv_size,
               _conv_tensors, _conv_resize, coupled=False, flops_roles=(OUT, IN), weight_roles=(OUT, IN),
-              blocks=lambda m: m.groups, local_index=_grouped_local_index),
+              blocks=lambda m: cast(_ConvNd, m).groups, local_index=_grouped_local_index),
     LayerKind("linear", lambda m: isinstance(m, nn.Linear), _linear_size,
               lambda m, role: _conv_tensors(m, role), _linear_resize, coupled=False, flops_roles=(OUT, IN),
               weight_roles=(OUT, IN)),
-    LayerKind("batchnorm", lambda m: isinstance(m, (_BatchNorm, _InstanceNorm)), lambda m, role: m.num_features,
-              _norm_tensors, lambda m, role, n: setattr(m, "num_features", n)),
-    LayerKind("groupnorm", lambda m: isinstance(m, nn.GroupNorm), lambda m, role: m.num_channels, _affine_tensors,
-              lambda m, role, n: setattr(m, "num_channels", n), blocks=lambda m: m.num_groups),
+    # a kind's other functions are called only on the layers its `matches` accepts: the casts say which those are
+    LayerKind("batchnorm", lambda m: isinstance(m, (_BatchNorm, _InstanceNorm)),
+              lambda m, role: cast(_NormBase, m).num_features, _norm_tensors,
+              lambda m, role, n: setattr(m, "num_features", n)),
+    LayerKind("groupnorm", lambda m: isinstance(m, nn.GroupNorm), lambda m, role: cast(nn.GroupNorm, m).num_channels,
+              _affine_tensors, lambda m, role, n: setattr(m, "num_channels", n),
+              blocks=lambda m: cast(nn.GroupNorm, m).num_groups),
     LayerKind("layernorm", lambda m: isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1,
-              lambda m, role: m.normalized_shape[0], _affine_tensors, _layernorm_resize),
-    LayerKind("prelu", lambda m: isinstance(m, nn.PReLU) and m.num_parameters > 1, lambda m, role: m.num_parameters,
-              lambda m, role: [("weight", 0)], lambda m, role, n: setattr(m, "num_parameters", n)),
+              lambda m, role: cast(nn.LayerNorm, m).normalized_shape[0], _affine_tensors, _layernorm_resize),
+    LayerKind("prelu", lambda m: isinstance(m, nn.PReLU) and m.num_parameters > 1,
+              lambda m, role: cast(nn.PReLU, m).num_parameters, lambda m, role: [("weight", 0)],
+              lambda m, role, n: setattr(m, "num_parameters", n)),
 )
 
 
@@ -120,6 +124,14 @@ def kind_of(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def layer_kind(module: nn.Module) -> LayerKind:
+    """The kind of a layer prunetune prunes (a group's member is one); ValueError for any other module."""
+    kind = kind_of(module)
+    if kind is None:
+        raise ValueError(f"{type(module).__name__} is not a layer prunetune prunes")
+    return kind
+
+
 def is_stateless(module: nn.Module) -> bool:
     """A leaf module with nothing per channel: no parameters (pooling, activation, dropout), or PReLU's one shared
     slope (nothing to slice; the slope is a fixed parameter). It follows its input's channels."""
@@ -128,6 +140,7 @@ def is_stateless(module: nn.Module) -> bool:
     return not list(module.parameters(recurse=False)) or isinstance(module, nn.PReLU) and module.num_parameters == 1
 
 
-def weight_of(model: nn.Module, name: str) -> torch.Tensor:
-    """The `weight` tensor of layer `name` of `model` (typed: a module's attributes read as Tensor | Module)."""
+def weight_of(model: nn.Module, name: str = "") -> torch.Tensor:
+    """The `weight` tensor of layer `name` of `model` (the model's own without a name; typed: torch annotates a
+    module's attributes as Tensor | Module)."""
     return cast(torch.Tensor, model.get_submodule(name).weight)

@@ -263,10 +263,10 @@ def _pickled_globals(path: str, pickles: int = 4) -> list[str]:
     found = []
     with open(path, "rb") as f:
         for _ in range(pickles):
-            strings = []
+            strings: list[str] = []
             try:
                 for op, arg, _ in pickletools.genops(f):
-                    if op.name == "GLOBAL":
+                    if op.name == "GLOBAL" and isinstance(arg, str):
                         found.append(arg.replace(" ", "."))
                     elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                         found.append(".".join(strings[-2:]))
@@ -302,7 +302,7 @@ def _why_refused(path: str, e: Exception) -> str:
     return f"cannot read {path} as a weights-only state dict ({reason})"
 
 
-_SAFE_GLOBALS = [argparse.Namespace]  # harmless objects training scripts save beside the weights ("args")
+_SAFE_GLOBALS = (argparse.Namespace,)  # harmless objects training scripts save beside the weights ("args")
 _SAFE_NAMES = {f"{c.__module__}.{c.__qualname__}" for c in _SAFE_GLOBALS}
 
 
@@ -316,7 +316,7 @@ def read_weights(path: str, field: str):
     if _is_safetensors(path):
         return _read_safetensors(path, field)
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol")  # a plain pickle: refused in one line below
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, refused globals

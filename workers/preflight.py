@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ def output_shapes(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[
         model.train(was_training)
 
 
-def strategies_to_prove(space: PruningSpace, max_ratio: float, first: Callable[[PruningSpace], list[float]]
+def strategies_to_prove(space: PruningSpace, max_ratio: float, first: Callable[[PruningSpace], Sequence[float]]
                         ) -> dict[str, np.ndarray]:
     """The strategies every preflight proves: the most pruned one, and the first the search will evaluate."""
     return {"most pruned": np.full(len(space.groups), max_ratio), "first sampled": np.array(first(space))}
@@ -250,26 +250,38 @@ def _check(model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, 
     return culprits, []
 
 
-def preflight(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
-              first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-              ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
+@dataclass(frozen=True)
+class PreflightOptions:
+    """What a space is proved for: the data's class count and the task the prediction must fit, the search's most
+    pruned ratio and the first strategy it will evaluate, channel rounding and the layers never pruned."""
+
+    num_classes: int
+    max_ratio: float  # search.max_ratio: the most pruned strategy has it in every group
+    first: Callable[[PruningSpace], Sequence[float]]  # the first strategy the search will evaluate in a space
+    round_to: int = 1  # search.round_to: channel counts kept in multiples of it
+    ignored_layers: Sequence[str] = ()  # model.ignored_layers: never pruned
+    task: Task = CLASSIFICATION
+
+
+def preflight(model: nn.Module, example_inputs: torch.Tensor, options: PreflightOptions) -> Verdict:
     """Build the channel space of `model` and prove it exact, in counts and function, on the most pruned, the first
     and the least pruned strategy (SpaceError if not; any other error while building it becomes one too).
 
-    `first(space)` is the first strategy the search will evaluate in that space; the model's prediction must fit
-    `task` and `num_classes`, and every output of a pruned network keeps its shape.
+    The model's prediction must fit `options.task` and `options.num_classes`, and every output of a pruned network
+    keeps its shape.
     """
     refuse_compiled(model)
     steps = Steps("preflight")
-    check_output(model, example_inputs, num_classes, task)
+    check_output(model, example_inputs, options.num_classes, options.task)
     shapes = output_shapes(model, example_inputs)
-    ignored, left_out = list(ignored_layers or []), []
+    ignored, left_out = list(options.ignored_layers), list[tuple[str, str]]()
     while True:  # at most twice: once more after leaving out the groups of a single cause
         steps.step("tracing the channel groups")
-        space = as_refusal(model, PruningSpace.from_model, model, example_inputs, round_to, ignored)
+        space = as_refusal(model, PruningSpace.from_model, model, example_inputs, options.round_to, ignored)
         found = space.rejected  # groups discovery could not model: no strategy needed to know
         if not found:
-            strategies = {**strategies_to_prove(space, max_ratio, first), "least pruned": space.least_pruned()}
+            strategies = {**strategies_to_prove(space, options.max_ratio, options.first),
+                          "least pruned": space.least_pruned()}
             found, checked = as_refusal(model, _check, model, space, example_inputs, shapes, strategies, steps)
             if not found:
                 steps.done()

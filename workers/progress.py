@@ -36,12 +36,11 @@ class Progress:
     what: str
     total: int
     logger: logging.Logger = PREPARE
-    every_s: float | None = None  # None: PROGRESS_EVERY_S as it is when the work starts
+    every_s: float = field(default_factory=lambda: PROGRESS_EVERY_S)  # by default as it is when the work starts
     clock: Callable[[], float] = time.monotonic
     done_n: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self.every_s = PROGRESS_EVERY_S if self.every_s is None else self.every_s
         self.start = self.shown = self.clock()
 
     def advance(self, n: int = 1) -> None:

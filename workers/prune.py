@@ -8,7 +8,7 @@ candidate. The tests hold it to Torch-Pruning's own surgery on the same channels
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .criteria import BATCHNORM, CRITERIA, Criterion
 from .groups import OP, PARAMETER, Group, dim_size
-from .layers import LayerKind, kind_of
+from .layers import LayerKind, kind_of, weight_of
 
 if TYPE_CHECKING:  # space.py builds on this module (its functional fit prunes); only the annotations point back
     from .space import PruningSpace
@@ -32,16 +32,14 @@ def _unit_importance(model: nn.Module, group: Group, criterion: Criterion, seed:
     for a group without one."""
     ordered = sorted(group.members, key=lambda m: position.get(m.module.rsplit(".", 1)[0] if m.kind == PARAMETER
                                                                  else m.module, 0))
-    member, rows = None, None
+    member = None
     if criterion.source == BATCHNORM:
         bns = [m for m in ordered if m.kind == "batchnorm" and getattr(model.get_submodule(m.module), "affine", False)]
-        if bns:
-            member = bns[0]
-            rows = model.get_submodule(member.module).weight.detach()[member.idxs]
-    if rows is None:  # the first producer; a group of depthwise convs only ranks by its first one
+        member = bns[0] if bns else None
+    if member is None:  # the first producer; a group of depthwise convs only ranks by its first one
         producers = [m for m in ordered if m.role == "out" and m.kind in _PRODUCERS]
         member = (producers or [m for m in ordered if m.kind == "dwconv"])[0]
-        rows = model.get_submodule(member.module).weight.detach()[member.idxs]
+    rows = weight_of(model, member.module).detach()[member.idxs]
     importance = np.zeros(group.units)
     np.add.at(importance, member.units, criterion(rows, seed, group.root))
     return importance
@@ -145,7 +143,7 @@ class PrunePlan:
         return pruned
 
 
-def clone_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+def clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """A copy of the module tree, like copy.deepcopy(module, memo) but much cheaper for a large tree.
 
     Parameters and buffers not in `memo` are cloned; a module or tensor used twice is copied once (as deepcopy
@@ -156,7 +154,7 @@ def clone_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
         return memo[id(module)]
     new = module.__class__.__new__(module.__class__)
     memo[id(module)] = new
-    state = {k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
+    state: dict[str, Any] = {k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
     for key in ("_parameters", "_buffers"):
         for name, old in state[key].items():
             if old is not None and id(old) not in memo:

@@ -83,7 +83,9 @@ class CandidateRecord:
 
 
 def rank_key(record: CandidateRecord) -> tuple:
-    """Sort key for candidates: best score first, then lower FLOPs, then index (a total order)."""
+    """Sort key for scored candidates: best score first, then lower FLOPs, then index (a total order)."""
+    if record.score is None:
+        raise ValueError(f"candidate {record.index} has no score to rank by")
     return (-record.score, record.flops or 0, record.index)
 
 

@@ -6,14 +6,16 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .settings import EvaluationSettings, FinetuneSettings
 from .tasks import CLASSIFICATION, Task, as_float
 
 
-def precision(cfg, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """The autocast dtype and channels_last choice of a config's `amp` and `channels_last` keys (auto: bf16 and
-    channels_last on CUDA; a config without them: neither)."""
+def precision(settings: EvaluationSettings | FinetuneSettings, device: torch.device
+              ) -> tuple[torch.dtype | None, bool]:
+    """The autocast dtype and channels_last choice of the settings' `amp` and `channels_last` (auto: bf16 and
+    channels_last on CUDA)."""
     cuda = device.type == "cuda"
-    amp, layout = getattr(cfg, "amp", "off"), getattr(cfg, "channels_last", "off")
+    amp, layout = settings.amp, settings.channels_last
     return (torch.bfloat16 if amp == "bf16" or (amp == "auto" and cuda) else None,
             layout == "on" or (layout == "auto" and cuda))
 

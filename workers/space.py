@@ -11,6 +11,7 @@ module of no known kind (a functional pooling in a model's forward) are measured
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -59,8 +60,8 @@ class PruningSpace:
 
     def __init__(self, groups: list[Group], base_flops: int, base_params: int, dim_const: np.ndarray,
                  dim_matrix: np.ndarray, flops_terms: tuple, params_terms: tuple, round_to: int = 1,
-                 ignored_layers: list[str] = (), input_shape: tuple[int, ...] = (),
-                 rejected: list[tuple[str, str]] = ()):
+                 ignored_layers: Sequence[str] = (), input_shape: tuple[int, ...] = (),
+                 rejected: Sequence[tuple[str, str]] = ()):
         self.groups = groups
         self.input_shape = tuple(input_shape)
         self.base_flops = int(base_flops)
@@ -247,7 +248,8 @@ def _build(cls, model: nn.Module, example_inputs: torch.Tensor, found: Discovery
         r = [rows[(name, role)] for role in roles if (name, role) in rows]
         out.append((amount / float(np.prod([full_size[i] for i in r])), *(r + [0, 0])[:2]))
 
-    flops, params = [], []
+    flops: list[tuple] = []
+    params: list[tuple] = []
     counted_flops = counted_params = 0
     seen: set[int] = set()
     for name, module in model.named_modules():

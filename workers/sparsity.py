@@ -7,35 +7,44 @@ Stripe-wise pruning's Filter Skeleton (`stripes.skeleton_train`) penalises one s
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .finetune import finetune
+from .data import DataBundle
+from .finetune import FinetuneOptions, finetune
+from .settings import FinetuneSettings
 
 HISTOGRAM_BINS = 20
 
 
-def batchnorms(model: nn.Module) -> list[nn.Module]:
+def batchnorms(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers of `model` that have a learnable scale."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
 
 
-def add_l1_subgradient(params: list[torch.Tensor], strength: float) -> None:
+def add_l1_subgradient(params: Sequence[torch.Tensor], strength: float) -> None:
     """Add strength * sign(p) to the gradient of each parameter (an L1 penalty; call after backward)."""
     for p in params:
         if p.grad is not None:
             p.grad.add_(strength * torch.sign(p.detach()))
 
 
-def slimming_train(model: nn.Module, data, cfg, strength: float, epochs: int, device="cpu", checkpoint_path=None,
-                   log=None, train_indices=None) -> None:
+def slimming_train(model: nn.Module, data: DataBundle, settings: FinetuneSettings, strength: float,
+                   options: FinetuneOptions | None = None) -> None:
     """Network Slimming's sparsity training: fine-tune with `strength` * sum |gamma| over every BatchNorm scale
-    (in place, resumable from `checkpoint_path`; on part of the training split if `train_indices`)."""
+    (in place; resumable from options.checkpoint_path, on options.train_indices of the training split if given)."""
     scales = [m.weight for m in batchnorms(model)]
-    finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log, train_indices=train_indices,
-             after_backward=lambda: add_l1_subgradient(scales, strength), stage="sparsity training")
+    finetune(model, data, settings, sparsity_options(options or FinetuneOptions(), scales, strength))
+
+
+def sparsity_options(options: FinetuneOptions, scales: Sequence[torch.Tensor], strength: float) -> FinetuneOptions:
+    """`options` for a sparsity training: its stage name, and `strength` * sign(scale) added after each backward."""
+    return replace(options, stage="sparsity training", after_backward=lambda: add_l1_subgradient(scales, strength))
 
 
 def bn_scales(model: nn.Module) -> np.ndarray:

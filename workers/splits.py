@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import DataError, heldout_split
+from .settings import EvaluationSettings
 
 VALIDATION_FRACTION = 0.2  # of the training split, by default
 MAX_VALIDATION = 5000  # images, by default: SE <= 0.71 points at any accuracy
@@ -58,7 +59,7 @@ def split_training(n_train: int, heldout_size: int, configured_validation: int |
     return Splits(heldout, np.sort(rest[:size]), rest[size:])
 
 
-def splits_of(n_train: int, evaluation) -> Splits:
-    """split_training with an evaluation config's sizes and seed; the rest keeps at least one calibration batch."""
+def splits_of(n_train: int, evaluation: EvaluationSettings) -> Splits:
+    """split_training with the evaluation settings' sizes and seed; the rest keeps at least one calibration batch."""
     return split_training(n_train, evaluation.heldout_size, evaluation.validation_size, evaluation.seed,
                           evaluation.batch_size)

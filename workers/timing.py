@@ -4,12 +4,14 @@ Warm-up passes first (allocator, lazy kernels, cuDNN choices), the CUDA device s
 a fixed thread count on the CPU for the duration, and the median over repeats with its interquartile range. A
 figure whose spread is large next to its median is marked unstable (a busy machine), not passed off as a fact.
 
-A figure is timed in a runtime (`RUNTIMES`): eager PyTorch, or ONNX Runtime on the CPU, where the model is exported
-to ONNX once (its session kept while the model object lives) and run as a deployment would run it.
+A figure is timed in a runtime (`RUNTIMES`): eager PyTorch, or ONNX Runtime or OpenVINO on the CPU, where the model
+is exported to ONNX once (its compiled session kept while the model object lives) and run as a deployment would run
+it (fp32).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import time
 import weakref
@@ -53,29 +55,50 @@ def _torch_call(model: nn.Module, example: torch.Tensor, threads: int | None) ->
     return lambda: model(example)
 
 
-_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(shape, threads): ONNX session}
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtime, shape, threads): run}
 
 
-def _onnxruntime_call(model: nn.Module, example: torch.Tensor, threads: int | None) -> Callable[[], object]:
+def _exported_call(compile: Callable[[bytes, int | None], Callable[[np.ndarray], object]], runtime: str):
+    """A runtime's call: the model exported to ONNX once per input shape and threads, compiled by `compile(graph,
+    threads)` into a function of the input array, and kept while the model object lives."""
+    def call(model: nn.Module, example: torch.Tensor, threads: int | None) -> Callable[[], object]:
+        compiled = _SESSIONS.setdefault(model, {})
+        key = (runtime, tuple(example.shape), threads)
+        if key not in compiled:
+            graph = io.BytesIO()
+            # the exporter (dynamo=False) writes to a file object too; torch's annotation names only paths
+            torch.onnx.export(model, (example.cpu(),), graph, input_names=["input"],  # type: ignore[arg-type]
+                              dynamo=False)
+            compiled[key] = compile(graph.getvalue(), threads)
+        run, array = compiled[key], example.detach().cpu().numpy()
+        return lambda: run(array)
+    return call
+
+
+def _onnxruntime_session(graph: bytes, threads: int | None) -> Callable[[np.ndarray], object]:
     import onnxruntime
 
-    sessions = _SESSIONS.setdefault(model, {})
-    key = (tuple(example.shape), threads)
-    if key not in sessions:
-        graph = io.BytesIO()
-        torch.onnx.export(model, (example.cpu(),), graph, input_names=["input"], dynamo=False)
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
-        sessions[key] = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
-    session, feed = sessions[key], {"input": example.detach().cpu().numpy()}
-    return lambda: session.run(None, feed)
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
+    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    return lambda array: session.run(None, {"input": array})
 
 
-def _onnxruntime_version() -> str:
-    import onnxruntime
+def _openvino_request(graph: bytes, threads: int | None) -> Callable[[np.ndarray], object]:
+    import openvino
 
-    return onnxruntime.__version__
+    core = openvino.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",  # fp32 as exported, never bf16
+              "ENABLE_CPU_PINNING": False,  # pinned to a core other jobs share, a pass waits for that core
+              **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})}
+    request = core.compile_model(core.read_model(graph), "CPU", config).create_infer_request()
+    return lambda array: request.infer({0: array})
+
+
+def _version(package: str) -> Callable[[], str]:
+    """The installed version of `package` (imported when asked: the cache key of a table timed in it)."""
+    return lambda: importlib.import_module(package).__version__
 
 
 @dataclass(frozen=True)
@@ -85,14 +108,18 @@ class Runtime:
     name: str
     call: Callable[[nn.Module, torch.Tensor, int | None], Callable[[], object]]
     version: Callable[[], str]
+    title: str  # how the report names it
     cpu_only: bool = False
     package: str | None = None  # what to install when it does not import
 
 
 RUNTIMES = {
-    "torch": Runtime("torch", _torch_call, lambda: torch.__version__),
-    "onnxruntime": Runtime("onnxruntime", _onnxruntime_call, _onnxruntime_version, cpu_only=True,
+    "torch": Runtime("torch", _torch_call, lambda: torch.__version__, "PyTorch"),
+    "onnxruntime": Runtime("onnxruntime", _exported_call(_onnxruntime_session, "onnxruntime"),
+                           _version("onnxruntime"), "ONNX Runtime", cpu_only=True,
                            package="onnxruntime (pip install 'prunetune[deploy]')"),
+    "openvino": Runtime("openvino", _exported_call(_openvino_request, "openvino"), _version("openvino"), "OpenVINO",
+                        cpu_only=True, package="openvino (pip install 'prunetune[openvino]')"),
 }
 
 

@@ -147,7 +147,8 @@ def _criterion(classes: int, reg_max: int, strides: tuple[float, ...], device: s
     holder = nn.Module()  # what v8DetectionLoss reads of a DetectionModel: args, model[-1], a parameter's device
     holder.register_parameter("device", nn.Parameter(torch.empty(0, device=device)))
     holder.args = get_cfg()
-    holder.model = [SimpleNamespace(stride=torch.tensor(strides), nc=classes, reg_max=reg_max)]
+    head = SimpleNamespace(stride=torch.tensor(strides), nc=classes, reg_max=reg_max)
+    holder.model = [head]  # type: ignore[assignment]  # a plain attribute (v8DetectionLoss reads model[-1])
     return v8DetectionLoss(holder)
 
 

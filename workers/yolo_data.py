@@ -58,10 +58,10 @@ def read_labels(path: str, classes: int) -> torch.Tensor:
                 box = [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
             valid = box is not None and numbers[0] == int(numbers[0]) and 0 <= numbers[0] < classes \
                 and all(0 <= v <= 1 for v in box)
-            if not valid:
+            if box is None or not valid:
                 raise DataError(f"data.path: {path} line {number}: expected 'class cx cy w h' with a class in [0, "
                                 f"{classes - 1}] and coordinates normalised to [0, 1], got '{line.strip()[:80]}'")
-            rows.append([numbers[0]] + box)
+            rows.append([numbers[0], *box])
     return torch.tensor(rows, dtype=torch.float32).view(-1, 5)
 
 
@@ -98,7 +98,7 @@ def letterbox(image, size: int) -> tuple[torch.Tensor, float, int, int]:
     nw, nh = max(1, round(w * r)), max(1, round(h * r))
     left, top = (size - nw) // 2, (size - nh) // 2
     canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
-    canvas[top:top + nh, left:left + nw] = np.asarray(image.resize((nw, nh), Image.BILINEAR), dtype=np.uint8)
+    canvas[top:top + nh, left:left + nw] = np.asarray(image.resize((nw, nh), Image.Resampling.BILINEAR), dtype=np.uint8)
     return torch.from_numpy(canvas).permute(2, 0, 1), r, left, top
 
 

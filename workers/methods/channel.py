@@ -17,13 +17,13 @@ class Channel:
     """Channel (filter) pruning: the pruned network is a smaller dense one."""
 
     name, title, units = "channel", "channel pruning", "channels"
-    criteria = ("l1", "l2", "bn_scale", "random")
+    criteria: tuple[str, ...] = ("l1", "l2", "bn_scale", "random")
     comparable = False  # filter norms differ in scale between layers: the global threshold normalises per group
     latency = True
     round_to = True
-    sparsity = SparsityTraining("Network Slimming", "|gamma|", bn_scales, slimming_train, needs_batchnorm=True,
-                                criterion="bn_scale")
-    report_note = None
+    sparsity: SparsityTraining | None = SparsityTraining("Network Slimming", "|gamma|", bn_scales, slimming_train,
+                                                         needs_batchnorm=True, criterion="bn_scale")
+    report_note: str | None = None
 
     space = staticmethod(PruningSpace.from_model)
     preflight = staticmethod(preflight)

@@ -16,9 +16,11 @@ import torch
 import torch.nn as nn
 
 from ..criteria import BATCHNORM, CRITERIA
-from ..preflight import Verdict
+from ..data import DataBundle
+from ..finetune import FinetuneOptions
+from ..preflight import PreflightOptions, Verdict
+from ..settings import FinetuneSettings
 from ..space import PruningSpace
-from ..tasks import CLASSIFICATION, Task
 
 
 class Plan(Protocol):
@@ -28,6 +30,14 @@ class Plan(Protocol):
         """A new network: the base model pruned by `ratios` (one per group of the space)."""
 
 
+class SparsityTrainer(Protocol):
+    """Trains `model` in place with an L1 penalty of `strength` on the method's scales (sparsity.slimming_train)."""
+
+    def __call__(self, model: nn.Module, data: DataBundle, settings: FinetuneSettings, strength: float,
+                 options: FinetuneOptions | None = None) -> None:
+        ...
+
+
 @dataclass(frozen=True)
 class SparsityTraining:
     """A method's sparsity training before the search (`model.sparsity`): an L1 penalty on one scale per unit."""
@@ -35,8 +45,7 @@ class SparsityTraining:
     name: str  # e.g. Network Slimming
     values: str  # what the penalty makes sparse, as the report names it (|gamma|, stripe L1 norm)
     measure: Callable[[nn.Module], np.ndarray]  # those values of a model
-    # (model, data, finetune_cfg, strength, epochs, device, checkpoint_path, log, train_indices) -> None, in place
-    train: Callable
+    train: SparsityTrainer  # trains a model in place
     needs_batchnorm: bool = False  # refused up front for a model without an affine BatchNorm
     criterion: str | None = None  # the criterion that reads what it trains (a warning if another is chosen)
 
@@ -58,9 +67,7 @@ class PruningMethod(Protocol):
               ignored_layers: list[str] | None = None) -> PruningSpace:
         """The method's space for `model`, without the proof (rebuilding a saved model's architecture)."""
 
-    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
-                  first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-                  ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
+    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, options: PreflightOptions) -> Verdict:
         """Build the space and prove it exact on the most pruned and the first strategy (SpaceError if not)."""
 
     def importance(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0

@@ -10,19 +10,20 @@ per kept stripe and output pixel), which is what the space predicts.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..finetune import finetune
+from ..data import DataBundle
+from ..finetune import FinetuneOptions, finetune
 from ..layers import weight_of
-from ..preflight import Verdict
+from ..preflight import PreflightOptions, Verdict
 from ..space import PruningSpace
-from ..sparsity import add_l1_subgradient
-from ..tasks import CLASSIFICATION, Task
+from ..settings import FinetuneSettings
+from ..sparsity import sparsity_options
 from .protocol import SparsityTraining, as_deployed, as_stored, plain_state
 from .units import UnitPlan, fvcore_counts, layer_importance, linear_space, prove
 
@@ -37,9 +38,19 @@ def stripe_layers(model: nn.Module, ignored: list[str]) -> list[str]:
 def stripe_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
                  ignored_layers: list[str] | None = None) -> PruningSpace:
     """One group per k x k conv, its units the Cout * k * k stripes; FLOPs and params on kept stripes."""
-    return linear_space(model, example_inputs, ignored_layers, stripe_layers,
-                        lambda m: m.out_channels * m.kernel_size[0] * m.kernel_size[1], "no k x k conv to prune "
+    return linear_space(model, example_inputs, ignored_layers, stripe_layers, _stripe_count, "no k x k conv to prune "
                         "stripes of (stripes need 2-D, ungrouped convs with kernels larger than 1 x 1)", "stripes")
+
+
+def _conv(model: nn.Module, name: str = "") -> nn.Conv2d:
+    """Layer `name` of `model` (the model itself without a name), one that stripe_layers selected: an nn.Conv2d."""
+    return cast(nn.Conv2d, model.get_submodule(name))
+
+
+def _stripe_count(layer: nn.Module) -> int:
+    """The stripes of a conv stripe_layers selected: Cout * k * k."""
+    conv = _conv(layer)
+    return conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
 
 
 def stripe_importance(model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0
@@ -59,11 +70,16 @@ def stripe_norms(model: nn.Module) -> np.ndarray:
 class StripeConv2d(nn.Module):
     """A conv that keeps only some stripes: per kernel position, a 1 x 1 conv into the filters that keep it."""
 
+    stripe_index: torch.Tensor  # a buffer: the kept stripes, o * k*k + position
+
     def __init__(self, conv: nn.Conv2d, kept: torch.Tensor):
         super().__init__()
+        if not isinstance(conv.padding, tuple):  # stripe_layers selects convs of explicit padding only
+            raise ValueError(f"StripeConv2d: padding {conv.padding!r} is not explicit")
         self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
+        self.padding: tuple[int, ...] = conv.padding
+        self.dilation = conv.dilation
         kk = self.kernel_size[0] * self.kernel_size[1]
         kept = torch.as_tensor(kept, dtype=torch.long).sort().values  # flat stripe indices o * k*k + position
         stripes = conv.weight.detach().flatten(2)  # [Cout, C, k*k]
@@ -100,14 +116,14 @@ class StripeConv2d(nn.Module):
 def _stripe_conv(pruned: nn.Module, base: nn.Module, name: str, kept: torch.Tensor) -> None:
     """Replace conv `name` of the copy by a StripeConv2d of the base conv's stripes `kept`."""
     owner, _, attr = name.rpartition(".")
-    setattr(pruned.get_submodule(owner) if owner else pruned, attr, StripeConv2d(base.get_submodule(name), kept))
+    setattr(pruned.get_submodule(owner) if owner else pruned, attr, StripeConv2d(_conv(base, name), kept))
 
 
-def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, device="cpu", checkpoint_path=None,
-                   log=None, train_indices=None) -> None:
+def skeleton_train(model: nn.Module, data: DataBundle, settings: FinetuneSettings, strength: float,
+                   options: FinetuneOptions | None = None) -> None:
     """Filter Skeleton training: learn one scale per stripe (initialised to 1, L1-penalised) multiplied onto
-    every k x k conv's weight, then fold the scales into the weights (in place; on part of the training split if
-    `train_indices`)."""
+    every k x k conv's weight, then fold the scales into the weights (in place; on options.train_indices of the
+    training split if given)."""
     from torch.nn.utils import parametrize
 
     class Skeleton(nn.Module):
@@ -118,13 +134,13 @@ def skeleton_train(model: nn.Module, data, cfg, strength: float, epochs: int, de
         def forward(self, weight: torch.Tensor) -> torch.Tensor:
             return weight * self.scale
 
-    convs = [model.get_submodule(n) for n in stripe_layers(model, [])]
-    for conv in convs:
-        parametrize.register_parametrization(conv, "weight", Skeleton(conv))
-    scales = [c.parametrizations.weight[0].scale for c in convs]
+    convs = [_conv(model, n) for n in stripe_layers(model, [])]
+    skeletons = [Skeleton(conv) for conv in convs]
+    for conv, skeleton in zip(convs, skeletons):
+        parametrize.register_parametrization(conv, "weight", skeleton)
+    scales = [s.scale for s in skeletons]
     try:
-        finetune(model, data, cfg, device, checkpoint_path, epochs=epochs, log=log, train_indices=train_indices,
-                 after_backward=lambda: add_l1_subgradient(scales, strength), stage="sparsity training")
+        finetune(model, data, settings, sparsity_options(options or FinetuneOptions(), scales, strength))
     finally:
         for conv in convs:
             parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
@@ -145,13 +161,10 @@ class Stripe:
     space = staticmethod(stripe_space)
     importance = staticmethod(stripe_importance)
 
-    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
-                  first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-                  ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
+    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, options: PreflightOptions) -> Verdict:
         """Build the space and prove it: the pruned networks run, have the right output width, and fvcore's FLOPs
         and their parameter counts equal the space's."""
-        return prove(self, model, example_inputs, num_classes, max_ratio, first, round_to, ignored_layers,
-                     fvcore_counts, "fvcore's count", task)
+        return prove(self, model, example_inputs, options, fvcore_counts, "fvcore's count")
 
     def plan(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> UnitPlan:
         """Copies of the base model whose k x k convs are StripeConv2d of their most important stripes."""

@@ -15,11 +15,10 @@ import torch.nn as nn
 from ..criteria import CRITERIA
 from ..groups import Group, SpaceError, find_heads, refuse_compiled
 from ..layers import weight_of
-from ..preflight import (Verdict, as_refusal, check_output, output_shapes, strategies_to_prove,
+from ..preflight import (PreflightOptions, Verdict, as_refusal, check_output, output_shapes, strategies_to_prove,
                          within_tolerance)
 from ..prune import clone_module
 from ..space import PruningSpace, count_flops, own_flops
-from ..tasks import CLASSIFICATION, Task
 from .protocol import PruningMethod, criterion_misuse
 
 
@@ -95,20 +94,18 @@ def fvcore_counts(pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[floa
     return count_flops(pruned, example_inputs).total(), sum(p.numel() for p in pruned.parameters())
 
 
-def prove(method: PruningMethod, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
-          first: Callable[[PruningSpace], list[float]], round_to: int, ignored_layers: list[str] | None,
-          count: Callable[[nn.Module, torch.Tensor], tuple[float, int]], counted_by: str,
-          task: Task = CLASSIFICATION) -> Verdict:
+def prove(method: PruningMethod, model: nn.Module, example_inputs: torch.Tensor, options: PreflightOptions,
+          count: Callable[[nn.Module, torch.Tensor], tuple[float, int]], counted_by: str) -> Verdict:
     """The preflight of a method whose every unit prunes alike: build its space, then on the most pruned and the
     first strategy the pruned network runs with outputs of the base's shapes, and `count(pruned, example_inputs)`
     (FLOPs, params) equals the space's."""
     refuse_compiled(model)
-    check_output(model, example_inputs, num_classes, task)
+    check_output(model, example_inputs, options.num_classes, options.task)
     shapes = output_shapes(model, example_inputs)
-    space = as_refusal(model, method.space, model, example_inputs, round_to, ignored_layers)
+    space = as_refusal(model, method.space, model, example_inputs, options.round_to, list(options.ignored_layers))
     plan = method.plan(model, space)
     checked = []
-    for name, ratios in strategies_to_prove(space, max_ratio, first).items():
+    for name, ratios in strategies_to_prove(space, options.max_ratio, options.first).items():
         pruned = plan.apply(ratios)
         if output_shapes(pruned, example_inputs) != shapes:
             raise SpaceError(f"model: the {name} strategy changes the shape of an output")

@@ -11,7 +11,6 @@ direct count on masked networks. Dense kernels do not run zeros faster: the gain
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,9 +18,8 @@ import torch.nn as nn
 from torch.nn.utils import prune as torch_prune
 
 from ..layers import kind_of, weight_of
-from ..preflight import Verdict
+from ..preflight import PreflightOptions, Verdict
 from ..space import PruningSpace, count_flops, own_flops
-from ..tasks import CLASSIFICATION, Task
 from .protocol import SparsityTraining
 from .units import UnitPlan, layer_importance, linear_space, prove
 
@@ -37,7 +35,7 @@ def prunable_weights(model: nn.Module, ignored: list[str]) -> list[str]:
 def unstructured_space(model: nn.Module, example_inputs: torch.Tensor, round_to: int = 1,
                        ignored_layers: list[str] | None = None) -> PruningSpace:
     """The space of per-tensor sparsities: one group per prunable weight, FLOPs and params on non-zero weights."""
-    return linear_space(model, example_inputs, ignored_layers, prunable_weights, lambda m: m.weight.numel(),
+    return linear_space(model, example_inputs, ignored_layers, prunable_weights, lambda m: weight_of(m).numel(),
                         "no prunable weight (every conv/linear layer is the classifier or ignored)", "weights")
 
 
@@ -74,7 +72,7 @@ def direct_counts(pruned: nn.Module, example_inputs: torch.Tensor) -> tuple[floa
             flops -= own_flops(by_module, pruned, name) * (1 - density)
     for name, p in pruned.named_parameters():
         owner = pruned.get_submodule(name.rsplit(".", 1)[0]) if "." in name else pruned
-        params += int(owner.weight_mask.sum()) if name.endswith("weight_orig") else p.numel()
+        params += int(owner.get_buffer("weight_mask").sum()) if name.endswith("weight_orig") else p.numel()
     return flops, params
 
 
@@ -130,13 +128,10 @@ class Unstructured:
     space = staticmethod(unstructured_space)
     importance = staticmethod(weight_importance)
 
-    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, num_classes: int, max_ratio: float,
-                  first: Callable[[PruningSpace], list[float]], round_to: int = 1,
-                  ignored_layers: list[str] | None = None, task: Task = CLASSIFICATION) -> Verdict:
+    def preflight(self, model: nn.Module, example_inputs: torch.Tensor, options: PreflightOptions) -> Verdict:
         """Build the space and prove it: the masked networks run, have the right output width, and their directly
         counted FLOPs and params equal the space's."""
-        return prove(self, model, example_inputs, num_classes, max_ratio, first, round_to, ignored_layers,
-                     direct_counts, "a direct count of its non-zero weights", task)
+        return prove(self, model, example_inputs, options, direct_counts, "a direct count of its non-zero weights")
 
     def plan(self, model: nn.Module, space: PruningSpace, criterion: str = "l1", seed: int = 0) -> UnitPlan:
         """Masks that keep each tensor's most important weights (`weight_orig` * `weight_mask`; fine-tuning
