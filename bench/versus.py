@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (SMOKE_DATA, cifar_arguments, parse_args, results_path, save, smoke_dir,  # noqa: E402
                           table)
-from prunetune import CandidateEvaluator, build_model, finetune, load_config, score  # noqa: E402
+from prunetune import CandidateEvaluator, FinetuneOptions, build_model, finetune, load_config, score  # noqa: E402
 from prunetune.search.baselines import uniform  # noqa: E402
 from prunetune.search.driver import launch  # noqa: E402
 from prunetune.search.prepare import prepare  # noqa: E402
@@ -182,8 +182,8 @@ def finetuned(net: nn.Module, setup: dict, recipe: str, seed: int, args) -> floa
     pool = setup["evaluator"].rest_indices
     images = np.random.default_rng(seed).choice(pool, min(len(pool), args.steps * BATCH), replace=False)
     teacher = setup["base"] if cfg.distill_weight > 0 else None
-    out = finetune(copy.deepcopy(net), test_subset(setup["data"], args.test_images), cfg, "cpu", teacher=teacher,
-                   train_indices=images, log=io.StringIO())
+    out = finetune(copy.deepcopy(net), test_subset(setup["data"], args.test_images), cfg.settings(),
+                   FinetuneOptions(teacher=teacher, train_indices=images, log=io.StringIO()))
     return round(out["test_accuracy"], 4)
 
 
