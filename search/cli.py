@@ -195,8 +195,12 @@ def _print_done(run, summary) -> None:
     from .report import finals_lines, front_lines, kept
 
     best, base, metric = summary.final[0], summary.base, summary.metric
-    latency = (f", {100 * best.latency_predicted_ms / base.latency_predicted_ms:.1f}% of its predicted latency"
-               if best.latency_predicted_ms and base.latency_predicted_ms else "")
+    latency = ""
+    if best.latency_ms_budget_batch and base.latency_ms_budget_batch and best.latency_predicted_ms \
+            and base.latency_predicted_ms:
+        latency = (f", {100 * best.latency_ms_budget_batch / base.latency_ms_budget_batch:.1f}% of its latency at "
+                   f"batch {summary.latency.batch_size} (predicted "
+                   f"{100 * best.latency_predicted_ms / base.latency_predicted_ms:.1f}%)")
     print(f"\nbest model: {best.path} (candidate {best.candidate}, {kept(best)}): test {metric} "
           f"{100 * best.test:.2f}% at {100 * best.flops_ratio:.1f}% of base FLOPs{latency} "
           f"(base {100 * base.test:.2f}%)")

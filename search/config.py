@@ -125,7 +125,9 @@ class SearchConfig(Section):
     num_candidates: int = Field(32, ge=1, le=MAX_CANDIDATES)  # strategies scored, the baselines included
     seed: int = Field(0, ge=0)  # the strategies' draws
     criterion: Annotated[str, Choice(CRITERIA)] = "l1"  # how a layer's units are ranked for pruning
-    round_to: int = Field(1, ge=1)  # channel counts kept in multiples of it
+    # channel counts kept in multiples of it; none: 1, or the runtime's block (8) for a latency budget timed in
+    # onnxruntime or openvino, whose kernels are fast and predictable only on such counts
+    round_to: int | None = Field(None, ge=1)
     top_k: int = Field(3, ge=1, le=MAX_FINALISTS)  # finalists fine-tuned (per budget with a front)
     max_concurrent_trials: int = Field(2, ge=1, le=MAX_CANDIDATES)  # Ray Tune trials at once
     # candidates per trial (Tune's per-trial cost paid once); fewer at the end, spread over the trials
@@ -314,6 +316,9 @@ def needs_latency(cfg: Config) -> bool:
 
 def _cross_check(cfg: Config) -> None:
     budgets(cfg)
+    if cfg.search.round_to is None:
+        latency = needs_latency(cfg) and METHODS[cfg.search.granularity].round_to
+        cfg.search.round_to = RUNTIMES[cfg.latency.runtime].channel_block if latency else 1
     problem = misuse(METHODS[cfg.search.granularity], cfg.search.criterion, needs_latency(cfg), cfg.search.round_to,
                      cfg.model.sparsity is not None, METHODS)
     if problem:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from prunetune.workers.scoring import score
 from prunetune.workers.selection import margin, tied
 from prunetune.workers.splits import splits_of
 from prunetune.workers.tasks import search_score
-from prunetune.workers.timing import RUNTIMES, time_forward
+from prunetune.workers.timing import ROUNDS, RUNTIMES, Timing, interleaved
 
 from .artifacts import pruned_record, save_pruned
 from .config import front
@@ -65,25 +66,33 @@ def layer_costs(prep: Prepared, ratios) -> list[dict] | None:
     return [dataclasses.asdict(c) for c in where_time_went(table, prep.space, kept)]
 
 
-def timings(model: nn.Module, prep: Prepared, ratios=None) -> Timings:
-    """Latency at batch 1 (median and spread), the throughput batch's latency, and the latency table's prediction
-    when there is one (`ratios`: the strategy; None: the base), all timed in latency.runtime with the configured
-    threads."""
-    lat = prep.cfg.latency
-    model = METHODS[prep.cfg.search.granularity].deployable(clone_module(model, {}))  # timed as deployed
-    device = next(model.parameters()).device
+def timings(models: list[tuple[nn.Module, Any]], prep: Prepared) -> list[Timings]:
+    """Each (model, strategy) pair's latency at batch 1 (median and spread), its throughput batch's latency, and with
+    a latency table its latency at the table's batch next to the table's prediction (strategy None: the base), all
+    timed in latency.runtime with the configured threads, in interleaved rounds: a load spike lands on every model
+    alike, so their ratios hold."""
+    lat, table, space = prep.cfg.latency, prep.space.latency, prep.space
+    deployed = [METHODS[prep.cfg.search.granularity].deployable(clone_module(m, {})) for m, _ in models]
+    device = next(deployed[0].parameters()).device
     runtime = lat.runtime if device.type == "cpu" or not RUNTIMES[lat.runtime].cpu_only else "torch"
-    one = time_forward(model, prep.space.example_input(1).to(device), lat.repeats, threads=lat.threads,
-                       runtime=runtime)
-    many = time_forward(model, prep.space.example_input(lat.throughput_batch_size).to(device),
-                        max(3, lat.repeats // 4), threads=lat.threads, runtime=runtime)
-    predicted = None
-    if prep.space.latency is not None:
-        r = np.zeros(len(prep.space.groups)) if ratios is None else np.asarray(ratios)
-        predicted = float(prep.space.latency.predict(prep.space, prep.space.kept_batch(r[None]))[0])
-    return Timings(latency_ms_batch1=one.median_ms, latency_iqr_ms=one.iqr_ms,
-                   throughput_batch=lat.throughput_batch_size, latency_ms_throughput=many.median_ms,
-                   images_per_s=1000.0 * lat.throughput_batch_size / many.median_ms, latency_predicted_ms=predicted)
+
+    def at(batch: int, repeats: int, threads: int | None = lat.threads) -> list[Timing]:
+        x = space.example_input(batch).to(device)
+        return interleaved([(m, x) for m in deployed], repeats, threads, runtime)
+
+    ones, manys = at(1, lat.repeats), at(lat.throughput_batch_size, max(ROUNDS, lat.repeats // 4))
+    budget: list[Timing | None] = [None] * len(models)
+    predicted: list[float | None] = [None] * len(models)
+    if table is not None:
+        budget = list(at(table.batch_size, table.repeats, table.threads))
+        full = np.zeros(len(space.groups))
+        predicted = [float(table.predict(space, space.kept_batch(
+            np.asarray(full if r is None else r, dtype=np.float64)[None]))[0]) for _, r in models]
+    return [Timings(latency_ms_batch1=one.median_ms, latency_iqr_ms=one.iqr_ms,
+                    throughput_batch=lat.throughput_batch_size, latency_ms_throughput=many.median_ms,
+                    images_per_s=1000.0 * lat.throughput_batch_size / many.median_ms,
+                    latency_ms_budget_batch=b.median_ms if b else None, latency_predicted_ms=p)
+            for one, many, b, p in zip(ones, manys, budget, predicted)]
 
 
 def ranked(outcomes: list, metric: str, n: int, higher_is_better: bool = True) -> tuple[list, int]:
@@ -136,10 +145,15 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid,
     pruner = METHODS[cfg.search.granularity].plan(prep.model, prep.space, cfg.search.criterion, cfg.evaluation.seed)
     base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500), task=task)
     base_val = score(prep.model, iterate_batches(prep.data.train, splits.heldout, 500), task=task)
-    finals = []
-    for place, (cand, search_rank, metrics, state) in enumerate(outcomes, 1):
+    models = []
+    for cand, _, _, state in outcomes:
         model = pruner.apply(cand.ratios)
         model.load_state_dict(state)
+        models.append(model)
+    base_timings, *final_timings = timings([(prep.model, None), *((m, o[0].ratios) for m, o in zip(models, outcomes))],
+                                           prep)
+    finals = []
+    for place, ((cand, search_rank, metrics, _), model, timed) in enumerate(zip(outcomes, models, final_timings), 1):
         record = pruned_record(prep.spec, prep.space, cand.ratios, cfg.search.criterion, cfg.search.granularity,
                                prep.base_checkpoint, prep.data.contract, cfg.model.task)
         entry = FinalModel(rank=place, candidate=cand.index, search_rank=search_rank, adaptive_bn_score=cand.score,
@@ -147,8 +161,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid,
                            val_margin=_margin(metric, metrics.get(f"best_val_{metric}"), n),
                            tied_with_best=place <= lead, fine_tuned=bool(metrics.get("best_epoch")),
                            flops=record.flops, flops_ratio=record.flops / prep.space.base_flops, params=record.params,
-                           path=os.path.join(run.final_path, f"rank{place}.pt"),
-                           **dataclasses.asdict(timings(model, prep, cand.ratios)))
+                           path=os.path.join(run.final_path, f"rank{place}.pt"), **dataclasses.asdict(timed))
         save_pruned(entry.path, model, record, entry)
         entry.size_mb = os.path.getsize(entry.path) / 2 ** 20
         finals.append(entry)
@@ -156,7 +169,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid,
         base=BaseFigures(flops=prep.space.base_flops, params=prep.space.base_params, test=base_test[metric],
                          val=base_val[metric], score=search_score(task, base_val, cfg.evaluation.metric),
                          checkpoint=prep.base_checkpoint, size_mb=state_dict_mb(prep.model),
-                         **dataclasses.asdict(timings(prep.model, prep))),
+                         **dataclasses.asdict(base_timings)),
         input=prep.data.contract.to_dict() if prep.data.contract else None,
         task=TaskInfo(name=task.name, metric=metric, metrics=list(task.metrics),
                       higher_is_better=task.higher_is_better),
@@ -168,6 +181,7 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid,
                           failed=sum(not r.ok for r in records), constraint=cfg.search.constraint,
                           target=cfg.search.target, tolerance=cfg.search.tolerance, limits=dict(cfg.search.limits)),
         latency=LatencyInfo(threads=cfg.latency.threads, device=cfg.latency.device, runtime=cfg.latency.runtime,
+                            batch_size=prep.space.latency.batch_size if prep.space.latency else None,
                             table=prep.space.latency.key if prep.space.latency else None,
                             table_worst_error=prep.space.latency.worst_error if prep.space.latency else None,
                             layers=layer_costs(prep, outcomes[0][0].ratios)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prunetune.workers.record import CandidateRecord, best
+from prunetune.workers.record import CandidateRecord, best, best_networks
 
 from .baselines import BASELINES
 from .config_file import ConfigError
@@ -26,13 +26,13 @@ def budget_indices(sampler: StrategySampler, records: list[CandidateRecord]) -> 
 
 
 def finalists(sampler: StrategySampler, records: list[CandidateRecord], k: int) -> list[CandidateRecord]:
-    """The candidates the fine-tuning stage takes, best first: the k best (`best`), and with several budgets the k
-    best of each."""
+    """The candidates the fine-tuning stage takes, best first: the k best that prune to different networks
+    (`best_networks`), and with several budgets the k best of each."""
     if len(sampler.bands) == 1:
-        return best(records, k)
+        return best_networks(records, k)
     ok = [r for r in records if r.ok]
     where = budget_indices(sampler, ok)
-    chosen = [r for b in range(len(sampler.bands)) for r in best([r for r, i in zip(ok, where) if i == b], k)]
+    chosen = [r for b in range(len(sampler.bands)) for r in best_networks([r for r, i in zip(ok, where) if i == b], k)]
     return best(chosen, len(chosen))
 
 

@@ -72,7 +72,7 @@ def refinetune(prep: Prepared, run: RunDir, record: CandidateRecord) -> Refinetu
     figures = Refinetuned(candidate=record.index, adaptive_bn_score=record.score, **finetuned(metric, result.metrics),
                           flops=stored.flops, flops_ratio=stored.flops / prep.space.base_flops, params=stored.params,
                           path=path, finetune=cfg.finetune.model_dump(),
-                          **dataclasses.asdict(timings(model, prep, record.ratios)))
+                          **dataclasses.asdict(timings([(model, record.ratios)], prep)[0]))
     os.makedirs(run.final_path, exist_ok=True)
     save_pruned(path, model, stored, figures)
     return figures

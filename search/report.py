@@ -21,12 +21,15 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def _latency(entry: Timings) -> str:
-    """Median latency with its spread (and the table's prediction); marked when the spread says the machine was
-    too busy to trust it."""
+def _latency(entry: Timings, table_batch: int | None = None) -> str:
+    """Median batch-1 latency with its spread, marked when the spread says the machine was too busy to trust it;
+    with a latency table, the latency at the table's batch and the table's prediction of it."""
     median, iqr = entry.latency_ms_batch1, entry.latency_iqr_ms
     shaky = " (unstable)" if _unstable(entry) else ""
-    predicted = f" (predicted {entry.latency_predicted_ms:.3g})" if entry.latency_predicted_ms else ""
+    predicted = ""
+    if entry.latency_predicted_ms is not None and entry.latency_ms_budget_batch is not None:
+        predicted = (f"; batch {table_batch}: {entry.latency_ms_budget_batch:.3g} ms, predicted "
+                     f"{entry.latency_predicted_ms:.3g}")
     return f"{median:.3g} ms ± {iqr / 2:.2g}{shaky}{predicted}"
 
 
@@ -196,11 +199,13 @@ def finals_table(summary: Summary) -> str:
     """Markdown table of the fine-tuned models against the base model (early-stopped finalists marked)."""
     base, planned, metric = summary.base, summary.finetune.epochs, summary.metric
     batch, short = base.throughput_batch, short_name(metric)
+    batch_of_table = summary.latency.batch_size
     lines = [f"| model | val {short} | test {short} | test {short} vs base | kept epoch | epochs | FLOPs | params | "
              f"size on disk | latency (batch 1) | throughput (batch {batch}) |",
              "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
              f"| base | n/a | {_pct(base.test)} | | | | 100.00% "
-             f"({base.flops / 1e6:.2f} M) | {base.params / 1e6:.3f} M | {_size(base.size_mb)} | {_latency(base)} | "
+             f"({base.flops / 1e6:.2f} M) | {base.params / 1e6:.3f} M | {_size(base.size_mb)} | "
+             f"{_latency(base, batch_of_table)} | "
              f"{base.images_per_s:,.0f}/s |"]
     for f in summary.final:
         epochs = f"{f.epochs}" if f.epochs == planned else f"{f.epochs} of {planned} (stopped early)"
@@ -208,7 +213,8 @@ def finals_table(summary: Summary) -> str:
         lines.append(f"| rank{f.rank}.pt (candidate {f.candidate}) | {_val(f)} | "
                      f"{_pct(f.test)} | {100 * (f.test - base.test):+.2f} pts | "
                      f"{epoch} | {epochs} | {_pct(f.flops_ratio)} ({f.flops / 1e6:.2f} M) | "
-                     f"{f.params / 1e6:.3f} M | {_size(f.size_mb)} | {_latency(f)} | {f.images_per_s:,.0f}/s |")
+                     f"{f.params / 1e6:.3f} M | {_size(f.size_mb)} | {_latency(f, batch_of_table)} | "
+                     f"{f.images_per_s:,.0f}/s |")
     return "\n".join(lines + ["", VAL_NOTE.format(short=short, metric=metric)])
 
 

@@ -141,7 +141,10 @@ class Timings:
     throughput_batch: int  # the throughput batch's size
     latency_ms_throughput: float  # median latency of the throughput batch
     images_per_s: float  # images per second at the throughput batch
-    latency_predicted_ms: float | None = None  # the latency table's prediction (a run with a table only)
+    # a run with a latency table: the median latency at the table's batch, timed as the table times, and the
+    # table's prediction of it
+    latency_ms_budget_batch: float | None = None
+    latency_predicted_ms: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -289,7 +292,8 @@ class LatencyInfo:
 
     threads: int | None  # latency.threads
     device: str  # latency.device
-    runtime: str  # torch or onnxruntime
+    runtime: str  # latency.runtime: torch, onnxruntime or openvino
+    batch_size: int | None = None  # the latency table's batch (None: no table)
     table: str | None  # the latency table's key (None: no table)
     table_worst_error: float | None  # the table's worst relative error on its check points
     layers: list[dict[str, Any]] | None  # per layer: workers.latency.LayerCost's fields (None: no table)

@@ -128,6 +128,14 @@ def test_the_finalists_are_the_best_of_each_budget(space):
     assert finalists(one, records, 3) == best(records, 3)  # one budget: the k best, as ever
 
 
+def test_the_finalists_are_different_networks(space):
+    one = StrategySampler(space, 0.5, 0.3, 0.7, seed=2)
+    kept = [[8, 16], [8, 16], [16, 16], [8, 24]]  # ratios that round alike keep the same channels: one network
+    records = [CandidateRecord(i, one.sample(i), score=1 - i / 10, flops=1, kept_units=k) for i, k in enumerate(kept)]
+    assert [r.index for r in finalists(one, records, 3)] == [0, 2, 3]
+    assert [r.index for r in finalists(one, records, 2)] == [0, 2]
+
+
 def test_a_point_without_a_model_or_a_run_without_a_front_is_refused_in_one_line():
     points = [FrontPoint(point=1, budget=0.3, tolerance=0.05, band=[0.25, 0.35], candidate=4),
               FrontPoint(point=2, budget=0.5, tolerance=0.05, band=[0.45, 0.55], candidate=None),

@@ -14,7 +14,7 @@ from prunetune.search.sampler import StrategySampler
 from prunetune.search.trials import check_latency
 from prunetune.workers.constraints import CONSTRAINTS, Budget, parse_budget
 from prunetune.workers.groups import SpaceError
-from prunetune.workers import latency
+from prunetune.workers import latency, timing
 from prunetune.workers.files import write_json
 from prunetune.workers.latency import LatencyTable, LayerTable, build_table, load_or_build, read_table
 from prunetune.workers.models import build_model
@@ -58,7 +58,7 @@ def table(resnet20):
     """resnet20's table from modelled timings: what a test asserts of it cannot depend on the machine's load."""
     model, space = resnet20
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(latency, "time_forward", _modelled_time)
+        patch.setattr(timing, "time_forward", _modelled_time)
         return build_table(model, space, torch.zeros(1, 3, 32, 32), threads=1, grid=3, repeats=3, fit_strategies=4)
 
 
@@ -187,7 +187,7 @@ def test_a_candidate_timed_over_the_budget_is_stored_but_never_a_finalist(resnet
 def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(tmp_path, capsys, monkeypatch):
     from prunetune.search.cli import main
 
-    monkeypatch.setattr(latency, "time_forward", _modelled_time)  # a table as the machine's load never makes it
+    monkeypatch.setattr(timing, "time_forward", _modelled_time)  # a table as the machine's load never makes it
     code = main(["inspect", "--latency", "--set", "search.constraint=latency", "--set", "search.target=0.05",
                  "--set", "latency.grid=3", "--set", "latency.repeats=3", "--set", "latency.max_fit_error=10",
                  "--set", f"output.cache_dir={tmp_path}",
@@ -200,7 +200,7 @@ def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(
 def test_inspect_latency_names_each_layer_whose_kept_count_misses_the_kernels_width(tmp_path, capsys, monkeypatch):
     from prunetune.search.cli import main
 
-    monkeypatch.setattr(latency, "time_forward", _modelled_time)  # the same table on every machine
+    monkeypatch.setattr(timing, "time_forward", _modelled_time)  # the same table on every machine
     shown = {}
     for round_to in (1, 8):  # digits at 50% of the FLOPs keeps 22 of 32 and 45 of 64 channels; rounded: 8, 16, ...
         code = main(["inspect", "--latency", "--set", "latency.grid=2", "--set", "latency.repeats=3",
@@ -235,12 +235,12 @@ def test_a_table_over_the_fit_error_bound_is_timed_again_then_refused_and_never_
     model, space = resnet20
     example, small = torch.zeros(1, 3, 32, 32), {"threads": 1, "grid": 2, "repeats": 3}
     _noisy_time.calls = 0
-    monkeypatch.setattr(latency, "time_forward", _noisy_time)
+    monkeypatch.setattr(timing, "time_forward", _noisy_time)
     with pytest.raises(latency.UnreliableTable, match=r"^latency: the table's fit misses its own networks by up to "
                        r"[\d.]+% \(first [\d.]+%, then with 6 passes per figure\), over latency.max_fit_error=0.15: "):
         load_or_build(model, space, example, str(tmp_path), **small)
     assert not (tmp_path / "latency").exists() or not list((tmp_path / "latency").iterdir())
-    monkeypatch.setattr(latency, "time_forward", _modelled_time)  # a quiet machine: the table fits, and is cached
+    monkeypatch.setattr(timing, "time_forward", _modelled_time)  # a quiet machine: the table fits, and is cached
     table, path, built = load_or_build(model, space, example, str(tmp_path), **small)
     assert built and table.worst_error <= 0.15 and read_table(path, table.key) == table
     bad = {**table.to_dict(), "fit_errors": [0.0, 0.4]}  # a table cached before the bound existed, or by hand
@@ -267,8 +267,6 @@ def test_where_the_time_went_names_a_layer_whose_kept_count_misses_the_kernels_w
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_a_table_timed_in_an_onnx_runtime_times_layers_networks_and_candidates_there(runtime, tmp_path):
-    from prunetune.workers import timing
-
     pytest.importorskip(runtime)  # openvino is an extra of its own, not the test extra's
     model = GroupedSE().eval()
     example = torch.zeros(1, 3, 16, 16)
@@ -290,8 +288,6 @@ def test_a_table_timed_in_an_onnx_runtime_times_layers_networks_and_candidates_t
 def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_anything_is_timed(monkeypatch,
                                                                                                    tmp_path):
     from prunetune.search.prepare import prepare
-    from prunetune.workers import timing
-
     absent = timing.Runtime("nosuchruntime", timing.RUNTIMES["torch"].call, lambda: "0", "No Such", cpu_only=True,
                             package="nosuchruntime (pip install nosuchruntime)")
     monkeypatch.setitem(timing.RUNTIMES, "nosuchruntime", absent)
@@ -310,3 +306,32 @@ def test_a_runtime_that_is_not_installed_or_not_on_the_device_is_refused_before_
                                f"output.cache_dir={tmp_path}"])  # a FLOPs budget: the final models are timed in it
     with pytest.raises(ConfigError, match=missing):
         prepare(flops)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["search.constraint=latency", "latency.runtime=onnxruntime"], 8),  # its kernels' block: the table can predict it
+    (["search.constraint=latency", "latency.runtime=openvino"], 8),
+    (["search.constraint=flops", "search.limits={latency: 0.8}", "latency.runtime=onnxruntime"], 8),
+    (["search.constraint=latency", "latency.runtime=onnxruntime", "search.round_to=1"], 1),  # the user's choice
+    (["search.constraint=latency"], 1),  # eager PyTorch: counts between blocks cost what the table says
+    (["latency.runtime=onnxruntime"], 1)])  # no latency budget: nothing to predict
+def test_round_to_defaults_to_the_runtimes_channel_block_for_a_latency_budget_timed_in_it(overrides, expected,
+                                                                                          monkeypatch):
+    from prunetune.search import config
+
+    monkeypatch.setattr(config, "check_runtime", lambda cfg: None)  # openvino is an extra of its own
+    assert load_config(None, overrides).search.round_to == expected
+
+
+def test_interleaved_timing_times_every_run_in_each_round_and_keeps_the_median_of_the_rounds(monkeypatch):
+    order = []
+    per_model = {"a": iter([5.0, 1.0, 1.0, 9.0, 1.0]), "b": iter([2.0, 2.0, 7.0, 2.0, 2.0])}
+
+    def timed(model, example, repeats, warmup, threads, runtime):
+        order.append((model, repeats, warmup))
+        return Timing(next(per_model[model]), 0.5, repeats)
+
+    monkeypatch.setattr(timing, "time_forward", timed)
+    a, b = timing.interleaved([("a", None), ("b", None)], repeats=12, threads=1)
+    assert order == [("a", 3, 1), ("b", 3, 1)] * timing.ROUNDS  # round by round, each run a share of the passes
+    assert (a.median_ms, b.median_ms, a.iqr_ms, a.repeats) == (1.0, 2.0, 0.5, 15)  # the spikes (5, 9, 7) are outvoted

@@ -380,6 +380,10 @@ def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(r
     summary = read_summary(str(run))
     assert all(r.params / summary.base.params <= 0.7 + 1e-9 for r in records)
     assert summary.base.latency_predicted_ms > 0 and summary.final[0].latency_predicted_ms > 0
+    # the models are timed at the table's batch too, interleaved with the base: what the prediction is checked against
+    assert summary.latency.batch_size == 1 and summary.base.latency_ms_budget_batch > 0
+    assert all(f.latency_ms_budget_batch > 0 for f in summary.final)
+    assert "predicted" in open(run / "report.md").read().split("| base |")[1].split("\n")[0]
     layers = summary.latency.layers  # where the recommended model's time went, layer by layer
     assert {c["name"] for c in layers} >= {"features.0"} and all(c["base_ms"] >= c["pruned_ms"] >= 0 for c in layers)
     report = open(run / "report.md").read()

@@ -35,13 +35,12 @@ from .files import unwritable, write_json
 from .layers import IN, OUT, kind_of
 from .prune import PrunePlan
 from .space import PruningSpace
-from .timing import RUNTIMES, time_forward
+from .timing import RUNTIMES, interleaved, time_forward
 
 # Kernels run channels in vector-width blocks: on this AVX-512 CPU a 3x3 conv (56 px, 128 inputs) with 65-80
 # output channels takes about as long as one with 80 (steps of 16 measured at 64, 80, 96, 112). Tables are timed
 # at multiples of 8 and a count is read as the next multiple of 8.
 CHANNEL_MULTIPLE = 8
-ROUNDS = 5  # interleaved rounds of every timing: a spike lands in one round of each figure, not on one figure
 FIT_ERROR_BOUND = 0.15  # latency.max_fit_error's default: a table that predicts its own networks worse is refused
 
 
@@ -293,12 +292,8 @@ def _layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[in
 
 def interleaved_ms(runs: list[tuple[nn.Module, torch.Tensor]], repeats: int, threads: int | None,
                    runtime: str = "torch") -> list[float]:
-    """Milliseconds of each (model, input) in `runtime`: ROUNDS rounds, each timing every one of them
-    repeats / ROUNDS passes (after one warm-up pass), and the median of each one's round medians."""
-    per_round = max(1, -(-repeats // ROUNDS))
-    medians = [[time_forward(model, x, repeats=per_round, warmup=1, threads=threads, runtime=runtime).median_ms
-                for model, x in runs] for _ in range(ROUNDS)]
-    return [float(v) for v in np.median(np.array(medians), axis=0)]
+    """Milliseconds of each (model, input) in `runtime`, timed in interleaved rounds (timing.interleaved)."""
+    return [t.median_ms for t in interleaved(runs, repeats, threads, runtime)]
 
 
 def _time_layer(module: nn.Module, shape: tuple[int, ...], out_sizes: list[float], in_sizes: list[float],

@@ -92,3 +92,16 @@ def rank_key(record: CandidateRecord) -> tuple:
 def best(records: list[CandidateRecord], k: int) -> list[CandidateRecord]:
     """The k best successful candidates within budget, best first."""
     return sorted((r for r in records if r.ok and r.within_budget is not False), key=rank_key)[:k]
+
+
+def best_networks(records: list[CandidateRecord], k: int) -> list[CandidateRecord]:
+    """The k best successful candidates within budget that prune to different networks, best first: a strategy that
+    keeps the same units per group as a better one (ratios that round alike) is the same network, left out."""
+    chosen: list[CandidateRecord] = []
+    seen: set = set()
+    for r in best(records, len(records)):
+        network = tuple(r.kept_units) if r.kept_units is not None else r.index
+        if network not in seen and len(chosen) < k:
+            seen.add(network)
+            chosen.append(r)
+    return chosen

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 UNSTABLE_SPREAD = 0.25  # an interquartile range above this fraction of the median marks the figure unstable
+ROUNDS = 5  # interleaved rounds of every timing: a spike lands in one round of each figure, not on one figure
 
 
 @dataclass(frozen=True)
@@ -111,15 +112,18 @@ class Runtime:
     title: str  # how the report names it
     cpu_only: bool = False
     package: str | None = None  # what to install when it does not import
+    # its kernels run channels in blocks of this: other counts take slower, unpredictable paths (ONNX Runtime's
+    # blocked NCHWc convolutions, OpenVINO's): search.round_to's default for a latency budget timed in it
+    channel_block: int = 1
 
 
 RUNTIMES = {
     "torch": Runtime("torch", _torch_call, lambda: torch.__version__, "PyTorch"),
     "onnxruntime": Runtime("onnxruntime", _exported_call(_onnxruntime_session, "onnxruntime"),
                            _version("onnxruntime"), "ONNX Runtime", cpu_only=True,
-                           package="onnxruntime (pip install 'prunetune[deploy]')"),
+                           package="onnxruntime (pip install 'prunetune[deploy]')", channel_block=8),
     "openvino": Runtime("openvino", _exported_call(_openvino_request, "openvino"), _version("openvino"), "OpenVINO",
-                        cpu_only=True, package="openvino (pip install 'prunetune[openvino]')"),
+                        cpu_only=True, package="openvino (pip install 'prunetune[openvino]')", channel_block=8),
 }
 
 
@@ -146,3 +150,14 @@ def time_forward(model: nn.Module, example: torch.Tensor, repeats: int = 30, war
         model.train(was_training)
     q1, median, q3 = np.percentile(times, [25, 50, 75])
     return Timing(float(median), float(q3 - q1), repeats)
+
+
+def interleaved(runs: list[tuple[nn.Module, torch.Tensor]], repeats: int, threads: int | None = None,
+                runtime: str = "torch") -> list[Timing]:
+    """Time each (model, input) in `runtime` in ROUNDS interleaved rounds (each round times every one of them
+    repeats / ROUNDS passes after one warm-up pass), so that a load spike lands on all of them alike: per run, the
+    median of its rounds' medians and of their interquartile ranges."""
+    per_round = max(1, -(-repeats // ROUNDS))
+    rounds = [[time_forward(model, x, per_round, 1, threads, runtime) for model, x in runs] for _ in range(ROUNDS)]
+    return [Timing(float(np.median([r[i].median_ms for r in rounds])), float(np.median([r[i].iqr_ms for r in rounds])),
+                   per_round * ROUNDS) for i in range(len(runs))]
