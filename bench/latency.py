@@ -48,15 +48,17 @@ from prunetune.workers.prune import PrunePlan  # noqa: E402
 
 
 def prediction(spec: str, strategies: int, threads: int, runtime: str = "torch") -> dict:
-    """Build the table of one model (NAME:SIZE:BATCH) in `runtime`, compare its predictions with whole networks
-    timed there in interleaved rounds, and time the chosen network (the one nearest 50% of the FLOPs) beside the
+    """Build the table of one model (NAME:SIZE:BATCH) in `runtime` (channels rounded as a latency search there rounds
+    them), compare its predictions with whole networks timed there in interleaved rounds, and time the chosen
+    network (the one nearest 50% of the FLOPs) beside the
     base: its measured speed-up against its FLOPs ratio."""
     name, size, batch = spec.split(":")
     torch.manual_seed(0)
     model, shape = bench_net(f"{name}:{size}")
     model.eval()
     example = torch.zeros(int(batch), *shape)
-    space = PruningSpace.from_model(model, example[:1])
+    round_to = RUNTIMES[runtime].channel_block  # what a latency search in it keeps (search.round_to's default)
+    space = PruningSpace.from_model(model, example[:1], round_to=round_to)
     load = os.getloadavg()[0]
     start = time.perf_counter()
     lut = space.latency = build_table(model, space, example, threads=threads, runtime=runtime)
@@ -78,7 +80,8 @@ def prediction(spec: str, strategies: int, threads: int, runtime: str = "torch")
     rows = [{"flops_ratio": float(f), "predicted_ms": float(p), "timed_ms": float(t), "retimed_ms": float(a),
              "predicted_fraction": float(p) / base_predicted, "timed_fraction": float(fr)}
             for f, p, t, a, fr in zip(flops, predicted, timed[1:], again[1:], fractions)]
-    return {"model": f"{name} ({size} px)", "runtime": runtime, "batch": int(batch), "groups": len(space.groups),
+    return {"model": f"{name} ({size} px)", "runtime": runtime, "batch": int(batch), "round_to": round_to,
+            "groups": len(space.groups),
             "layers": len(lut.layers), "fit_worst_error": round(lut.worst_error, 4), "table_s": round(build_s, 1),
             "base_ms": round(float(timed[0]), 3), "median_error": round(median(errors), 4),
             "worst_error": round(float(errors.max()), 4),
