@@ -50,8 +50,7 @@ from prunetune.workers.prune import PrunePlan  # noqa: E402
 def prediction(spec: str, strategies: int, threads: int, runtime: str = "torch") -> dict:
     """Build the table of one model (NAME:SIZE:BATCH) in `runtime` (channels rounded as a latency search there rounds
     them), compare its predictions with whole networks timed there in interleaved rounds, and time the chosen
-    network (the one nearest 50% of the FLOPs) beside the
-    base: its measured speed-up against its FLOPs ratio."""
+    network (the one nearest 50% of the FLOPs) beside the base: its measured speed-up against its FLOPs ratio."""
     name, size, batch = spec.split(":")
     torch.manual_seed(0)
     model, shape = bench_net(f"{name}:{size}")
