@@ -200,6 +200,10 @@ def test_every_point_exports_with_the_report_s_figures(front_run, capsys, tmp_pa
     assert capsys.readouterr().out.strip() == points[2]["path"]
     assert main(["export", str(front_run), "--budget", "0.45"]) == 2
     assert "--budget: 0.45 is not a budget of the front" in capsys.readouterr().err
+    pytest.importorskip("onnxruntime")
+    fp32 = points[1]["path"]  # a point's int8 model: calibrated and written beside that point's model file
+    assert main(["export", str(front_run), "--point", "2", "--quantize", "int8", "--max-accuracy-drop", "100"]) == 0
+    assert f"written to {fp32[:-len('.pt')]}.int8.onnx" in capsys.readouterr().out
 
 
 def test_the_front_table_has_a_latency_column_when_a_table_is_in_use_and_a_row_per_budget():
