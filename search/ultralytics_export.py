@@ -39,11 +39,9 @@ def _conv_of(module: nn.Module) -> nn.Conv2d | None:
     return conv if isinstance(conv, nn.Conv2d) else None
 
 
-def split_halves(base: nn.Module, pruned: nn.Module) -> list[str]:
-    """Set `c` of every block of `pruned` whose base `c` is half its cv1's output to half the pruned output; return the
-    blocks' names."""
+def split_halves(base: nn.Module, pruned: nn.Module) -> None:
+    """Set `c` of every block of `pruned` whose base `c` is half its cv1's output to half the pruned output."""
     blocks = dict(pruned.named_modules())
-    changed = []
     for name, module in base.named_modules():
         conv = _conv_of(module.cv1) if isinstance(getattr(module, "cv1", None), nn.Module) else None
         if conv is None or not isinstance(getattr(module, "c", None), int) or 2 * module.c != conv.out_channels:
@@ -51,8 +49,6 @@ def split_halves(base: nn.Module, pruned: nn.Module) -> list[str]:
         pruned_conv = _conv_of(blocks[name].cv1)
         assert pruned_conv is not None  # pruning keeps the module tree
         blocks[name].c = pruned_conv.out_channels // 2
-        changed.append(name)
-    return changed
 
 
 def ultralytics_checkpoint(model: nn.Module, record: ModelRecord, data_yaml: str | None) -> dict:
