@@ -422,14 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("output")
     rp.set_defaults(fn=_cmd_report)
 
-    ex = sub.add_parser("export", help="export a final model as pt, torchscript or onnx, or int8 ONNX")
+    ex = sub.add_parser("export", help="export a final model as pt, torchscript, onnx or an "
+                        "Ultralytics checkpoint, or int8 ONNX")
     ex.add_argument("output")
     which = ex.add_mutually_exclusive_group()
     which.add_argument("--rank", type=int, default=1)
     which.add_argument("--point", type=int, help="the model of point K (1, 2, ...) of the run's front (a run whose "
                        "search.target is a range or a list of budgets)")
     which.add_argument("--budget", type=float, help="the model of the front's point at budget X (e.g. 0.4)")
-    ex.add_argument("--format", choices=("pt", "torchscript", "onnx"), default="pt")
+    ex.add_argument("--format", choices=("pt", "torchscript", "onnx", "ultralytics"), default="pt",
+                    help="ultralytics: a model.task yolo run's detector as the checkpoint ultralytics.YOLO(path) loads")
     ex.add_argument("--to", help="destination file (default: next to the model)")
     ex.add_argument("--quantize", choices=("int8",), help="int8 ONNX through ONNX Runtime's static quantization, "
                     "calibrated on the run's calibration images; prints fp32 vs int8 (accuracy, size, latency)")

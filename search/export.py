@@ -1,4 +1,4 @@
-"""Export a final model of a run as a state dict + record (pt), TorchScript, or ONNX.
+"""Export a final model of a run as a state dict + record (pt), TorchScript, ONNX, or an Ultralytics checkpoint.
 
 An unstructured run's masks are made permanent first (`torch.nn.utils.prune.remove`: zeros in dense
 tensors; its `rankN.pt` itself stores them compactly, as a bit mask plus the non-zero values).
@@ -6,7 +6,8 @@ TorchScript and ONNX models start with the input contract's preprocessing: they 
 (0..255, or 0..16 for digits) as floats, return the prediction the run's task scores (model.task: the logits of a
 classifier, per-pixel logits of a segmenter, the first of (logits, aux), `out` of a dict), and carry the contract
 (shape, scale, mean, std, class names) and the task as metadata: `prunetune.json` in the TorchScript file's extra
-files, the `prunetune` property of the ONNX model.
+files, the `prunetune` property of the ONNX model. The Ultralytics checkpoint (a model.task yolo run's) holds the bare
+pruned network, which takes values 0..1 as Ultralytics feeds them (ultralytics_export.py).
 """
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ import torch
 
 from prunetune.workers.files import atomic_write, write_text
 from prunetune.workers.methods import METHODS
+from prunetune.workers.models import read_weights
 from prunetune.workers.tasks import Task, resolve_task
 
 from .artifacts import load_pruned
 from .config import ConfigError
 from .prepare import data_kwargs
 from .rundir import RunDir
-from .runfiles import Export, ModelRecord, read_exports, write
+from .runfiles import Export, ModelRecord, read_exports, read_model_file, write
 from .store import sha256
+from .ultralytics_export import check_ultralytics, write_ultralytics
 
 
 class Prediction(torch.nn.Module):
@@ -86,9 +89,11 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
     source = os.path.join(run.final_path, f"rank{rank}.pt")
     if not os.path.isfile(source):
         raise ConfigError(f"--rank: {source} does not exist (has the run finished? see `prunetune report`)")
-    suffix = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}[fmt]
+    suffix = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx", "ultralytics": ".ultralytics.pt"}[fmt]
     if fmt == "pt" and destination is None:
         return source  # the run's own model: nothing to write
+    if fmt == "ultralytics":
+        check_ultralytics(read_model_file(read_weights(source, "model file"), source)[0])
     path = _destination(run, source, rank, suffix, destination)
     if fmt == "pt":
         atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
@@ -96,16 +101,22 @@ def export(output_dir: str, rank: int, fmt: str, destination: str | None = None)
         return path
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise ConfigError("--format: onnx export needs the onnx package (pip install 'prunetune[onnx]')")
-    model, record, _ = load_pruned(source)  # with the input contract's preprocessing: raw pixel values in
+    # Ultralytics feeds values 0..1: its checkpoint holds the bare network; the others start with the input
+    # contract's preprocessing, so they take raw pixel values
+    model, record, _ = load_pruned(source, raw_input=fmt != "ultralytics")
     model = METHODS[record.granularity].deployable(model)  # e.g. masks made permanent: zeros, no mask at run time
-    model = Prediction(model, resolve_task(record.task)).eval()
-    if fmt == "torchscript":
+    if fmt == "ultralytics":
+        data = run.load_config().data
+        data_yaml = os.path.abspath(data.path) if data.name == "yolo" and os.path.isfile(data.path) else None
+        atomic_write(path, lambda tmp: write_ultralytics(model, record, data_yaml, tmp))
+    elif fmt == "torchscript":
+        model = Prediction(model, resolve_task(record.task)).eval()
         with torch.no_grad():
             scripted = torch.jit.trace(model, torch.zeros(1, *record.input_shape))
         metadata = json.dumps(record.to_json())  # with record.input, the input contract
         atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files={"prunetune.json": metadata}))
     else:
-        atomic_write(path, lambda tmp: write_onnx(model, record, tmp))
+        atomic_write(path, lambda tmp: write_onnx(Prediction(model, resolve_task(record.task)).eval(), record, tmp))
     record_export(run, path, fmt, rank)
     return path
 

@@ -33,7 +33,7 @@ def listing(folders: list[str]) -> dict[str, tuple[int, int, str]]:
     return files
 
 
-STARTS_RAY = ("scale.py", "tune_overhead.py", "versus.py")
+STARTS_RAY = ("scale.py", "tune_overhead.py", "versus.py", "yolo_chain.py")  # yolo_chain: where ultralytics imports
 
 
 def versus_rows(out: str) -> None:

@@ -1,20 +1,27 @@
 """Issue 35: YOLO-format data (data.name yolo), the yolo task (raw per-scale maps of an Ultralytics-style Detect head,
 decoded as Ultralytics decodes them, greedy NMS, mAP@0.5:0.95 and mAP@0.5 from summable statistics, checked against
-pycocotools) and the search chain on the YOLO-shaped test blocks (tests/archs.py) without ultralytics."""
+pycocotools), the search chain on the YOLO-shaped test blocks (tests/archs.py) without ultralytics, and their
+`prunetune export --format ultralytics` (the checkpoint Ultralytics loads; bench/yolo_chain.py loads real ones)."""
 import importlib.util
+import os
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from prunetune.search.artifacts import pruned_record, save_pruned
+from prunetune.search.cli import main
 from prunetune.search.config import ConfigError, load_config
 from prunetune.search.prepare import data_kwargs, make_sampler, model_spec, prepare, prove_space, task_of
+from prunetune.search.rundir import RunDir
+from prunetune.search.runfiles import read_exports
 from prunetune.workers.data import DataError, collate, iterate_batches, load_data
 from prunetune.workers.detection import COCO_IOUS, map_statistics, mean_average_precision, nms
 from prunetune.workers.evaluator import CandidateEvaluator
 from prunetune.workers.groups import SpaceError
 from prunetune.workers.models import build_model
+from prunetune.workers.prune import PrunePlan
 from prunetune.workers.scoring import score
 from prunetune.workers.space import count_flops
 from prunetune.workers.tasks import TASKS
@@ -212,3 +219,62 @@ def test_a_held_out_loss_is_refused_as_the_search_metric_of_the_yolo_task(datase
     with pytest.raises(ConfigError, match=r"^evaluation.metric: task yolo gives no held-out loss; allowed: accuracy "
                                           r"\(its map50_95\)$"):
         _config(dataset, tmp_path, "evaluation.metric=loss")
+
+
+def _run_with_final_model(cfg, task: str) -> tuple[RunDir, torch.nn.Module]:
+    """A run directory of `cfg` whose final/rank1.pt is the base pruned by the sampler's first strategy (as a
+    finished run leaves it); the pruned network (bare: no input contract's preprocessing)."""
+    run = RunDir(cfg.output.dir)
+    run.create(cfg, overwrite=False)
+    data = load_data(**data_kwargs(cfg))
+    spec = model_spec(cfg, data.num_classes, data.input_shape[0])
+    torch.manual_seed(0)
+    model = build_model(**spec).eval()
+    verdict = prove_space(cfg, model, data.example_input(), data.num_classes)
+    ratios = make_sampler(cfg, verdict.space).sample(0)
+    pruned = PrunePlan(model, verdict.space, "l1", 0).apply(ratios).eval()
+    record = pruned_record(spec, verdict.space, ratios, "l1", "channel", "", data.contract, task)
+    save_pruned(os.path.join(run.final_path, "rank1.pt"), pruned, record)
+    return run, pruned
+
+
+def test_the_ultralytics_export_is_the_checkpoint_ultralytics_loads_with_the_pruned_network(dataset, tmp_path, capsys):
+    cfg = _config(dataset, tmp_path)
+    run, pruned = _run_with_final_model(cfg, "yolo")
+    base = archs.yolo_like(3)
+    for _ in range(2):  # the second export replaces the first (its own file)
+        assert main(["export", run.path, "--format", "ultralytics"]) == 0
+        out, err = capsys.readouterr()
+        path = os.path.join(run.final_path, "rank1.ultralytics.pt")
+        assert out == f"{path}\n"
+        assert err == ("prunetune: warning: export: the model is a tests.archs.YoloLike, not an Ultralytics model "
+                       "(ultralytics.nn.tasks.DetectionModel): YOLO(path) reads only Ultralytics' own\n")
+    # Ultralytics' checkpoint is a pickle (its load_checkpoint reads it with weights_only=False): ours, just written
+    checkpoint = torch.load(path, weights_only=False)
+    assert {"model", "train_args", "epoch", "ema", "optimizer", "best_fitness", "date", "version"} <= set(checkpoint)
+    assert (checkpoint["epoch"], checkpoint["ema"], checkpoint["optimizer"]) == (-1, None, None)  # a finished model
+    assert checkpoint["train_args"] == {"task": "detect", "imgsz": 64, "data": os.path.abspath(dataset)}
+    model = checkpoint["model"]
+    assert type(model) is archs.YoloLike and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.names == {0: "class0", 1: "class1", 2: "class2"}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in pruned.state_dict().items()} != \
+        {k: v.shape for k, v in base.state_dict().items()}  # the pruned widths
+    x = torch.rand(2, 3, 64, 64)  # values 0..1, as Ultralytics feeds them
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(raw_maps(model(x)), raw_maps(pruned(x))))
+    halves = [(name, m) for name, m in model.named_modules() if isinstance(m, archs.C2f)]
+    assert len(halves) == 7 and all(m.c == m.cv1.conv.out_channels // 2 for _, m in halves)
+    assert any(m.c != dict(base.named_modules())[name].c for name, m in halves)  # split((c, c)) where pruned
+    assert read_exports(run.path).files["final/rank1.ultralytics.pt"].format == "ultralytics"
+
+
+def test_the_ultralytics_export_of_a_model_that_is_not_a_yolo_detector_is_refused_in_one_line(tmp_path, capsys):
+    cfg = load_config(None, [f"output.dir={tmp_path}/run"])  # the digits classifier
+    run, _ = _run_with_final_model(cfg, "classification")
+    assert main(["export", run.path, "--format", "ultralytics"]) == 2
+    assert capsys.readouterr().err == ("prunetune: error: --format: ultralytics writes a model.task yolo run's "
+                                       "detector (an Ultralytics model) as an Ultralytics checkpoint; this run's task "
+                                       "is classification: allowed formats pt, torchscript, onnx\n")
+    assert not os.path.exists(os.path.join(run.final_path, "rank1.ultralytics.pt"))

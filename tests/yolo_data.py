@@ -15,7 +15,8 @@ SIZES = ((64, 64), (80, 48), (48, 72))  # width, height
 
 def write_yolo_dataset(root: str, train: int = 48, val: int = 16, classes: int = 3, seed: int = 0) -> str:
     """Write the data set under `root` (`train` and `val` images, the squares drawn with `seed`) and return its
-    YAML's path."""
+    YAML's path (its `path` absolute: Ultralytics reads a relative one from the working directory, prunetune from the
+    YAML's folder)."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train), ("val", val)):
         os.makedirs(os.path.join(root, "images", split), exist_ok=True)
@@ -35,6 +36,6 @@ def write_yolo_dataset(root: str, train: int = 48, val: int = 16, classes: int =
                 f.write("\n".join(lines) + "\n")
     path = os.path.join(root, "data.yaml")
     with open(path, "w") as f:
-        yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val",
+        yaml.safe_dump({"path": os.path.abspath(root), "train": "images/train", "val": "images/val",
                         "names": {i: f"class{i}" for i in range(classes)}}, f)
     return path
