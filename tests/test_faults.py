@@ -1,4 +1,5 @@
 """Faults survived: a worker process that dies, a node that goes away, candidates that fail."""
+import os
 import signal
 import threading
 import time
@@ -17,6 +18,8 @@ from prunetune.search.tune_search import StrategySearcher
 from prunetune.workers.record import CandidateRecord
 from tests.faults import embedded_ray, worker_faults
 from tests.runs import run_args
+
+NO_IDLE_WORKERS = "RAY_prestart_worker_first_driver"  # Ray's setting: no idle workers when a driver connects
 
 
 def _assert_rays_messages_went_to_the_log(capfd, run):
@@ -60,19 +63,28 @@ def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_pa
 
 
 @pytest.mark.ray
-def test_starting_ray_keeps_the_sigterm_handler_prunetune_set():
+def test_starting_ray_keeps_the_sigterm_handler_prunetune_set_and_prestarts_no_idle_workers():
     """ray.init installs its own SIGTERM handler (and its C++ core one that prints a stack dump): the embedded Ray
-    of `prunetune run` puts prunetune's back, so SIGTERM stops the run as Ctrl-C does."""
-    from prunetune.search.cluster import _init_keeping_signal_handlers
+    of `prunetune run` puts prunetune's back, so SIGTERM stops the run as Ctrl-C does. Its raylet starts without
+    the idle workers Tune's trial actors never use; the driver's own environment stays as it was."""
+    import psutil
+
+    from prunetune.search.cluster import start_embedded
 
     def prunetunes(signum, frame):
         pass
 
     before = signal.signal(signal.SIGTERM, prunetunes)
+    had = os.environ.pop(NO_IDLE_WORKERS, None)
     try:
-        _init_keeping_signal_handlers(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        start_embedded(num_cpus=1, include_dashboard=False, log_to_driver=False)
         assert signal.getsignal(signal.SIGTERM) is prunetunes
+        raylets = [p for p in psutil.Process().children(recursive=True) if p.name() == "raylet"]
+        assert len(raylets) == 1 and raylets[0].environ().get(NO_IDLE_WORKERS) == "0"
+        assert NO_IDLE_WORKERS not in os.environ
     finally:
+        if had is not None:
+            os.environ[NO_IDLE_WORKERS] = had
         ray.shutdown()
         signal.signal(signal.SIGTERM, before)
 
