@@ -22,6 +22,12 @@ from tests.runs import run_args
 NO_IDLE_WORKERS = "RAY_prestart_worker_first_driver"  # Ray's setting: no idle workers when a driver connects
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The base-model cache of this module's runs: they share the base model's recipe, so it is trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def _assert_rays_messages_went_to_the_log(capfd, run):
     """Ray's report of the dead worker (Tune's `Trial task failed` and its traceback, the raylet's message) is in
     OUTPUT/ray.log; the terminal (file descriptors 1 and 2, where Ray's C++ core writes too) has none of it."""
@@ -35,11 +41,11 @@ def _assert_rays_messages_went_to_the_log(capfd, run):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_worker_process_that_dies_is_retried_and_a_failing_candidate_is_recorded(tmp_path, capfd):
+def test_a_worker_process_that_dies_is_retried_and_a_failing_candidate_is_recorded(tmp_path, capfd, cache):
     """One search: candidate 2 raises (stored failed, the search goes on); candidate 3 kills its worker process
     (SIGKILL) once, and Tune's retry evaluates it."""
     with embedded_ray(fail_at=2, crash_at=3, markers=tmp_path):
-        assert main(run_args(tmp_path, "search.max_failures=2")) == 0
+        assert main(run_args(tmp_path, "search.max_failures=2", cache=cache)) == 0
     assert (tmp_path / "crashed-3").exists()  # the worker was killed (SIGKILL) on candidate 3
     records = {r.index: r for r in CandidateStore(str(tmp_path / "run")).records()}
     assert sorted(records) == list(range(8))
@@ -51,9 +57,9 @@ def test_a_worker_process_that_dies_is_retried_and_a_failing_candidate_is_record
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capfd):
+def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capfd, cache):
     with embedded_ray(crash_at=3, crashes=2, markers=tmp_path):  # dies, and dies again in Tune's one retry
-        assert main(run_args(tmp_path, "search.max_failures=1")) == 0
+        assert main(run_args(tmp_path, "search.max_failures=1", cache=cache)) == 0
     assert (tmp_path / "crashed-3-2").exists()
     records = CandidateStore(str(tmp_path / "run")).records()
     assert [r.index for r in records] == list(range(8)) and all(r.ok for r in records)
@@ -161,9 +167,9 @@ def test_the_ledger_says_each_lost_candidate_is_evaluated_again_and_stores_it_fa
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
+def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys, cache):
     with embedded_ray(fail_at="all"):
-        code = main(run_args(tmp_path, candidates=40))
+        code = main(run_args(tmp_path, candidates=40, cache=cache))
     err = capsys.readouterr().err
     assert code == 1
     assert "search stopped:" in err and "candidates failed" in err and "injected failure" in err
@@ -173,7 +179,7 @@ def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
+def test_losing_a_node_mid_search_loses_no_candidate(tmp_path, cache):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
@@ -184,7 +190,7 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
                  runtime_env=worker_faults(delay_s=1.0))
         result = {}
         args = run_args(tmp_path, "search.max_failures=3", "search.max_concurrent_trials=4",
-                        "resources.cpus_per_trial=1", candidates=12)
+                        "resources.cpus_per_trial=1", candidates=12, cache=cache)
         driver = threading.Thread(target=lambda: result.setdefault("code", main(args)))
         driver.start()
         deadline = time.time() + 180
