@@ -92,7 +92,7 @@ def start_embedded(**kwargs):
     for attempt in range(1, START_TRIES + 1):
         try:
             with _ending_new_processes_on_failure(), _without_unused_dashboard_errors(kwargs["include_dashboard"]), \
-                    progress.waiting("[ray] still starting", RUN):
+                    _without_idle_workers(), progress.waiting("[ray] still starting", RUN):
                 return _init_keeping_signal_handlers(address="local", **kwargs)
         except Exception as e:
             if _START_TIMED_OUT not in str(e):
@@ -122,6 +122,25 @@ def _ending_new_processes_on_failure():
                 process.kill()
         psutil.wait_procs(started, timeout=5)  # reaped: no zombie stays behind for the next try
         raise
+
+
+# Ray's raylet starts a worker process per CPU when the first driver connects (prestart_worker_first_driver); Tune's
+# trial actors never take those idle workers (each trial actor starts its own), so they only cost start-up: about
+# half a CPU second each, while the embedded Ray starts
+_NO_IDLE_WORKERS = "RAY_prestart_worker_first_driver"
+
+
+@contextlib.contextmanager
+def _without_idle_workers():
+    """While the block starts a Ray, its raylet prestarts no idle workers (unless the user set the variable)."""
+    if _NO_IDLE_WORKERS in os.environ:
+        yield
+        return
+    os.environ[_NO_IDLE_WORKERS] = "0"
+    try:
+        yield
+    finally:
+        del os.environ[_NO_IDLE_WORKERS]
 
 
 class _DropDashboardStart(logging.Filter):

@@ -16,9 +16,10 @@ def as_args(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def run_args(tmp_path, *extra: str, **sizes) -> list[str]:
-    """`prunetune run` arguments of the small run writing into tmp_path/run (cache in tmp_path/cache)."""
-    return ["run", *as_args(small(tmp_path / "run", tmp_path / "cache", *extra, **sizes))]
+def run_args(tmp_path, *extra: str, cache=None, **sizes) -> list[str]:
+    """`prunetune run` arguments of the small run writing into tmp_path/run, its base model cached in `cache`
+    (default tmp_path/cache; runs that share one with the same recipe train the base model once)."""
+    return ["run", *as_args(small(tmp_path / "run", cache or tmp_path / "cache", *extra, **sizes))]
 
 
 def reachable_latency(config: str | None, overrides: list[str]) -> list[str]:

@@ -2,6 +2,8 @@
 import os
 import pickle
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -26,6 +28,22 @@ def test_digits_ships_with_sklearn():
     a, _ = data.train_augmented.get_batch(torch.arange(64))
     b, _ = data.train.get_batch(torch.arange(64))
     assert a.shape == b.shape and not torch.equal(a, b)  # augmentation moves pixels
+
+
+def test_digits_are_sklearns_read_without_importing_sklearn_datasets(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for found in (True, False):  # the file scikit-learn ships; load_digits where it is not found
+        if not found:
+            monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+        images, labels = data_module.digits_arrays()
+        assert np.array_equal(images, digits.images) and np.array_equal(labels, digits.target)
+        assert images.dtype == digits.images.dtype and labels.dtype == digits.target.dtype
+    code = ("import sys\nfrom prunetune.workers.data import load_data\nload_data('digits')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('sklearn', 'scipy'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
 def test_heldout_split_is_seeded_and_disjoint():

@@ -1,4 +1,5 @@
 """Faults survived: a worker process that dies, a node that goes away, candidates that fail."""
+import os
 import signal
 import threading
 import time
@@ -18,6 +19,14 @@ from prunetune.workers.record import CandidateRecord
 from tests.faults import embedded_ray, worker_faults
 from tests.runs import run_args
 
+NO_IDLE_WORKERS = "RAY_prestart_worker_first_driver"  # Ray's setting: no idle workers when a driver connects
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The base-model cache of this module's runs: they share the base model's recipe, so it is trained once."""
+    return tmp_path_factory.mktemp("cache")
+
 
 def _assert_rays_messages_went_to_the_log(capfd, run):
     """Ray's report of the dead worker (Tune's `Trial task failed` and its traceback, the raylet's message) is in
@@ -32,11 +41,11 @@ def _assert_rays_messages_went_to_the_log(capfd, run):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_worker_process_that_dies_is_retried_and_a_failing_candidate_is_recorded(tmp_path, capfd):
+def test_a_worker_process_that_dies_is_retried_and_a_failing_candidate_is_recorded(tmp_path, capfd, cache):
     """One search: candidate 2 raises (stored failed, the search goes on); candidate 3 kills its worker process
     (SIGKILL) once, and Tune's retry evaluates it."""
     with embedded_ray(fail_at=2, crash_at=3, markers=tmp_path):
-        assert main(run_args(tmp_path, "search.max_failures=2")) == 0
+        assert main(run_args(tmp_path, "search.max_failures=2", cache=cache)) == 0
     assert (tmp_path / "crashed-3").exists()  # the worker was killed (SIGKILL) on candidate 3
     records = {r.index: r for r in CandidateStore(str(tmp_path / "run")).records()}
     assert sorted(records) == list(range(8))
@@ -48,9 +57,9 @@ def test_a_worker_process_that_dies_is_retried_and_a_failing_candidate_is_record
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capfd):
+def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capfd, cache):
     with embedded_ray(crash_at=3, crashes=2, markers=tmp_path):  # dies, and dies again in Tune's one retry
-        assert main(run_args(tmp_path, "search.max_failures=1")) == 0
+        assert main(run_args(tmp_path, "search.max_failures=1", cache=cache)) == 0
     assert (tmp_path / "crashed-3-2").exists()
     records = CandidateStore(str(tmp_path / "run")).records()
     assert [r.index for r in records] == list(range(8)) and all(r.ok for r in records)
@@ -60,19 +69,28 @@ def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_pa
 
 
 @pytest.mark.ray
-def test_starting_ray_keeps_the_sigterm_handler_prunetune_set():
+def test_starting_ray_keeps_the_sigterm_handler_prunetune_set_and_prestarts_no_idle_workers():
     """ray.init installs its own SIGTERM handler (and its C++ core one that prints a stack dump): the embedded Ray
-    of `prunetune run` puts prunetune's back, so SIGTERM stops the run as Ctrl-C does."""
-    from prunetune.search.cluster import _init_keeping_signal_handlers
+    of `prunetune run` puts prunetune's back, so SIGTERM stops the run as Ctrl-C does. Its raylet starts without
+    the idle workers Tune's trial actors never use; the driver's own environment stays as it was."""
+    import psutil
+
+    from prunetune.search.cluster import start_embedded
 
     def prunetunes(signum, frame):
         pass
 
     before = signal.signal(signal.SIGTERM, prunetunes)
+    had = os.environ.pop(NO_IDLE_WORKERS, None)
     try:
-        _init_keeping_signal_handlers(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        start_embedded(num_cpus=1, include_dashboard=False, log_to_driver=False)
         assert signal.getsignal(signal.SIGTERM) is prunetunes
+        raylets = [p for p in psutil.Process().children(recursive=True) if p.name() == "raylet"]
+        assert len(raylets) == 1 and raylets[0].environ().get(NO_IDLE_WORKERS) == "0"
+        assert NO_IDLE_WORKERS not in os.environ
     finally:
+        if had is not None:
+            os.environ[NO_IDLE_WORKERS] = had
         ray.shutdown()
         signal.signal(signal.SIGTERM, before)
 
@@ -149,9 +167,9 @@ def test_the_ledger_says_each_lost_candidate_is_evaluated_again_and_stores_it_fa
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
+def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys, cache):
     with embedded_ray(fail_at="all"):
-        code = main(run_args(tmp_path, candidates=40))
+        code = main(run_args(tmp_path, candidates=40, cache=cache))
     err = capsys.readouterr().err
     assert code == 1
     assert "search stopped:" in err and "candidates failed" in err and "injected failure" in err
@@ -161,7 +179,7 @@ def test_a_search_where_every_candidate_fails_stops_early(tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
+def test_losing_a_node_mid_search_loses_no_candidate(tmp_path, cache):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
@@ -172,7 +190,7 @@ def test_losing_a_node_mid_search_loses_no_candidate(tmp_path):
                  runtime_env=worker_faults(delay_s=1.0))
         result = {}
         args = run_args(tmp_path, "search.max_failures=3", "search.max_concurrent_trials=4",
-                        "resources.cpus_per_trial=1", candidates=12)
+                        "resources.cpus_per_trial=1", candidates=12, cache=cache)
         driver = threading.Thread(target=lambda: result.setdefault("code", main(args)))
         driver.start()
         deadline = time.time() + 180

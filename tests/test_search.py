@@ -21,9 +21,15 @@ from tests.summaries import final_model, summary, timings
 
 
 @pytest.fixture(scope="module")
-def finished_run(ray_session, tmp_path_factory):
+def cache(tmp_path_factory):
+    """The base-model cache of this module's runs of the same recipe (finished_run's and others): trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tmp_path_factory, cache):
     tmp = tmp_path_factory.mktemp("search")
-    overrides = small(tmp / "run", tmp / "cache", candidates=6, top_k=2, epochs=2)
+    overrides = small(tmp / "run", cache, candidates=6, top_k=2, epochs=2)
     code = main(["run", *as_args(overrides)])
     assert code == 0
     return tmp / "run", overrides
@@ -247,8 +253,8 @@ def test_resume_evaluates_again_what_the_manifest_has_but_the_disk_lost(finished
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_search_ended_by_its_time_budget_continues_with_a_new_budget(ray_session, tmp_path, capsys):
-    args = run_args(tmp_path, "search.time_budget_s=0.001", candidates=4)
+def test_a_search_ended_by_its_time_budget_continues_with_a_new_budget(ray_session, tmp_path, capsys, cache):
+    args = run_args(tmp_path, "search.time_budget_s=0.001", candidates=4, cache=cache)
     assert main(args) == 1
     assert "search stopped: no candidate was evaluated within search.time_budget_s=0.001" in capsys.readouterr().err
     assert main(["resume", str(tmp_path / "run"), "--set", "search.time_budget_s=600"]) == 0
@@ -352,9 +358,9 @@ def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_s
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(ray_session, tmp_path):
+def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(ray_session, tmp_path, cache):
     assert main(run_args(tmp_path, "search.granularity=unstructured", "search.constraint=params",
-                         "search.target=0.3", candidates=4, top_k=1)) == 0
+                         "search.target=0.3", candidates=4, top_k=1, cache=cache)) == 0
     records = CandidateStore(str(tmp_path / "run")).records()
     base_params = read_summary(str(tmp_path / "run")).base.params
     assert len(records) == 4 and all(r.ok and abs(r.params / base_params - 0.3) <= 0.02 for r in records)
@@ -395,9 +401,9 @@ def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(r
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_stripe_search_with_filter_skeleton_training_runs_end_to_end(ray_session, tmp_path):
+def test_a_stripe_search_with_filter_skeleton_training_runs_end_to_end(ray_session, tmp_path, cache):
     assert main(run_args(tmp_path, "search.granularity=stripe", "model.sparsity=1e-3", "model.sparsity_epochs=1",
-                         candidates=3, top_k=1)) == 0
+                         candidates=3, top_k=1, cache=cache)) == 0
     summary = read_summary(str(tmp_path / "run"))
     assert summary.sparsity["method"] == "Filter Skeleton" and summary.granularity == "stripe"
     records = CandidateStore(str(tmp_path / "run")).records()

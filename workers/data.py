@@ -2,7 +2,9 @@
 and batching."""
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.util
 import os
 import pickle
 import zipfile
@@ -276,12 +278,27 @@ def _existing_dir(path: str | None, field: str) -> str:
     return path
 
 
-def _digits() -> DataBundle:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as load_digits gives them, images (1797, 8, 8) and labels, read from the file it ships
+    without importing sklearn.datasets (which imports SciPy: about a second in every process that loads digits);
+    load_digits itself where that file is not where scikit-learn keeps it."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec and spec.origin \
+        else ""
+    if not os.path.isfile(path):
+        from sklearn.datasets import load_digits
 
-    d = load_digits()
-    images = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
-    labels = torch.from_numpy(d.target.astype(np.int64))
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
+def _digits() -> DataBundle:
+    pixels, target = digits_arrays()
+    images = torch.from_numpy(pixels.astype(np.uint8)).unsqueeze(1)  # values 0..16
+    labels = torch.from_numpy(target.astype(np.int64))
     perm = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))
     n_test = len(labels) // 5
     test_idx, train_idx = perm[:n_test], perm[n_test:]
