@@ -9,6 +9,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Progress lines come when work takes longer than PROGRESS_EVERY_S: on a busy machine they would add lines to what
 # tests compare; the tests of those lines set it themselves. Child processes inherit it.
 os.environ.setdefault("PRUNETUNE_PROGRESS_EVERY_S", "1e9")
+# The Rays the tests start themselves (ray_session, multi-node clusters) prestart no idle workers either, as the
+# embedded Ray of a run does (search/cluster.py): a worker process per CPU that no test uses, ~1 CPU s each.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 import pytest
 import torch
