@@ -263,6 +263,7 @@ BENCH_TABLE = re.compile(r"^<!-- bench-table: ([\w.,-]+\.json) ([\w.-]+)(?: colu
 FORMATS: dict[str, Callable[[Any], str]] = {  # how a column's values are shown: the one place formats are declared
     "pct": lambda v: f"{v:.2%}", "f1": lambda v: f"{v:.1f}", "f2": lambda v: f"{v:.2f}", "f3": lambda v: f"{v:.3f}",
     "int": lambda v: f"{v:,.0f}", "x": lambda v: f"{v:.2f}x", "ci": lambda v: f"[{v[0]:.2f}, {v[1]:.2f}]",
+    "e": lambda v: f"{v:.1e}",
 }
 
 

@@ -23,16 +23,17 @@ CELL = SIZE // GRID
 
 
 class Squares(Dataset):
-    """Images [3, SIZE, SIZE] with 1 to 3 squares each and their boxes [k, 5] (class, x0, y0, x1, y1 in pixels)."""
+    """Images [3, size, size] with 1 to 3 squares each (sides in [size 3/16, size 7/16)) and their boxes [k, 5]
+    (class, x0, y0, x1, y1 in pixels)."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, size: int = SIZE):
         g = torch.Generator().manual_seed(seed)
-        self.images, self.boxes = 0.2 * torch.randn(n, 3, SIZE, SIZE, generator=g), []
+        self.images, self.boxes = 0.2 * torch.randn(n, 3, size, size, generator=g), []
         for i in range(n):
             found = []
             for _ in range(int(torch.randint(1, 4, (), generator=g))):
-                side = int(torch.randint(3, 7, (), generator=g))
-                x0, y0 = torch.randint(0, SIZE - side + 1, (2,), generator=g).tolist()
+                side = int(torch.randint(3 * size // SIZE, 7 * size // SIZE, (), generator=g))
+                x0, y0 = torch.randint(0, size - side + 1, (2,), generator=g).tolist()
                 cls = int(torch.randint(0, CLASSES, (), generator=g))
                 self.images[i, cls, y0:y0 + side, x0:x0 + side] += 1.0
                 found.append([cls, x0, y0, x0 + side, y0 + side])
