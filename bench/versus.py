@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (SMOKE_DATA, cifar_arguments, parse_args, results_path, save, smoke_dir,  # noqa: E402
                           table)
-from prunetune import CandidateEvaluator, FinetuneOptions, build_model, finetune, load_config, score  # noqa: E402
+from prunetune import (CandidateEvaluator, FinetuneOptions, StrategySampler, build_model, finetune,  # noqa: E402
+                       load_config, score)
 from prunetune.search.baselines import uniform  # noqa: E402
 from prunetune.search.driver import launch  # noqa: E402
 from prunetune.search.prepare import prepare  # noqa: E402
@@ -129,6 +130,18 @@ def torch_pruning(base: nn.Module, example: torch.Tensor, key: str, target: floa
     return pruned(high, 1.0)
 
 
+def uniform_strategy(sampler: StrategySampler) -> list[float]:
+    """prunetune's uniform baseline; where no single ratio lands in the band (the channel counts jump over it), the
+    one whose FLOPs are nearest under the target, as the Torch-Pruning rows stop at or under it."""
+    found = uniform(sampler)
+    if found is not None:
+        return found
+    grid = np.linspace(0.0, sampler.max_ratio, 1401)
+    values = sampler.measure(np.repeat(grid[:, None], len(sampler.space.groups), axis=1))
+    under = np.flatnonzero(values <= sampler.target)
+    return [float(grid[under[np.argmax(values[under])]])] * len(sampler.space.groups)
+
+
 def heldout_accuracy(evaluator: CandidateEvaluator, data, model: nn.Module) -> float:
     """Adaptive BN on the search's calibration batches (in place), then accuracy on its held-out images."""
     evaluator.recalibrate(model)
@@ -188,7 +201,7 @@ def strategies(args, target: float, workdir: str) -> tuple[dict, dict, list[dict
                                   TAYLOR_IMAGES))
     for key, (name, *_) in TORCH_PRUNING.items():
         add(key, name, lambda key=key: (torch_pruning(base, example, key, target, taylor, args.tp_steps), None), 1)
-    add("uniform", "prunetune uniform", lambda: (evaluator.prune(uniform(checked.sampler)), None), 1)
+    add("uniform", "prunetune uniform", lambda: (evaluator.prune(uniform_strategy(checked.sampler)), None), 1)
     add("random", "random valid strategy", lambda: (evaluator.prune(checked.sampler.sample(0)), None), 1)
     top = [{"index": r.index, "source": r.source, "heldout": round(r.score, 4), "flops_ratio": round(r.flops_ratio, 4)}
            for r in best(records, 5)]
