@@ -5,17 +5,19 @@ the same fine-tuning (issue 34).
         [--targets 0.5,0.3] [--candidates 32] [--seeds 3] [--steps 391] [--test-images 10000]
         [--recipes reference,prunetune] [--out versus]
 
-Rows: prunetune's search (the real search stage: `search.algorithm` TPE with its baseline candidates, on embedded
-Ray, `--candidates` strategies scored by adaptive BN on the held-out images; its best score is kept); Torch-Pruning's
+Rows: prunetune's search (the real search stage: `search.algorithm` TPE with its baseline candidates, on embedded Ray,
+`--candidates` strategies scored by adaptive BN on the held-out images; its best score is kept); Torch-Pruning's
 MetaPruner stepped to the FLOPs target (global with GroupMagnitudeImportance(p=1), its default per-group mean
-normaliser; global GroupTaylorImportance; global BNScaleImportance; global isomorphic magnitude; uniform (local)
-magnitude); prunetune's uniform strategy and one random strategy of the search's sampler. Every pruned network gets
-the same adaptive BN (the search's calibration batches) and is scored on the search's held-out images, then
-fine-tuned from there once per seed by the `reference` recipe, the same for every row (SGD momentum 0.9, no nesterov,
-cosine lr 0.01, weight decay 5e-4, padded crop + flip, batch 128, `--steps` steps of a seeded draw of the training
-images the search did not hold out); `prunetune` adds prunetune's own default recipe (distillation from the base)
-on the same images. FLOPs and params are fvcore's on the pruned network. Fine-tunings run seed by seed over all
-rows, so a partial result (bench/results/OUT.partial.json, rewritten after each) holds every row equally often.
+normaliser, and the same in one step at the ratio that lands at the target; global GroupTaylorImportance; global
+BNScaleImportance; global isomorphic magnitude; uniform (local) magnitude); prunetune's uniform strategy and one random
+strategy of the search's sampler. Every pruned network gets the same adaptive BN (the search's calibration batches) and
+is scored on the search's held-out images, then fine-tuned from there once per seed by the `reference` recipe, the same
+for every row (SGD momentum 0.9, no nesterov, cosine lr 0.01, weight decay 5e-4, padded crop + flip, batch 128,
+`--steps` steps of a seeded draw of the training images the search did not hold out); `prunetune` adds prunetune's own
+default recipe (distillation from the base) on the same images. FLOPs and params are fvcore's on the pruned network. The
+pruned networks of every budget come first; then the fine-tunings run seed by seed over all budgets and rows, so a
+partial result (bench/results/OUT.partial.json, rewritten after each) holds every row of every budget about equally
+often.
 `--smoke`: every row in seconds on a random ResNet-20 and tiny synthetic data.
 """
 from __future__ import annotations
@@ -39,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (SMOKE_DATA, cifar_arguments, parse_args, results_path, save, smoke_dir,  # noqa: E402
                           table)
-from prunetune import CandidateEvaluator, FinetuneOptions, build_model, finetune, load_config, score  # noqa: E402
+from prunetune import (CandidateEvaluator, FinetuneOptions, StrategySampler, build_model, finetune,  # noqa: E402
+                       load_config, score)
 from prunetune.search.baselines import uniform  # noqa: E402
 from prunetune.search.driver import launch  # noqa: E402
 from prunetune.search.prepare import prepare  # noqa: E402
@@ -49,18 +52,23 @@ from prunetune.workers.data import iterate_batches  # noqa: E402
 from prunetune.workers.methods.units import fvcore_counts  # noqa: E402
 from prunetune.workers.record import best  # noqa: E402
 
-# key -> (row name, Torch-Pruning importance, global pruning, isomorphic); each pruner steps to the FLOPs target
+# key -> (row name, Torch-Pruning importance, global pruning, isomorphic, iterative): an iterative pruner steps to
+# the FLOPs target; a one-shot one prunes in one step, at the ratio (found by bisection) that lands at the target
 TORCH_PRUNING = {
     "tp-magnitude": ("TP global, GroupMagnitudeImportance(p=1)", lambda: tp.importance.GroupMagnitudeImportance(p=1),
-                     True, False),
-    "tp-taylor": ("TP global, GroupTaylorImportance", lambda: tp.importance.GroupTaylorImportance(), True, False),
-    "tp-bn-scale": ("TP global, BNScaleImportance", lambda: tp.importance.BNScaleImportance(), True, False),
+                     True, False, True),
+    "tp-magnitude-one-shot": ("TP global one-shot, GroupMagnitudeImportance(p=1)",
+                              lambda: tp.importance.GroupMagnitudeImportance(p=1), True, False, False),
+    "tp-taylor": ("TP global, GroupTaylorImportance", lambda: tp.importance.GroupTaylorImportance(), True, False,
+                  True),
+    "tp-bn-scale": ("TP global, BNScaleImportance", lambda: tp.importance.BNScaleImportance(), True, False, True),
     "tp-isomorphic": ("TP global isomorphic, GroupMagnitudeImportance(p=1)",
-                      lambda: tp.importance.GroupMagnitudeImportance(p=1), True, True),
+                      lambda: tp.importance.GroupMagnitudeImportance(p=1), True, True, True),
     "tp-uniform": ("TP uniform (local), GroupMagnitudeImportance(p=1)",
-                   lambda: tp.importance.GroupMagnitudeImportance(p=1), False, False)}
+                   lambda: tp.importance.GroupMagnitudeImportance(p=1), False, False, True)}
 METHODS = ("search", *TORCH_PRUNING, "uniform", "random")  # --methods: the rows to measure
 TP_MAX_RATIO = 0.9  # MetaPruner's pruning ratio after its last step (--tp-steps of them; it stops at the target)
+ONE_SHOT_TRIES = 14  # bisections of a one-shot pruner's ratio in [0, TP_MAX_RATIO]
 TAYLOR_IMAGES = 64  # training images (not held out) whose loss gradients Taylor reads before each step
 BATCH = 128  # the reference recipe's batch; --steps counts its steps, and the prunetune recipe sees the same images
 REFERENCE = {"lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4, "warmup_epochs": 0.0,
@@ -89,25 +97,49 @@ def classifier(model: nn.Module) -> nn.Module:
 
 def torch_pruning(base: nn.Module, example: torch.Tensor, key: str, target: float, taylor_batches,
                   steps: int) -> nn.Module:
-    """A copy of `base` pruned by Torch-Pruning's MetaPruner (TORCH_PRUNING[key]), stepped until its FLOPs (as
-    Torch-Pruning counts them) are at most `target` of the base's (`steps` steps to TP_MAX_RATIO)."""
-    _, importance, global_pruning, isomorphic = TORCH_PRUNING[key]
-    model = copy.deepcopy(base).eval()
-    pruner = tp.pruner.MetaPruner(model, example, importance(), global_pruning=global_pruning, isomorphic=isomorphic,
-                                  pruning_ratio=TP_MAX_RATIO, iterative_steps=steps,
-                                  ignored_layers=[classifier(model)])
-    base_macs, _ = tp.utils.count_ops_and_params(model, example)
-    taylor = isinstance(pruner.importance, tp.importance.GroupTaylorImportance)
-    for _ in range(steps):
-        if taylor:
-            model.zero_grad()
-            for x, y in taylor_batches:
-                nn.functional.cross_entropy(model(x), y).backward()
-        pruner.step()
-        if tp.utils.count_ops_and_params(model, example)[0] <= target * base_macs:
-            break
-    model.zero_grad(set_to_none=True)
-    return model
+    """A copy of `base` pruned by Torch-Pruning's MetaPruner (TORCH_PRUNING[key]) until its FLOPs (as Torch-Pruning
+    counts them) are at most `target` of the base's: stepped (`steps` steps to TP_MAX_RATIO, stopping at the
+    first under the target), or in one step at the largest ratio (of ONE_SHOT_TRIES bisections) that is not over."""
+    _, importance, global_pruning, isomorphic, iterative = TORCH_PRUNING[key]
+    base_macs, _ = tp.utils.count_ops_and_params(base, example)
+
+    def pruned(ratio: float, stop: float) -> nn.Module:
+        model = copy.deepcopy(base).eval()
+        pruner = tp.pruner.MetaPruner(model, example, importance(), global_pruning=global_pruning,
+                                      isomorphic=isomorphic, pruning_ratio=ratio,
+                                      iterative_steps=steps if iterative else 1, ignored_layers=[classifier(model)])
+        taylor = isinstance(pruner.importance, tp.importance.GroupTaylorImportance)
+        for _ in range(pruner.iterative_steps):
+            if taylor:
+                model.zero_grad()
+                for x, y in taylor_batches:
+                    nn.functional.cross_entropy(model(x), y).backward()
+            pruner.step()
+            if tp.utils.count_ops_and_params(model, example)[0] <= stop * base_macs:
+                break
+        model.zero_grad(set_to_none=True)
+        return model
+
+    if iterative:
+        return pruned(TP_MAX_RATIO, target)
+    low, high = 0.0, TP_MAX_RATIO  # the FLOPs fall as the ratio rises: `high` stays at or under the target
+    for _ in range(ONE_SHOT_TRIES):
+        middle = (low + high) / 2
+        over = tp.utils.count_ops_and_params(pruned(middle, 1.0), example)[0] > target * base_macs
+        low, high = (middle, high) if over else (low, middle)
+    return pruned(high, 1.0)
+
+
+def uniform_strategy(sampler: StrategySampler) -> list[float]:
+    """prunetune's uniform baseline; where no single ratio lands in the band (the channel counts jump over it), the
+    one whose FLOPs are nearest under the target, as the Torch-Pruning rows stop at or under it."""
+    found = uniform(sampler)
+    if found is not None:
+        return found
+    grid = np.linspace(0.0, sampler.max_ratio, 1401)
+    values = sampler.measure(np.repeat(grid[:, None], len(sampler.space.groups), axis=1))
+    under = np.flatnonzero(values <= sampler.target)
+    return [float(grid[under[np.argmax(values[under])]])] * len(sampler.space.groups)
 
 
 def heldout_accuracy(evaluator: CandidateEvaluator, data, model: nn.Module) -> float:
@@ -169,7 +201,7 @@ def strategies(args, target: float, workdir: str) -> tuple[dict, dict, list[dict
                                   TAYLOR_IMAGES))
     for key, (name, *_) in TORCH_PRUNING.items():
         add(key, name, lambda key=key: (torch_pruning(base, example, key, target, taylor, args.tp_steps), None), 1)
-    add("uniform", "prunetune uniform", lambda: (evaluator.prune(uniform(checked.sampler)), None), 1)
+    add("uniform", "prunetune uniform", lambda: (evaluator.prune(uniform_strategy(checked.sampler)), None), 1)
     add("random", "random valid strategy", lambda: (evaluator.prune(checked.sampler.sample(0)), None), 1)
     top = [{"index": r.index, "source": r.source, "heldout": round(r.score, 4), "flops_ratio": round(r.flops_ratio, 4)}
            for r in best(records, 5)]
@@ -224,22 +256,27 @@ def main() -> None:
         if unknown:
             parser.error(f"--{option}: unknown {', '.join(unknown)} (allowed: {', '.join(allowed)})")
     result: dict = {"args": vars(args), "recipes": {r: RECIPES[r] for r in recipes}, "budgets": []}
+    setups = []
     for target in [float(t) for t in args.targets.split(",")]:
         setup, figures, top = strategies(args, target, args.workdir)
-        budget = {"model": args.model, "target": target, "search_top": top,
-                  "rows": [{"method": name, "recipe": recipe, **figures[name], "test": []}
-                           for recipe in recipes for name in setup["nets"]]}
-        result["budgets"].append(budget)
-        for seed in range(args.seeds):
+        setups.append(setup)
+        result["budgets"].append({"model": args.model, "target": target, "search_top": top,
+                                  "rows": [{"method": name, "recipe": recipe, **figures[name], "test": []}
+                                           for recipe in recipes for name in setup["nets"]]})
+        save(f"{args.out}.partial", result)
+    for seed in range(args.seeds):
+        for setup, budget in zip(setups, result["budgets"]):
             for row in budget["rows"]:
                 start = time.perf_counter()
                 row["test"].append(finetuned(setup["nets"][row["method"]], setup, row["recipe"], seed, args))
                 row["test_mean"], row["test_spread"] = round(statistics.mean(row["test"]), 4), spread(row["test"])
                 row["finetune_seconds"] = round(time.perf_counter() - start, 1)
-                print(f"seed {seed} {row['recipe']:>9}  {row['method']}: {row['test'][-1]}", flush=True)
+                print(f"{budget['target']} seed {seed} {row['recipe']:>9}  {row['method']}: {row['test'][-1]}",
+                      flush=True)
                 save(f"{args.out}.partial", result)
-        print(f"\n{args.model} at {100 * target:.0f}% of the FLOPs: fine-tuned {args.steps} steps of {BATCH}, "
-              f"{args.seeds} seeds, {args.test_images} test images")
+    for budget in result["budgets"]:
+        print(f"\n{args.model} at {100 * budget['target']:.0f}% of the FLOPs: fine-tuned {args.steps} steps of "
+              f"{BATCH}, {args.seeds} seeds, {args.test_images} test images")
         print(table(budget["rows"], ["method", "recipe", "flops_pct", "params", "heldout_after_adaptive_bn",
                                      "test_mean", "test_spread", "seconds_to_strategy", "candidates"]))
     print("saved", save(args.out, result))

@@ -10,7 +10,12 @@ its report shows where the searched ones rank, and a learning algorithm refines 
 - the strongest one-shot rules, each one global threshold on its own importance (channel pruning only):
   `global-l1-normalised` (Torch-Pruning's default global pruning: the L1 of each channel's weights in every layer
   of its group, divided by the group's mean), `global-taylor` (|w * dL/dw| likewise, from a few training batches)
-  and `global-bn-scale` (the mean |gamma| of the group's BatchNorms, as it is).
+  and `global-bn-scale` (the mean |gamma| of the group's BatchNorms, as it is);
+- `global-l1-iterative`: Torch-Pruning's global pruning as users run it to a budget, `MetaPruner(global_pruning=True,
+  GroupMagnitudeImportance(p=1), iterative_steps=N, max_pruning_ratio=search.max_ratio)` stepped up the channels:
+  each step re-normalises the L1 over the channels left, so it prunes thin layers further and wide ones less than
+  the one-shot threshold (`rankings.iterative_kept`); of the networks it passes through, the one nearest the
+  middle of the band.
 With a front (search.target a range or a list of budgets) every baseline is proposed at the middle of each budget's
 band, the uniform ones at every budget first, so the report draws each rule's own curve beside the front.
 A baseline whose channel steps cannot reach the band (or that breaks a further budget there), whose importance
@@ -46,6 +51,16 @@ def uniform(sampler: StrategySampler, band: int = 0) -> list[float] | None:
     return _closest(sampler, np.repeat(grid[:, None], len(sampler.space.groups), axis=1), band)
 
 
+def kept_ratios(sampler: StrategySampler, kept: np.ndarray) -> np.ndarray:
+    """The strategies ([S, G] ratios) that keep `kept` block positions ([S, G]) of each group, at least those
+    search.max_ratio leaves (ceil of (1 - max_ratio) of them, one at the least)."""
+    rows = np.empty(kept.shape)
+    for i, g in enumerate(sampler.space.groups):
+        least = max(int(np.ceil(g.units // g.blocks * (1 - sampler.max_ratio))), 1)
+        rows[:, i] = np.clip(1.0 - (np.maximum(kept[:, i], least) * g.blocks + 0.5) / g.units, 0.0, sampler.max_ratio)
+    return rows
+
+
 def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], comparable: bool,
                      band: int = 0) -> list[float] | None:
     """One importance threshold across all groups (importance per unit, as the method's `importance` gives
@@ -54,26 +69,35 @@ def global_threshold(sampler: StrategySampler, importance: list[np.ndarray], com
     scaled = importance if comparable else [imp / max(imp.mean(), 1e-12) for imp in importance]
     values = np.unique(np.concatenate(scaled))
     thresholds = values if len(values) <= _MAX_THRESHOLDS else np.quantile(values, np.linspace(0, 1, _MAX_THRESHOLDS))
-    rows = np.empty((len(thresholds), len(scaled)))
-    for i, (g, imp) in enumerate(zip(sampler.space.groups, scaled)):
-        reaching = len(imp) - np.searchsorted(np.sort(imp), thresholds, side="left")  # units at or above t
-        kept = np.maximum(reaching, max(int(np.ceil(len(imp) * (1 - sampler.max_ratio))), 1)) * g.blocks
-        rows[:, i] = np.clip(1.0 - (kept + 0.5) / g.units, 0.0, sampler.max_ratio)
-    return _closest(sampler, rows, band)
+    reaching = np.stack([len(imp) - np.searchsorted(np.sort(imp), thresholds, side="left")  # units at or above t
+                         for imp in scaled], axis=1)
+    return _closest(sampler, kept_ratios(sampler, reaching), band)
 
 
 UNIFORM = "uniform"
-BASELINES = (UNIFORM, "global threshold", "global-l1-normalised", "global-taylor", "global-bn-scale")
+BASELINES = (UNIFORM, "global threshold", "global-l1-normalised", "global-taylor", "global-bn-scale",
+             "global-l1-iterative")
 LEGACY = BASELINES[:2]  # what a run started before runs recorded their baselines proposed
 
 
 @dataclass(frozen=True)
 class Ranking:
-    """One global rule's importance: per group, one value per unit (block position); None where it has none."""
+    """One global rule: a threshold on its importance (per group, one value per unit: block position), or the path
+    of a rule that steps (`path`: block positions each group keeps after each step, [S, G]); None where it has
+    none."""
 
     name: str
     importance: list[np.ndarray] | None
     comparable: bool  # compared across groups as it is, not divided by each group's mean
+    path: np.ndarray | None = None
+
+
+def _ruled(sampler: StrategySampler, rule: Ranking, band: int) -> list[float] | None:
+    """The strategy of `rule` at band `band`: the step of its path, or the threshold on its importance, that lands
+    nearest the middle of the band (None if none lands in it or the rule has neither)."""
+    if rule.path is not None:
+        return _closest(sampler, kept_ratios(sampler, rule.path), band)
+    return None if rule.importance is None else global_threshold(sampler, rule.importance, rule.comparable, band)
 
 
 def run_baselines(recorded: list[str] | None, started: bool) -> tuple[str, ...]:
@@ -89,12 +113,12 @@ def run_baselines(recorded: list[str] | None, started: bool) -> tuple[str, ...]:
 
 
 def baselines(sampler: StrategySampler, rankings: list[Ranking]) -> list[tuple[str, list[float]]]:
-    """The uniform baseline and one global threshold per ranking, each at every budget's band, as (name, strategy),
-    those that land in the band and differ from every earlier one, in that order."""
+    """The uniform baseline and each ranking's strategy (a global threshold, or a step of its path), each at every
+    budget's band, as (name, strategy), those that land in the band and differ from every earlier one, in that
+    order."""
     bands = range(len(sampler.bands))
-    found = [(UNIFORM, uniform(sampler, b)) for b in bands] + [
-        (r.name, global_threshold(sampler, r.importance, r.comparable, b) if r.importance is not None else None)
-        for r in rankings for b in bands]
+    found = [(UNIFORM, uniform(sampler, b)) for b in bands] + [(r.name, _ruled(sampler, r, b))
+                                                               for r in rankings for b in bands]
     kept: list[tuple[str, list[float]]] = []
     for name, ratios in found:
         if ratios is not None and all(ratios != other for _, other in kept):

@@ -19,6 +19,8 @@ from prunetune.workers.record import best
 from tests.runs import as_args, reachable_latency, run_args, small
 from tests.summaries import final_model, summary, timings
 
+CANDIDATES = len(BASELINES) + 1  # the finished run's: every baseline, then one the algorithm proposes
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -29,7 +31,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(ray_session, tmp_path_factory, cache):
     tmp = tmp_path_factory.mktemp("search")
-    overrides = small(tmp / "run", cache, candidates=6, top_k=2, epochs=2)
+    overrides = small(tmp / "run", cache, candidates=CANDIDATES, top_k=2, epochs=2)
     code = main(["run", *as_args(overrides)])
     assert code == 0
     return tmp / "run", overrides
@@ -40,7 +42,7 @@ def finished_run(ray_session, tmp_path_factory, cache):
 def test_every_candidate_lands_once_in_the_store(finished_run):
     run, _ = finished_run
     raw = pq.read_table(run / "candidates.parquet")
-    assert sorted(raw.column("index").to_pylist()) == list(range(6))
+    assert sorted(raw.column("index").to_pylist()) == list(range(CANDIDATES))
     records = CandidateStore(str(run)).records()
     assert all(r.ok and r.error is None for r in records)
     assert all(abs(r.flops_ratio - 0.5) <= 0.02 and len(r.ratios) == 4 for r in records)
@@ -127,8 +129,8 @@ def test_a_stored_candidate_is_fine_tuned_again_beside_the_run_s_own_models(fini
     before = {p.name: p.read_bytes() for p in [*final.iterdir(), run / "report.md"]}
     assert main(["finetune", str(run), "--candidate", "3", "--set", "search.target=0.4"]) == 2
     assert "--set search.target: a candidate is fine-tuned again as the run found it" in capsys.readouterr().err
-    assert main(["finetune", str(run), "--candidate", "6"]) == 2
-    assert "stores no candidate 6 (it holds 6: 0 to 5)" in capsys.readouterr().err
+    assert main(["finetune", str(run), "--candidate", str(CANDIDATES)]) == 2
+    assert f"stores no candidate {CANDIDATES} (it holds {CANDIDATES}: 0 to {CANDIDATES - 1})" in capsys.readouterr().err
     assert main(["finetune", str(run), "--candidate", "3", "--set", "finetune.epochs=1"]) == 0
     added = sorted(set(os.listdir(final)) - set(before))
     assert len(added) == 1 and re.fullmatch(r"candidate-3-[0-9a-f]{8}\.pt", added[0])
@@ -245,9 +247,9 @@ def test_resume_evaluates_again_what_the_manifest_has_but_the_disk_lost(finished
     out, err = capsys.readouterr()
     assert "its candidates are evaluated again" in err and "best model:" in out
     raw = pq.read_table(run / "candidates.parquet").column("index").to_pylist()
-    assert sorted(raw) == list(range(6))
+    assert sorted(raw) == list(range(CANDIDATES))
     summary = json.load(open(run / "final" / "summary.json"))
-    assert summary["search"]["candidates"] == 6 and len(summary["final"]) == 2
+    assert summary["search"]["candidates"] == CANDIDATES and len(summary["final"]) == 2
     assert json.load(open(run / "manifest.json"))["stage"] == "done"
 
 
