@@ -107,6 +107,11 @@ def test_report_skips_a_damaged_part_and_resume_sees_the_checksum(tmp_path, caps
     assert os.path.basename(first) not in " ".join(problems)
 
 
+# Loads of a pickle the test itself just wrote, in a format that is a pickle by definition (Ultralytics' checkpoints,
+# which Ultralytics reads with weights_only=False): allowed by name, nowhere else.
+OWN_PICKLES = {"test_yolo.py: torch" ".load(path, weights_only=False)"}  # split: this file is searched too
+
+
 def test_every_torch_load_is_weights_only():
     offenders = []
     for folder in ("prunetune", "search", "workers", "bench", "tests"):
@@ -116,7 +121,7 @@ def test_every_torch_load_is_weights_only():
                     continue
                 text = open(os.path.join(dirpath, name)).read()
                 for call in re.findall(r"torch\.load\((?:[^()]|\([^()]*\))*\)", text):
-                    if "weights_only=True" not in call:
+                    if "weights_only=True" not in call and f"{name}: {call}" not in OWN_PICKLES:
                         offenders.append(f"{name}: {call}")
     assert offenders == []
 
