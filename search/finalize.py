@@ -83,8 +83,8 @@ def timings(models: list[tuple[nn.Module, Any]], prep: Prepared) -> list[Timings
     ones, manys = at(1, lat.repeats), at(lat.throughput_batch_size, max(ROUNDS, lat.repeats // 4))
     budget: list[Timing | None] = [None] * len(models)
     predicted: list[float | None] = [None] * len(models)
-    if table is not None:
-        budget = list(at(table.batch_size, table.repeats, table.threads))
+    if table is not None:  # the table's key holds latency.threads and repeats: at batch 1 it is the batch-1 timing
+        budget = list(ones if table.batch_size == 1 else at(table.batch_size, table.repeats, table.threads))
         full = np.zeros(len(space.groups))
         predicted = [float(table.predict(space, space.kept_batch(
             np.asarray(full if r is None else r, dtype=np.float64)[None]))[0]) for _, r in models]

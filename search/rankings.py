@@ -64,15 +64,14 @@ def iterative_kept(model: nn.Module, sampler: StrategySampler, steps: int = ITER
     channels of the groups still open (a group closes once it keeps under (1 - max_ratio) of its channels, or one).
     It stops at the step below the lowest band. None where a group has no weight the L1 reads."""
     groups, max_ratio = sampler.space.groups, sampler.max_ratio
-    if group_importance(model, groups) is None:
-        return None
     work = copy.deepcopy(model).eval()
     alive = [np.ones(g.units // g.blocks, dtype=bool) for g in groups]
     total, lowest = sum(len(a) for a in alive), sampler.bands[0][0]
     rows = []
     for step in range(1, steps + 1):
         importance = group_importance(work, groups)
-        assert importance is not None  # zeroing keeps the weights it reads
+        if importance is None:  # at the first step only: zeroing keeps the weights it reads
+            return None
         open_ = [i for i, a in enumerate(alive)
                  if a.sum() >= len(a) * (1 - max_ratio) and a.sum() * groups[i].blocks > 1]
         if not open_:

@@ -100,8 +100,10 @@ def best_networks(records: list[CandidateRecord], k: int) -> list[CandidateRecor
     chosen: list[CandidateRecord] = []
     seen: set = set()
     for r in best(records, len(records)):
+        if len(chosen) == k:
+            break
         network = tuple(r.kept_units) if r.kept_units is not None else r.index
-        if network not in seen and len(chosen) < k:
+        if network not in seen:
             seen.add(network)
             chosen.append(r)
     return chosen
