@@ -12,6 +12,11 @@ os.environ.setdefault("PRUNETUNE_PROGRESS_EVERY_S", "1e9")
 # The Rays the tests start themselves (ray_session, multi-node clusters) prestart no idle workers either, as the
 # embedded Ray of a run does (search/cluster.py): a worker process per CPU that no test uses, ~1 CPU s each.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# One intra-op thread in every process the tests start (the runs' drivers, Ray's processes), as in this one: two
+# xdist workers share the machine's cores, and a torch process with two OpenMP threads that must share a core with
+# another busy process spins at every parallel region (measured on 2 cores: a digits base-training epoch 9.4 s with
+# two threads next to one busy process, 0.3 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
