@@ -140,6 +140,10 @@ class PrunePlan:
             layer = self.dims[(target, role)].layer
             if layer is not None:
                 layer.resize(new_modules[target], role, len(idx))
+        kept = self.space.kept_units(ratios)
+        for g, k in zip(self.space.groups, kept):  # the part size of an equal split by sizes, where a module holds it
+            for module, attribute in g.part_sizes:
+                setattr(new_modules[module], attribute, getattr(self.modules[module], attribute) * int(k) // g.units)
         return pruned
 
 
