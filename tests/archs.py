@@ -544,6 +544,21 @@ class C3k2(C2f):
                                for _ in range(n))
 
 
+class ProtoNet(nn.Module):
+    """Ultralytics' Proto (YOLOv8-seg's mask prototypes): a Conv, a 2x upsampling ConvTranspose2d with a bias, two
+    Convs; then a global pool and a classifier."""
+
+    def __init__(self, num_classes: int = 10, c: int = 16):
+        super().__init__()
+        self.stem, self.cv1 = YoloConv(3, c, 3, 2), YoloConv(c, c, 3)
+        self.upsample = nn.ConvTranspose2d(c, c, 2, 2, 0, bias=True)
+        self.cv2, self.cv3 = YoloConv(c, c, 3), YoloConv(c, 8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.cv3(self.cv2(self.upsample(self.cv1(self.stem(x))))).mean((2, 3)))
+
+
 class Attention(nn.Module):
     """Ultralytics' Attention (YOLO11's C2PSA): qkv by a 1x1 Conv, reshaped into heads and split into q, k and v of
     unequal sizes, attention over the pixels, plus a depthwise Conv of v, then a 1x1 projection."""

@@ -30,6 +30,7 @@ SUPPORTED = {
     "ghost module (concat of a conv and its depthwise copy)": archs.GhostNetLike,
     "layer scale + channels-last LayerNorm": archs.ConvNeXtLike,
     "class token + position embedding": archs.TokenNet,
+    "transposed conv (YOLOv8-seg's mask prototypes)": archs.ProtoNet,
 }
 
 
@@ -78,6 +79,19 @@ def test_a_grouped_conv_keeps_whole_blocks():
     for ratios in np.random.default_rng(2).uniform(0, 0.7, (5, len(space.groups))):
         kept = dict(zip([g.name for g in space.groups], space.kept_units(ratios)))
         assert kept["grouped.0"] % 4 == 0 and kept["reduce.0"] % 4 == 0
+
+
+def test_a_transposed_conv_is_pruned_on_both_sides_and_ranked_by_its_own_filters():
+    torch.manual_seed(0)
+    model = archs.randomize_batchnorm(archs.ProtoNet()).eval()
+    verdict = _verdict(model)
+    assert verdict.left_out == []
+    roles = {m.role: g.name for g in verdict.space.groups for m in g.members if m.module == "upsample"}
+    assert roles == {"in": "cv1.conv", "out": "upsample"}  # its filters ([in, out, k, k]: axis 1) name its group
+    plan = PrunePlan(model, verdict.space, "l1")
+    group = [g.name for g in verdict.space.groups].index("upsample")
+    l1 = model.upsample.weight.detach().abs().sum((0, 2, 3)).numpy()
+    assert list(plan.order[group]) == list(np.argsort(l1, kind="stable"))
 
 
 def test_a_ghost_module_prunes_a_channel_and_its_depthwise_copy_together():

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BadInput
-from .layers import OUT, IN, is_stateless, kind_of, layer_kind
+from .layers import IN, OUT, PRODUCERS, is_stateless, kind_of, layer_kind
 from .tasks import output_tensors
 
 OP, PARAMETER = "op", "parameter"  # member kinds beside the layer kinds: stateless leaf module, bare nn.Parameter
@@ -686,7 +686,7 @@ def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tu
     _check_blocks(members, blocks, n_units, lcm)
     _check_parts(parts, blocks, unit_of_root, lcm)
     position = {n: i for i, n in enumerate(trace.names.values())}
-    producers = [m.module for m in members if m.role == OUT and m.kind in ("conv", "grouped_conv", "linear")]
+    producers = [m.module for m in members if m.role == OUT and m.kind in PRODUCERS]
     name = min(producers, key=position.__getitem__) if producers else trace.names[root]
     sizes = [trace.sized[where] for where in parts if where in trace.sized]
     return Group(name, n_units, members, root=trace.names[root], blocks=lcm, part_sizes=sizes), counted
