@@ -1,6 +1,7 @@
 """Every torchvision (and a spread of timm) classification model through the preflight and one evaluation.
 
     python bench/generality.py [--timm all|NAMES] [--models NAMES] [--max-params-m 150]
+    python bench/generality.py --models yolo:yolov8n,yolo:yolov8s,yolo:yolo11n,yolo:yolov8n-seg --image-size 640
     python bench/generality.py --smoke    # seconds: prunetune's digits_cnn and resnet20 (pt:NAME) at 16 px
 
 Random weights, 224 px, 10 classes. For each model: the preflight (space; most pruned, first sampled and least
@@ -11,6 +12,12 @@ saves JSON. The function error is the largest difference between a pruned networ
 the removed channels zeroed at every conv and linear input, relative to the largest output (preflight.functional_gap).
 Needs torchvision (and timm) that import beside the installed torch: the CPU wheel of torch does not take
 PyPI's torchvision (see docs/getting-started.md); a torch 2.14.1 + torchvision 0.29.1 virtualenv runs it on a CPU.
+
+`yolo:NAME` is Ultralytics' NAME.yaml (ultralytics installed beside; random init, its 80 classes, nothing
+downloaded) with model.task yolo: the preflight proves its raw maps, and the evaluation scores mAP on a small
+YOLO-format data set of tests/yolo_data.py's factory (48 + 16 images, 80 class names) at the image size. The
+preflight runs on one torch thread (the rest on all cores); each row has its wall and process CPU time and the
+process's peak resident memory after it.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import sys
 import time
 import warnings
 
+import tempfile
+
 import numpy as np
 import torch
 
@@ -33,6 +42,11 @@ from prunetune import (CandidateEvaluator, EvaluationSettings, PreflightOptions,
                        load_data, preflight)
 from prunetune.workers.preflight import functional_gap  # noqa: E402
 from prunetune.workers.space import count_flops  # noqa: E402
+from prunetune.workers.tasks import CLASSIFICATION  # noqa: E402
+from prunetune.workers.yolo import YOLO  # noqa: E402
+from tests.yolo_data import write_yolo_dataset  # noqa: E402
+
+YOLO_CLASSES = 80  # every Ultralytics YAML's default
 
 # One or two of each timm family the issue tracker names (ResNeXt/SE, EfficientNet-lite, GhostNet, MixNet, ViT...).
 TIMM_DEFAULT = ["resnet26d", "seresnext26d_32x4d", "efficientnet_lite0", "ghostnet_100", "mixnet_s",
@@ -42,7 +56,12 @@ TIMM_DEFAULT = ["resnet26d", "seresnext26d_32x4d", "efficientnet_lite0", "ghostn
 
 
 def build(name: str):
-    """A model with random weights and 10 classes from `tv:NAME`, `timm:NAME` or `pt:NAME` (prunetune's own)."""
+    """A model with random weights from `tv:NAME`, `timm:NAME` or `pt:NAME` (prunetune's own), with 10 classes, or
+    `yolo:NAME` (Ultralytics' NAME.yaml, with its 80)."""
+    if name.startswith("yolo:"):
+        from ultralytics import YOLO as Ultralytics
+
+        return Ultralytics(f"{name[5:]}.yaml").model
     if name.startswith("pt:"):
         from prunetune import build_model
 
@@ -74,14 +93,24 @@ def one(name: str, data, evaluation, max_params_m: float, image_size: int = 224)
     if size > max_params_m:
         return {**row, "refusal": f"skipped: {size:.0f} M params (--max-params-m {max_params_m:g})"}
     x = torch.zeros(1, 3, image_size, image_size)
-    t = time.perf_counter()
+    task, classes = (YOLO, YOLO_CLASSES) if name.startswith("yolo:") else (CLASSIFICATION, 10)
+    t, cpu = time.perf_counter(), time.process_time()
+
+    def cost() -> dict:
+        return {"preflight_s": time.perf_counter() - t, "preflight_cpu_s": time.process_time() - cpu,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    torch.set_num_threads(1)  # for its CPU time: a second thread's OpenMP spinning counts the machine's load into it
     try:
         first = lambda space: StrategySampler(space, 0.5, 0.02, 0.7).sample(0)  # noqa: E731
-        verdict = preflight(model, x, PreflightOptions(10, 0.7, first))
+        verdict = preflight(model, x, PreflightOptions(classes, 0.7, first, task=task))
     except Exception as e:
-        return {**row, "refusal": str(e).splitlines()[0], "preflight_s": time.perf_counter() - t}
+        return {**row, "refusal": str(e).splitlines()[0], **cost()}
     space = verdict.space
-    row.update(groups=len(space.groups), left_out=len(verdict.left_out), preflight_s=time.perf_counter() - t)
+    row.update(groups=len(space.groups), left_out=len(verdict.left_out), **cost())
+    torch.set_num_threads(os.cpu_count() or 1)
+    if verdict.left_out:
+        row["left_out_why"] = sorted({reason for _, reason in verdict.left_out})
     plan = PrunePlan(model, space, "l1")
     strategies = [np.full(len(space.groups), 0.7), StrategySampler(space, 0.5, 0.02, 0.7).sample(0),
                   np.random.default_rng(0).uniform(0, 0.7, len(space.groups))]
@@ -96,7 +125,7 @@ def one(name: str, data, evaluation, max_params_m: float, image_size: int = 224)
     row.update(flops_error=max(e[0] for e in errors), params_error=max(e[1] for e in errors),
                function_error=max(gaps), prune_ms=1000 * median(times))
     try:
-        record = CandidateEvaluator(model, space, data, evaluation, "cpu").evaluate(strategies[1])
+        record = CandidateEvaluator(model, space, data, evaluation, "cpu", task=task).evaluate(strategies[1])
         row["evaluates"] = f"yes ({record.t_prune + record.t_calibrate + record.t_score:.1f} s)"
     except Exception as e:
         row["evaluates"] = f"no: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
@@ -118,7 +147,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.one:
         torch.set_num_threads(os.cpu_count() or 1)
-        data = load_data("synthetic", image_size=args.image_size, num_classes=10, train_size=48, test_size=8)
+        if args.one.startswith("yolo:"):
+            path = write_yolo_dataset(tempfile.mkdtemp(prefix="generality-yolo-"), 48, 16, YOLO_CLASSES)
+            data = load_data("yolo", path, image_size=args.image_size)
+        else:
+            data = load_data("synthetic", image_size=args.image_size, num_classes=10, train_size=48, test_size=8)
         evaluation = EvaluationSettings(calibration_batches=2, batch_size=8, heldout_size=16, score_batch_size=16)
         print(json.dumps(one(args.one, data, evaluation, args.max_params_m, args.image_size)))
         return
@@ -152,8 +185,8 @@ def main() -> None:
         fresh = {r["model"]: r for r in rows}
         saved = json.load(open(results_path("generality.json")))["rows"]
         rows = [fresh.pop(r["model"], r) for r in saved] + list(fresh.values())
-    columns = ["model", "groups", "left_out", "flops_error", "params_error", "function_error", "prune_ms", "evaluates",
-               "refusal"]
+    columns = ["model", "groups", "left_out", "flops_error", "params_error", "function_error", "prune_ms",
+               "preflight_cpu_s", "evaluates", "refusal"]
     print(table(rows, columns))
     exact = [r for r in rows if "flops_error" in r]
     print(f"\n{len(rows)} models: {len(exact)} accepted, "

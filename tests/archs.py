@@ -497,17 +497,18 @@ class YoloBottleneck(nn.Module):
 
 class C2f(nn.Module):
     """YOLOv8's C2f: cv1's output chunked in two halves; one goes straight to the concat, the other through the
-    bottlenecks (each output joins the concat too)."""
+    bottlenecks (each output joins the concat too). With `split`, the halves are split by the size it holds
+    (`split((self.c, self.c), 1)`, Ultralytics' forward_split)."""
 
-    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False, e: float = 0.5):
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False, e: float = 0.5, split: bool = False):
         super().__init__()
-        self.c = int(cout * e)
+        self.c, self.split = int(cout * e), split
         self.cv1 = YoloConv(cin, 2 * self.c, 1)
         self.cv2 = YoloConv((2 + n) * self.c, cout, 1)
         self.m = nn.ModuleList(YoloBottleneck(self.c, self.c, shortcut, e=1.0) for _ in range(n))
 
     def forward(self, x):
-        y = list(self.cv1(x).chunk(2, 1))
+        y = list(self.cv1(x).split((self.c, self.c), 1) if self.split else self.cv1(x).chunk(2, 1))
         y.extend(m(y[-1]) for m in self.m)
         return self.cv2(torch.cat(y, 1))
 
@@ -541,6 +542,62 @@ class C3k2(C2f):
         super().__init__(cin, cout, n, shortcut, e)
         self.m = nn.ModuleList(C3k(self.c, self.c, 2, shortcut) if c3k else YoloBottleneck(self.c, self.c, shortcut)
                                for _ in range(n))
+
+
+class ProtoNet(nn.Module):
+    """Ultralytics' Proto (YOLOv8-seg's mask prototypes): a Conv, a 2x upsampling ConvTranspose2d with a bias, two
+    Convs; then a global pool and a classifier."""
+
+    def __init__(self, num_classes: int = 10, c: int = 16):
+        super().__init__()
+        self.stem, self.cv1 = YoloConv(3, c, 3, 2), YoloConv(c, c, 3)
+        self.upsample = nn.ConvTranspose2d(c, c, 2, 2, 0, bias=True)
+        self.cv2, self.cv3 = YoloConv(c, c, 3), YoloConv(c, 8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.cv3(self.cv2(self.upsample(self.cv1(self.stem(x))))).mean((2, 3)))
+
+
+class Attention(nn.Module):
+    """Ultralytics' Attention (YOLO11's C2PSA): qkv by a 1x1 Conv, reshaped into heads and split into q, k and v of
+    unequal sizes, attention over the pixels, plus a depthwise Conv of v, then a 1x1 projection."""
+
+    def __init__(self, dim: int, heads: int = 1):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.key_dim = self.head_dim // 2
+        self.qkv = YoloConv(dim, dim + 2 * self.key_dim * heads)
+        self.qkv.act = nn.Identity()
+        self.proj, self.pe = YoloConv(dim, dim), YoloConv(dim, dim, 3, g=dim)
+        self.proj.act, self.pe.act = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, self.heads, 2 * self.key_dim + self.head_dim, h * w).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attention = (q.transpose(-2, -1) @ k * self.key_dim ** -0.5).softmax(dim=-1)
+        x = (v @ attention.transpose(-2, -1)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
+        return self.proj(x)
+
+
+class C2PSA(nn.Module):
+    """YOLO11's C2PSA: cv1's output split in two halves by the size it holds (`split((self.c, self.c))`); one goes
+    through a PSA block (attention and a feed-forward pair of Convs, each with a residual add), then both to cv2."""
+
+    def __init__(self, channels: int, heads: int = 1):
+        super().__init__()
+        self.c = channels // 2
+        self.cv1, self.cv2 = YoloConv(channels, 2 * self.c), YoloConv(2 * self.c, channels)
+        self.attn = Attention(self.c, heads)
+        self.ffn = nn.Sequential(YoloConv(self.c, 2 * self.c), YoloConv(2 * self.c, self.c))
+        self.ffn[1].act = nn.Identity()
+
+    def forward(self, x):
+        a, b = self.cv1(x).split((self.c, self.c), dim=1)
+        b = b + self.attn(b)
+        b = b + self.ffn(b)
+        return self.cv2(torch.cat((a, b), 1))
 
 
 class SPPF(nn.Module):

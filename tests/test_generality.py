@@ -30,6 +30,7 @@ SUPPORTED = {
     "ghost module (concat of a conv and its depthwise copy)": archs.GhostNetLike,
     "layer scale + channels-last LayerNorm": archs.ConvNeXtLike,
     "class token + position embedding": archs.TokenNet,
+    "transposed conv (YOLOv8-seg's mask prototypes)": archs.ProtoNet,
 }
 
 
@@ -78,6 +79,19 @@ def test_a_grouped_conv_keeps_whole_blocks():
     for ratios in np.random.default_rng(2).uniform(0, 0.7, (5, len(space.groups))):
         kept = dict(zip([g.name for g in space.groups], space.kept_units(ratios)))
         assert kept["grouped.0"] % 4 == 0 and kept["reduce.0"] % 4 == 0
+
+
+def test_a_transposed_conv_is_pruned_on_both_sides_and_ranked_by_its_own_filters():
+    torch.manual_seed(0)
+    model = archs.randomize_batchnorm(archs.ProtoNet()).eval()
+    verdict = _verdict(model)
+    assert verdict.left_out == []
+    roles = {m.role: g.name for g in verdict.space.groups for m in g.members if m.module == "upsample"}
+    assert roles == {"in": "cv1.conv", "out": "upsample"}  # its filters ([in, out, k, k]: axis 1) name its group
+    plan = PrunePlan(model, verdict.space, "l1")
+    group = [g.name for g in verdict.space.groups].index("upsample")
+    l1 = model.upsample.weight.detach().abs().sum((0, 2, 3)).numpy()
+    assert list(plan.order[group]) == list(np.argsort(l1, kind="stable"))
 
 
 def test_a_ghost_module_prunes_a_channel_and_its_depthwise_copy_together():
@@ -146,8 +160,8 @@ def test_an_unsupported_model_is_refused_before_the_base_model_is_trained(tmp_pa
 
 # Issue 28: every pattern either exact in function and counts on 20 sampled strategies, or refused in one line.
 
-def _sampled(space, count=20):
-    sampler = StrategySampler(space, 0.5, 0.05, 0.7)
+def _sampled(space, count=20, target=0.5):
+    sampler = StrategySampler(space, target, 0.05, 0.7)
     return [sampler.sample(i) for i in range(count)]
 
 
@@ -166,12 +180,12 @@ def _zeroed_reference(model, plan, ratios):
     return reference
 
 
-def _assert_exact_on_sampled_strategies(model, space, function=True):
+def _assert_exact_on_sampled_strategies(model, space, function=True, target=0.5):
     """On 20 sampled strategies: the pruned network runs, its FLOPs and params are fvcore's, and (for nets without
     cross-channel statistics) it computes what the base computes with the removed channels zeroed."""
     plan = PrunePlan(model, space, "l1")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for ratios in _sampled(space):
+    for ratios in _sampled(space, target=target):
         pruned = plan.apply(ratios).eval()
         assert space.flops(ratios) == count_flops(pruned, x[:1]).total() < space.base_flops
         assert space.params(ratios) == sum(p.numel() for p in pruned.parameters())
@@ -332,6 +346,7 @@ RAW_OUTPUTS = dataclasses.replace(CLASSIFICATION, check=lambda prediction, num_c
 YOLO_BLOCKS = {  # name -> (block, whether it chunks its cv1's output in two)
     "C2f with shortcuts": (lambda: archs.C2f(16, 16, 2, shortcut=True), True),
     "C2f without shortcuts": (lambda: archs.C2f(16, 16, 1), True),
+    "C2f split by the size it holds": (lambda: archs.C2f(16, 16, 1, split=True), True),
     "C3k2 of bottlenecks": (lambda: archs.C3k2(16, 16, 1, c3k=False, e=0.25), True),
     "C3k2 of C3k blocks": (lambda: archs.C3k2(16, 16, 1, c3k=True), True),
     "C3": (lambda: archs.C3(16, 16, 2), False),
@@ -366,6 +381,38 @@ def test_a_yolo_like_detector_is_pruned_exactly_with_its_chunks_in_two_blocks():
     assert set(space.ignored_layers) == heads  # their outputs are never pruned (their inputs are)
     assert not heads & {m.module for g in space.groups for m in g.members if m.role == "out"}
     _assert_exact_on_sampled_strategies(model, space)
+
+
+def test_an_equal_split_by_a_held_size_gets_the_pruned_size():
+    torch.manual_seed(0)
+    model = archs.randomize_batchnorm(archs.BlockNet(archs.C2f(16, 16, 1, split=True))).eval()
+    space = _verdict(model).space
+    assert [g.part_sizes for g in space.groups if g.blocks == 2] == [[("blocks.0", "c")]]
+    plan = PrunePlan(model, space, "l1")
+    for ratios in _sampled(space):  # split((c, c)) of the pruned cv1 output: c is its half
+        block = plan.apply(ratios).blocks[0]
+        assert 2 * block.c == block.cv1.conv.out_channels and model.blocks[0].c == 8
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_an_attention_blocks_groups_are_left_out_before_torch_prunings_grouping_grows(monkeypatch, heads):
+    import torch_pruning.dependency.index_mapping as mapping
+
+    from prunetune.workers import groups
+
+    mapped = []  # indices Torch-Pruning maps through a reshape (each channel to the H * W pixels of the map)
+    flatten = mapping._FlattenIndexMapping.__call__
+    monkeypatch.setattr(mapping._FlattenIndexMapping, "__call__", lambda self, idxs: mapped.append(
+        len(out := flatten(self, idxs))) or out)
+    monkeypatch.setattr(groups, "GROUPING_MEMORY_LIMIT", 2 ** 28)  # a regression is refused in seconds, not 4 GiB
+    torch.manual_seed(0)
+    model = archs.randomize_batchnorm(archs.BlockNet(archs.C2PSA(16, heads), archs.C2f(16, 16, 1, split=True))).eval()
+    verdict = _verdict(model, target=0.8)
+    reason = "blocks.0.attn (Attention) reshapes the channels into and out of attention heads"
+    assert sorted(verdict.left_out) == [(f"blocks.0.{name}.conv", reason) for name in ("attn.pe", "attn.qkv", "cv1")]
+    assert {"blocks.0.cv2.conv", "blocks.0.ffn.0.conv", "blocks.1.cv1.conv"} <= {g.name for g in verdict.space.groups}
+    assert sum(mapped) < 1000  # 38 million (4 GiB, 95 s of CPU) when its groups went through the attention
+    _assert_exact_on_sampled_strategies(model, verdict.space, target=0.8)
 
 
 @pytest.mark.parametrize("how", list(archs.FixedSplit.SPLITS))

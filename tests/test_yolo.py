@@ -108,6 +108,16 @@ def test_the_task_reads_the_raw_maps_of_both_ultralytics_contracts_in_train_and_
                                         "prunetune.workers.yolo.task(reg_max=...))")
 
 
+def test_a_segment_heads_eval_output_is_read_by_its_boxes():
+    torch.manual_seed(0)
+    decoded, raw = archs.yolo_like(3, "dict").eval()(torch.randn(2, 3, 64, 64))
+    proto = torch.randn(2, 32, 16, 16)  # Ultralytics 8.4's Segment: ((decoded, prototypes), raw + mask keys)
+    segment = ((decoded, proto), {**raw, "mask_coefficient": torch.randn(2, 32, decoded.shape[2]), "proto": proto})
+    maps = raw_maps(segment)
+    assert [tuple(m.shape) for m in maps] == [(2, 4 * REG_MAX + 3, s, s) for s in (8, 4, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(maps, raw_maps(raw)))
+
+
 def test_an_end_to_end_head_is_refused_in_one_line():
     head = {"boxes": torch.zeros(1, 64, 4), "scores": torch.zeros(1, 3, 4), "feats": [torch.zeros(1, 8, 2, 2)]}
     with pytest.raises(ValueError, match=r"^an end-to-end head \(one2many and one2one branches: YOLOv10, YOLO26\) "

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BadInput
-from .layers import OUT, IN, is_stateless, kind_of, layer_kind
+from .layers import IN, OUT, PRODUCERS, is_stateless, kind_of, layer_kind
 from .tasks import output_tensors
 
 OP, PARAMETER = "op", "parameter"  # member kinds beside the layer kinds: stateless leaf module, bare nn.Parameter
@@ -63,7 +63,9 @@ class Group:
     A channel group is named after its producer (the first conv/linear, in model order, whose filters it
     prunes); `root` is the layer Torch-Pruning enumerates it by. `blocks` > 1 when a grouped conv, GroupNorm or an
     equal chunk splits the channels into blocks that must keep the same units (unit u is position
-    u % (units / blocks) of block u // (units / blocks)).
+    u % (units / blocks) of block u // (units / blocks)). `part_sizes` are the (module, integer attribute) that hold
+    the part size of an equal split by sizes the group's channels go through (C2PSA's `split((self.c, self.c))`):
+    the pruned copy gets the pruned part size there.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Group:
     root: str = ""
     blocks: int = 1
     flops_share: float = 0.0
+    part_sizes: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -86,9 +89,11 @@ class Trace:
     owners: dict  # grad_fn -> the stateless leaf module call that produced it (name, then name#2, ...)
     channels: dict  # stateless leaf call -> channels of its output
     aliases: dict  # stateless leaf that passed its input on -> the call whose output (and channels) it is
-    channel_ops: dict  # grad_fn -> what a channel shuffle or fixed-size split does where (pruning cannot follow)
+    channel_ops: dict  # grad_fn -> what a channel shuffle, fixed-size split or heads reshape does where (not followed)
     norm_blocks: dict  # grad_fn of a functional group_norm -> (its group count, where): the channels split into blocks
     chunk_parts: dict  # grad_fn of one part of an equal chunk -> (where, the part, the part count)
+    sized: dict  # where an equal split by sizes is -> (module, the integer attribute holding the part size)
+    attention: dict  # module that reshapes channels into attention heads -> why no group reaching a layer in it is kept
 
 
 @contextlib.contextmanager
@@ -167,10 +172,12 @@ def find_heads(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
 
 class _ChannelOps:
     """Records the modules whose forward moves a feature map's channels in a way pruning cannot follow: into groups
-    (a channel shuffle, by reshape or by op), into pixels (PixelShuffle) or into parts of fixed size (their sizes are
-    numbers in the module, not the tensor's); the group count of every functional group_norm, which a group's
-    kept channels must split into, as a GroupNorm layer's; and every chunk of the channels into equal parts, which
-    it runs as slices (Torch-Pruning maps a slice's channels; a chunk's parts it confuses when they meet again)."""
+    (a channel shuffle, by reshape or by op), into pixels (PixelShuffle), into parts of fixed size (their sizes are
+    numbers in the module, not the tensor's) or into and out of attention heads (a reshape of [N, C, H, W] to
+    [N, heads, C / heads, H * W] and back, as YOLO11's C2PSA does for q, k and v); the group count of every
+    functional group_norm, which a group's kept channels must split into, as a GroupNorm layer's; and every chunk of
+    the channels into equal parts, which it runs as slices (Torch-Pruning maps a slice's channels; a chunk's parts it
+    confuses when they meet again)."""
 
     RESHAPES = {"view", "reshape", "unflatten"}
     SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split"}
@@ -185,7 +192,10 @@ class _ChannelOps:
         self.windows: dict = {}  # "found" -> the first module that reshapes feature maps into windows
         self.blocks: dict = {}  # grad_fn of a functional group_norm's output -> (its number of groups, where)
         self.parts: dict = {}  # grad_fn of one part of an equal chunk -> (where, the part, the part count)
+        self.sized: dict = {}  # where an equal split by sizes is -> (module, the attribute holding the part size)
         self.cats: dict = {}  # grad_fn of a concat of feature maps' channels -> the channels of each input
+        self.heads: set = set()  # grad_fns of the reshapes into and out of attention heads
+        self.attention: dict = {}  # the module that does them -> "module (Type) does what"
 
     def refuse_windows(self) -> None:
         """SpaceError naming the first module that reshaped feature maps into windows, if one did: Torch-Pruning's
@@ -198,15 +208,17 @@ class _ChannelOps:
         """Record during the forward passes run inside this context."""
         from torch.overrides import TorchFunctionMode
 
-        found, windows, blocks, parts, cats, model = (self.found, self.windows, self.blocks, self.parts, self.cats,
-                                                      self.model)
+        found, windows, blocks, parts, cats, heads, sized, attention, model = (
+            self.found, self.windows, self.blocks, self.parts, self.cats, self.heads, self.sized, self.attention,
+            self.model)
+        modules = dict(model.named_modules())
         chunks: dict[str, int] = {}
 
         class Watch(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 x, name = (args[0] if args else None), getattr(func, "__name__", "")
-                count = _equal_chunk(name, args, kwargs)
+                count, attribute = _equal_parts(name, args, kwargs, modules[stack[-1]] if stack else None)
                 if count and stack:
                     size = x.shape[1] // count
                     out = tuple(x[:, i * size:(i + 1) * size] for i in range(count))
@@ -214,6 +226,8 @@ class _ChannelOps:
                     chunks[where] = chunks.get(where, 0) + 1  # a module that chunks twice: each chunk on its own
                     where += f" (its chunk {chunks[where]})" if chunks[where] > 1 else ""
                     parts.update({t.grad_fn: (where, i, count) for i, t in enumerate(out) if t.grad_fn is not None})
+                    if attribute:
+                        sized[where] = (stack[-1], attribute)
                     return out
                 out = func(*args, **kwargs)
                 if name in ("cat", "concat", "concatenate") and isinstance(out, torch.Tensor) and out.dim() == 4 and \
@@ -231,6 +245,11 @@ class _ChannelOps:
                 elif what is None and name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and \
                         x.dim() == 4 and out.dim() > 4 and out.shape[1] * out.shape[2] == x.shape[1]:
                     what = "reshapes the channels into groups (a channel shuffle)"
+                elif what is None and name in _ChannelOps.RESHAPES and isinstance(out, torch.Tensor) and \
+                        _heads_reshape(x, out) and out.grad_fn is not None:
+                    what = "reshapes the channels into and out of attention heads"
+                    heads.add(out.grad_fn)
+                    attention.setdefault(stack[-1], f"{describe_module(model, stack[-1])} {what}")
                 elif what is None and x.dim() == 4 and name in _ChannelOps.SPLITS and \
                         kwargs.get("dim", args[2] if len(args) > 2 else 0) in (1, -3):
                     what = "splits the channels into parts of fixed size"
@@ -243,15 +262,40 @@ class _ChannelOps:
             yield
 
 
-def _equal_chunk(name: str, args: tuple, kwargs: dict) -> int:
-    """The part count of a chunk of a feature map's channels into equal parts, else 0: the one split whose parts
-    follow the channel count (a split by sizes keeps the sizes written in its code)."""
+def _heads_reshape(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """True for a reshape of a feature map [N, C, H, W] into attention heads [N, heads, C / heads, H * W], or back."""
+    if x.dim() != 4 or out.dim() != 4 or x.shape == out.shape or x.shape[0] != out.shape[0]:
+        return False
+    into = out.shape[1] * out.shape[2] == x.shape[1] and out.shape[3] == x.shape[2] * x.shape[3]
+    back = x.shape[1] * x.shape[2] == out.shape[1] and x.shape[3] == out.shape[2] * out.shape[3]
+    return into or back
+
+
+_SIZES = ("split_size_or_sections", "split_size", "split_sizes")  # the sizes' keyword in torch.split and Tensor's
+
+
+def _equal_parts(name: str, args: tuple, kwargs: dict, owner: nn.Module | None) -> tuple[int, str | None]:
+    """How a split of a feature map's channels into equal parts follows pruning: (part count, None) for a chunk,
+    whose parts follow the channel count; (part count, attribute) for a split by sizes whose part size `owner` (the
+    module that splits) holds in one integer attribute, which the pruned copy gets set; (0, None) for any other
+    split, whose sizes are written in its code or unequal."""
     x = args[0] if args else None
-    count = kwargs.get("chunks", args[1] if len(args) > 1 else None)
-    if name != "chunk" or not (isinstance(x, torch.Tensor) and x.dim() == 4) or not isinstance(count, int) or \
+    if name not in ("chunk", "split", "split_with_sizes") or not (isinstance(x, torch.Tensor) and x.dim() == 4) or \
             kwargs.get("dim", args[2] if len(args) > 2 else 0) not in (1, -3):
-        return 0
-    return count if count > 1 and x.shape[1] % count == 0 else 0
+        return 0, None
+    channels = x.shape[1]
+    if name == "chunk":
+        count = kwargs.get("chunks", args[1] if len(args) > 1 else None)
+        return (count, None) if isinstance(count, int) and count > 1 and channels % count == 0 else (0, None)
+    sizes = next((kwargs[k] for k in _SIZES if k in kwargs), args[1] if len(args) > 1 else None)
+    if isinstance(sizes, int) and not isinstance(sizes, bool) and 0 < sizes < channels and channels % sizes == 0:
+        size, count = sizes, channels // sizes
+    elif isinstance(sizes, (list, tuple)) and len(sizes) > 1 and len(set(sizes)) == 1 and sum(sizes) == channels:
+        size, count = sizes[0], len(sizes)
+    else:
+        return 0, None
+    held = [k for k, v in vars(owner or nn.Module()).items() if type(v) is int and v == size]
+    return (count, held[0]) if len(held) == 1 else (0, None)
 
 
 # Torch-Pruning's grouping is quadratic in a group's size: some models never finish, or fill the memory. Bounded in
@@ -375,6 +419,7 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
         for h in hooks:
             h.remove()
     channel_ops.refuse_windows()
+    _stop_at(graph, channel_ops.heads)
     if channel_ops.parts:
         _size_concats(graph, channel_ops.cats)
         _chunked_first(graph, channel_ops.parts)
@@ -398,7 +443,24 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list[s
     groups = [(root, g) for root, g in groups if len(g[0].idxs) > 1]  # Torch-Pruning skips 1-channel groups
     axes = {u.parameters: u.pruning_dim for u in graph.unwrapped_parameters}
     return Trace(graph, groups, names, dict(graph._param_to_name), axes, owners, channels, aliases, channel_ops.found,
-                 channel_ops.blocks, channel_ops.parts)
+                 channel_ops.blocks, channel_ops.parts, channel_ops.sized, channel_ops.attention)
+
+
+def _stop_at(graph, reshapes: set) -> None:
+    """Map no index out of the reshapes into and out of attention heads. Torch-Pruning maps every channel there to
+    H * W indices, which the attention's matmuls and transposes multiply again: YOLO11n's C2PSA at 640 px grew its
+    grouping by 4 GiB in minutes of CPU. Every group that reaches a layer of the module doing them is left out naming
+    it (_raw_items: the module's shapes tie its input channels to the heads', as `view(B, C, H, W)` does), so nothing
+    past them need be known."""
+    for node in graph.module2node.values():
+        if node.grad_fn in reshapes:
+            for dep in node.dependencies:
+                dep.index_mapping[1] = _no_index
+
+
+def _no_index(idxs: list) -> list:
+    """An index mapping that maps nothing."""
+    return []
 
 
 def _size_concats(graph, cats: dict) -> None:
@@ -496,6 +558,9 @@ def _raw_items(trace: Trace, items) -> tuple[dict[tuple, list], bool, dict[str, 
         elif target in trace.names:
             kind = kind_of(target)
             name = trace.names[target]
+            inside = next((why for m, why in trace.attention.items() if name.startswith(f"{m}.")), None)
+            if inside:
+                raise _Irregular(inside)
             if kind is None:
                 if is_stateless(target):
                     continue  # a stateless module Torch-Pruning tracks directly: its output is covered as `op`
@@ -621,9 +686,10 @@ def _channel_group(model: nn.Module, trace: Trace, root: nn.Module, group) -> tu
     _check_blocks(members, blocks, n_units, lcm)
     _check_parts(parts, blocks, unit_of_root, lcm)
     position = {n: i for i, n in enumerate(trace.names.values())}
-    producers = [m.module for m in members if m.role == OUT and m.kind in ("conv", "grouped_conv", "linear")]
+    producers = [m.module for m in members if m.role == OUT and m.kind in PRODUCERS]
     name = min(producers, key=position.__getitem__) if producers else trace.names[root]
-    return Group(name, n_units, members, root=trace.names[root], blocks=lcm), counted
+    sizes = [trace.sized[where] for where in parts if where in trace.sized]
+    return Group(name, n_units, members, root=trace.names[root], blocks=lcm, part_sizes=sizes), counted
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 OUT, IN = "out", "in"
+PRODUCERS = ("conv", "grouped_conv", "conv_transpose", "linear")  # kinds whose out channels are filters of their own
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,13 @@ def _conv_tensors(m, role: str) -> list[tuple[str, int]]:
     if role == IN:
         return [("weight", 1)]
     return [("weight", 0)] + ([("bias", 0)] if m.bias is not None else [])
+
+
+def _transposed_tensors(m, role: str) -> list[tuple[str, int]]:
+    # a transposed conv's weight is [in, out / groups, k, k]: its filters are along axis 1
+    if role == IN:
+        return [("weight", 0)]
+    return [("weight", 1)] + ([("bias", 0)] if m.bias is not None else [])
 
 
 def _conv_resize(m, role: str, n: int) -> None:
@@ -95,6 +103,8 @@ KINDS: tuple[LayerKind, ...] = (
     LayerKind("conv", lambda m: _is_conv(m) and m.groups == 1, _conv_size, _conv_tensors, _conv_resize,
               coupled=False, flops_roles=(OUT, IN), weight_roles=(OUT, IN)),
     LayerKind("dwconv", _is_depthwise, _conv_size, _conv_tensors, _depthwise_resize),
+    LayerKind("conv_transpose", lambda m: isinstance(m, _ConvNd) and m.transposed and m.groups == 1, _conv_size,
+              _transposed_tensors, _conv_resize, coupled=False, flops_roles=(OUT, IN), weight_roles=(OUT, IN)),
     LayerKind("grouped_conv", lambda m: _is_conv(m) and m.groups > 1 and not _is_depthwise(m), _conv_size,
               _conv_tensors, _conv_resize, coupled=False, flops_roles=(OUT, IN), weight_roles=(OUT, IN),
               blocks=lambda m: cast(_ConvNd, m).groups, local_index=_grouped_local_index),

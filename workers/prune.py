@@ -16,13 +16,10 @@ import torch.nn as nn
 
 from .criteria import BATCHNORM, CRITERIA, Criterion
 from .groups import OP, PARAMETER, Group, dim_size
-from .layers import LayerKind, kind_of, weight_of
+from .layers import OUT, PRODUCERS, LayerKind, kind_of, layer_kind, weight_of
 
 if TYPE_CHECKING:  # space.py builds on this module (its functional fit prunes); only the annotations point back
     from .space import PruningSpace
-
-_PRODUCERS = ("conv", "grouped_conv", "linear")
-
 
 def _unit_importance(model: nn.Module, group: Group, criterion: Criterion, seed: int,
                      position: dict[str, int]) -> np.ndarray:
@@ -37,9 +34,11 @@ def _unit_importance(model: nn.Module, group: Group, criterion: Criterion, seed:
         bns = [m for m in ordered if m.kind == "batchnorm" and getattr(model.get_submodule(m.module), "affine", False)]
         member = bns[0] if bns else None
     if member is None:  # the first producer; a group of depthwise convs only ranks by its first one
-        producers = [m for m in ordered if m.role == "out" and m.kind in _PRODUCERS]
+        producers = [m for m in ordered if m.role == "out" and m.kind in PRODUCERS]
         member = (producers or [m for m in ordered if m.kind == "dwconv"])[0]
-    rows = weight_of(model, member.module).detach()[member.idxs]
+    module = model.get_submodule(member.module)
+    axis = dict(layer_kind(module).tensors(module, OUT))["weight"]  # the filters' axis (1 in a transposed conv)
+    rows = weight_of(model, member.module).detach().movedim(axis, 0)[member.idxs]
     importance = np.zeros(group.units)
     np.add.at(importance, member.units, criterion(rows, seed, group.root))
     return importance
@@ -140,6 +139,10 @@ class PrunePlan:
             layer = self.dims[(target, role)].layer
             if layer is not None:
                 layer.resize(new_modules[target], role, len(idx))
+        kept = self.space.kept_units(ratios)
+        for g, k in zip(self.space.groups, kept):  # the part size of an equal split by sizes, where a module holds it
+            for module, attribute in g.part_sizes:
+                setattr(new_modules[module], attribute, getattr(self.modules[module], attribute) * int(k) // g.units)
         return pruned
 
 

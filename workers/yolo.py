@@ -4,8 +4,10 @@ reg_max bins per box side), scored by mAP@0.5:0.95 and mAP@0.5 on the held-out s
 The prediction is the head's raw per-scale maps [N, 4 * reg_max + classes, H, W], taken from what the model
 returns as Ultralytics' Detect returns it: in training the raw prediction, in eval (decoded, raw prediction); the
 raw prediction is the list of maps (Ultralytics 8.3 and before) or a dict of "boxes" [N, 4 * reg_max, A], "scores"
-[N, classes, A] and "feats" (8.4), whose flat anchors are cut back into the maps. Targets are YOLO labels per
-image, [k, 5] (class, cx, cy, w, h, normalised to the image).
+[N, classes, A] and "feats" (8.4), whose flat anchors are cut back into the maps. An 8.4 Segment head (YOLOv8-seg)
+returns ((decoded, mask prototypes), raw prediction) in eval and its dict has mask keys beside: it is read by its
+boxes alone (its masks are neither scored nor trained). Targets are YOLO labels per image, [k, 5] (class, cx, cy, w,
+h, normalised to the image).
 
 Scoring needs nothing but torch: boxes are decoded as Ultralytics decodes them (the DFL's expectation of each side's
 distance from the anchor point, cell centres), in coordinates normalised to the image (each map covers the whole
@@ -43,11 +45,18 @@ class YoloError(BadInput, ValueError):
     """A YOLO task that cannot run here: a model output it cannot read, or training without ultralytics."""
 
 
+def _decoded(output: Any) -> bool:
+    """True for a head's decoded eval output: [N, C, A] (Detect), or (that, the mask prototypes) (Segment)."""
+    if isinstance(output, (tuple, list)) and len(output) == 2 and isinstance(output[1], torch.Tensor):
+        output = output[0]
+    return isinstance(output, torch.Tensor) and output.dim() == 3
+
+
 def raw_maps(output: Any) -> list[torch.Tensor]:
     """The per-scale raw maps [N, 4 * reg_max + classes, H, W] in a YOLO model's output (train or eval mode, the
     maps or Ultralytics 8.4's dict); ValueError saying what it found otherwise."""
-    if isinstance(output, (tuple, list)) and len(output) == 2 and isinstance(output[0], torch.Tensor) \
-            and output[0].dim() == 3 and not isinstance(output[1], torch.Tensor):
+    if isinstance(output, (tuple, list)) and len(output) == 2 and _decoded(output[0]) and \
+            not isinstance(output[1], torch.Tensor):
         output = output[1]  # eval: (decoded, raw)
     if isinstance(output, dict):
         if "one2many" in output:
