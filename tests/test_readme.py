@@ -51,6 +51,18 @@ def test_the_readme_comparison_with_torch_pruning_is_the_committed_bench_json():
         assert int(times) == int(ours["seconds_to_strategy"] / theirs["seconds_to_strategy"])
 
 
+def test_the_readme_latency_table_is_the_committed_bench_json():
+    import json
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for runtime, title in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO"), ("torch", "PyTorch")):
+        for r in json.load(open(os.path.join(ROOT, "bench", "results", f"latency-{runtime}.json")))["results"]:
+            row = (f"| {title} | {r['model']}, batch {r['batch']} | {100 * r['median_error']:.1f}% | "
+                   f"{100 * r['fraction_median_error']:.1f}% | {r['flops_speedup']:.2f}x | "
+                   f"{r['predicted_speedup']:.2f}x | {r['speedup']:.2f}x |")
+            assert row in readme, row
+
+
 def test_the_readme_config_for_your_own_cnn_is_valid():
     from prunetune.search.config import from_dict
 
