@@ -9,7 +9,7 @@ from prunetune.workers.errors import RunFailed
 from prunetune.workers.evaluator import evaluation_data
 from prunetune.workers.logs import RUN
 from prunetune.workers.methods import METHODS
-from prunetune.workers.record import CandidateRecord
+from prunetune.workers.record import CandidateRecord, best
 
 from .algorithms import ALGORITHMS
 from .baselines import baselines, run_baselines
@@ -94,6 +94,11 @@ def failure_verdict(records: list[CandidateRecord], cfg: Config) -> str | None:
     if len(failed) / len(records) > cfg.search.max_failed_fraction or len(failed) == len(records):
         return (f"search stopped: {len(failed)} of {len(records)} candidates failed (search.max_failed_fraction="
                 f"{cfg.search.max_failed_fraction}); last error: {failed[-1].error}")
+    over = [r for r in records if r.ok and r.within_budget is False]
+    if over and not best(records, 1):
+        return (f"search stopped: none of the {len(records)} candidates can be fine-tuned: {len(over)} were timed "
+                f"over their latency budget ({over[-1].warning}); time on a quieter machine or widen "
+                "search.tolerance")
     return None
 
 

@@ -90,23 +90,28 @@ def evaluate_candidates(config: dict, payload: TrialPayload) -> None:
         except Exception as e:  # recorded as a failed candidate; the search goes on
             record = candidate.failed(f"{type(e).__name__}: {e}")
         record.node = node
-        check_latency(record, candidate.latency_budget_ms, payload.space)
+        check_latency(record, candidate.latency_budget_ms, payload.space, evaluator_for(payload).base_latency_ms)
         if payload.gpus_per_trial > 0 and record.device == "cpu":
             record.warning = "; ".join(filter(None, [record.warning, "the trial holds a Ray GPU but this node has no "
                                                                       "CUDA device: evaluated on the CPU"]))
         tune.report(record.to_dict())
 
 
-def check_latency(record: CandidateRecord, budget_ms: float | None, space: PruningSpace) -> None:
+def check_latency(record: CandidateRecord, budget_ms: float | None, space: PruningSpace,
+                  base_ms: float | None = None) -> None:
     """Mark a candidate timed over its latency budget by more than the latency table's worst fit error: it is
-    stored, but never kept for fine-tuning."""
+    stored, but never kept for fine-tuning. With `base_ms` (the base timed beside it) the budget moves with the
+    machine's speed now against the table's: a load that slows both alike moves no candidate out of its budget."""
     if record.latency_ms is None or budget_ms is None:
         return
-    allowed = budget_ms * (1 + space.latency.worst_error)
+    table = space.latency
+    load = base_ms / table.base_ms if base_ms and table.base_ms else 1.0
+    allowed = budget_ms * (1 + table.worst_error) * load
     record.within_budget = record.latency_ms <= allowed
     if not record.within_budget:
+        now = f", the base timed {base_ms:.2f} ms beside it ({table.base_ms:.2f} in the table)" if load != 1.0 else ""
         record.warning = "; ".join(filter(None, [record.warning, f"timed at {record.latency_ms:.2f} ms, over the "
-                                                 f"latency budget ({allowed:.2f} ms with the table's error)"]))
+                                                 f"latency budget ({allowed:.2f} ms with the table's error{now})"]))
 
 
 def finetune_candidate(config: dict, payload: TrialPayload) -> None:

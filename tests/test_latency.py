@@ -184,6 +184,43 @@ def test_a_candidate_timed_over_the_budget_is_stored_but_never_a_finalist(resnet
         space.latency = None
 
 
+def test_a_load_that_slows_the_base_beside_a_candidate_moves_its_budget_alike(resnet20, table):
+    """The trial times the base beside each candidate: a machine twice as slow as when the table was built keeps a
+    candidate twice as slow in its budget, and one that is slow by itself (the base at the table's speed) out."""
+    _, space = resnet20
+    space.latency = table
+    try:
+        over = 10.0 * (1 + table.worst_error) + 0.01  # over the budget at the table's speed
+        loaded = CandidateRecord(0, [0.1], score=0.9, flops=1, latency_ms=2 * over - 0.02)
+        alone = CandidateRecord(1, [0.1], score=0.9, flops=1, latency_ms=over)
+        check_latency(loaded, 10.0, space, base_ms=2 * table.base_ms)
+        check_latency(alone, 10.0, space, base_ms=table.base_ms)
+        assert loaded.within_budget is True and loaded.warning is None
+        assert alone.within_budget is False and "the base timed" not in alone.warning
+    finally:
+        space.latency = None
+
+
+def test_a_search_whose_every_candidate_was_timed_over_its_budget_stops_in_one_line(resnet20, table):
+    """Nothing to fine-tune: the search stage stops naming why, instead of handing Tune an empty stage."""
+    from prunetune.search.stages import failure_verdict
+
+    _, space = resnet20
+    space.latency = table
+    cfg = load_config(None, [])
+    try:
+        records = [CandidateRecord(i, [0.1], score=0.5, flops=1, latency_ms=99.0) for i in range(3)]
+        for r in records:
+            check_latency(r, 10.0, space)
+        verdict = failure_verdict(records, cfg)
+        assert verdict.startswith("search stopped: none of the 3 candidates can be fine-tuned: 3 were timed over "
+                                  "their latency budget (timed at 99.00 ms") and "\n" not in verdict
+        check_latency(records[0], 1000.0, space)
+        assert failure_verdict(records, cfg) is None
+    finally:
+        space.latency = None
+
+
 def test_inspect_latency_shows_the_shares_before_refusing_an_unreachable_target(tmp_path, capsys, monkeypatch):
     from prunetune.search.cli import main
 
@@ -278,10 +315,10 @@ def test_a_table_timed_in_an_onnx_runtime_times_layers_networks_and_candidates_t
     assert torch_table.runtime == "torch" and torch_table.key != table.key  # one cache entry per runtime
     pruned = build_model("digits_cnn", 10, 3).eval()
     before = len(timing._SESSIONS)
-    assert table.time(pruned, torch.device("cpu"), (3, 16, 16)).median_ms > 0
+    assert table.time([pruned], torch.device("cpu"), (3, 16, 16))[0].median_ms > 0
     assert pruned in timing._SESSIONS and len(timing._SESSIONS) == before + 1  # exported and run by the runtime
     assert [key[0] for key in timing._SESSIONS[pruned]] == [runtime]
-    torch_table.time(pruned, torch.device("cpu"), (3, 16, 16))
+    torch_table.time([pruned], torch.device("cpu"), (3, 16, 16))
     assert len(timing._SESSIONS[pruned]) == 1  # eager PyTorch exports nothing
 
 

@@ -35,7 +35,7 @@ from .files import unwritable, write_json
 from .layers import IN, OUT, kind_of
 from .prune import PrunePlan
 from .space import PruningSpace
-from .timing import RUNTIMES, interleaved, time_forward
+from .timing import RUNTIMES, Timing, interleaved
 
 # Kernels run channels in vector-width blocks: on this AVX-512 CPU a 3x3 conv (56 px, 128 inputs) with 65-80
 # output channels takes about as long as one with 80 (steps of 16 measured at 64, 80, 96, 112). Tables are timed
@@ -97,10 +97,11 @@ class LatencyTable:
         """Channel counts as the kernels run them: up to the next multiple of `multiple`, at most `full`."""
         return np.minimum(np.ceil(channels / self.multiple) * self.multiple, full)
 
-    def time(self, model: nn.Module, device: torch.device, input_shape: tuple[int, ...]):
-        """Time a (pruned) network as the table was timed: its batch size, threads and repeats (a Timing)."""
+    def time(self, models: list[nn.Module], device: torch.device, input_shape: tuple[int, ...]) -> list[Timing]:
+        """Time networks as the table was timed (its batch size, threads, repeats and runtime), in interleaved
+        rounds: a load spike lands on all of them alike."""
         example = torch.zeros(self.batch_size, *input_shape, device=device)
-        return time_forward(model, example, repeats=self.repeats, threads=self.threads, runtime=self.runtime)
+        return interleaved([(m, example) for m in models], self.repeats, self.threads, self.runtime)
 
     def describe(self, space: PruningSpace) -> str:
         """Per group, the share of the base's predicted latency that scales with its channels; then the fit."""
