@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -84,13 +85,15 @@ def evaluate_candidates(config: dict, payload: TrialPayload) -> None:
     torch.set_num_threads(max(1, int(payload.cpus_per_trial)))
     node = ray.get_runtime_context().get_node_id()[:12]
     for candidate in config["candidates"]:
+        time_base = None
         try:
-            record = evaluator_for(payload).evaluate(list(candidate.ratios), candidate.index)
-            record.source = candidate.source
+            evaluator = evaluator_for(payload)
+            record = evaluator.evaluate(list(candidate.ratios), candidate.index)
+            record.source, time_base = candidate.source, evaluator.time_base
         except Exception as e:  # recorded as a failed candidate; the search goes on
             record = candidate.failed(f"{type(e).__name__}: {e}")
         record.node = node
-        check_latency(record, candidate.latency_budget_ms, payload.space, evaluator_for(payload).base_latency_ms)
+        check_latency(record, candidate.latency_budget_ms, payload.space, time_base)
         if payload.gpus_per_trial > 0 and record.device == "cpu":
             record.warning = "; ".join(filter(None, [record.warning, "the trial holds a Ray GPU but this node has no "
                                                                       "CUDA device: evaluated on the CPU"]))
@@ -98,18 +101,22 @@ def evaluate_candidates(config: dict, payload: TrialPayload) -> None:
 
 
 def check_latency(record: CandidateRecord, budget_ms: float | None, space: PruningSpace,
-                  base_ms: float | None = None) -> None:
+                  time_base: Callable[[], float] | None = None) -> None:
     """Mark a candidate timed over its latency budget by more than the latency table's worst fit error: it is
-    stored, but never kept for fine-tuning. With `base_ms` (the base timed beside it) the budget moves with the
-    machine's speed now against the table's: a load that slows both alike moves no candidate out of its budget."""
+    stored, but never kept for fine-tuning. One timed over it is judged again against the base timed now
+    (`time_base`): on a machine slower now than when the table was built, the budget slows alike, so a load does
+    not move every candidate out of its budget. A candidate within it costs no second timing."""
     if record.latency_ms is None or budget_ms is None:
         return
     table = space.latency
-    load = base_ms / table.base_ms if base_ms and table.base_ms else 1.0
-    allowed = budget_ms * (1 + table.worst_error) * load
+    allowed, now = budget_ms * (1 + table.worst_error), ""
+    if record.latency_ms > allowed and time_base is not None and table.base_ms:
+        base_ms = time_base()
+        if base_ms > table.base_ms:
+            allowed *= base_ms / table.base_ms
+            now = f", the base timed {base_ms:.2f} ms now ({table.base_ms:.2f} in the table)"
     record.within_budget = record.latency_ms <= allowed
     if not record.within_budget:
-        now = f", the base timed {base_ms:.2f} ms beside it ({table.base_ms:.2f} in the table)" if load != 1.0 else ""
         record.warning = "; ".join(filter(None, [record.warning, f"timed at {record.latency_ms:.2f} ms, over the "
                                                  f"latency budget ({allowed:.2f} ms with the table's error{now})"]))
 

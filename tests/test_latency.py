@@ -185,18 +185,26 @@ def test_a_candidate_timed_over_the_budget_is_stored_but_never_a_finalist(resnet
 
 
 def test_a_load_that_slows_the_base_beside_a_candidate_moves_its_budget_alike(resnet20, table):
-    """The trial times the base beside each candidate: a machine twice as slow as when the table was built keeps a
-    candidate twice as slow in its budget, and one that is slow by itself (the base at the table's speed) out."""
+    """A candidate over its budget is judged again against the base timed now: a machine twice as slow as when the
+    table was built keeps a candidate twice as slow in its budget, and one that is slow by itself (the base at the
+    table's speed) out; a candidate within its budget is not timed again."""
     _, space = resnet20
     space.latency = table
+
+    def never() -> float:
+        raise AssertionError("a candidate within its budget timed the base")
+
     try:
         over = 10.0 * (1 + table.worst_error) + 0.01  # over the budget at the table's speed
         loaded = CandidateRecord(0, [0.1], score=0.9, flops=1, latency_ms=2 * over - 0.02)
         alone = CandidateRecord(1, [0.1], score=0.9, flops=1, latency_ms=over)
-        check_latency(loaded, 10.0, space, base_ms=2 * table.base_ms)
-        check_latency(alone, 10.0, space, base_ms=table.base_ms)
+        within = CandidateRecord(2, [0.1], score=0.9, flops=1, latency_ms=9.0)
+        check_latency(loaded, 10.0, space, lambda: 2 * table.base_ms)
+        check_latency(alone, 10.0, space, lambda: table.base_ms)
+        check_latency(within, 10.0, space, never)
         assert loaded.within_budget is True and loaded.warning is None
         assert alone.within_budget is False and "the base timed" not in alone.warning
+        assert within.within_budget is True
     finally:
         space.latency = None
 

@@ -128,7 +128,6 @@ class CandidateEvaluator:
         self.autocast, self.channels_last = precision(settings, self.device)
         self.base = model.to(self.device).eval()
         self.device_name = device_name(self.device) if space.latency is not None else None  # latency timing
-        self.base_latency_ms: float | None = None  # the base timed beside the last candidate timed
         self.plan = method.plan(self.base, space, criterion, settings.seed)
         data = data if isinstance(data, EvaluationData) else evaluation_data(data, settings)
         self.heldout_indices, self.rest_indices = data.heldout_indices, data.rest_indices
@@ -209,15 +208,19 @@ class CandidateEvaluator:
             t_score=t3 - t2, device=str(self.device), **latency)
 
     def latency(self, model: nn.Module, ratios: np.ndarray) -> dict:
-        """The latency table's prediction for the strategy and, on the table's device, the pruned net timed in
-        interleaved rounds with the base (`base_latency_ms`: how fast the machine is now next to the table's base)."""
+        """The latency table's prediction for the strategy and, on the table's device, the pruned net timed."""
         table = self.space.latency
         if table is None:
             return {}
         kept = self.space.kept_batch(ratios[None, :])
         found = {"latency_predicted_ms": float(table.predict(self.space, kept)[0])}
         if self.device_name == table.device:
-            timed, base = table.time([model.float().to(memory_format=torch.contiguous_format), self.base],
-                                     self.device, self.space.input_shape)
-            found["latency_ms"], self.base_latency_ms = timed.median_ms, base.median_ms
+            found["latency_ms"] = table.time([model.float().to(memory_format=torch.contiguous_format)], self.device,
+                                             self.space.input_shape)[0].median_ms
         return found
+
+    def time_base(self) -> float:
+        """The base model timed now as the latency table times (milliseconds): how fast the machine is now."""
+        table = self.space.latency
+        assert table is not None, "time_base needs the space's latency table"
+        return table.time([self.base], self.device, self.space.input_shape)[0].median_ms
