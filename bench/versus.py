@@ -5,8 +5,10 @@ the same fine-tuning (issue 34).
         [--targets 0.5,0.3] [--candidates 32] [--seeds 3] [--steps 391] [--test-images 10000]
         [--recipes reference,prunetune] [--out versus]
 
-Rows: prunetune's search (the real search stage: `search.algorithm` TPE with its baseline candidates, on embedded Ray,
-`--candidates` strategies scored by adaptive BN on the held-out images; its best score is kept); Torch-Pruning's
+Rows: prunetune's search as a run makes its model (the real search stage: `search.algorithm` TPE with its baseline
+candidates, on embedded Ray, `--candidates` strategies scored by adaptive BN on the held-out images; its `--finalists`
+best scores, as `search.top_k`, each fine-tuned like every other row, and the one with the best accuracy on the
+finalists' validation split kept; each seed's finalists are in the row); Torch-Pruning's
 MetaPruner stepped to the FLOPs target (global with GroupMagnitudeImportance(p=1), its default per-group mean
 normaliser, and the same in one step at the ratio that lands at the target; global GroupTaylorImportance; global
 BNScaleImportance; global isomorphic magnitude; uniform (local) magnitude); prunetune's uniform strategy and one random
@@ -50,7 +52,7 @@ from prunetune.search.rundir import RunDir  # noqa: E402
 from prunetune.search.stages import run_search  # noqa: E402
 from prunetune.workers.data import iterate_batches  # noqa: E402
 from prunetune.workers.methods.units import fvcore_counts  # noqa: E402
-from prunetune.workers.record import best  # noqa: E402
+from prunetune.workers.record import best, best_networks  # noqa: E402
 
 # key -> (row name, Torch-Pruning importance, global pruning, isomorphic, iterative): an iterative pruner steps to
 # the FLOPs target; a one-shot one prunes in one step, at the ratio (found by bisection) that lands at the target
@@ -66,6 +68,7 @@ TORCH_PRUNING = {
                       lambda: tp.importance.GroupMagnitudeImportance(p=1), True, True, True),
     "tp-uniform": ("TP uniform (local), GroupMagnitudeImportance(p=1)",
                    lambda: tp.importance.GroupMagnitudeImportance(p=1), False, False, True)}
+SEARCH_ROW = "prunetune search (TPE, {candidates} candidates, best of {finalists} finalists)"
 METHODS = ("search", *TORCH_PRUNING, "uniform", "random")  # --methods: the rows to measure
 TP_MAX_RATIO = 0.9  # MetaPruner's pruning ratio after its last step (--tp-steps of them; it stops at the target)
 ONE_SHOT_TRIES = 14  # bisections of a one-shot pruner's ratio in [0, TP_MAX_RATIO]
@@ -194,7 +197,11 @@ def strategies(args, target: float, workdir: str) -> tuple[dict, dict, list[dict
         records.extend(r for r in found if r.ok)
         return evaluator.prune(best(records, 1)[0].ratios), len(found)
 
-    add("search", f"prunetune search (TPE, {args.candidates} candidates)", searched, None)
+    add("search", SEARCH_ROW.format(candidates=args.candidates, finalists=args.finalists), searched, None)
+    finalists = []  # the search's top --finalists networks by score, adaptive BN done: (candidate, net)
+    for r in best_networks(records, args.finalists):
+        finalists.append((r.index, evaluator.prune(r.ratios)))
+        heldout_accuracy(evaluator, data, finalists[-1][1])
     rng = np.random.default_rng(0)
     rest = evaluator.rest_indices
     taylor = list(iterate_batches(data.train, rng.choice(rest, min(TAYLOR_IMAGES, len(rest)), replace=False),
@@ -205,18 +212,28 @@ def strategies(args, target: float, workdir: str) -> tuple[dict, dict, list[dict
     add("random", "random valid strategy", lambda: (evaluator.prune(checked.sampler.sample(0)), None), 1)
     top = [{"index": r.index, "source": r.source, "heldout": round(r.score, 4), "flops_ratio": round(r.flops_ratio, 4)}
            for r in best(records, 5)]
-    return {"base": base, "evaluator": evaluator, "data": data, "nets": nets}, figures, top
+    return {"base": base, "evaluator": evaluator, "data": data, "nets": nets, "finalists": finalists}, figures, top
 
 
-def finetuned(net: nn.Module, setup: dict, recipe: str, seed: int, args) -> float:
-    """Test accuracy of a copy of `net` after `recipe` with `seed` on --steps batches of BATCH training images."""
+def finetuned(net: nn.Module, setup: dict, recipe: str, seed: int, args) -> tuple[float, float]:
+    """Validation and test accuracy of a copy of `net` after `recipe` with `seed` on --steps batches of BATCH
+    training images (validated on the search's finalists' validation split, which none of them trains on)."""
     cfg = load_config(None).finetune.model_copy(update={**RECIPES[recipe], "seed": seed})
     pool = setup["evaluator"].rest_indices
     images = np.random.default_rng(seed).choice(pool, min(len(pool), args.steps * BATCH), replace=False)
     teacher = setup["base"] if cfg.distill_weight > 0 else None
     out = finetune(copy.deepcopy(net), test_subset(setup["data"], args.test_images), cfg.settings(),
-                   FinetuneOptions(teacher=teacher, train_indices=images, log=io.StringIO()))
-    return round(out["test_accuracy"], 4)
+                   FinetuneOptions(teacher=teacher, train_indices=images,
+                                   val_indices=setup["evaluator"].validation_indices, log=io.StringIO()))
+    return round(out["val_accuracy"], 4), round(out["test_accuracy"], 4)
+
+
+def searched_row(setup: dict, recipe: str, seed: int, args) -> tuple[float, list[dict]]:
+    """The search's model as a run makes it: each finalist fine-tuned alike, the best by validation kept (the first,
+    the best score, on a tie). Its test accuracy, and every finalist's figures."""
+    runs = [dict(zip(("candidate", "val", "test"), (index, *finetuned(net, setup, recipe, seed, args))))
+            for index, net in setup["finalists"]]
+    return max(runs, key=lambda run: run["val"])["test"], runs
 
 
 def main() -> None:
@@ -225,6 +242,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.5,0.3", help="FLOPs budgets, fractions of the base's")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"rows among {','.join(METHODS)}")
     parser.add_argument("--candidates", type=int, default=32, help="strategies the search scores")
+    parser.add_argument("--finalists", type=int, default=3, help="the search's best scores fine-tuned, the best by "
+                        "validation kept (search.top_k; 1: the best score alone)")
     parser.add_argument("--heldout", type=int, default=2000, help="held-out images scoring the candidates")
     parser.add_argument("--calibration-batches", type=int, default=20)
     parser.add_argument("--tp-steps", type=int, default=200, help="Torch-Pruning's iterative steps to a ratio of "
@@ -237,8 +256,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/prunetune-versus", help="the searches' run directories")
     parser.add_argument("--out", default="versus", help="results name: bench/results/OUT.json")
     args = parse_args(parser, {"model": "resnet20", "threads": 1, "targets": "0.5", "candidates": 6, "heldout": 64,
-                               "calibration_batches": 2, "tp_steps": 20, "seeds": 2, "steps": 2, "test_images": 32,
-                               "recipes": ",".join(RECIPES)}, require=("data",))
+                               "calibration_batches": 2, "finalists": 2, "tp_steps": 20, "seeds": 2, "steps": 2,
+                               "test_images": 32, "recipes": ",".join(RECIPES)}, require=("data",))
     torch.set_num_threads(args.threads)
     if args.smoke:  # a random ResNet-20 as the base; every file in the smoke directory
         args.workdir = args.cache_dir = os.path.join(smoke_dir(), "work")
@@ -268,7 +287,12 @@ def main() -> None:
         for setup, budget in zip(setups, result["budgets"]):
             for row in budget["rows"]:
                 start = time.perf_counter()
-                row["test"].append(finetuned(setup["nets"][row["method"]], setup, row["recipe"], seed, args))
+                if row["method"].startswith(SEARCH_ROW.split(" (")[0]):
+                    test, runs = searched_row(setup, row["recipe"], seed, args)
+                    row.setdefault("finalists", []).append(runs)
+                else:
+                    test = finetuned(setup["nets"][row["method"]], setup, row["recipe"], seed, args)[1]
+                row["test"].append(test)
                 row["test_mean"], row["test_spread"] = round(statistics.mean(row["test"]), 4), spread(row["test"])
                 row["finetune_seconds"] = round(time.perf_counter() - start, 1)
                 print(f"{budget['target']} seed {seed} {row['recipe']:>9}  {row['method']}: {row['test'][-1]}",

@@ -51,6 +51,10 @@ def versus_rows(out: str) -> None:
     assert tp_rows | {"prunetune uniform", "random valid strategy"} < methods, methods
     assert any(m.startswith("prunetune search") for m in methods), methods
     assert {r for _, r in rows} == set(RECIPES)
+    (searched,) = (r for (m, _), r in rows.items() if m.startswith("prunetune search") and r["recipe"] == "reference")
+    assert len(searched["finalists"]) == result["args"]["seeds"]
+    for runs, test in zip(searched["finalists"], searched["test"]):  # the finalist best on validation is the row's
+        assert len(runs) == result["args"]["finalists"] and test == max(runs, key=lambda r: r["val"])["test"]
     for (method, _), row in rows.items():
         assert len(row["test"]) == result["args"]["seeds"] and all(0 <= t <= 1 for t in row["test"]), row
         limit = 100 * budget["target"] + (0 if method in tp_rows else 1)  # search.tolerance 0.01
