@@ -33,13 +33,14 @@ def _epoch_1_checkpoint_recorded(run):
 
 
 def test_finalists_fine_tune_with_two_ddp_workers_and_resume_after_a_kill(tmp_path):
-    """The first finalist's worker hangs at the end of epoch 2 (SIGSTOP, before reporting it) once Tune has its epoch-1
-    checkpoint; the driver is killed there. The resume continues that finalist from epoch 1 (epoch 2 is its only
-    epoch reported again) and every finalist ends with 2 epochs trained by 2 workers."""
+    """The finalist's worker hangs at the end of epoch 2 (SIGSTOP, before reporting it) once Tune has its epoch-1
+    checkpoint; the driver is killed there. The resume continues the finalist from epoch 1 (epoch 2 is its only
+    epoch reported again) and it ends with 2 epochs trained by 2 workers. (One finalist: each TorchTrainer start
+    costs ~4 processes, and a second finalist tests nothing a first does not.)"""
     run, log_path, markers = tmp_path / "run", tmp_path / "driver.log", tmp_path / "markers"
     markers.mkdir()
     args = ["run", *as_args(small(run, tmp_path / "cache", "ray.num_cpus=2", "finetune.workers_per_finalist=2",
-                                  "finetune.epoch_timeout_s=600", candidates=4, top_k=2, epochs=2))]
+                                  "finetune.epoch_timeout_s=600", candidates=4, top_k=1, epochs=2))]
     try:
         _interrupt_and_resume(run, log_path, markers, args)
     finally:
@@ -61,5 +62,5 @@ def _interrupt_and_resume(run, log_path, markers, args):
               if line.startswith(f"[finetune] finalist {rank} (")]
     assert epochs == ["2"], resumed[-3000:]  # resumed after its epoch-1 checkpoint, not started again
     final = json.load(open(run / "final" / "summary.json"))["final"]
-    assert len(final) == 2 and all(f["epochs"] == 2 for f in final)
-    assert {r: (m["epoch"], m["workers"]) for r, m in _finalists(run).items()} == {1: (2, 2), 2: (2, 2)}
+    assert len(final) == 1 and final[0]["epochs"] == 2
+    assert {r: (m["epoch"], m["workers"]) for r, m in _finalists(run).items()} == {1: (2, 2)}
