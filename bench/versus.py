@@ -68,7 +68,6 @@ TORCH_PRUNING = {
                       lambda: tp.importance.GroupMagnitudeImportance(p=1), True, True, True),
     "tp-uniform": ("TP uniform (local), GroupMagnitudeImportance(p=1)",
                    lambda: tp.importance.GroupMagnitudeImportance(p=1), False, False, True)}
-SEARCH_ROW = "prunetune search (TPE, {candidates} candidates, best of {finalists} finalists)"
 METHODS = ("search", *TORCH_PRUNING, "uniform", "random")  # --methods: the rows to measure
 TP_MAX_RATIO = 0.9  # MetaPruner's pruning ratio after its last step (--tp-steps of them; it stops at the target)
 ONE_SHOT_TRIES = 14  # bisections of a one-shot pruner's ratio in [0, TP_MAX_RATIO]
@@ -91,6 +90,11 @@ def search_config(args, target: float, workdir: str):
         f"evaluation.heldout_size={args.heldout}", f"evaluation.calibration_batches={args.calibration_batches}",
         "resources.cpus_per_trial=1", "resources.gpus_per_trial=0",
         f"output.dir={os.path.join(workdir, f'{args.model}-{target}')}", f"output.cache_dir={args.cache_dir}"])
+
+
+def search_row(args) -> str:
+    """The search's row name."""
+    return f"prunetune search (TPE, {args.candidates} candidates, best of {args.finalists} finalists)"
 
 
 def classifier(model: nn.Module) -> nn.Module:
@@ -189,19 +193,19 @@ def strategies(args, target: float, workdir: str) -> tuple[dict, dict, list[dict
         print(f"{name}: {figures[name]}", flush=True)
 
     base_flops, _ = fvcore_counts(base, example)
-    records = []
+    records: list = []
+    finalists: list = []  # the search's top --finalists networks by score, best first: (candidate, net)
 
     def searched():
         found = launch(checked, RunDir(cfg.output.dir), None, restore=False, overwrite=True,
                        body=lambda prep, run, restore: run_search(prep, run))
         records.extend(r for r in found if r.ok)
-        return evaluator.prune(best(records, 1)[0].ratios), len(found)
+        finalists.extend((r.index, evaluator.prune(r.ratios)) for r in best_networks(records, args.finalists))
+        return finalists[0][1], len(found)  # the row's figures: its best score's network (add recalibrates it)
 
-    add("search", SEARCH_ROW.format(candidates=args.candidates, finalists=args.finalists), searched, None)
-    finalists = []  # the search's top --finalists networks by score, adaptive BN done: (candidate, net)
-    for r in best_networks(records, args.finalists):
-        finalists.append((r.index, evaluator.prune(r.ratios)))
-        heldout_accuracy(evaluator, data, finalists[-1][1])
+    add("search", search_row(args), searched, None)
+    for _, net in finalists[1:]:
+        evaluator.recalibrate(net)  # adaptive BN, as every other network gets before its fine-tuning
     rng = np.random.default_rng(0)
     rest = evaluator.rest_indices
     taylor = list(iterate_batches(data.train, rng.choice(rest, min(TAYLOR_IMAGES, len(rest)), replace=False),
@@ -287,7 +291,7 @@ def main() -> None:
         for setup, budget in zip(setups, result["budgets"]):
             for row in budget["rows"]:
                 start = time.perf_counter()
-                if row["method"].startswith(SEARCH_ROW.split(" (")[0]):
+                if row["method"] == search_row(args):
                     test, runs = searched_row(setup, row["recipe"], seed, args)
                     row.setdefault("finalists", []).append(runs)
                 else:

@@ -32,7 +32,7 @@ def _epoch_1_checkpoint_recorded(run):
     return lambda: any(r["epoch"] == 1 and r.get("checkpoint_dir_name") for r in _finalists(run).values())
 
 
-def test_finalists_fine_tune_with_two_ddp_workers_and_resume_after_a_kill(tmp_path):
+def test_a_finalist_fine_tunes_with_two_ddp_workers_and_resumes_after_a_kill(tmp_path):
     """The finalist's worker hangs at the end of epoch 2 (SIGSTOP, before reporting it) once Tune has its epoch-1
     checkpoint; the driver is killed there. The resume continues the finalist from epoch 1 (epoch 2 is its only
     epoch reported again) and it ends with 2 epochs trained by 2 workers. (One finalist: each TorchTrainer start

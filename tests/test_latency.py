@@ -323,10 +323,10 @@ def test_a_table_timed_in_an_onnx_runtime_times_layers_networks_and_candidates_t
     assert torch_table.runtime == "torch" and torch_table.key != table.key  # one cache entry per runtime
     pruned = build_model("digits_cnn", 10, 3).eval()
     before = len(timing._SESSIONS)
-    assert table.time([pruned], torch.device("cpu"), (3, 16, 16))[0].median_ms > 0
+    assert table.time(pruned, torch.device("cpu"), (3, 16, 16)).median_ms > 0
     assert pruned in timing._SESSIONS and len(timing._SESSIONS) == before + 1  # exported and run by the runtime
     assert [key[0] for key in timing._SESSIONS[pruned]] == [runtime]
-    torch_table.time([pruned], torch.device("cpu"), (3, 16, 16))
+    torch_table.time(pruned, torch.device("cpu"), (3, 16, 16))
     assert len(timing._SESSIONS[pruned]) == 1  # eager PyTorch exports nothing
 
 

@@ -215,12 +215,12 @@ class CandidateEvaluator:
         kept = self.space.kept_batch(ratios[None, :])
         found = {"latency_predicted_ms": float(table.predict(self.space, kept)[0])}
         if self.device_name == table.device:
-            found["latency_ms"] = table.time([model.float().to(memory_format=torch.contiguous_format)], self.device,
-                                             self.space.input_shape)[0].median_ms
+            found["latency_ms"] = table.time(model.float().to(memory_format=torch.contiguous_format), self.device,
+                                             self.space.input_shape).median_ms
         return found
 
     def time_base(self) -> float:
         """The base model timed now as the latency table times (milliseconds): how fast the machine is now."""
         table = self.space.latency
         assert table is not None, "time_base needs the space's latency table"
-        return table.time([self.base], self.device, self.space.input_shape)[0].median_ms
+        return table.time(self.base, self.device, self.space.input_shape).median_ms

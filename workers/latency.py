@@ -97,11 +97,11 @@ class LatencyTable:
         """Channel counts as the kernels run them: up to the next multiple of `multiple`, at most `full`."""
         return np.minimum(np.ceil(channels / self.multiple) * self.multiple, full)
 
-    def time(self, models: list[nn.Module], device: torch.device, input_shape: tuple[int, ...]) -> list[Timing]:
-        """Time networks as the table was timed (its batch size, threads, repeats and runtime), in interleaved
-        rounds: a load spike lands on all of them alike."""
+    def time(self, model: nn.Module, device: torch.device, input_shape: tuple[int, ...]) -> Timing:
+        """Time a (pruned) network as the table timed its own: its batch size, threads, repeats and runtime, in the
+        same rounds."""
         example = torch.zeros(self.batch_size, *input_shape, device=device)
-        return interleaved([(m, example) for m in models], self.repeats, self.threads, self.runtime)
+        return interleaved([(model, example)], self.repeats, self.threads, self.runtime)[0]
 
     def describe(self, space: PruningSpace) -> str:
         """Per group, the share of the base's predicted latency that scales with its channels; then the fit."""
