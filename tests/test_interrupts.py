@@ -44,8 +44,9 @@ def test_an_interrupt_in_either_stage_stops_the_run_resumably(reference, tmp_pat
     run, log_path = interrupted_run(reference, tmp_path, lambda run: stored(run, 3), "3 stored candidates",
                                     stopper(signal.SIGINT, group=True), delay_s=1.0)
     _assert_stopped_in_the_search(run, log_path, signal.SIGINT)
-    more = len(CandidateStore(str(run)).indices()) + 1
-    stopped(run, log_path, stored(run, more), f"{more} stored candidates", stopper(signal.SIGHUP), delay_s=1.0)
+    started = tmp_path / "started.log"  # each evaluation the resumed run starts; each takes 5 s or more
+    stopped(run, log_path, lambda: started.exists() and started.read_text().strip(), "an evaluation started",
+            stopper(signal.SIGHUP), delay_s=5.0, log=started)
     _assert_stopped_in_the_search(run, log_path, signal.SIGHUP)
     stopped(run, log_path, checkpointed(run), "a fine-tuning checkpoint", stopper(signal.SIGTERM), delay_s=1.0)
     _assert_stopped_while_fine_tuning(run, log_path, signal.SIGTERM)
