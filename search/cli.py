@@ -192,7 +192,7 @@ def _cmd_finetune(args) -> int:
 
 
 def _print_done(run, summary) -> None:
-    from .report import finals_lines, front_lines, kept
+    from .report import finals_lines, front_lines, kept, over_budget
 
     best, base, metric = summary.final[0], summary.base, summary.metric
     latency = ""
@@ -203,7 +203,7 @@ def _print_done(run, summary) -> None:
                    f"{100 * best.latency_predicted_ms / base.latency_predicted_ms:.1f}%)")
     print(f"\nbest model: {best.path} (candidate {best.candidate}, {kept(best)}): test {metric} "
           f"{100 * best.test:.2f}% at {100 * best.flops_ratio:.1f}% of base FLOPs{latency} "
-          f"(base {100 * base.test:.2f}%)")
+          f"(base {100 * base.test:.2f}%){over_budget(best)}")
     print("final models:\n" + "\n".join(finals_lines(summary)))
     if summary.front:
         print("front (held-out score before fine-tuning):\n" + "\n".join(front_lines(summary)))

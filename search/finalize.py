@@ -24,7 +24,7 @@ from prunetune.workers.tasks import search_score
 from prunetune.workers.timing import ROUNDS, RUNTIMES, Timing, interleaved
 
 from .artifacts import pruned_record, save_pruned
-from .config import front
+from .config import Config, budgets, front
 from .front import front_summary
 from .prepare import Prepared
 from .report import report_files, write_report
@@ -95,15 +95,43 @@ def timings(models: list[tuple[nn.Module, Any]], prep: Prepared) -> list[Timings
             for one, many, b, p in zip(ones, manys, budget, predicted)]
 
 
-def ranked(outcomes: list, metric: str, n: int, higher_is_better: bool = True) -> tuple[list, int]:
+def budget_cost(record: CandidateRecord, constraint: str) -> float:
+    """What the search's budget counts of a candidate (search.constraint): its FLOPs, params, or predicted latency
+    (its FLOPs where no prediction was stored)."""
+    value = getattr(record, {"flops": "flops", "params": "params", "latency": "latency_predicted_ms"}[constraint])
+    return float(record.flops if value is None else value)
+
+
+def over_latency_budget(cfg: Config, base: Timings, finals: list[Timings]) -> list[bool]:
+    """Per final model, whether timed at the latency table's batch it is over a latency budget: the search's latency
+    target plus its tolerance (of the base's time, timed beside it), or a latency limit (a fraction, or milliseconds);
+    all False without one."""
+    base_ms = base.latency_ms_budget_batch
+    bounds = [(cfg.search.target + cfg.search.tolerance, False)] \
+        if cfg.search.constraint == "latency" and not front(cfg) else []
+    bounds += [(b.value, b.absolute) for b in budgets(cfg) if b.name == "latency"]
+    return [bool(base_ms and t.latency_ms_budget_batch and any(
+        t.latency_ms_budget_batch > value if absolute else t.latency_ms_budget_batch / base_ms > value
+        for value, absolute in bounds)) for t in finals]
+
+
+def ranked(outcomes: list, metric: str, n: int, higher_is_better: bool = True, constraint: str = "flops",
+           over: frozenset[int] = frozenset()) -> tuple[list, int]:
     """Finalists (candidate, search rank, metrics, state) in their final order, and how many lead it tied with the
-    best validation figure (selection.tied on n images): fine-tuned before one left at epoch 0, then fewer FLOPs.
-    The others follow by validation figure; a finalist without a figure comes last."""
+    best validation figure (selection.tied on n images): fine-tuned before one left at epoch 0, then the cheaper in
+    what the budget counts (`budget_cost`). The others follow by validation figure; a finalist without a figure comes
+    last. Candidates in `over` (timed over a latency budget) follow those within it, unless none is within."""
+    within = [o for o in outcomes if o[0].index not in over]
+    if within and len(within) < len(outcomes):
+        order, lead = ranked(within, metric, n, higher_is_better, constraint)
+        return order + ranked([o for o in outcomes if o[0].index in over], metric, n, higher_is_better,
+                              constraint)[0], lead
     sign = 1 if higher_is_better else -1
     val = lambda o: o[2].get(f"best_val_{metric}")  # noqa: E731
     by_val = sorted(outcomes, key=lambda o: (val(o) is None, -sign * (val(o) or 0.0), -o[0].score))
     close = [_tied(val(by_val[0]), val(o), metric, n) for o in by_val]
-    lead = sorted((o for o, c in zip(by_val, close) if c), key=lambda o: (not o[2].get("best_epoch"), o[0].flops))
+    lead = sorted((o for o, c in zip(by_val, close) if c),
+                  key=lambda o: (not o[2].get("best_epoch"), budget_cost(o[0], constraint)))
     return lead + [o for o, c in zip(by_val, close) if not c], len(lead)
 
 
@@ -139,29 +167,32 @@ def finalize(prep: Prepared, run: RunDir, top: list[CandidateRecord], grid,
     metric = task.metric
     splits = splits_of(len(prep.data.train), cfg.evaluation.settings())
     n = len(splits.validation)
-    outcomes, lead = ranked(outcomes, metric, n, task.higher_is_better)
+    pruner = METHODS[cfg.search.granularity].plan(prep.model, prep.space, cfg.search.criterion, cfg.evaluation.seed)
+    models = {}
+    for cand, _, _, state in outcomes:
+        models[cand.index] = pruner.apply(cand.ratios)
+        models[cand.index].load_state_dict(state)
+    base_timings, *timed = timings([(prep.model, None), *((models[o[0].index], o[0].ratios) for o in outcomes)], prep)
+    final_timings = {o[0].index: t for o, t in zip(outcomes, timed)}
+    over = frozenset(o[0].index for o, is_over in zip(outcomes, over_latency_budget(cfg, base_timings, timed))
+                     if is_over)
+    outcomes, lead = ranked(outcomes, metric, n, task.higher_is_better, cfg.search.constraint, over)
     run.record(*(os.path.join(run.final_path, f"rank{place}.pt") for place in range(1, len(outcomes) + 1)))
     os.makedirs(run.final_path, exist_ok=True)
-    pruner = METHODS[cfg.search.granularity].plan(prep.model, prep.space, cfg.search.criterion, cfg.evaluation.seed)
     base_test = score(prep.model, iterate_batches(prep.data.test, range(len(prep.data.test)), 500), task=task)
     base_val = score(prep.model, iterate_batches(prep.data.train, splits.heldout, 500), task=task)
-    models = []
-    for cand, _, _, state in outcomes:
-        model = pruner.apply(cand.ratios)
-        model.load_state_dict(state)
-        models.append(model)
-    base_timings, *final_timings = timings([(prep.model, None), *((m, o[0].ratios) for m, o in zip(models, outcomes))],
-                                           prep)
     finals = []
-    for place, ((cand, search_rank, metrics, _), model, timed) in enumerate(zip(outcomes, models, final_timings), 1):
+    for place, (cand, search_rank, metrics, _) in enumerate(outcomes, 1):
+        model, timed_model = models[cand.index], final_timings[cand.index]
         record = pruned_record(prep.spec, prep.space, cand.ratios, cfg.search.criterion, cfg.search.granularity,
                                prep.base_checkpoint, prep.data.contract, cfg.model.task)
         entry = FinalModel(rank=place, candidate=cand.index, search_rank=search_rank, adaptive_bn_score=cand.score,
                            **finetuned(metric, metrics),
                            val_margin=_margin(metric, metrics.get(f"best_val_{metric}"), n),
                            tied_with_best=place <= lead, fine_tuned=bool(metrics.get("best_epoch")),
+                           over_latency_budget=cand.index in over,
                            flops=record.flops, flops_ratio=record.flops / prep.space.base_flops, params=record.params,
-                           path=os.path.join(run.final_path, f"rank{place}.pt"), **dataclasses.asdict(timed))
+                           path=os.path.join(run.final_path, f"rank{place}.pt"), **dataclasses.asdict(timed_model))
         save_pruned(entry.path, model, record, entry)
         entry.size_mb = os.path.getsize(entry.path) / 2 ** 20
         finals.append(entry)

@@ -141,7 +141,14 @@ def recommendation(summary: Summary) -> str:
     epoch = f", {kept(top)}" if top.kept_epoch is not None else ""
     return (f"**Recommended: `final/rank1.pt`** (candidate {top.candidate}{epoch}): test {metric} "
             f"{_pct(top.test)}, {versus}; {_pct(top.flops_ratio)} of the base's FLOPs and "
-            f"{_pct(top.params / base.params)} of its params; {speed_claim(summary)}")
+            f"{_pct(top.params / base.params)} of its params; {speed_claim(summary)}{over_budget(top)}")
+
+
+def over_budget(entry: FinalModel) -> str:
+    """A final model's flag when timed over its latency budget (then every finalist was: those within lead)."""
+    return ("; timed over the latency budget, as every finalist was (the latency table predicted it within: the "
+            "table's error, or a busy machine; a lower search.target leaves a margin)") if entry.over_latency_budget \
+        else ""
 
 
 def kept(entry: FinalModel) -> str:
@@ -186,6 +193,7 @@ def finals_lines(summary: Summary) -> list[str]:
     tie = " (tied with the best)" if sum(f.tied_with_best for f in summary.final) > 1 else ""
     return [f"  rank{f.rank}.pt (candidate {f.candidate}, {kept(f)}): val {short} {_val(f)} "
             f"test {short} {_pct(f.test)}{tie if f.tied_with_best else ''}"
+            f"{' (timed over the latency budget)' if f.over_latency_budget else ''}"
             for f in summary.final]
 
 

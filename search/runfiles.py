@@ -204,6 +204,7 @@ class FinalModel(Figures):
     val_margin: float | None  # the smallest difference the validation split tells apart
     tied_with_best: bool  # not distinguishable from the best on validation
     fine_tuned: bool  # a fine-tuned epoch was kept
+    over_latency_budget: bool = False  # timed at the table's batch in latency.runtime, over a latency budget
     size_mb: float | None = None  # the model file's size (None in the file itself: written before it was known)
     int8: Int8 | None = None  # its int8 export's figures, once `prunetune export --quantize int8` ran
 

@@ -110,9 +110,9 @@ def test_finetune_keeps_the_weights_of_the_epoch_the_rule_keeps_and_flags_epoch_
                         "fine-tuned epoch 1 (0.9500) by more than the margin 0.0113 on 300 validation images")
 
 
-def _outcome(index: int, val: float, epoch: int, flops: int, score: float = 0.9):
-    return SimpleNamespace(index=index, flops=flops, score=score), index, {"best_val_accuracy": val,
-                                                                           "best_epoch": epoch}, None
+def _outcome(index: int, val: float, epoch: int, flops: int, score: float = 0.9, latency_ms: float | None = None):
+    candidate = SimpleNamespace(index=index, flops=flops, score=score, latency_predicted_ms=latency_ms)
+    return candidate, index, {"best_val_accuracy": val, "best_epoch": epoch}, None
 
 
 def test_finalists_tied_with_the_best_lead_fine_tuned_first_then_fewer_flops():
@@ -122,6 +122,53 @@ def test_finalists_tied_with_the_best_lead_fine_tuned_first_then_fewer_flops():
     assert [o[0].index for o in order] == [3, 2, 1, 4] and lead == 3  # 3 images apart at most: tied
     order, lead = ranked(outcomes, "accuracy", 5000)  # a larger split tells them apart
     assert [o[0].index for o in order] == [1, 2, 3, 4] and lead == 1
+
+
+def test_under_a_latency_budget_tied_finalists_lead_by_predicted_latency_not_flops():
+    """A latency run's finalists tied on validation: the faster by the table leads, though it has more FLOPs. (The
+    OpenVINO run of the latency example recommended 54.2% of the FLOPs at 64.3% of the base's latency predicted,
+    65.4% timed, over the one at 56.7% of the FLOPs, 62.7% predicted, 62.5% timed: the band was 55-65%.)"""
+    outcomes = [_outcome(7, 0.9931, 5, 542, latency_ms=0.774), _outcome(0, 0.9931, 5, 567, latency_ms=0.756)]
+    assert [o[0].index for o in ranked(outcomes, "accuracy", 288, constraint="latency")[0]] == [0, 7]
+    assert [o[0].index for o in ranked(outcomes, "accuracy", 288)[0]] == [7, 0]  # a FLOPs budget: fewer FLOPs
+    unpredicted = [_outcome(1, 0.99, 5, 600), _outcome(2, 0.99, 5, 500)]
+    assert [o[0].index for o in ranked(unpredicted, "accuracy", 288, constraint="latency")[0]] == [2, 1]
+
+
+def test_finalists_timed_over_a_latency_budget_follow_those_within_it():
+    outcomes = [_outcome(1, 0.99, 5, 500), _outcome(2, 0.98, 5, 400), _outcome(3, 0.97, 5, 300)]
+    order, lead = ranked(outcomes, "accuracy", 5000, over=frozenset({1}))
+    assert [o[0].index for o in order] == [2, 3, 1] and lead == 1  # the best on validation was timed over
+    order, lead = ranked(outcomes, "accuracy", 5000, over=frozenset({1, 2, 3}))
+    assert [o[0].index for o in order] == [1, 2, 3] and lead == 1  # every one over: validation decides
+
+
+def test_a_final_model_is_over_a_latency_budget_when_timed_over_its_band_or_a_latency_limit():
+    from prunetune.search.finalize import over_latency_budget
+    from prunetune.search.runfiles import Timings
+
+    def timed(ms):
+        return Timings(latency_ms_batch1=ms, latency_iqr_ms=0.0, throughput_batch=32, latency_ms_throughput=ms,
+                       images_per_s=1.0, latency_ms_budget_batch=ms)
+
+    base, finals = timed(1.0), [timed(0.66), timed(0.64), timed(0.4)]
+    band = load_config(None, ["search.constraint=latency", "search.target=0.6", "search.tolerance=0.05"])
+    assert over_latency_budget(band, base, finals) == [True, False, False]
+    assert over_latency_budget(load_config(None), base, finals) == [False, False, False]  # a FLOPs budget
+    limit = load_config(None, ["search.limits={latency: 0.5}"])
+    assert over_latency_budget(limit, base, finals) == [True, True, False]
+    absolute = load_config(None, ["search.limits={latency: 0.65ms}"])
+    assert over_latency_budget(absolute, base, finals) == [True, False, False]
+    untimed = Timings(**{**vars(finals[0]), "latency_ms_budget_batch": None})
+    assert over_latency_budget(band, base, [untimed]) == [False]
+
+
+def test_a_recommended_model_timed_over_its_latency_budget_says_so():
+    over = summary([final_model(over_latency_budget=True)])
+    assert "; timed over the latency budget, as every finalist was" in recommendation(over)
+    assert finals_lines(over)[0].endswith("(timed over the latency budget)")
+    within = summary([final_model()])
+    assert "over the latency budget" not in recommendation(within) + finals_lines(within)[0]
 
 
 def _summary(kept_epochs: list[int], tied_with_best: list[bool]):
