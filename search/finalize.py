@@ -104,8 +104,8 @@ def budget_cost(record: CandidateRecord, constraint: str) -> float:
 
 def over_latency_budget(cfg: Config, base: Timings, finals: list[Timings]) -> list[bool]:
     """Per final model, whether timed at the latency table's batch it is over a latency budget: the search's latency
-    target plus its tolerance (of the base's time, timed beside it), or a latency limit (a fraction, or milliseconds);
-    all False without one."""
+    target plus its tolerance (of the base's time, timed beside it; a single target, not a front's), or a latency
+    limit (a fraction, or milliseconds); all False without one."""
     base_ms = base.latency_ms_budget_batch
     bounds = [(cfg.search.target + cfg.search.tolerance, False)] \
         if cfg.search.constraint == "latency" and not front(cfg) else []
