@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/prunetune-versus", help="the searches' run directories")
     parser.add_argument("--out", default="versus", help="results name: bench/results/OUT.json")
     args = parse_args(parser, {"model": "resnet20", "threads": 1, "targets": "0.5", "candidates": 6, "heldout": 64,
-                               "calibration_batches": 2, "finalists": 2, "tp_steps": 20, "seeds": 2, "steps": 2,
+                               "calibration_batches": 2, "finalists": 2, "tp_steps": 5, "seeds": 1, "steps": 2,
                                "test_images": 32, "recipes": ",".join(RECIPES)}, require=("data",))
     torch.set_num_threads(args.threads)
     if args.smoke:  # a random ResNet-20 as the base; every file in the smoke directory

@@ -17,7 +17,7 @@ from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
 from tests.faults import UNCOMMITTED
 from tests.stops import (N, assert_same_result, checkpointed, finish, interrupted_run, kill, run_args, stage_is,
-                         start, stopped, stored, uninterrupted)
+                         start, stopped, stored, uninterrupted, wait_for)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -72,14 +72,18 @@ def test_a_kill_between_results_and_their_group_commit_leaves_a_leaderboard_of_c
 
 
 def test_a_learning_search_killed_and_resumed_proposes_what_it_would_have(reference, tmp_path):
+    """Both runs (uninterrupted, and killed then resumed) end when their search does (killed between the stages):
+    only the candidates are compared, and a fine-tuning would cost each a trial process."""
     serial = ("search.algorithm=tpe", "search.population=3", "search.max_concurrent_trials=1")  # the default algorithm
     uninterrupted_run = tmp_path / "uninterrupted"
     with open(tmp_path / "reference.log", "ab") as log:
-        assert start(run_args(uninterrupted_run, reference[1], *serial), log).wait(timeout=300) == 0
+        proc = start(run_args(uninterrupted_run, reference[1], *serial), log, pause_between_stages=60)
+        wait_for(stage_is(uninterrupted_run, "finetune"), proc, 240, "the end of the uninterrupted search")
+        kill(proc)
     run, log_path = interrupted_run(reference, tmp_path, lambda run: stored(run, 6), "6 stored candidates", kill,
                                     extra=serial, delay_s=1.0)
     assert 6 <= len(CandidateStore(str(run)).indices()) < N
-    finish(run, log_path)
+    stopped(run, log_path, stage_is(run, "finetune"), "the end of the resumed search", kill, pause_between_stages=60)
     ours, theirs = CandidateStore(str(run)).records(), CandidateStore(str(uninterrupted_run)).records()
     assert [(r.index, r.source, r.ratios) for r in ours] == [(r.index, r.source, r.ratios) for r in theirs]
     assert {r.source for r in ours} == {*BASELINES, "tpe"}

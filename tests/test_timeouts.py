@@ -151,8 +151,8 @@ def test_hung_workers_time_out_in_both_stages_and_a_resume_applies_a_new_epoch_l
     # fine-tuning experiment (its callbacks as pickled when it started, with no epoch limit) under a 20 s limit given
     # to resume, and the first finalist to finish training epoch 3 stops itself before reporting it.
     run, checkpoints = tmp_path / "run", tmp_path / "run" / "tune" / "finetune"
-    proc = _start(run_args(tmp_path, "search.candidate_timeout_s=20", top_k=2, epochs=3), hang_at=2, delay_s=1.0,
-                  markers=tmp_path)
+    proc = _start(run_args(tmp_path, "search.candidate_timeout_s=20", "search.max_concurrent_trials=2", top_k=2,
+                           epochs=3), hang_at=2, delay_s=1.0, markers=tmp_path)
     try:
         deadline = time.time() + 400
         while not (checkpoints.is_dir() and any(checkpoints.glob("finalist*/checkpoint_*"))):
@@ -182,7 +182,7 @@ def test_hung_workers_time_out_in_both_stages_and_a_resume_applies_a_new_epoch_l
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_search_its_time_budget_ended_early_is_not_complete_and_resume_completes_it(tmp_path, capsys):
-    # 24 candidates of at least 2 s each on 2 trials need 24 s or more: a 20 s budget (from Tune's start) ends it;
+    # 24 candidates of at least 2 s each, one at a time, need 48 s or more: a 20 s budget (from Tune's start) ends it;
     # the best so far are fine-tuned (the top 1), and resume evaluates the rest
     run = tmp_path / "run"
     with embedded_ray(delay_s=2.0):
