@@ -4,9 +4,9 @@ from __future__ import annotations
 
 def small(run, cache, *extra: str, candidates: int = 8, top_k: int = 1, epochs: int = 1) -> list[str]:
     """Overrides of a small, fast digits run (random search and fifo fine-tuning, so candidates and finals are
-    reproducible whatever order trials finish in; one trial at a time, so Tune reuses one trial process for every
-    batch and every finalist: a trial process costs ~3 CPU s to start, and the suite is CPU-bound); extras come
-    last."""
+    reproducible whatever order trials finish in; one trial at a time, so each stage's Tune experiment reuses one
+    trial process for all its trials: a trial process costs 4-6 CPU s of imports (ray.tune, torch), and the suite
+    is CPU-bound); extras come last."""
     return ["search.algorithm=random", "search.max_concurrent_trials=1", f"output.dir={run}",
             f"output.cache_dir={cache}", "model.pretrain_epochs=2", f"search.num_candidates={candidates}",
             f"search.top_k={top_k}", "evaluation.calibration_batches=3", "evaluation.batch_size=64",

@@ -32,7 +32,7 @@ def start(args, output, pause_between_stages=0.0, **faults):
 
 def run_args(run, cache, *extra):
     """`prunetune run` arguments of the run every test here stops: N candidates over two trials at a time, the best
-    fine-tuned 3 epochs (one finalist: each trial process costs a run ~3 s of CPU to start, and the suite is
+    fine-tuned 3 epochs (one finalist: each trial process costs a run 4-6 CPU s of imports, and the suite is
     CPU-bound)."""
     return ["run", *as_args(small(run, cache, "ray.num_cpus=2", "search.max_concurrent_trials=2", *extra,
                                   candidates=N, top_k=1, epochs=3))]

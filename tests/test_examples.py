@@ -32,9 +32,9 @@ def _run(name: str, tmp_path, cache, *extra: str) -> dict:
     """Run examples/NAME with the small overrides (and `extra`); its summary."""
     small = [f"output.dir={tmp_path / 'run'}", f"output.cache_dir={cache}", "model.pretrain_epochs=2",
              "search.num_candidates=4", "search.batch_size=2", "search.max_concurrent_trials=1", "search.top_k=1",
-             "finetune.epochs=1",
-             "finetune.scheduler=fifo", "evaluation.calibration_batches=3", "evaluation.batch_size=64",
-             "evaluation.heldout_size=150", "latency.repeats=5", "latency.throughput_batch_size=8", *extra]
+             "finetune.epochs=1", "finetune.scheduler=fifo", "evaluation.calibration_batches=3",
+             "evaluation.batch_size=64", "evaluation.heldout_size=150", "latency.repeats=5",
+             "latency.throughput_batch_size=8", *extra]
     assert main(["run", os.path.join(EXAMPLES, name), *as_args(small)]) == 0
     return json.load(open(tmp_path / "run" / "final" / "summary.json"))
 
