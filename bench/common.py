@@ -37,13 +37,15 @@ def median(values) -> float:
 
 
 def time_side_by_side(nets: dict, example, threads: int, rounds: int = 5) -> dict:
-    """Median batch latency in ms of each named net, timed in interleaved rounds so all see the same machine."""
+    """Median batch latency in ms of each named net, timed in interleaved rounds so all see the same machine (a
+    smoke run: one round of 3 repeats, whose figures mean nothing)."""
     from prunetune.workers.timing import time_forward
 
+    rounds, repeats = (1, 3) if _smoke_dir else (rounds, 30)
     timed = {name: [] for name in nets}
     for _ in range(rounds):
         for name, net in nets.items():
-            timed[name].append(time_forward(net, example, repeats=30, threads=threads).median_ms)
+            timed[name].append(time_forward(net, example, repeats=repeats, threads=threads).median_ms)
     return {name: median(times) for name, times in timed.items()}
 
 

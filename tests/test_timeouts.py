@@ -182,17 +182,17 @@ def test_hung_workers_time_out_in_both_stages_and_a_resume_applies_a_new_epoch_l
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_search_its_time_budget_ended_early_is_not_complete_and_resume_completes_it(tmp_path, capsys):
-    # 24 candidates of at least 2 s each, one at a time, need 48 s or more: a 20 s budget (from Tune's start) ends it;
-    # the best so far are fine-tuned (the top 1), and resume evaluates the rest
-    run = tmp_path / "run"
+    # 12 candidates of at least 2 s each, one at a time, need 24 s or more: a 20 s budget (from Tune's start, which
+    # includes the trial process's start) ends it; the best so far are fine-tuned (the top 1), resume evaluates the rest
+    run, n = tmp_path / "run", 12
     with embedded_ray(delay_s=2.0):
-        code = main(run_args(tmp_path, "search.time_budget_s=20", "search.batch_size=2", candidates=24))
+        code = main(run_args(tmp_path, "search.time_budget_s=20", "search.batch_size=2", candidates=n))
         stored = len(CandidateStore(str(run)).indices())
         out, err = capsys.readouterr()
-        assert 0 < stored < 24 and code == 0 or stored == 0 and code == 1  # 0: a machine too busy for one candidate
+        assert 0 < stored < n and code == 0 or stored == 0 and code == 1  # 0: a machine too busy for one candidate
         if stored:  # the usual case: the best so far are fine-tuned, and the run says it is not complete
-            assert (f"search stopped on its time budget (search.time_budget_s=20) with {stored}/24 candidates; the "
-                    f"run is not complete: `prunetune resume {run}` evaluates the other {24 - stored}") in err
+            assert (f"search stopped on its time budget (search.time_budget_s=20) with {stored}/{n} candidates; the "
+                    f"run is not complete: `prunetune resume {run}` evaluates the other {n - stored}") in err
             summary = json.load(open(run / "final" / "summary.json"))
             assert summary["search"]["candidates"] == stored and len(summary["final"]) == 1
         else:  # a machine too busy to finish one candidate in 20 s: said so
@@ -200,9 +200,9 @@ def test_a_search_its_time_budget_ended_early_is_not_complete_and_resume_complet
         assert json.load(open(run / "manifest.json"))["stage"] == "search"
         assert main(["resume", str(run), "--set", "search.time_budget_s=none"]) == 0
         assert "resuming" in capsys.readouterr().out
-    assert sorted(pq.read_table(run / "candidates.parquet").column("index").to_pylist()) == list(range(24))
+    assert sorted(pq.read_table(run / "candidates.parquet").column("index").to_pylist()) == list(range(n))
     assert json.load(open(run / "manifest.json"))["stage"] == "done"
-    assert json.load(open(run / "final" / "summary.json"))["search"]["candidates"] == 24
+    assert json.load(open(run / "final" / "summary.json"))["search"]["candidates"] == n
     assert main(["resume", str(run)]) == 0 and "already complete" in capsys.readouterr().out
 
 
