@@ -5,13 +5,17 @@ import json
 import os
 import re
 import shlex
+import shutil
 
 import pytest
 import torch
 
 from examples.shapes import shapes
+from prunetune import load_pruned
 from prunetune.search.cli import main
 from prunetune.search.config import load_config
+from prunetune.search.prepare import prepare
+from prunetune.search.runfiles import read_summary
 from prunetune.search.store import CandidateStore
 from tests.faults import ROOT
 from tests.runs import as_args, reachable_latency
@@ -119,11 +123,25 @@ def test_the_torchvision_example_runs_on_an_image_folder(ray_session, tmp_path, 
 def test_the_latency_example_times_every_candidate_under_its_budget(ray_session, tmp_path, cache):
     timing = ["latency.grid=3", "latency.repeats=5", "latency.max_fit_error=10"]  # the search, not the fit
     probe = [f"output.dir={tmp_path / 'probe'}", f"output.cache_dir={cache}", *timing]
-    summary = _run("latency.yaml", tmp_path, cache, *timing,
-                   *reachable_latency(os.path.join(EXAMPLES, "latency.yaml"), probe))
-    assert summary["search"]["constraint"] == "latency" and summary["search"]["limits"] == {"params": 0.7}
-    records = CandidateStore(str(tmp_path / "run")).records()
-    assert all(r.ok and r.latency_ms > 0 and r.params <= 0.7 * summary["base"]["params"] for r in records)
+    _run("latency.yaml", tmp_path, cache, *timing, *reachable_latency(os.path.join(EXAMPLES, "latency.yaml"), probe))
+    run = tmp_path / "run"
+    summary = read_summary(str(run))
+    assert summary.search.constraint == "latency" and summary.search.limits == {"params": 0.7}
+    records = CandidateStore(str(run)).records()
+    assert all(r.ok and r.latency_ms > 0 and r.latency_predicted_ms > 0 and r.within_budget is not None
+               and r.params <= 0.7 * summary.base.params + 1e-9 for r in records)
+    assert summary.base.latency_predicted_ms > 0 and summary.final[0].latency_predicted_ms > 0
+    # the models are timed at the table's batch too, interleaved with the base: what the prediction is checked against
+    assert summary.latency.batch_size == 32 and summary.base.latency_ms_budget_batch > 0
+    assert all(f.latency_ms_budget_batch > 0 for f in summary.final)
+    report = (run / "report.md").read_text()
+    assert "predicted" in report.split("| base |")[1].split("\n")[0]
+    layers = summary.latency.layers  # where the recommended model's time went, layer by layer
+    assert {c["name"] for c in layers} >= {"features.0"} and all(c["base_ms"] >= c["pruned_ms"] >= 0 for c in layers)
+    assert "## Where the time went" in report and "| features.0 |" in report
+    shutil.rmtree(cache / "latency")  # the run's own copy of the table is what a resume predicts with
+    prep = prepare(load_config(str(run / "config.yaml")))
+    assert prep.space.latency.to_dict() == json.load(open(run / "latency-table.json"))
 
 
 @pytest.mark.ray
@@ -138,7 +156,14 @@ def test_the_network_slimming_example_trains_sparsity_first(ray_session, tmp_pat
 def test_the_unstructured_example_claims_no_speed_up(ray_session, tmp_path, cache):
     summary = _run("unstructured.yaml", tmp_path, cache)
     assert summary["granularity"] == "unstructured" and summary["search"]["constraint"] == "params"
-    assert "x faster" not in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "x faster" not in report and "dense kernels do not run them faster" in report
+    records = CandidateStore(str(tmp_path / "run")).records()  # 4, every one within 0.02 of its 30% params budget
+    assert len(records) == 4 and all(r.ok and abs(r.params / summary["base"]["params"] - 0.3) <= 0.02 for r in records)
+    assert {r.source for r in records} >= {"uniform", "global threshold"}
+    model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
+    nonzero = sum(int((m.weight != 0).sum()) for m in model.modules() if hasattr(m, "weight_mask"))
+    assert record.granularity == "unstructured" and nonzero == sum(record.kept_units)
 
 
 @pytest.mark.ray
@@ -146,6 +171,11 @@ def test_the_unstructured_example_claims_no_speed_up(ray_session, tmp_path, cach
 def test_the_stripe_example_trains_the_filter_skeleton_first(ray_session, tmp_path, cache):
     summary = _run("stripe.yaml", tmp_path, cache, "model.sparsity_epochs=1")
     assert summary["granularity"] == "stripe" and summary["sparsity"]["method"] == "Filter Skeleton"
+    records = CandidateStore(str(tmp_path / "run")).records()
+    assert all(r.ok and abs(r.flops_ratio - 0.5) <= 0.02 for r in records)
+    model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
+    assert record.granularity == "stripe" and any(type(m).__name__ == "StripeConv2d" for m in model.modules())
+    assert "## Sparsity training (Filter Skeleton)" in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.mark.ray

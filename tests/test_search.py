@@ -12,11 +12,11 @@ import torch
 from prunetune import build_model, load_config, load_data, load_pruned
 from prunetune.search.baselines import BASELINES
 from prunetune.search.cli import main
-from prunetune.search.prepare import base_cache_path, model_spec, prepare, trained_base
+from prunetune.search.prepare import base_cache_path, model_spec, trained_base
 from prunetune.search.runfiles import SCHEMA_VERSION, read_summary
 from prunetune.search.store import CandidateStore
 from prunetune.workers.record import best
-from tests.runs import as_args, reachable_latency, run_args, small
+from tests.runs import as_args, run_args, small
 from tests.summaries import final_model, summary, timings
 
 CANDIDATES = len(BASELINES) + 1  # the finished run's: every baseline, then one the algorithm proposes
@@ -356,63 +356,6 @@ def test_int8_export_runs_on_raw_test_images_and_reports_fp32_and_int8_side_by_s
     path.write_bytes(b"edited by me")  # an export the user changed is theirs: never overwritten
     assert main(["export", str(run), "--quantize", "int8", "--to", str(path)]) == 2
     assert "already exists" in capsys.readouterr().err and path.read_bytes() == b"edited by me"
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_an_unstructured_search_runs_end_to_end_under_a_non_zero_params_budget(ray_session, tmp_path, cache):
-    assert main(run_args(tmp_path, "search.granularity=unstructured", "search.constraint=params",
-                         "search.target=0.3", candidates=4, top_k=1, cache=cache)) == 0
-    records = CandidateStore(str(tmp_path / "run")).records()
-    base_params = read_summary(str(tmp_path / "run")).base.params
-    assert len(records) == 4 and all(r.ok and abs(r.params / base_params - 0.3) <= 0.02 for r in records)
-    assert {r.source for r in records} >= {"uniform", "global threshold"}
-    model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
-    nonzero = sum(int((m.weight != 0).sum()) for m in model.modules() if hasattr(m, "weight_mask"))
-    assert record.granularity == "unstructured" and nonzero == sum(record.kept_units)
-    assert "dense kernels do not run them faster" in (tmp_path / "run" / "report.md").read_text()
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_latency_search_times_every_candidate_and_resumes_with_its_own_table(ray_session, tmp_path):
-    latency = ["search.constraint=latency", "search.limits={params: 0.7}", "latency.grid=3", "latency.repeats=5",
-               "latency.max_fit_error=10"]  # what is tested is the search, not the fit of a 5-pass table
-    target = reachable_latency(None, [*latency, f"output.dir={tmp_path / 'probe'}",
-                                      f"output.cache_dir={tmp_path / 'cache'}"])
-    assert main(run_args(tmp_path, *latency, *target, candidates=4, top_k=1)) == 0
-    run = tmp_path / "run"
-    records = CandidateStore(str(run)).records()
-    assert all(r.ok and r.latency_ms > 0 and r.latency_predicted_ms > 0 and r.within_budget is not None
-               for r in records)
-    summary = read_summary(str(run))
-    assert all(r.params / summary.base.params <= 0.7 + 1e-9 for r in records)
-    assert summary.base.latency_predicted_ms > 0 and summary.final[0].latency_predicted_ms > 0
-    # the models are timed at the table's batch too, interleaved with the base: what the prediction is checked against
-    assert summary.latency.batch_size == 1 and summary.base.latency_ms_budget_batch > 0
-    assert all(f.latency_ms_budget_batch > 0 for f in summary.final)
-    assert "predicted" in open(run / "report.md").read().split("| base |")[1].split("\n")[0]
-    layers = summary.latency.layers  # where the recommended model's time went, layer by layer
-    assert {c["name"] for c in layers} >= {"features.0"} and all(c["base_ms"] >= c["pruned_ms"] >= 0 for c in layers)
-    report = open(run / "report.md").read()
-    assert "## Where the time went" in report and "| features.0 |" in report
-    shutil.rmtree(tmp_path / "cache" / "latency")  # the run's own copy is what a resume predicts with
-    prep = prepare(load_config(str(run / "config.yaml")))
-    assert prep.space.latency.to_dict() == json.load(open(run / "latency-table.json"))
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_stripe_search_with_filter_skeleton_training_runs_end_to_end(ray_session, tmp_path, cache):
-    assert main(run_args(tmp_path, "search.granularity=stripe", "model.sparsity=1e-3", "model.sparsity_epochs=1",
-                         candidates=3, top_k=1, cache=cache)) == 0
-    summary = read_summary(str(tmp_path / "run"))
-    assert summary.sparsity["method"] == "Filter Skeleton" and summary.granularity == "stripe"
-    records = CandidateStore(str(tmp_path / "run")).records()
-    assert all(r.ok and abs(r.flops_ratio - 0.5) <= 0.02 for r in records)
-    model, record, _ = load_pruned(str(tmp_path / "run" / "final" / "rank1.pt"))
-    assert record.granularity == "stripe" and any(type(m).__name__ == "StripeConv2d" for m in model.modules())
-    assert "## Sparsity training (Filter Skeleton)" in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.mark.ray
