@@ -254,16 +254,6 @@ def test_resume_evaluates_again_what_the_manifest_has_but_the_disk_lost(finished
 
 
 @pytest.mark.ray
-@pytest.mark.slow
-def test_a_search_ended_by_its_time_budget_continues_with_a_new_budget(ray_session, tmp_path, capsys, cache):
-    args = run_args(tmp_path, "search.time_budget_s=0.001", candidates=4, cache=cache)
-    assert main(args) == 1
-    assert "search stopped: no candidate was evaluated within search.time_budget_s=0.001" in capsys.readouterr().err
-    assert main(["resume", str(tmp_path / "run"), "--set", "search.time_budget_s=600"]) == 0
-    assert sorted(r.index for r in CandidateStore(str(tmp_path / "run")).records()) == list(range(4))
-
-
-@pytest.mark.ray
 def test_trials_no_node_can_run_are_refused_before_anything_is_written(ray_session, tmp_path, capsys):
     assert main(run_args(tmp_path, "resources.cpus_per_trial=4")) == 2
     err = capsys.readouterr().err.strip()

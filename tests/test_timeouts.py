@@ -181,12 +181,17 @@ def test_hung_workers_time_out_in_both_stages_and_a_resume_applies_a_new_epoch_l
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_search_its_time_budget_ended_early_is_not_complete_and_resume_completes_it(tmp_path, capsys):
-    # 12 candidates of at least 2 s each, one at a time, need 24 s or more: a 20 s budget (from Tune's start, which
-    # includes the trial process's start) ends it; the best so far are fine-tuned (the top 1), resume evaluates the rest
+def test_a_search_its_time_budget_ended_is_not_complete_and_each_resume_takes_a_new_budget(tmp_path, capsys):
+    # a budget no candidate fits in ends the run (exit 1); resumed with 20 s: 12 candidates of at least 2 s each, one
+    # at a time, need 24 s or more, so 20 s (from Tune's start, which includes the trial process's start) ends it
+    # early, and the best so far are fine-tuned (the top 1); resumed without a budget, it evaluates the rest
     run, n = tmp_path / "run", 12
     with embedded_ray(delay_s=2.0):
-        code = main(run_args(tmp_path, "search.time_budget_s=20", "search.batch_size=2", candidates=n))
+        assert main(run_args(tmp_path, "search.time_budget_s=0.001", "search.batch_size=2", candidates=n)) == 1
+        err = capsys.readouterr().err
+        assert "search stopped: no candidate was evaluated within search.time_budget_s=0.001" in err
+        assert not CandidateStore(str(run)).indices()
+        code = main(["resume", str(run), "--set", "search.time_budget_s=20"])
         stored = len(CandidateStore(str(run)).indices())
         out, err = capsys.readouterr()
         assert 0 < stored < n and code == 0 or stored == 0 and code == 1  # 0: a machine too busy for one candidate
