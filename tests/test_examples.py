@@ -18,7 +18,7 @@ from prunetune.search.prepare import prepare
 from prunetune.search.runfiles import read_summary
 from prunetune.search.store import CandidateStore
 from tests.faults import ROOT
-from tests.runs import as_args, reachable_latency
+from tests.runs import as_args, reachable_latency, small
 from tests.test_data import _write_cifar, _write_images
 
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -33,13 +33,12 @@ def cache(tmp_path_factory):
 
 
 def _run(name: str, tmp_path, cache, *extra: str) -> dict:
-    """Run examples/NAME with the small overrides (and `extra`); its summary."""
-    small = [f"output.dir={tmp_path / 'run'}", f"output.cache_dir={cache}", "model.pretrain_epochs=2",
-             "search.num_candidates=4", "search.batch_size=2", "search.max_concurrent_trials=1", "search.top_k=1",
-             "finetune.epochs=1", "finetune.scheduler=fifo", "evaluation.calibration_batches=3",
-             "evaluation.batch_size=64", "evaluation.heldout_size=150", "latency.repeats=5",
-             "latency.throughput_batch_size=8", *extra]
-    assert main(["run", os.path.join(EXAMPLES, name), *as_args(small)]) == 0
+    """Run examples/NAME with the small run's overrides but the example's own search algorithm (and `extra`); its
+    summary."""
+    overrides = [o for o in small(tmp_path / "run", cache, "search.batch_size=2", "latency.repeats=5",
+                                  "latency.throughput_batch_size=8", *extra, candidates=4)
+                 if not o.startswith("search.algorithm=")]
+    assert main(["run", os.path.join(EXAMPLES, name), *as_args(overrides)]) == 0
     return json.load(open(tmp_path / "run" / "final" / "summary.json"))
 
 
