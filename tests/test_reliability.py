@@ -249,12 +249,12 @@ sys.exit(main({argv!r}))
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_while_the_embedded_ray_starts_ends_the_run_in_one_line(tmp_path, signum):
     code = _SLOW_RAY_START.format(signum=int(signum), argv=run_args(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           preexec_fn=sigint_as_in_a_terminal)  # generous: the 600 s start-up must not be waited for
-    how = "interrupted" if signum == signal.SIGINT else "interrupted by SIGTERM"
+    how = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
     assert proc.returncode == 128 + signum, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"prunetune: {how} before the run started; nothing was written", proc.stderr
     assert not (tmp_path / "run").exists()
