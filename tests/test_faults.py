@@ -41,28 +41,19 @@ def _assert_rays_messages_went_to_the_log(capfd, run):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_worker_process_that_dies_is_retried_and_a_failing_candidate_is_recorded(tmp_path, capfd, cache):
+def test_a_worker_that_dies_past_tunes_retries_gets_a_new_trial_and_a_failing_candidate_is_recorded(tmp_path, capfd,
+                                                                                                   cache):
     """One search: candidate 2 raises (stored failed, the search goes on); candidate 3 kills its worker process
-    (SIGKILL) once, and Tune's retry evaluates it."""
-    with embedded_ray(fail_at=2, crash_at=3, markers=tmp_path):
-        assert main(run_args(tmp_path, "search.max_failures=2", cache=cache)) == 0
-    assert (tmp_path / "crashed-3").exists()  # the worker was killed (SIGKILL) on candidate 3
+    (SIGKILL), and again in Tune's one retry (search.max_failures=1): the candidate gets one new trial, which
+    evaluates it."""
+    with embedded_ray(fail_at=2, crash_at=3, crashes=2, markers=tmp_path):
+        assert main(run_args(tmp_path, "search.max_failures=1", cache=cache)) == 0
+    assert (tmp_path / "crashed-3").exists() and (tmp_path / "crashed-3-2").exists()  # killed, then in the retry
     records = {r.index: r for r in CandidateStore(str(tmp_path / "run")).records()}
     assert sorted(records) == list(range(8))
     assert records[2].status == "failed" and records[2].error == "RuntimeError: injected failure"
     assert records[2].ratios and records[2].score is None
     assert all(records[i].ok for i in records if i != 2)
-    _assert_rays_messages_went_to_the_log(capfd, tmp_path / "run")
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_candidate_whose_trial_dies_past_tunes_retries_gets_a_new_trial(tmp_path, capfd, cache):
-    with embedded_ray(crash_at=3, crashes=2, markers=tmp_path):  # dies, and dies again in Tune's one retry
-        assert main(run_args(tmp_path, "search.max_failures=1", cache=cache)) == 0
-    assert (tmp_path / "crashed-3-2").exists()
-    records = CandidateStore(str(tmp_path / "run")).records()
-    assert [r.index for r in records] == list(range(8)) and all(r.ok for r in records)
     out = _assert_rays_messages_went_to_the_log(capfd, tmp_path / "run")
     lost = [line for line in out.splitlines() if "[search] candidate 3: its trial was lost" in line]
     assert lost and all(len(line) < 300 for line in lost)  # prunetune's own line stays, short; Ray's is in ray.log
