@@ -74,7 +74,9 @@ def test_a_kill_between_results_and_their_group_commit_leaves_a_leaderboard_of_c
 def test_a_learning_search_killed_and_resumed_proposes_what_it_would_have(reference, tmp_path):
     """Both runs (uninterrupted, and killed then resumed) end when their search does (killed between the stages):
     only the candidates are compared, and a fine-tuning would cost each a trial process."""
-    serial = ("search.algorithm=tpe", "search.population=3", "search.max_concurrent_trials=1")  # the default algorithm
+    # the default algorithm, one trial at a time, in batches of 2: each batch is proposed from the records of the
+    # batches before it, so the proposals after the kill (from 6 stored) depend on what the search learnt
+    serial = ("search.algorithm=tpe", "search.population=3", "search.max_concurrent_trials=1", "search.batch_size=2")
     uninterrupted_run = tmp_path / "uninterrupted"
     with open(tmp_path / "reference.log", "ab") as log:
         proc = start(run_args(uninterrupted_run, reference[1], *serial), log, pause_between_stages=60)
